@@ -1,0 +1,67 @@
+"""One hierarchy of errors for the whole tool.
+
+Every error carries the thing it is about (a path, a repo id) and the reason, so that `cli.main()` can
+print one line that says what went wrong and what to do. Nothing here may ever include a token.
+"""
+
+from __future__ import annotations
+
+
+class ModelGraphError(Exception):
+    """Base of every error the tool raises on purpose (the CLI prints these as one line, exit 1)."""
+
+
+class BadInputError(ModelGraphError):
+    """A path, argument or file the user gave us that we cannot use."""
+
+    def __init__(self, thing: str, reason: str) -> None:
+        self.thing = thing
+        self.reason = reason
+        super().__init__(f"{thing}: {reason}")
+
+
+class SafetensorsError(BadInputError):
+    """A safetensors file (or a sharded index) whose bytes break the format. `thing` is the file name."""
+
+
+class UnsupportedModelError(BadInputError):
+    """A model we refuse to index (no safetensors, pickled weights only, unknown architecture...)."""
+
+
+class HubError(ModelGraphError):
+    """A failure talking to the Hub (or the emulator). `repo_id` may be None for listing calls."""
+
+    def __init__(self, repo_id: str | None, reason: str, *, status: int | None = None) -> None:
+        self.repo_id = repo_id
+        self.reason = reason
+        self.status = status
+        where = repo_id or "hub"
+        super().__init__(f"{where}: {reason}")
+
+
+class RepoNotFoundError(HubError):
+    """404 with X-Error-Code RepoNotFound (or EntryNotFound for a file)."""
+
+
+class GatedRepoError(HubError):
+    """401/403: the repo is gated or private and our token (if any) does not open it."""
+
+
+class RateLimitedError(HubError):
+    """429 that survived our retries."""
+
+
+class StoreError(ModelGraphError):
+    """The index store on disk cannot be read or written."""
+
+
+class StoreLockedError(StoreError):
+    """Another process holds the store's write lock."""
+
+
+class FormatVersionError(StoreError):
+    """A stored file was written by a newer version of this tool than the one reading it."""
+
+
+class RecoveryError(ModelGraphError):
+    """Lineage recovery cannot run on the given models."""

@@ -1,0 +1,43 @@
+"""Every environment variable the tool reads, read in one place, once.
+
+Values become argument defaults; nothing else in the code calls `os.environ`. The token is held but
+never printed: `Settings.__repr__` hides it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+
+
+def _int_env(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"environment variable {name}={raw!r} is not a whole number") from exc
+
+
+@dataclass(frozen=True)
+class Settings:
+    home: Path  # INDEX_HOME: where the store lives
+    endpoint: str  # HF_ENDPOINT: the Hub (or an emulator) to crawl
+    token: str | None = field(repr=False)  # HF_TOKEN: only for gated repos; never logged
+    byte_budget: int  # INDEX_BYTE_BUDGET_MIB: tensor bytes read per model
+    debug: bool  # INDEX_DEBUG: print tracebacks
+
+
+def load_settings() -> Settings:
+    home = os.environ.get("INDEX_HOME") or str(Path.home() / ".cache" / "model-graph-index")
+    return Settings(
+        home=Path(home).expanduser(),
+        endpoint=(os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/"),
+        token=os.environ.get("HF_TOKEN") or None,
+        byte_budget=_int_env("INDEX_BYTE_BUDGET_MIB", 64) * 1024 * 1024,
+        debug=os.environ.get("INDEX_DEBUG", "") not in ("", "0"),
+    )
