@@ -47,8 +47,18 @@ class GatedRepoError(HubError):
     """401/403: the repo is gated or private and our token (if any) does not open it."""
 
 
-class RateLimitedError(HubError):
-    """429 that survived our retries."""
+class TransientHubError(HubError):
+    """A failure worth retrying: 5xx, a dropped connection, a truncated body (`indexer.retry` retries it;
+    if it persists the model is recorded as failed)."""
+
+
+class RateLimitedError(TransientHubError):
+    """429. `retry_after` is the server's reset time in seconds (RateLimit `t=` or Retry-After), if it said."""
+
+    def __init__(self, repo_id: str | None, reason: str, *, status: int | None = 429,
+                 retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(repo_id, reason, status=status)
 
 
 class StoreError(ModelGraphError):
@@ -61,6 +71,27 @@ class StoreLockedError(StoreError):
 
 class FormatVersionError(StoreError):
     """A stored file was written by a newer version of this tool than the one reading it."""
+
+
+class NoIndexError(StoreError):
+    """`home` holds no index yet (missing directory, no FORMAT file, or no models)."""
+
+    def __init__(self, home: str) -> None:
+        self.home = home
+        super().__init__(f"no index at {home}; run `index crawl` or `index add` first")
+
+
+class UnknownModelError(BadInputError, StoreError):
+    """A repo id the index has never seen. `suggestions` holds near matches, best first."""
+
+    def __init__(self, repo_id: str, suggestions: tuple[str, ...] = ()) -> None:
+        self.repo_id = repo_id
+        self.suggestions = suggestions
+        if suggestions:
+            hint = "did you mean " + ", ".join(suggestions) + "?"
+        else:
+            hint = f"not in the index; run `index add {repo_id}` to index it"
+        super().__init__(repo_id, f"unknown model; {hint}")
 
 
 class RecoveryError(ModelGraphError):

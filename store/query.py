@@ -1,0 +1,284 @@
+"""The read side: DuckDB over the Parquet parts, for `index query`, `index export` and `index stats`.
+
+Imports only duckdb, pyarrow, numpy and the stdlib (never torch nor faiss) so `index query` starts fast.
+Takes no lock: parts are immutable and complete once visible (see `store.tables`). If a compaction
+deletes parts under a running query, the query is retried on a fresh listing.
+
+Views built per call, one per table, each holding the latest live row per key (`store.tables.latest_sql`),
+plus `latest_models`: one row per repo_id, the most recently indexed revision (ties: the later write).
+A model's place in the forest comes from `edges` (one node per repo). "Agrees with declared" is
+null when the card declares nothing or the model is not in the forest, true when the recovered parent
+is one of the declared bases (";"-joined for merges), false otherwise (a recovered root included).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import duckdb
+
+from errors import NoIndexError, StoreError, UnknownModelError
+from store.atomic import atomic_write_with
+from store.format import check_readable
+from store.schema import TABLES, spec_of
+from store.tables import TABLES_DIR, empty_table, latest_sql, list_parts, parquet_source
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_RETRIES = 5
+_MAX_SUGGESTIONS = 5
+_SIMILARITY = 0.8  # jaro-winkler; 0.8 keeps typos and org/name swaps, drops unrelated ids
+
+_DECLARED = "[trim(x) for x in string_split(m.declared_base_model, ';') if trim(x) <> '']"
+_AGREES_SQL = (
+    "CASE WHEN coalesce(m.declared_base_model, '') = '' OR e.repo_id IS NULL THEN NULL "
+    f"ELSE e.parent <> '' AND list_contains({_DECLARED}, e.parent) END"
+)
+
+
+@dataclass(frozen=True)
+class AncestryStep:
+    """One edge of a chain: `child` was derived from `parent`."""
+
+    child: str
+    parent: str
+    distance: float | None
+    direction_score: float | None
+    confidence: float | None
+
+
+@dataclass(frozen=True)
+class ModelReport:
+    repo_id: str
+    revision: str
+    family: str
+    status: str
+    reason: str
+    source: str
+    created_at: datetime | None
+    indexed_at: datetime
+    in_forest: bool
+    cluster: str | None
+    root: str | None
+    depth: int | None
+    parent: str | None  # "" for a root, None when the model is not in the forest
+    ancestry: tuple[AncestryStep, ...]  # from the model up to its root
+    children: tuple[str, ...]
+    siblings: tuple[str, ...]
+    declared_base_model: str
+    declared_relation: str
+    agrees_with_declared: bool | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (timestamps as ISO 8601 strings) for `index query --json`."""
+        out = asdict(self)
+        for name in ("created_at", "indexed_at"):
+            value = out[name]
+            out[name] = value.isoformat() if value is not None else None
+        out["ancestry"] = [dict(step) for step in out["ancestry"]]
+        out["children"], out["siblings"] = list(self.children), list(self.siblings)
+        return out
+
+
+def agrees_with_declared(declared_base_model: str, parent: str | None) -> bool | None:
+    """The Python twin of `_AGREES_SQL`, for one model."""
+    declared = [d.strip() for d in declared_base_model.split(";") if d.strip()]
+    if not declared or parent is None:
+        return None
+    return parent != "" and parent in declared
+
+
+def _connect(home: Path) -> duckdb.DuckDBPyConnection:
+    check_readable(Path(home))
+    con = duckdb.connect()
+    con.execute("SET TimeZone='UTC'")
+    for table in TABLES:
+        spec = spec_of(table)
+        parts = [p for _, p in list_parts(home, table)]
+        if parts:
+            source = parquet_source(parts)
+        else:
+            source = f"_empty_{table}"
+            con.register(source, empty_table(spec))
+        con.execute(f"CREATE VIEW {table} AS {latest_sql(spec, source)}")
+    con.execute(
+        "CREATE VIEW latest_models AS SELECT * FROM models "
+        "QUALIFY row_number() OVER (PARTITION BY repo_id ORDER BY indexed_at DESC, _seq DESC) = 1"
+    )
+    if _scalar(con, "SELECT count(*) FROM latest_models") == 0:
+        con.close()
+        raise NoIndexError(str(home))
+    return con
+
+
+def _scalar(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> Any:
+    rows = con.execute(sql, params or []).fetchall()  # fetchall: DuckDB 2 refuses unfinished results
+    return rows[0][0] if rows else None
+
+
+def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = None) -> list[dict[str, Any]]:
+    # Through Arrow: DuckDB's own Python conversion of TIMESTAMPTZ needs pytz, which we do not ship.
+    return con.sql(sql, params=params or []).to_arrow_table().to_pylist()
+
+
+def _with_store(home: Path, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+    """Run `work` on a fresh connection; retry when a compaction removed parts mid-query."""
+    for _ in range(_RETRIES):
+        con = _connect(Path(home))
+        try:
+            return work(con)
+        except duckdb.IOException as exc:
+            if not any(sign in str(exc) for sign in ("No files found", "No such file", "does not exist")):
+                raise StoreError(f"{home}: cannot read the index ({exc})") from exc
+            logger.debug("parts changed under a query (compaction); retrying")
+        finally:
+            con.close()
+    raise StoreError(f"{home}: the index kept changing while reading; try again")
+
+
+# --- query -----------------------------------------------------------------------------------------
+
+
+def _suggest(con: duckdb.DuckDBPyConnection, repo_id: str) -> tuple[str, ...]:
+    rows = con.execute(
+        "SELECT repo_id, jaro_winkler_similarity(lower(repo_id), lower(?)) AS s FROM latest_models "
+        "WHERE s >= ? ORDER BY s DESC, repo_id LIMIT ?",
+        [repo_id, _SIMILARITY, _MAX_SUGGESTIONS],
+    ).fetchall()
+    return tuple(r[0] for r in rows)
+
+
+def _ancestry(con: duckdb.DuckDBPyConnection, repo_id: str) -> tuple[AncestryStep, ...]:
+    limit = _scalar(con, "SELECT count(*) FROM edges")  # a chain can never be longer; stops a cycle
+    rows = con.execute(
+        "WITH RECURSIVE chain(repo_id, parent, distance, direction_score, confidence, lvl) AS ("
+        " SELECT repo_id, parent, distance, direction_score, confidence, 0 FROM edges WHERE repo_id = ?"
+        " UNION ALL SELECT e.repo_id, e.parent, e.distance, e.direction_score, e.confidence, c.lvl + 1"
+        " FROM edges e JOIN chain c ON e.repo_id = c.parent WHERE c.parent <> '' AND c.lvl < ?)"
+        " SELECT repo_id, parent, distance, direction_score, confidence FROM chain ORDER BY lvl",
+        [repo_id, limit],
+    ).fetchall()
+    steps: list[AncestryStep] = []
+    seen = {repo_id}
+    for child, parent, distance, direction, confidence in rows:
+        if not parent:
+            break
+        steps.append(AncestryStep(child, parent, distance, direction, confidence))
+        if parent in seen:
+            logger.warning("cycle in the stored forest at %s; the chain stops there", parent)
+            break
+        seen.add(parent)
+    return tuple(steps)
+
+
+def _report(con: duckdb.DuckDBPyConnection, repo_id: str) -> ModelReport:
+    found = _rows(con, "SELECT * FROM latest_models WHERE repo_id = ?", [repo_id])
+    if not found:
+        raise UnknownModelError(repo_id, _suggest(con, repo_id))
+    m = found[0]
+    edge = _rows(con, "SELECT * FROM edges WHERE repo_id = ?", [repo_id])
+    e = edge[0] if edge else None
+    parent = e["parent"] if e else None
+    children = tuple(r[0] for r in con.execute(
+        "SELECT repo_id FROM edges WHERE parent = ? ORDER BY repo_id", [repo_id]).fetchall())
+    siblings = tuple(r[0] for r in con.execute(
+        "SELECT repo_id FROM edges WHERE parent = ? AND parent <> '' AND repo_id <> ? ORDER BY repo_id",
+        [parent or "", repo_id]).fetchall())
+    declared = m["declared_base_model"] or ""
+    return ModelReport(
+        repo_id=repo_id, revision=e["revision"] if e else m["revision"], family=m["family"] or "",
+        status=m["status"], reason=m["reason"] or "", source=m["source"] or "",
+        created_at=m["created_at"], indexed_at=m["indexed_at"], in_forest=e is not None,
+        cluster=e["cluster"] if e else None, root=e["root"] if e else None, depth=e["depth"] if e else None,
+        parent=parent, ancestry=_ancestry(con, repo_id) if e else (), children=children, siblings=siblings,
+        declared_base_model=declared, declared_relation=m["declared_relation"] or "",
+        agrees_with_declared=agrees_with_declared(declared, parent),
+    )
+
+
+def query_model(home: Path, repo_id: str) -> ModelReport:
+    """Everything the index knows about one repo. UnknownModelError (with near matches) if none."""
+    return _with_store(home, lambda con: _report(con, repo_id))
+
+
+# --- export ----------------------------------------------------------------------------------------
+
+EXPORT_SQL = f"""
+SELECT m.repo_id, coalesce(e.revision, m.revision) AS revision, coalesce(e.family, m.family) AS family,
+       e.cluster, e.parent, e.root, e.depth, e.distance, e.direction_score, e.confidence,
+       m.declared_base_model, m.declared_relation, {_AGREES_SQL} AS agrees_with_declared,
+       m.created_at, m.indexed_at
+FROM latest_models m LEFT JOIN edges e ON e.repo_id = m.repo_id
+WHERE m.status = 'indexed' OR e.repo_id IS NOT NULL
+ORDER BY family, e.cluster NULLS LAST, e.depth NULLS LAST, m.repo_id
+"""
+
+
+def export_forest(home: Path, out_path: Path) -> int:
+    """Write the forest (one row per indexed model) to `out_path` as Parquet; returns the row count.
+
+    Columns: repo_id, revision, family, cluster, parent, root, depth, distance, direction_score,
+    confidence, declared_base_model, declared_relation, agrees_with_declared, created_at, indexed_at.
+    Models never placed (e.g. failed) are left out; `index stats` counts them. Rows are sorted by
+    (family, cluster, depth, repo_id) and written by one thread, so equal stores give equal bytes.
+    """
+    out = Path(out_path)
+    if out.is_dir():
+        raise StoreError(f"{out} is a folder; give a file name such as {out / 'forest.parquet'}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def work(con: duckdb.DuckDBPyConnection) -> int:
+        con.execute("SET threads = 1")  # one writer thread: row groups in a fixed order
+        count = int(_scalar(con, f"SELECT count(*) FROM ({EXPORT_SQL})"))
+        atomic_write_with(out, lambda tmp: con.execute(
+            f"COPY ({EXPORT_SQL}) TO '{str(tmp).replace(chr(39), chr(39) * 2)}' (FORMAT parquet)"))
+        return count
+
+    count = _with_store(home, work)
+    logger.info("exported %d models to %s", count, out)
+    return count
+
+
+# --- stats -----------------------------------------------------------------------------------------
+
+
+def _counts(con: duckdb.DuckDBPyConnection, sql: str) -> dict[str, int]:
+    return {str(k): int(v) for k, v in con.execute(sql).fetchall()}
+
+
+def _bytes_on_disk(home: Path) -> int:
+    return sum(p.stat().st_size for p in sorted(Path(home).rglob("*")) if p.is_file())
+
+
+def _stats(con: duckdb.DuckDBPyConnection, home: Path) -> dict[str, Any]:
+    cursors = _rows(con, "SELECT endpoint, cursor_created_at, cursor_id FROM crawl_state ORDER BY endpoint")
+    return {
+        "home": str(home),
+        "models": int(_scalar(con, "SELECT count(*) FROM latest_models")),
+        "by_status": _counts(con, "SELECT status, count(*) FROM latest_models GROUP BY 1 ORDER BY 1"),
+        "by_family": _counts(con, "SELECT family, count(*) FROM latest_models GROUP BY 1 ORDER BY 1"),
+        "failures_by_reason": _counts(con, "SELECT reason, count(*) FROM latest_models "
+                                           "WHERE status <> 'indexed' GROUP BY 1 ORDER BY 2 DESC, 1"),
+        "edges": int(_scalar(con, "SELECT count(*) FROM edges WHERE parent <> ''")),
+        "roots": int(_scalar(con, "SELECT count(*) FROM edges WHERE parent = ''")),
+        "clusters": int(_scalar(con, "SELECT count(DISTINCT (family, cluster)) FROM edges")),
+        "clusters_by_family": _counts(con, "SELECT family, count(DISTINCT cluster) FROM edges GROUP BY 1 ORDER BY 1"),
+        "sketches": int(_scalar(con, "SELECT count(*) FROM sketches")),
+        "candidates": int(_scalar(con, "SELECT count(*) FROM candidates")),
+        "crawl_cursors": {r["endpoint"]: {"created_at": r["cursor_created_at"].isoformat(), "id": r["cursor_id"]}
+                          for r in cursors},
+        "parts": {t: len(list_parts(home, t)) for t in TABLES},
+        "bytes_on_disk": _bytes_on_disk(home),
+        "bytes_in_tables": _bytes_on_disk(Path(home) / TABLES_DIR),
+    }
+
+
+def store_stats(home: Path) -> dict[str, Any]:
+    """Counts for `index stats` (a JSON-ready dict with sorted keys inside each count)."""
+    return _with_store(home, lambda con: _stats(con, Path(home)))
