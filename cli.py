@@ -93,6 +93,36 @@ def zoo() -> None:
     """Build model zoos of really trained models with known lineage."""
 
 
+@zoo.command("make")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--preset", type=click.Choice(["tiny", "small", "vthr"]), default="tiny", show_default=True,
+              help="tiny: 2 trees x 4 (seconds); small: 3 x 7 (a minute); vthr: 5 x 21, the paper's VTHR.")
+@click.option("--split", type=click.Choice(["ft", "lora-f", "lora-v"]), default="ft", show_default=True,
+              help="ft: full fine-tuning; lora-f: LoRA rank 16; lora-v: LoRA rank from {8,16,32,64}.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights (byte for byte).")
+@click.option("--force", is_flag=True, help="Replace a zoo already built in OUT.")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Training processes (one thread each). Default: min(2, CPUs).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
+def zoo_make(out: Path, preset: str, split: str, seed: int, force: bool, workers: int | None,
+             as_json: bool) -> None:
+    """Train a zoo of small ViTs in trees and write Hub-style repos under OUT.
+
+    OUT/<org>/<name>/ holds config.json, model.safetensors and a model card whose base_model is the
+    ground truth; OUT/hub.json (upload times), OUT/truth.csv (parent,child) and OUT/zoo.json
+    (hyper-parameters, accuracies, timings) describe the whole zoo.
+    """
+    from indexer.zoo import make_zoo  # imported late: torch and transformers load in seconds
+
+    summary = make_zoo(out, preset=preset, split=split, seed=seed, force=force, workers=workers)  # type: ignore[arg-type]
+    if as_json:
+        _emit_json({"out": str(summary.out), "n_models": summary.n_models, "n_trees": summary.n_trees,
+                    "seconds": round(summary.seconds, 1)})
+    else:
+        click.echo(f"{summary.n_models} models in {summary.n_trees} trees written to {summary.out} "
+                   f"in {summary.seconds:.1f} s")
+
+
 # --- hub emulator ----------------------------------------------------------------------------------
 
 
@@ -131,6 +161,149 @@ def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tupl
 
 
 # --- recovery ------------------------------------------------------------------------------------
+
+_METHOD = click.Choice(["mother-paper", "mother", "phylogeny"])
+
+
+def _recovery_options(method: str, trees: int | None, distance: str, device: str, seed: int) -> object:
+    from indexer.lineage.methods import Options
+
+    return Options(method=method, trees=trees, distance=distance, device=device, seed=seed)  # type: ignore[arg-type]
+
+
+def _recovery_flags(fn: object) -> object:
+    """The options `recover` and `eval` share."""
+    for deco in reversed([
+        click.option("--method", type=_METHOD, default="mother", show_default=True,
+                     help="mother (ours: K from data, auto rank distance, kurtosis + upload time), "
+                          "mother-paper (the paper: needs --trees) or phylogeny (Neural Phylogeny baseline)."),
+        click.option("--trees", "trees", type=click.IntRange(min=1), default=None,
+                     help="Number of trees K, when known (required by mother-paper)."),
+        click.option("--distance", type=click.Choice(["auto", "linf", "rank", "l2"]), default="auto", show_default=True,
+                     help="Pairwise distance: mother-paper uses linf unless told rank (LoRA splits); mother's auto "
+                          "picks rank on low-rank layers, else l2."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where pairwise distances run; auto uses CUDA when torch sees a GPU."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Seed (phylogeny's KMeans)."),
+    ]):
+        fn = deco(fn)  # type: ignore[operator]
+    return fn
+
+
+@index.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@_recovery_flags  # type: ignore[arg-type]
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as JSON instead of a tree.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one row per model to this Parquet file.")
+def recover(folder: Path, method: str, trees: int | None, distance: str, device: str, seed: int,
+            as_json: bool, out: Path | None) -> None:
+    """Recover which model each model under FOLDER was fine-tuned from, from the weights alone.
+
+    FOLDER holds repos as FOLDER/<org>/<name>/*.safetensors; FOLDER/hub.json (createdAt) is used as the
+    upload time. Model cards are never read.
+    """
+    from indexer.lineage.recover import recover as run, render_forest, row_dicts, write_parquet
+
+    forest = run(folder, _recovery_options(method, trees, distance, device, seed))  # type: ignore[arg-type]
+    if out is not None:
+        write_parquet(forest, out)
+        click.echo(f"wrote {len(forest.rows)} rows to {out}", err=True)
+    if as_json:
+        _emit_json(row_dicts(forest))
+    elif out is None:
+        click.echo(render_forest(forest))
+
+
+@index.command(name="eval")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="CSV `parent,child` of the true lineage (default: the base_model declared in each model card).")
+@_recovery_flags  # type: ignore[arg-type]
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def eval_(folder: Path, truth: Path | None, method: str, trees: int | None, distance: str, device: str, seed: int,
+          as_json: bool) -> None:
+    """Recover the forest of FOLDER and score it against the true lineage (edge and clustering accuracy)."""
+    from indexer.evaluate import evaluate_folder, render_report
+
+    report = evaluate_folder(folder, _recovery_options(method, trees, distance, device, seed), truth=truth)  # type: ignore[arg-type]
+    if as_json:
+        _emit_json(report.as_dict())
+    else:
+        click.echo(render_report(report))
+
+
+# --- query / export / stats (read-only; must not import torch or faiss) -----------------------------
+
+
+def _home_option(func):  # type: ignore[no-untyped-def]
+    return click.option(
+        "--home", type=click.Path(path_type=Path), default=None,
+        help="The store (default: $INDEX_HOME or ~/.cache/model-graph-index).",
+    )(func)
+
+
+def _home(home: Path | None) -> Path:
+    return home if home is not None else load_settings().home
+
+
+@index.command()
+@click.argument("repo_id")
+@_home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def query(repo_id: str, home: Path | None, as_json: bool) -> None:
+    """Ancestry of REPO_ID: chain to the root, children, siblings, cluster, declared base model."""
+    from store.query import query_model
+
+    report = query_model(_home(home), repo_id)
+    if as_json:
+        _emit_json(report.to_dict())
+        return
+    _print_report(report)
+
+
+def _print_report(report) -> None:  # type: ignore[no-untyped-def]
+    click.echo(f"{report.repo_id} @ {report.revision[:12]}  family={report.family}  status={report.status}")
+    if not report.in_forest:
+        click.echo(f"  not in the forest ({report.reason or 'no lineage yet'})")
+    for step in report.ancestry:
+        conf = "" if step.confidence is None else f"  confidence={step.confidence:.2f}"
+        dist = "" if step.distance is None else f"  distance={step.distance:.4g}"
+        click.echo(f"  {step.child}  <-  {step.parent}{dist}{conf}")
+    if report.in_forest:
+        click.echo(f"  root: {report.root}  depth: {report.depth}  cluster: {report.cluster}")
+    click.echo(f"  children ({len(report.children)}): {', '.join(report.children) or '-'}")
+    click.echo(f"  siblings ({len(report.siblings)}): {', '.join(report.siblings) or '-'}")
+    verdict = {True: "agrees", False: "DISAGREES", None: "n/a"}[report.agrees_with_declared]
+    declared = report.declared_base_model or "(none declared)"
+    click.echo(f"  declared base_model: {declared}  -> {verdict}")
+    click.echo(f"  indexed at: {report.indexed_at.isoformat()}")
+
+
+@index.command()
+@click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
+@_home_option
+def export(out: Path, home: Path | None) -> None:
+    """Write the whole forest to OUT (Parquet), one row per model; readable by pandas, polars, DuckDB."""
+    from store.query import export_forest
+
+    rows = export_forest(_home(home), out)
+    click.echo(f"wrote {rows} rows to {out}", err=True)
+
+
+@index.command()
+@_home_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def stats(home: Path | None, as_json: bool) -> None:
+    """Counts per family, clusters, failures by reason, store size."""
+    from store.query import store_stats
+
+    result = store_stats(_home(home))
+    if as_json:
+        _emit_json(result)
+        return
+    for key in sorted(result):  # deterministic
+        click.echo(f"{key}: {json.dumps(result[key], sort_keys=True, default=str)}")
 
 
 def main() -> None:

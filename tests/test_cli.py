@@ -42,3 +42,17 @@ def test_console_script_runs() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "Model Graph Index" in out.stdout
+
+
+def test_query_never_imports_torch_or_faiss(tmp_path) -> None:
+    # `index query` must start in well under a second: torch and faiss alone take longer to import.
+    code = (
+        "import sys; import cli\n"
+        f"sys.argv = ['index', 'query', 'org/name', '--home', {str(tmp_path)!r}]\n"
+        "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "print(sorted(m for m in ('torch', 'faiss') if m in sys.modules), code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "[] 1", out
+    assert "no index at" in out.stderr
+    assert "Traceback" not in out.stderr
