@@ -123,6 +123,26 @@ def zoo_make(out: Path, preset: str, split: str, seed: int, force: bool, workers
                    f"in {summary.seconds:.1f} s")
 
 
+@zoo.command("stats")
+@click.argument("out", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+def zoo_stats_cmd(out: Path, as_json: bool) -> None:
+    """Print a built zoo's build time and mean accuracies per level (root / child / grandchild)."""
+    from dataclasses import asdict
+
+    from indexer.zoo.stats import zoo_stats
+
+    stats = zoo_stats(out)
+    if as_json:
+        _emit_json(asdict(stats))
+        return
+    click.echo(f"{stats.preset}/{stats.split} seed {stats.seed}: built in {stats.total_seconds:.1f} s")
+    click.echo(f"{'level':<11}  {'models':>6}  {'train acc':>9}  {'held-out':>8}  {'s/model':>7}")
+    for lev in stats.levels:
+        click.echo(f"{lev.level:<11}  {lev.n_models:>6}  {lev.train_accuracy:>9.3f}  {lev.test_accuracy:>8.3f}  "
+                   f"{lev.seconds:>7.1f}")
+
+
 # --- hub emulator ----------------------------------------------------------------------------------
 
 
@@ -158,6 +178,96 @@ def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tupl
 
     serve_forever(root, host=host, port=port, token=token, virtual=virtual, faults=faults, page_size=page_size,
                   ready=ready)
+
+
+# --- crawl ---------------------------------------------------------------------------------------
+
+
+def _parse_since(value: str | None) -> object:
+    if value is None:
+        return None
+    from datetime import UTC, datetime
+
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a date like 2024-01-31 or 2024-01-31T12:00:00Z") from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _store_option(func):  # type: ignore[no-untyped-def]
+    # Same flag as the query section's --home, which is defined further down the file.
+    return click.option(
+        "--home", type=click.Path(path_type=Path), default=None,
+        help="The store (default: $INDEX_HOME or ~/.cache/model-graph-index).",
+    )(func)
+
+
+def _print_crawl(summary: dict) -> None:
+    for key in ("seen", "indexed", "unchanged", "bytes_read_total", "bytes_read_max_per_model", "seconds"):
+        click.echo(f"{key.replace('_', ' ') + ':':<26}{summary[key]:>16,}")
+    for status in ("skipped", "failed"):
+        for reason, n in summary[status].items():
+            click.echo(f"{status + ' (' + reason + '):':<26}{n:>16,}")
+
+
+@index.command()
+@click.option("--endpoint", default=None, help="The Hub to crawl (default: $HF_ENDPOINT or https://huggingface.co).")
+@click.option("--arch", "archs", multiple=True, metavar="NAME",
+              help="Only models tagged NAME (e.g. LlamaForCausalLM, llama); repeatable, each its own listing.")
+@click.option("--library", default=None, help="Only models of this library tag (e.g. transformers).")
+@click.option("--limit", type=click.IntRange(min=0), default=None,
+              help="Fetch at most N models this run (already-indexed ones are passed over and not counted).")
+@click.option("--since", default=None, metavar="T", help="Never list models created before T (ISO date or time).")
+@click.option("--budget-mib", type=click.IntRange(min=1), default=None,
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+@_store_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
+          budget_mib: int | None, home: Path | None, as_json: bool) -> None:
+    """Index the models created since the last crawl, newest first, from a few MiB of range reads each.
+
+    Per model: the safetensors headers, then at most the byte budget of planned tensor rows. Adapter-only,
+    pickle-only, gated (without HF_TOKEN) and unsupported repos are recorded as skipped with a reason;
+    HTTP errors that survive retries, truncated bodies and NaN weights as failed. The high-water mark moves
+    only after every row it covers is written.
+    """
+    from indexer.crawl import CrawlOptions, crawl as run
+
+    settings = load_settings()
+    options = CrawlOptions(
+        endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
+        limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
+        budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
+    )
+    summary = run(home or settings.home, options).as_dict()
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_crawl(summary)
+
+
+@index.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--budget-mib", type=click.IntRange(min=1), default=None,
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+@_store_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def add(paths: tuple[Path, ...], budget_mib: int | None, home: Path | None, as_json: bool) -> None:
+    """Index local repo folders (each holding *.safetensors or a sharded index) with the crawl's pipeline.
+
+    The repo id is ORG/NAME when the folder sits in a zoo root (ROOT/ORG/NAME with ROOT/hub.json), else
+    local/<folder name>; the revision is a hash of the weight files' bytes, so re-adding is a no-op.
+    """
+    from indexer.crawl import add_local
+
+    settings = load_settings()
+    budget = budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget
+    summary = add_local(home or settings.home, paths, budget=budget, progress=not as_json).as_dict()
+    if as_json:
+        _emit_json(summary)
+    else:
+        _print_crawl(summary)
 
 
 # --- recovery ------------------------------------------------------------------------------------

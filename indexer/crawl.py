@@ -1,0 +1,575 @@
+"""The crawl: list new models, read their safetensors headers and a planned few MiB of their weights by
+range, and record every model (indexed, skipped or failed, with the reason) in the store.
+
+Per model (`index_model`, shared by `index crawl` and `index add`):
+    1. Triage from the file list alone, nothing fetched: gated without a token, adapter-only, pickle-only
+       and safetensors-less repos are skipped here (pickles are never downloaded, never unpickled).
+    2. Headers: one 100,000-byte range read per safetensors file (sharded: model.safetensors.index.json
+       first); the family key from the body shapes (`sketches.layers.family_key`).
+    3. Plan (`sketches.plan`): which tensors and rows fit the byte budget; coalesce into range reads.
+    4. Read and decode those ranges; a NaN or infinite value fails the model.
+    5. Cache the blocks (`store.cache.TensorCache`), call the `on_indexed` hook (the sketch / lineage step
+       plugs in here; the default does nothing), then queue the `models` row.
+
+The crawl (`crawl`) lists newest first by createdAt and stops a little (`overlap`, 1 h) below the saved
+high-water mark (createdAt, id); entries whose (repo_id, sha) is already indexed or skipped are passed over
+without a request, so the overlap costs listing only. A second pass lists by lastModified down to its own
+mark, so a repo that got a new commit (new sha, old createdAt) is re-indexed. Rows are written in batches;
+a pass's mark moves only when the pass listed everything down to the old mark and every row it covers is
+durably written (`Store.append`: temp file, fsync, rename). `--limit` counts models fetched, not listed,
+so successive limited runs make progress. Marks live in `crawl_state`, one row per (endpoint, filters,
+sort): key `<endpoint>?filter=a,b` (created pass) and the same plus `#lastModified` (whose
+`cursor_created_at` column then holds a lastModified time).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from errors import (
+    BadInputError,
+    GatedRepoError,
+    HubError,
+    ModelGraphError,
+    RateLimitedError,
+    RepoNotFoundError,
+    SafetensorsError,
+    StoreError,
+    UnsupportedModelError,
+)
+from indexer.retry import RetryPolicy
+from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles
+from sketches.layers import family_key
+from sketches.plan import ReadPlan, coalesce, plan_reads
+from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
+from store.cache import CACHE_DIR, TensorCache
+from store.schema import CrawlStateRecord, ModelRecord, Status
+from store.tables import Store, open_store
+
+logger = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+DEFAULT_OVERLAP = timedelta(hours=1)  # the Hub's listing lags uploads by minutes; re-list an hour below the mark
+_SHA = re.compile(r"^[0-9a-f]{40}$")
+DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the store compact every 64 models
+# Reason codes, the part of `reason` before the first ":" (the CLI's --json summary counts them).
+SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "unsupported-architecture", "header-invalid"]
+FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "error"]
+
+
+@dataclass(frozen=True)
+class IndexedModel:
+    """What the `on_indexed` hook gets: the planned blocks of one model, decoded to float32."""
+
+    entry: ModelEntry
+    family: str
+    plan: ReadPlan
+    shapes: Mapping[str, tuple[int, ...]]  # every tensor of the model, from its headers
+    arrays: Mapping[str, np.ndarray]  # tensor -> rows plan-block of it (float32), sorted by name
+
+
+OnIndexed = Callable[[IndexedModel], None]
+
+
+def no_sketch(model: IndexedModel) -> None:
+    """The default hook: sketches and lineage (the next step of the data flow) plug in here."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """One model's result. `reason` is "<code>: <detail>" ("" when indexed)."""
+
+    repo_id: str
+    revision: str
+    status: Status
+    reason: str
+    family: str
+    bytes_read: int  # everything fetched for it: headers + index JSON + tensor ranges
+    header_bytes: int
+    tensor_bytes: int
+    model_bytes: int  # bytes of all its tensors (what a full download would cost)
+    requests: int
+    seconds: float
+
+    @property
+    def code(self) -> str:
+        return self.reason.split(":", 1)[0]
+
+
+@dataclass(frozen=True)
+class ModelRead:
+    """Steps 2-4 done: headers, plan, decoded blocks."""
+
+    family: str
+    plan: ReadPlan
+    tensors: Mapping[str, TensorInfo]
+    arrays: Mapping[str, np.ndarray]
+    header_bytes: int
+
+
+class _Skip(UnsupportedModelError):
+    """Step 1's verdict; `reason` starts with a SkipCode."""
+
+
+# --- step 1: triage from the file list ---------------------------------------------------------------
+
+
+def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
+    """The safetensors files to read (an index file first when sharded), or raise _Skip with the reason."""
+    top = sorted(f for f in entry.files if "/" not in f)
+    if entry.gated and not have_token:
+        raise _Skip(entry.repo_id, "gated: gated repo and no token (set HF_TOKEN after accepting its terms)")
+    if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
+        raise _Skip(entry.repo_id, f"adapter: adapter-only repo ({', '.join(f for f in ADAPTER_FILES if f in top)})")
+    if INDEX_FILE in top:
+        return (INDEX_FILE,)
+    if SINGLE_FILE in top:
+        return (SINGLE_FILE,)
+    weights = tuple(f for f in top if f.endswith(".safetensors"))
+    if weights:
+        return weights
+    pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")
+    raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")
+
+
+# --- step 2: headers ---------------------------------------------------------------------------------
+
+
+def _weight_map(thing: str, raw: bytes, files: Sequence[str]) -> dict[str, str]:
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SafetensorsError(thing, f"index is not JSON ({exc})") from None
+    weight_map = obj.get("weight_map") if isinstance(obj, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise SafetensorsError(thing, "weight_map must be a non-empty object of tensor name -> shard file name")
+    missing = sorted(set(weight_map.values()) - set(files))
+    if missing:
+        raise SafetensorsError(thing, f"shard {missing[0]!r} is listed but not in the repo")
+    return dict(sorted(weight_map.items()))
+
+
+def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, ByteSource], dict[str, tuple[str, TensorInfo]]]:
+    """(sources by file, tensor -> (file, info)) for the layout's files, headers validated."""
+    weight_map = None
+    files = layout
+    if layout == (INDEX_FILE,):
+        thing = f"{repo.entry.repo_id}/{INDEX_FILE}"
+        weight_map = _weight_map(thing, repo.read_small(INDEX_FILE, limit=MAX_HEADER_BYTES), repo.entry.files)
+        files = tuple(sorted(set(weight_map.values())))
+    sources = {f: repo.open(f) for f in files}
+    headers: dict[str, SafetensorsHeader] = {f: read_header(s) for f, s in sources.items()}
+    where: dict[str, tuple[str, TensorInfo]] = {}
+    for file, header in sorted(headers.items()):
+        for info in header.tensors:
+            if info.name in where:
+                raise SafetensorsError(repo.entry.repo_id, f"tensor {info.name!r} is in both {where[info.name][0]} and {file}")
+            if weight_map is not None and weight_map.get(info.name, file) != file:
+                continue  # the index is authoritative about which shard holds a tensor
+            where[info.name] = (file, info)
+    if weight_map is not None and (lost := sorted(set(weight_map) - set(where))):
+        raise SafetensorsError(repo.entry.repo_id, f"the index lists {lost[0]!r} but its shard does not hold it")
+    return sources, dict(sorted(where.items()))
+
+
+# --- steps 3-4: plan, read, decode ---------------------------------------------------------------------
+
+
+def read_planned(sources: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]], plan: ReadPlan) -> dict[str, np.ndarray]:
+    """Read the plan's coalesced ranges and decode each block; NaN/Inf raises a 'non-finite' error."""
+    arrays: dict[str, np.ndarray] = {}
+    for rng in coalesce(plan, where):
+        raw = sources[rng.file].read(rng.start, rng.end)
+        for piece in rng.pieces:
+            info = where[piece.tensor][1]
+            shape = (piece.rows[1] - piece.rows[0], *info.shape[1:])
+            array = decode(raw[piece.offset: piece.offset + piece.nbytes], info.dtype, shape, name=piece.tensor)
+            if not np.isfinite(array).all():
+                raise _NonFinite(piece.tensor, "non-finite: NaN or infinite weights")
+            arrays[piece.tensor] = array
+    return dict(sorted(arrays.items()))
+
+
+class _NonFinite(ModelGraphError):
+    def __init__(self, tensor: str, reason: str) -> None:
+        self.reason = f"{reason} in {tensor}"
+        super().__init__(self.reason)
+
+
+def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
+    """Steps 1-4 for one model (raises on skip or failure; `classify` turns that into a reason)."""
+    layout = weight_layout(repo.entry, have_token=have_token)
+    sources, where = read_headers(repo, layout)
+    header_bytes = repo.bytes_read
+    tensors = {name: info for name, (_, info) in where.items()}
+    try:
+        family = family_key({name: info.shape for name, info in tensors.items()})
+    except UnsupportedModelError as exc:
+        raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
+    try:
+        plan = plan_reads(tensors, family=family, budget=budget)
+    except UnsupportedModelError as exc:
+        raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
+    arrays = read_planned(sources, where, plan)
+    return ModelRead(family, plan, tensors, arrays, header_bytes)
+
+
+def classify(exc: Exception) -> tuple[Status, str]:
+    """An exception from `read_model` -> (status, "<code>: <detail>")."""
+    if isinstance(exc, _Skip):
+        return "skipped", exc.reason
+    if isinstance(exc, _NonFinite):
+        return "failed", exc.reason
+    if isinstance(exc, SafetensorsError):
+        if "truncated" in exc.reason:
+            return "failed", f"truncated: {exc.reason}"
+        return "skipped", f"header-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, UnsupportedModelError):
+        return "skipped", f"unsupported-architecture: {exc.reason}"
+    if isinstance(exc, GatedRepoError):
+        return "skipped", f"gated: {exc.reason}"
+    if isinstance(exc, RateLimitedError):
+        return "failed", f"rate-limited: {exc.reason}"
+    if isinstance(exc, RepoNotFoundError):
+        return "failed", f"not-found: {exc.reason}"
+    if isinstance(exc, HubError):
+        code = exc.reason.split(":", 1)[0]
+        return "failed", exc.reason if code in ("network", "truncated") or code.startswith("http-") else f"http: {exc.reason}"
+    if isinstance(exc, ModelGraphError):
+        return "failed", f"error: {exc}"
+    # A bug on one odd model must not stop a nightly crawl: recorded, logged with its traceback.
+    logger.exception("unexpected error while indexing")
+    return "failed", f"error: {type(exc).__name__}: {exc}"
+
+
+# --- one model, end to end -----------------------------------------------------------------------------
+
+
+@dataclass
+class Indexer:
+    """Runs `index_model` against one open store: cache, hook, row batching."""
+
+    store: Store
+    budget: int
+    have_token: bool
+    on_indexed: OnIndexed = no_sketch
+    batch: int = DEFAULT_BATCH
+    cache: TensorCache | None = None
+    pending: list[ModelRecord] = field(default_factory=list)
+    known: dict[tuple[str, str], tuple[Status, str]] = field(default_factory=dict)  # -> (status, reason code)
+
+    def __post_init__(self) -> None:
+        if self.cache is None:
+            self.cache = TensorCache(self.store.home / CACHE_DIR)
+        self._writer = _CacheWriter(self.cache)
+        for record in self.store.records("models"):
+            self.known[(record.repo_id, record.revision)] = (record.status, record.reason.split(":", 1)[0])  # type: ignore[union-attr]
+
+    def is_done(self, entry: ModelEntry) -> bool:
+        """Already indexed or skipped at this revision. A failed one is tried again, and so is one skipped
+        as gated once we have a token (the user may have accepted its terms since)."""
+        status, code = self.known.get((entry.repo_id, entry.revision), ("failed", ""))
+        return status == "indexed" or (status == "skipped" and not (code == "gated" and self.have_token))
+
+    def index_model(self, repo: RepoFiles) -> Outcome:
+        entry, started = repo.entry, time.perf_counter()
+        family, plan_bytes, header_bytes, model_bytes = "", 0, 0, 0
+        try:
+            read = read_model(repo, budget=self.budget, have_token=self.have_token)
+            family, header_bytes = read.family, read.header_bytes
+            model_bytes = read.plan.model_bytes
+            self._keep(entry, read)
+            status, reason = "indexed", ""
+        except StoreError:
+            raise  # the store is broken: stop, the cursor stays where it was
+        except Exception as exc:  # noqa: BLE001 -- one model never stops the crawl; see classify
+            status, reason = classify(exc)
+            logger.info("%s: %s %s", entry.repo_id, status, reason)
+        total = repo.bytes_read
+        plan_bytes = total - header_bytes if status == "indexed" else 0
+        self._queue(entry, family=family, status=status, reason=reason, bytes_read=total)
+        return Outcome(entry.repo_id, entry.revision, status, reason, family, total, header_bytes, plan_bytes,
+                       model_bytes, repo.requests, time.perf_counter() - started)
+
+    def _keep(self, entry: ModelEntry, read: ModelRead) -> None:
+        self._writer.put_all([((entry.repo_id, entry.revision, b.tensor, b.rows[0]), read.arrays[b.tensor])
+                              for b in read.plan.blocks])
+        shapes = {name: info.shape for name, info in read.tensors.items()}
+        self.on_indexed(IndexedModel(entry, read.family, read.plan, shapes, read.arrays))
+
+    def _queue(self, entry: ModelEntry, *, family: str, status: Status, reason: str, bytes_read: int) -> None:
+        self.pending.append(ModelRecord(
+            repo_id=entry.repo_id, revision=entry.revision, family=family, status=status,
+            indexed_at=datetime.now(UTC), created_at=entry.created_at, last_modified=entry.last_modified,
+            reason=reason, declared_base_model=entry.declared_base_model, declared_relation=entry.declared_relation,
+            library=entry.library, pipeline_tag=entry.pipeline_tag, n_parameters=entry.n_parameters,
+            bytes_read=bytes_read, source=entry.source,
+        ))
+        self.known[(entry.repo_id, entry.revision)] = (status, reason.split(":", 1)[0])
+        if len(self.pending) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write the queued rows as one Parquet part (durable when this returns); finish cache writes."""
+        self._writer.drain()
+        if self.pending:
+            self.store.append("models", self.pending)
+            self.pending = []
+
+    def close(self) -> None:
+        """Flush the rows and stop the cache writer."""
+        self.flush()
+        self._writer.close()
+
+
+class _CacheWriter:
+    """Cache writes on one background thread, overlapped with the next model's range reads: a 7B model's
+    64 MiB of BF16 is 128 MiB of float32 .npy files, each fsynced, which otherwise took half the crawl time
+    (bench/crawl.py). At most one model's blocks are in flight, so memory stays bounded. The cache is
+    best-effort: a failed write is logged, never fatal (the bytes can be read again by range)."""
+
+    def __init__(self, cache: TensorCache) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self._cache = cache
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tensor-cache")
+        self._inflight: object = None
+
+    def put_all(self, items: list[tuple[tuple[str, str, str, int], np.ndarray]]) -> None:
+        self.drain()
+        self._inflight = self._pool.submit(self._write, items)
+
+    def _write(self, items: list[tuple[tuple[str, str, str, int], np.ndarray]]) -> None:
+        for key, array in items:
+            try:
+                self._cache.put(key, array)
+            except (OSError, ModelGraphError) as exc:
+                logger.warning("tensor cache: %s not kept (%s)", key[2], exc)
+
+    def drain(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()  # type: ignore[attr-defined]
+            self._inflight = None
+
+    def close(self) -> None:
+        self.drain()
+        self._pool.shutdown()
+
+
+# --- reports -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrawlReport:
+    outcomes: tuple[Outcome, ...]
+    seen: int  # listed entries examined (already-indexed ones included)
+    unchanged: int  # listed but already indexed / skipped at that revision: nothing fetched
+    seconds: float
+    cursors: Mapping[str, str]  # cursor key -> "moved to <ts> <id>" | "kept" | "new"
+
+    def as_dict(self) -> dict[str, object]:
+        by: dict[str, dict[str, int]] = {"skipped": {}, "failed": {}}
+        for o in self.outcomes:
+            if o.status in by:
+                by[o.status][o.code] = by[o.status].get(o.code, 0) + 1
+        return {
+            "seen": self.seen,
+            "indexed": sum(o.status == "indexed" for o in self.outcomes),
+            "unchanged": self.unchanged,
+            "skipped": dict(sorted(by["skipped"].items())),
+            "failed": dict(sorted(by["failed"].items())),
+            "bytes_read_total": sum(o.bytes_read for o in self.outcomes),
+            "bytes_read_max_per_model": max((o.bytes_read for o in self.outcomes), default=0),
+            "seconds": round(self.seconds, 3),
+            "cursors": dict(sorted(self.cursors.items())),
+        }
+
+
+def _progress(enabled: bool, unit: str = "model") -> object:
+    from tqdm import tqdm
+
+    return tqdm(unit=unit, disable=not enabled, leave=False, dynamic_ncols=True)  # stderr by default
+
+
+# --- the Hub crawl ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CrawlOptions:
+    endpoint: str
+    token: str | None = field(default=None, repr=False)
+    archs: tuple[str, ...] = ()
+    library: str | None = None
+    limit: int | None = None  # models fetched (not merely listed) this run
+    since: datetime | None = None  # never list below this createdAt
+    budget: int = 64 * 1024 * 1024
+    overlap: timedelta = DEFAULT_OVERLAP
+    batch: int = DEFAULT_BATCH
+    progress: bool = True
+    policy: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass
+class _Run:
+    indexer: Indexer
+    hub: HubSource
+    options: CrawlOptions
+    outcomes: list[Outcome] = field(default_factory=list)
+    seen: int = 0
+    unchanged: int = 0
+    bar: object = None
+
+    def budget_left(self) -> bool:
+        return self.options.limit is None or len(self.outcomes) < self.options.limit
+
+
+def cursor_key(endpoint: str, filters: Sequence[str], sort: str = "created_at") -> str:
+    key = f"{endpoint.rstrip('/')}?filter={','.join(filters)}"
+    return key if sort == "created_at" else f"{key}#lastModified"
+
+
+def _stop_at(mark: CrawlStateRecord | None, options: CrawlOptions, sort: str) -> datetime | None:
+    floor = options.since if sort == "created_at" else None
+    if mark is None:
+        return floor
+    below = mark.cursor_created_at - options.overlap
+    return max(below, floor) if floor is not None else below
+
+
+def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "last_modified"],
+          mark: CrawlStateRecord | None) -> tuple[bool, tuple[datetime, str] | None, datetime | None]:
+    """One listing pass; returns (complete, newest (time, id) listed, newest lastModified listed)."""
+    stop = _stop_at(mark, run.options, sort)
+    complete = True  # False once a model is left out: the mark must not pass it
+    newest: tuple[datetime, str] | None = None
+    newest_modified: datetime | None = None
+    for entry in run.hub.list_models(sort=sort, filters=filters):
+        moment = entry.created_at if sort == "created_at" else entry.last_modified
+        if stop is not None and moment is not None and moment < stop:
+            return complete, newest, newest_modified
+        if newest is None and moment is not None:
+            newest = (moment, entry.repo_id)
+        if entry.last_modified is not None:
+            newest_modified = max(newest_modified or entry.last_modified, entry.last_modified)
+        run.seen += 1
+        if not _SHA.match(entry.revision):  # a listing without the sha: ask model_info (retried)
+            try:
+                entry = run.hub.model_info(entry.repo_id)
+            except HubError as exc:
+                logger.warning("%s: no revision (%s); left for the next crawl", entry.repo_id, exc.reason)
+                complete = False
+                continue
+        if run.indexer.is_done(entry):
+            run.unchanged += 1
+            continue
+        if not run.budget_left():
+            return False, newest, newest_modified
+        outcome = run.indexer.index_model(run.hub.repo(entry))
+        run.outcomes.append(outcome)
+        run.bar.update(1)  # type: ignore[attr-defined]
+        run.bar.set_postfix_str(f"{outcome.status} {entry.repo_id}", refresh=False)  # type: ignore[attr-defined]
+    return complete, newest, newest_modified
+
+
+def _save_cursor(store: Store, key: str, moment: datetime, repo_id: str, run_id: str) -> str:
+    store.append("crawl_state", [CrawlStateRecord(key, moment, repo_id, datetime.now(UTC), run_id)])
+    return f"moved to {moment.isoformat()} {repo_id}"
+
+
+def _crawl_filters(options: CrawlOptions) -> list[list[str]]:
+    """One listing per --arch (the Hub ANDs filters; archs are alternatives), each with --library."""
+    extra = [options.library] if options.library else []
+    return [[arch, *extra] for arch in sorted(options.archs)] or [extra]
+
+
+def _crawl_one(run: _Run, store: Store, filters: list[str], run_id: str, cursors: dict[str, str]) -> None:
+    created_key = cursor_key(run.options.endpoint, filters)
+    modified_key = cursor_key(run.options.endpoint, filters, "last_modified")
+    created_mark = store.get("crawl_state", (created_key,))
+    modified_mark = store.get("crawl_state", (modified_key,))
+    complete, newest, newest_modified = _pass(run, filters=filters, sort="created_at", mark=created_mark)  # type: ignore[arg-type]
+    if modified_mark is not None:
+        complete_m, newest_m, _ = _pass(run, filters=filters, sort="last_modified", mark=modified_mark)  # type: ignore[arg-type]
+    else:  # first crawl: the created pass saw every repo; start the lastModified mark from it
+        complete_m, newest_m = complete, (newest_modified, "") if newest_modified is not None else None
+    run.indexer.flush()  # the rows first: a mark may only cover rows that are on disk
+    for key, done, top, old in ((created_key, complete, newest, created_mark),
+                                (modified_key, complete_m, newest_m, modified_mark)):
+        if not done or top is None:
+            cursors[key] = "kept"
+        elif old is None or top[0] > old.cursor_created_at:  # type: ignore[union-attr]
+            cursors[key] = _save_cursor(store, key, top[0], top[1], run_id)
+        else:
+            cursors[key] = "unchanged"
+
+
+def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed = no_sketch) -> CrawlReport:
+    """Crawl `options.endpoint` into the store at `home` (see the module docstring)."""
+    if options.limit is not None and options.limit < 0:
+        raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
+    started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
+    hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
+    cursors: dict[str, str] = {}
+    with open_store(home) as store:
+        indexer = Indexer(store, options.budget, options.token is not None, on_indexed, options.batch)
+        run = _Run(indexer, hub, options)
+        with _progress(options.progress) as bar:  # type: ignore[attr-defined]
+            run.bar = bar
+            try:
+                for filters in _crawl_filters(options):
+                    _crawl_one(run, store, filters, run_id, cursors)
+            finally:
+                indexer.close()  # rows of finished models survive a crash; marks did not move
+    return CrawlReport(tuple(run.outcomes), run.seen, run.unchanged, time.perf_counter() - started, cursors)
+
+
+# --- local folders ---------------------------------------------------------------------------------------------
+
+
+def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnIndexed = no_sketch,
+              progress: bool = True) -> CrawlReport:
+    """`index add`: the same pipeline over local repo folders (revision = content hash; see LocalRepo)."""
+    started = time.perf_counter()
+    outcomes: list[Outcome] = []
+    seen = unchanged = 0
+    repos = [LocalRepo(Path(p)) for p in paths]  # bad paths fail here, before the store is touched
+    with open_store(home) as store:
+        indexer = Indexer(store, budget, True, on_indexed)
+        with _progress(progress) as bar:  # type: ignore[attr-defined]
+            try:
+                for repo in sorted(repos, key=lambda r: r.entry.repo_id):
+                    seen += 1
+                    if indexer.is_done(repo.entry):
+                        unchanged += 1
+                        continue
+                    try:
+                        outcomes.append(indexer.index_model(repo))
+                    finally:
+                        repo.close()
+                    bar.update(1)
+            finally:
+                indexer.close()
+    return CrawlReport(tuple(outcomes), seen, unchanged, time.perf_counter() - started, {})
+
+
+__all__ = ["CrawlOptions", "CrawlReport", "IndexedModel", "Indexer", "OnIndexed", "Outcome", "add_local", "classify",
+           "crawl", "cursor_key", "no_sketch", "read_headers", "read_model", "read_planned",
+           "weight_layout"]

@@ -1,0 +1,439 @@
+"""Where model weights come from: the Hub over HTTP (`HubSource`) or a local folder (`LocalSource`).
+
+Both hand the crawl the same two things: a `ModelEntry` (what the listing says about a model, never
+used for lineage) and a `RepoFiles` (byte sources for its files). Hub bytes are read with HTTP range
+requests through `huggingface_hub`'s own HTTP session (`get_session()`), with the headers the client
+builds (`build_hf_headers`: user agent and, when a token is set, `Authorization`); the token is never
+logged or stored. Retries (429 / 5xx / resets) are `indexer.retry`'s job.
+
+Remote safetensors files are opened with one request:
+    1. GET bytes=0-99999 (the Range end byte is inclusive): the first 100,000 bytes hold the whole header of
+       almost every file (huggingface_hub reads the same prefix: "97% of headers are smaller"), and the
+       206's Content-Range tells the file size, so no HEAD request is needed.
+    2. Only a header larger than that costs a second request, for the rest of it.
+Reads that fall inside the prefix are served from it: a model smaller than 100 kB costs one request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from errors import (
+    BadInputError,
+    GatedRepoError,
+    HubError,
+    RateLimitedError,
+    RepoNotFoundError,
+    SafetensorsError,
+    TransientHubError,
+)
+from indexer.retry import RetryPolicy, rate_limit_wait, with_retries
+from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, FileSource
+
+logger = logging.getLogger(__name__)
+
+PREFIX_BYTES = 100_000  # what huggingface_hub's get_safetensors_metadata fetches first, too
+LIST_EXPAND = ["createdAt", "sha", "config", "cardData", "baseModels", "siblings", "safetensors", "gated",
+               "private", "library_name", "tags", "pipeline_tag", "lastModified"]
+SortKey = Literal["created_at", "last_modified"]
+_CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
+_HASH_CHUNK = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model as its source describes it. Declared lineage is recorded for audit, never trusted."""
+
+    repo_id: str
+    revision: str  # 40-hex commit sha (Hub) or "local:<hash>"
+    files: tuple[str, ...]  # repo-relative paths, sorted
+    created_at: datetime | None = None
+    last_modified: datetime | None = None
+    gated: bool = False
+    private: bool = False
+    library: str = ""
+    pipeline_tag: str = ""
+    declared_base_model: str = ""  # ";"-joined when the card lists several (a merge)
+    declared_relation: str = ""
+    n_parameters: int = 0
+    source: str = "local"  # the endpoint URL, or "local"
+
+
+class RepoFiles(Protocol):
+    """Read access to one revision of one repo."""
+
+    entry: ModelEntry
+
+    def open(self, path: str) -> ByteSource:
+        """A byte source over one file (a remote open already read its first 100,000 bytes)."""
+        ...
+
+    def read_small(self, path: str, *, limit: int) -> bytes:
+        """A whole small file (JSON), refusing one over `limit` bytes."""
+        ...
+
+    @property
+    def bytes_read(self) -> int:
+        """Every byte fetched for this repo so far (headers, JSON, tensor blocks)."""
+        ...
+
+    @property
+    def requests(self) -> int:
+        """HTTP requests made for this repo so far (0 for a local folder)."""
+        ...
+
+
+# --- declared metadata -----------------------------------------------------------------------------
+
+
+def _declared(card: Mapping[str, Any] | None, base_models: Any) -> tuple[str, str]:
+    """(base_model, relation) from the card's YAML, else from the Hub's `baseModels` field."""
+    card = card or {}
+    base = card.get("base_model")
+    relation = card.get("base_model_relation") or ""
+    if base is None and isinstance(base_models, Mapping):
+        base = [m.get("id", "") for m in base_models.get("models") or [] if isinstance(m, Mapping)]
+        relation = relation or base_models.get("relation") or ""
+    if isinstance(base, list):
+        base = ";".join(str(b) for b in base)
+    return str(base or ""), str(relation)
+
+
+def entry_from_info(info: Any, *, source: str) -> ModelEntry:
+    """A `huggingface_hub.ModelInfo` (from list_models or model_info) -> ModelEntry."""
+    card = info.card_data.to_dict() if info.card_data is not None else None
+    base, relation = _declared(card, info.base_models)
+    siblings = info.siblings or []
+    return ModelEntry(
+        repo_id=info.id,
+        revision=info.sha or "",
+        files=tuple(sorted(s.rfilename for s in siblings)),
+        created_at=info.created_at,
+        last_modified=info.last_modified,
+        gated=bool(info.gated),
+        private=bool(info.private),
+        library=info.library_name or "",
+        pipeline_tag=info.pipeline_tag or "",
+        declared_base_model=base,
+        declared_relation=relation,
+        n_parameters=int(info.safetensors.total) if info.safetensors is not None else 0,
+        source=source,
+    )
+
+
+# --- HTTP ------------------------------------------------------------------------------------------
+
+
+def _raise_for_status(repo_id: str, status: int, headers: Mapping[str, str]) -> None:
+    """One place that turns an HTTP status into our errors (never echoing request headers)."""
+    if status < 400:
+        return
+    headers = {k.lower(): v for k, v in headers.items()}
+    code = headers.get("x-error-code", "")
+    message = headers.get("x-error-message", "") or f"HTTP {status}"
+    if status == 429:
+        raise RateLimitedError(repo_id, f"http-429: rate limited ({message})", retry_after=rate_limit_wait(headers))
+    if status in (401, 403):
+        if code == "RepoNotFound":
+            raise RepoNotFoundError(repo_id, f"http-{status}: private or missing ({message})", status=status)
+        raise GatedRepoError(repo_id, f"http-{status}: gated or private ({message})", status=status)
+    if status == 404:
+        raise RepoNotFoundError(repo_id, f"http-404: {code or 'not found'} ({message})", status=status)
+    if status == 408 or status >= 500:
+        raise TransientHubError(repo_id, f"http-{status}: {message}", status=status)
+    raise HubError(repo_id, f"http-{status}: {message}", status=status)
+
+
+def _content_range(repo_id: str, value: str | None) -> tuple[int, int, int]:
+    """`bytes a-b/total` -> (a, b + 1, total): the end byte is inclusive on the wire."""
+    match = _CONTENT_RANGE.match((value or "").strip())
+    if match is None or match.group(3) == "*":
+        raise HubError(repo_id, f"bad Content-Range {value!r} on a 206 answer")
+    return int(match.group(1)), int(match.group(2)) + 1, int(match.group(3))
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+class HubSource:
+    """The Hub (or the emulator) at `endpoint`, through the real `huggingface_hub` client."""
+
+    def __init__(self, endpoint: str, *, token: str | None, policy: RetryPolicy | None = None,
+                 timeout: float = 60.0) -> None:
+        from huggingface_hub import HfApi
+        from huggingface_hub.utils import build_hf_headers
+
+        self.endpoint = endpoint.rstrip("/")
+        self.policy = policy or RetryPolicy()
+        self.timeout = timeout
+        # token=False, not None, when we have none: never send a token cached on this machine to an
+        # endpoint the user did not give it to.
+        self.api = HfApi(endpoint=self.endpoint, token=token or False)
+        self._headers = build_hf_headers(token=token or False)
+
+    def list_models(self, *, sort: SortKey, filters: Sequence[str] = ()) -> Iterator[ModelEntry]:
+        """Newest first (by `sort`); pages are fetched lazily, so stopping early fetches no more."""
+        from huggingface_hub.errors import HfHubHTTPError
+
+        listing = self.api.list_models(sort=sort, expand=LIST_EXPAND, filter=list(filters) or None)  # type: ignore[arg-type]
+        try:
+            for info in listing:
+                yield entry_from_info(info, source=self.endpoint)
+        except HfHubHTTPError as exc:
+            status = exc.response.status_code if exc.response is not None else None
+            hint = " (the token was refused: check HF_TOKEN)" if status == 401 else ""
+            raise HubError(None, f"listing failed: HTTP {status}{hint}", status=status) from None
+
+    def model_info(self, repo_id: str, *, revision: str | None = None) -> ModelEntry:
+        """One model's entry, retried (the client does not retry model_info)."""
+        return with_retries(lambda: self._model_info_once(repo_id, revision), what=f"{repo_id} info",
+                            policy=self.policy)
+
+    def _model_info_once(self, repo_id: str, revision: str | None) -> ModelEntry:
+        import httpx2
+        from huggingface_hub.errors import HfHubHTTPError
+
+        try:
+            info = self.api.model_info(repo_id, revision=revision, expand=LIST_EXPAND)  # type: ignore[arg-type]
+        except HfHubHTTPError as exc:
+            if exc.response is None:
+                raise TransientHubError(repo_id, f"network: {exc}") from None
+            _raise_for_status(repo_id, exc.response.status_code, dict(exc.response.headers))
+            raise
+        except httpx2.TransportError as exc:
+            raise TransientHubError(repo_id, f"network: {type(exc).__name__}") from None
+        return entry_from_info(info, source=self.endpoint)
+
+    def repo(self, entry: ModelEntry) -> HubRepo:
+        return HubRepo(self, entry)
+
+    def url(self, repo_id: str, revision: str, path: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(repo_id, path, revision=revision, endpoint=self.endpoint)
+
+    def get(self, repo_id: str, url: str, *, span: tuple[int, int] | None, limit: int) -> _Answer:
+        """One GET (optionally `Range: bytes=a-(b-1)`), retried; at most `limit` body bytes are read."""
+        return with_retries(lambda: self._get_once(repo_id, url, span, limit), what=repo_id, policy=self.policy)
+
+    def _get_once(self, repo_id: str, url: str, span: tuple[int, int] | None, limit: int) -> _Answer:
+        import httpx2
+        from huggingface_hub.utils import get_session
+
+        headers = dict(self._headers)
+        if span is not None:
+            headers["Range"] = f"bytes={span[0]}-{span[1] - 1}"  # inclusive end byte
+        try:
+            with get_session().stream("GET", url, headers=headers, follow_redirects=True,
+                                      timeout=self.timeout) as response:
+                status, got = response.status_code, {k.lower(): v for k, v in response.headers.items()}
+                if status == 416:
+                    return _Answer(status, got, b"")
+                _raise_for_status(repo_id, status, got)
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) >= limit:  # a server that ignored Range: stop, do not stream the file
+                        break
+        except httpx2.TransportError as exc:  # resets, truncated bodies (RemoteProtocolError), timeouts
+            raise TransientHubError(repo_id, f"network: {type(exc).__name__}") from None
+        return _Answer(status, got, bytes(body[:limit]))
+
+
+class RemoteFile:
+    """A ByteSource over one file of one revision, opened with the 100,000-byte prefix read."""
+
+    def __init__(self, hub: HubSource, repo_id: str, revision: str, path: str) -> None:
+        self._hub = hub
+        self._repo_id = repo_id
+        self.name = f"{repo_id}@{revision[:8]}/{path}"
+        self._url = hub.url(repo_id, revision, path)
+        self.bytes_read = 0
+        self.requests = 0
+        self._prefix, self.size = self._open()
+
+    def _open(self) -> tuple[bytes, int]:
+        answer = self._fetch((0, PREFIX_BYTES))
+        if answer.status == 416:  # an empty file: nothing is satisfiable
+            return b"", 0
+        if answer.status == 200:  # Range ignored: the size is the whole body's
+            size = int(answer.headers.get("x-linked-size") or answer.headers.get("content-length") or 0)
+            return answer.body, size
+        start, end, size = _content_range(self._repo_id, answer.headers.get("content-range"))
+        if start != 0 or len(answer.body) != end:
+            raise TransientHubError(self._repo_id, f"truncated: {len(answer.body)} of {end} prefix bytes came back")
+        return answer.body, size
+
+    def _fetch(self, span: tuple[int, int]) -> _Answer:
+        answer = self._hub.get(self._repo_id, self._url, span=span, limit=span[1] - span[0])
+        self.bytes_read += len(answer.body)
+        self.requests += 1
+        return answer
+
+    def read(self, start: int, end: int) -> bytes:
+        if start < 0 or end < start or end > self.size:
+            raise SafetensorsError(self.name, f"bytes [{start}, {end}) outside the file's {self.size}")
+        if end <= len(self._prefix):
+            return self._prefix[start:end]
+        if start < len(self._prefix):  # a header longer than the prefix: fetch only the rest of it
+            return self._prefix[start:] + self.read(len(self._prefix), end)
+        answer = self._fetch((start, end))
+        if answer.status != 206 and not (answer.status == 200 and start == 0):
+            raise HubError(self._repo_id, f"the server ignored Range bytes={start}-{end - 1} (HTTP {answer.status})")
+        if len(answer.body) != end - start:
+            raise TransientHubError(self._repo_id, f"truncated: {len(answer.body)} of {end - start} bytes came back")
+        return answer.body
+
+
+class HubRepo:
+    """RepoFiles over the Hub for one listed revision (files are addressed by its sha: immutable)."""
+
+    def __init__(self, hub: HubSource, entry: ModelEntry) -> None:
+        self._hub = hub
+        self.entry = entry
+        self._opened: list[RemoteFile] = []
+        self._small_bytes = 0
+        self._small_requests = 0
+
+    def open(self, path: str) -> ByteSource:
+        source = RemoteFile(self._hub, self.entry.repo_id, self.entry.revision, path)
+        self._opened.append(source)
+        return source
+
+    def read_small(self, path: str, *, limit: int) -> bytes:
+        url = self._hub.url(self.entry.repo_id, self.entry.revision, path)
+        answer = self._hub.get(self.entry.repo_id, url, span=None, limit=limit + 1)
+        self._small_bytes += len(answer.body)
+        self._small_requests += 1
+        if len(answer.body) > limit:
+            raise SafetensorsError(f"{self.entry.repo_id}/{path}", f"over the {limit}-byte cap")
+        return answer.body
+
+    @property
+    def bytes_read(self) -> int:
+        return self._small_bytes + sum(f.bytes_read for f in self._opened)
+
+    @property
+    def requests(self) -> int:
+        return self._small_requests + sum(f.requests for f in self._opened)
+
+
+# --- local folders ---------------------------------------------------------------------------------
+
+
+def _zoo_root(folder: Path) -> Path | None:
+    """The zoo root two levels up (`ROOT/<org>/<name>`) when it holds a hub.json, else None."""
+    root = folder.parent.parent
+    return root if (root / "hub.json").is_file() else None
+
+
+def local_repo_id(folder: Path) -> str:
+    """`org/name` inside a zoo root (a folder whose hub.json lists repos), else `local/<folder name>`."""
+    root = _zoo_root(folder)
+    if root is not None:
+        return folder.relative_to(root).as_posix()
+    return f"local/{folder.name}"
+
+
+def _created_at(folder: Path, repo_id: str) -> datetime | None:
+    root = _zoo_root(folder)
+    if root is None:
+        return None
+    try:
+        meta = json.loads((root / "hub.json").read_text())["repos"].get(repo_id) or {}
+        raw = meta.get("createdAt")
+        return datetime.fromisoformat(raw.replace("Z", "+00:00")).astimezone(UTC) if raw else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise BadInputError(str(root / "hub.json"), "not a hub.json of the form {'version': 1, 'repos': {...}}") from None
+
+
+def content_revision(folder: Path, files: Sequence[str]) -> str:
+    """`local:<32 hex>`: blake2b over every weight file's name, size and bytes (streamed), so a changed
+    byte anywhere is a new revision and an unchanged folder is a no-op. Costs one sequential read."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in sorted(files):
+        if not name.endswith((".safetensors", ".json")):
+            continue
+        path = folder / name
+        digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+        with path.open("rb") as fh:
+            while chunk := fh.read(_HASH_CHUNK):
+                digest.update(chunk)
+    return f"local:{digest.hexdigest()}"
+
+
+def _card(folder: Path) -> dict[str, Any]:
+    readme = folder / "README.md"
+    if not readme.is_file():
+        return {}
+    text = readme.read_text(errors="replace")
+    if not text.startswith("---"):
+        return {}
+    import yaml
+
+    try:
+        front = yaml.safe_load(text.split("---", 2)[1])
+    except (yaml.YAMLError, IndexError):
+        return {}
+    return front if isinstance(front, dict) else {}
+
+
+class LocalRepo:
+    """RepoFiles over a local folder (FileSource: pread, nothing beyond what is asked)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise BadInputError(str(folder), "not a folder; pass a model repo folder (holding *.safetensors)")
+        self.folder = folder.resolve()
+        files = tuple(sorted(p.relative_to(self.folder).as_posix() for p in self.folder.rglob("*")
+                             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.folder).parts)))
+        repo_id = local_repo_id(self.folder)
+        base, relation = _declared(_card(self.folder), None)
+        self.entry = ModelEntry(
+            repo_id=repo_id, revision=content_revision(self.folder, files), files=files,
+            created_at=_created_at(self.folder, repo_id), declared_base_model=base, declared_relation=relation,
+        )
+        self._opened: list[FileSource] = []
+        self._small_bytes = 0
+
+    def open(self, path: str) -> ByteSource:
+        source = FileSource(self.folder / path)
+        self._opened.append(source)
+        return source
+
+    def read_small(self, path: str, *, limit: int) -> bytes:
+        target = self.folder / path
+        if target.stat().st_size > limit:
+            raise SafetensorsError(str(target), f"over the {limit}-byte cap")
+        data = target.read_bytes()
+        self._small_bytes += len(data)
+        return data
+
+    @property
+    def bytes_read(self) -> int:
+        return self._small_bytes + sum(f.bytes_read for f in self._opened)
+
+    @property
+    def requests(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        for source in self._opened:
+            source.close()
+
+
+__all__ = ["LIST_EXPAND", "MAX_HEADER_BYTES", "PREFIX_BYTES", "HubRepo", "HubSource", "LocalRepo", "ModelEntry",
+           "RemoteFile", "RepoFiles", "content_revision", "entry_from_info", "local_repo_id"]
