@@ -1,0 +1,22 @@
+"""A local Hugging Face Hub: serves `DIR/<org>/<name>/...` (and generated Llama-2-sized models) over real
+HTTP with the endpoints, headers and error codes `huggingface_hub` expects, plus fault injection and a
+request log for tests. See `emulator.py` for the Python API and `server.py` for the protocol.
+"""
+
+from indexer.hub_emulator.emulator import HubEmulator, configure, parse_virtual_spec, serve_forever
+from indexer.hub_emulator.faults import Fault, Faults, parse_fault_spec
+from indexer.hub_emulator.server import RequestRecord
+from indexer.hub_emulator.virtual import LAYOUTS, bf16_to_f32
+
+__all__ = [
+    "LAYOUTS",
+    "Fault",
+    "Faults",
+    "HubEmulator",
+    "RequestRecord",
+    "bf16_to_f32",
+    "configure",
+    "parse_fault_spec",
+    "parse_virtual_spec",
+    "serve_forever",
+]
