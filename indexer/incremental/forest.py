@@ -1,0 +1,292 @@
+"""The candidate graph of one family and its forest, kept exactly optimal as nodes arrive. In memory only.
+
+Clusters are the connected components of the candidate graph. Every candidate pair brings both
+directions (u -> v and v -> u), so a component is strongly connected and has a spanning arborescence;
+its tree is `arborescence.edmonds` on the component's edges with local node indices in sorted node-id
+order (so ties break by (weight, parent id, child id) whatever the arrival order).
+
+Arrival of v with its candidate edges (`IncrementalForest.add`):
+    1. no edge: v is a new one-node cluster (its own root);
+    2. edges into exactly one cluster whose dual is known: `try_attach` proves in O(k + |C|) numpy work
+       that Edmonds would only hang v under its cheapest parent; then the tree gains one edge and every
+       potential of the cluster moves by the same shift (the arithmetic Edmonds would do);
+    3. otherwise (v bridges clusters, v would become a parent or the root, or a near-tie): the clusters
+       are merged and Edmonds reruns on the merged cluster's edges only.
+Invariant (tests/test_incremental.py): after any arrival order, `parents()` equals `batch_parents()`, a
+from-scratch Edmonds per connected component of the same edges.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from errors import BadInputError
+from indexer.incremental.arborescence import edmonds, try_attach
+
+logger = logging.getLogger(__name__)
+
+Path_ = Literal["new", "attach", "recompute"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One directed candidate edge parent -> child and its weight (distance + direction penalty)."""
+
+    parent: str
+    child: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Update:
+    """What one arrival changed: `touched` nodes may have a new parent, root or cluster key."""
+
+    node: str
+    path: Path_
+    cluster: int  # internal id of v's cluster after the update
+    touched: tuple[str, ...]  # sorted
+    merged: tuple[int, ...]  # internal ids of the clusters merged into `cluster` (recompute only)
+
+
+class _Cluster:
+    """Members, their potentials (parallel arrays, append order) and the root."""
+
+    __slots__ = ("members", "pos", "pot", "size", "root", "fresh")
+
+    def __init__(self) -> None:
+        self.members: list[str] = []
+        self.pos: dict[str, int] = {}
+        self.pot = np.zeros(4, dtype=np.float64)
+        self.size = 0
+        self.root = ""
+        self.fresh = False  # pot holds Edmonds' dual of the current tree
+
+    def append(self, node: str, pot: float) -> None:
+        if self.size == len(self.pot):
+            self.pot = np.concatenate([self.pot, np.zeros(len(self.pot), dtype=np.float64)])
+        self.pos[node] = self.size
+        self.members.append(node)
+        self.pot[self.size] = pot
+        self.size += 1
+
+
+class IncrementalForest:
+    """Candidate edges + clusters + their minimum arborescences; see the module docstring."""
+
+    def __init__(self) -> None:
+        self._in: dict[str, dict[str, float]] = {}  # child -> {parent: weight}
+        self._out: dict[str, dict[str, float]] = {}  # parent -> {child: weight}
+        self._of: dict[str, int] = {}  # node -> cluster id
+        self._clusters: dict[int, _Cluster] = {}
+        self._parent: dict[str, str] = {}  # "" for a root
+        self._next_id = 0
+        self.counts: dict[Path_, int] = {"new": 0, "attach": 0, "recompute": 0}
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._of
+
+    def __len__(self) -> int:
+        return len(self._of)
+
+    def parent(self, node: str) -> str:
+        return self._parent[node]
+
+    def parents(self) -> dict[str, str]:
+        return dict(sorted(self._parent.items()))
+
+    def cluster_id(self, node: str) -> int:
+        return self._of[node]
+
+    def members(self, cluster: int) -> list[str]:
+        return sorted(self._clusters[cluster].members)
+
+    def cluster_key(self, cluster: int) -> str:
+        """A cluster's stable public name: its smallest member id (independent of arrival order)."""
+        return min(self._clusters[cluster].members)
+
+    def root(self, cluster: int) -> str:
+        return self._clusters[cluster].root
+
+    def weight(self, parent: str, child: str) -> float:
+        return self._in[child][parent]
+
+    def edges(self) -> list[Candidate]:
+        return [Candidate(p, c, w) for c in sorted(self._in) for p, w in sorted(self._in[c].items())]
+
+    def n_edges(self) -> int:
+        return sum(len(v) for v in self._in.values())
+
+    # --- arrivals --------------------------------------------------------------------------------
+
+    def add(self, node: str, edges: Sequence[Candidate]) -> Update:
+        """Add `node` with its candidate edges (each to or from an existing node); keep trees optimal."""
+        if node in self._of:
+            raise BadInputError(node, "already in the forest; remove it first to replace its edges")
+        self._in[node], self._out[node] = {}, {}
+        for e in edges:
+            self._check_edge(node, e)
+            self._in[e.child][e.parent] = float(e.weight)
+            self._out[e.parent][e.child] = float(e.weight)
+        near = sorted({self._of[u] for u in (*self._in[node], *self._out[node])})
+        if not near:
+            return self._new_cluster(node)
+        if len(near) == 1:
+            done = self._attach(node, near[0])
+            if done is not None:
+                return done
+        return self._merge_and_solve(node, near)
+
+    def _check_edge(self, node: str, e: Candidate) -> None:
+        other = e.parent if e.child == node else e.child if e.parent == node else None
+        if other is None or other == node or other not in self._of:
+            raise BadInputError(f"edge {e.parent} -> {e.child}", f"must join {node!r} to a node already added")
+        if not np.isfinite(e.weight):
+            raise BadInputError(f"edge {e.parent} -> {e.child}", "weight must be finite")
+
+    def _new_cluster(self, node: str) -> Update:
+        cid = self._next_id
+        self._next_id += 1
+        cluster = _Cluster()
+        cluster.append(node, 0.0)  # a lone node is its own top: no y, pot 0
+        cluster.root, cluster.fresh = node, True
+        self._clusters[cid] = cluster
+        self._of[node] = cid
+        self._parent[node] = ""
+        self.counts["new"] += 1
+        return Update(node, "new", cid, (node,), ())
+
+    def _attach(self, node: str, cid: int) -> Update | None:
+        cluster = self._clusters[cid]
+        if not cluster.fresh:
+            return None
+        ins = sorted(self._in[node].items(), key=lambda pw: (pw[1], pw[0]))  # Edmonds' key: (w, src id)
+        outs = sorted(self._out[node].items())
+        if not ins or not outs:
+            return None
+        pot = cluster.pot[: cluster.size]
+        got = try_attach(
+            pot, cluster.pos[cluster.root],
+            np.array([cluster.pos[p] for p, _ in ins], dtype=np.int64), np.array([w for _, w in ins]),
+            np.array([cluster.pos[c] for c, _ in outs], dtype=np.int64), np.array([w for _, w in outs]),
+            in_ids=np.arange(len(ins)),  # already in key order: the first is the winner
+        )
+        if got is None:
+            return None
+        cluster.pot[: cluster.size] = pot + got.shift
+        cluster.append(node, got.pot_v)
+        self._of[node] = cid
+        self._parent[node] = ins[got.parent_edge][0]
+        self.counts["attach"] += 1
+        return Update(node, "attach", cid, (node,), ())
+
+    def _merge_and_solve(self, node: str, near: Sequence[int]) -> Update:
+        cid = max(near, key=lambda c: (self._clusters[c].size, -c))  # keep the largest id object
+        merged = tuple(c for c in near if c != cid)
+        members = [node, *(m for c in near for m in self._clusters[c].members)]
+        for c in merged:
+            del self._clusters[c]
+        self._clusters[cid] = self._solve(sorted(members))
+        for m in members:
+            self._of[m] = cid
+        self.counts["recompute"] += 1
+        return Update(node, "recompute", cid, tuple(sorted(members)), merged)
+
+    def _solve(self, members: list[str]) -> _Cluster:
+        """Edmonds on the edges among `members` (sorted ids = local indices); sets parents, returns pots."""
+        index = {m: i for i, m in enumerate(members)}
+        src, dst, w = [], [], []
+        for j, child in enumerate(members):
+            for p, weight in self._in[child].items():
+                src.append(index[p])
+                dst.append(j)
+                w.append(weight)
+        tree = edmonds(len(members), np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64),
+                       np.array(w, dtype=np.float64))
+        parents = tree.parents(np.array(src, dtype=np.int64))
+        cluster = _Cluster()
+        for i, m in enumerate(members):
+            cluster.append(m, float(tree.pot[i]))
+            self._parent[m] = members[parents[i]] if parents[i] >= 0 else ""
+        roots = [m for m, p in zip(members, parents, strict=True) if p < 0]
+        cluster.root = roots[0]
+        cluster.fresh = len(roots) == 1  # one top: try_attach's precondition
+        return cluster
+
+    # --- removal (a repo re-indexed at a new revision) -------------------------------------------
+
+    def remove(self, node: str) -> list[int]:
+        """Drop `node` and its edges; re-solve what is left of its cluster (it may split). New ids."""
+        cid = self._of.pop(node)
+        for p in self._in.pop(node):
+            del self._out[p][node]
+        for c in self._out.pop(node):
+            del self._in[c][node]
+        del self._parent[node]
+        rest = [m for m in self._clusters.pop(cid).members if m != node]
+        out = []
+        for part in components(rest, self._neighbours):
+            new = self._next_id
+            self._next_id += 1
+            self._clusters[new] = self._solve(part)
+            for m in part:
+                self._of[m] = new
+            out.append(new)
+        return out
+
+    def _neighbours(self, node: str) -> Iterable[str]:
+        return (*self._in[node], *self._out[node])
+
+    @classmethod
+    def load(cls, nodes: Iterable[str], edges: Iterable[Candidate]) -> IncrementalForest:
+        """Rebuild from stored nodes and edges: one Edmonds per component (equal to any arrival order)."""
+        forest = cls()
+        for node in sorted(nodes):
+            forest._in[node], forest._out[node] = {}, {}
+        for e in edges:
+            forest._in[e.child][e.parent] = float(e.weight)
+            forest._out[e.parent][e.child] = float(e.weight)
+        for part in components(sorted(forest._in), forest._neighbours):
+            cid = forest._next_id
+            forest._next_id += 1
+            forest._clusters[cid] = forest._solve(part)
+            forest._of.update({m: cid for m in part})
+        return forest
+
+    # --- the reference --------------------------------------------------------------------------
+
+    def batch_parents(self) -> dict[str, str]:
+        """From scratch: connected components of all edges, Edmonds on each (the invariant's reference)."""
+        ref = IncrementalForest()
+        ref._in, ref._out = self._in, self._out
+        out: dict[str, str] = {}
+        for part in components(sorted(self._of), self._neighbours):
+            ref._solve(part)
+            out.update({m: ref._parent[m] for m in part})
+        return dict(sorted(out.items()))
+
+
+def components(nodes: Sequence[str], neighbours: Callable[[str], Iterable[str]]) -> list[list[str]]:
+    """Connected components of `nodes` (sorted members, components ordered by their smallest member)."""
+    step = neighbours
+    allowed, seen, out = set(nodes), set(), []
+    for start in sorted(nodes):
+        if start in seen:
+            continue
+        seen.add(start)
+        stack, part = [start], []
+        while stack:
+            u = stack.pop()
+            part.append(u)
+            for v in step(u):
+                if v in allowed and v not in seen:
+                    seen.add(v)
+                    stack.append(v)
+        out.append(sorted(part))
+    return out

@@ -1,0 +1,336 @@
+"""The lineage index: sketch -> k nominees (FAISS) -> exact pairs -> candidate edges -> cluster MDST update.
+
+Per arrival (`LineageIndex.add`):
+    1. sketch the selected tensors (sketches.sketch); same repo and revision already here: nothing to do;
+       same repo at a new revision: its old node and edges leave first (its cluster may split);
+    2. nominees: the k nearest sketches of its family (default k = 16: the true parent is among them on
+       every zoo order we measured, bench/incremental.py);
+    3. exact comparison with each nominee (indexer.incremental.exact; <= k computations, counted);
+    4. related pairs become candidate edges in both directions, weighted distance + direction penalty;
+    5. the forest update (indexer.incremental.forest): leaf attach proven by Edmonds' dual, or Edmonds
+       on the one merged cluster;
+    6. persist, in this order: sketches, candidates, edges rows of the touched cluster (Parquet, atomic),
+       then the family's FAISS index. A crash between the two leaves FAISS behind the sketches table;
+       `store.vectors.load_or_rebuild` then rebuilds it from the table on the next start.
+`flush_every` batches step 6 (1 = every arrival, the crash-safe default; the crawler's batch size is 16).
+
+On start a family's state is read back: sketches (kurtosis, norms, times), candidates -> the forest,
+one Edmonds per cluster (equal to the incremental result by the invariant).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from errors import BadInputError
+from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, edge_weights, measure
+from indexer.incremental.forest import Candidate, IncrementalForest, Path_
+from sketches.distances import Device
+from sketches.layers import select_layers
+from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
+from store.cache import CACHE_DIR, TensorCache
+from store.schema import CandidateRecord, EdgeRecord, SketchRecord
+from store.tables import Store, open_store
+from store.vectors import VectorIndex, load_or_rebuild
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_K = 16
+DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
+
+
+@dataclass(frozen=True)
+class ArrivalResult:
+    repo_id: str
+    family: str
+    nominees: tuple[str, ...]  # nearest first
+    exact: int  # exact pair computations made for this arrival (<= k)
+    related: tuple[str, ...]  # nominees that became candidate edges, sorted
+    path: Path_ | None  # None: already indexed at this revision
+    parent: str
+    cluster: str  # the cluster's key (its smallest member id)
+
+
+@dataclass
+class _Family:
+    name: str
+    forest: IncrementalForest
+    vectors: VectorIndex | None
+    views: dict[str, ModelView]  # arrays left empty: they live in LineageIndex._arrays / the cache
+    revisions: dict[str, str]
+    depth: dict[str, int] = field(default_factory=dict)
+
+
+class LineageIndex:
+    """The incremental lineage of every family in one store (see the module docstring)."""
+
+    def __init__(self, store: Store, *, k: int = DEFAULT_K, device: Device = "auto", penalty: float = DEFAULT_PENALTY,
+                 dim: int = DEFAULT_DIM, seed: int = 0, flush_every: int = 1, cache: TensorCache | None = None,
+                 array_bytes: int = DEFAULT_ARRAY_BYTES) -> None:
+        if k < 1:
+            raise BadInputError("k", f"must be at least 1 nominee, got {k}")
+        self.store, self.k, self.device, self.penalty = store, k, device, penalty
+        self.dim, self.seed, self.flush_every = dim, seed, max(1, flush_every)
+        self.cache = cache if cache is not None else TensorCache(Path(store.home) / CACHE_DIR)
+        self._families: dict[str, _Family] = {}
+        self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
+        self._array_bytes, self._held = array_bytes, 0
+        self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
+        self._dirty: set[str] = set()
+        self._since_flush = 0
+        self.exact_total = 0
+
+    @classmethod
+    @contextmanager
+    def open(cls, home: Path, **kwargs: object) -> Iterator[LineageIndex]:
+        """Open the store at `home` (write lock) and the index over it; flushes on exit."""
+        with open_store(Path(home)) as store:
+            index = cls(store, **kwargs)  # type: ignore[arg-type]
+            try:
+                yield index
+            finally:
+                index.flush()
+
+    # --- family state --------------------------------------------------------------------------------
+
+    def family(self, family: str) -> _Family:
+        if family not in self._families:
+            self._families[family] = self._load(family)
+        return self._families[family]
+
+    def _load(self, family: str) -> _Family:
+        sketches = [r for r in self.store.records("sketches") if r.family == family]  # type: ignore[union-attr]
+        views, revisions = {}, {}
+        for r in sketches:
+            views[r.repo_id] = _view_of(r)  # type: ignore[arg-type]
+            revisions[r.repo_id] = r.revision  # type: ignore[union-attr]
+        edges = [Candidate(c.parent, c.child, c.weight) for c in self.store.records("candidates")  # type: ignore[union-attr]
+                 if c.family == family]  # type: ignore[union-attr]
+        forest = IncrementalForest.load(sorted(views), edges)
+        vectors = load_or_rebuild(self.store.home, family) if views else None
+        state = _Family(family, forest, vectors, views, revisions)
+        _all_depths(state)
+        logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
+        return state
+
+    # --- one arrival ---------------------------------------------------------------------------------
+
+    def add(self, repo_id: str, revision: str, family: str, arrays: Mapping[str, np.ndarray],
+            created_at: datetime | None) -> ArrivalResult:
+        """Index one model (see the module docstring for the steps)."""
+        state = self.family(family)
+        if state.revisions.get(repo_id) == revision:  # 1.
+            return ArrivalResult(repo_id, family, (), 0, (), None, state.forest.parent(repo_id),
+                                 state.forest.cluster_key(state.forest.cluster_id(repo_id)))
+        sketch = sketch_model(arrays, family=family, dim=self.dim, seed=self.seed)
+        if repo_id in state.views:
+            self._forget(state, repo_id)
+        view = _make_view(repo_id, arrays, sketch, created_at)
+        nominees = self._nominees(state, family, sketch)  # 2.
+        others = [v for v in (self._with_arrays(state, n) for n in nominees) if v is not None]
+        mine = ModelView(repo_id, {n: arrays[n] for n in sketch.layer_names}, view.kurtosis, view.norms,
+                         view.created, view.direction_layers)
+        pairs = measure(mine, others, device=self.device)  # 3.
+        self.exact_total += len(pairs)
+        candidates, rows = self._edges(family, view, state, pairs)  # 4.
+        update = state.forest.add(repo_id, candidates)  # 5.
+        state.views[repo_id], state.revisions[repo_id] = view, revision
+        self._remember(repo_id, {n: arrays[n] for n in sketch.layer_names})
+        self._persist_arrays(repo_id, revision, {n: arrays[n] for n in sketch.layer_names})
+        if state.vectors is None:
+            state.vectors = VectorIndex(family, len(sketch.vector))
+        state.vectors.upsert([(repo_id, revision, sketch.vector)])
+        self._queue(family, state, repo_id, revision, sketch, view, rows, update.touched)  # 6.
+        cid = state.forest.cluster_id(repo_id)
+        return ArrivalResult(repo_id, family, tuple(nominees), len(pairs), tuple(sorted(p.other for p in pairs if p.related)),
+                             update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid))
+
+    def _nominees(self, state: _Family, family: str, sketch: Sketch) -> list[str]:
+        if state.vectors is None or len(state.vectors) == 0:
+            return []
+        return [r for r, _ in state.vectors.nearest(sketch.vector, self.k)]
+
+    def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]) -> tuple[list[Candidate], list[CandidateRecord]]:
+        candidates, rows = [], []
+        for pair in sorted(pairs, key=lambda p: p.other):  # type: ignore[attr-defined]
+            if not pair.related:  # type: ignore[attr-defined]
+                continue
+            other = state.views[pair.other]  # type: ignore[attr-defined]
+            (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty)  # type: ignore[arg-type]
+            candidates += [Candidate(other.repo_id, view.repo_id, w_in), Candidate(view.repo_id, other.repo_id, w_out)]
+            dist = pair.distance  # type: ignore[attr-defined]
+            rows += [CandidateRecord(family, other.repo_id, view.repo_id, dist, t_in, w_in),
+                     CandidateRecord(family, view.repo_id, other.repo_id, dist, t_out, w_out)]
+        return candidates, rows
+
+    def _forget(self, state: _Family, repo_id: str) -> None:
+        """A new revision replaces the old node: drop it, its edges (tombstones) and its vector."""
+        fam = state.name
+        keys = [(fam, p, repo_id) for p in sorted(state.forest._in[repo_id])]
+        keys += [(fam, repo_id, c) for c in sorted(state.forest._out[repo_id])]
+        self.flush()
+        self.store.delete("candidates", keys)
+        parts = state.forest.remove(repo_id)
+        del state.views[repo_id], state.revisions[repo_id]
+        if state.vectors is not None:
+            state.vectors.remove([repo_id])
+        _all_depths(state)
+        for cid in parts:
+            self._pending["edges"] += self._edge_rows(state, state.forest.members(cid))
+
+    # --- arrays of nominees ------------------------------------------------------------------------
+
+    def _remember(self, repo_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+        kept = {n: np.asarray(a, dtype=np.float32) for n, a in sorted(arrays.items())}
+        self._arrays[repo_id] = kept
+        self._held += sum(a.nbytes for a in kept.values())
+        while self._held > self._array_bytes and len(self._arrays) > 1:
+            _, old = self._arrays.popitem(last=False)
+            self._held -= sum(a.nbytes for a in old.values())
+
+    def _persist_arrays(self, repo_id: str, revision: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Keep the tensors in the on-disk cache (block 0 = whole tensor) for nominee comparisons after a restart."""
+        for name in sorted(arrays):
+            key = (repo_id, revision, name, 0)
+            if key not in self.cache:
+                self.cache.put(key, np.asarray(arrays[name], dtype=np.float32))
+
+    def _with_arrays(self, state: _Family, repo_id: str) -> ModelView | None:
+        view = state.views[repo_id]
+        arrays = self._arrays.get(repo_id)
+        if arrays is None:
+            found = {n: self.cache.get((repo_id, state.revisions[repo_id], n, 0)) for n in view.norms}
+            if any(a is None for a in found.values()):
+                logger.warning("%s: its tensors are neither in memory nor in the cache; not compared", repo_id)
+                return None
+            arrays = found  # type: ignore[assignment]
+        return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)  # type: ignore[arg-type]
+
+    # --- persistence ---------------------------------------------------------------------------------
+
+    def _queue(self, family: str, state: _Family, repo_id: str, revision: str, sketch: Sketch, view: ModelView,
+               rows: list[CandidateRecord], touched: Sequence[str]) -> None:
+        stats = {"created": view.created, "direction": list(view.direction_layers), "seed": sketch.seed}
+        self._pending["sketches"].append(SketchRecord(
+            repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
+            sketch.layer_names, json.dumps(stats, sort_keys=True)))
+        self._pending["candidates"] += rows
+        _update_depths(state, touched)
+        cid = state.forest.cluster_id(repo_id)
+        # the cluster's key is its smallest member: when the newcomer is it, every row's key changes
+        members = state.forest.members(cid) if state.forest.cluster_key(cid) == repo_id or len(touched) > 1 else [repo_id]
+        self._pending["edges"] += self._edge_rows(state, members)
+        self._dirty.add(family)
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+
+    def _edge_rows(self, state: _Family, members: Sequence[str]) -> list[EdgeRecord]:
+        now, forest, out = datetime.now(UTC), state.forest, []
+        for m in members:
+            cid = forest.cluster_id(m)
+            parent = forest.parent(m)
+            dist = forest.weight(parent, m) if parent else math.nan
+            out.append(EdgeRecord(m, state.revisions[m], state.name,
+                                  forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
+                                  _ku_all(state.views[m]), _confidence(forest, m), now))
+        return out
+
+    def flush(self) -> None:
+        """Write queued rows (sketches, candidates, edges), then save the touched families' FAISS indexes."""
+        for table in ("sketches", "candidates", "edges"):
+            rows, self._pending[table] = self._pending[table], []
+            if rows:
+                self.store.append(table, rows)  # type: ignore[arg-type]
+        for family in sorted(self._dirty):
+            vectors = self._families[family].vectors
+            if vectors is not None:
+                vectors.save(self.store.home)
+        self._dirty.clear()
+        self._since_flush = 0
+
+    # --- the reference -------------------------------------------------------------------------------
+
+    def recompute_batch(self, family: str) -> dict[str, str]:
+        """child -> parent from scratch on the family's candidate edges (the invariant's reference)."""
+        return self.family(family).forest.batch_parents()
+
+    def parents(self, family: str) -> dict[str, str]:
+        return self.family(family).forest.parents()
+
+    def families(self) -> list[str]:
+        return sorted(self._families)
+
+
+def _ku_all(view: ModelView) -> float:
+    vals = [view.kurtosis[n] for n in view.direction_layers if n in view.kurtosis]
+    return float(sum(v for v in vals if not math.isnan(v)))
+
+
+def _confidence(forest: IncrementalForest, node: str) -> float:
+    """1 - w(parent) / w(next-best parent): 0 when a rival parent is as cheap, 1 when it has no rival."""
+    parent = forest.parent(node)
+    if not parent:
+        return 0.0
+    rivals = sorted(w for p, w in forest._in[node].items() if p != parent)
+    chosen = forest.weight(parent, node)
+    if not rivals or rivals[0] <= 0:
+        return 1.0
+    return float(min(1.0, max(0.0, 1.0 - chosen / rivals[0])))
+
+
+def _update_depths(state: _Family, touched: Sequence[str]) -> None:
+    if len(touched) == 1:
+        node = touched[0]
+        parent = state.forest.parent(node)
+        state.depth[node] = state.depth[parent] + 1 if parent else 0
+        return
+    _all_depths(state, touched)
+
+
+def _all_depths(state: _Family, nodes: Sequence[str] | None = None) -> None:
+    forest = state.forest
+    todo = sorted(nodes) if nodes is not None else sorted(state.views)
+    for node in todo:
+        state.depth.pop(node, None)
+    for node in todo:
+        chain = []
+        u = node
+        while u and u not in state.depth:
+            chain.append(u)
+            u = forest.parent(u)
+        base = state.depth[u] + 1 if u else 0
+        for i, v in enumerate(reversed(chain)):
+            state.depth[v] = base + i
+
+
+def _direction_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> tuple[str, ...]:
+    shapes = {n: tuple(np.shape(arrays[n])) for n in names}
+    try:
+        return select_layers([shapes], scheme="shared").direction
+    except BadInputError:
+        return tuple(names)
+
+
+def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, created_at: datetime | None) -> ModelView:
+    created = created_at.timestamp() if created_at is not None else None
+    kurt = dict(zip(sketch.layer_names, sketch.kurtosis, strict=True))
+    norms = dict(zip(sketch.layer_names, sketch.norms, strict=True))
+    return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names))
+
+
+def _view_of(record: SketchRecord) -> ModelView:
+    stats = json.loads(record.stats)
+    kurt = dict(zip(record.layer_names, record.kurtosis, strict=True))
+    norms = dict(zip(record.layer_names, record.norms, strict=True))
+    return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())))

@@ -1,0 +1,231 @@
+"""Incremental lineage: incremental trees == batch Edmonds for any arrival order, real FAISS + Parquet store."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import networkx as nx
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from indexer.incremental.arborescence import edmonds
+from indexer.incremental.forest import Candidate, IncrementalForest
+from indexer.incremental.index import LineageIndex
+from store.tables import read_records
+from store.vectors import VectorIndex, load_or_rebuild
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+# --- Edmonds and the forest on random graphs ---------------------------------------------------------
+
+
+def _nx_cost(edges: list[Candidate], nodes: set[str]) -> float:
+    g = nx.DiGraph()
+    g.add_nodes_from(nodes)
+    g.add_weighted_edges_from((e.parent, e.child, e.weight) for e in edges if e.parent in nodes and e.child in nodes)
+    tree = nx.minimum_spanning_arborescence(g)
+    return sum(d["weight"] for _, _, d in tree.edges(data=True))
+
+
+@st.composite
+def arrivals(draw: st.DrawFn) -> tuple[list[str], list[list[Candidate]]]:
+    """A random candidate graph (pairs in both directions) revealed in a random arrival order."""
+    n = draw(st.integers(1, 12))
+    names = [f"m{i:02d}" for i in draw(st.permutations(range(n)))]
+    integer = draw(st.booleans())  # small integer weights: many exact ties
+    weight = st.integers(1, 4).map(float) if integer else st.floats(0.0, 10.0, allow_nan=False)
+    batches = []
+    for i, node in enumerate(names):
+        batch = []
+        for other in names[:i]:
+            if draw(st.booleans()):
+                batch += [Candidate(other, node, draw(weight)), Candidate(node, other, draw(weight))]
+        batches.append(batch)
+    return names, batches
+
+
+@settings(max_examples=300, deadline=None)
+@given(arrivals())
+def test_incremental_trees_equal_batch_for_any_arrival_order(case: tuple[list[str], list[list[Candidate]]]) -> None:
+    names, batches = case
+    forest = IncrementalForest()
+    for node, batch in zip(names, batches, strict=True):
+        forest.add(node, batch)
+        assert forest.parents() == forest.batch_parents()
+    parents = forest.parents()
+    edges = forest.edges()
+    for cid in sorted({forest.cluster_id(n) for n in names}):
+        members = set(forest.members(cid))
+        ours = sum(forest.weight(parents[m], m) for m in members if parents[m])
+        assert ours == pytest.approx(_nx_cost(edges, members), abs=1e-9)  # optimal, not just consistent
+        assert sum(1 for m in members if not parents[m]) == 1  # one tree per cluster
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.integers(0, 2**32 - 1))
+def test_reloaded_forest_and_other_orders_equal(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 15))
+    w = rng.integers(1, 5, size=(n, n)).astype(float)
+    link = rng.random((n, n)) < 0.4
+    names = [f"n{i:02d}" for i in range(n)]
+
+    def run(order: list[int]) -> IncrementalForest:
+        forest, seen = IncrementalForest(), []
+        for i in order:
+            batch = [c for j in seen if link[min(i, j), max(i, j)]
+                     for c in (Candidate(names[j], names[i], w[j, i]), Candidate(names[i], names[j], w[i, j]))]
+            forest.add(names[i], batch)
+            seen.append(i)
+        return forest
+
+    a, b = run(list(range(n))), run([int(i) for i in rng.permutation(n)])
+    assert a.parents() == b.parents() == IncrementalForest.load(names, a.edges()).parents()
+
+
+def test_leaf_attach_path_is_taken_and_exact() -> None:
+    """Upload order on a random-walk tree: most arrivals attach in O(k) and still equal the batch."""
+    rng = np.random.default_rng(7)
+    n = 60
+    par = [-1] + [int(rng.integers(0, i)) for i in range(1, n)]
+    x = np.zeros((n, 16))
+    for i in range(1, n):
+        x[i] = x[par[i]] + rng.normal(size=16)
+    forest = IncrementalForest()
+    for i in range(n):
+        near = sorted((float(np.linalg.norm(x[i] - x[j])), j) for j in range(i))[:4]
+        forest.add(f"m{i:02d}", [c for d, j in near for c in (Candidate(f"m{j:02d}", f"m{i:02d}", np.log(d)),
+                                                              Candidate(f"m{i:02d}", f"m{j:02d}", np.log(d) + 0.4))])
+    assert forest.counts["attach"] > 0
+    assert forest.parents() == forest.batch_parents()
+
+
+def test_edmonds_picks_cheapest_root_and_breaks_ties_by_index() -> None:
+    # 0 <-> 1 at equal cost both ways: the tie goes to the smallest parent index as the root
+    tree = edmonds(2, np.array([0, 1]), np.array([1, 0]), np.array([1.0, 1.0]))
+    assert tree.parents(np.array([0, 1])).tolist() == [-1, 0]
+    # root 0 (0 -> 1 -> 2) costs 2, root 1 (1 -> 2, 1 -> 0) 3, root 2 (2 -> 0 -> 1) 6
+    src, dst = np.array([0, 1, 2, 1]), np.array([1, 2, 0, 0])
+    tree = edmonds(3, src, dst, np.array([1.0, 1.0, 5.0, 2.0]))
+    assert tree.parents(src).tolist() == [-1, 0, 1]
+    tree = edmonds(3, src, dst, np.array([1.0, 1.0, 5.0, 0.5]))  # now root 1 costs 1.5
+    assert tree.parents(src).tolist() == [1, -1, 1]
+
+
+def test_removing_a_node_splits_its_cluster() -> None:
+    forest = IncrementalForest()
+    forest.add("a", [])
+    forest.add("b", [Candidate("a", "b", 1.0), Candidate("b", "a", 2.0)])
+    forest.add("c", [Candidate("b", "c", 1.0), Candidate("c", "b", 2.0)])
+    assert forest.cluster_id("a") == forest.cluster_id("c")
+    forest.remove("b")
+    assert forest.cluster_id("a") != forest.cluster_id("c")
+    assert forest.parents() == {"a": "", "c": ""} == forest.batch_parents()
+
+
+# --- the index over a real store: synthetic weight families ------------------------------------------
+
+
+def _family(seed: int, n_trees: int = 2, children: int = 3) -> list[tuple[str, str | None, dict[str, np.ndarray], datetime]]:
+    """Trees of models: root random, each child = parent + a seeded step; (id, true parent, arrays, time).
+
+    Kurtosis falls under fine-tuning (each step compresses the heavy tails, |w|^0.995), times follow the tree.
+    """
+
+    def tune(a: np.ndarray, step: float) -> np.ndarray:
+        return (np.sign(a) * np.abs(a) ** 0.995 + step * rng.normal(size=a.shape)).astype(np.float32)
+
+    rng = np.random.default_rng(seed)
+    out: list[tuple[str, str | None, dict[str, np.ndarray], datetime]] = []
+    for t in range(n_trees):
+        root = {f"enc.{b}.attention.output.dense.weight": rng.standard_t(3, size=(24, 24)).astype(np.float32) for b in range(2)}
+        root["enc.0.mlp.weight"] = rng.standard_t(3, size=(48, 24)).astype(np.float32)
+        rid = f"org{t}/root-{t}"
+        out.append((rid, None, root, T0 + timedelta(hours=10 * t)))
+        for c in range(children):
+            kid = {n: tune(a, 0.08) for n, a in root.items()}
+            kid_id = f"lab{c}/kid-{t}-{c}"
+            out.append((kid_id, rid, kid, T0 + timedelta(hours=10 * t + c + 1)))
+            grand = {n: tune(a, 0.05) for n, a in kid.items()}
+            out.append((f"lab{c}/grand-{t}-{c}", kid_id, grand, T0 + timedelta(hours=10 * t + c + 5)))
+    return out
+
+
+FAMILY = "vit-test"
+REV = "local:{}"
+
+
+def _ingest(home: Path, models: list, order: list[int], **kw: object) -> dict[str, str]:
+    with LineageIndex.open(home, device="cpu", **kw) as index:  # type: ignore[arg-type]
+        for i in order:
+            rid, _, arrays, t = models[i]
+            res = index.add(rid, REV.format(i), FAMILY, arrays, t)
+            assert res.exact <= index.k
+        assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
+        return index.parents(FAMILY)
+
+
+@pytest.fixture(scope="module")
+def models() -> list:
+    return _family(0)
+
+
+def test_two_orders_same_forest_and_it_is_the_truth(tmp_path: Path, models: list) -> None:
+    upload = _ingest(tmp_path / "a", models, list(range(len(models))))
+    shuffled = _ingest(tmp_path / "b", models, [int(i) for i in np.random.default_rng(1).permutation(len(models))])
+    assert upload == shuffled
+    assert upload == {rid: parent or "" for rid, parent, _, _ in models}
+    edges = {r.repo_id: r for r in read_records(tmp_path / "a", "edges")}
+    assert {r: e.parent for r, e in edges.items()} == upload
+    assert edges["lab0/grand-0-0"].depth == 2 and edges["lab0/grand-0-0"].root == "org0/root-0"
+
+
+def test_exact_computations_per_arrival_bounded_by_k(tmp_path: Path, models: list) -> None:
+    with LineageIndex.open(tmp_path, k=3, device="cpu") as index:
+        counts = [index.add(rid, REV.format(i), FAMILY, a, t).exact for i, (rid, _, a, t) in enumerate(models)]
+    assert max(counts) == 3 and counts[0] == 0
+    assert index.exact_total == sum(counts)
+
+
+def test_reopen_and_continue_equals_one_run(tmp_path: Path, models: list) -> None:
+    order = [int(i) for i in np.random.default_rng(2).permutation(len(models))]
+    one = _ingest(tmp_path / "one", models, order)
+    _ingest(tmp_path / "two", models, order[:5])
+    two = _ingest(tmp_path / "two", models, order[5:])
+    assert one == two
+    cands = lambda h: sorted((c.parent, c.child, c.weight) for c in read_records(h, "candidates"))  # noqa: E731
+    assert cands(tmp_path / "one") == cands(tmp_path / "two")
+
+
+def test_same_revision_is_a_no_op_and_new_revision_replaces(tmp_path: Path, models: list) -> None:
+    with LineageIndex.open(tmp_path, device="cpu") as index:
+        for i, (rid, _, a, t) in enumerate(models[:4]):
+            index.add(rid, REV.format(i), FAMILY, a, t)
+        again = index.add(models[1][0], REV.format(1), FAMILY, models[1][2], models[1][3])
+        assert again.path is None and again.exact == 0
+        moved = index.add(models[1][0], "local:new", FAMILY, models[1][2], models[1][3])
+        assert moved.path is not None
+        assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
+
+
+def test_faiss_rebuilt_after_crash_between_parquet_and_faiss_gives_same_nominees(tmp_path: Path, models: list) -> None:
+    with LineageIndex.open(tmp_path, device="cpu") as index:
+        for i, (rid, _, a, t) in enumerate(models[:-1]):
+            index.add(rid, REV.format(i), FAMILY, a, t)
+    saved = tmp_path / "saved-vectors"
+    shutil.copytree(tmp_path / "vectors", saved)
+    with LineageIndex.open(tmp_path, device="cpu") as index:
+        rid, _, a, t = models[-1]
+        index.add(rid, REV.format(len(models) - 1), FAMILY, a, t)
+        query = index.family(FAMILY).vectors.nearest(np.asarray(read_records(tmp_path, "sketches", repo_id=rid)[0].vector), 16)  # type: ignore[union-attr]
+    shutil.rmtree(tmp_path / "vectors")
+    shutil.copytree(saved, tmp_path / "vectors")  # the crash: Parquet has the last sketch, FAISS does not
+    assert rid not in VectorIndex.load(tmp_path, FAMILY)
+    rebuilt = load_or_rebuild(tmp_path, FAMILY)
+    assert rid in rebuilt
+    assert rebuilt.nearest(np.asarray(read_records(tmp_path, "sketches", repo_id=rid)[0].vector), 16) == query
