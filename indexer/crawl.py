@@ -65,6 +65,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DEFAULT_OVERLAP = timedelta(hours=1)  # the Hub's listing lags uploads by minutes; re-list an hour below the mark
 _SHA = re.compile(r"^[0-9a-f]{40}$")
+DEFAULT_K = 16  # nominees per arrival: recall@16 of the true parent was 1.0 on the small zoo
 DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the store compact every 64 models
 # Reason codes, the part of `reason` before the first ":" (the CLI's --json summary counts them).
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "unsupported-architecture", "header-invalid"]
@@ -273,6 +274,7 @@ class Indexer:
     on_indexed: OnIndexed = no_sketch
     batch: int = DEFAULT_BATCH
     cache: TensorCache | None = None
+    on_flush: Callable[[], None] | None = None  # the lineage step's own rows, written before the models rows
     pending: list[ModelRecord] = field(default_factory=list)
     known: dict[tuple[str, str], tuple[Status, str]] = field(default_factory=dict)  # -> (status, reason code)
 
@@ -330,6 +332,8 @@ class Indexer:
     def flush(self) -> None:
         """Write the queued rows as one Parquet part (durable when this returns); finish cache writes."""
         self._writer.drain()
+        if self.on_flush is not None:
+            self.on_flush()
         if self.pending:
             self.store.append("models", self.pending)
             self.pending = []
@@ -425,6 +429,8 @@ class CrawlOptions:
     batch: int = DEFAULT_BATCH
     progress: bool = True
     policy: RetryPolicy = field(default_factory=RetryPolicy)
+    k: int = DEFAULT_K  # parent nominees per arriving model
+    device: str = "auto"  # exact distances: auto uses CUDA when present
 
 
 @dataclass
@@ -521,7 +527,27 @@ def _crawl_one(run: _Run, store: Store, filters: list[str], run_id: str, cursors
             cursors[key] = "unchanged"
 
 
-def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed = no_sketch) -> CrawlReport:
+def lineage_step(store: Store, *, k: int, device: str) -> tuple[OnIndexed, Callable[[], None]]:
+    """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush."""
+    from indexer.incremental.index import LineageIndex  # torch + faiss: only when lineage runs
+
+    lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30)  # flushed with the models rows
+
+    def hook(model: IndexedModel) -> None:
+        entry = model.entry
+        lineage.add(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at)
+
+    return hook, lineage.flush
+
+
+def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str
+           ) -> tuple[OnIndexed, Callable[[], None] | None]:
+    if on_indexed is not None:  # a caller's own hook (tests, benchmarks): no lineage
+        return on_indexed, None
+    return lineage_step(store, k=k, device=device)
+
+
+def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None) -> CrawlReport:
     """Crawl `options.endpoint` into the store at `home` (see the module docstring)."""
     if options.limit is not None and options.limit < 0:
         raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
@@ -529,7 +555,8 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed = no_sketc
     hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
     cursors: dict[str, str] = {}
     with open_store(home) as store:
-        indexer = Indexer(store, options.budget, options.token is not None, on_indexed, options.batch)
+        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device)
+        indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, on_flush=on_flush)
         run = _Run(indexer, hub, options)
         with _progress(options.progress) as bar:  # type: ignore[attr-defined]
             run.bar = bar
@@ -544,7 +571,8 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed = no_sketc
 # --- local folders ---------------------------------------------------------------------------------------------
 
 
-def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnIndexed = no_sketch,
+def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnIndexed | None = None,
+              k: int = DEFAULT_K, device: str = "auto",
               progress: bool = True) -> CrawlReport:
     """`index add`: the same pipeline over local repo folders (revision = content hash; see LocalRepo)."""
     started = time.perf_counter()
@@ -552,7 +580,8 @@ def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnI
     seen = unchanged = 0
     repos = [LocalRepo(Path(p)) for p in paths]  # bad paths fail here, before the store is touched
     with open_store(home) as store:
-        indexer = Indexer(store, budget, True, on_indexed)
+        hook, on_flush = _steps(store, on_indexed, k=k, device=device)
+        indexer = Indexer(store, budget, True, hook, on_flush=on_flush)
         with _progress(progress) as bar:  # type: ignore[attr-defined]
             try:
                 for repo in sorted(repos, key=lambda r: r.entry.repo_id):
