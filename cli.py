@@ -289,7 +289,7 @@ def _recovery_flags(fn: object) -> object:
                           "mother-paper (the paper: needs --trees) or phylogeny (Neural Phylogeny baseline)."),
         click.option("--trees", "trees", type=click.IntRange(min=1), default=None,
                      help="Number of trees K, when known (required by mother-paper)."),
-        click.option("--distance", type=click.Choice(["auto", "linf", "rank", "l2"]), default="auto", show_default=True,
+        click.option("--distance", type=click.Choice(["auto", "linf", "rank", "l2", "l2n"]), default="auto", show_default=True,
                      help="Pairwise distance: mother-paper uses linf unless told rank (LoRA splits); mother's auto "
                           "picks rank on low-rank layers, else l2."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
@@ -414,6 +414,77 @@ def stats(home: Path | None, as_json: bool) -> None:
         return
     for key in sorted(result):  # deterministic
         click.echo(f"{key}: {json.dumps(result[key], sort_keys=True, default=str)}")
+
+
+# --- serve ---------------------------------------------------------------------------------------
+
+
+def _cluster(workers: int | None, dask: str | None, timeout: float) -> object:
+    if workers is None and dask is None:
+        return None
+    from indexer.distributed import ClusterSpec
+
+    return ClusterSpec(address=dask, workers=workers, timeout=timeout)
+
+
+def _serve_log() -> None:
+    # The run summaries are the service's output: one bare JSON line each on stderr, at any -v level.
+    log = logging.getLogger("indexer.schedule")
+    for old in list(log.handlers):  # a second call in one process (tests) writes to the current stderr
+        log.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
+@index.command()
+@click.option("--cron", default=None, metavar="EXPR",
+              help="When to crawl: five crontab fields in UTC (default: $INDEX_CRON or '0 3 * * *').")
+@click.option("--once", is_flag=True, help="Run one crawl now and exit (for cron, systemd timers, Kubernetes).")
+@click.option("--run-now", is_flag=True, help="Scheduled mode: also crawl once at start.")
+@click.option("--endpoint", default=None, help="The Hub to crawl (default: $HF_ENDPOINT or https://huggingface.co).")
+@click.option("--arch", "archs", multiple=True, metavar="NAME", help="Only models tagged NAME; repeatable.")
+@click.option("--library", default=None, help="Only models of this library tag (e.g. transformers).")
+@click.option("--limit", type=click.IntRange(min=0), default=None, help="Fetch at most N models per run.")
+@click.option("--since", default=None, metavar="T", help="Never list models created before T (ISO date or time).")
+@click.option("--budget-mib", type=click.IntRange(min=1), default=None,
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Fetch and decode on a local Dask cluster of N worker processes (this process writes).")
+@click.option("--dask", "dask", default=None, metavar="ADDRESS",
+              help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
+@click.option("--dask-timeout", type=float, default=10.0, show_default=True,
+              help="Seconds to wait for the Dask scheduler before giving up.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the lineage step's exact distances run; auto uses CUDA when torch sees a GPU.")
+@click.option("--misfire-grace", type=click.IntRange(min=1), default=6 * 3600, show_default=True,
+              help="Seconds a scheduled run may start late (host asleep, previous run long) and still run.")
+@_store_option
+def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, archs: tuple[str, ...],
+          library: str | None, limit: int | None, since: str | None, budget_mib: int | None, workers: int | None,
+          dask: str | None, dask_timeout: float, device: str, misfire_grace: int, home: Path | None) -> None:
+    """Crawl on a schedule (the nightly job), or once with --once; the options are `index crawl`'s.
+
+    Each run logs one JSON line on stderr (status ok / stopped / locked / error, and the crawl summary).
+    SIGTERM or Ctrl-C lets the crawl finish its current model, writes its rows and exits 0; the next run
+    resumes. A failed scheduled run is logged and the next one is awaited; with --once it exits 1.
+    """
+    from indexer.crawl import CrawlOptions
+    from indexer.schedule import ServeOptions, serve as run
+
+    settings = load_settings()
+    crawl_options = CrawlOptions(
+        endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
+        limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
+        budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=False, device=device,
+    )
+    _serve_log()
+    run(home or settings.home, ServeOptions(
+        crawl=crawl_options, cron=cron or settings.cron, once=once, run_now=run_now, misfire_grace=misfire_grace,
+        cluster=_cluster(workers, dask, dask_timeout),  # type: ignore[arg-type]
+    ))
 
 
 def main() -> None:

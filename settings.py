@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
+DEFAULT_CRON = "0 3 * * *"  # nightly, 03:00 UTC: the Hub's quietest hours for most users
 
 
 def _int_env(name: str, default: int) -> int:
@@ -30,6 +31,7 @@ class Settings:
     token: str | None = field(repr=False)  # HF_TOKEN: only for gated repos; never logged
     byte_budget: int  # INDEX_BYTE_BUDGET_MIB: tensor bytes read per model
     debug: bool  # INDEX_DEBUG: print tracebacks
+    cron: str = DEFAULT_CRON  # INDEX_CRON: when `index serve` crawls (five crontab fields, UTC)
 
 
 def load_settings() -> Settings:
@@ -40,4 +42,5 @@ def load_settings() -> Settings:
         token=os.environ.get("HF_TOKEN") or None,
         byte_budget=_int_env("INDEX_BYTE_BUDGET_MIB", 64) * 1024 * 1024,
         debug=os.environ.get("INDEX_DEBUG", "") not in ("", "0"),
+        cron=os.environ.get("INDEX_CRON") or DEFAULT_CRON,
     )
