@@ -196,7 +196,7 @@ def _parse_since(value: str | None) -> object:
 
 
 def _store_option(func):  # type: ignore[no-untyped-def]
-    # Same flag as the query section's --home, which is defined further down the file.
+    # The one --home flag of every command that reads or writes the store.
     return click.option(
         "--home", type=click.Path(path_type=Path), default=None,
         help="The store (default: $INDEX_HOME or ~/.cache/model-graph-index).",
@@ -221,10 +221,17 @@ def _print_crawl(summary: dict) -> None:
 @click.option("--since", default=None, metavar="T", help="Never list models created before T (ISO date or time).")
 @click.option("--budget-mib", type=click.IntRange(min=1), default=None,
               help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where exact distances run (auto: CUDA when present).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Fetch and decode on a local Dask cluster of N worker processes (this process writes).")
+@click.option("--dask", "dask", default=None, metavar="ADDRESS",
+              help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
-          budget_mib: int | None, home: Path | None, as_json: bool) -> None:
+          budget_mib: int | None, device: str, workers: int | None, dask: str | None, home: Path | None,
+          as_json: bool) -> None:
     """Index the models created since the last crawl, newest first, from a few MiB of range reads each.
 
     Per model: the safetensors headers, then at most the byte budget of planned tensor rows. Adapter-only,
@@ -239,8 +246,15 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
+        device=device,
     )
-    summary = run(home or settings.home, options).as_dict()
+    cluster = _cluster(workers, dask, 10.0)
+    if cluster is None:
+        summary = run(home or settings.home, options).as_dict()
+    else:
+        from indexer.distributed import crawl_distributed
+
+        summary = crawl_distributed(home or settings.home, options, cluster=cluster).as_dict()  # type: ignore[arg-type]
     if as_json:
         _emit_json(summary)
     else:
@@ -346,20 +360,13 @@ def eval_(folder: Path, truth: Path | None, method: str, trees: int | None, dist
 # --- query / export / stats (read-only; must not import torch or faiss) -----------------------------
 
 
-def _home_option(func):  # type: ignore[no-untyped-def]
-    return click.option(
-        "--home", type=click.Path(path_type=Path), default=None,
-        help="The store (default: $INDEX_HOME or ~/.cache/model-graph-index).",
-    )(func)
-
-
 def _home(home: Path | None) -> Path:
     return home if home is not None else load_settings().home
 
 
 @index.command()
 @click.argument("repo_id")
-@_home_option
+@_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def query(repo_id: str, home: Path | None, as_json: bool) -> None:
     """Ancestry of REPO_ID: chain to the root, children, siblings, cluster, declared base model."""
@@ -392,7 +399,7 @@ def _print_report(report) -> None:  # type: ignore[no-untyped-def]
 
 @index.command()
 @click.argument("out", type=click.Path(dir_okay=False, path_type=Path))
-@_home_option
+@_store_option
 def export(out: Path, home: Path | None) -> None:
     """Write the whole forest to OUT (Parquet), one row per model; readable by pandas, polars, DuckDB."""
     from store.query import export_forest
@@ -402,7 +409,7 @@ def export(out: Path, home: Path | None) -> None:
 
 
 @index.command()
-@_home_option
+@_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def stats(home: Path | None, as_json: bool) -> None:
     """Counts per family, clusters, failures by reason, store size."""

@@ -96,3 +96,11 @@ class UnknownModelError(BadInputError, StoreError):
 
 class RecoveryError(ModelGraphError):
     """Lineage recovery cannot run on the given models."""
+
+
+class CrawlStopped(ModelGraphError):
+    """The stop event was set: the crawl ended after its current model (rows written, cursors not moved)."""
+
+
+class ClusterError(ModelGraphError):
+    """The Dask cluster went away in the middle of a crawl (rows written so far are kept)."""

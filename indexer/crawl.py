@@ -49,7 +49,7 @@ from errors import (
     UnsupportedModelError,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles
+from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
 from sketches.layers import family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
@@ -547,12 +547,15 @@ def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str
     return lineage_step(store, k=k, device=device)
 
 
-def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None) -> CrawlReport:
+def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None,
+          hub: HubSource | None = None) -> CrawlReport:
     """Crawl `options.endpoint` into the store at `home` (see the module docstring)."""
     if options.limit is not None and options.limit < 0:
         raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
     started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
-    hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
+    if hub is None:
+        reachable(options.endpoint, token=options.token, policy=options.policy)  # before the store is touched
+        hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
     cursors: dict[str, str] = {}
     with open_store(home) as store:
         hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device)

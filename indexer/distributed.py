@@ -42,7 +42,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from errors import BadInputError, HubError, ModelGraphError, NoIndexError, TransientHubError
+from errors import BadInputError, ClusterError, CrawlStopped, HubError, ModelGraphError, NoIndexError, TransientHubError
 from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, read_model
 from indexer.retry import RetryPolicy, with_retries
 from indexer.sources import HubSource, ModelEntry, RepoFiles, SortKey
@@ -52,14 +52,6 @@ logger = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 10.0  # seconds to reach a Dask scheduler before saying it is not there
 WINDOW_PER_THREAD = 2  # models in flight per worker thread: one being fetched, one queued behind it
-
-
-class CrawlStopped(ModelGraphError):
-    """The stop event was set: the crawl ended after its current model (rows written, cursors not moved)."""
-
-
-class ClusterError(ModelGraphError):
-    """The Dask cluster went away in the middle of a crawl (rows written so far are kept)."""
 
 
 # --- the cluster -----------------------------------------------------------------------------------------
@@ -398,29 +390,10 @@ class DaskHub(StoppableHub):
 
 
 def crawl_via(home: Path, options: CrawlOptions, *, hub: HubSource, on_indexed: OnIndexed | None = None) -> CrawlReport:
-    """`indexer.crawl.crawl` with the Hub source given. Stand-in until `crawl()` takes `hub=` itself (the one
-    seam this module needs: `hub = hub or HubSource(...)`); then this becomes `crawl(..., hub=hub)`."""
-    import uuid
+    """`indexer.crawl.crawl` reading through `hub` (a Dask-backed or stoppable source)."""
+    from indexer.crawl import crawl
 
-    from indexer import crawl as c
-    from store.tables import open_store
-
-    if options.limit is not None and options.limit < 0:
-        raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
-    started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
-    cursors: dict[str, str] = {}
-    with open_store(home) as store:
-        hook, on_flush = c._steps(store, on_indexed, k=options.k, device=options.device)  # lineage unless a hook
-        indexer = c.Indexer(store, options.budget, options.token is not None, hook, options.batch, on_flush=on_flush)
-        run = c._Run(indexer, hub, options)
-        with c._progress(options.progress) as bar:  # type: ignore[attr-defined]
-            run.bar = bar
-            try:
-                for filters in c._crawl_filters(options):
-                    c._crawl_one(run, store, filters, run_id, cursors)
-            finally:
-                indexer.close()
-    return CrawlReport(tuple(run.outcomes), run.seen, run.unchanged, time.perf_counter() - started, cursors)
+    return crawl(home, options, on_indexed=on_indexed, hub=hub)
 
 
 def crawl_distributed(home: Path, options: CrawlOptions, *, cluster: ClusterSpec, on_indexed: OnIndexed | None = None,
@@ -435,34 +408,5 @@ def crawl_distributed(home: Path, options: CrawlOptions, *, cluster: ClusterSpec
     return report
 
 
-def reachable(endpoint: str, *, token: str | None, policy: RetryPolicy | None = None) -> None:
-    """Raise HubError unless the Hub answers one `GET /api/models?limit=1`. Checked before the store is
-    opened, so an unreachable endpoint writes nothing (the client's own listing raises a raw transport
-    error, after 5 retries). A refused connection fails at once (nothing listens: a wrong URL, not a blip);
-    timeouts and 5xx are retried per `policy`."""
-    return with_retries(lambda: _probe(endpoint, token), what=f"{endpoint} listing", policy=policy or RetryPolicy())
-
-
-def _probe(endpoint: str, token: str | None) -> None:
-    import httpx2
-    from huggingface_hub.utils import build_hf_headers, get_session
-
-    url = f"{endpoint.rstrip('/')}/api/models"
-    try:
-        response = get_session().get(url, params={"limit": 1}, headers=build_hf_headers(token=token or False),
-                                     timeout=CONNECT_TIMEOUT)
-    except httpx2.ConnectError as exc:
-        why = f"cannot reach {endpoint} ({type(exc).__name__}); check --endpoint or HF_ENDPOINT"
-        raise HubError(None, why) from None
-    except httpx2.TransportError as exc:
-        raise TransientHubError(None, f"network: {endpoint} did not answer ({type(exc).__name__})") from None
-    status = response.status_code
-    if status == 429 or status >= 500:
-        raise TransientHubError(None, f"http-{status}: {endpoint} answered a listing with HTTP {status}", status=status)
-    if status >= 400:
-        hint = " (the token was refused: check HF_TOKEN)" if status == 401 else ""
-        raise HubError(None, f"{endpoint} answered a listing with HTTP {status}{hint}", status=status)
-
-
 __all__ = ["CallKey", "ClusterError", "ClusterSpec", "CrawlStopped", "DaskHub", "Fetched", "ReplayRepo",
-           "StoppableHub", "connect", "crawl_distributed", "crawl_via", "fetch_model", "reachable"]
+           "StoppableHub", "connect", "crawl_distributed", "crawl_via", "fetch_model"]

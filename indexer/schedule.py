@@ -31,7 +31,9 @@ from typing import Any
 
 from errors import BadInputError, ModelGraphError, StoreLockedError
 from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed
-from indexer.distributed import ClusterSpec, CrawlStopped, StoppableHub, crawl_distributed, crawl_via, reachable
+from errors import CrawlStopped
+from indexer.distributed import ClusterSpec, StoppableHub, crawl_distributed, crawl_via
+from indexer.sources import reachable
 from settings import DEFAULT_CRON
 from store.lock import WriteLock
 

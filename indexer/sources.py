@@ -185,6 +185,7 @@ class HubSource:
 
     def list_models(self, *, sort: SortKey, filters: Sequence[str] = ()) -> Iterator[ModelEntry]:
         """Newest first (by `sort`); pages are fetched lazily, so stopping early fetches no more."""
+        import httpx2
         from huggingface_hub.errors import HfHubHTTPError
 
         listing = self.api.list_models(sort=sort, expand=LIST_EXPAND, filter=list(filters) or None)  # type: ignore[arg-type]
@@ -195,6 +196,8 @@ class HubSource:
             status = exc.response.status_code if exc.response is not None else None
             hint = " (the token was refused: check HF_TOKEN)" if status == 401 else ""
             raise HubError(None, f"listing failed: HTTP {status}{hint}", status=status) from None
+        except httpx2.TransportError as exc:  # the client gave up after its own retries
+            raise HubError(None, f"listing failed: {self.endpoint} unreachable ({type(exc).__name__})") from None
 
     def model_info(self, repo_id: str, *, revision: str | None = None) -> ModelEntry:
         """One model's entry, retried (the client does not retry model_info)."""
@@ -437,3 +440,37 @@ class LocalRepo:
 
 __all__ = ["LIST_EXPAND", "MAX_HEADER_BYTES", "PREFIX_BYTES", "HubRepo", "HubSource", "LocalRepo", "ModelEntry",
            "RemoteFile", "RepoFiles", "content_revision", "entry_from_info", "local_repo_id"]
+
+
+# --- reachability ---------------------------------------------------------------------------------------------
+
+PROBE_TIMEOUT = 10.0  # seconds: a Hub that cannot answer one listing entry in 10 s is not there
+
+
+def reachable(endpoint: str, *, token: str | None, policy: RetryPolicy | None = None) -> None:
+    """Raise HubError unless the Hub answers one `GET /api/models?limit=1`. Checked before the store is
+    opened, so an unreachable endpoint writes nothing (the client's own listing raises a raw transport
+    error, after 5 retries). A refused connection fails at once (nothing listens: a wrong URL, not a blip);
+    timeouts and 5xx are retried per `policy`."""
+    return with_retries(lambda: _probe(endpoint, token), what=f"{endpoint} listing", policy=policy or RetryPolicy())
+
+
+def _probe(endpoint: str, token: str | None) -> None:
+    import httpx2
+    from huggingface_hub.utils import build_hf_headers, get_session
+
+    url = f"{endpoint.rstrip('/')}/api/models"
+    try:
+        response = get_session().get(url, params={"limit": 1}, headers=build_hf_headers(token=token or False),
+                                     timeout=PROBE_TIMEOUT)
+    except httpx2.ConnectError as exc:
+        why = f"cannot reach {endpoint} ({type(exc).__name__}); check --endpoint or HF_ENDPOINT"
+        raise HubError(None, why) from None
+    except httpx2.TransportError as exc:
+        raise TransientHubError(None, f"network: {endpoint} did not answer ({type(exc).__name__})") from None
+    status = response.status_code
+    if status == 429 or status >= 500:
+        raise TransientHubError(None, f"http-{status}: {endpoint} answered a listing with HTTP {status}", status=status)
+    if status >= 400:
+        hint = " (the token was refused: check HF_TOKEN)" if status == 401 else ""
+        raise HubError(None, f"{endpoint} answered a listing with HTTP {status}{hint}", status=status)
