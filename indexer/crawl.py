@@ -465,12 +465,13 @@ def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "las
     """One listing pass; returns (complete, newest (time, id) listed, newest lastModified listed)."""
     stop = _stop_at(mark, run.options, sort)
     complete = True  # False once a model is left out: the mark must not pass it
+    retry_from: tuple[datetime, str] | None = None  # the oldest model that failed transiently
     newest: tuple[datetime, str] | None = None
     newest_modified: datetime | None = None
     for entry in run.hub.list_models(sort=sort, filters=filters):
         moment = entry.created_at if sort == "created_at" else entry.last_modified
         if stop is not None and moment is not None and moment < stop:
-            return complete, newest, newest_modified
+            return complete, retry_from or newest, newest_modified
         if newest is None and moment is not None:
             newest = (moment, entry.repo_id)
         if entry.last_modified is not None:
@@ -487,12 +488,24 @@ def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "las
             run.unchanged += 1
             continue
         if not run.budget_left():
-            return False, newest, newest_modified
+            return False, retry_from or newest, newest_modified
         outcome = run.indexer.index_model(run.hub.repo(entry))
         run.outcomes.append(outcome)
+        if moment is not None and _retry_later(outcome):
+            retry_from = (moment, entry.repo_id)  # listed newest first: the last one seen is the oldest
         run.bar.update(1)  # type: ignore[attr-defined]
         run.bar.set_postfix_str(f"{outcome.status} {entry.repo_id}", refresh=False)  # type: ignore[attr-defined]
-    return complete, newest, newest_modified
+    # A mark at a transiently failed model keeps it inside the next crawl's listing (stop = mark - overlap);
+    # a mark at the newest model would pass it, and it would never be tried again (regression: see
+    # tests/test_reliability_faults.py::test_a_failed_model_months_older_than_the_newest_is_retried).
+    return complete, retry_from or newest, newest_modified
+
+
+def _retry_later(outcome: Outcome) -> bool:
+    """Failed for a reason that may clear (429, 5xx, resets, truncated bodies), not for its content."""
+    if outcome.status != "failed":
+        return False
+    return outcome.code in ("rate-limited", "network", "truncated") or bool(re.fullmatch(r"http-(408|5\d\d)", outcome.code))
 
 
 def _save_cursor(store: Store, key: str, moment: datetime, repo_id: str, run_id: str) -> str:

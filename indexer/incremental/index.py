@@ -9,9 +9,9 @@ Per arrival (`LineageIndex.add`):
     4. related pairs become candidate edges in both directions, weighted distance + direction penalty;
     5. the forest update (indexer.incremental.forest): leaf attach proven by Edmonds' dual, or Edmonds
        on the one merged cluster;
-    6. persist, in this order: sketches, candidates, edges rows of the touched cluster (Parquet, atomic),
-       then the family's FAISS index. A crash between the two leaves FAISS behind the sketches table;
-       `store.vectors.load_or_rebuild` then rebuilds it from the table on the next start.
+    6. persist, in this order: candidates, edges rows of the touched cluster, sketches (Parquet, atomic; the
+       sketch last, as the arrival's commit mark), then the family's FAISS index. A crash before the FAISS
+       save leaves it behind the sketches table; `store.vectors.load_or_rebuild` rebuilds it on the next start.
 `flush_every` batches step 6 (1 = every arrival, the crash-safe default; the crawler's batch size is 16).
 
 On start a family's state is read back: sketches (kurtosis, norms, times), candidates -> the forest,
@@ -114,8 +114,10 @@ class LineageIndex:
         for r in sketches:
             views[r.repo_id] = _view_of(r)  # type: ignore[arg-type]
             revisions[r.repo_id] = r.revision  # type: ignore[union-attr]
+        # Candidate rows are written before their model's sketch (see `flush`): rows of a model whose sketch
+        # never landed belong to an arrival cut short by a crash; it is added again, rows and all.
         edges = [Candidate(c.parent, c.child, c.weight) for c in self.store.records("candidates")  # type: ignore[union-attr]
-                 if c.family == family]  # type: ignore[union-attr]
+                 if c.family == family and c.parent in views and c.child in views]  # type: ignore[union-attr]
         forest = IncrementalForest.load(sorted(views), edges)
         vectors = load_or_rebuild(self.store.home, family) if views else None
         state = _Family(family, forest, vectors, views, revisions)
@@ -247,8 +249,12 @@ class LineageIndex:
         return out
 
     def flush(self) -> None:
-        """Write queued rows (sketches, candidates, edges), then save the touched families' FAISS indexes."""
-        for table in ("sketches", "candidates", "edges"):
+        """Write queued rows (candidates, edges, then sketches), then save the touched families' FAISS indexes.
+
+        The sketch row goes last because it is what marks an arrival as done (`add` returns at once for a
+        known revision): written first, a crash before the candidates lost that model's edges for good
+        (regression: tests/test_reliability_crash.py::test_kill_between_sketch_and_candidates_loses_no_edge)."""
+        for table in ("candidates", "edges", "sketches"):
             rows, self._pending[table] = self._pending[table], []
             if rows:
                 self.store.append(table, rows)  # type: ignore[arg-type]
