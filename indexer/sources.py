@@ -198,6 +198,11 @@ class HubSource:
             raise HubError(None, f"listing failed: HTTP {status}{hint}", status=status) from None
         except httpx2.TransportError as exc:  # the client gave up after its own retries
             raise HubError(None, f"listing failed: {self.endpoint} unreachable ({type(exc).__name__})") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # The client builds ModelInfo from whatever JSON came back: a malformed page (a createdAt that is
+            # not a date, an entry that is not an object) raised a bare ValueError/TypeError that killed the
+            # crawl untyped (regression: tests/test_reliability_fuzz.py, "createdAt not a date").
+            raise HubError(None, f"listing failed: malformed answer from {self.endpoint} ({type(exc).__name__})") from None
 
     def model_info(self, repo_id: str, *, revision: str | None = None) -> ModelEntry:
         """One model's entry, retried (the client does not retry model_info)."""

@@ -111,7 +111,12 @@ def _connect(home: Path) -> duckdb.DuckDBPyConnection:
         "CREATE VIEW latest_models AS SELECT * FROM models "
         "QUALIFY row_number() OVER (PARTITION BY repo_id ORDER BY indexed_at DESC, _seq DESC) = 1"
     )
-    if _scalar(con, "SELECT count(*) FROM latest_models") == 0:
+    try:
+        empty = _scalar(con, "SELECT count(*) FROM latest_models") == 0
+    except BaseException:
+        con.close()
+        raise
+    if empty:
         con.close()
         raise NoIndexError(str(home))
     return con
@@ -127,16 +132,27 @@ def _rows(con: duckdb.DuckDBPyConnection, sql: str, params: list[Any] | None = N
     return con.sql(sql, params=params or []).to_arrow_table().to_pylist()
 
 
+def _gone_or_raise(home: Path, exc: duckdb.IOException) -> None:
+    """Return when parts vanished under the query (a compaction: retry), else raise a StoreError."""
+    if not any(sign in str(exc) for sign in ("No files found", "No such file", "does not exist")):
+        raise StoreError(f"{home}: cannot read the index ({exc})") from exc
+    logger.debug("parts changed under a query (compaction); retrying")
+
+
 def _with_store(home: Path, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
     """Run `work` on a fresh connection; retry when a compaction removed parts mid-query."""
     for _ in range(_RETRIES):
-        con = _connect(Path(home))
+        try:
+            # _connect reads the parts too (it counts the models): a compaction can remove them there as well
+            # (regression: tests/test_reliability_readers.py saw a raw duckdb IOException escape here).
+            con = _connect(Path(home))
+        except duckdb.IOException as exc:
+            _gone_or_raise(home, exc)
+            continue
         try:
             return work(con)
         except duckdb.IOException as exc:
-            if not any(sign in str(exc) for sign in ("No files found", "No such file", "does not exist")):
-                raise StoreError(f"{home}: cannot read the index ({exc})") from exc
-            logger.debug("parts changed under a query (compaction); retrying")
+            _gone_or_raise(home, exc)
         finally:
             con.close()
     raise StoreError(f"{home}: the index kept changing while reading; try again")
