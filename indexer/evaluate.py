@@ -1,0 +1,172 @@
+"""Score a recovered forest against the true lineage.
+
+Truth comes from `truth.csv` (header `parent,child`, one row per model, empty parent for a root) or, when
+no CSV is given, from the `base_model` of each repo's model card (README.md front matter). This module
+is the only place that reads cards: recovery never does.
+
+Metrics (MoTHer paper):
+- edge accuracy = correct directed edges / true edges; a recovered edge is correct when the child's
+  recovered parent is its true parent (placement and direction both right). Per true tree (named by its
+  root) and overall (all true edges of the folder together).
+- clustering accuracy = the share of models whose recovered tree matches their true tree under the best
+  one-to-one matching of tree labels (scipy.optimize.linear_sum_assignment on the confusion counts).
+  A failed model counts as its own unmatched cluster.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+from scipy.optimize import linear_sum_assignment
+
+from errors import BadInputError
+from indexer.lineage.methods import Options
+from indexer.lineage.recover import Forest, discover_repos, recover
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TreeScore:
+    root: str
+    models: int
+    edges: int
+    correct: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.edges if self.edges else 1.0
+
+
+@dataclass(frozen=True)
+class EvalReport:
+    trees: tuple[TreeScore, ...]  # sorted by root id
+    edges: int
+    correct: int
+    clustering_accuracy: float
+    failed: int
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.edges if self.edges else 1.0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "accuracy": self.accuracy,
+            "edges": self.edges,
+            "correct": self.correct,
+            "clustering_accuracy": self.clustering_accuracy,
+            "failed": self.failed,
+            "trees": [{"root": t.root, "models": t.models, "edges": t.edges, "correct": t.correct,
+                       "accuracy": t.accuracy} for t in self.trees],
+        }
+
+
+# --- truth -------------------------------------------------------------------------------------------
+
+
+def read_truth_csv(path: str | os.PathLike[str]) -> dict[str, str]:
+    """child -> parent ("" for a root) from a `parent,child` CSV."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        if reader.fieldnames is None or not {"parent", "child"} <= set(reader.fieldnames):
+            raise BadInputError(str(path), "expected a CSV with the header `parent,child`")
+        return {row["child"]: (row["parent"] or "") for row in reader}
+
+
+def _front_matter(readme: Path) -> dict[str, object]:
+    text = readme.read_text(encoding="utf-8", errors="replace")
+    if not text.startswith("---"):
+        return {}
+    end = text.find("\n---", 3)
+    if end < 0:
+        return {}
+    try:
+        doc = yaml.safe_load(text[3:end])
+    except yaml.YAMLError:
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def truth_from_cards(root: str | os.PathLike[str]) -> dict[str, str]:
+    """child -> declared `base_model` of each repo's card ("" when absent; a list takes its first entry)."""
+    truth = {}
+    for repo_id, folder in discover_repos(Path(root)):
+        readme = folder / "README.md"
+        base = _front_matter(readme).get("base_model") if readme.is_file() else None
+        if isinstance(base, list):
+            base = base[0] if base else None
+        truth[repo_id] = str(base) if base else ""
+    return truth
+
+
+# --- scoring -----------------------------------------------------------------------------------------
+
+
+def _true_root(child: str, truth: Mapping[str, str]) -> str:
+    seen = set()
+    node = child
+    while truth.get(node):
+        if node in seen:
+            raise BadInputError("truth", f"the true lineage has a cycle through {node}")
+        seen.add(node)
+        node = truth[node]
+    return node
+
+
+def clustering_accuracy(true_labels: list[str], predicted: list[str]) -> float:
+    """Best one-to-one matching of labels (Hungarian) / number of models."""
+    if not true_labels:
+        return 1.0
+    t_ids = {t: i for i, t in enumerate(sorted(set(true_labels)))}
+    p_ids = {p: i for i, p in enumerate(sorted(set(predicted)))}
+    counts = np.zeros((len(t_ids), len(p_ids)), dtype=np.int64)
+    for t, p in zip(true_labels, predicted, strict=True):
+        counts[t_ids[t], p_ids[p]] += 1
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum()) / len(true_labels)
+
+
+def evaluate(forest: Forest, truth: Mapping[str, str]) -> EvalReport:
+    """Edge accuracy per true tree and overall, and clustering accuracy, of `forest` against `truth`."""
+    recovered = forest.parents()
+    cluster = {r.repo_id: f"c{r.cluster}" for r in forest.rows if r.status == "ok"}
+    per_root: dict[str, list[int]] = {}
+    for child in sorted(truth):
+        stats = per_root.setdefault(_true_root(child, truth), [0, 0, 0])
+        stats[0] += 1
+        if truth[child]:
+            stats[1] += 1
+            stats[2] += int(recovered.get(child) == truth[child])
+    trees = tuple(TreeScore(root, *per_root[root]) for root in sorted(per_root))
+    ids = sorted(truth)
+    predicted = [cluster.get(i, f"failed:{i}") for i in ids]
+    return EvalReport(
+        trees=trees,
+        edges=sum(t.edges for t in trees),
+        correct=sum(t.correct for t in trees),
+        clustering_accuracy=clustering_accuracy([_true_root(i, truth) for i in ids], predicted),
+        failed=len(forest.failures()),
+    )
+
+
+def render_report(report: EvalReport) -> str:
+    lines = [f"{'tree root':<40} {'models':>6} {'edges':>6} {'correct':>7} {'accuracy':>8}"]
+    for t in report.trees:
+        lines.append(f"{t.root:<40} {t.models:>6} {t.edges:>6} {t.correct:>7} {t.accuracy:>8.3f}")
+    lines.append(f"{'overall':<40} {sum(t.models for t in report.trees):>6} {report.edges:>6} {report.correct:>7} {report.accuracy:>8.3f}")
+    lines.append(f"clustering accuracy {report.clustering_accuracy:.3f}; failed models {report.failed}")
+    return "\n".join(lines)
+
+
+def evaluate_folder(root: str | os.PathLike[str], options: Options, *, truth: str | os.PathLike[str] | None = None) -> EvalReport:
+    """Recover `root` with `options`, then score it against `truth` (a CSV) or the cards' base_model."""
+    expected = read_truth_csv(truth) if truth is not None else truth_from_cards(root)
+    return evaluate(recover(root, options), expected)

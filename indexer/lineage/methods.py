@@ -1,0 +1,448 @@
+"""The three recovery methods, on the in-memory weights of one architecture family.
+
+- `mother-paper`: MoTHer exactly as DESIGN.md states it. Layers: the square attention matrices
+  (distance `linf`) or the value matrices (distance `rank`). Trees: ward linkage on the L2 distance of
+  those layers (the paper's "l2 pairwise distance"), `fcluster(K, "maxclust")`, K given. Per tree: D
+  (L-inf with min/max over that tree's pairwise differences, or the summed rank), ku = summed excess
+  kurtosis of the output projections (FT) / value matrices (LoRA), T[i, j] = 1 when ku(j) > ku(i),
+  M = D + 0.3 * mean(D) * T where mean(D) is the mean of the off-diagonal entries of D, diagonal +inf,
+  then Chu-Liu/Edmonds.
+- `mother` (ours): every shared tensor; K chosen from the data unless given (relatives = median
+  per-layer relative distance < 0.5, trees = connected components); per tree the distance is the rank
+  distance on the layers whose nearest-neighbour differences are numerically low-rank with a singular
+  value cliff (merged LoRA), else the layer-normalised L2 distance (`l2n`) on the dense projections; the
+  direction cue is upload time (weight 3); kurtosis votes only in trees without upload times (with
+  `kurtosis="always"` its sign and weight come per tree from its agreement with time, Kendall's tau).
+- `phylogeny`: the Neural Phylogeny baseline (KMeans with "identify along clustering"), applied top-down
+  to grow a tree; see `phylogeny`'s docstring for our reading of the slides.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+import torch
+from scipy.stats import kendalltau
+
+from errors import RecoveryError
+from indexer.lineage.cluster import choose_k, ward_labels
+from indexer.lineage.mdst import minimum_arborescence
+from sketches.distances import (
+    Device,
+    l2_distance,
+    layer_normalised_l2,
+    linf_minmax_distance,
+    median_relative_distance,
+    rank_distance,
+    rank_gaps,
+)
+from sketches.layers import LayerSelection, is_head
+from sketches.stats import ModelStats
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["mother-paper", "mother", "phylogeny"]
+DistanceKind = Literal["auto", "linf", "rank", "l2", "l2n"]
+KurtosisUse = Literal["fallback", "always", "never"]
+METHODS: tuple[Method, ...] = ("mother-paper", "mother", "phylogeny")
+DISTANCES: tuple[DistanceKind, ...] = ("auto", "linf", "rank", "l2", "l2n")
+
+# A difference is low-rank (merged LoRA) when its singular values fall off a cliff after the numerical
+# rank: on the zoo LoRA cliffs are 1.7e3-2.9e5, full fine-tuning ratios at the same place 1.0-7.6.
+LOW_RANK_GAP = 100.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """The models of one architecture family, ready to compare: row i of every array is model i."""
+
+    repo_ids: tuple[str, ...]
+    layers: Mapping[str, np.ndarray]  # name -> (n, *shape) float32
+    selection: LayerSelection
+    stats: tuple[ModelStats, ...]
+    created: tuple[float | None, ...]  # upload time, seconds since the epoch (None: unknown)
+
+    @property
+    def n(self) -> int:
+        return len(self.repo_ids)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Everything a method may be told; the defaults are `mother`'s (ablations switch parts off)."""
+
+    method: Method = "mother"
+    trees: int | None = None  # K; None = choose from the data (mother, phylogeny)
+    distance: DistanceKind = "auto"  # mother-paper: linf unless told rank
+    use_time: bool = True
+    # Kurtosis as a direction cue: "fallback" = only in trees without known upload times (with times it
+    # did not help on the zoo: FT 0.87 with vs 0.88 without, LoRA-F 1.00 both), "always", or "never".
+    kurtosis: KurtosisUse = "fallback"
+    auto_sign: bool = True  # kurtosis sign and weight per tree from its agreement with upload time (else +1, 1)
+    include_1d: bool = False  # compare 1-D tensors (norms, biases) too
+    dense_only: bool = True  # full-FT distance on the dense projections when the family has them
+    lam: float = 0.3  # the paper's lambda
+    time_weight: float = 3.0  # the upload-time penalty, in units of lambda * mean(D): outvotes kurtosis
+    alpha: float = 0.5  # phylogeny: probability of the mean (not the min-norm member) as centroid
+    seed: int = 0
+    device: Device = "auto"
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """One family's answer: parent index (-1 root), tree label, D to the parent, direction score."""
+
+    parent: tuple[int, ...]
+    cluster: tuple[int, ...]
+    distance: tuple[float, ...]
+    direction_score: tuple[float, ...]
+    notes: tuple[str, ...] = field(default=())
+
+
+# --- shared pieces -------------------------------------------------------------------------------
+
+
+def offdiag_mean(matrix: np.ndarray) -> float:
+    n = matrix.shape[0]
+    if n < 2:
+        return 0.0
+    return float((matrix.sum() - np.trace(matrix)) / (n * (n - 1)))
+
+
+def kurtosis_penalty(ku: np.ndarray, *, sign: float = 1.0) -> np.ndarray:
+    """T[i, j] = 1 when sign * ku(j) > sign * ku(i): under specialisation a child is less heavy-tailed."""
+    s = sign * ku
+    return (s[None, :] > s[:, None]).astype(np.float64)
+
+
+def time_penalty(created: Sequence[float | None]) -> np.ndarray:
+    """T[i, j] = 1 when child j was uploaded strictly before parent i (unknown or equal times: 0)."""
+    n = len(created)
+    out = np.zeros((n, n), dtype=np.float64)
+    for i in range(n):
+        for j in range(n):
+            ti, tj = created[i], created[j]
+            if ti is not None and tj is not None and tj < ti:
+                out[i, j] = 1.0
+    return out
+
+
+def solve_tree(dist: np.ndarray, penalty: np.ndarray, *, lam: float) -> list[int]:
+    """MDST of M = D + lam * mean(D) * T with an +inf diagonal."""
+    cost = dist + lam * offdiag_mean(dist) * penalty
+    np.fill_diagonal(cost, np.inf)
+    return minimum_arborescence(cost)
+
+
+def _stack(family: Family, names: Sequence[str], idx: np.ndarray) -> list[np.ndarray]:
+    return [family.layers[name][idx] for name in names]
+
+
+def _kurtosis(family: Family, names: Sequence[str]) -> np.ndarray:
+    return np.array([s.kurtosis_sum(names) for s in family.stats], dtype=np.float64)
+
+
+def _assemble(
+    n: int, parts: Sequence[tuple[np.ndarray, list[int], np.ndarray]]
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
+    """Map per-cluster (members, local parents, local D) back to family indices."""
+    parent = [-1] * n
+    dist = [math.nan] * n
+    for idx, local, d in parts:
+        for j, p in enumerate(local):
+            if p >= 0:
+                parent[int(idx[j])] = int(idx[p])
+                dist[int(idx[j])] = float(d[p, j])
+    return tuple(parent), tuple(dist)
+
+
+def _clusters(labels: np.ndarray) -> list[np.ndarray]:
+    return [np.flatnonzero(labels == c) for c in sorted(set(labels.tolist()))]
+
+
+# --- mother-paper ----------------------------------------------------------------------------------
+
+
+def mother_paper(family: Family, options: Options) -> Lineage:
+    """MoTHer as the paper states it; `options.trees` (K) is required."""
+    if options.trees is None:
+        raise RecoveryError("mother-paper assumes the number of trees is known: pass --trees K")
+    kind = "linf" if options.distance in ("auto", "linf") else options.distance
+    names = family.selection.distance
+    all_idx = np.arange(family.n)
+    labels = ward_labels(l2_distance(_stack(family, names, all_idx), device=options.device), options.trees)
+    ku = _kurtosis(family, family.selection.direction)
+    parts = []
+    for idx in _clusters(labels):
+        d, _, cost = paper_matrices(_stack(family, names, idx), ku[idx], kind=kind, lam=options.lam, device=options.device)
+        parts.append((idx, minimum_arborescence(cost), d))
+    parent, dist = _assemble(family.n, parts)
+    notes = (f"K={options.trees} given; distance {kind} on {len(names)} layers",)
+    return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(k) for k in ku), notes)
+
+
+def paper_matrices(
+    layers: list[np.ndarray], ku: np.ndarray, *, kind: DistanceKind, lam: float, device: Device
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """D, T and M = D + lam * mean(D) * T (diagonal +inf) of one tree, as the paper defines them."""
+    d = _distance(kind, layers, device)
+    t = kurtosis_penalty(ku)
+    cost = d + lam * offdiag_mean(d) * t
+    np.fill_diagonal(cost, np.inf)
+    return d, t, cost
+
+
+def _distance(kind: DistanceKind, layers: list[np.ndarray], device: Device) -> np.ndarray:
+    if kind == "rank":
+        return rank_distance([_as_matrix(layer) for layer in layers], device=device)
+    if kind == "l2":
+        return l2_distance(layers, device=device)
+    if kind == "l2n":
+        return layer_normalised_l2(layers, device=device)
+    return linf_minmax_distance(layers, device=device)
+
+
+def _as_matrix(layer: np.ndarray) -> np.ndarray:
+    """(n, out, in, kh, kw) conv kernels -> (n, out, in*kh*kw); 2-D layers unchanged."""
+    return layer.reshape(layer.shape[0], layer.shape[1], -1)
+
+
+# --- mother (ours) ---------------------------------------------------------------------------------
+
+
+def low_rank_layers(layers: Mapping[str, np.ndarray], names: Sequence[str], l2: np.ndarray) -> tuple[str, ...]:
+    """Layers where each model differs from its nearest neighbour by a low-rank matrix (merged LoRA).
+
+    For each layer (2-D or 4-D, heads excluded: a softmax head's update has rank C-1 by construction),
+    take the difference of every model to its nearest neighbour (L2) that moved in that layer. The layer
+    is low-rank when the median numerical rank is below full rank and the median singular-value cliff
+    after it is at least LOW_RANK_GAP. Layers identical across all pairs are left out: no signal.
+    """
+    n = l2.shape[0]
+    if n < 2:
+        return ()
+    nearest = np.argmin(l2 + np.diag(np.full(n, np.inf)), axis=1)
+    keep, moved_layers = [], 0
+    for name in names:
+        if layers[name].ndim < 3 or is_head(name):
+            continue
+        mats = _as_matrix(layers[name])
+        diffs = torch.as_tensor(np.stack([mats[i] - mats[int(nearest[i])] for i in range(n)]))
+        ranks, gaps = rank_gaps(diffs)
+        moved = ranks > 0
+        if not bool(moved.any()):
+            continue
+        moved_layers += 1
+        full = min(mats.shape[1:])
+        if float(ranks[moved].double().median()) < full and float(gaps[moved].median()) >= LOW_RANK_GAP:
+            keep.append(name)
+    # LoRA regime only when most moved layers are low-rank: under full fine-tuning a stray layer whose
+    # update is at float32 noise level can look rank-deficient (1 of 25 layers on the tiny zoo).
+    return tuple(keep) if 2 * len(keep) > moved_layers else ()
+
+
+def kurtosis_trust(ku: np.ndarray, created: Sequence[float | None]) -> tuple[float, float]:
+    """(sign, weight) of the kurtosis cue in one tree, from its agreement with upload time.
+
+    Kendall's tau between upload time and kurtosis over the models with a known time: kurtosis falling
+    over time (tau < 0) is specialisation (sign +1), rising is generalisation (sign -1), and the cue is
+    weighted by |tau|, so a kurtosis order that does not follow time (a coin flip on our full-FT zoo:
+    8 of 18 edges) stops voting. Fewer than 3 distinct times: the paper's default, (+1, 1).
+    """
+    known = [(t, k) for t, k in zip(created, ku, strict=True) if t is not None]
+    if len({t for t, _ in known}) < 3:
+        return 1.0, 1.0
+    tau = float(kendalltau([t for t, _ in known], [k for _, k in known]).statistic)
+    if math.isnan(tau):
+        return 1.0, 0.0
+    return (-1.0 if tau > 0 else 1.0), abs(tau)
+
+
+def _direction(family: Family, idx: np.ndarray, ku: np.ndarray, options: Options) -> tuple[np.ndarray, str]:
+    created = [family.created[int(i)] for i in idx]
+    penalty = np.zeros((len(idx), len(idx)), dtype=np.float64)
+    note = []
+    timed = options.use_time and any(t is not None for t in created)
+    if options.kurtosis == "always" or (options.kurtosis == "fallback" and not timed):
+        sign, weight = kurtosis_trust(ku[idx], created) if options.use_time and options.auto_sign else (1.0, 1.0)
+        penalty += weight * kurtosis_penalty(ku[idx], sign=sign)
+        note.append(f"kurtosis sign {sign:+.0f} weight {weight:.2f}")
+    if options.use_time:
+        penalty += options.time_weight * time_penalty(created)
+        note.append("upload time")
+    return penalty, ", ".join(note) or "no direction cue"
+
+
+def mother(family: Family, options: Options) -> Lineage:
+    """Our MoTHer: shared layers, K from data, auto rank distance, kurtosis + upload-time direction."""
+    names = family.selection.distance
+    all_idx = np.arange(family.n)
+    stacked = _stack(family, names, all_idx)
+    l2 = l2_distance(stacked, device=options.device)
+    if options.trees is None:
+        choice = choose_k(median_relative_distance(stacked, device=options.device))
+        labels, notes = choice.labels, [f"K={choice.k} chosen: {choice.reason}"]
+    else:
+        labels, notes = ward_labels(l2, options.trees), [f"K={options.trees} given (ward)"]
+    parts = []
+    scores = np.zeros(family.n, dtype=np.float64)
+    for c, idx in enumerate(_clusters(labels)):
+        kind, layer_names = _pick_distance(family, idx, l2[np.ix_(idx, idx)], options)
+        d = _distance(kind, _stack(family, layer_names, idx), options.device)
+        direction = layer_names if kind == "rank" else family.selection.direction
+        ku = _kurtosis(family, direction)
+        scores[idx] = ku[idx]
+        penalty, why = _direction(family, idx, ku, options)
+        parts.append((idx, solve_tree(d, penalty, lam=options.lam), d))
+        notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}")
+    parent, dist = _assemble(family.n, parts)
+    return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes))
+
+
+def _pick_distance(
+    family: Family, idx: np.ndarray, l2: np.ndarray, options: Options
+) -> tuple[DistanceKind, tuple[str, ...]]:
+    names = family.selection.distance
+    dense = (family.selection.dense or names) if options.dense_only else names
+    if options.distance != "auto":
+        return options.distance, (names if options.distance == "rank" else dense)
+    sub = {name: family.layers[name][idx] for name in names}
+    low = low_rank_layers(sub, names, l2)
+    return ("rank", low) if low else ("l2n", dense)
+
+
+# --- phylogeny -------------------------------------------------------------------------------------
+
+
+def _gram(family: Family, names: Sequence[str]) -> np.ndarray:
+    n = family.n
+    gram = np.zeros((n, n), dtype=np.float64)
+    for name in names:
+        rows = family.layers[name].reshape(n, -1).astype(np.float64)
+        gram += rows @ rows.T
+    return gram
+
+
+def _centroid_dist(gram: np.ndarray, points: np.ndarray, centroid: tuple[str, np.ndarray]) -> np.ndarray:
+    """Squared distance of each point to a centroid that is one member or the mean of members."""
+    kind, members = centroid
+    diag = np.diag(gram)[points]
+    if kind == "member":
+        m = int(members[0])
+        return diag + gram[m, m] - 2.0 * gram[points, m]
+    cross = gram[np.ix_(points, members)].mean(axis=1)
+    return diag - 2.0 * cross + gram[np.ix_(members, members)].mean()
+
+
+def kmeans_along(
+    gram: np.ndarray, points: np.ndarray, k: int, *, alpha: float, rng: np.random.Generator, iters: int = 50
+) -> list[np.ndarray]:
+    """KMeans whose centroid update is, with probability alpha, the cluster mean, else its min-norm member."""
+    norms = np.diag(gram)
+    first = int(points[np.argmin(norms[points])])
+    centroids: list[tuple[str, np.ndarray]] = [("member", np.array([first]))]
+    while len(centroids) < k:  # k-means++ seeding, seeded
+        d2 = np.min([_centroid_dist(gram, points, c) for c in centroids], axis=0).clip(min=0)
+        probs = d2 / d2.sum() if d2.sum() > 0 else np.full(len(points), 1 / len(points))
+        centroids.append(("member", np.array([int(rng.choice(points, p=probs))])))
+    assign = np.full(len(points), -1)
+    for _ in range(iters):
+        new = np.argmin(np.stack([_centroid_dist(gram, points, c) for c in centroids]), axis=0)
+        if np.array_equal(new, assign):
+            break
+        assign = new
+        for c in range(k):
+            members = points[assign == c]
+            if len(members) == 0:
+                continue  # an empty cluster keeps its centroid
+            if rng.random() < alpha:
+                centroids[c] = ("mean", members)
+            else:
+                centroids[c] = ("member", np.array([int(members[np.argmin(norms[members])])]))
+    groups = [points[assign == c] for c in range(k)]
+    return sorted((g for g in groups if len(g)), key=lambda g: int(g.min()))
+
+
+def _silhouette(dist: np.ndarray, groups: list[np.ndarray]) -> float:
+    label = {int(p): g for g, members in enumerate(groups) for p in members}
+    points = sorted(label)
+    scores = []
+    for p in points:
+        own = [q for q in groups[label[p]] if q != p]
+        if not own:
+            scores.append(0.0)
+            continue
+        a = float(np.mean(dist[p, own]))
+        b = min(float(np.mean(dist[p, g])) for i, g in enumerate(groups) if i != label[p])
+        scores.append((b - a) / max(a, b) if max(a, b) > 0 else 0.0)
+    return float(np.mean(scores))
+
+
+def _pick_children(gram: np.ndarray, dist: np.ndarray, points: np.ndarray, options: Options, rng: np.random.Generator) -> list[np.ndarray]:
+    """Groups under one parent: the k in 2..8 with the best silhouette (>= 0.25), else all direct."""
+    singles = [np.array([p]) for p in points]
+    if len(points) <= 2:
+        return singles
+    best, best_score = singles, 0.25  # below 0.25 there is no real group structure
+    for k in range(2, min(8, len(points) - 1) + 1):
+        groups = kmeans_along(gram, points, k, alpha=options.alpha, rng=rng)
+        if len(groups) > 1:
+            score = _silhouette(dist, groups)
+            if score > best_score:
+                best, best_score = groups, score
+    return best
+
+
+def phylogeny(family: Family, options: Options) -> Lineage:
+    """Neural Phylogeny, recursively: clusters of (parent + descendants), parent = min-norm member.
+
+    Our reading of the slides (one level: parent + its children per cluster; KMeans over flattened
+    parameters; "identify along clustering": with probability alpha the centroid is the cluster mean,
+    else the min-norm member; the parent of a cluster is its min-norm member), grown top-down: the
+    family is split into K trees (given, or our K choice), each tree's min-norm member is its root, the
+    rest are split again under it (k by silhouette, or all direct children when no grouping reaches
+    silhouette 0.25), and so on until every model has a parent.
+    """
+    names = family.selection.distance
+    gram = _gram(family, names)
+    sq = np.diag(gram)
+    dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0, None))
+    rng = np.random.default_rng(options.seed)
+    stacked = _stack(family, names, np.arange(family.n))
+    k = options.trees or choose_k(median_relative_distance(stacked, device=options.device)).k
+    parent = [-1] * family.n
+    labels = np.zeros(family.n, dtype=np.int64)
+    top = kmeans_along(gram, np.arange(family.n), min(k, family.n), alpha=options.alpha, rng=rng)
+    for c, group in enumerate(top):
+        labels[group] = c
+        _grow(gram, dist, group, -1, parent, options, rng)
+    dists = tuple(float(dist[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
+    notes = (f"K={k}; alpha={options.alpha}; seed={options.seed}",)
+    return Lineage(tuple(parent), tuple(int(x) for x in labels), dists, tuple(float(x) for x in np.sqrt(sq)), notes)
+
+
+def _grow(gram: np.ndarray, dist: np.ndarray, group: np.ndarray, above: int, parent: list[int], options: Options, rng: np.random.Generator) -> None:
+    norms = np.diag(gram)
+    head = int(group[np.argmin(norms[group])])
+    parent[head] = above
+    rest = np.array(sorted(int(p) for p in group if p != head), dtype=np.int64)
+    if len(rest) == 0:
+        return
+    for sub in _pick_children(gram, dist, rest, options, rng):
+        _grow(gram, dist, sub, head, parent, options, rng)
+
+
+def recover_family(family: Family, options: Options) -> Lineage:
+    """Dispatch on `options.method`; a single model is a root on its own."""
+    if family.n == 1:
+        return Lineage((-1,), (0,), (math.nan,), (float(_kurtosis(family, family.selection.direction)[0]),), ("one model",))
+    if options.method == "mother-paper":
+        return mother_paper(family, options)
+    if options.method == "phylogeny":
+        return phylogeny(family, options)
+    return mother(family, options)

@@ -1,0 +1,304 @@
+"""Recover the forest of a local folder of model repos: load, group by family, run a method, report rows.
+
+Folder layout: any directory under DIR that holds `*.safetensors` (or a sharded index) is one repo, its
+id the relative path (`org/name`). `DIR/hub.json` ({"version": 1, "repos": {id: {"createdAt": ...}}}),
+when present, gives each repo's upload time. Model cards (README.md) are never opened here: the declared
+`base_model` is for `indexer.evaluate` only.
+
+Steps, per model: 1. read the safetensors header (shapes only); 2. family key from the body shapes;
+per family: 3. choose the layers the method compares; 4. read only those tensors and compute their
+statistics in the same pass; a model with a NaN or infinite weight becomes a failed row; 5. run the
+method; 6. one `ForestRow` per model, sorted by repo id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from errors import BadInputError, ModelGraphError, RecoveryError
+from indexer.lineage.cluster import ward_tree
+from indexer.lineage.methods import Family, Lineage, Options, recover_family
+from sketches.distances import l2_distance
+from sketches.layers import Scheme, family_key, select_layers
+from sketches.safetensors import open_local_repo
+from sketches.stats import model_stats
+
+logger = logging.getLogger(__name__)
+
+Status = Literal["ok", "failed"]
+FOREST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ForestRow:
+    """One model: its recovered parent ("" for a root), tree, distance and direction score."""
+
+    repo_id: str
+    parent: str
+    cluster: int  # global tree id; -1 for a failed model
+    distance: float  # D(parent, model) before the direction penalty; NaN for a root
+    direction_score: float  # the method's direction statistic (summed kurtosis; parameter norm for phylogeny)
+    family: str
+    method: str
+    status: Status = "ok"
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Forest:
+    rows: tuple[ForestRow, ...]
+    notes: tuple[str, ...] = ()
+
+    def parents(self) -> dict[str, str]:
+        return {r.repo_id: r.parent for r in self.rows if r.status == "ok"}
+
+    def failures(self) -> tuple[ForestRow, ...]:
+        return tuple(r for r in self.rows if r.status == "failed")
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    repo_id: str
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    family: str
+
+
+# --- discovery -----------------------------------------------------------------------------------
+
+
+def _is_repo(folder: Path) -> bool:
+    return any(f.suffix == ".safetensors" or f.name == "model.safetensors.index.json" for f in folder.iterdir() if f.is_file())
+
+
+def discover_repos(root: Path) -> list[tuple[str, Path]]:
+    """(repo_id, folder) of every folder holding safetensors under `root`, sorted by id."""
+    if not root.is_dir():
+        raise BadInputError(str(root), "not a folder; pass a folder of model repos (DIR/<org>/<name>/)")
+    found, seen = [], set()
+    for folder, dirs, _ in os.walk(root, followlinks=True):  # symlinked repos count (a link farm, the HF cache)
+        real = os.path.realpath(folder)
+        if real in seen:  # a link loop: do not walk it twice
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # deterministic, skip .git etc.
+        path = Path(folder)
+        if _is_repo(path):
+            rel = path.relative_to(root).as_posix()
+            found.append((rel if rel != "." else path.name, path))
+    if not found:
+        raise BadInputError(str(root), "no safetensors weights found in any folder under it")
+    return sorted(found)
+
+
+def upload_times(root: Path) -> dict[str, float]:
+    """repo_id -> createdAt (epoch seconds) from `root/hub.json`; empty when there is no such file."""
+    path = root / "hub.json"
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+        repos = doc["repos"]
+        return {rid: datetime.fromisoformat(meta["createdAt"]).timestamp() for rid, meta in sorted(repos.items()) if meta.get("createdAt")}
+    except (ValueError, KeyError, TypeError) as exc:
+        raise BadInputError(str(path), f"not a hub.json of the form {{'version': 1, 'repos': {{...}}}}: {exc}") from exc
+
+
+# --- loading ---------------------------------------------------------------------------------------
+
+
+def _failed(repo_id: str, family: str, method: str, reason: str) -> ForestRow:
+    logger.warning("%s: %s", repo_id, reason)
+    return ForestRow(repo_id, "", -1, math.nan, math.nan, family, method, "failed", reason)
+
+
+def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Loaded], list[ForestRow]]:
+    loaded, failed = [], []
+    for repo_id, path in repos:
+        try:
+            with open_local_repo(path) as weights:
+                shapes = {name: info.shape for name, info in weights.tensors().items()}
+            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes)))
+        except ModelGraphError as exc:
+            failed.append(_failed(repo_id, "", method, str(exc)))
+    return loaded, failed
+
+
+def _scheme(options: Options) -> Scheme:
+    if options.method != "mother-paper":
+        return "shared"
+    return "value" if options.distance == "rank" else "attention"
+
+
+def _read_family(members: list[_Loaded], options: Options, times: dict[str, float]) -> tuple[Family | None, list[ForestRow]]:
+    """Read the selected tensors of each member once; NaN/Inf models become failures."""
+    family = members[0].family
+    selection = select_layers([m.shapes for m in members], scheme=_scheme(options), include_1d=options.include_1d)
+    ok, arrays, stats, failed = [], [], [], []
+    for m in members:
+        try:
+            with open_local_repo(m.path) as weights:
+                layers = {name: weights.read(name) for name in selection.distance}
+        except ModelGraphError as exc:
+            failed.append(_failed(m.repo_id, family, options.method, str(exc)))
+            continue
+        st = model_stats(layers)
+        if not st.finite:
+            bad = next(layer.name for layer in st.layers if not layer.finite)
+            failed.append(_failed(m.repo_id, family, options.method, f"NaN or infinite weights in {bad}"))
+            continue
+        ok.append(m)
+        arrays.append(layers)
+        stats.append(st)
+    if not ok:
+        return None, failed
+    stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
+    ids = tuple(m.repo_id for m in ok)
+    return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids)), failed
+
+
+# --- trees across families -------------------------------------------------------------------------
+
+
+def allocate_trees(families: Sequence[Family], trees: int | None, *, device: str = "auto") -> list[int | None]:
+    """Split a folder-wide K over families: one tree each, the rest to the largest relative ward gaps.
+
+    A family's next split is worth its next-highest ward merge height over its RMS weight norm, which
+    makes heights comparable across architectures of different scale.
+    """
+    if trees is None:
+        return [None] * len(families)
+    if trees < len(families):
+        raise BadInputError("--trees", f"{trees} trees but the folder holds {len(families)} architecture families, which are never one tree")
+    if len(families) == 1:
+        return [trees]
+    heights = []
+    for fam in families:
+        if fam.n < 2:
+            heights.append([])
+            continue
+        layers = [fam.layers[n] for n in fam.selection.distance]
+        scale = float(np.sqrt(np.mean([s.l2_norm(fam.selection.distance) ** 2 for s in fam.stats]))) or 1.0
+        heights.append(sorted((ward_tree(l2_distance(layers, device=device))[:, 2] / scale).tolist(), reverse=True))  # type: ignore[arg-type]
+    alloc = [1] * len(families)
+    for _ in range(trees - len(families)):
+        best = max(range(len(families)), key=lambda f: (heights[f][alloc[f] - 1] if alloc[f] - 1 < len(heights[f]) else -1.0, -f))
+        alloc[best] += 1
+    return [min(a, f.n) for a, f in zip(alloc, families, strict=True)]
+
+
+# --- the whole folder ------------------------------------------------------------------------------
+
+
+def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) -> list[ForestRow]:
+    return [
+        ForestRow(
+            repo_id=rid,
+            parent=family.repo_ids[p] if p >= 0 else "",
+            cluster=offset + c,
+            distance=d,
+            direction_score=s,
+            family=key,
+            method=method,
+        )
+        for rid, p, c, d, s in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance, lineage.direction_score, strict=True)
+    ]
+
+
+def recover(root: str | os.PathLike[str], options: Options) -> Forest:
+    """Recover the forest of every repo under `root` (see the module docstring for the steps)."""
+    root = Path(root)
+    repos = discover_repos(root)
+    times = upload_times(root) if options.use_time else {}
+    loaded, failed = _headers(repos, options.method)
+    by_family: dict[str, list[_Loaded]] = {}
+    for m in loaded:
+        by_family.setdefault(m.family, []).append(m)
+    families: list[tuple[str, Family]] = []
+    for key in sorted(by_family):  # deterministic
+        fam, bad = _read_family(by_family[key], options, times)
+        failed += bad
+        if fam is not None:
+            families.append((key, fam))
+    if not families:
+        raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
+    return _solve(families, failed, options)
+
+
+def _solve(families: list[tuple[str, Family]], failed: list[ForestRow], options: Options) -> Forest:
+    rows, notes, offset = list(failed), [], 0
+    ks = allocate_trees([f for _, f in families], options.trees, device=options.device)
+    for (key, fam), k in zip(families, ks, strict=True):
+        lineage = recover_family(fam, replace(options, trees=k))
+        rows += _rows(fam, key, lineage, options.method, offset)
+        offset += max(lineage.cluster) + 1
+        notes += [f"{key}: {note}" for note in lineage.notes]
+        logger.info("%s: %d models, %s", key, fam.n, "; ".join(lineage.notes))
+    return Forest(tuple(sorted(rows, key=lambda r: r.repo_id)), tuple(notes))
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+
+def row_dicts(forest: Forest) -> list[dict[str, object]]:
+    """The rows as plain dicts (NaN as None, so that JSON stays valid)."""
+    out = []
+    for r in forest.rows:
+        d = dict(r.__dict__)
+        for k in ("distance", "direction_score"):
+            if isinstance(d[k], float) and not math.isfinite(d[k]):
+                d[k] = None
+        out.append(d)
+    return out
+
+
+def write_parquet(forest: Forest, path: str | os.PathLike[str]) -> None:
+    """One row per model; schema version in the file metadata; written to a temp file then renamed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cols = {f: [getattr(r, f) for r in forest.rows] for f in ForestRow.__dataclass_fields__}
+    schema = pa.schema(
+        [("repo_id", pa.string()), ("parent", pa.string()), ("cluster", pa.int64()), ("distance", pa.float64()),
+         ("direction_score", pa.float64()), ("family", pa.string()), ("method", pa.string()),
+         ("status", pa.string()), ("reason", pa.string())],
+        metadata={b"model_graph_index.forest_version": str(FOREST_VERSION).encode()},
+    )
+    table = pa.table(cols, schema=schema)
+    tmp = Path(f"{path}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def render_forest(forest: Forest) -> str:
+    """A readable tree per cluster (children sorted by id), then the failed models."""
+    ok = [r for r in forest.rows if r.status == "ok"]
+    children: dict[str, list[ForestRow]] = {}
+    for r in ok:
+        children.setdefault(r.parent, []).append(r)
+    lines: list[str] = []
+    for root in sorted(children.get("", []), key=lambda r: (r.family, r.cluster, r.repo_id)):
+        lines.append(f"[{root.family} tree {root.cluster}] {root.repo_id}")
+        _render(root.repo_id, children, "", lines)
+    for r in forest.failures():
+        lines.append(f"failed: {r.repo_id}: {r.reason}")
+    return "\n".join(lines)
+
+
+def _render(node: str, children: dict[str, list[ForestRow]], prefix: str, lines: list[str]) -> None:
+    kids = sorted(children.get(node, []), key=lambda r: r.repo_id)
+    for i, kid in enumerate(kids):
+        last = i == len(kids) - 1
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{kid.repo_id}  (d={kid.distance:.4g})")
+        _render(kid.repo_id, children, prefix + ("    " if last else "│   "), lines)

@@ -1,0 +1,86 @@
+"""Layer selection and architecture families, on header shapes only."""
+
+from __future__ import annotations
+
+import pytest
+
+from errors import UnsupportedModelError
+from sketches.layers import family_key, is_head, select_layers, shared_tensors
+
+
+def vit(hidden: int = 8, blocks: int = 2, classes: int = 10) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {
+        "vit.embeddings.patch_embeddings.projection.weight": (hidden, 3, 2, 2),
+        "vit.embeddings.cls_token": (1, 1, hidden),
+        "classifier.weight": (classes, hidden),
+        "classifier.bias": (classes,),
+    }
+    for b in range(blocks):
+        p = f"vit.encoder.layer.{b}"
+        for kind in ("query", "key", "value"):
+            shapes[f"{p}.attention.attention.{kind}.weight"] = (hidden, hidden)
+            shapes[f"{p}.attention.attention.{kind}.bias"] = (hidden,)
+        shapes[f"{p}.attention.output.dense.weight"] = (hidden, hidden)
+        shapes[f"{p}.intermediate.dense.weight"] = (2 * hidden, hidden)
+        shapes[f"{p}.layernorm_before.weight"] = (hidden,)
+    return shapes
+
+
+def llama(hidden: int = 8, vocab: int = 32) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden)}
+    for kind in "qkvo":
+        shapes[f"model.layers.0.self_attn.{kind}_proj.weight"] = (hidden, hidden)
+    shapes["model.layers.0.mlp.up_proj.weight"] = (3 * hidden, hidden)
+    return shapes
+
+
+def test_family_ignores_heads_and_vocab() -> None:
+    assert family_key(vit(classes=10)) == family_key(vit(classes=3))
+    assert family_key(llama(vocab=32)) == family_key(llama(vocab=40))
+    assert family_key(vit()).startswith("vit-") and family_key(llama()).startswith("llama-")
+
+
+def test_family_separates_different_bodies() -> None:
+    assert family_key(vit(hidden=8)) != family_key(vit(hidden=16))
+    assert family_key(vit(blocks=2)) != family_key(vit(blocks=3))
+
+
+def test_heads_pattern() -> None:
+    assert is_head("classifier.weight") and is_head("lm_head.weight") and is_head("model.embed_tokens.weight")
+    assert not is_head("vit.encoder.layer.0.attention.output.dense.weight")
+
+
+def test_attention_scheme_picks_the_square_attention_matrices() -> None:
+    sel = select_layers([vit(), vit(classes=3)], scheme="attention")
+    assert len(sel.distance) == 4 * 2  # q, k, v, output.dense per block (48 in a 12-block ViT-B)
+    assert all(n.endswith(".weight") and "intermediate" not in n for n in sel.distance)
+    assert sel.direction == tuple(n for n in sel.distance if "output.dense" in n)
+
+
+def test_value_scheme_and_llama_names() -> None:
+    assert select_layers([vit()], scheme="value").distance == (
+        "vit.encoder.layer.0.attention.attention.value.weight",
+        "vit.encoder.layer.1.attention.attention.value.weight",
+    )
+    sel = select_layers([llama(), llama(vocab=40)], scheme="attention")
+    assert [n.split(".")[-2] for n in sel.distance] == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert sel.direction == ("model.layers.0.self_attn.o_proj.weight",)
+
+
+def test_shared_scheme_keeps_equal_shapes_and_conv_kernels() -> None:
+    names = shared_tensors([vit(classes=10), vit(classes=3)])
+    assert "vit.embeddings.patch_embeddings.projection.weight" in names  # 4-D conv kernel
+    assert "classifier.weight" not in names  # shapes differ between the two tasks
+    assert not any(n.endswith("bias") or "layernorm" in n for n in names)  # 1-D left out by default
+    assert "classifier.weight" in shared_tensors([vit(classes=3), vit(classes=3)])  # kept head: inherited
+    with_1d = shared_tensors([vit(), vit()], include_1d=True)
+    assert "vit.encoder.layer.0.layernorm_before.weight" in with_1d
+
+
+def test_no_matching_layer_is_a_clear_error() -> None:
+    conv_only = {"features.0.weight": (4, 3, 3, 3), "features.3.weight": (8, 4, 3, 3)}
+    with pytest.raises(UnsupportedModelError, match="--method mother"):
+        select_layers([conv_only], scheme="attention")
+    assert select_layers([conv_only], scheme="shared").distance == ("features.0.weight", "features.3.weight")
+    with pytest.raises(UnsupportedModelError):
+        select_layers([{"a": (3,)}, {"a": (4,)}], scheme="shared")
