@@ -343,18 +343,37 @@ def recover(folder: Path, method: str, trees: int | None, distance: str, device:
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="CSV `parent,child` of the true lineage (default: the base_model declared in each model card).")
+@click.option("--forest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Score this `index export` Parquet file instead of recovering FOLDER again (draws it too).")
 @_recovery_flags  # type: ignore[arg-type]
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def eval_(folder: Path, truth: Path | None, method: str, trees: int | None, distance: str, device: str, seed: int,
-          as_json: bool) -> None:
+def eval_(folder: Path, truth: Path | None, forest: Path | None, method: str, trees: int | None, distance: str,
+          device: str, seed: int, as_json: bool) -> None:
     """Recover the forest of FOLDER and score it against the true lineage (edge and clustering accuracy)."""
     from indexer.evaluate import evaluate_folder, render_report
 
+    if forest is not None:  # score what the index exported instead of recovering again
+        _eval_export(folder, forest, truth, as_json)
+        return
     report = evaluate_folder(folder, _recovery_options(method, trees, distance, device, seed), truth=truth)  # type: ignore[arg-type]
     if as_json:
         _emit_json(report.as_dict())
     else:
         click.echo(render_report(report))
+
+
+def _eval_export(folder: Path, forest: Path, truth: Path | None, as_json: bool) -> None:
+    from indexer.evaluate import evaluate, read_exported_forest, read_truth_csv, render_report, truth_from_cards
+    from indexer.lineage.recover import render_forest
+
+    exported = read_exported_forest(forest)
+    report = evaluate(exported, read_truth_csv(truth) if truth is not None else truth_from_cards(folder))
+    if as_json:
+        _emit_json(report.as_dict())
+        return
+    click.echo(render_forest(exported))
+    click.echo()
+    click.echo(render_report(report))
 
 
 # --- query / export / stats (read-only; must not import torch or faiss) -----------------------------

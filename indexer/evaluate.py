@@ -28,7 +28,7 @@ from scipy.optimize import linear_sum_assignment
 
 from errors import BadInputError
 from indexer.lineage.methods import Options
-from indexer.lineage.recover import Forest, discover_repos, recover
+from indexer.lineage.recover import Forest, ForestRow, discover_repos, recover
 
 logger = logging.getLogger(__name__)
 
@@ -170,3 +170,26 @@ def evaluate_folder(root: str | os.PathLike[str], options: Options, *, truth: st
     """Recover `root` with `options`, then score it against `truth` (a CSV) or the cards' base_model."""
     expected = read_truth_csv(truth) if truth is not None else truth_from_cards(root)
     return evaluate(recover(root, options), expected)
+
+
+def read_exported_forest(path: str | os.PathLike[str]) -> Forest:
+    """The forest of an `index export` Parquet file, as a Forest (so it is scored and drawn like a recovery).
+
+    Models the index could not place (no parent column value) stay out; clusters are numbered in sorted
+    order of the exported cluster keys (deterministic).
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["repo_id", "parent", "cluster", "distance", "direction_score", "family"])
+    except (OSError, KeyError, ValueError) as exc:
+        raise BadInputError(str(path), f"not an `index export` forest ({exc})") from None
+    rows = [r for r in table.to_pylist() if r["parent"] is not None]
+    number = {key: i for i, key in enumerate(sorted({r["cluster"] or "" for r in rows}))}
+    return Forest(tuple(
+        ForestRow(repo_id=r["repo_id"], parent=r["parent"], cluster=number[r["cluster"] or ""],
+                  distance=float("nan") if r["distance"] is None else r["distance"],
+                  direction_score=float("nan") if r["direction_score"] is None else r["direction_score"],
+                  family=r["family"] or "", method="index")
+        for r in sorted(rows, key=lambda r: r["repo_id"])  # deterministic
+    ))
