@@ -35,12 +35,8 @@ def lora_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    build = pytest.importorskip("indexer.zoo.build", reason="the zoo generator (indexer.zoo) is not installed")
-    pytest.importorskip("transformers", reason="the zoo extra (transformers) is not installed")
-    out = tmp_path_factory.mktemp("tiny") / "zoo"
-    build.make_zoo(out, preset="tiny", split="ft", seed=0, workers=1)
-    return out
+def tiny_zoo(tiny_ft_zoo: Path) -> Path:
+    return tiny_ft_zoo  # built once per session in conftest.py
 
 
 # --- accuracy on known lineages ------------------------------------------------------------------
