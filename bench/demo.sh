@@ -16,7 +16,9 @@ step "1. train the small zoo (3 trees x 7 ViTs, real training; reused when alrea
 if [ ! -f "$OUT/zoo/zoo.json" ]; then
   $INDEX zoo make "$OUT/zoo" --preset small --split ft --seed 0 --force
 fi
-first=$(sed -n 2p "$OUT/zoo/truth.csv" | cut -d, -f2)
+# a grandchild (its parent has a parent), so the query shows a chain; truth.csv is parent,child
+first=$(awk -F, 'NR > 1 { up[$2] = $1 } END { for (c in up) if (up[c] != "" && up[up[c]] != "") print c }' \
+  "$OUT/zoo/truth.csv" | sort | head -n 1)
 
 step "2. inspect one model (headers only)"
 $INDEX inspect "$OUT/zoo/$first" | tail -n 7
