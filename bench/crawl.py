@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import indexer.crawl as crawl_module  # noqa: E402
 from indexer.crawl import CrawlOptions, crawl  # noqa: E402
+from indexer.hub_emulator import emulator_process  # noqa: E402
 from indexer.sources import HubSource  # noqa: E402
 from store.cache import TensorCache  # noqa: E402
 
@@ -68,20 +68,8 @@ def instrument(timers: Timers) -> Iterator[None]:
         HubSource.get, crawl_module.decode, TensorCache.put, writer.drain = saved  # type: ignore[method-assign,assignment]
 
 
-@contextmanager
-def serve(root: Path, virtual: list[str]) -> Iterator[str]:
-    args = [sys.executable, "-c", "from cli import main; main()", "hub", "serve", str(root)]
-    for spec in virtual:
-        args += ["--virtual", spec]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        url = proc.stdout.readline().strip()  # type: ignore[union-attr]
-        if not url.startswith("http"):
-            raise RuntimeError(f"the emulator did not start: {url!r}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+def serve(root: Path, virtual: list[str]):  # type: ignore[no-untyped-def]
+    return emulator_process(root, args=[a for spec in virtual for a in ("--virtual", spec)])
 
 
 def run(name: str, root: Path, virtual: list[str], budget: int) -> dict[str, object]:

@@ -19,38 +19,25 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.crawl import CrawlOptions, crawl  # noqa: E402
 from indexer.distributed import DaskHub, ClusterSpec, _Known, connect, crawl_via  # noqa: E402
+from indexer.hub_emulator import emulator_process  # noqa: E402
 
 MIB = 1024 * 1024
 
 
-@contextmanager
-def emulator(root: Path, virtual: list[str], latency: float) -> Iterator[str]:
-    args = [sys.executable, "-c", "from cli import main; main()", "hub", "serve", str(root)]
-    for spec in virtual:
-        args += ["--virtual", spec]
+def emulator(root: Path, virtual: list[str], latency: float):  # type: ignore[no-untyped-def]
+    args = [a for spec in virtual for a in ("--virtual", spec)]
     if latency > 0:
         args += ["--fault", f"slow:*/resolve/*:count=1000000:seconds={latency}"]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])
-    try:
-        url = proc.stdout.readline().strip()  # type: ignore[union-attr]
-        if not url.startswith("http"):
-            raise RuntimeError(f"the emulator did not start: {url!r}")
-        yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+    return emulator_process(root, args=args)
 
 
 def _virtual(n: int) -> list[str]:

@@ -3,12 +3,13 @@ HTTP with the endpoints, headers and error codes `huggingface_hub` expects, plus
 request log for tests. See `emulator.py` for the Python API and `server.py` for the protocol.
 """
 
-from indexer.hub_emulator.emulator import HubEmulator, configure, parse_virtual_spec, serve_forever
+from indexer.hub_emulator.emulator import HubEmulator, configure, emulator_process, parse_virtual_spec, serve_forever
 from indexer.hub_emulator.faults import Fault, Faults, parse_fault_spec
 from indexer.hub_emulator.server import RequestRecord
 from indexer.hub_emulator.virtual import LAYOUTS, bf16_to_f32
 
 __all__ = [
+    "emulator_process",
     "LAYOUTS",
     "Fault",
     "Faults",

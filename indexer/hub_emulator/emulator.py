@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import subprocess
+import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -209,3 +212,21 @@ def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: 
     finally:
         emu.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def emulator_process(root: Path, *, args: Sequence[str] = ()) -> Iterator[str]:
+    """`index hub serve ROOT ARGS...` in its own process, yielding its URL; stopped on exit.
+
+    For benchmarks: the emulator's CPU time then stays out of the measured process, as a real Hub's does.
+    """
+    command = [sys.executable, "-c", "from cli import main; main()", "hub", "serve", str(root), *args]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()  # type: ignore[union-attr]  # printed once listening
+        if not url.startswith("http"):
+            raise BadInputError(str(root), f"the emulator did not start (it printed {url!r})")
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
