@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexer.incremental.arborescence import edmonds
+from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, measure, penalty_count
 from indexer.incremental.forest import Candidate, IncrementalForest
 from indexer.incremental.index import LineageIndex
 from store.tables import read_records
@@ -165,7 +166,7 @@ def _ingest(home: Path, models: list, order: list[int], **kw: object) -> dict[st
         for i in order:
             rid, _, arrays, t = models[i]
             res = index.add(rid, REV.format(i), FAMILY, arrays, t)
-            assert res.exact <= index.k
+            assert res.exact <= index.k + index.expand
         assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
         return index.parents(FAMILY)
 
@@ -186,7 +187,7 @@ def test_two_orders_same_forest_and_it_is_the_truth(tmp_path: Path, models: list
 
 
 def test_exact_computations_per_arrival_bounded_by_k(tmp_path: Path, models: list) -> None:
-    with LineageIndex.open(tmp_path, k=3, device="cpu") as index:
+    with LineageIndex.open(tmp_path, k=3, device="cpu", expand=0) as index:  # nominees only: k bounds it
         counts = [index.add(rid, REV.format(i), FAMILY, a, t).exact for i, (rid, _, a, t) in enumerate(models)]
     assert max(counts) == 3 and counts[0] == 0
     assert index.exact_total == sum(counts)
@@ -229,3 +230,75 @@ def test_faiss_rebuilt_after_crash_between_parquet_and_faiss_gives_same_nominees
     rebuilt = load_or_rebuild(tmp_path, FAMILY)
     assert rid in rebuilt
     assert rebuilt.nearest(np.asarray(read_records(tmp_path, "sketches", repo_id=rid)[0].vector), 16) == query
+
+
+# --- the pair-local weight (indexer.incremental.exact) ------------------------------------------------
+
+
+def _shared_frozen_trees(seed: int) -> list[tuple[str, str | None, dict[str, np.ndarray], datetime]]:
+    """Two unrelated trees whose roots share one large frozen layer (a common pre-trained embedding).
+
+    That layer holds ~96 % of every model's squared norm, so the whole-model relative distance of two
+    unrelated models is ~0.2, under the 0.5 threshold; the other three layers are independent draws."""
+    rng = np.random.default_rng(seed)
+    frozen = (5.0 * rng.normal(size=(96, 64))).astype(np.float32)
+    out: list[tuple[str, str | None, dict[str, np.ndarray], datetime]] = []
+    for t in range(2):
+        root = {"emb.patch.weight": frozen.copy()}
+        root |= {f"enc.{b}.output.dense.weight": rng.normal(size=(24, 24)).astype(np.float32) for b in range(3)}
+        out.append((f"org{t}/root", None, root, T0 + timedelta(hours=10 * t)))
+        parent, pid = root, f"org{t}/root"
+        for c in range(3):
+            kid = {n: (a if n.startswith("emb") else a + 0.05 * rng.normal(size=a.shape)).astype(np.float32)
+                   for n, a in parent.items()}
+            out.append((f"lab{c}/kid-{t}-{c}", pid, kid, T0 + timedelta(hours=10 * t + c + 1)))
+            parent, pid = kid, f"lab{c}/kid-{t}-{c}"
+    return out
+
+
+def test_unrelated_trees_are_not_chained_into_one_cluster(tmp_path: Path) -> None:
+    """Regression: the crawl of zoo/small-ft chained 3 unrelated trees into one cluster of depth 5.
+
+    The old test was whole-model relative L2 < 0.5, which one large shared layer passes; mother's
+    `choose_k` statistic, the median over layers, reads ~1 for these pairs."""
+    models = _shared_frozen_trees(3)
+    with LineageIndex.open(tmp_path, device="cpu") as index:
+        results = [index.add(rid, REV.format(i), FAMILY, a, t) for i, (rid, _, a, t) in enumerate(models)]
+        parents = index.parents(FAMILY)
+    assert all(not r.related for r in results if r.repo_id == "org1/root")  # compared, yet not related
+    assert {r.cluster for r in results if r.repo_id.endswith("-0-2")} != {r.cluster for r in results if r.repo_id.endswith("-1-2")}
+    assert parents == {rid: parent or "" for rid, parent, _, _ in models}
+
+
+def test_upload_time_outvotes_distance_and_kurtosis() -> None:
+    """A child uploaded before its parent costs 3.0 log units (a factor 20 on the distance); kurtosis
+    votes only when a time is unknown."""
+    assert penalty_count(1.0, 5.0, 10.0, 20.0) == 0.0  # kurtosis rises towards the child: no vote, times known
+    assert penalty_count(5.0, 1.0, 20.0, 10.0) * DEFAULT_PENALTY == pytest.approx(3.0)
+    assert penalty_count(1.0, 5.0, None, 20.0) == 1.0 and penalty_count(5.0, 1.0, None, 20.0) == 0.0
+
+
+def test_pair_weight_does_not_depend_on_the_other_nominees(models: list) -> None:
+    """The weight of an edge is computed once and stored: it must be a function of the pair alone."""
+    views = [ModelView(rid, a, {}, {n: float(np.linalg.norm(x)) for n, x in a.items()}, t.timestamp(), ())
+             for rid, _, a, t in models]
+    alone = measure(views[0], [views[1]], device="cpu")[0]
+    among = next(p for p in measure(views[0], views[1:], device="cpu") if p.other == views[1].repo_id)
+    assert alone == among
+    assert alone.related and not alone.low_rank
+    unrelated = next(p for p in measure(views[0], views[1:], device="cpu") if p.other == "org1/root-1")
+    assert not unrelated.related and unrelated.median_relative > 0.9
+
+
+def test_second_hop_compares_beyond_k_and_stays_exact(tmp_path: Path, models: list) -> None:
+    """With k = 1 a late parent sees one child; `expand` adds its relatives' forest neighbours."""
+    order = [int(i) for i in np.random.default_rng(5).permutation(len(models))]
+    truth = {rid: parent or "" for rid, parent, _, _ in models}
+    hits = {}
+    for expand in (0, 4):
+        with LineageIndex.open(tmp_path / str(expand), k=1, device="cpu", expand=expand) as index:
+            counts = [index.add(models[i][0], REV.format(i), FAMILY, models[i][2], models[i][3]).exact for i in order]
+            assert max(counts) <= 1 + expand
+            assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
+            hits[expand] = sum(index.parents(FAMILY)[m] == truth[m] for m in truth)
+    assert hits[0] < hits[4] == len(truth) - 1  # 13 of 14 with 4 second-hop comparisons (seed 5)

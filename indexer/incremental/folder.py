@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexer.incremental.index import DEFAULT_K, ArrivalResult, LineageIndex
+from indexer.incremental.index import DEFAULT_EXPAND, DEFAULT_K, ArrivalResult, LineageIndex
 from indexer.lineage.recover import discover_repos, upload_times
 from sketches.layers import family_key
 from sketches.safetensors import open_local_repo
@@ -56,7 +56,7 @@ def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:
 
 
 def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int = DEFAULT_K, device: str = "auto",
-                  penalty: float | None = None, flush_every: int = 16) -> IngestReport:
+                  penalty: float | None = None, flush_every: int = 16, expand: int = DEFAULT_EXPAND) -> IngestReport:
     """Index every repo under `folder` into the store at `home`, one arrival at a time, in `order`."""
     folder = Path(folder)
     times = upload_times(folder)
@@ -64,7 +64,7 @@ def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int =
     started = time.perf_counter()
     extra = {} if penalty is None else {"penalty": penalty}
     arrivals = []
-    with LineageIndex.open(Path(home), k=k, device=device, flush_every=flush_every, **extra) as index:  # type: ignore[arg-type]
+    with LineageIndex.open(Path(home), k=k, device=device, flush_every=flush_every, expand=expand, **extra) as index:  # type: ignore[arg-type]
         for repo_id, path in repos:
             family, revision, arrays = read_repo(path)
             created = datetime.fromtimestamp(times[repo_id], UTC) if repo_id in times else None
