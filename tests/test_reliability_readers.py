@@ -79,5 +79,6 @@ def test_readers_during_a_crawl_never_fail_nor_go_backwards(tmp_path: Path) -> N
     assert "compaction" in (tmp_path / "trace").read_text()  # parts really were merged under the readers
     assert seen["errors"] == [], seen["errors"][:5]
     assert seen["reads"] >= 5 and seen["max_models"] == len(TREE)
-    # Not asserted: an edge whose parent's models row lands one append later is visible for that instant
-    # (seen["dangling"]; a known limitation, see RELIABILITY.md).
+    # Models rows land before the lineage rows that mention them: never an edge to a parent with no row
+    # (regression: the "dangling parent" of RELIABILITY.md).
+    assert seen["dangling"] == 0
