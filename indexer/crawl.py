@@ -550,11 +550,11 @@ def _crawl_one(run: _Run, store: Store, filters: list[str], run_id: str, cursors
             cursors[key] = "unchanged"
 
 
-def lineage_step(store: Store, *, k: int, device: str) -> tuple[OnIndexed, Callable[[], None]]:
+def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache) -> tuple[OnIndexed, Callable[[], None]]:
     """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush."""
     from indexer.incremental.index import LineageIndex  # torch + faiss: only when lineage runs
 
-    lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30)  # flushed with the models rows
+    lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache)  # flushed with the models rows
 
     def hook(model: IndexedModel) -> None:
         entry = model.entry
@@ -563,11 +563,11 @@ def lineage_step(store: Store, *, k: int, device: str) -> tuple[OnIndexed, Calla
     return hook, lineage.flush
 
 
-def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str
+def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache
            ) -> tuple[OnIndexed, Callable[[], None] | None]:
     if on_indexed is not None:  # a caller's own hook (tests, benchmarks): no lineage
         return on_indexed, None
-    return lineage_step(store, k=k, device=device)
+    return lineage_step(store, k=k, device=device, cache=cache)
 
 
 def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None,
@@ -581,8 +581,10 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
         hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
     cursors: dict[str, str] = {}
     with open_store(home) as store:
-        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device)
-        indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, on_flush=on_flush)
+        cache = TensorCache(store.home / CACHE_DIR)  # one cache (one size bound) for the crawl and lineage
+        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache)
+        indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, cache=cache,
+                          on_flush=on_flush)
         run = _Run(indexer, hub, options)
         with _progress(options.progress) as bar:  # type: ignore[attr-defined]
             run.bar = bar
@@ -606,8 +608,9 @@ def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnI
     seen = unchanged = 0
     repos = [LocalRepo(Path(p)) for p in paths]  # bad paths fail here, before the store is touched
     with open_store(home) as store:
-        hook, on_flush = _steps(store, on_indexed, k=k, device=device)
-        indexer = Indexer(store, budget, True, hook, on_flush=on_flush)
+        cache = TensorCache(store.home / CACHE_DIR)  # one cache (one size bound) for the crawl and lineage
+        hook, on_flush = _steps(store, on_indexed, k=k, device=device, cache=cache)
+        indexer = Indexer(store, budget, True, hook, cache=cache, on_flush=on_flush)
         with _progress(progress) as bar:  # type: ignore[attr-defined]
             try:
                 for repo in sorted(repos, key=lambda r: r.entry.repo_id):
