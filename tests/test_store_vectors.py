@@ -139,3 +139,24 @@ def test_an_id_map_that_disagrees_with_the_index_is_detected_and_rebuilt(tmp_pat
     assert load_or_rebuild(tmp_path, "vit").entries() == index.entries()
     index_path.unlink()
     assert load_or_rebuild(tmp_path, "vit").entries() == index.entries()
+
+
+@pytest.mark.parametrize("held", [0, 30])
+def test_nearest_in_order_equals_one_by_one_search_and_upsert(held: int) -> None:
+    """A batch's nominees: the index plus the batch's earlier rows, as if each row were searched then added."""
+    batch = _vectors(25, 8, seed=1)
+    names = [f"new/b{i:02d}" for i in range(len(batch))]
+    batched = _filled(held) if held else VectorIndex("vit", 8)
+    found = batched.nearest_in_order(names, batch, 5)
+    one_by_one = _filled(held) if held else VectorIndex("vit", 8)
+    for name, vector, got in zip(names, batch, found, strict=True):
+        expected = one_by_one.nearest(vector, 5) if len(one_by_one) else []
+        assert [r for r, _ in got] == [r for r, _ in expected]
+        assert np.allclose([d for _, d in got], [d for _, d in expected], rtol=1e-4, atol=1e-4)
+        one_by_one.upsert([(name, SHA, vector)])
+    assert len(batched) == held  # the batch was only searched, not added
+
+
+def test_nearest_in_order_rejects_a_wrong_dimension() -> None:
+    with pytest.raises(BadInputError, match="dimension"):
+        _filled().nearest_in_order(["a/b"], np.zeros((1, 3), dtype=np.float32), 4)
