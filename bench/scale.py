@@ -107,7 +107,8 @@ class Path_:
         bucket, sign = _projection("synthetic", "w", layers * width, dim, seed)
         self.proj = np.zeros((layers * width, dim), dtype=np.float32)
         self.proj[np.arange(layers * width), bucket] = sign  # the count sketch as a matrix: one +-1 per row
-        self.layer_norms = np.linalg.norm(weights.astype(np.float64), axis=2)  # (n, layers)
+        self.layer_norms = np.concatenate([  # (n, layers); in chunks: a float64 copy of 1M models is 2 GiB
+            np.linalg.norm(weights[at: at + 65536].astype(np.float64), axis=2) for at in range(0, n, 65536)])
         self.uploaded = np.empty(n, dtype=np.float64)  # upload time = arrival position
         self.indexes: dict[int, VectorIndex] = {}
         self.forests: dict[int, IncrementalForest] = {}

@@ -20,6 +20,10 @@ The cost: the client decodes again (numpy: 0.18 s for 64 MiB of BF16 on the 2-CP
 writes and the lineage step it does anyway. A worker runs the whole `read_model`, decoding included, so
 that its recording holds exactly the reads the client's replay will ask for; its arrays are then dropped.
 
+A worker dying under a fetch (Dask's KilledWorker, a closed connection to a worker) costs only that model:
+it is recorded as a transient failure ("network: worker lost: ..."), which keeps the crawl's mark at it, so
+the next crawl fetches it again, as after a 5xx. The scheduler going away stops the crawl (ClusterError).
+
 The token never travels with the tasks: each worker reads HF_TOKEN from its own environment (settings),
 so it is in no task spec the scheduler holds. Give the workers the same Secret as the client.
 
@@ -268,17 +272,22 @@ class ReplayRepo:
 
 
 class _LostRepo:
-    """A model whose fetch task died with its workers (KilledWorker): recorded failed, retried next crawl."""
+    """A model whose fetch died with its worker (KilledWorker, a closed worker connection): recorded as a
+    transient failure ("network: worker lost: ..."), so the crawl's mark stays at it and the next crawl
+    tries it again, as after a 5xx. A dead worker says nothing about the model's content."""
 
     def __init__(self, entry: ModelEntry, why: str) -> None:
         self.entry, self._why = entry, why
         self.bytes_read = self.requests = 0
 
+    def _lost(self) -> TransientHubError:
+        return TransientHubError(self.entry.repo_id, f"network: worker lost: {self._why}")
+
     def open(self, path: str) -> Any:
-        raise ModelGraphError(f"worker lost: {self._why}")
+        raise self._lost()
 
     def read_small(self, path: str, *, limit: int) -> bytes:
-        raise ModelGraphError(f"worker lost: {self._why}")
+        raise self._lost()
 
 
 # --- the Hub, guarded and prefetched --------------------------------------------------------------------------
@@ -377,13 +386,25 @@ class DaskHub(StoppableHub):
         try:
             fetched: Fetched = future.result()
         except KilledWorker as exc:
-            logger.warning("%s: its fetch killed workers (%s); recorded as failed", entry.repo_id, exc)
-            return _LostRepo(entry, f"KilledWorker: {exc}")
-        except (OSError, TimeoutError, FutureCancelledError) as exc:
+            return self._lost(entry, exc)
+        except (OSError, TimeoutError, FutureCancelledError) as exc:  # CommClosedError is an OSError
+            if self._scheduler_alive(exc):
+                return self._lost(entry, exc)  # one worker's connection broke: this fetch only
             raise ClusterError(f"the Dask cluster went away ({type(exc).__name__}: {exc}); rows written so far "
                                f"are kept, the next crawl resumes") from None
         self.by_worker[fetched.worker] = self.by_worker.get(fetched.worker, 0) + 1
         return ReplayRepo(fetched)
+
+    def _lost(self, entry: ModelEntry, exc: BaseException) -> _LostRepo:
+        logger.warning("%s: its fetch lost its worker (%s: %s); recorded as a transient failure, retried next "
+                       "crawl", entry.repo_id, type(exc).__name__, exc)
+        return _LostRepo(entry, f"{type(exc).__name__}: {exc}")
+
+    def _scheduler_alive(self, exc: BaseException) -> bool:
+        """The client still talks to the scheduler: the error came from a worker, not from the cluster."""
+        if getattr(exc, "reason", None) == "scheduler-connection-lost":  # FutureCancelledError's reason
+            return False
+        return bool(self.client.status == "running")
 
 
 # --- the crawl with a given Hub source ----------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def rank_gaps(diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     svals = _svdvals(diffs).to(torch.float64)
     tol = svals[:, :1] * max(diffs.shape[-2], diffs.shape[-1]) * _F32_EPS
     ranks = (svals > tol).sum(dim=1)
-    gaps = torch.full((diffs.shape[0],), float("inf"), dtype=torch.float64)
+    gaps = torch.full((diffs.shape[0],), float("inf"), dtype=torch.float64, device=svals.device)
     inner = (ranks > 0) & (ranks < svals.shape[1])
     rows = torch.nonzero(inner).flatten()
     if len(rows):

@@ -4,8 +4,13 @@ crawl must write exactly what a single-process crawl writes, with the fetches re
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +22,7 @@ from errors import BadInputError, TransientHubError
 from indexer.crawl import CrawlOptions, crawl
 from indexer.distributed import ClusterSpec, DaskHub, ReplayRepo, _Known, _Portable, connect, crawl_via, fetch_model
 from indexer.hub_emulator import HubEmulator
+from indexer.hub_emulator.faults import Fault
 from indexer.retry import RetryPolicy
 from store.cache import CACHE_DIR
 from store.tables import read_records
@@ -172,3 +178,46 @@ def test_cluster_spec_needs_exactly_one_target() -> None:
         ClusterSpec()
     with pytest.raises(BadInputError, match="exactly one"):
         ClusterSpec(address="tcp://x:8786", workers=2)
+
+
+def _kill_when_fetching(emu: HubEmulator, slow: Fault, pid: int, done: threading.Event) -> None:
+    """SIGKILL the worker once the emulator holds its (slowed) request for the model: mid-fetch."""
+    deadline = time.monotonic() + 30
+    while slow in emu.faults.pending() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(pid, signal.SIGKILL)
+    done.set()
+
+
+def _dated_hub(root: Path, months: int) -> None:
+    """m0..m{months-1}, created a month apart, their files last modified then too: a crawl's two listing
+    passes (createdAt, lastModified) re-list only what lies within the overlap (1 h) below their marks."""
+    for i in range(months):
+        _repo(root, f"acme/m{i}", i + 1, {"model.safetensors": _weights(i)})
+        stamp = datetime.fromisoformat(CREATED.format(m=i + 1)).timestamp()
+        for path in (root / f"acme/m{i}").iterdir():
+            os.utime(path, (stamp, stamp))
+
+
+def test_a_fetch_whose_worker_dies_is_transient_and_indexed_by_the_next_crawl(tmp_path: Path) -> None:
+    """Regression: a model whose worker died under its fetch was recorded as a non-transient `error`, so the
+    crawl's mark passed it and no later crawl listed it again. allowed-failures=0 makes the first death
+    final (by default Dask re-runs the task on another worker up to 3 times before raising KilledWorker)."""
+    import dask
+
+    _dated_hub(tmp_path / "hub", 4)
+    home = tmp_path / "home"
+    with HubEmulator(tmp_path / "hub") as emu, dask.config.set({"distributed.scheduler.allowed-failures": 0}), \
+            connect(ClusterSpec(workers=1, processes=True)) as client:  # a real worker process to kill
+        (pid,) = client.run(os.getpid).values()  # type: ignore[attr-defined]
+        slow = emu.faults.add("slow", "/acme/m1/resolve/*", count=1, seconds=2)
+        killed = threading.Event()
+        threading.Thread(target=_kill_when_fetching, args=(emu, slow, pid, killed), daemon=True).start()
+        _distributed(home, _options(emu), client)
+        assert killed.is_set()
+        lost = {r["repo_id"]: r for r in _rows(home) if "worker lost" in str(r["reason"])}
+        assert "acme/m1" in lost and lost["acme/m1"]["status"] == "failed"
+        assert all(str(r["reason"]).startswith("network: worker lost: KilledWorker") for r in lost.values())
+        again, _ = _distributed(home, _options(emu), client)  # the nanny has restarted the worker
+    assert {r["repo_id"]: r["status"] for r in _rows(home)} == {f"acme/m{i}": "indexed" for i in range(4)}
+    assert again["indexed"] == len(lost)  # every model lost with the worker, and only those

@@ -31,6 +31,11 @@ measured with `mother`'s own ingredients, made pair-local:
   per-tree |tau| weighting needs a tree, not a pair. Time unknown for either: the paper's kurtosis cue,
   DEFAULT_PENALTY when ku(b) > ku(a) (specialisation lowers kurtosis; ku summed over the output projections,
   or over the pair's low-rank layers as mother does for LoRA).
+
+Batching: `measure_many` takes the short lists of many arriving models at once. Each pair's result
+depends on that pair alone (its layers, walked in sorted order, and its own regime counters), so the pairs
+of every job are batched per layer, on CUDA when present; `measure` is the one-job case. On the CPU the
+numbers are bit-identical to measuring job by job (tests/test_exact_batch.py).
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from errors import UnsupportedModelError
+from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP
 from sketches.distances import Device, rank_gaps, resolve_device
 from sketches.layers import is_head, select_layers
@@ -111,62 +116,193 @@ def dense_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> tupl
     return dense or tuple(names)
 
 
+# Device memory of one layer's step (`measure_many`'s max_bytes): half for the distinct models' tensors of
+# that layer, stacked once, half for the pairs' work. A pair holds its float32 difference (4 bytes an
+# element) and that difference in float64 for the norm (8), plus the SVD's copy of the still-undecided
+# rows (4): 16 bytes an element. 1 GiB: chunks of 128 pairs of a 7B-shaped block (64 x 4096, 1 MiB in
+# float32) next to up to 512 stacked models.
+DEFAULT_MAX_BYTES = 1 << 30
+PAIR_BYTES_PER_ELEMENT = 16
+SOURCE_BYTES_PER_ELEMENT = 4  # float32
+
+Job = tuple[ModelView, Sequence[ModelView]]
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One new model and its nominees; its pairs are rows first .. first + k of the accumulators."""
+
+    new: ModelView
+    others: tuple[ModelView, ...]
+    names: tuple[str, ...]  # layers common to the new model and *all* its nominees, sorted
+    columns: Mapping[str, int]  # name -> its position in `names`
+    first: int  # its first pair row
+    dist_first: int  # its first entry in the flat per-(pair, layer) distances: row-major (k, len(names))
+
+
 @dataclass(frozen=True)
 class _Sums:
-    """Per-pair accumulators of one `measure` call (row i: nominee i)."""
+    """Per-pair accumulators of one `measure_many` call (row p: the p-th pair over all jobs)."""
 
-    layer_dist: torch.Tensor  # (k, L) float64: L2 distance per layer
+    layer_dist: torch.Tensor  # flat float64: each job's (k, L) L2 distances per layer, row-major
     low: torch.Tensor
     moved: torch.Tensor
     rank_sum: torch.Tensor
     full_sum: torch.Tensor
     low_names: list[list[str]]
 
+    @classmethod
+    def zeros(cls, pairs: int, dists: int) -> _Sums:
+        return cls(torch.zeros(dists, dtype=torch.float64), torch.zeros(pairs, dtype=torch.int64),
+                   torch.zeros(pairs, dtype=torch.int64), torch.zeros(pairs, dtype=torch.float64),
+                   torch.zeros(pairs, dtype=torch.float64), [[] for _ in range(pairs)])
+
+
+@dataclass(frozen=True)
+class _Pairs:
+    """The pairs that compare one layer of one shape: accumulator rows, distance slots and both sides."""
+
+    rows: list[int]
+    slots: list[int]
+    left: list[ModelView]  # the new model
+    right: list[ModelView]  # the nominee
+
 
 def measure(new: ModelView, others: Sequence[ModelView], *, device: Device = "auto") -> list[PairMeasure]:
     """One exact comparison per nominee, batched over the nominees per layer (torch; CUDA when asked)."""
-    if not others:
-        return []
+    return measure_many([(new, others)], device=device)[0]
+
+
+def measure_many(jobs: Sequence[Job], *, device: Device = "auto",
+                 max_bytes: int = DEFAULT_MAX_BYTES) -> list[list[PairMeasure]]:
+    """`measure` for many (new model, nominees) jobs at once: one list per job, the same numbers.
+
+    Every pair is independent (its layers in sorted order, its own regime counters), so the pairs of all
+    jobs are batched per layer: each distinct model's tensor is stacked once on the device and the pairs
+    index into the stack, in chunks that keep one step within `max_bytes` of device memory (at least one
+    pair per chunk, whatever the budget)."""
+    if max_bytes <= 0:
+        raise BadInputError("max_bytes", f"must be positive, got {max_bytes}; the default is {DEFAULT_MAX_BYTES}")
     dev = resolve_device(device)
-    names = sorted(set.intersection(*(set(common_layers(new, o)) for o in others)))
-    k = len(others)
-    sums = _Sums(torch.zeros(k, len(names), dtype=torch.float64), torch.zeros(k, dtype=torch.int64),
-                 torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.float64),
-                 torch.zeros(k, dtype=torch.float64), [[] for _ in range(k)])
-    for col, name in enumerate(names):
-        mine = torch.as_tensor(np.asarray(new.arrays[name], dtype=np.float32)).to(dev)
-        theirs = torch.stack([torch.as_tensor(np.asarray(o.arrays[name], dtype=np.float32)) for o in others]).to(dev)
-        diff = mine[None] - theirs  # float32, as the weights were stored (mother's rank convention)
-        sums.layer_dist[:, col] = diff.reshape(k, -1).double().pow(2).sum(dim=1).sqrt().cpu()
-        if diff.ndim >= 3 and not is_head(name):
-            _regime(sums, name, diff)
-    dense = set(dense_layers(new.arrays, names))
-    return [_pair(new, o, i, sums, names, dense) for i, o in enumerate(others)]
+    plan = _plan(jobs)
+    sums = _Sums.zeros(sum(len(j.others) for j in plan), sum(len(j.others) * len(j.names) for j in plan))
+    for name in sorted({n for job in plan for n in job.names}):  # sorted: each pair sees its layers in order
+        for pairs in _layer_pairs(plan, name):
+            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes)
+    return [_job_measures(job, sums) for job in plan]
 
 
-def _regime(sums: _Sums, name: str, diff: torch.Tensor) -> None:
-    """Rank and singular-value cliff of one layer's differences, for the pairs still undecided."""
+def _plan(jobs: Sequence[Job]) -> list[_Job]:
+    plan, first, dist_first = [], 0, 0
+    for new, others in jobs:
+        nominees = tuple(others)
+        shared = set.intersection(*(set(common_layers(new, o)) for o in nominees)) if nominees else set()
+        names = tuple(sorted(shared))
+        plan.append(_Job(new, nominees, names, {n: i for i, n in enumerate(names)}, first, dist_first))
+        first += len(nominees)
+        dist_first += len(nominees) * len(shared)
+    return plan
+
+
+def _layer_pairs(plan: Sequence[_Job], name: str) -> list[_Pairs]:
+    """The pairs of every job that compares `name`, one group per shape (jobs of other families may share
+    a tensor name with another shape), shapes in sorted order."""
+    by_shape: dict[tuple[int, ...], _Pairs] = {}
+    for job in plan:
+        col, width = job.columns.get(name), len(job.names)
+        if col is None:
+            continue
+        group = by_shape.setdefault(tuple(np.shape(job.new.arrays[name])), _Pairs([], [], [], []))
+        for i, other in enumerate(job.others):
+            group.rows.append(job.first + i)
+            group.slots.append(job.dist_first + i * width + col)
+            group.left.append(job.new)
+            group.right.append(other)
+    return [by_shape[shape] for shape in sorted(by_shape)]
+
+
+def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int) -> None:
+    elements = max(1, math.prod(np.shape(pairs.left[0].arrays[name])))
+    most_sources = max(2, max_bytes // 2 // (SOURCE_BYTES_PER_ELEMENT * elements))
+    per_chunk = max(1, max_bytes // 2 // (PAIR_BYTES_PER_ELEMENT * elements))
+    for lo, hi, views in _source_groups(pairs, most_sources):
+        stack = _stack([np.asarray(v.arrays[name], dtype=np.float32) for v in views], dev)
+        where = {id(v): i for i, v in enumerate(views)}
+        for start in range(lo, hi, per_chunk):
+            stop = min(hi, start + per_chunk)
+            left = torch.tensor([where[id(v)] for v in pairs.left[start:stop]], device=dev)
+            right = torch.tensor([where[id(v)] for v in pairs.right[start:stop]], device=dev)
+            diff = stack[left] - stack[right]  # float32, as the weights were stored (mother's rank convention)
+            slots = torch.tensor(pairs.slots[start:stop])
+            sums.layer_dist[slots] = diff.reshape(stop - start, -1).double().pow_(2).sum(dim=1).sqrt().cpu()
+            if diff.ndim >= 3 and not is_head(name):
+                _regime(sums, torch.tensor(pairs.rows[start:stop]), name, diff)
+            del diff  # before the next chunk's difference is allocated: one chunk's worth at a time
+
+
+def _stack(arrays: Sequence[np.ndarray], dev: torch.device) -> torch.Tensor:
+    """(n, ...) float32 on `dev`. On a GPU each array goes straight to its slot: stacking on the CPU first
+    would copy every model's layer once more in host memory before the transfer."""
+    if dev.type == "cpu":
+        return torch.stack([torch.as_tensor(a) for a in arrays])
+    out = torch.empty((len(arrays), *arrays[0].shape), dtype=torch.float32, device=dev)
+    for slot, array in zip(out, arrays, strict=True):
+        slot.copy_(torch.as_tensor(array))
+    return out
+
+
+def _source_groups(pairs: _Pairs, most: int) -> list[tuple[int, int, list[ModelView]]]:
+    """Consecutive runs [lo, hi) of pairs whose distinct models (by identity) number at most `most`."""
+    groups: list[tuple[int, int, list[ModelView]]] = []
+    lo, views = 0, {}
+    for p, (a, b) in enumerate(zip(pairs.left, pairs.right, strict=True)):
+        fresh = {id(v): v for v in (a, b) if id(v) not in views}
+        if views and len(views) + len(fresh) > most:
+            groups.append((lo, p, list(views.values())))
+            lo, views, fresh = p, {}, {id(v): v for v in (a, b)}
+        views.update(fresh)
+    groups.append((lo, len(pairs.rows), list(views.values())))
+    return groups
+
+
+def _regime(sums: _Sums, rows: torch.Tensor, name: str, diff: torch.Tensor) -> None:
+    """Rank and singular-value cliff of one layer's differences (pair rows `rows`), for the pairs still
+    undecided."""
     k = diff.shape[0]
     mats = diff.reshape(k, diff.shape[1], -1)
     nonzero = mats.reshape(k, -1).abs().amax(dim=1).cpu() > 0
     # a pair whose first REGIME_LAYERS moved layers are all full-rank is full fine-tuning: no more SVDs
-    open_ = nonzero & ((sums.moved < REGIME_LAYERS) | (sums.low > 0))
-    rows = torch.nonzero(open_).flatten()
-    if len(rows) == 0:
+    open_ = nonzero & ((sums.moved[rows] < REGIME_LAYERS) | (sums.low[rows] > 0))
+    local = torch.nonzero(open_).flatten()
+    if len(local) == 0:
         return
-    ranks, gaps = rank_gaps(mats[rows.to(mats.device)])
+    ranks, gaps = rank_gaps(mats[local.to(mats.device)])
     full = min(mats.shape[1:])
     is_low = (ranks.cpu() < full) & (gaps.cpu() >= LOW_RANK_GAP)
-    sums.moved[rows] += 1
-    sums.low[rows] += is_low.long()
-    sums.rank_sum[rows] += ranks.cpu().double()
-    sums.full_sum[rows] += float(full)
-    for i in rows[is_low].tolist():
+    hit = rows[local]  # distinct rows: the in-place adds below touch each once
+    sums.moved[hit] += 1
+    sums.low[hit] += is_low.long()
+    sums.rank_sum[hit] += ranks.cpu().double()
+    sums.full_sum[hit] += float(full)
+    for i in hit[is_low].tolist():
         sums.low_names[i].append(name)
 
 
-def _pair(new: ModelView, other: ModelView, i: int, sums: _Sums, names: Sequence[str], dense: set[str]) -> PairMeasure:
-    dist = sums.layer_dist[i].numpy()
+def _job_measures(job: _Job, sums: _Sums) -> list[PairMeasure]:
+    if not job.others:
+        return []
+    dense = set(dense_layers(job.new.arrays, job.names))
+    width = len(job.names)
+    out = []
+    for i, other in enumerate(job.others):
+        at = job.dist_first + i * width
+        dist = sums.layer_dist[at:at + width].numpy()
+        out.append(_pair(job.new, other, job.first + i, dist, sums, job.names, dense))
+    return out
+
+
+def _pair(new: ModelView, other: ModelView, i: int, dist: np.ndarray, sums: _Sums, names: Sequence[str],
+          dense: set[str]) -> PairMeasure:
     na = np.array([new.norms.get(n, 0.0) for n in names], dtype=np.float64)
     nb = np.array([other.norms.get(n, 0.0) for n in names], dtype=np.float64)
     rms = np.sqrt((na**2 + nb**2) / 2.0)  # the pair-local per-layer scale (module docstring)

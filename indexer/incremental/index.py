@@ -5,8 +5,9 @@ Per arrival (`LineageIndex.add`):
        same repo at a new revision: its old node and edges leave first (its cluster may split);
     2. nominees: the k nearest sketches of its family (default k = 16: the true parent is among them on
        every zoo order we measured, bench/incremental.py);
-    3. exact comparison with each nominee (indexer.incremental.exact; <= k computations, counted), then
-       with up to `expand` forest neighbours of the related nominees that were not nominated (second hop);
+    3. exact comparisons (indexer.incremental.exact), at most k per arrival, counted: the k - expand
+       nearest nominees, then up to `expand` forest neighbours (parent, children) of those found related
+       (second hop), then the remaining nominees in sketch order while the budget of k lasts;
     4. related pairs become candidate edges in both directions, weighted distance + direction penalty;
     5. the forest update (indexer.incremental.forest): leaf attach proven by Edmonds' dual, or Edmonds
        on the one merged cluster;
@@ -150,12 +151,13 @@ class LineageIndex:
             self._forget(state, repo_id)
         view = _make_view(repo_id, arrays, sketch, created_at)
         nominees = self._nominees(state, family, sketch)  # 2.
-        others = [v for v in (self._with_arrays(state, n) for n in nominees) if v is not None]
         mine = ModelView(repo_id, {n: arrays[n] for n in sketch.layer_names}, view.kurtosis, view.norms,
                          view.created, view.direction_layers)
-        pairs = measure(mine, others, device=self.device)  # 3.
-        hop = [v for v in (self._with_arrays(state, n) for n in self._second_hop(state, sketch, nominees, pairs)) if v]
-        pairs += measure(mine, hop, device=self.device)  # pair-local weights: a second batch changes none
+        first = nominees[: max(1, self.k - self.expand)] if self.expand else nominees
+        pairs = measure(mine, self._views(state, first), device=self.device)  # 3.
+        hop = self._second_hop(state, sketch, first, pairs)[: self.k - len(first)]
+        rest = [n for n in nominees[len(first):] if n not in hop][: max(0, self.k - len(first) - len(hop))]
+        pairs += measure(mine, self._views(state, hop + rest), device=self.device)  # pair-local: batches change nothing
         self.exact_total += len(pairs)
         candidates, rows = self._edges(family, view, state, pairs)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
@@ -169,7 +171,10 @@ class LineageIndex:
         cid = state.forest.cluster_id(repo_id)
         return ArrivalResult(repo_id, family, tuple(nominees), len(pairs), tuple(sorted(p.other for p in pairs if p.related)),
                              update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid),
-                             tuple(v.repo_id for v in hop))
+                             tuple(hop))
+
+    def _views(self, state: _Family, repos: Sequence[str]) -> list[ModelView]:
+        return [v for v in (self._with_arrays(state, r) for r in repos) if v is not None]
 
     def _nominees(self, state: _Family, family: str, sketch: Sketch) -> list[str]:
         if state.vectors is None or len(state.vectors) == 0:
@@ -177,7 +182,8 @@ class LineageIndex:
         return [r for r, _ in state.vectors.nearest(sketch.vector, self.k)]
 
     def _second_hop(self, state: _Family, sketch: Sketch, nominees: Sequence[str], pairs: Sequence[object]) -> list[str]:
-        """Up to `expand` forest parents/children of the related nominees, not nominated, nearest sketch first."""
+        """Up to `expand` forest parents/children of the related compared nominees, not yet compared, nearest
+        sketch first (nominees ranked below the first k - expand included)."""
         if not self.expand or state.vectors is None:
             return []
         forest, seen = state.forest, set(nominees)
