@@ -299,13 +299,14 @@ def _recovery_flags(fn: object) -> object:
     """The options `recover` and `eval` share."""
     for deco in reversed([
         click.option("--method", type=_METHOD, default="mother", show_default=True,
-                     help="mother (ours: K from data, auto rank distance, kurtosis + upload time), "
+                     help="mother (ours: K from data, rank or spectral-tail distance, upload time, else kurtosis), "
                           "mother-paper (the paper: needs --trees) or phylogeny (Neural Phylogeny baseline)."),
         click.option("--trees", "trees", type=click.IntRange(min=1), default=None,
                      help="Number of trees K, when known (required by mother-paper)."),
-        click.option("--distance", type=click.Choice(["auto", "linf", "rank", "l2", "l2n"]), default="auto", show_default=True,
+        click.option("--distance", type=click.Choice(["auto", "linf", "rank", "tail", "l2", "l2n"]), default="auto",
+                     show_default=True,
                      help="Pairwise distance: mother-paper uses linf unless told rank (LoRA splits); mother's auto "
-                          "picks rank on low-rank layers, else l2."),
+                          "picks rank on low-rank layers, else tail (the spectral tail of the difference)."),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where pairwise distances run; auto uses CUDA when torch sees a GPU."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed (phylogeny's KMeans)."),

@@ -72,7 +72,7 @@ def traced(phase, fn):
             mark("-")
     return run
 c.read_model = traced("reading", c.read_model)
-li.LineageIndex.add = traced("lineage", li.LineageIndex.add)
+li.LineageIndex.add_many = traced("lineage", li.LineageIndex.add_many)  # the crawl places arrivals in batches
 t.Store.append = traced("writing", t.Store.append)
 t.Store.delete = traced("writing", t.Store.delete)
 _compact = t.Store.compact
@@ -99,6 +99,9 @@ cli.main()
 """
 
 
+MAX_MISSES = 20  # whole crawls a phase may finish without being reached before the harness gives up
+
+
 @dataclass
 class CrashReport:
     kills: int = 0
@@ -109,6 +112,7 @@ class CrashReport:
     faiss_rebuilt: int = 0  # rounds whose FAISS file was behind the sketches table and was rebuilt on load
     reader_checks: int = 0
     problems: list[str] = field(default_factory=list)
+    missed: Counter[str] = field(default_factory=Counter)  # whole crawls that finished before their kill
 
     def as_dict(self) -> dict[str, Any]:
         return {"kills": self.kills, "rounds": self.rounds, "recoveries": self.recoveries,
@@ -271,6 +275,10 @@ def one_round(url: str, work: Path, reference: dict[str, Any], rng: random.Rando
         killed, seen = run_until_killed(cmd, env, trace, phase=phase, nth=nth, jitter=rng.uniform(0, 0.04))
         if not killed:  # it finished first: start over from an empty store so later kills still bite
             shutil.rmtree(home, ignore_errors=True)
+            report.missed[phase] += 1
+            if report.missed[phase] >= MAX_MISSES:  # e.g. a traced function the crawl no longer calls
+                raise RuntimeError(f"crash harness: phase {phase!r} never reached in {MAX_MISSES} whole crawls; "
+                                   "is its traced function still called?")
             continue
         report.kills += 1
         report.by_phase[f"{phase}->{seen}"] += 1

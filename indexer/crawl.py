@@ -550,17 +550,38 @@ def _crawl_one(run: _Run, store: Store, filters: list[str], run_id: str, cursors
             cursors[key] = "unchanged"
 
 
+LINEAGE_BATCH = 8  # arrivals placed together: one FAISS search per family, one batched exact kernel call
+LINEAGE_BATCH_BYTES = 1 << 30  # ... or fewer, once their float32 tensors reach this (a 7B model: 128 MiB)
+
+
 def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache) -> tuple[OnIndexed, Callable[[], None]]:
-    """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush."""
-    from indexer.incremental.index import LineageIndex  # torch + faiss: only when lineage runs
+    """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush.
+
+    The hook collects arrivals and places them `LINEAGE_BATCH` at a time (`LineageIndex.add_many`: the
+    same result as one by one, with the exact kernel batched over all their short lists -- on the GPU
+    when there is one); the flush places the rest, then writes the lineage rows after the models rows."""
+    from indexer.incremental.index import Arrival, LineageIndex  # torch + faiss: only when lineage runs
 
     lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache)  # flushed with the models rows
+    waiting: list[Arrival] = []
+
+    def place() -> None:
+        if waiting:
+            lineage.add_many(waiting)
+            waiting.clear()
 
     def hook(model: IndexedModel) -> None:
         entry = model.entry
-        lineage.add(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at)
+        waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at))
+        held = sum(a.nbytes for arrival in waiting for a in arrival.arrays.values())
+        if len(waiting) >= LINEAGE_BATCH or held >= LINEAGE_BATCH_BYTES:
+            place()
 
-    return hook, lineage.flush
+    def flush() -> None:
+        place()
+        lineage.flush()
+
+    return hook, flush
 
 
 def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache

@@ -51,13 +51,11 @@ import numpy as np
 import pyarrow as pa
 
 from errors import BadInputError
+from store.layout import DELETED, HASH, SEQ, TABLES, TableName  # noqa: F401 -- re-exported
 
-TableName = Literal["models", "sketches", "candidates", "edges", "crawl_state"]
-TABLES: tuple[TableName, ...] = get_args(TableName)
 Status = Literal["indexed", "skipped", "failed"]
 STATUSES: tuple[Status, ...] = get_args(Status)
 
-SEQ, DELETED, HASH = "_seq", "_deleted", "_hash"
 META_FIELDS = (pa.field(SEQ, pa.int64()), pa.field(DELETED, pa.bool_()), pa.field(HASH, pa.string()))
 
 _REVISION = re.compile(r"^(?:[0-9a-f]{40}|local:[0-9A-Za-z]+)$")

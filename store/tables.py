@@ -26,7 +26,6 @@ included, is the last old copy to go: no deleted key can come back.
 from __future__ import annotations
 
 import logging
-import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -41,6 +40,7 @@ import pyarrow.parquet as pq
 from errors import BadInputError, StoreError
 from store.atomic import TMP_PREFIX, atomic_open, fsync_dir, remove_temp_leftovers
 from store.format import FORMAT_VERSION, MIGRATIONS, Migration, ensure_format
+from store.layout import TABLES_DIR, latest_sql, list_parts, parquet_source, table_dir  # noqa: F401 -- re-exported
 from store.lock import WriteLock
 from store.schema import (
     DELETED,
@@ -60,44 +60,11 @@ from store.schema import (
 
 logger = logging.getLogger(__name__)
 
-TABLES_DIR = "tables"
 VECTORS_DIR = "vectors"  # owned by store.vectors; named here so the writer can clean its temp files
 DEFAULT_COMPACT_AFTER = 64  # parts; a crawl appends ~1 part per batch, so compaction runs rarely
-_PART = re.compile(r"^part-(\d{12})-[0-9a-f]{8}\.parquet$")
+ROW_GROUP_ROWS = 8192  # parts are sorted by key: small row groups let a point lookup skip the rest by min/max
+# (a 200,000-row part as one row group: 65 ms per lookup on the 1M-model store; as 8,192-row groups: 15 ms)
 _READ_RETRIES = 5  # a reader racing a compaction re-lists the parts and tries again
-
-
-def table_dir(home: Path, table: str) -> Path:
-    return Path(home) / TABLES_DIR / spec_of(table).name
-
-
-def list_parts(home: Path, table: str) -> list[tuple[int, Path]]:
-    """(seq, path) of every complete part, oldest first. Temp files never match the pattern."""
-    folder = table_dir(home, table)
-    if not folder.is_dir():
-        return []
-    parts = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _PART.match(p.name))]
-    return sorted(parts)  # deterministic
-
-
-def _quote(path: Path) -> str:
-    return "'" + str(path).replace("'", "''") + "'"
-
-
-def parquet_source(paths: Sequence[Path]) -> str:
-    """A DuckDB table expression over the given parts (old parts may lack newer columns)."""
-    files = ", ".join(_quote(p) for p in paths)
-    return f"read_parquet([{files}], union_by_name=true)"
-
-
-def latest_sql(spec: TableSpec, source: str, *, live_only: bool = True) -> str:
-    """SQL for the latest version of each key of `source`; tombstones removed when `live_only`."""
-    keys = ", ".join(spec.key)
-    latest = (
-        f"SELECT * FROM {source} "
-        f"QUALIFY row_number() OVER (PARTITION BY {keys} ORDER BY {SEQ} DESC) = 1"
-    )
-    return f"SELECT * FROM ({latest}) WHERE NOT {DELETED}" if live_only else latest
 
 
 def empty_table(spec: TableSpec) -> pa.Table:
@@ -107,7 +74,7 @@ def empty_table(spec: TableSpec) -> pa.Table:
 def _query_parts(spec: TableSpec, paths: Sequence[Path], *, live_only: bool, columns: Sequence[str] | None,
                  where: Mapping[str, Any] | None) -> pa.Table:
     select = ", ".join(columns) if columns else "*"
-    sql = f"SELECT {select} FROM ({latest_sql(spec, parquet_source(paths), live_only=live_only)})"
+    sql = f"SELECT {select} FROM ({latest_sql(spec.name, parquet_source(paths), live_only=live_only)})"
     params: list[Any] = []
     if where:
         sql += " WHERE " + " AND ".join(f"{name} = ?" for name in sorted(where))
@@ -165,7 +132,7 @@ def _write_part(folder: Path, spec: TableSpec, seq: int, rows: list[dict[str, An
     )
     target = folder / f"part-{seq:012d}-{uuid.uuid4().hex[:8]}.parquet"
     with atomic_open(target) as fh:
-        pq.write_table(table, fh, compression="zstd")
+        pq.write_table(table, fh, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return target
 
 

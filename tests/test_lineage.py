@@ -24,10 +24,12 @@ from indexer.lineage.methods import (
     kurtosis_trust,
     mother_paper,
     paper_matrices,
+    spectral_tail_distance,
+    tail_start,
     time_penalty,
 )
 from indexer.lineage.recover import Forest, ForestRow
-from sketches.distances import median_relative_distance
+from sketches.distances import layer_normalised_l2, median_relative_distance
 from sketches.layers import LayerSelection
 from sketches.stats import model_stats
 
@@ -149,6 +151,77 @@ def test_mother_paper_needs_k() -> None:
     fam = _family([[0, 0], [1, -1]], [HIGH, MID])
     with pytest.raises(RecoveryError, match="--trees"):
         mother_paper(fam, Options(method="mother-paper"))
+
+
+# --- spectral-tail distance (mother's full-FT distance) --------------------------------------------
+
+
+def _run(rng: np.random.Generator, task: np.ndarray, *, lr: float, shape: tuple[int, int] = (48, 48)) -> np.ndarray:
+    """One fine-tuning run's update: the task's low-rank direction plus this run's own small full-rank part."""
+    return lr * (task + 0.05 * rng.standard_normal(shape))
+
+
+def _convergent_uncle_family(seed: int) -> np.ndarray:
+    """(root, low-lr parent, child, same-task uncle) of one 48 x 48 layer, as the zoo's FT errors have it.
+
+    The parent moved little (lr 1); the child (lr 10) and its uncle (lr 10, from the root) trained on the
+    same task, so their large low-rank updates nearly cancel: L2 puts the child under the uncle.
+    """
+    rng = np.random.default_rng(seed)
+    u, v = rng.standard_normal((48, 2)), rng.standard_normal((2, 48))
+    task = u @ v / 4  # rank 2, shared by every run on this task
+    other = rng.standard_normal((48, 2)) @ rng.standard_normal((2, 48)) / 4
+    root = rng.standard_normal((48, 48))
+    parent = root + _run(rng, other, lr=0.01)
+    child = parent + _run(rng, task, lr=0.1)
+    uncle = root + _run(rng, task, lr=0.1)
+    return np.stack([root, parent, child, uncle]).astype(np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_tail_distance_sees_the_parent_where_l2_sees_a_same_task_uncle(seed: int) -> None:
+    layer = _convergent_uncle_family(seed)
+    l2 = layer_normalised_l2([layer], device="cpu")
+    assert l2[3, 2] < l2[1, 2]  # the failure mode: L2 prefers the same-task uncle (cf. the 12 FT errors)
+    tail = spectral_tail_distance([layer], device="cpu")
+    assert tail[1, 2] < tail[3, 2] and tail[1, 2] < tail[0, 2]  # the parent, not the uncle or the root
+
+
+def test_tail_distance_is_pair_local_symmetric_and_any_shape() -> None:
+    rng = np.random.default_rng(3)
+    dense = rng.standard_normal((5, 24, 40)).astype(np.float32)
+    conv = rng.standard_normal((5, 16, 3, 2, 2)).astype(np.float32)  # 4-D kernels: 16 x 12 matrices
+    full = spectral_tail_distance([dense, conv], device="cpu", max_elements=1000)  # several pair blocks
+    np.testing.assert_allclose(full, full.T)
+    assert np.all(np.diag(full) == 0) and np.all(full[~np.eye(5, dtype=bool)] > 0)
+    pair = spectral_tail_distance([dense[[1, 4]], conv[[1, 4]]], device="cpu")
+    assert pair[0, 1] == pytest.approx(full[1, 4], rel=1e-12)  # the pair alone gives the same value
+    # by hand: singular values past k = min(out, in) // 8, over the RMS of the two layer norms
+    expected = 0.0
+    for w in (dense, conv.reshape(5, 16, -1)):
+        s = np.linalg.svd((w[1] - w[4]).astype(np.float64), compute_uv=False)
+        k = tail_start(w.shape[1:])
+        expected += np.sqrt((s[k:] ** 2).sum()) / np.sqrt((np.sum(w[1].astype(np.float64) ** 2) + np.sum(w[4].astype(np.float64) ** 2)) / 2)
+    assert full[1, 4] == pytest.approx(expected, rel=1e-9)
+    assert tail_start((24, 40)) == 3 and tail_start((16, 3, 2, 2)) == 1
+
+
+def test_tail_distance_leaves_out_layers_too_thin_to_have_a_tail() -> None:
+    rng = np.random.default_rng(5)
+    wide = rng.standard_normal((3, 32, 32)).astype(np.float32)
+    thin = rng.standard_normal((3, 32, 4)).astype(np.float32)  # k = 4 // 8 = 0: nothing to drop
+    np.testing.assert_allclose(spectral_tail_distance([wide, thin], device="cpu"), spectral_tail_distance([wide], device="cpu"))
+    alone = spectral_tail_distance([thin], device="cpu")  # no other layer: the whole difference counts
+    rms = np.sqrt((np.sum(thin[0].astype(np.float64) ** 2) + np.sum(thin[1].astype(np.float64) ** 2)) / 2)
+    assert alone[0, 1] == pytest.approx(np.linalg.norm((thin[0] - thin[1]).astype(np.float64)) / rms, rel=1e-9)
+
+
+def test_tail_distance_of_a_low_rank_difference_is_zero() -> None:
+    rng = np.random.default_rng(4)
+    base = rng.standard_normal((64, 64))
+    moved = base + rng.standard_normal((64, 4)) @ rng.standard_normal((4, 64))  # rank 4 < k = 8
+    d = spectral_tail_distance([np.stack([base, moved])], device="cpu")
+    assert d[0, 1] < 1e-6 < spectral_tail_distance([np.stack([base, rng.standard_normal((64, 64))])], device="cpu")[0, 1]
 
 
 # --- direction cues --------------------------------------------------------------------------------

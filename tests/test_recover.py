@@ -47,7 +47,10 @@ def test_mother_recovers_synthetic_full_ft(ft_zoo: Path) -> None:
     report = evaluate(forest, read_truth_csv(ft_zoo / "truth.csv"))
     assert report.accuracy == 1.0 and report.clustering_accuracy == 1.0
     assert any("K=3 chosen" in note for note in forest.notes)
-    assert any("l2n distance" in note for note in forest.notes)
+    assert any("tail distance" in note for note in forest.notes)  # full FT: the spectral-tail distance
+    old = recover(ft_zoo, Options(distance="l2n"))  # the previous default stays available (ablation row)
+    assert any("l2n distance" in note for note in old.notes)
+    assert evaluate(old, read_truth_csv(ft_zoo / "truth.csv")).accuracy == 1.0
 
 
 def test_mother_picks_rank_distance_for_lora(lora_zoo: Path) -> None:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from errors import BadInputError, FormatVersionError, StoreError, StoreLockedError
 from store.format import FORMAT_FILE, read_format, write_format
 from store.schema import (
+    spec_of,
     CandidateRecord,
     CrawlStateRecord,
     EdgeRecord,
@@ -359,3 +360,28 @@ def test_reading_equals_a_latest_wins_dict_model(ops: list[tuple[str, list[objec
             assert got == expected
         assert all(p.name.startswith("part-") for p in table_dir(Path(tmp), "models").iterdir())
         assert os.path.exists(Path(tmp) / FORMAT_FILE)
+
+
+def test_the_light_layout_agrees_with_the_arrow_schemas() -> None:
+    """store.layout (read side, no pyarrow) and store.schema (writer, pyarrow) describe the same tables."""
+    import duckdb
+
+    from store.layout import COLUMNS, KEYS, TABLES, empty_select
+
+    con = duckdb.connect()
+    for table in TABLES:
+        spec = spec_of(table)
+        assert KEYS[table] == spec.key
+        assert [name for name, _ in COLUMNS[table]] == spec.stored_schema.names
+        from_sql = con.sql(empty_select(table)).to_arrow_table().schema
+
+        def plain(types: object) -> list[str]:  # the session time zone's name and list item names aside
+            return [str(f.type).replace("Etc/UTC", "UTC").replace("<l: ", "<item: ").replace("<element: ", "<item: ") for f in types]  # type: ignore[attr-defined]
+
+        assert plain(from_sql) == plain(spec.stored_schema), table
+
+
+def test_query_imports_neither_pyarrow_nor_numpy() -> None:
+    code = "import sys, store.query; print(sorted(m for m in ('pyarrow', 'numpy', 'pandas') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO_ROOT)
+    assert out.stdout.strip() == "[]"

@@ -1,9 +1,5 @@
-"""Incremental lineage: k-NN nominees, exact pairs, per-cluster minimum arborescences kept optimal."""
+"""Incremental lineage: k-NN nominees, exact pairs, per-cluster minimum arborescences kept optimal.
 
-from indexer.incremental.arborescence import Arborescence, edmonds, try_attach
-from indexer.incremental.folder import IngestReport, ingest_folder
-from indexer.incremental.forest import Candidate, IncrementalForest, Update
-from indexer.incremental.index import ArrivalResult, LineageIndex
-
-__all__ = ["Arborescence", "ArrivalResult", "Candidate", "IncrementalForest", "IngestReport", "LineageIndex", "Update",
-           "edmonds", "ingest_folder", "try_attach"]
+Import the modules themselves (`indexer.incremental.index`, `.exact`, `.forest`, ...): this package
+imports nothing, so that the exact kernel alone (torch) does not pull in FAISS, DuckDB and numba.
+"""

@@ -14,14 +14,15 @@ measured with `mother`'s own ingredients, made pair-local:
   moved (2-D / 4-D, heads excluded), most have a numerical rank below full with a singular-value cliff
   of at least LOW_RANK_GAP after it (merged LoRA: a sum of a few LoRA updates).
 - Distance: low-rank pairs (tier 0): summed rank / summed full rank, in (0, 1], plus 1e-3 x the relative
-  L2 distance to break the many integer ties. Full-rank pairs (tier 1): mother's `l2n` on the dense
-  projections (`sketches.layers` selection.dense; every shared layer when a family has none), with each
-  layer's L2 distance divided by a pair-local scale, the RMS of the two models' norms of that layer
-  (mother divides by the layer's median distance in the tree, which moves as the tree grows). One vote
-  per layer: the patch embedding held 32-74 % of the small zoo's raw L2 and converges across unrelated
-  models. Measured (Edmonds on all related pairs, time penalty, no kurtosis): dense + pair-local scale
-  0.880 on vthr-ft / 0.944 on small-ft; dense + mother's tree-median scale the same 0.880 / 0.944; every
-  layer with the pair-local scale 0.720 / 0.889. The stored `distance` is TIER_GAP x tier + that.
+  L2 distance to break the many integer ties. Full-rank pairs (tier 1): mother's `tail` distance
+  (`indexer.lineage.methods.spectral_tail_distance`, already pair-local) on the dense projections
+  (`sketches.layers` selection.dense; every shared layer when a family has none): per layer, the norm of
+  the difference's singular values past the top min(out, in) // 8 (the directions a fine-tuning run
+  shares with same-task runs), divided by the RMS of the two models' norms of that layer; summed over
+  the layers (layers too thin to have a tail are left out unless all are; then it is the L2 distance
+  over that scale, which was this tier before, `l2n`). Measured (Edmonds on all related pairs, time
+  penalty, no kurtosis): `l2n` 0.880 on vthr-ft / 0.944 on small-ft; `tail` see bench/RESULTS.md.
+  The stored `distance` is TIER_GAP x tier + that.
 - Direction (parent a -> child b), in log units on log(distance) (scale-free: a factor e^x on the
   distance, the same for close and far pairs; mother's penalty is on its tree's mean D instead):
   upload time known for both: TIME_WEIGHT x DEFAULT_PENALTY = 3.0 when the child was uploaded first (a
@@ -49,7 +50,7 @@ import numpy as np
 import torch
 
 from errors import BadInputError, UnsupportedModelError
-from indexer.lineage.methods import LOW_RANK_GAP
+from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
 from sketches.distances import Device, rank_gaps, resolve_device
 from sketches.layers import is_head, select_layers
 
@@ -118,11 +119,11 @@ def dense_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> tupl
 
 # Device memory of one layer's step (`measure_many`'s max_bytes): half for the distinct models' tensors of
 # that layer, stacked once, half for the pairs' work. A pair holds its float32 difference (4 bytes an
-# element) and that difference in float64 for the norm (8), plus the SVD's copy of the still-undecided
-# rows (4): 16 bytes an element. 1 GiB: chunks of 128 pairs of a 7B-shaped block (64 x 4096, 1 MiB in
-# float32) next to up to 512 stacked models.
+# element), that difference in float64 for the norm (8), the SVD's copy of the still-undecided rows (4)
+# and the spectral tail's float64 copy (8): 24 bytes an element. 1 GiB: chunks of 85 pairs of a 7B-shaped
+# block (64 x 4096, 1 MiB in float32) next to up to 512 stacked models.
 DEFAULT_MAX_BYTES = 1 << 30
-PAIR_BYTES_PER_ELEMENT = 16
+PAIR_BYTES_PER_ELEMENT = 24
 SOURCE_BYTES_PER_ELEMENT = 4  # float32
 
 Job = tuple[ModelView, Sequence[ModelView]]
@@ -145,6 +146,7 @@ class _Sums:
     """Per-pair accumulators of one `measure_many` call (row p: the p-th pair over all jobs)."""
 
     layer_dist: torch.Tensor  # flat float64: each job's (k, L) L2 distances per layer, row-major
+    layer_tail: torch.Tensor  # the same slots: spectral tail norms (NaN: no tail, e.g. a 1-D or thin layer)
     low: torch.Tensor
     moved: torch.Tensor
     rank_sum: torch.Tensor
@@ -153,7 +155,8 @@ class _Sums:
 
     @classmethod
     def zeros(cls, pairs: int, dists: int) -> _Sums:
-        return cls(torch.zeros(dists, dtype=torch.float64), torch.zeros(pairs, dtype=torch.int64),
+        return cls(torch.zeros(dists, dtype=torch.float64), torch.full((dists,), math.nan, dtype=torch.float64),
+                   torch.zeros(pairs, dtype=torch.int64),
                    torch.zeros(pairs, dtype=torch.int64), torch.zeros(pairs, dtype=torch.float64),
                    torch.zeros(pairs, dtype=torch.float64), [[] for _ in range(pairs)])
 
@@ -186,9 +189,12 @@ def measure_many(jobs: Sequence[Job], *, device: Device = "auto",
     dev = resolve_device(device)
     plan = _plan(jobs)
     sums = _Sums.zeros(sum(len(j.others) for j in plan), sum(len(j.others) * len(j.names) for j in plan))
+    # tails only where a job's full-rank distance reads them: on a 7B plan the dense layers are a quarter
+    # of the blocks read, and a tail is an eigen-decomposition per pair and block
+    dense = {n for job in plan for n in dense_layers(job.new.arrays, job.names)}
     for name in sorted({n for job in plan for n in job.names}):  # sorted: each pair sees its layers in order
         for pairs in _layer_pairs(plan, name):
-            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes)
+            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes, tails=name in dense)
     return [_job_measures(job, sums) for job in plan]
 
 
@@ -221,7 +227,7 @@ def _layer_pairs(plan: Sequence[_Job], name: str) -> list[_Pairs]:
     return [by_shape[shape] for shape in sorted(by_shape)]
 
 
-def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int) -> None:
+def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int, tails: bool) -> None:
     elements = max(1, math.prod(np.shape(pairs.left[0].arrays[name])))
     most_sources = max(2, max_bytes // 2 // (SOURCE_BYTES_PER_ELEMENT * elements))
     per_chunk = max(1, max_bytes // 2 // (PAIR_BYTES_PER_ELEMENT * elements))
@@ -237,6 +243,8 @@ def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, 
             sums.layer_dist[slots] = diff.reshape(stop - start, -1).double().pow_(2).sum(dim=1).sqrt().cpu()
             if diff.ndim >= 3 and not is_head(name):
                 _regime(sums, torch.tensor(pairs.rows[start:stop]), name, diff)
+                if tails:
+                    _tail(sums, slots, diff)
             del diff  # before the next chunk's difference is allocated: one chunk's worth at a time
 
 
@@ -288,6 +296,14 @@ def _regime(sums: _Sums, rows: torch.Tensor, name: str, diff: torch.Tensor) -> N
         sums.low_names[i].append(name)
 
 
+def _tail(sums: _Sums, slots: torch.Tensor, diff: torch.Tensor) -> None:
+    """The spectral tail norm of each pair's difference in this layer (mother's `tail` distance)."""
+    mats = diff.reshape(diff.shape[0], diff.shape[1], -1)
+    skip = tail_start(mats.shape[1:])
+    if skip > 0:  # thinner than TAIL_SKIP_FRACTION: no top directions to drop, no tail
+        sums.layer_tail[slots] = tail_norms(mats.double(), min(mats.shape[1:]) - skip).cpu()
+
+
 def _job_measures(job: _Job, sums: _Sums) -> list[PairMeasure]:
     if not job.others:
         return []
@@ -297,12 +313,14 @@ def _job_measures(job: _Job, sums: _Sums) -> list[PairMeasure]:
     for i, other in enumerate(job.others):
         at = job.dist_first + i * width
         dist = sums.layer_dist[at:at + width].numpy()
-        out.append(_pair(job.new, other, job.first + i, dist, sums, job.names, dense))
+        tail = sums.layer_tail[at:at + width].numpy()
+        out.append(_pair(job.new, other, job.first + i, (dist, tail), sums, job.names, dense))
     return out
 
 
-def _pair(new: ModelView, other: ModelView, i: int, dist: np.ndarray, sums: _Sums, names: Sequence[str],
-          dense: set[str]) -> PairMeasure:
+def _pair(new: ModelView, other: ModelView, i: int, dist_tail: tuple[np.ndarray, np.ndarray], sums: _Sums,
+          names: Sequence[str], dense: set[str]) -> PairMeasure:
+    dist, tail = dist_tail
     na = np.array([new.norms.get(n, 0.0) for n in names], dtype=np.float64)
     nb = np.array([other.norms.get(n, 0.0) for n in names], dtype=np.float64)
     rms = np.sqrt((na**2 + nb**2) / 2.0)  # the pair-local per-layer scale (module docstring)
@@ -316,7 +334,11 @@ def _pair(new: ModelView, other: ModelView, i: int, dist: np.ndarray, sums: _Sum
         direction = sums.low_names[i]
     else:
         keep = np.array([n in dense for n in names]) & (rms > 0)
-        tier = float((dist[keep] / rms[keep]).sum())
+        tailed = keep & ~np.isnan(tail)
+        if tailed.any():
+            tier = float((tail[tailed] / rms[tailed]).sum())
+        else:  # no layer has a tail: its whole difference (mother's `tailed or layers`)
+            tier = float((dist[keep] / rms[keep]).sum())
         direction = [n for n in new.direction_layers if n in names] or list(names)
     return PairMeasure(other.repo_id, relative, median_relative, low_rank, tier, median_relative < MIN_RELATIVE,
                        _ku(new, direction), _ku(other, direction))

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import BadInputError
-from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, edge_weights, measure
+from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, PairMeasure, edge_weights, measure, measure_many
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
 from sketches.distances import Device
 from sketches.layers import select_layers
@@ -70,6 +70,38 @@ class ArrivalResult:
     parent: str
     cluster: str  # the cluster's key (its smallest member id)
     second_hop: tuple[str, ...] = ()  # compared beyond the nominees (`expand`), in that order
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One model to index: its selected tensors (float32) and upload time (None: unknown)."""
+
+    repo_id: str
+    revision: str
+    family: str
+    arrays: Mapping[str, np.ndarray]
+    created_at: datetime | None
+
+
+@dataclass
+class _Pending:
+    """An arrival between its sketch and its place in the forest (`LineageIndex.add_many`)."""
+
+    index: int
+    arrival: Arrival
+    sketch: Sketch
+    view: ModelView  # no arrays: what the family keeps
+    mine: ModelView  # with the selected arrays: what the exact step compares
+    nominees: list[str] = field(default_factory=list)
+    first: list[str] = field(default_factory=list)  # the nominees compared before the second hop
+
+
+def _prepare(index: int, arrival: Arrival, dim: int, seed: int) -> _Pending:
+    sketch = sketch_model(arrival.arrays, family=arrival.family, dim=dim, seed=seed)  # 1.
+    view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at)
+    arrays = {n: arrival.arrays[n] for n in sketch.layer_names}
+    mine = ModelView(arrival.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)
+    return _Pending(index, arrival, sketch, view, mine)
 
 
 @dataclass
@@ -142,44 +174,78 @@ class LineageIndex:
     def add(self, repo_id: str, revision: str, family: str, arrays: Mapping[str, np.ndarray],
             created_at: datetime | None) -> ArrivalResult:
         """Index one model (see the module docstring for the steps)."""
-        state = self.family(family)
-        if state.revisions.get(repo_id) == revision:  # 1.
-            return ArrivalResult(repo_id, family, (), 0, (), None, state.forest.parent(repo_id),
-                                 state.forest.cluster_key(state.forest.cluster_id(repo_id)))
-        sketch = sketch_model(arrays, family=family, dim=self.dim, seed=self.seed)
-        if repo_id in state.views:
-            self._forget(state, repo_id)
-        view = _make_view(repo_id, arrays, sketch, created_at)
-        nominees = self._nominees(state, family, sketch)  # 2.
-        mine = ModelView(repo_id, {n: arrays[n] for n in sketch.layer_names}, view.kurtosis, view.norms,
-                         view.created, view.direction_layers)
-        first = nominees[: max(1, self.k - self.expand)] if self.expand else nominees
-        pairs = measure(mine, self._views(state, first), device=self.device)  # 3.
-        hop = self._second_hop(state, sketch, first, pairs)[: self.k - len(first)]
-        rest = [n for n in nominees[len(first):] if n not in hop][: max(0, self.k - len(first) - len(hop))]
-        pairs += measure(mine, self._views(state, hop + rest), device=self.device)  # pair-local: batches change nothing
+        return self.add_many([Arrival(repo_id, revision, family, arrays, created_at)])[0]
+
+    def add_many(self, arrivals: Sequence[Arrival]) -> list[ArrivalResult]:
+        """Index several models in arrival order: the same results as `add` on each in turn, but the
+        nominees of each family come from one FAISS search and the first exact comparisons of all of them
+        from one `measure_many` call (batched on the device). The second hop and the forest updates still
+        run one arrival at a time, as they depend on the arrivals before."""
+        results: list[ArrivalResult | None] = [None] * len(arrivals)
+        chunk: list[_Pending] = []
+        for i, arrival in enumerate(arrivals):
+            state = self.family(arrival.family)
+            repeat = any(p.arrival.repo_id == arrival.repo_id for p in chunk)
+            if repeat or arrival.repo_id in state.views:  # a new revision: what came before is placed first
+                self._place_all(chunk, results)
+                chunk = []
+            if state.revisions.get(arrival.repo_id) == arrival.revision:  # 1.
+                forest = state.forest
+                results[i] = ArrivalResult(arrival.repo_id, arrival.family, (), 0, (), None, forest.parent(arrival.repo_id),
+                                           forest.cluster_key(forest.cluster_id(arrival.repo_id)))
+                continue
+            if arrival.repo_id in state.views:
+                self._forget(state, arrival.repo_id)
+            chunk.append(_prepare(i, arrival, self.dim, self.seed))
+        self._place_all(chunk, results)
+        return results  # type: ignore[return-value]
+
+    def _place_all(self, chunk: Sequence[_Pending], results: list[ArrivalResult | None]) -> None:
+        if not chunk:
+            return
+        self._nominate(chunk)  # 2.
+        batch = {p.mine.repo_id: p for p in chunk}
+        jobs = [(p.mine, self._views(self.family(p.arrival.family), p.first, batch)) for p in chunk]
+        for p, pairs in zip(chunk, measure_many(jobs, device=self.device), strict=True):  # 3. (first part)
+            results[p.index] = self._place(p, pairs)
+
+    def _nominate(self, chunk: Sequence[_Pending]) -> None:
+        """The k nearest sketches of each arrival among its family and the chunk's earlier arrivals."""
+        for family in sorted({p.arrival.family for p in chunk}):
+            state = self.family(family)
+            mine = [p for p in chunk if p.arrival.family == family]
+            if state.vectors is None:
+                state.vectors = VectorIndex(family, len(mine[0].sketch.vector))
+            vectors = np.stack([p.sketch.vector for p in mine])
+            found = state.vectors.nearest_in_order([p.mine.repo_id for p in mine], vectors, self.k)
+            for p, near in zip(mine, found, strict=True):
+                p.nominees = [r for r, _ in near]
+                p.first = p.nominees[: max(1, self.k - self.expand)] if self.expand else p.nominees
+
+    def _place(self, p: _Pending, pairs: list[PairMeasure]) -> ArrivalResult:
+        """Steps 3 (second hop and the rest of the budget) to 6 for one prepared arrival."""
+        arrival, state = p.arrival, self.family(p.arrival.family)
+        repo_id, family = arrival.repo_id, arrival.family
+        hop = self._second_hop(state, p.sketch, p.first, pairs)[: self.k - len(p.first)]
+        rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
+        pairs = pairs + measure(p.mine, self._views(state, hop + rest), device=self.device)  # pair-local: batching changes nothing
         self.exact_total += len(pairs)
-        candidates, rows = self._edges(family, view, state, pairs)  # 4.
+        candidates, rows = self._edges(family, p.view, state, pairs)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
-        state.views[repo_id], state.revisions[repo_id] = view, revision
-        self._remember(repo_id, {n: arrays[n] for n in sketch.layer_names})
-        self._persist_arrays(repo_id, revision, {n: arrays[n] for n in sketch.layer_names})
-        if state.vectors is None:
-            state.vectors = VectorIndex(family, len(sketch.vector))
-        state.vectors.upsert([(repo_id, revision, sketch.vector)])
-        self._queue(family, state, repo_id, revision, sketch, view, rows, update.touched)  # 6.
+        state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
+        self._remember(repo_id, p.mine.arrays)
+        self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
+        state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
+        self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched)  # 6.
         cid = state.forest.cluster_id(repo_id)
-        return ArrivalResult(repo_id, family, tuple(nominees), len(pairs), tuple(sorted(p.other for p in pairs if p.related)),
-                             update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid),
-                             tuple(hop))
+        return ArrivalResult(repo_id, family, tuple(p.nominees), len(pairs), tuple(sorted(q.other for q in pairs if q.related)),
+                             update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid), tuple(hop))
 
-    def _views(self, state: _Family, repos: Sequence[str]) -> list[ModelView]:
-        return [v for v in (self._with_arrays(state, r) for r in repos) if v is not None]
-
-    def _nominees(self, state: _Family, family: str, sketch: Sketch) -> list[str]:
-        if state.vectors is None or len(state.vectors) == 0:
-            return []
-        return [r for r, _ in state.vectors.nearest(sketch.vector, self.k)]
+    def _views(self, state: _Family, repos: Sequence[str], batch: Mapping[str, _Pending] | None = None) -> list[ModelView]:
+        """The nominees' views with their arrays: the chunk's own arrivals first, else memory or the cache."""
+        batch = batch or {}
+        found = (batch[r].mine if r in batch else self._with_arrays(state, r) for r in repos)
+        return [v for v in found if v is not None]
 
     def _second_hop(self, state: _Family, sketch: Sketch, nominees: Sequence[str], pairs: Sequence[object]) -> list[str]:
         """Up to `expand` forest parents/children of the related compared nominees, not yet compared, nearest
