@@ -325,3 +325,23 @@ def test_add_many_equals_one_by_one(tmp_path: Path, models: list, chunk: int) ->
         assert rows == {repr(r) for r in read_records(tmp_path / "many", table) if not hasattr(r, "updated_at")}
     edges_one = {r.repo_id: (r.parent, r.cluster, r.depth) for r in read_records(tmp_path / "one", "edges")}
     assert edges_one == {r.repo_id: (r.parent, r.cluster, r.depth) for r in read_records(tmp_path / "many", "edges")}
+
+
+def test_an_index_built_under_another_pair_rule_is_refused(tmp_path: Path, models: list) -> None:
+    """Edges weighted by two rules in one tree would be incomparable: refuse, name the family, keep the store."""
+    import json as _json
+
+    from errors import StoreError
+    from store.schema import SketchRecord
+    from store.tables import Store
+
+    _ingest(tmp_path, models, [0, 1])
+    old = read_records(tmp_path, "sketches")[0]
+    stats = {k: v for k, v in _json.loads(old.stats).items() if k != "pair_rule"}  # as session 1 wrote it
+    with Store.open(tmp_path) as store:
+        store.append("sketches", [SketchRecord(old.repo_id, old.revision, old.family, old.sketch_version, old.vector,
+                                               old.kurtosis, old.norms, old.layer_names, _json.dumps(stats))])
+    with pytest.raises(StoreError, match=f"family '{FAMILY}'.*pair rule \\[1, 2\\]"):
+        with LineageIndex.open(tmp_path, device="cpu") as index:
+            index.add(models[2][0], REV.format(2), FAMILY, models[2][2], models[2][3])
+    assert len(read_records(tmp_path, "sketches")) == 2  # nothing lost

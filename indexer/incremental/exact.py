@@ -56,6 +56,10 @@ from sketches.layers import is_head, select_layers
 
 logger = logging.getLogger(__name__)
 
+# The version of the rule below (relatedness, regime, distance, direction -> weight). Stored with each
+# sketch; an index built under another rule is refused (indexer.incremental.index._check_pair_rule).
+# 1: session 1, full-rank tier = l2n; 2: full-rank tier = the spectral tail.
+PAIR_RULE = 2
 MIN_RELATIVE = 0.5  # indexer.lineage.cluster.choose_k's min_relative
 DEFAULT_PENALTY = 0.4  # log units per unit of T: the kurtosis cue, a factor 1.5 (~ mother's 0.3 x mean(D))
 TIME_WEIGHT = 7.5  # units of T for "child uploaded first": 7.5 x 0.4 = 3.0 log units (module docstring)

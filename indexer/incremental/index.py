@@ -34,8 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import BadInputError
-from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, PairMeasure, edge_weights, measure, measure_many
+from errors import BadInputError, StoreError
+from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, ModelView, PairMeasure, edge_weights, measure, measure_many
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
 from sketches.distances import Device
 from sketches.layers import select_layers
@@ -154,6 +154,7 @@ class LineageIndex:
 
     def _load(self, family: str) -> _Family:
         sketches = [r for r in self.store.records("sketches") if r.family == family]  # type: ignore[union-attr]
+        _check_pair_rule(family, sketches)
         views, revisions = {}, {}
         for r in sketches:
             views[r.repo_id] = _view_of(r)  # type: ignore[arg-type]
@@ -322,7 +323,8 @@ class LineageIndex:
 
     def _queue(self, family: str, state: _Family, repo_id: str, revision: str, sketch: Sketch, view: ModelView,
                rows: list[CandidateRecord], touched: Sequence[str]) -> None:
-        stats = {"created": view.created, "direction": list(view.direction_layers), "seed": sketch.seed}
+        stats = {"created": view.created, "direction": list(view.direction_layers), "seed": sketch.seed,
+                 "pair_rule": PAIR_RULE}
         self._pending["sketches"].append(SketchRecord(
             repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
             sketch.layer_names, json.dumps(stats, sort_keys=True)))
@@ -376,6 +378,17 @@ class LineageIndex:
 
     def families(self) -> list[str]:
         return sorted(self._families)
+
+
+def _check_pair_rule(family: str, sketches: Sequence[SketchRecord]) -> None:
+    """Refuse a family whose candidate edges were weighted by another pair rule: mixing them with new
+    edges would make one tree of two incomparable distances (and break the batch-equals-incremental
+    invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail."""
+    rules = {int(json.loads(r.stats).get("pair_rule", 1)) for r in sketches}
+    if rules - {PAIR_RULE}:
+        raise StoreError(f"family {family!r} in this index was built with pair rule {sorted(rules)} and this "
+                         f"version weighs candidate edges with rule {PAIR_RULE}; crawl into a fresh INDEX_HOME "
+                         "(the old one stays readable by index query/export)")
 
 
 def _ku_all(view: ModelView) -> float:
