@@ -212,6 +212,8 @@ def _one_thread_on_cpu(tensor: torch.Tensor) -> Iterator[None]:
 
 
 def _svdvals(diffs: torch.Tensor) -> torch.Tensor:
+    if diffs.is_cuda:  # gesvd: 0.84 ms a 64 x 4096 matrix on an H100, the default gesvdj 1.42 ms
+        return torch.linalg.svdvals(diffs, driver="gesvd")
     with _one_thread_on_cpu(diffs):
         return torch.linalg.svdvals(diffs)
 
