@@ -249,8 +249,14 @@ class LineageIndex:
         return [v for v in found if v is not None]
 
     def _second_hop(self, state: _Family, sketch: Sketch, nominees: Sequence[str], pairs: Sequence[object]) -> list[str]:
-        """Up to `expand` forest parents/children of the related compared nominees, not yet compared, nearest
-        sketch first (nominees ranked below the first k - expand included)."""
+        """Up to `expand` forest parents/children of the related compared nominees, not yet compared
+        (nominees ranked below the first k - expand included), the most weakly placed first: roots, then
+        by the weight of their current parent edge, heaviest first; then nearest sketch, then id.
+
+        Why weakest first: the pair this hop exists for is a child that arrived before its parent and
+        whose update is large (a big LoRA), so it ranks past k among the parent's sketch neighbours and
+        hangs, for now, under a grandparent or sibling by a heavy edge. Nearest-sketch-first cut it off
+        when the hop had to fit in the budget of k (vthr-lora-f, order 0: 2 true pairs never compared)."""
         if not self.expand or state.vectors is None:
             return []
         forest, seen = state.forest, set(nominees)
@@ -261,7 +267,12 @@ class LineageIndex:
                 hop |= {forest.parent(r)} | {c for c in forest._out[r] if forest.parent(c) == r}
         hop -= seen | {""}
         near = {r: i for i, (r, _) in enumerate(state.vectors.nearest(sketch.vector, 4 * self.k))}
-        return sorted(hop, key=lambda r: (near.get(r, len(near)), r))[: self.expand]  # deterministic
+
+        def placed(r: str) -> float:  # weight of the current parent edge; a root: none, weakest of all
+            parent = forest.parent(r)
+            return forest.weight(parent, r) if parent else math.inf
+
+        return sorted(hop, key=lambda r: (-placed(r), near.get(r, len(near)), r))[: self.expand]  # deterministic
 
     def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]) -> tuple[list[Candidate], list[CandidateRecord]]:
         candidates, rows = [], []
