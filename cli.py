@@ -246,7 +246,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
-        device=device,
+        device=device, cache_bytes=settings.cache_bytes,
     )
     cluster = _cluster(workers, dask, 10.0)
     if cluster is None:
@@ -506,6 +506,7 @@ def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, arc
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=False, device=device,
+        cache_bytes=settings.cache_bytes,
     )
     _serve_log()
     run(home or settings.home, ServeOptions(

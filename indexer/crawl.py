@@ -54,6 +54,7 @@ from sketches.layers import family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
 from store.cache import CACHE_DIR, TensorCache
+from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
 from store.tables import Store, open_store
 
@@ -441,6 +442,7 @@ class CrawlOptions:
     policy: RetryPolicy = field(default_factory=RetryPolicy)
     k: int = DEFAULT_K  # parent nominees per arriving model
     device: str = "auto"  # exact distances: auto uses CUDA when present
+    cache_bytes: int = DEFAULT_CACHE_BYTES  # the on-disk tensor cache's bound (misses are read again by range)
 
 
 @dataclass
@@ -554,7 +556,8 @@ LINEAGE_BATCH = 8  # arrivals placed together: one FAISS search per family, one 
 LINEAGE_BATCH_BYTES = 1 << 30  # ... or fewer, once their float32 tensors reach this (a 7B model: 128 MiB)
 
 
-def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache) -> tuple[OnIndexed, Callable[[], None]]:
+def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
+                 refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None) -> tuple[OnIndexed, Callable[[], None]]:
     """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush.
 
     The hook collects arrivals and places them `LINEAGE_BATCH` at a time (`LineageIndex.add_many`: the
@@ -562,7 +565,8 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache) -> tu
     when there is one); the flush places the rest, then writes the lineage rows after the models rows."""
     from indexer.incremental.index import Arrival, LineageIndex  # torch + faiss: only when lineage runs
 
-    lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache)  # flushed with the models rows
+    lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache,  # flushed with the models rows
+                           refetch=refetch)
     waiting: list[Arrival] = []
 
     def place() -> None:
@@ -584,11 +588,24 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache) -> tu
     return hook, flush
 
 
-def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache
+def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache,
+           refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None
            ) -> tuple[OnIndexed, Callable[[], None] | None]:
     if on_indexed is not None:  # a caller's own hook (tests, benchmarks): no lineage
         return on_indexed, None
-    return lineage_step(store, k=k, device=device, cache=cache)
+    return lineage_step(store, k=k, device=device, cache=cache, refetch=refetch)
+
+
+def hub_refetch(hub: HubSource, *, budget: int, have_token: bool) -> Callable[[str, str], Mapping[str, np.ndarray]]:
+    """Read a model's selected tensors again, by range, at the revision it was indexed at: the same plan
+    (it depends on the header and the budget only), so the same blocks."""
+
+    def refetch(repo_id: str, revision: str) -> Mapping[str, np.ndarray]:
+        entry = hub.model_info(repo_id, revision=revision)
+        # HubSource.repo, not an override: a Dask hub would send this one read to a worker and count it
+        return read_model(HubSource.repo(hub, entry), budget=budget, have_token=have_token).arrays
+
+    return refetch
 
 
 def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None,
@@ -602,8 +619,9 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
         hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
     cursors: dict[str, str] = {}
     with open_store(home) as store:
-        cache = TensorCache(store.home / CACHE_DIR)  # one cache (one size bound) for the crawl and lineage
-        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache)
+        cache = TensorCache(store.home / CACHE_DIR, max_bytes=options.cache_bytes)  # one bound: crawl + lineage
+        refetch = hub_refetch(hub, budget=options.budget, have_token=options.token is not None)
+        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache, refetch=refetch)
         indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, cache=cache,
                           on_flush=on_flush)
         run = _Run(indexer, hub, options)

@@ -323,3 +323,20 @@ def test_a_refused_token_stops_the_crawl_with_a_hint(hub_root: Path, tmp_path: P
     with HubEmulator(hub_root, token="the-right-one") as emulator, pytest.raises(HubError) as info:
         crawl(tmp_path / "home", _options(emulator, token="a-wrong-one"))
     assert info.value.status == 401 and "HF_TOKEN" in str(info.value) and "a-wrong-one" not in str(info.value)
+
+
+def test_refetch_reads_the_same_blocks_again_by_range(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
+    """What the lineage index asks for when a nominee left the bounded cache: the same planned blocks,
+    over HTTP from the Hub, at the revision that was indexed."""
+    from indexer.crawl import hub_refetch
+    from indexer.sources import HubSource
+
+    _sharded(hub_root, "acme/sharded", 3, _weights(3))
+    seen: list[IndexedModel] = []
+    crawl(tmp_path / "home", _options(emu, budget=4096), on_indexed=seen.append)
+    first = seen[0]
+    before = len(_fetched(emu, "acme/sharded"))
+    again = hub_refetch(HubSource(emu.url, token=None), budget=4096, have_token=False)("acme/sharded", first.entry.revision)
+    assert sorted(again) == sorted(first.arrays)
+    assert all(np.array_equal(again[n], first.arrays[n]) for n in again)
+    assert len(_fetched(emu, "acme/sharded")) > before  # really read again, over HTTP

@@ -345,3 +345,28 @@ def test_an_index_built_under_another_pair_rule_is_refused(tmp_path: Path, model
         with LineageIndex.open(tmp_path, device="cpu") as index:
             index.add(models[2][0], REV.format(2), FAMILY, models[2][2], models[2][3])
     assert len(read_records(tmp_path, "sketches")) == 2  # nothing lost
+
+
+def test_nominees_evicted_from_memory_and_cache_are_read_again(tmp_path: Path, models: list) -> None:
+    """The tensor cache is bounded: a nominee that fell out of it is read again (refetch), not skipped."""
+    from store.cache import TensorCache
+
+    order = [int(i) for i in np.random.default_rng(3).permutation(len(models))]
+    normal = _ingest(tmp_path / "normal", models, order)
+    by_id = {rid: arrays for rid, _, arrays, _ in models}
+    asked: list[str] = []
+
+    def refetch(repo_id: str, revision: str) -> dict:
+        asked.append(repo_id)
+        return by_id[repo_id]
+
+    for source, home in ((refetch, "again"), (None, "none")):
+        cache = TensorCache(tmp_path / home / "cache", max_bytes=1)  # nothing fits: every nominee is a miss
+        with LineageIndex.open(tmp_path / home, device="cpu", cache=cache, array_bytes=1, refetch=source) as index:
+            for i in order:
+                index.add(models[i][0], REV.format(i), FAMILY, models[i][2], models[i][3])
+            if source is None:
+                assert index.not_compared > 0  # counted, and logged
+            else:
+                assert index.not_compared == 0 and asked
+                assert index.parents(FAMILY) == normal

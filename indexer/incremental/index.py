@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -70,6 +70,9 @@ class ArrivalResult:
     parent: str
     cluster: str  # the cluster's key (its smallest member id)
     second_hop: tuple[str, ...] = ()  # compared beyond the nominees (`expand`), in that order
+
+
+Refetch = Callable[[str, str], Mapping[str, np.ndarray]]  # (repo_id, revision) -> selected tensors, float32
 
 
 @dataclass(frozen=True)
@@ -119,13 +122,16 @@ class LineageIndex:
 
     def __init__(self, store: Store, *, k: int = DEFAULT_K, device: Device = "auto", penalty: float = DEFAULT_PENALTY,
                  dim: int = DEFAULT_DIM, seed: int = 0, flush_every: int = 1, cache: TensorCache | None = None,
-                 array_bytes: int = DEFAULT_ARRAY_BYTES, expand: int = DEFAULT_EXPAND) -> None:
+                 array_bytes: int = DEFAULT_ARRAY_BYTES, expand: int = DEFAULT_EXPAND,
+                 refetch: Refetch | None = None) -> None:
         if k < 1:
             raise BadInputError("k", f"must be at least 1 nominee, got {k}")
         self.store, self.k, self.device, self.penalty = store, k, device, penalty
         self.dim, self.seed, self.flush_every = dim, seed, max(1, flush_every)
         self.expand = max(0, expand)
         self.cache = cache if cache is not None else TensorCache(Path(store.home) / CACHE_DIR)
+        self.refetch = refetch  # re-reads a nominee's selected tensors by range when the cache lost them
+        self.not_compared = 0  # nominees skipped because their tensors could not be had (logged)
         self._families: dict[str, _Family] = {}
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
@@ -323,12 +329,33 @@ class LineageIndex:
         view = state.views[repo_id]
         arrays = self._arrays.get(repo_id)
         if arrays is None:
-            found = {n: self.cache.get((repo_id, state.revisions[repo_id], n, 0)) for n in view.norms}
-            if any(a is None for a in found.values()):
-                logger.warning("%s: its tensors are neither in memory nor in the cache; not compared", repo_id)
+            arrays = self._cached_or_refetched(repo_id, state.revisions[repo_id], tuple(view.norms))
+            if arrays is None:
+                self.not_compared += 1
                 return None
-            arrays = found  # type: ignore[assignment]
         return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)  # type: ignore[arg-type]
+
+    def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
+        """The nominee's selected tensors from the on-disk cache, else read again by range (the cache is
+        bounded: at the default 1 GiB it holds 8 models' 7B-shaped selections) and cached again."""
+        found = {n: self.cache.get((repo_id, revision, n, 0)) for n in names}
+        if all(a is not None for a in found.values()):
+            return found  # type: ignore[return-value]
+        if self.refetch is None:
+            logger.warning("%s: its tensors are neither in memory nor in the cache, and there is no source to "
+                           "read them again from; not compared", repo_id)
+            return None
+        try:
+            fresh = self.refetch(repo_id, revision)
+        except Exception as exc:  # noqa: BLE001 -- one unreadable nominee must not stop the arrival
+            logger.warning("%s: reading its tensors again failed (%s); not compared", repo_id, exc)
+            return None
+        if any(n not in fresh for n in names):
+            logger.warning("%s: read again, it no longer has the tensors it was sketched from; not compared", repo_id)
+            return None
+        kept = {n: np.asarray(fresh[n], dtype=np.float32) for n in names}
+        self._persist_arrays(repo_id, revision, kept)
+        return kept
 
     # --- persistence ---------------------------------------------------------------------------------
 
