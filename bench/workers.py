@@ -3,13 +3,18 @@
 Scenarios, served over real HTTP by the Hub emulator in its own process (`index hub serve`, so its work
 does not share our GIL):
   (a) a zoo folder (default zoo/small-ft: 21 ViTs of ~2 MB, read whole);
-  (b) N virtual Llama-2-7B models (`--virtual`, i.e. `HubEmulator.add_virtual(repo_id, layout="llama-2-7b",
-      seed=i, created_at=...)`: BF16, 2 shards, generated on demand), read at the byte budget.
+  (b) N virtual Llama models (`--virtual`, i.e. `HubEmulator.add_virtual(repo_id, layout=LAYOUT, seed=i,
+      created_at=...)`: BF16, 2 shards, generated on demand), read at the byte budget. Each is its own root
+      (seed i, no parent), one a day apart. `--layout llama-2-7b` (default) measures bandwidth;
+      `--layout llama-tiny` (20 M parameters, 39 MB) measures the per-model overhead over 1,000 models.
 Each row is a fresh store. The cluster's start-up (process spawn + imports) is timed apart and left out of
 models/s: a nightly run pays it once. `--latency` adds a delay to every file request (emulator fault
 `slow`), the regime of the real Hub, where fetching waits on the network and workers overlap the waits.
 
-    .venv/bin/python bench/workers.py [--zoo zoo/small-ft] [--n 8] [--budget-mib 16] [--latency 0.05]
+    .venv/bin/python bench/workers.py [--zoo zoo/small-ft] [--n 8] [--layout llama-2-7b] [--budget-mib 16]
+                                      [--latency 0.05]
+
+A --zoo that is not a folder (e.g. `--zoo none`) leaves scenario (a) out.
 
 Prints a markdown table with the machine it ran on.
 """
@@ -22,13 +27,14 @@ import platform
 import sys
 import tempfile
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.crawl import CrawlOptions, crawl  # noqa: E402
 from indexer.distributed import DaskHub, ClusterSpec, _Known, connect, crawl_via  # noqa: E402
-from indexer.hub_emulator import emulator_process  # noqa: E402
+from indexer.hub_emulator import LAYOUTS, emulator_process  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -40,8 +46,10 @@ def emulator(root: Path, virtual: list[str], latency: float):  # type: ignore[no
     return emulator_process(root, args=args)
 
 
-def _virtual(n: int) -> list[str]:
-    return [f"llama-2-7b:bench/l7-{i}:seed={i}:created=2024-01-{i + 1:02d}T00:00:00.000Z" for i in range(n)]
+def _virtual(n: int, layout: str) -> list[str]:
+    first = datetime(2024, 1, 1)  # a day apart, so 1,000 models still have distinct, valid dates
+    return [f"{layout}:bench/{layout}-{i}:seed={i}:created={first + timedelta(days=i):%Y-%m-%dT%H:%M:%S}.000Z"
+            for i in range(n)]
 
 
 def _row(scenario: str, mode: str, summary: dict[str, object], seconds: float, startup: float) -> dict[str, object]:
@@ -90,7 +98,8 @@ def machine() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, default=Path("zoo/small-ft"))
-    parser.add_argument("--n", type=int, default=8, help="virtual Llama-2-7B models")
+    parser.add_argument("--n", type=int, default=8, help="virtual models")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="llama-2-7b", help="their virtual layout")
     parser.add_argument("--budget-mib", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds added to every file request")
@@ -101,7 +110,9 @@ def main() -> None:
         rows += run(f"(a) zoo {args.zoo.name}", args.zoo, [], **kw)  # type: ignore[arg-type]
     if args.n > 0:
         with tempfile.TemporaryDirectory() as empty:
-            rows += run(f"(b) virtual llama-2-7b x{args.n}", Path(empty), _virtual(args.n), **kw)  # type: ignore[arg-type]
+            rows += run(f"(b) virtual {args.layout} x{args.n}", Path(empty), _virtual(args.n, args.layout),
+                        **kw)  # type: ignore[arg-type]
+    print(f"command: bench/workers.py {' '.join(sys.argv[1:])}")
     print(f"machine: {machine()}")
     print(f"budget {args.budget_mib} MiB per model; added latency {args.latency * 1000:.0f} ms per file request\n")
     print(table(rows))

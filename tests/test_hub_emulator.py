@@ -507,6 +507,36 @@ def test_virtual_7b_layout_and_deterministic_bytes(fresh: HubEmulator) -> None:
     assert 0.0015 < diff.std() < 0.0025  # delta 0.1 of the 0.02 scale
 
 
+def test_virtual_tiny_layout_is_a_sharded_llama_the_client_reads(fresh: HubEmulator, tmp_path: Path) -> None:
+    emu = fresh
+    layout = LAYOUTS["llama-tiny"]
+    emu.add_virtual("meta/tiny", layout="llama-tiny", seed=1, created_at=T0)
+    emu.add_virtual("acme/tiny-ft", layout="llama-tiny", seed=2, created_at="2024-01-02T00:00:00.000Z",
+                    parent="meta/tiny")
+    api = HfApi(endpoint=emu.url)
+    meta = api.get_safetensors_metadata("meta/tiny")
+    assert meta.sharded and sorted(meta.files_metadata) == [
+        "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    tensors = {n: t for f in meta.files_metadata.values() for n, t in f.tensors.items()}
+    assert {n: tuple(t.shape) for n, t in tensors.items()} == dict(layout.tensors())
+    assert set(meta.weight_map) == set(tensors) and all(t.dtype == "BF16" for t in tensors.values())
+    assert meta.parameter_count == {"BF16": 19_548_416}
+    assert set(tensors) < {n for n, _ in LAYOUTS["llama-2-7b"].tensors()}  # 7B's names, 4 of its 32 layers
+    config = json.loads(Path(hf_hub_download("meta/tiny", "config.json", endpoint=emu.url,
+                                             cache_dir=tmp_path / "cache")).read_text())
+    assert (config["hidden_size"], config["num_hidden_layers"], config["model_type"]) == (256, 4, "llama")
+
+    name = "model.layers.3.self_attn.q_proj.weight"  # 256 x 256, whole
+    shard = meta.weight_map[name]
+    header_len = struct.unpack("<Q", _get(emu, f"/meta/tiny/resolve/main/{shard}", "bytes=0-7"))[0]
+    start = 8 + header_len + meta.files_metadata[shard].tensors[name].data_offsets[0]
+    span = f"bytes={start}-{start + 2 * 256 * 256 - 1}"
+    values = bf16_to_f32(_get(emu, f"/meta/tiny/resolve/main/{shard}", span))
+    assert values.size == 256 * 256 and np.isfinite(values).all() and 0.015 < values.std() < 0.035
+    diff = bf16_to_f32(_get(emu, f"/acme/tiny-ft/resolve/main/{shard}", span)) - values
+    assert 0.0015 < diff.std() < 0.0025  # a child of a tiny root is related to it, as at 7B
+
+
 def test_virtual_ranges_agree_however_they_are_cut(fresh: HubEmulator) -> None:
     emu = fresh
     emu.add_virtual("meta/cut", layout="llama-2-7b", seed=7, created_at=T0)
