@@ -370,3 +370,13 @@ def test_nominees_evicted_from_memory_and_cache_are_read_again(tmp_path: Path, m
             else:
                 assert index.not_compared == 0 and asked
                 assert index.parents(FAMILY) == normal
+
+
+def test_edge_rows_report_the_measured_pair_distance(tmp_path: Path, models: list) -> None:
+    """An edge row's distance is what the pair measured (tier offset removed), not the forest's weight."""
+    _ingest(tmp_path, models, list(range(len(models))))
+    measured = {(c.parent, c.child): c.distance for c in read_records(tmp_path, "candidates")}
+    for edge in read_records(tmp_path, "edges"):
+        if edge.parent:
+            assert edge.distance == pytest.approx(measured[(edge.parent, edge.repo_id)] % 100.0)
+            assert 0 < edge.distance < 1  # this family: full fine-tuning, small steps

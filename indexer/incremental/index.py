@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import BadInputError, StoreError
-from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, ModelView, PairMeasure, edge_weights, measure, measure_many
+from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, TIER_GAP, ModelView, PairMeasure, edge_weights, measure, measure_many
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
 from sketches.distances import Device
 from sketches.layers import select_layers
@@ -115,6 +115,9 @@ class _Family:
     views: dict[str, ModelView]  # arrays left empty: they live in LineageIndex._arrays / the cache
     revisions: dict[str, str]
     depth: dict[str, int] = field(default_factory=dict)
+    # the measured distance of each candidate pair (both directions), what an edge row reports: the forest
+    # holds weights (tier offset + log distance + direction penalty), which mean nothing to a reader
+    distance: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class LineageIndex:
@@ -167,11 +170,13 @@ class LineageIndex:
             revisions[r.repo_id] = r.revision  # type: ignore[union-attr]
         # Candidate rows are written before their model's sketch (see `flush`): rows of a model whose sketch
         # never landed belong to an arrival cut short by a crash; it is added again, rows and all.
-        edges = [Candidate(c.parent, c.child, c.weight) for c in self.store.records("candidates")  # type: ignore[union-attr]
-                 if c.family == family and c.parent in views and c.child in views]  # type: ignore[union-attr]
+        rows = [c for c in self.store.records("candidates")
+                if c.family == family and c.parent in views and c.child in views]  # type: ignore[union-attr]
+        edges = [Candidate(c.parent, c.child, c.weight) for c in rows]  # type: ignore[union-attr]
         forest = IncrementalForest.load(sorted(views), edges)
         vectors = load_or_rebuild(self.store.home, family) if views else None
         state = _Family(family, forest, vectors, views, revisions)
+        state.distance = {(c.parent, c.child): c.distance for c in rows}  # type: ignore[union-attr]
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -289,6 +294,7 @@ class LineageIndex:
             (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty)  # type: ignore[arg-type]
             candidates += [Candidate(other.repo_id, view.repo_id, w_in), Candidate(view.repo_id, other.repo_id, w_out)]
             dist = pair.distance  # type: ignore[attr-defined]
+            state.distance[(other.repo_id, view.repo_id)] = state.distance[(view.repo_id, other.repo_id)] = dist
             rows += [CandidateRecord(family, other.repo_id, view.repo_id, dist, t_in, w_in),
                      CandidateRecord(family, view.repo_id, other.repo_id, dist, t_out, w_out)]
         return candidates, rows
@@ -300,6 +306,8 @@ class LineageIndex:
         keys += [(fam, repo_id, c) for c in sorted(state.forest._out[repo_id])]
         self.flush()
         self.store.delete("candidates", keys)
+        for _, parent, child in keys:
+            state.distance.pop((parent, child), None)
         parts = state.forest.remove(repo_id)
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
@@ -382,7 +390,7 @@ class LineageIndex:
         for m in members:
             cid = forest.cluster_id(m)
             parent = forest.parent(m)
-            dist = forest.weight(parent, m) if parent else math.nan
+            dist = _reported(state.distance.get((parent, m), math.nan)) if parent else math.nan
             out.append(EdgeRecord(m, state.revisions[m], state.name,
                                   forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
                                   _ku_all(state.views[m]), _confidence(forest, m), now))
@@ -427,6 +435,12 @@ def _check_pair_rule(family: str, sketches: Sequence[SketchRecord]) -> None:
         raise StoreError(f"family {family!r} in this index was built with pair rule {sorted(rules)} and this "
                          f"version weighs candidate edges with rule {PAIR_RULE}; crawl into a fresh INDEX_HOME "
                          "(the old one stays readable by index query/export)")
+
+
+def _reported(distance: float) -> float:
+    """The distance an edge row shows: the pair's distance within its regime (LoRA: summed rank fraction;
+    full fine-tuning: the spectral-tail distance), without the tier offset that orders the two regimes."""
+    return distance - TIER_GAP if distance >= TIER_GAP else distance
 
 
 def _ku_all(view: ModelView) -> float:
