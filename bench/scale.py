@@ -97,7 +97,7 @@ def interleave(family: np.ndarray, seed: int) -> np.ndarray:
     return order
 
 
-class Path_:
+class LineagePath:
     """The benchmark's lineage path state: one FAISS index and one forest per family."""
 
     def __init__(self, names: list[str], weights: np.ndarray, family: np.ndarray, *, k: int, dim: int,
@@ -157,11 +157,11 @@ class Path_:
         return out
 
 
-def run(n: int, *, k: int, dim: int, layers: int, width: int, batch: int, seed: int) -> tuple[dict[str, float], Path_, np.ndarray]:
+def run(n: int, *, k: int, dim: int, layers: int, width: int, batch: int, seed: int) -> tuple[dict[str, float], LineagePath, np.ndarray]:
     weights, parent, family = simulate(n, layers, width, seed)
     order = interleave(family, seed)
     names = [f"org{family[i] % 997:03d}/m{i:08d}" for i in range(n)]
-    path = Path_(names, weights, family, k=k, dim=dim, seed=seed)
+    path = LineagePath(names, weights, family, k=k, dim=dim, seed=seed)
     started = time.perf_counter()
     for at in range(0, n, batch):
         path.run_batch(order[at: at + batch], at)
@@ -189,7 +189,7 @@ def _peak_gib() -> float:
 # --- the store, and the read side on it ------------------------------------------------------------
 
 
-def write_store(home: Path, path: Path_, parent: np.ndarray, chunk: int = 200_000) -> float:
+def write_store(home: Path, path: LineagePath, parent: np.ndarray, chunk: int = 200_000) -> float:
     """models + edges tables of the whole forest through `Store.append`; returns seconds."""
     from store.schema import EdgeRecord, ModelRecord
     from store.tables import Store
