@@ -454,6 +454,7 @@ class _Run:
     seen: int = 0
     unchanged: int = 0
     bar: object = None
+    listed: set[tuple[str, str]] = field(default_factory=set)  # (repo_id, revision) listed this run
 
     def budget_left(self) -> bool:
         return self.options.limit is None or len(self.outcomes) < self.options.limit
@@ -488,16 +489,20 @@ def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "las
             newest = (moment, entry.repo_id)
         if entry.last_modified is not None:
             newest_modified = max(newest_modified or entry.last_modified, entry.last_modified)
-        run.seen += 1
         if not _SHA.match(entry.revision):  # a listing without the sha: ask model_info (retried)
             try:
                 entry = run.hub.model_info(entry.repo_id)
             except HubError as exc:
                 logger.warning("%s: no revision (%s); left for the next crawl", entry.repo_id, exc.reason)
+                run.seen += (entry.repo_id, entry.revision) not in run.listed
+                run.listed.add((entry.repo_id, entry.revision))
                 complete = False
                 continue
+        first = (entry.repo_id, entry.revision) not in run.listed  # both passes list the overlap: count once
+        run.listed.add((entry.repo_id, entry.revision))
+        run.seen += first
         if run.indexer.is_done(entry):
-            run.unchanged += 1
+            run.unchanged += first  # indexed earlier in this run (the other pass) is not "unchanged"
             continue
         if not run.budget_left():
             return False, retry_from or newest, newest_modified

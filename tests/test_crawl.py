@@ -340,3 +340,15 @@ def test_refetch_reads_the_same_blocks_again_by_range(emu: HubEmulator, hub_root
     assert sorted(again) == sorted(first.arrays)
     assert all(np.array_equal(again[n], first.arrays[n]) for n in again)
     assert len(_fetched(emu, "acme/sharded")) > before  # really read again, over HTTP
+
+
+def test_a_model_listed_by_both_passes_is_counted_once(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
+    """The created pass and the lastModified pass overlap; the report counts each listed model once, and a
+    model indexed by one pass is not "unchanged" in the other."""
+    for month in (1, 2, 3):
+        _repo(hub_root, f"acme/m{month}", month, _weights(month))
+    home = tmp_path / "home"
+    first = crawl(home, _options(emu)).as_dict()
+    assert first["indexed"] == 3 and first["seen"] == 3 and first["unchanged"] == 0
+    again = crawl(home, _options(emu)).as_dict()
+    assert again["indexed"] == 0 and again["seen"] == again["unchanged"] <= 3
