@@ -571,7 +571,7 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
     from indexer.incremental.index import Arrival, LineageIndex  # torch + faiss: only when lineage runs
 
     lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache,  # flushed with the models rows
-                           refetch=refetch)
+                           refetch=refetch, keep_arrays=False)  # the Indexer caches every planned block
     waiting: list[Arrival] = []
 
     def place() -> None:

@@ -380,3 +380,23 @@ def test_edge_rows_report_the_measured_pair_distance(tmp_path: Path, models: lis
         if edge.parent:
             assert edge.distance == pytest.approx(measured[(edge.parent, edge.repo_id)] % 100.0)
             assert 0 < edge.distance < 1  # this family: full fine-tuning, small steps
+
+
+def test_keep_arrays_off_writes_nothing_to_the_cache(tmp_path: Path, models: list) -> None:
+    """Under the crawler (which caches the same blocks itself) the index does not write them a second time."""
+    from store.cache import TensorCache
+
+    class Counting(TensorCache):
+        puts = 0
+
+        def put(self, key, array):  # noqa: ANN001, ANN202
+            Counting.puts += 1
+            return super().put(key, array)
+
+    for keep, home in ((True, "keep"), (False, "off")):
+        Counting.puts = 0
+        cache = Counting(tmp_path / home / "cache")
+        with LineageIndex.open(tmp_path / home, device="cpu", cache=cache, keep_arrays=keep) as index:
+            for i, (rid, _, arrays, created) in enumerate(models[:4]):
+                index.add(rid, REV.format(i), FAMILY, arrays, created)
+        assert (Counting.puts > 0) == keep

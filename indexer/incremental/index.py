@@ -126,7 +126,7 @@ class LineageIndex:
     def __init__(self, store: Store, *, k: int = DEFAULT_K, device: Device = "auto", penalty: float = DEFAULT_PENALTY,
                  dim: int = DEFAULT_DIM, seed: int = 0, flush_every: int = 1, cache: TensorCache | None = None,
                  array_bytes: int = DEFAULT_ARRAY_BYTES, expand: int = DEFAULT_EXPAND,
-                 refetch: Refetch | None = None) -> None:
+                 refetch: Refetch | None = None, keep_arrays: bool = True) -> None:
         if k < 1:
             raise BadInputError("k", f"must be at least 1 nominee, got {k}")
         self.store, self.k, self.device, self.penalty = store, k, device, penalty
@@ -134,6 +134,9 @@ class LineageIndex:
         self.expand = max(0, expand)
         self.cache = cache if cache is not None else TensorCache(Path(store.home) / CACHE_DIR)
         self.refetch = refetch  # re-reads a nominee's selected tensors by range when the cache lost them
+        # write each arrival's tensors to the cache; off under the crawler, which caches the same planned
+        # blocks under the same keys itself (writing them twice doubled the cache I/O: 128 MiB a 7B model)
+        self.keep_arrays = keep_arrays
         self.not_compared = 0  # nominees skipped because their tensors could not be had (logged)
         self._families: dict[str, _Family] = {}
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
@@ -246,7 +249,8 @@ class LineageIndex:
         update = state.forest.add(repo_id, candidates)  # 5.
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
         self._remember(repo_id, p.mine.arrays)
-        self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
+        if self.keep_arrays:
+            self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched)  # 6.
         cid = state.forest.cluster_id(repo_id)
