@@ -15,9 +15,11 @@ arrivals (a night's crawl delivers them in upload order; `--batch` of them are n
     2. nominees: `store.vectors.VectorIndex.nearest_in_order` per family -- the k nearest among the
        family's FAISS index and the batch's earlier arrivals, exactly the sequential nominees;
     3. exact pairs, vectorised over the batch, with the pair-local rule of indexer.incremental.exact:
-       related when the median per-layer ||a - b|| / sqrt(||a||^2 + ||b||^2) < MIN_RELATIVE; distance =
-       sum over layers of ||a - b|| / RMS(||a||, ||b||) (the full-rank tier); weight = TIER_GAP + log
-       distance + the upload-time penalty (a child uploaded before its parent pays TIME_WEIGHT units);
+       related when the median per-layer ||a - b|| / sqrt(||a||^2 + ||b||^2) < MIN_RELATIVE; weight =
+       TIER_GAP + log distance + the upload-time penalty (a child uploaded before its parent pays
+       TIME_WEIGHT units). The distance is pair rule 1's full-rank tier, sum over layers of ||a - b|| /
+       RMS(||a||, ||b||): the synthetic "layers" are vectors of isotropic steps, which have no spectral
+       tail for rule 2 to keep (the cost of a real tail is measured by bench/gpu_exact.py);
     4. `indexer.incremental.forest.IncrementalForest.add`, one arrival at a time, in upload order;
     5. the batch's vectors are upserted into their families' indexes.
 With `--store DIR` the forest is then written as a real store (models + edges tables through

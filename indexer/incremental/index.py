@@ -166,10 +166,11 @@ class LineageIndex:
 
     def _load(self, family: str) -> _Family:
         sketches = [r for r in self.store.records("sketches") if r.family == family]  # type: ignore[union-attr]
-        _check_pair_rule(family, sketches)
+        stats = [json.loads(r.stats) for r in sketches]  # type: ignore[union-attr]  -- parsed once, used twice
+        _check_pair_rule(family, stats)
         views, revisions = {}, {}
-        for r in sketches:
-            views[r.repo_id] = _view_of(r)  # type: ignore[arg-type]
+        for r, st in zip(sketches, stats, strict=True):
+            views[r.repo_id] = _view_of(r, st)  # type: ignore[arg-type]
             revisions[r.repo_id] = r.revision  # type: ignore[union-attr]
         # Candidate rows are written before their model's sketch (see `flush`): rows of a model whose sketch
         # never landed belong to an arrival cut short by a crash; it is added again, rows and all.
@@ -430,11 +431,11 @@ class LineageIndex:
         return sorted(self._families)
 
 
-def _check_pair_rule(family: str, sketches: Sequence[SketchRecord]) -> None:
+def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]]) -> None:
     """Refuse a family whose candidate edges were weighted by another pair rule: mixing them with new
     edges would make one tree of two incomparable distances (and break the batch-equals-incremental
     invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail."""
-    rules = {int(json.loads(r.stats).get("pair_rule", 1)) for r in sketches}
+    rules = {int(st.get("pair_rule", 1)) for st in stats}  # type: ignore[call-overload]
     if rules - {PAIR_RULE}:
         raise StoreError(f"family {family!r} in this index was built with pair rule {sorted(rules)} and this "
                          f"version weighs candidate edges with rule {PAIR_RULE}; crawl into a fresh INDEX_HOME "
@@ -504,8 +505,7 @@ def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, c
     return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names))
 
 
-def _view_of(record: SketchRecord) -> ModelView:
-    stats = json.loads(record.stats)
+def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
     kurt = dict(zip(record.layer_names, record.kurtosis, strict=True))
     norms = dict(zip(record.layer_names, record.norms, strict=True))
-    return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())))
+    return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())))  # type: ignore[arg-type]

@@ -36,6 +36,7 @@ from indexer.lineage.mdst import minimum_arborescence
 from sketches.distances import (
     DEFAULT_MAX_ELEMENTS,
     Device,
+    _one_thread_on_cpu,
     l2_distance,
     layer_normalised_l2,
     linf_minmax_distance,
@@ -286,15 +287,10 @@ def spectral_tail_distance(
 def tail_norms(diffs: torch.Tensor, keep: int) -> torch.Tensor:
     """sqrt of the sum of the `keep` smallest squared singular values of each matrix in a (p, M, N) batch."""
     gram = diffs @ diffs.mT if diffs.shape[1] <= diffs.shape[2] else diffs.mT @ diffs
-    old = torch.get_num_threads()
-    if gram.device.type == "cpu":
-        torch.set_num_threads(1)  # small batched eigensolvers: one thread is faster on a shared box
-    try:
+    with _one_thread_on_cpu(gram):  # small batched eigensolvers: one thread is faster on a shared box
         # On CUDA the Gram products stay on the GPU but the small eigensolves run on the host: batched
         # eigvalsh of 64 x 64 float64 matrices took 0.44 ms a matrix on an H100, 0.18 ms on its CPU.
         eig = torch.linalg.eigvalsh(gram.cpu() if gram.is_cuda else gram)  # ascending
-    finally:
-        torch.set_num_threads(old)
     return eig[:, :keep].clamp_min(0.0).sum(dim=1).sqrt().to(gram.device)
 
 
