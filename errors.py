@@ -104,3 +104,18 @@ class CrawlStopped(ModelGraphError):
 
 class ClusterError(ModelGraphError):
     """The Dask cluster went away in the middle of a crawl (rows written so far are kept)."""
+
+
+class GGUFError(BadInputError):
+    """A GGUF file whose bytes break the format, or that uses a quantization type we cannot decode.
+    `thing` is the file name."""
+
+
+class QuantizedWeightsError(BadInputError):
+    """Packed quantized tensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors) that are inconsistent
+    with each other or with `quantization_config`, or in a layout we do not decode. `thing` names the tensor."""
+
+
+class AdapterError(BadInputError):
+    """A PEFT adapter we cannot use: `adapter_config.json` that is not JSON or names no base, or adapter
+    tensors that do not pair up. `thing` is the file or tensor name."""
