@@ -2,11 +2,29 @@
 
 Input everywhere is a model's tensor shapes, `{name: shape}`, as read from a safetensors header.
 
+Names. Real relatives store the same weights under other names: a task model prefixes its backbone
+(`bert.`, `vit.`, `transformer.`, `model.`), sentence-transformers saves `0.auto_model.`, a PEFT merge
+`base_model.model.`, DDP `module.`, torch.compile `_orig_mod.`; TF / Flax conversions use `/` and
+`layer_._N`. `normalise_name` strips those prefixes (repeatedly, at the start only) and maps the
+separators, so every comparison below is on normalised names; `canonical_tensors` also drops what is
+not a learned float weight: integer / bool tensors and the known buffers (`position_ids`,
+`num_batches_tracked`, GPT-2's causal mask `attn.bias`, rotary `inv_freq`, ...), which one library
+version saves and the next does not, and which are identical in unrelated models (a mask would make
+strangers look related). TF / Flax `kernel`s are stored transposed and keep their name, so they are
+compared with other TF kernels only.
+
 Family key. Two models can only be relatives when their body has the same tensors with the same shapes.
 The heads (classifier, lm_head, score, ...) and the vocabulary-sized embeddings are re-drawn or resized
 per task, so they are left out of the key: a ViT fine-tuned from 10 to 3 classes stays in its parent's
 family. The key is `<arch>-<16 hex of blake2b over the sorted (name, shape) body list>`, where `arch` is
 a readable guess (vit, bert, llama, conv, generic) used only for display.
+
+Core. Models whose keys differ can still be relatives (a new layer inserted before the head, a depth
+cut, a pooler added): `core_overlap` is the share of the smaller body's values held in tensors both
+have with one name and shape. Two keys whose bodies overlap by at least CORE_SHARE are one family
+(`merge_families`). Why 0.5: overlaps between different architectures are bimodal, near 0 (other
+widths: no shape in common but a few norms) or near 1 (same architecture, other heads/buffers/extra
+block); bench/RESULTS.md lists the measured overlaps of real `transformers` layouts.
 
 Layer selection, per scheme:
 - `attention` (MoTHer full fine-tuning, DESIGN.md): the square attention matrices named like
@@ -28,10 +46,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from errors import UnsupportedModelError
 
@@ -55,6 +74,21 @@ _HEAD = re.compile(
     r"(?:^|\.)(?:classifier|lm_head|score|qa_outputs|head|heads|fc_out|pooler)(?:\.|$)"
     r"|(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_out)\.weight$"
 )
+# Buffers: saved by some library versions and not others, or fixed (masks, rotary tables, index maps);
+# never a learned weight, never part of the key or of a comparison.
+_BUFFER = re.compile(
+    r"(?:^|\.)(?:position_ids|token_type_ids|num_batches_tracked|inv_freq|relative_position_index"
+    r"|masked_bias|_float_tensor|attention_mask)$"
+    r"|(?:^|\.)attn\.bias$"  # GPT-2's causal mask (float32 in older checkpoints)
+)
+# Leading prefixes under which the same weights are saved (see the module docstring), longest first.
+_PREFIXES = (
+    "base_model.model.", "0.auto_model.", "auto_model.", "_orig_mod.", "module.", "model.", "transformer.",
+    "bert.", "roberta.", "xlm_roberta.", "distilbert.", "deberta.", "electra.", "albert.", "mpnet.",
+    "vit.", "deit.", "beit.", "swin.", "convnext.", "resnet.", "backbone.", "gpt_neox.", "encoder_model.",
+)
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
+CORE_SHARE = 0.5
 _ARCH_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("vit", re.compile(r"attention\.attention\.query\.weight$")),
     ("bert", re.compile(r"attention\.self\.query\.weight$")),
@@ -75,6 +109,85 @@ def is_head(name: str) -> bool:
     return _HEAD.search(name) is not None
 
 
+def is_buffer(name: str) -> bool:
+    return _BUFFER.search(name) is not None
+
+
+def normalise_name(name: str) -> str:
+    """The name a tensor is compared under: framework separators mapped, known prefixes stripped."""
+    out = name.removesuffix(":0").replace("/", ".")
+    out = re.sub(r"layer_\._(\d+)", r"layer.\1", out)
+    out = re.sub(r"^tf_[a-z0-9_]+\.", "", out)  # a TF main layer's name (tf_bert_model/...)
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _PREFIXES:
+            if out.startswith(prefix) and len(out) > len(prefix):
+                out, stripped = out[len(prefix):], True
+                break
+    return out
+
+
+class _HasDtype(Protocol):
+    @property
+    def dtype(self) -> str: ...
+
+
+def canonical_tensors(infos: Mapping[str, _HasDtype]) -> dict[str, str]:
+    """{normalised name: stored name} of the learned float tensors (buffers and integers dropped).
+
+    Two stored names that normalise alike (a file holding both `model.x` and `x`) keep the first in
+    sorted order, logged: the rest of the pipeline needs one tensor per name."""
+    out: dict[str, str] = {}
+    for raw in sorted(infos):
+        if infos[raw].dtype not in FLOAT_DTYPES or is_buffer(raw):
+            continue
+        name = normalise_name(raw)
+        if name in out:
+            logger.warning("%s and %s are both %s after normalising; keeping %s", out[name], raw, name, out[name])
+            continue
+        out[name] = raw
+    return out
+
+
+def _body(shapes: Mapping[str, Shape]) -> dict[str, Shape]:
+    return {name: tuple(shape) for name, shape in shapes.items() if not is_head(name) and not is_buffer(name)}
+
+
+def core_overlap(a: Mapping[str, Shape], b: Mapping[str, Shape]) -> float:
+    """Share of the smaller body's values in tensors both bodies hold with one name and shape (0..1)."""
+    body_a, body_b = _body(a), _body(b)
+    size_a = sum(math.prod(s) for s in body_a.values())
+    size_b = sum(math.prod(s) for s in body_b.values())
+    if not size_a or not size_b:
+        return 0.0
+    shared = sum(math.prod(s) for n, s in body_a.items() if body_b.get(n) == s)
+    return shared / min(size_a, size_b)
+
+
+def merge_families(bodies: Mapping[str, Mapping[str, Shape]], *, share: float = CORE_SHARE) -> dict[str, str]:
+    """key -> the key of its merged family: keys whose bodies overlap by >= `share` are one family.
+
+    Union-find over the keys in sorted order; a merged family is named by its smallest key, so the
+    answer does not depend on the order the keys arrive in. A key overlapping two families joins both,
+    which makes them one (their models are comparable through it)."""
+    keys = sorted(bodies)
+    root = {k: k for k in keys}
+
+    def find(k: str) -> str:
+        while root[k] != k:
+            root[k] = root[root[k]]
+            k = root[k]
+        return k
+
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            if find(a) != find(b) and core_overlap(bodies[a], bodies[b]) >= share:
+                ra, rb = sorted((find(a), find(b)))
+                root[rb] = ra
+    return {k: find(k) for k in keys}
+
+
 def architecture_hint(shapes: Mapping[str, Shape]) -> str:
     for arch, pattern in _ARCH_HINTS:
         if any(pattern.search(name) for name in shapes):
@@ -86,7 +199,7 @@ def architecture_hint(shapes: Mapping[str, Shape]) -> str:
 
 def family_key(shapes: Mapping[str, Shape]) -> str:
     """`<arch>-<digest>` over the body tensors (heads and vocab embeddings excluded), order-free."""
-    body = sorted((name, list(shape)) for name, shape in shapes.items() if not is_head(name))
+    body = sorted((name, list(shape)) for name, shape in _body(shapes).items())
     if not body:
         raise UnsupportedModelError("weights", "no body tensors: only heads or embeddings were found")
     digest = hashlib.blake2b(json.dumps(body).encode(), digest_size=8).hexdigest()

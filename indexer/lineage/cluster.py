@@ -80,3 +80,22 @@ def choose_k(relative: np.ndarray, *, threshold: float = RELATED_BELOW) -> KChoi
     reason = (f"{k} group(s) of relatives: within-tree relative distance <= {max(inside):.3f}, "
               f"between trees >= {float(cross.min()) if cross.size else float('nan'):.3f} (threshold {threshold})")
     return KChoice(k, reason, labels)
+
+
+def related_groups(score: np.ndarray, *, z_related: float) -> KChoice:
+    """Trees = connected components of the graph of pairs the relatedness test calls related (Z above
+    `z_related`, sketches.relatedness); the reason quotes the weakest link kept and the strongest cut."""
+    n = score.shape[0]
+    sym = np.minimum(score, score.T)
+    related = sym > z_related
+    np.fill_diagonal(related, True)
+    k, raw = connected_components(csr_matrix(related), directed=False)
+    labels = canonical_labels(raw)
+    off = ~np.eye(n, dtype=bool)
+    same = labels[:, None] == labels[None, :]
+    kept = sym[related & off]
+    cut = sym[off & ~same]
+    reason = (f"{k} group(s) of relatives by the permutation test (related: Z > {z_related:.2f}); "
+              f"weakest related pair Z = {float(kept.min()) if kept.size else float('nan'):.1f}, "
+              f"strongest unrelated pair Z = {float(cut.max()) if cut.size else float('nan'):.1f}")
+    return KChoice(k, reason, labels)

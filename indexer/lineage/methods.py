@@ -31,8 +31,17 @@ import torch
 from scipy.stats import kendalltau
 
 from errors import RecoveryError
-from indexer.lineage.cluster import choose_k, ward_labels
+from indexer.lineage.cluster import related_groups, ward_labels
+from indexer.lineage.confidence import edge_confidences
 from indexer.lineage.mdst import minimum_arborescence
+from indexer.lineage.ties import (
+    SNAKE_TAU,
+    duplicate_originals,
+    extras_distance,
+    model_digest,
+    order_preference,
+    snake_score,
+)
 from sketches.distances import (
     DEFAULT_MAX_ELEMENTS,
     Device,
@@ -46,6 +55,7 @@ from sketches.distances import (
     resolve_device,
 )
 from sketches.layers import LayerSelection, is_head
+from sketches.relatedness import Z_RELATED, relatedness_matrix
 from sketches.stats import ModelStats
 
 logger = logging.getLogger(__name__)
@@ -70,6 +80,8 @@ class Family:
     selection: LayerSelection
     stats: tuple[ModelStats, ...]
     created: tuple[float | None, ...]  # upload time, seconds since the epoch (None: unknown)
+    # per model, its other tensors (heads, 1-D, layers not every member has): ties and duplicates only
+    extras: tuple[Mapping[str, np.ndarray], ...] = ()
 
     @property
     def n(self) -> int:
@@ -106,6 +118,9 @@ class Lineage:
     distance: tuple[float, ...]
     direction_score: tuple[float, ...]
     notes: tuple[str, ...] = field(default=())
+    relation: tuple[str, ...] = ()  # per model: "finetune" | "duplicate" | "" (root); () = not set
+    confidence: tuple[float, ...] = ()  # per model: the edge's calibrated confidence (NaN: root / not set)
+    edge_score: tuple[float, ...] = ()  # per model: the relatedness test's Z with its parent (NaN: root)
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -136,11 +151,21 @@ def time_penalty(created: Sequence[float | None]) -> np.ndarray:
     return out
 
 
-def solve_tree(dist: np.ndarray, penalty: np.ndarray, *, lam: float) -> list[int]:
-    """MDST of M = D + lam * mean(D) * T with an +inf diagonal."""
+def solve_tree(dist: np.ndarray, penalty: np.ndarray, *, lam: float, tie: np.ndarray | None = None) -> list[int]:
+    """MDST of M = D + lam * mean(D) * T (+ a tie-break term) with an +inf diagonal."""
+    return minimum_arborescence(tree_cost(dist, penalty, lam=lam, tie=tie))
+
+
+def tree_cost(dist: np.ndarray, penalty: np.ndarray, *, lam: float, tie: np.ndarray | None = None) -> np.ndarray:
+    """M = D + lam * mean(D) * T, plus `tie` scaled to a millionth of the smallest positive entry of D: it
+    only orders candidates whose D and T are equal (indexer.lineage.ties)."""
     cost = dist + lam * offdiag_mean(dist) * penalty
+    if tie is not None:
+        positive = dist[dist > 0]
+        unit = 1e-6 * float(positive.min()) if positive.size else 1e-12
+        cost = cost + unit * tie
     np.fill_diagonal(cost, np.inf)
-    return minimum_arborescence(cost)
+    return cost
 
 
 def _stack(family: Family, names: Sequence[str], idx: np.ndarray) -> list[np.ndarray]:
@@ -357,19 +382,23 @@ def _direction(family: Family, idx: np.ndarray, ku: np.ndarray, options: Options
     return penalty, ", ".join(note) or "no direction cue"
 
 
-def mother(family: Family, options: Options) -> Lineage:
-    """Our MoTHer: shared layers, K from data, auto rank distance, kurtosis + upload-time direction."""
+def mother(family: Family, options: Options, *, score: np.ndarray | None = None) -> Lineage:
+    """Our MoTHer: shared layers, trees from the relatedness test (or K given), auto rank distance,
+    upload-time (else kurtosis) direction, ties broken by the heads then by upload order."""
     names = family.selection.distance
     all_idx = np.arange(family.n)
     stacked = _stack(family, names, all_idx)
     l2 = l2_distance(stacked, device=options.device)
+    if score is None:
+        score = body_relatedness(family)[0]
     if options.trees is None:
-        choice = choose_k(median_relative_distance(stacked, device=options.device))
+        choice = related_groups(score, z_related=Z_RELATED)
         labels, notes = choice.labels, [f"K={choice.k} chosen: {choice.reason}"]
     else:
         labels, notes = ward_labels(l2, options.trees), [f"K={options.trees} given (ward)"]
     parts = []
     scores = np.zeros(family.n, dtype=np.float64)
+    confidence = np.full(family.n, np.nan)
     for c, idx in enumerate(_clusters(labels)):
         kind, layer_names = _pick_distance(family, idx, l2[np.ix_(idx, idx)], options)
         d = _distance(kind, _stack(family, layer_names, idx), options.device)
@@ -377,10 +406,34 @@ def mother(family: Family, options: Options) -> Lineage:
         ku = _kurtosis(family, direction)
         scores[idx] = ku[idx]
         penalty, why = _direction(family, idx, ku, options)
-        parts.append((idx, solve_tree(d, penalty, lam=options.lam), d))
-        notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}")
+        tie, tie_why = _ties(family, idx, d, options)
+        cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
+        local = minimum_arborescence(cost)
+        parts.append((idx, local, d))
+        confidence[idx] = edge_confidences(cost, local, score[np.ix_(idx, idx)])
+        notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}, {tie_why}")
     parent, dist = _assemble(family.n, parts)
-    return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes))
+    relation = tuple("finetune" if p >= 0 else "" for p in parent)
+    edge_score = tuple(float(score[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
+    return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes),
+                   relation, tuple(float(x) for x in confidence), edge_score)
+
+
+def body_relatedness(family: Family) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, p) of the relatedness test over the family's compared body layers (heads left out: a class
+    axis is not a permutable unit, and a new head is unrelated by construction)."""
+    body = [family.layers[n] for n in family.selection.distance if not is_head(n)]
+    return relatedness_matrix(body or [family.layers[n] for n in family.selection.distance])
+
+
+def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> tuple[np.ndarray, str]:
+    """The tie-break term of one tree: the heads' distance, then upload order (fan or snake)."""
+    extras = extras_distance([family.extras[int(i)] for i in idx]) if family.extras else np.ones_like(d)
+    created = [family.created[int(i)] if options.use_time else None for i in idx]
+    tau = snake_score(d, created)
+    snake = bool(tau > SNAKE_TAU)
+    why = f"ties: heads then {'latest (snake' if snake else 'earliest (fan'}, tau {tau:.2f})"
+    return extras + 0.5 * order_preference(created, snake=snake), why
 
 
 def _pick_distance(
@@ -493,7 +546,7 @@ def phylogeny(family: Family, options: Options) -> Lineage:
     dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0, None))
     rng = np.random.default_rng(options.seed)
     stacked = _stack(family, names, np.arange(family.n))
-    k = options.trees or choose_k(median_relative_distance(stacked, device=options.device)).k
+    k = options.trees or related_groups(body_relatedness(family)[0], z_related=Z_RELATED).k
     parent = [-1] * family.n
     labels = np.zeros(family.n, dtype=np.int64)
     top = kmeans_along(gram, np.arange(family.n), min(k, family.n), alpha=options.alpha, rng=rng)
@@ -517,11 +570,65 @@ def _grow(gram: np.ndarray, dist: np.ndarray, group: np.ndarray, above: int, par
 
 
 def recover_family(family: Family, options: Options) -> Lineage:
-    """Dispatch on `options.method`; a single model is a root on its own."""
+    """Duplicates set aside (indexer.lineage.ties), the rest through `options.method`, then put back as
+    `duplicate` leaves under their originals; a single model is a root on its own."""
+    if options.method != "mother":  # the baselines stay as their papers state them
+        return _dispatch(family, options)
+    originals = _originals(family)
+    keep = np.array([i for i, o in enumerate(originals) if o < 0], dtype=np.int64)
+    inner = _dispatch(subset(family, keep), options) if len(keep) < family.n else _dispatch(family, options)
+    if len(keep) == family.n:
+        return inner
+    return _with_duplicates(family, keep, originals, inner)
+
+
+def _dispatch(family: Family, options: Options) -> Lineage:
     if family.n == 1:
-        return Lineage((-1,), (0,), (math.nan,), (float(_kurtosis(family, family.selection.direction)[0]),), ("one model",))
+        return Lineage((-1,), (0,), (math.nan,), (float(_kurtosis(family, family.selection.direction)[0]),),
+                       ("one model",), ("",), (math.nan,), (math.nan,))
     if options.method == "mother-paper":
         return mother_paper(family, options)
     if options.method == "phylogeny":
         return phylogeny(family, options)
     return mother(family, options)
+
+
+def _originals(family: Family) -> list[int]:
+    if not family.extras:
+        extras: tuple[Mapping[str, np.ndarray], ...] = tuple({} for _ in range(family.n))
+    else:
+        extras = family.extras
+    digests = [model_digest({n: family.layers[n][i] for n in family.selection.distance}, extras[i])
+               for i in range(family.n)]
+    return duplicate_originals(digests, family.created, family.repo_ids)
+
+
+def subset(family: Family, idx: np.ndarray) -> Family:
+    """The family restricted to the models `idx` (in that order)."""
+    pick = [int(i) for i in idx]
+    return Family(tuple(family.repo_ids[i] for i in pick), {n: a[idx] for n, a in family.layers.items()},
+                  family.selection, tuple(family.stats[i] for i in pick), tuple(family.created[i] for i in pick),
+                  tuple(family.extras[i] for i in pick) if family.extras else ())
+
+
+def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:
+    n = family.n
+    at = {int(k): j for j, k in enumerate(keep)}
+    parent, cluster, dist, score = [-1] * n, [0] * n, [math.nan] * n, [math.nan] * n
+    relation, conf, z = [""] * n, [math.nan] * n, [math.nan] * n
+    for i in range(n):
+        src = at.get(i, at.get(originals[i], 0))
+        cluster[i], score[i] = inner.cluster[src], inner.direction_score[src]
+        if i in at:
+            p = inner.parent[src]
+            parent[i] = int(keep[p]) if p >= 0 else -1
+            dist[i] = inner.distance[src]
+            relation[i] = inner.relation[src] if inner.relation else ("finetune" if p >= 0 else "")
+            conf[i] = inner.confidence[src] if inner.confidence else math.nan
+            z[i] = inner.edge_score[src] if inner.edge_score else math.nan
+        else:
+            parent[i], dist[i], relation[i], conf[i], z[i] = originals[i], 0.0, "duplicate", 1.0, math.inf
+    dups = n - len(keep)
+    return Lineage(tuple(parent), tuple(cluster), tuple(dist), tuple(score),
+                   (*inner.notes, f"{dups} exact duplicate(s) set aside as leaves"), tuple(relation), tuple(conf),
+                   tuple(z))

@@ -24,19 +24,20 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from scipy.stats import norm
 
 from errors import BadInputError, ModelGraphError, RecoveryError
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
 from sketches.distances import l2_distance
-from sketches.layers import Scheme, family_key, select_layers
+from sketches.layers import Scheme, canonical_tensors, family_key, merge_families, select_layers
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed"]
-FOREST_VERSION = 1
+FOREST_VERSION = 2  # 2: relation, confidence, related_score, p_value columns
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,10 @@ class ForestRow:
     method: str
     status: Status = "ok"
     reason: str = ""
+    relation: str = ""  # "finetune" | "duplicate" for an edge, "" for a root or a failure
+    confidence: float = math.nan  # the probability the parent is right (indexer.lineage.confidence)
+    related_score: float = math.nan  # the relatedness test's Z with the parent (sketches.relatedness)
+    p_value: float = math.nan  # its one-sided p-value
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,9 @@ class Forest:
 class _Loaded:
     repo_id: str
     path: Path
-    shapes: dict[str, tuple[int, ...]]
+    shapes: dict[str, tuple[int, ...]]  # normalised name -> shape, learned float tensors only
     family: str
+    stored: dict[str, str]  # normalised name -> the name in the file
 
 
 # --- discovery -----------------------------------------------------------------------------------
@@ -128,8 +134,10 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Load
     for repo_id, path in repos:
         try:
             with open_local_repo(path) as weights:
-                shapes = {name: info.shape for name, info in weights.tensors().items()}
-            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes)))
+                infos = weights.tensors()
+            stored = canonical_tensors(infos)
+            shapes = {name: infos[raw].shape for name, raw in stored.items()}
+            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
@@ -145,27 +153,31 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
     """Read the selected tensors of each member once; NaN/Inf models become failures."""
     family = members[0].family
     selection = select_layers([m.shapes for m in members], scheme=_scheme(options), include_1d=options.include_1d)
-    ok, arrays, stats, failed = [], [], [], []
+    ok, arrays, extras, stats, failed = [], [], [], [], []
     for m in members:
         try:
             with open_local_repo(m.path) as weights:
-                layers = {name: weights.read(name) for name in selection.distance}
+                layers = {name: weights.read(m.stored[name]) for name in selection.distance}
+                # the rest (heads, 1-D tensors, layers not all members have): ties and duplicates only
+                rest = {name: weights.read(m.stored[name]) for name in sorted(m.shapes) if name not in layers}
         except ModelGraphError as exc:
             failed.append(_failed(m.repo_id, family, options.method, str(exc)))
             continue
         st = model_stats(layers)
-        if not st.finite:
-            bad = next(layer.name for layer in st.layers if not layer.finite)
+        bad = next((layer.name for layer in st.layers if not layer.finite), None)
+        bad = bad or next((name for name, a in rest.items() if not np.isfinite(a).all()), None)
+        if bad is not None:
             failed.append(_failed(m.repo_id, family, options.method, f"NaN or infinite weights in {bad}"))
             continue
         ok.append(m)
         arrays.append(layers)
+        extras.append(rest)
         stats.append(st)
     if not ok:
         return None, failed
     stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
     ids = tuple(m.repo_id for m in ok)
-    return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids)), failed
+    return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras)), failed
 
 
 # --- trees across families -------------------------------------------------------------------------
@@ -202,6 +214,10 @@ def allocate_trees(families: Sequence[Family], trees: int | None, *, device: str
 
 
 def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) -> list[ForestRow]:
+    n = family.n
+    relation = lineage.relation or tuple("finetune" if p >= 0 else "" for p in lineage.parent)
+    confidence = lineage.confidence or (math.nan,) * n
+    score = lineage.edge_score or (math.nan,) * n
     return [
         ForestRow(
             repo_id=rid,
@@ -211,9 +227,19 @@ def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) 
             direction_score=s,
             family=key,
             method=method,
+            relation=rel,
+            confidence=_nan_is_one(conf),
+            related_score=_nan_is_one(z),
+            p_value=float(norm.sf(z)) if not math.isnan(z) else math.nan,
         )
-        for rid, p, c, d, s in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance, lineage.direction_score, strict=True)
+        for rid, p, c, d, s, rel, conf, z in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance,
+                                                  lineage.direction_score, relation, confidence, score, strict=True)
     ]
+
+
+def _nan_is_one(x: float) -> float:
+    """NaN as the one `math.nan` object, so that rows compare equal (dataclass == uses `is` first)."""
+    return math.nan if math.isnan(x) else float(x)
 
 
 def recover(root: str | os.PathLike[str], options: Options) -> Forest:
@@ -222,9 +248,7 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     repos = discover_repos(root)
     times = upload_times(root) if options.use_time else {}
     loaded, failed = _headers(repos, options.method)
-    by_family: dict[str, list[_Loaded]] = {}
-    for m in loaded:
-        by_family.setdefault(m.family, []).append(m)
+    by_family = group_families(loaded)
     families: list[tuple[str, Family]] = []
     for key in sorted(by_family):  # deterministic
         fam, bad = _read_family(by_family[key], options, times)
@@ -234,6 +258,18 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     if not families:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
     return _solve(families, failed, options)
+
+
+def group_families(loaded: Sequence[_Loaded]) -> dict[str, list[_Loaded]]:
+    """Models by family: equal body keys first, then keys whose cores overlap (sketches.layers.merge_families)."""
+    bodies: dict[str, dict[str, tuple[int, ...]]] = {}
+    for m in loaded:
+        bodies.setdefault(m.family, m.shapes)
+    merged = merge_families(bodies)
+    by_family: dict[str, list[_Loaded]] = {}
+    for m in loaded:
+        by_family.setdefault(merged[m.family], []).append(m)
+    return by_family
 
 
 def _solve(families: list[tuple[str, Family]], failed: list[ForestRow], options: Options) -> Forest:
@@ -256,7 +292,7 @@ def row_dicts(forest: Forest) -> list[dict[str, object]]:
     out = []
     for r in forest.rows:
         d = dict(r.__dict__)
-        for k in ("distance", "direction_score"):
+        for k in ("distance", "direction_score", "confidence", "related_score", "p_value"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
                 d[k] = None
         out.append(d)
@@ -272,7 +308,8 @@ def write_parquet(forest: Forest, path: str | os.PathLike[str]) -> None:
     schema = pa.schema(
         [("repo_id", pa.string()), ("parent", pa.string()), ("cluster", pa.int64()), ("distance", pa.float64()),
          ("direction_score", pa.float64()), ("family", pa.string()), ("method", pa.string()),
-         ("status", pa.string()), ("reason", pa.string())],
+         ("status", pa.string()), ("reason", pa.string()), ("relation", pa.string()),
+         ("confidence", pa.float64()), ("related_score", pa.float64()), ("p_value", pa.float64())],
         metadata={b"model_graph_index.forest_version": str(FOREST_VERSION).encode()},
     )
     table = pa.table(cols, schema=schema)
@@ -300,5 +337,14 @@ def _render(node: str, children: dict[str, list[ForestRow]], prefix: str, lines:
     kids = sorted(children.get(node, []), key=lambda r: r.repo_id)
     for i, kid in enumerate(kids):
         last = i == len(kids) - 1
-        lines.append(f"{prefix}{'└── ' if last else '├── '}{kid.repo_id}  (d={kid.distance:.4g})")
+        lines.append(f"{prefix}{'└── ' if last else '├── '}{kid.repo_id}  ({_edge_label(kid)})")
         _render(kid.repo_id, children, prefix + ("    " if last else "│   "), lines)
+
+
+def _edge_label(row: ForestRow) -> str:
+    parts = [f"d={row.distance:.4g}"]
+    if row.relation and row.relation != "finetune":
+        parts.insert(0, row.relation)
+    if not math.isnan(row.confidence):
+        parts.append(f"conf={row.confidence:.2f}")
+    return ", ".join(parts)

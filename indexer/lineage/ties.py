@@ -1,0 +1,100 @@
+"""Ties the distance cannot break: exact duplicates, bit-identical bodies, equally close candidates.
+
+- Duplicates: models whose tensors (normalised names, shapes and float32 values: the compared layers
+  and every other tensor read) are bit-identical. The earliest upload (then the smallest repo id) is the
+  original; every later copy is a `duplicate` leaf under it and never a parent. A re-save without a
+  buffer or under another prefix is a duplicate too: buffers are dropped and names normalised before
+  the bytes are compared (sketches.layers.canonical_tensors).
+- Bit-identical bodies (transfer learning with a frozen backbone): the body distance is 0 between the
+  parent and every such child, and between the children. `extras_distance` breaks it with the tensors
+  outside the compared body (heads, norms, a new block) that a pair has with one shape: their summed
+  relative L2, in [0, 1]; 1 when the pair shares none (no evidence either way).
+- Equally close candidates: prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
+  commonest shape: 79 % of models sit in groups of sibling leaves) unless the tree is a "snake" (a chain
+  of checkpoints: the distance grows with the time gap), where the latest earlier one is the parent.
+  `snake_score` is Kendall's tau between the time gap and the distance over the tree's pairs: a chain
+  reads close to 1, a fan close to 0 (siblings are all about twice the edge length apart, whatever
+  their upload order). A tree is a snake when tau > 1/2: more than three in four concordant pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy.stats import kendalltau
+
+SNAKE_TAU = 0.5
+
+
+def model_digest(layers: Mapping[str, np.ndarray], extras: Mapping[str, np.ndarray]) -> str:
+    """blake2b over every (name, shape, float32 bytes) of one model, names sorted."""
+    h = hashlib.blake2b(digest_size=16)
+    for name in sorted({**layers, **extras}):
+        array = np.ascontiguousarray(layers[name] if name in layers else extras[name], dtype=np.float32)
+        h.update(f"{name}:{array.shape};".encode())
+        h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def duplicate_originals(digests: Sequence[str], created: Sequence[float | None], repo_ids: Sequence[str]) -> list[int]:
+    """For each model, the index of the original it duplicates, or -1 when it is itself an original."""
+    order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0, repo_ids[i]))
+    first: dict[str, int] = {}
+    out = [-1] * len(digests)
+    for i in order:
+        if digests[i] in first:
+            out[i] = first[digests[i]]
+        else:
+            first[digests[i]] = i
+    return out
+
+
+def extras_distance(extras: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
+    """(n, n) relative L2 over the tensors outside the body each pair has with one shape; 1: none shared."""
+    n = len(extras)
+    out = np.ones((n, n), dtype=np.float64)
+    np.fill_diagonal(out, 0.0)
+    for i in range(n):
+        for j in range(i + 1, n):
+            out[i, j] = out[j, i] = _pair_extras(extras[i], extras[j])
+    return out
+
+
+def _pair_extras(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    names = sorted(n for n in a if n in b and np.shape(a[n]) == np.shape(b[n]))
+    if not names:
+        return 1.0
+    diff = scale = 0.0
+    for name in names:
+        x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
+        diff += float(np.linalg.norm(x - y))
+        scale += math.sqrt((float(np.sum(x * x)) + float(np.sum(y * y))) / 2.0)
+    return min(1.0, diff / scale) if scale > 0 else 0.0
+
+
+def snake_score(dist: np.ndarray, created: Sequence[float | None]) -> float:
+    """Kendall's tau between |time gap| and distance over the pairs with both times known (NaN: too few)."""
+    known = [i for i, t in enumerate(created) if t is not None]
+    gaps, dists = [], []
+    for a, i in enumerate(known):
+        for j in known[a + 1:]:
+            gaps.append(abs(float(created[i]) - float(created[j])))  # type: ignore[arg-type]
+            dists.append(float(min(dist[i, j], dist[j, i])))
+    if len(set(gaps)) < 3:
+        return math.nan
+    return float(kendalltau(gaps, dists).statistic)
+
+
+def order_preference(created: Sequence[float | None], *, snake: bool) -> np.ndarray:
+    """P[i, j] in [0, 1): the rank of candidate parent i by upload time, earliest 0 (fan) or latest 0
+    (snake), over the known times; unknown times rank last. Added at a scale far below any real
+    distance gap, so it only decides exact ties."""
+    n = len(created)
+    keyed = sorted(range(n), key=lambda i: (created[i] is None, (-1 if snake else 1) * (created[i] or 0.0)))
+    rank = np.empty(n, dtype=np.float64)
+    for r, i in enumerate(keyed):
+        rank[i] = r / max(n, 1)
+    return np.repeat(rank[:, None], n, axis=1)

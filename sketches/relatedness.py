@@ -1,0 +1,125 @@
+"""Are two models relatives? A test whose null distribution is known, not a distance threshold.
+
+Null hypothesis: the two models were trained independently from random initialisation (same
+architecture and init scheme allowed). Under it, the units of a layer (its rows: output channels,
+neurons, or the residual basis of a transformer, which independent runs draw at random) are
+exchangeable between the two models: nothing ties row i of model A to row i of model B rather than to
+row pi(i). Models that share an ancestor inherited the same units in the same order, so row i of one
+still correlates with row i of the other, however far they drifted.
+
+Statistic, per layer (the layer viewed as a matrix: rows = axis 0, conv kernels flattened), after
+subtracting each model's layer mean ("deviations from a layer's mean"):
+    G = A B^T (rows x rows),  S = trace(G) = sum_i <a_i, b_i>.
+Under the null, S is one draw of S_pi = sum_i G[i, pi(i)] over uniform random permutations pi, whose
+mean and variance are exact (Hoeffding's combinatorial central limit theorem, the linear permutation
+statistic):
+    E = (1/n) sum_ij G_ij,   Var = 1/(n - 1) sum_ij (G_ij - r_i - c_j + g)^2
+with r, c, g the row, column and grand means of G. z = (S - E) / sqrt(Var) is approximately N(0, 1)
+under the null, whatever the weights' distribution or the structure of their columns (input pixels,
+filter shapes shared by independent runs cancel: they raise G off the diagonal as much as on it).
+For relatives z grows like rho * sqrt(rows * columns) (rho the correlation of inherited units): a
+64 x 64 layer whose units kept a correlation of 0.1 already reads z ~ 6.
+
+Per pair: the layers' z are combined by Stouffer, Z = sum z_l / sqrt(L), N(0, 1) under the null when
+the layers are independent; the one-sided p-value is P(N(0, 1) > Z). Related when p < ALPHA.
+ALPHA is a significance level, not a constant fitted to a zoo: 1e-6 keeps the expected false positives
+below 1 in a million pairs compared. Only the first MAX_ROWS rows of a layer are used (the rows a
+budgeted read takes first; any subset of exchangeable rows is still exchangeable), which bounds the
+cost at MAX_ROWS^2 x columns per layer and pair; layers with fewer than MIN_ROWS rows (the permutation
+distribution of 7 rows is too coarse for a normal tail) or with no variance are left out.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.stats import norm
+
+ALPHA = 1e-6
+Z_RELATED = float(norm.isf(ALPHA))  # 4.75
+MAX_ROWS = 128
+MIN_ROWS = 8
+
+
+@dataclass(frozen=True)
+class Relatedness:
+    """The test of one pair: Stouffer score, one-sided p-value, the layers it used, the verdict."""
+
+    score: float
+    p_value: float
+    layers: int
+    related: bool
+
+
+def as_units(layer: np.ndarray | torch.Tensor) -> torch.Tensor | None:
+    """One model's layer -> (rows, columns) float64, its mean removed; None when the test cannot use it."""
+    t = torch.as_tensor(np.asarray(layer) if not isinstance(layer, torch.Tensor) else layer)
+    if t.ndim < 2 or t.shape[0] < MIN_ROWS:
+        return None
+    mat = t[:MAX_ROWS].reshape(min(t.shape[0], MAX_ROWS), -1).to(torch.float64)
+    return mat - mat.mean()
+
+
+def permutation_z(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """z of trace(A B^T) against its row-permutation null, for a batch (p, rows, cols) -> (p,); NaN when
+    the null has no spread (a constant layer)."""
+    g = a @ b.mT
+    n = g.shape[-1]
+    s = torch.diagonal(g, dim1=-2, dim2=-1).sum(-1)
+    rows = g.mean(dim=-1, keepdim=True)
+    cols = g.mean(dim=-2, keepdim=True)
+    grand = g.mean(dim=(-2, -1), keepdim=True)
+    centred = g - rows - cols + grand
+    var = centred.pow(2).sum(dim=(-2, -1)) / (n - 1)
+    mean = g.sum(dim=(-2, -1)) / n
+    z = (s - mean) / var.sqrt()
+    return torch.where(var > 0, z, torch.full_like(z, math.nan))
+
+
+def combine(zs: Sequence[float] | np.ndarray) -> Relatedness:
+    """Stouffer's Z over the usable layers and its one-sided p-value (module docstring)."""
+    vals = np.asarray([z for z in zs if math.isfinite(z)], dtype=np.float64)
+    if len(vals) == 0:
+        return Relatedness(math.nan, math.nan, 0, False)
+    score = float(vals.sum() / math.sqrt(len(vals)))
+    p = float(norm.sf(score))
+    return Relatedness(score, p, len(vals), p < ALPHA)
+
+
+def relate(layers_a: Sequence[np.ndarray], layers_b: Sequence[np.ndarray]) -> Relatedness:
+    """The test on two models' matching layers (same shapes, in the same order)."""
+    zs = []
+    for la, lb in zip(layers_a, layers_b, strict=True):
+        a, b = as_units(la), as_units(lb)
+        if a is not None and b is not None and a.shape == b.shape:
+            zs.append(float(permutation_z(a[None], b[None])[0]))
+    return combine(zs)
+
+
+def relatedness_matrix(layers: Sequence[np.ndarray], *, max_pairs: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(Z, p) of every pair of n models; `layers` are (n, ...) stacks of one layer each. Diagonal: +inf, 0."""
+    n = int(np.shape(layers[0])[0]) if layers else 0
+    total = np.zeros((n, n), dtype=np.float64)
+    count = np.zeros((n, n), dtype=np.float64)
+    left_all, right_all = np.triu_indices(n, k=1)
+    for layer in layers:
+        units = [as_units(np.asarray(layer)[i]) for i in range(n)]
+        if units[0] is None:
+            continue
+        stack = torch.stack(units)  # type: ignore[arg-type]
+        for start in range(0, len(left_all), max_pairs):
+            left, right = left_all[start:start + max_pairs], right_all[start:start + max_pairs]
+            z = permutation_z(stack[left], stack[right]).numpy()
+            ok = np.isfinite(z)
+            total[left[ok], right[ok]] += z[ok]
+            count[left[ok], right[ok]] += 1
+    score = np.divide(total, np.sqrt(count), out=np.full_like(total, math.nan), where=count > 0)
+    score = np.triu(np.nan_to_num(score, nan=0.0), 1)  # no usable layer: no evidence, Z = 0
+    score = score + score.T
+    np.fill_diagonal(score, np.inf)
+    p = norm.sf(score)
+    return score, p
