@@ -17,7 +17,6 @@ Reads that fall inside the prefix are served from it: a model smaller than 100 k
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -359,12 +358,11 @@ def _created_at(folder: Path, repo_id: str) -> datetime | None:
     root = _zoo_root(folder)
     if root is None:
         return None
-    try:
-        meta = json.loads((root / "hub.json").read_text())["repos"].get(repo_id) or {}
-        raw = meta.get("createdAt")
-        return datetime.fromisoformat(raw.replace("Z", "+00:00")).astimezone(UTC) if raw else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise BadInputError(str(root / "hub.json"), "not a hub.json of the form {'version': 1, 'repos': {...}}") from None
+    from indexer.hub_emulator.repos import load_hub_json  # one parser for hub.json everywhere
+
+    meta = load_hub_json(root / "hub.json").get(repo_id)
+    raw = meta.created_at if meta is not None else None
+    return datetime.fromisoformat(raw.replace("Z", "+00:00")).astimezone(UTC) if raw else None
 
 
 def content_revision(folder: Path, files: Sequence[str]) -> str:

@@ -661,3 +661,16 @@ def test_cli_serve_prints_url_and_stops_on_sigterm(hub_root: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=20)
     assert proc.returncode == 0, err
+
+
+def test_flat_hub_json_is_refused_by_emulator_and_recover(tmp_path: Path) -> None:
+    """Regression (issue 11): a flat {"org/name": {"createdAt": ...}} map was silently ignored by the
+    emulator, which then dated every repo by its files' mtimes; `index recover` refused the same file."""
+    from indexer.lineage.recover import upload_times
+
+    (tmp_path / "hub.json").write_text(json.dumps({"acme/base": {"createdAt": "2024-01-01T00:00:00.000Z"}}))
+    with pytest.raises(BadInputError, match="documented form") as emulator:
+        HubEmulator(tmp_path).start()
+    with pytest.raises(BadInputError, match="documented form") as recover:
+        upload_times(tmp_path)
+    assert str(tmp_path / "hub.json") in str(emulator.value) and str(tmp_path / "hub.json") in str(recover.value)

@@ -106,9 +106,11 @@ def load_hub_json(path: Path) -> dict[str, RepoMeta]:
         doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadInputError(str(path), f"cannot read hub.json ({exc})") from exc
-    if not isinstance(doc, dict) or not isinstance(doc.get("repos", {}), dict):
-        raise BadInputError(str(path), 'expected {"version": 1, "repos": {"org/name": {...}}}')
-    if doc.get("version", HUB_JSON_VERSION) != HUB_JSON_VERSION:
+    # A flat {"org/name": {...}} map, or any other shape, is refused: read as "no overrides" it would date
+    # every repo by its files' mtimes, a silently wrong upload time (the worst outcome for lineage).
+    if not isinstance(doc, dict) or not isinstance(doc.get("repos"), dict) or "version" not in doc or set(doc) - {"version", "repos"}:
+        raise BadInputError(str(path), 'not in the documented form {"version": 1, "repos": {"org/name": {"createdAt": ...}}}')
+    if doc.get("version") != HUB_JSON_VERSION:
         raise BadInputError(str(path), f"version {doc.get('version')!r} is not {HUB_JSON_VERSION}; upgrade the tool")
     metas: dict[str, RepoMeta] = {}
     for repo_id, raw in sorted(doc.get("repos", {}).items()):

@@ -49,7 +49,6 @@ from sketches.distances import (
     l2_distance,
     layer_normalised_l2,
     linf_minmax_distance,
-    median_relative_distance,
     rank_distance,
     rank_gaps,
     resolve_device,
@@ -545,7 +544,6 @@ def phylogeny(family: Family, options: Options) -> Lineage:
     sq = np.diag(gram)
     dist = np.sqrt(np.clip(sq[:, None] + sq[None, :] - 2 * gram, 0, None))
     rng = np.random.default_rng(options.seed)
-    stacked = _stack(family, names, np.arange(family.n))
     k = options.trees or related_groups(body_relatedness(family)[0], z_related=Z_RELATED).k
     parent = [-1] * family.n
     labels = np.zeros(family.n, dtype=np.int64)

@@ -13,7 +13,6 @@ method; 6. one `ForestRow` per model, sorted by repo id.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -109,16 +108,15 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
 
 
 def upload_times(root: Path) -> dict[str, float]:
-    """repo_id -> createdAt (epoch seconds) from `root/hub.json`; empty when there is no such file."""
-    path = root / "hub.json"
-    if not path.is_file():
-        return {}
-    try:
-        doc = json.loads(path.read_text())
-        repos = doc["repos"]
-        return {rid: datetime.fromisoformat(meta["createdAt"]).timestamp() for rid, meta in sorted(repos.items()) if meta.get("createdAt")}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise BadInputError(str(path), f"not a hub.json of the form {{'version': 1, 'repos': {{...}}}}: {exc}") from exc
+    """repo_id -> createdAt (epoch seconds) from `root/hub.json`; empty when there is no such file.
+
+    The same parser as the Hub emulator's (`load_hub_json`), so that the two never disagree on a file:
+    one that is not in the documented form is refused by both with one line naming it."""
+    from indexer.hub_emulator.repos import load_hub_json
+
+    metas = load_hub_json(root / "hub.json")
+    return {rid: datetime.fromisoformat(meta.created_at.replace("Z", "+00:00")).timestamp()
+            for rid, meta in sorted(metas.items()) if meta.created_at}
 
 
 # --- loading ---------------------------------------------------------------------------------------
