@@ -48,7 +48,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.incremental.exact import DEFAULT_PENALTY, FLOOR, MIN_RELATIVE, TIER_GAP, TIME_WEIGHT  # noqa: E402
+from indexer.incremental.exact import DEFAULT_PENALTY, FLOOR, TIER_GAP, TIME_WEIGHT  # noqa: E402
+
+# The simulation's "layers" are vectors: no rows to permute, so it keeps pair rule 2's relatedness
+# (median per-layer relative L2 below 0.5) where the real rule uses the permutation test.
+MIN_RELATIVE = 0.5
 from indexer.incremental.forest import Candidate, IncrementalForest  # noqa: E402
 from sketches.sketch import _projection  # noqa: E402
 from store.vectors import VectorIndex  # noqa: E402

@@ -50,7 +50,7 @@ from errors import (
 )
 from indexer.retry import RetryPolicy
 from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
-from sketches.layers import family_key
+from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
 from store.cache import CACHE_DIR, TensorCache
@@ -221,6 +221,9 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     layout = weight_layout(repo.entry, have_token=have_token)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
+    # compared under normalised names, learned float tensors only (sketches.layers.canonical_tensors)
+    stored = canonical_tensors({name: info for name, (_, info) in where.items()})
+    where = {name: where[raw] for name, raw in stored.items()}
     tensors = {name: info for name, (_, info) in where.items()}
     try:
         family = family_key({name: info.shape for name, info in tensors.items()})

@@ -82,7 +82,7 @@ def _jobs(views: list[ModelView]) -> list[tuple[ModelView, list[ModelView]]]:
 
 def _same(got: PairMeasure, want: PairMeasure, *, rel: float) -> bool:
     exact = (got.other, got.low_rank, got.related) == (want.other, want.low_rank, want.related)
-    fields = ("relative", "median_relative", "tier_distance", "ku_new", "ku_other")
+    fields = ("relative", "median_relative", "tier_distance", "ku_new", "ku_other", "score")
     return exact and all(math.isclose(getattr(got, f), getattr(want, f), rel_tol=rel, abs_tol=1e-12) for f in fields)
 
 

@@ -6,10 +6,11 @@ moves every edge weight whenever a tree grows. The incremental index needs a wei
 pair alone, so that an edge computed tonight is still the same edge next month; each pair is therefore
 measured with `mother`'s own ingredients, made pair-local:
 
-- Related (mother's `choose_k`): the median over the shared layers of ||Wa - Wb|| / sqrt(||Wa||^2 +
-  ||Wb||^2) is below MIN_RELATIVE. Unrelated models read >= 0.998 on every zoo, relatives <= 0.014; the
-  median ignores the few layers a large LoRA update moved (whole-model ratio up to 0.78 on one LoRA edge).
-  Only related pairs become candidate edges.
+- Related (mother's trees, `sketches.relatedness`): the row-permutation test of the pair's shared body
+  layers (heads left out), the median-based Z over the layers, related when its one-sided p-value is below
+  ALPHA = 1e-6. A statistic with a known null replaces rule 2's "median relative L2 < 0.5", a constant
+  that declared strangers every real fine-tune drifted past 0.5. Only related pairs become candidate
+  edges.
 - Regime (mother's `low_rank_layers`, per pair): the difference is *low-rank* when, over the layers that
   moved (2-D / 4-D, heads excluded), most have a numerical rank below full with a singular-value cliff
   of at least LOW_RANK_GAP after it (merged LoRA: a sum of a few LoRA updates).
@@ -53,19 +54,25 @@ from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
 from sketches.distances import Device, rank_gaps, resolve_device
 from sketches.layers import is_head, select_layers
+from sketches.relatedness import MAX_ROWS, MIN_ROWS, combine, permutation_z
 
 logger = logging.getLogger(__name__)
 
 # The version of the rule below (relatedness, regime, distance, direction -> weight). Stored with each
 # sketch; an index built under another rule is refused (indexer.incremental.index._check_pair_rule).
-# 1: session 1, full-rank tier = l2n; 2: full-rank tier = the spectral tail.
-PAIR_RULE = 2
-MIN_RELATIVE = 0.5  # indexer.lineage.cluster.choose_k's min_relative
+# 1: session 1, full-rank tier = l2n; 2: full-rank tier = the spectral tail; 3: related by the
+# permutation test, names normalised, ties to the earlier parent.
+PAIR_RULE = 3
 DEFAULT_PENALTY = 0.4  # log units per unit of T: the kurtosis cue, a factor 1.5 (~ mother's 0.3 x mean(D))
 TIME_WEIGHT = 7.5  # units of T for "child uploaded first": 7.5 x 0.4 = 3.0 log units (module docstring)
 TIE_BREAK = 1e-3
 TIER_GAP = 100.0  # > any spread of log distances (1e-12 .. 1e3: 34)
 FLOOR = 1e-12  # identical weights (re-uploads) have distance 0: log of the floor instead of -inf
+# Exact ties (duplicates, frozen backbones: distance 0 to several candidates) go to the earliest upload
+# (a "fan", indexer.lineage.ties): a weight of TIE_PER_YEAR per year of the parent's upload time since
+# 2022-03-02, pair-local and far below any real gap between log distances (>= 1e-3 on the zoos).
+TIE_PER_YEAR = 1e-6
+HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt
 REGIME_LAYERS = 4  # layers whose SVD decides low-rank vs full-rank; the rest only for low-rank pairs
 
 
@@ -93,6 +100,8 @@ class PairMeasure:
     related: bool
     ku_new: float
     ku_other: float
+    score: float = math.nan  # the relatedness test's Stouffer Z (sketches.relatedness)
+    identical: bool = False  # every compared layer bit-identical (a duplicate or a frozen body)
 
     @property
     def distance(self) -> float:
@@ -156,13 +165,15 @@ class _Sums:
     rank_sum: torch.Tensor
     full_sum: torch.Tensor
     low_names: list[list[str]]
+    layer_z: torch.Tensor  # the same slots as layer_dist: the relatedness test's z (NaN: layer not usable)
 
     @classmethod
     def zeros(cls, pairs: int, dists: int) -> _Sums:
         return cls(torch.zeros(dists, dtype=torch.float64), torch.full((dists,), math.nan, dtype=torch.float64),
                    torch.zeros(pairs, dtype=torch.int64),
                    torch.zeros(pairs, dtype=torch.int64), torch.zeros(pairs, dtype=torch.float64),
-                   torch.zeros(pairs, dtype=torch.float64), [[] for _ in range(pairs)])
+                   torch.zeros(pairs, dtype=torch.float64), [[] for _ in range(pairs)],
+                   torch.full((dists,), math.nan, dtype=torch.float64))
 
 
 @dataclass(frozen=True)
@@ -245,6 +256,8 @@ def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, 
             diff = stack[left] - stack[right]  # float32, as the weights were stored (mother's rank convention)
             slots = torch.tensor(pairs.slots[start:stop])
             sums.layer_dist[slots] = diff.reshape(stop - start, -1).double().pow_(2).sum(dim=1).sqrt().cpu()
+            if not is_head(name):
+                _relatedness(sums, slots, stack[left], stack[right])
             if diff.ndim >= 3 and not is_head(name):
                 _regime(sums, torch.tensor(pairs.rows[start:stop]), name, diff)
                 if tails:
@@ -275,6 +288,18 @@ def _source_groups(pairs: _Pairs, most: int) -> list[tuple[int, int, list[ModelV
         views.update(fresh)
     groups.append((lo, len(pairs.rows), list(views.values())))
     return groups
+
+
+def _relatedness(sums: _Sums, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """Each pair's permutation z in this layer (sketches.relatedness), on its first MAX_ROWS rows."""
+    if a.ndim < 3 or a.shape[1] < MIN_ROWS:
+        return
+    m = min(a.shape[1], MAX_ROWS)
+    ua = a[:, :m].reshape(a.shape[0], m, -1).double()
+    ub = b[:, :m].reshape(b.shape[0], m, -1).double()
+    ua = ua - ua.mean(dim=(1, 2), keepdim=True)
+    ub = ub - ub.mean(dim=(1, 2), keepdim=True)
+    sums.layer_z[slots] = permutation_z(ua, ub).cpu()
 
 
 def _regime(sums: _Sums, rows: torch.Tensor, name: str, diff: torch.Tensor) -> None:
@@ -318,13 +343,14 @@ def _job_measures(job: _Job, sums: _Sums) -> list[PairMeasure]:
         at = job.dist_first + i * width
         dist = sums.layer_dist[at:at + width].numpy()
         tail = sums.layer_tail[at:at + width].numpy()
-        out.append(_pair(job.new, other, job.first + i, (dist, tail), sums, job.names, dense))
+        zs = sums.layer_z[at:at + width].numpy()
+        out.append(_pair(job.new, other, job.first + i, (dist, tail, zs), sums, job.names, dense))
     return out
 
 
-def _pair(new: ModelView, other: ModelView, i: int, dist_tail: tuple[np.ndarray, np.ndarray], sums: _Sums,
-          names: Sequence[str], dense: set[str]) -> PairMeasure:
-    dist, tail = dist_tail
+def _pair(new: ModelView, other: ModelView, i: int, per_layer: tuple[np.ndarray, np.ndarray, np.ndarray],
+          sums: _Sums, names: Sequence[str], dense: set[str]) -> PairMeasure:
+    dist, tail, zs = per_layer
     na = np.array([new.norms.get(n, 0.0) for n in names], dtype=np.float64)
     nb = np.array([other.norms.get(n, 0.0) for n in names], dtype=np.float64)
     rms = np.sqrt((na**2 + nb**2) / 2.0)  # the pair-local per-layer scale (module docstring)
@@ -344,8 +370,11 @@ def _pair(new: ModelView, other: ModelView, i: int, dist_tail: tuple[np.ndarray,
         else:  # no layer has a tail: its whole difference (mother's `tailed or layers`)
             tier = float((dist[keep] / rms[keep]).sum())
         direction = [n for n in new.direction_layers if n in names] or list(names)
-    return PairMeasure(other.repo_id, relative, median_relative, low_rank, tier, median_relative < MIN_RELATIVE,
-                       _ku(new, direction), _ku(other, direction))
+    test = combine(zs)  # sketches.relatedness: median z over the usable layers, its p-value
+    score, related = test.score, test.related
+    identical = bool(len(names) > 0 and not dist.any())
+    return PairMeasure(other.repo_id, relative, median_relative, low_rank, tier, related,
+                       _ku(new, direction), _ku(other, direction), score, identical)
 
 
 def penalty_count(ku_parent: float, ku_child: float, t_parent: float | None, t_child: float | None,
@@ -365,4 +394,11 @@ def edge_weights(pair: PairMeasure, t_new: float | None, t_other: float | None, 
     into_new = penalty_count(pair.ku_other, pair.ku_new, t_other, t_new)
     out_of_new = penalty_count(pair.ku_new, pair.ku_other, t_new, t_other)
     base = pair.base_weight
-    return (into_new, base + penalty * into_new), (out_of_new, base + penalty * out_of_new)
+    return ((into_new, base + penalty * into_new + tie_weight(t_other)),
+            (out_of_new, base + penalty * out_of_new + tie_weight(t_new)))
+
+
+def tie_weight(t_parent: float | None) -> float:
+    """The earliest-parent tie-break of an edge (TIE_PER_YEAR); an unknown time ranks as the Hub's epoch."""
+    years = max(0.0, ((t_parent if t_parent is not None else HUB_EPOCH) - HUB_EPOCH) / (365.25 * 86400))
+    return TIE_PER_YEAR * years

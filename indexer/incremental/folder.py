@@ -20,7 +20,7 @@ import numpy as np
 
 from indexer.incremental.index import DEFAULT_EXPAND, DEFAULT_K, ArrivalResult, LineageIndex
 from indexer.lineage.recover import discover_repos, upload_times
-from sketches.layers import family_key
+from sketches.layers import canonical_tensors, family_key
 from sketches.safetensors import open_local_repo
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,9 @@ def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:
     """(family key, local revision, 2-D and 4-D tensors as float32) of one local repo."""
     with open_local_repo(path) as weights:
         tensors = weights.tensors()
-        shapes = {name: info.shape for name, info in tensors.items()}
-        arrays = {n: np.asarray(weights.read(n), dtype=np.float32) for n in sorted(shapes) if len(shapes[n]) in (2, 4)}
+        stored = canonical_tensors(tensors)  # normalised names, learned float tensors only
+        shapes = {name: tensors[raw].shape for name, raw in stored.items()}
+        arrays = {n: np.asarray(weights.read(stored[n]), dtype=np.float32) for n in sorted(shapes) if len(shapes[n]) in (2, 4)}
     digest = hashlib.blake2b(digest_size=16)
     for f in sorted(path.glob("*.safetensors")):
         digest.update(f.read_bytes())

@@ -28,7 +28,7 @@ import math
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,6 +41,7 @@ from sketches.distances import Device
 from sketches.layers import select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
 from store.cache import CACHE_DIR, TensorCache
+from store.families import FamilyRegistry
 from store.schema import CandidateRecord, EdgeRecord, SketchRecord
 from store.tables import Store, open_store
 from store.vectors import VectorIndex, load_or_rebuild
@@ -139,6 +140,7 @@ class LineageIndex:
         self.keep_arrays = keep_arrays
         self.not_compared = 0  # nominees skipped because their tensors could not be had (logged)
         self._families: dict[str, _Family] = {}
+        self._registry = FamilyRegistry(store.home)
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
         self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
@@ -200,6 +202,8 @@ class LineageIndex:
         results: list[ArrivalResult | None] = [None] * len(arrivals)
         chunk: list[_Pending] = []
         for i, arrival in enumerate(arrivals):
+            arrival = replace(arrival, family=self._registry.resolve(  # the family of its core (store.families)
+                arrival.family, {n: tuple(np.shape(a)) for n, a in arrival.arrays.items()}))
             state = self.family(arrival.family)
             repeat = any(p.arrival.repo_id == arrival.repo_id for p in chunk)
             if repeat or arrival.repo_id in state.views:  # a new revision: what came before is placed first
