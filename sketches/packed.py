@@ -1,0 +1,682 @@
+"""Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors.
+
+Pure: arrays in (the checkpoint's tensors, as `native` decodes their bytes), float32 out, shaped like
+the Hugging Face Linear weight they replace: (out, in). Which scheme a checkpoint uses is read from its
+`quantization_config` (config.json) when there is one, else from its tensor names, dtypes and shapes.
+
+Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the dequantized weight:
+
+    gptq        <p>.qweight int32 (in*bits/32, out)   bits-wide codes packed along the INPUT rows:
+                                                      code[r*k + j, o] = qweight[r, o] >> (bits*j), k = 32/bits
+                <p>.qzeros  int32 (groups, out*bits/32)  zero points packed the same way along OUTPUT columns
+                <p>.scales  f16   (groups, out)
+                <p>.g_idx   int32 (in,)               group of each input row (act-order); else i // group_size
+                W[o, i] = scales[g, o] * (code[i, o] - (zero[g, o] + z0)),  g = g_idx[i]
+                z0 = 1 for checkpoint_format "gptq" (v1 stores zero - 1; AutoGPTQ's off-by-one), 0 for "gptq_v2"
+    awq (gemm)  <p>.qweight int32 (in, out/8)         4-bit codes packed along OUTPUT columns, nibble j of
+                                                      word c holding column 8c + [0, 2, 4, 6, 1, 3, 5, 7][j]
+                <p>.qzeros  int32 (in/group, out/8)   same packing;  <p>.scales f16 (in/group, out)
+                W[o, i] = scales[i // group, o] * (code[i, o] - zero[i // group, o])
+    bnb int8    <p>.weight int8 (out, in), <p>.SCB f32 (out,)       W = weight * SCB[o] / 127
+    bnb 4-bit   <p>.weight uint8 (numel/2, 1): two codes a byte, the first in the HIGH nibble, row-major
+                <p>.weight.absmax (numel/blocksize,) f32, or uint8 when nested ("compress_statistics"):
+                    absmax = nested_quant_map[absmax] * nested_absmax[b // nested_blocksize] + nested_offset
+                <p>.weight.quant_map f32 (16,) (nf4 or fp4 code), <p>.weight.quant_state.bitsandbytes__nf4:
+                uint8 bytes of a JSON object {quant_type, blocksize, dtype, shape, nested_*}
+                W.flat[n] = quant_map[code[n]] * absmax[n // blocksize]
+    fp8         <p>.weight F8_E4M3 (out, in) + <p>.weight_scale (HF fbgemm / compressed-tensors) or
+                <p>.weight_scale_inv (DeepSeek, HF "fp8"; multiplied too, despite its name): a scalar, a
+                (out, 1) column, (out, in/group) groups, or (ceil(out/128), ceil(in/128)) blocks
+    compressed-tensors "pack-quantized": <p>.weight_packed int32 (out, ceil(in*bits/32)), codes as one
+                little-endian bit stream per row, stored as value + 2**(bits-1); <p>.weight_shape (2,);
+                <p>.weight_scale (out, groups) or (out, 1); <p>.weight_zero_point packed along dim 0 (asym.);
+                <p>.weight_g_idx (act-order).  "int-quantized": <p>.weight int8 + weight_scale (+ zero point).
+                "float-quantized": the fp8 layout above.
+
+Row reads. A plan reads the first rows of W. Where a scheme stores W row-major by output (bnb, fp8,
+compressed-tensors) `part_rows` says which rows of each stored tensor hold W's rows [r0, r1), and
+`dequantize(..., rows=(r0, r1))` decodes from just those. GPTQ and AWQ pack codes or groups across
+output rows, so they are read whole (a 4-bit qweight is a quarter of the F16 weight's bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+
+from errors import QuantizedWeightsError
+from sketches.dtypes import DTYPE_SIZES, decode
+
+__all__ = [
+    "PACKED_RELATIVE_ERROR",
+    "PackedModule",
+    "QuantScheme",
+    "bnb_quant_state",
+    "dequantize",
+    "detect_scheme",
+    "native",
+    "packed_modules",
+    "part_rows",
+    "plain_tensors",
+    "predicted_relative_error",
+]
+
+logger = logging.getLogger(__name__)
+
+Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int"]
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # logical column held by nibble j of a word
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding logical column k
+DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3 / HF FineGrainedFP8 weight_block_size [128, 128]
+
+# RMS relative error of each scheme on N(0, 1) data, ||W_hat - W|| / ||W||, measured once with the
+# round-to-nearest reference packers of tests/test_packed.py (test_relative_error_table re-measures:
+# 256 x 1024 values, seed 0), on the default group / block sizes shown. GPTQ optimises the layer's
+# OUTPUT error, not the weights': its weight error is about RTN's or a little above (+0-20 %). Smaller
+# groups lower it (g32: ~-15 % vs g128), per-channel scales raise it (~+30 %); real weights with outliers
+# raise the absmax-scaled ones (bnb, fp8 per-tensor) the most.
+PACKED_RELATIVE_ERROR: dict[str, float] = {
+    "gptq-2bit": 5.0e-1,  # group 128, asymmetric (zero point), like the 4- and 8-bit ones
+    "gptq-4bit": 1.01e-1,
+    "gptq-8bit": 5.9e-3,
+    "awq-4bit": 1.01e-1,  # group 128, asymmetric
+    "bnb-int8": 7.9e-3,  # per-row absmax
+    "bnb-4bit": 9.2e-2,  # nf4, blocksize 64, nested absmax
+    "fp8-8bit": 2.6e-2,  # e4m3, per-tensor scale or 128 x 128 blocks (both 2.6e-2)
+    "ct-pack-4bit": 1.18e-1,  # symmetric, group 128
+    "ct-pack-8bit": 6.5e-3,
+    "ct-int-8bit": 7.9e-3,  # per-channel
+}
+
+
+class _Tensor(Protocol):
+    """What the detection needs of a checkpoint tensor: its safetensors dtype and shape (TensorInfo)."""
+
+    @property
+    def dtype(self) -> str: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    method: Method
+    bits: int
+    group_size: int | None = None  # input columns per scale; None: per output row, or found from shapes
+    zero_offset: int = 0  # added to stored zero points (GPTQ v1: 1)
+    block: tuple[int, int] | None = None  # fp8 block-wise scales: rows x columns per scale
+
+    @property
+    def name(self) -> str:
+        """gptq-4bit, awq-4bit, fp8-8bit, ct-pack-4bit ...; the bnb methods carry their width already."""
+        return self.method if self.method.startswith("bnb-") else f"{self.method}-{self.bits}bit"
+
+
+@dataclass(frozen=True)
+class PackedModule:
+    """One quantized Linear: the HF weight it stands for and its stored tensors, by role."""
+
+    weight: str  # "<prefix>.weight"
+    parts: dict[str, str]  # role -> tensor name: qweight/qzeros/scales/g_idx, weight/SCB/absmax/..., ...
+    shape: tuple[int, int] | None  # (out, in) when the stored shapes tell it (bnb 4-bit: the JSON does)
+
+
+def _error(thing: str, reason: str) -> QuantizedWeightsError:
+    return QuantizedWeightsError(thing, reason)
+
+
+# --- raw bytes -> arrays ------------------------------------------------------------------------------
+
+_NATIVE = {"I8": "i1", "U8": "u1", "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8",
+           "U64": "<u8", "F16": "<f2", "F32": "<f4", "F64": "<f8", "BOOL": "u1"}
+
+
+def native(raw: bytes, dtype: str, shape: tuple[int, ...], *, name: str = "") -> np.ndarray:
+    """Raw safetensors bytes -> a numpy array that keeps integers exact (the codes of packed words).
+
+    `sketches.dtypes.decode` casts every dtype to float32, which would round int32 words above 2**24;
+    here integers keep their dtype, F16/F32/F64 theirs, BF16 and F8 become float32.
+    """
+    thing = name or "<tensor>"
+    if dtype not in DTYPE_SIZES:
+        raise _error(thing, f"unknown dtype {dtype!r}")
+    if len(raw) != math.prod(shape) * DTYPE_SIZES[dtype]:
+        raise _error(thing, f"{dtype} {list(shape)} needs {math.prod(shape) * DTYPE_SIZES[dtype]} bytes, got {len(raw)}")
+    if dtype in _NATIVE:
+        return np.frombuffer(raw, dtype=_NATIVE[dtype]).reshape(shape).copy()
+    return decode(raw, dtype, shape, name=thing)
+
+
+# --- detection --------------------------------------------------------------------------------------
+
+
+def _quant_config(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Accept config.json as a dict, or its quantization_config alone."""
+    if not config:
+        return {}
+    inner = config.get("quantization_config", config)
+    if not isinstance(inner, Mapping):
+        raise _error("quantization_config", f"must be a JSON object, got {type(inner).__name__}")
+    return inner
+
+
+def _int(qc: Mapping[str, Any], key: str, default: int) -> int:
+    value = qc.get(key, default)
+    if value is None:
+        return default
+    if type(value) is not int:
+        raise _error("quantization_config", f"{key} must be a whole number, got {value!r:.40}")
+    return value
+
+
+def _bits(bits: int, allowed: tuple[int, ...], method: str) -> int:
+    if bits not in allowed:
+        raise _error("quantization_config", f"{method} with {bits} bits is not supported (supported: {allowed})")
+    return bits
+
+
+def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
+    method = str(qc.get("quant_method", "")).lower()
+    if not method:
+        return None
+    if method == "gptq":
+        fmt = str(qc.get("checkpoint_format", "gptq")).lower()
+        if fmt not in ("gptq", "gptq_v2"):
+            raise _error("quantization_config", f"GPTQ checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
+        group = _int(qc, "group_size", 128)
+        return QuantScheme("gptq", _bits(_int(qc, "bits", 4), (2, 4, 8), "GPTQ"), None if group <= 0 else group,
+                           zero_offset=1 if fmt == "gptq" else 0)
+    if method == "awq":
+        version = str(qc.get("version", "gemm")).lower()
+        if version != "gemm":
+            raise _error("quantization_config", f"AWQ version {version!r} is not supported (only gemm)")
+        group = _int(qc, "group_size", 128)
+        return QuantScheme("awq", _bits(_int(qc, "bits", _int(qc, "w_bit", 4)), (4,), "AWQ"), None if group <= 0 else group)
+    if method == "bitsandbytes":
+        if qc.get("load_in_4bit"):
+            return QuantScheme("bnb-4bit", 4)
+        if qc.get("load_in_8bit"):
+            return QuantScheme("bnb-int8", 8)
+        raise _error("quantization_config", "bitsandbytes config with neither load_in_4bit nor load_in_8bit")
+    if method in ("fp8", "fbgemm_fp8"):
+        block = qc.get("weight_block_size")
+        return QuantScheme("fp8", 8, block=tuple(block) if isinstance(block, list) and len(block) == 2 else None)
+    if method == "compressed-tensors":
+        return _compressed_tensors(qc)
+    raise _error("quantization_config", f"quant_method {method!r} is not supported "
+                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors)")
+
+
+def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
+    groups = qc.get("config_groups") or {}
+    weights = next((g.get("weights") for _, g in sorted(groups.items()) if isinstance(g, Mapping) and g.get("weights")), None)
+    if not isinstance(weights, Mapping):
+        raise _error("quantization_config", "compressed-tensors config has no config_groups.*.weights")
+    fmt = str(qc.get("format") or next((g.get("format") for g in groups.values() if isinstance(g, Mapping)), "") or "")
+    bits = _int(weights, "num_bits", 8)
+    group = weights.get("group_size")
+    group = group if type(group) is int and group > 0 else None
+    block = weights.get("block_structure")
+    block = tuple(block) if isinstance(block, list) and len(block) == 2 else None
+    if fmt == "pack-quantized":
+        return QuantScheme("ct-pack", _bits(bits, tuple(range(1, 9)), "pack-quantized"), group)
+    if fmt in ("int-quantized", "naive-quantized") and weights.get("type", "int") == "int":
+        return QuantScheme("ct-int", _bits(bits, (8,), "int-quantized"), group, block=block)
+    if fmt in ("float-quantized", "naive-quantized"):
+        return QuantScheme("fp8", _bits(bits, (8,), "float-quantized"), group, block=block)
+    raise _error("quantization_config", f"compressed-tensors format {fmt!r} is not supported "
+                 "(pack-quantized, int-quantized, float-quantized, naive-quantized)")
+
+
+def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
+    names = sorted(tensors)
+    qweights = [n for n in names if n.endswith(".qweight")]
+    if qweights:
+        return _gptq_or_awq(tensors, qweights[0])
+    if any(n.endswith(".SCB") for n in names):
+        return QuantScheme("bnb-int8", 8)
+    if any(re.search(r"\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$", n) for n in names):
+        return QuantScheme("bnb-4bit", 4)
+    if any(n.endswith(".weight_packed") for n in names):
+        return QuantScheme("ct-pack", 4)  # the real bit width comes from weight_shape at decode time
+    for n in names:
+        if n.endswith((".weight_scale", ".weight_scale_inv")):
+            weight = tensors.get(n.rsplit(".", 1)[0] + ".weight")
+            if weight is not None and weight.dtype in ("F8_E4M3", "F8_E5M2"):
+                return QuantScheme("fp8", 8)
+            if weight is not None and weight.dtype == "I8":
+                return QuantScheme("ct-int", 8)
+    return None
+
+
+def _gptq_or_awq(tensors: Mapping[str, _Tensor], qweight: str) -> QuantScheme:
+    prefix = qweight[: -len(".qweight")]
+    scales = tensors.get(prefix + ".scales")
+    q = tensors[qweight]
+    if scales is None or len(scales.shape) != 2 or len(q.shape) != 2:
+        raise _error(qweight, "a qweight without a 2-D scales tensor beside it")
+    if prefix + ".g_idx" in tensors or q.shape[1] == scales.shape[1]:  # GPTQ: (in*bits/32, out) vs (groups, out)
+        zeros = tensors.get(prefix + ".qzeros")
+        pack = scales.shape[1] // zeros.shape[1] if zeros is not None and zeros.shape[1] else 8
+        return QuantScheme("gptq", 32 // pack if pack in (4, 8, 16) else 4, zero_offset=1)
+    return QuantScheme("awq", 4)  # AWQ: (in, out/8) vs (in/group, out)
+
+
+def detect_scheme(tensors: Mapping[str, _Tensor], config: Mapping[str, Any] | None = None) -> QuantScheme | None:
+    """The quantization scheme of a checkpoint, or None for plain float weights.
+
+    `config` is config.json (or its `quantization_config`); it decides when present, the tensors
+    otherwise. An unsupported method or layout raises QuantizedWeightsError saying which.
+    """
+    scheme = _from_config(_quant_config(config))
+    return scheme if scheme is not None else _from_tensors(tensors)
+
+
+# --- modules ----------------------------------------------------------------------------------------
+
+# anchor suffix -> (role of the anchor, {role: suffix}) ; suffixes are appended to the module prefix
+_GPTQ_PARTS = {"qweight": ".qweight", "qzeros": ".qzeros", "scales": ".scales", "g_idx": ".g_idx"}
+_PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
+    # method: (anchor suffix, role -> suffix, required roles)
+    "gptq": (".qweight", _GPTQ_PARTS, ("qweight", "qzeros", "scales")),
+    "awq": (".qweight", _GPTQ_PARTS, ("qweight", "scales")),
+    "bnb-int8": (".SCB", {"weight": ".weight", "SCB": ".SCB"}, ("weight", "SCB")),
+    "bnb-4bit": (".weight.absmax", {"weight": ".weight", "absmax": ".weight.absmax", "quant_map": ".weight.quant_map",
+                                    "nested_absmax": ".weight.nested_absmax", "nested_quant_map": ".weight.nested_quant_map",
+                                    "quant_state": ".weight.quant_state.bitsandbytes__nf4",
+                                    "quant_state_fp4": ".weight.quant_state.bitsandbytes__fp4"},
+                 ("weight", "absmax", "quant_map")),
+    "fp8": (".weight", {"weight": ".weight", "scale": ".weight_scale", "scale_inv": ".weight_scale_inv"}, ("weight",)),
+    "ct-pack": (".weight_packed", {"weight_packed": ".weight_packed", "weight_shape": ".weight_shape",
+                                   "weight_scale": ".weight_scale", "weight_zero_point": ".weight_zero_point",
+                                   "weight_g_idx": ".weight_g_idx"}, ("weight_packed", "weight_shape", "weight_scale")),
+    "ct-int": (".weight", {"weight": ".weight", "weight_scale": ".weight_scale", "weight_zero_point": ".weight_zero_point"},
+               ("weight", "weight_scale")),
+}
+
+
+def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
+    suffix = _PARTS[scheme.method][0]
+    found = sorted(n for n in tensors if n.endswith(suffix))
+    if scheme.method == "fp8":  # weights stored in float8; the unquantized ones (norms, heads) are not modules
+        return [n for n in found if tensors[n].dtype in ("F8_E4M3", "F8_E5M2")]
+    if scheme.method == "ct-int":
+        return [n for n in found if tensors[n].dtype == "I8"]
+    return found
+
+
+def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) -> PackedModule:
+    suffix, roles, required = _PARTS[scheme.method]
+    prefix = anchor[: -len(suffix)]
+    parts = {role: prefix + s for role, s in roles.items() if prefix + s in tensors}
+    if "quant_state_fp4" in parts:
+        parts["quant_state"] = parts.pop("quant_state_fp4")
+    missing = [roles[r] for r in required if r not in parts]
+    if scheme.method == "fp8" and "scale" not in parts and "scale_inv" not in parts:
+        missing.append(".weight_scale or .weight_scale_inv")
+    if scheme.method == "bnb-4bit" and "quant_state" not in parts:
+        missing.append(".weight.quant_state.bitsandbytes__nf4 (or __fp4)")
+    if missing:
+        raise _error(anchor, f"{scheme.method} module {prefix!r} lacks {', '.join(missing)}")
+    return PackedModule(prefix + ".weight", dict(sorted(parts.items())), _shape(tensors, scheme, parts))
+
+
+def _shape(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[str, str]) -> tuple[int, int] | None:
+    shape = lambda role: tuple(tensors[parts[role]].shape)  # noqa: E731
+    if scheme.method == "gptq":
+        rows, out = shape("qweight")
+        return (out, shape("g_idx")[0]) if "g_idx" in parts else (out, rows * 32 // scheme.bits)
+    if scheme.method == "awq":
+        rows, cols = shape("qweight")
+        return (cols * 32 // scheme.bits, rows)
+    if scheme.method in ("bnb-int8", "fp8", "ct-int"):
+        dims = shape("weight")
+        return (dims[0], dims[1]) if len(dims) == 2 else None
+    return None  # bnb-4bit: in the JSON blob; ct-pack: in the weight_shape tensor
+
+
+def packed_modules(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> dict[str, PackedModule]:
+    """Every quantized Linear of the checkpoint, keyed by the HF weight name it replaces (sorted)."""
+    modules = [_module(tensors, scheme, anchor) for anchor in _anchors(tensors, scheme)]
+    return {m.weight: m for m in sorted(modules, key=lambda m: m.weight)}
+
+
+def plain_tensors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
+    """The tensors no module owns: stored as plain floats (norms, embeddings, often lm_head), read as usual."""
+    owned = {name for m in packed_modules(tensors, scheme).values() for name in m.parts.values()}
+    return sorted(n for n in tensors if n not in owned)
+
+
+def bnb_quant_state(raw: bytes | np.ndarray, *, name: str = "quant_state") -> dict[str, Any]:
+    """The JSON object bitsandbytes stores as the bytes of `<p>.weight.quant_state.bitsandbytes__*`."""
+    data = raw.tobytes() if isinstance(raw, np.ndarray) else bytes(raw)
+    try:
+        state = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise _error(name, "the bitsandbytes quant_state is not a UTF-8 JSON object") from None
+    if not isinstance(state, dict):
+        raise _error(name, "the bitsandbytes quant_state is not a JSON object")
+    for key in ("blocksize", "shape"):
+        if key not in state:
+            raise _error(name, f"the bitsandbytes quant_state lacks {key!r}")
+    shape = state["shape"]
+    if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
+        raise _error(name, f"the bitsandbytes quant_state shape must be [out, in], got {shape!r:.60}")
+    if type(state["blocksize"]) is not int or state["blocksize"] <= 0:
+        raise _error(name, f"the bitsandbytes blocksize must be a positive whole number, got {state['blocksize']!r:.40}")
+    return state
+
+
+# --- unpacking --------------------------------------------------------------------------------------
+
+
+def _unsigned(words: np.ndarray) -> np.ndarray:
+    """Packed integer words as unsigned of the same width (shifts must not drag the sign in)."""
+    if words.dtype.kind not in "iu":
+        raise _error("packed words", f"must be integers, got {words.dtype}")
+    return words.view(f"u{words.dtype.itemsize}")
+
+
+def _codes_along_rows(words: np.ndarray, bits: int) -> np.ndarray:
+    """(R, C) words -> (R*k, C) codes: code[r*k + j, c] = word[r, c] >> (bits*j), k = width/bits (GPTQ)."""
+    u = _unsigned(words)
+    k = u.dtype.itemsize * 8 // bits
+    shifts = (np.arange(k, dtype=u.dtype) * bits)[None, :, None]
+    return ((u[:, None, :] >> shifts) & ((1 << bits) - 1)).astype(np.uint8).reshape(-1, u.shape[1])
+
+
+def _codes_along_cols(words: np.ndarray, bits: int) -> np.ndarray:
+    """(R, C) words -> (R, C*k) codes: code[r, c*k + j] = word[r, c] >> (bits*j)."""
+    u = _unsigned(words)
+    k = u.dtype.itemsize * 8 // bits
+    shifts = (np.arange(k, dtype=u.dtype) * bits)[None, None, :]
+    return ((u[:, :, None] >> shifts) & ((1 << bits) - 1)).astype(np.uint8).reshape(u.shape[0], -1)
+
+
+def _bitstream(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Each row of words as one little-endian bit stream of `bits`-wide codes; the first `count` of a row."""
+    u = np.ascontiguousarray(_unsigned(words)).astype("<u4")
+    if u.shape[1] * 32 < count * bits:
+        raise _error("weight_packed", f"{u.shape[1]} words a row cannot hold {count} codes of {bits} bits")
+    if bits in (4, 8):  # whole nibbles / bytes: no bit unpacking
+        if bits == 8:
+            return u.view(np.uint8)[:, :count].copy()
+        b = u.view(np.uint8)
+        return np.stack([b & 0xF, b >> 4], axis=-1).reshape(u.shape[0], -1)[:, :count]
+    stream = np.unpackbits(u.view(np.uint8), axis=1, bitorder="little")[:, : count * bits]
+    weights = (1 << np.arange(bits, dtype=np.uint16))
+    return (stream.reshape(u.shape[0], count, bits).astype(np.uint16) @ weights).astype(np.uint8)
+
+
+def _f32(array: np.ndarray) -> np.ndarray:
+    return np.asarray(array, dtype=np.float32)
+
+
+def _need(arrays: Mapping[str, np.ndarray], module: PackedModule, role: str) -> np.ndarray:
+    if role not in arrays:
+        raise _error(module.weight, f"the {role!r} tensor ({module.parts.get(role, '?')}) was not given")
+    return arrays[role]
+
+
+def _groups(n_in: int, n_groups: int, g_idx: np.ndarray | None, thing: str) -> np.ndarray:
+    """Group index of each input column: g_idx when stored, else consecutive groups of n_in / n_groups."""
+    if g_idx is not None:
+        g = np.asarray(g_idx).astype(np.int64).reshape(-1)
+        if len(g) != n_in or (len(g) and (g.min() < 0 or g.max() >= n_groups)):
+            raise _error(thing, f"g_idx must hold {n_in} group numbers in [0, {n_groups})")
+        return g
+    size = -(-n_in // n_groups)  # ceil: a last partial group (in not a multiple of group_size)
+    if n_groups != -(-n_in // size):
+        raise _error(thing, f"{n_groups} groups do not split {n_in} input columns evenly")
+    return np.arange(n_in) // size
+
+
+# --- per scheme --------------------------------------------------------------------------------------
+
+
+def _gptq(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme) -> np.ndarray:
+    codes = _codes_along_rows(_need(arrays, module, "qweight"), scheme.bits)  # (in', out)
+    scales = _f32(_need(arrays, module, "scales"))
+    n_out = scales.shape[1]
+    g_idx = arrays.get("g_idx")
+    n_in = len(g_idx) if g_idx is not None else codes.shape[0]
+    if codes.shape[0] < n_in or codes.shape[1] != n_out:
+        raise _error(module.weight, f"qweight {codes.shape} codes do not cover scales {scales.shape} / {n_in} inputs")
+    zeros = _codes_along_cols(_need(arrays, module, "qzeros"), scheme.bits)[:, :n_out].astype(np.float32)
+    if zeros.shape != scales.shape:
+        raise _error(module.weight, f"qzeros unpack to {zeros.shape}, scales are {scales.shape}")
+    g = _groups(n_in, scales.shape[0], g_idx, module.weight)
+    w_t = (codes[:n_in].astype(np.float32) - (zeros[g] + scheme.zero_offset)) * scales[g]
+    return np.ascontiguousarray(w_t.T)
+
+
+def _awq(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme) -> np.ndarray:
+    qweight = _need(arrays, module, "qweight")
+    # logical column 8c + k sits in nibble AWQ_REVERSE_ORDER[k] of word c
+    cols = (np.arange(qweight.shape[1])[:, None] * 8 + np.array(AWQ_REVERSE_ORDER)[None, :]).reshape(-1)
+    codes = _codes_along_cols(qweight, 4)[:, cols].astype(np.float32)  # (in, out)
+    scales = _f32(_need(arrays, module, "scales"))
+    if scales.shape[1] != codes.shape[1]:
+        raise _error(module.weight, f"qweight unpacks to {codes.shape[1]} outputs, scales have {scales.shape[1]}")
+    if "qzeros" in arrays:
+        zeros = _codes_along_cols(arrays["qzeros"], 4)[:, cols].astype(np.float32)
+        if zeros.shape != scales.shape:
+            raise _error(module.weight, f"qzeros unpack to {zeros.shape}, scales are {scales.shape}")
+    else:  # zero_point false: symmetric around the middle code
+        zeros = np.full(scales.shape, 8.0, dtype=np.float32)
+    g = _groups(codes.shape[0], scales.shape[0], None, module.weight)
+    return np.ascontiguousarray(((codes - zeros[g]) * scales[g]).T)
+
+
+def _bnb_int8(module: PackedModule, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+    weight, scb = _f32(_need(arrays, module, "weight")), _f32(_need(arrays, module, "SCB")).reshape(-1)
+    if weight.ndim != 2 or len(scb) != weight.shape[0]:
+        raise _error(module.weight, f"SCB has {len(scb)} values for a weight of shape {weight.shape}")
+    return weight * (scb[:, None] / 127.0)
+
+
+def _bnb_absmax(module: PackedModule, arrays: Mapping[str, np.ndarray], state: Mapping[str, Any],
+                first_block: int) -> np.ndarray:
+    absmax = _need(arrays, module, "absmax")
+    if "nested_absmax" not in arrays:
+        return _f32(absmax).reshape(-1)
+    nested_bs = state.get("nested_blocksize")
+    if type(nested_bs) is not int or nested_bs <= 0:
+        raise _error(module.weight, "nested absmax without a positive nested_blocksize in the quant_state")
+    codes = np.asarray(absmax).reshape(-1).astype(np.int64)
+    qmap = _f32(_need(arrays, module, "nested_quant_map")).reshape(-1)
+    nested = _f32(arrays["nested_absmax"]).reshape(-1)
+    block_of = (first_block + np.arange(len(codes))) // nested_bs - first_block // nested_bs
+    if len(codes) and (codes.max() >= len(qmap) or block_of.max() >= len(nested)):
+        raise _error(module.weight, "nested absmax codes or blocks out of range")
+    return qmap[codes] * nested[block_of] + np.float32(state.get("nested_offset", 0.0))
+
+
+def _bnb_4bit(module: PackedModule, arrays: Mapping[str, np.ndarray], rows: tuple[int, int] | None) -> np.ndarray:
+    state = bnb_quant_state(_need(arrays, module, "quant_state"), name=module.parts.get("quant_state", module.weight))
+    out, n_in = state["shape"]
+    r0, r1 = rows if rows is not None else (0, out)
+    start, count, bs = r0 * n_in, (r1 - r0) * n_in, state["blocksize"]
+    packed = np.ascontiguousarray(_need(arrays, module, "weight")).view(np.uint8).reshape(-1)
+    skip = start % 2  # a row range starting mid-byte (odd in): the byte holds the row before's last code
+    codes = np.stack([packed >> 4, packed & 0xF], axis=-1).reshape(-1)[skip : skip + count]
+    qmap = _f32(_need(arrays, module, "quant_map")).reshape(-1)
+    absmax = _bnb_absmax(module, arrays, state, start // bs)
+    blocks = (start + np.arange(count)) // bs - start // bs
+    if len(codes) != count or (count and (blocks[-1] >= len(absmax) or codes.max() >= len(qmap))):
+        raise _error(module.weight, f"4-bit data does not cover {count} values of shape {state['shape']}")
+    return (qmap[codes] * absmax[blocks]).reshape(r1 - r0, n_in)
+
+
+def _expand_scale(scale: np.ndarray, shape: tuple[int, int], block: tuple[int, int] | None,
+                  first_row: int, thing: str) -> np.ndarray:
+    """A stored scale broadcast to rows [first_row, first_row + shape[0]) of W: scalar, per row, per
+    group of columns, or per block of rows x columns (scale rows given from block first_row // b0)."""
+    rows, cols = shape
+    s = _f32(scale)
+    if s.size == 1:
+        return np.full(shape, s.reshape(-1)[0], dtype=np.float32)
+    s = s.reshape(-1, 1) if s.ndim == 1 else s
+    if s.ndim != 2:
+        raise _error(thing, f"a scale of shape {scale.shape} is not a scalar, column, group or block layout")
+    if block is None and s.shape[0] == rows:  # per row, or per group of columns along each row
+        return np.repeat(s, -(-cols // s.shape[1]), axis=1)[:, :cols]
+    b0, b1 = block or (DEFAULT_FP8_BLOCK, DEFAULT_FP8_BLOCK)
+    offset = first_row % b0
+    full = np.repeat(np.repeat(s, b0, axis=0), b1, axis=1)[offset : offset + rows, :cols]
+    if full.shape != shape:
+        raise _error(thing, f"scale {scale.shape} with blocks {b0} x {b1} does not cover {rows} x {cols}")
+    return full
+
+
+def _fp8(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, first_row: int) -> np.ndarray:
+    weight = _f32(_need(arrays, module, "weight"))
+    scale = arrays.get("scale", arrays.get("scale_inv"))
+    if scale is None or weight.ndim != 2:
+        raise _error(module.weight, "an fp8 weight needs a 2-D weight and weight_scale or weight_scale_inv")
+    return weight * _expand_scale(scale, weight.shape, scheme.block, first_row, module.weight)
+
+
+def _ct_int(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, first_row: int) -> np.ndarray:
+    q = _f32(_need(arrays, module, "weight"))
+    if q.ndim != 2:
+        raise _error(module.weight, f"an int-quantized weight must be 2-D, got {q.shape}")
+    scale = _expand_scale(_need(arrays, module, "weight_scale"), q.shape, scheme.block, first_row, module.weight)
+    zp = arrays.get("weight_zero_point")
+    zero = 0.0 if zp is None else _expand_scale(zp, q.shape, scheme.block, first_row, module.weight)
+    return (q - zero) * scale
+
+
+def _ct_pack(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme,
+             rows: tuple[int, int] | None) -> np.ndarray:
+    out, n_in = (int(d) for d in np.asarray(_need(arrays, module, "weight_shape")).reshape(-1)[:2])
+    packed = _need(arrays, module, "weight_packed")
+    # the config's width when the words agree; without a config (or a wrong one) the row width tells it
+    bits = scheme.bits if packed.shape[-1] == _ceil(n_in * scheme.bits, 32) else _ct_bits(packed, n_in)
+    offset = 1 << (bits - 1)
+    q = _bitstream(packed, bits, n_in).astype(np.float32) - offset
+    scale = _f32(_need(arrays, module, "weight_scale"))
+    scale = scale.reshape(-1, 1) if scale.ndim < 2 else scale
+    if scale.shape[0] == 1 and q.shape[0] > 1:  # per-tensor
+        scale = np.repeat(scale, q.shape[0], axis=0)
+    g = _groups(n_in, scale.shape[1], arrays.get("weight_g_idx"), module.weight)
+    zero = 0.0
+    if "weight_zero_point" in arrays:
+        zp = arrays["weight_zero_point"]
+        r0 = 0 if rows is None else rows[0]
+        zero = (_bitstream(np.ascontiguousarray(zp.T), bits, out).T.astype(np.float32) - offset)[r0 : r0 + q.shape[0]][:, g]
+    if scale.shape[0] != q.shape[0]:
+        raise _error(module.weight, f"weight_scale has {scale.shape[0]} rows for {q.shape[0]} weight rows")
+    return (q - zero) * scale[:, g]
+
+
+def _ct_bits(packed: np.ndarray, n_in: int) -> int:
+    """pack-quantized without a config: the bit width the row's word count implies (ceil(in*bits/32))."""
+    for bits in (4, 8, 2, 3, 5, 6, 7, 1):
+        if packed.shape[-1] == _ceil(n_in * bits, 32):
+            return bits
+    raise _error("weight_packed", f"{packed.shape[-1]} words a row fit no bit width for {n_in} columns")
+
+
+def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, *,
+               rows: tuple[int, int] | None = None) -> np.ndarray:
+    """W (float32, (out, in), or its rows [r0, r1)) of one module from its stored tensors, by role.
+
+    `arrays` holds each role's tensor as `native` decodes it (integers exact). With `rows`, each array
+    must be the slice `part_rows(module, scheme, rows)` names (whole tensors where it says None).
+    """
+    try:
+        if scheme.method in ("gptq", "awq"):
+            whole = _gptq(module, arrays, scheme) if scheme.method == "gptq" else _awq(module, arrays, scheme)
+            return whole if rows is None else np.ascontiguousarray(whole[rows[0] : rows[1]])
+        first = 0 if rows is None else rows[0]
+        if scheme.method == "bnb-int8":
+            return _bnb_int8(module, arrays)
+        if scheme.method == "bnb-4bit":
+            return _bnb_4bit(module, arrays, rows)
+        if scheme.method == "fp8":
+            return _fp8(module, arrays, scheme, first)
+        if scheme.method == "ct-int":
+            return _ct_int(module, arrays, scheme, first)
+        return _ct_pack(module, arrays, scheme, rows)
+    except (ValueError, IndexError, TypeError) as exc:  # shapes that broadcast nowhere: a bad checkpoint
+        raise _error(module.weight, f"{scheme.method} tensors are inconsistent ({exc})") from None
+
+
+def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], *,
+              shapes: Mapping[str, tuple[int, ...]],
+              quant_state: Mapping[str, Any] | None = None) -> dict[str, tuple[int, int] | None]:
+    """Which rows (along dim 0) of each stored tensor hold W's rows [r0, r1); None: read it whole.
+
+    `shapes` are the stored tensors' shapes by role (from the safetensors header); bnb 4-bit also needs
+    its parsed `quant_state` (`bnb_quant_state`), which holds W's shape and the block sizes.
+    """
+    r0, r1 = rows
+    spans: dict[str, tuple[int, int] | None] = {role: None for role in module.parts}
+    if scheme.method in ("gptq", "awq"):
+        return spans  # codes or groups packed across output rows: whole
+    if scheme.method == "bnb-4bit":
+        if quant_state is None:
+            raise _error(module.weight, "bnb 4-bit row ranges need the parsed quant_state (bnb_quant_state)")
+        out, n_in = quant_state["shape"]
+    else:
+        anchor = "weight_packed" if scheme.method == "ct-pack" else "weight"
+        out, n_in = shapes[anchor][0], 0
+    if not 0 <= r0 <= r1 <= out:
+        raise _error(module.weight, f"rows [{r0}, {r1}) outside its {out} rows")
+    if scheme.method == "bnb-4bit":
+        return _bnb_rows(module, (r0, r1), n_in, quant_state or {}, spans)
+    for role in ("weight", "SCB", "weight_packed"):
+        if role in module.parts:
+            spans[role] = (r0, r1)
+    for role in ("scale", "scale_inv", "weight_scale"):
+        if role in module.parts:
+            spans[role] = _scale_rows(shapes[role], out, scheme.block, (r0, r1))
+    if "weight_zero_point" in module.parts and scheme.method == "ct-int":
+        spans["weight_zero_point"] = _scale_rows(shapes["weight_zero_point"], out, scheme.block, (r0, r1))
+    return spans
+
+
+def _scale_rows(stored: tuple[int, ...], out: int, block: tuple[int, int] | None,
+                rows: tuple[int, int]) -> tuple[int, int] | None:
+    if math.prod(stored) == 1:
+        return None  # per tensor
+    if stored[0] == out and block is None:
+        return rows  # per row (and per group along it)
+    b0 = (block or (DEFAULT_FP8_BLOCK, DEFAULT_FP8_BLOCK))[0]
+    return (rows[0] // b0, -(-rows[1] // b0))
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _bnb_rows(module: PackedModule, rows: tuple[int, int], n_in: int, state: Mapping[str, Any],
+              spans: dict[str, tuple[int, int] | None]) -> dict[str, tuple[int, int] | None]:
+    """Rows of the (numel/2, 1) byte tensor, the absmax vector and the nested absmax holding W's rows."""
+    bs = int(state["blocksize"])
+    start, end = rows[0] * n_in, rows[1] * n_in
+    spans["weight"] = (start // 2, _ceil(end, 2))
+    first, last = start // bs, _ceil(end, bs)  # absmax blocks [first, last)
+    spans["absmax"] = (first, last)
+    nested = state.get("nested_blocksize")
+    if "nested_absmax" in module.parts and type(nested) is int and nested > 0:
+        spans["nested_absmax"] = (first // nested, _ceil(last, nested))
+    return spans
+
+
+def predicted_relative_error(scheme: QuantScheme) -> float:
+    """RMS relative error the scheme predicts (PACKED_RELATIVE_ERROR, see there for the conditions)."""
+    try:
+        return PACKED_RELATIVE_ERROR[scheme.name]
+    except KeyError:
+        known = ", ".join(sorted(PACKED_RELATIVE_ERROR))
+        raise _error(scheme.name, f"no predicted error for this scheme (known: {known})") from None
