@@ -340,6 +340,33 @@ def recover(folder: Path, method: str, trees: int | None, distance: str, device:
         click.echo(render_forest(forest))
 
 
+@index.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--endpoint", default=None, help="The Hub for ORG/NAME arguments (default: $HF_ENDPOINT or https://huggingface.co).")
+@click.option("--budget-mib", type=click.IntRange(min=1), default=None,
+              help="Tensor bytes read per Hub model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def compare(a: str, b: str, endpoint: str | None, budget_mib: int | None, as_json: bool) -> None:
+    """Is B derived from A? Compare two models from their weights alone.
+
+    A and B are local repo folders or Hub repos (ORG/NAME, read by range like the crawl). Prints whether
+    they are comparable (and on which shared layers), related or not (the permutation test's Z and
+    p-value), the likely direction and why, their distance, and whether their heads match. Two models
+    that cannot be compared say so in one line and exit 0.
+    """
+    from indexer.lineage.compare import compare as run, load_side, render
+
+    settings = load_settings()
+    where = dict(endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token,
+                 budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget)
+    result = run(load_side(a, **where), load_side(b, **where))  # type: ignore[arg-type]
+    if as_json:
+        _emit_json(result.as_dict())
+    else:
+        click.echo(render(result))
+
+
 @index.command(name="eval")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
@@ -415,6 +442,55 @@ def _print_report(report) -> None:  # type: ignore[no-untyped-def]
     declared = report.declared_base_model or "(none declared)"
     click.echo(f"  declared base_model: {declared}  -> {verdict}")
     click.echo(f"  indexed at: {report.indexed_at.isoformat()}")
+
+
+_SHOW_FORMATS = ("text", "mermaid", "dot", "svg", "html", "json")  # indexer.web.render.FORMATS, without importing it
+
+
+@index.command()
+@click.argument("repo_id")
+@click.option("--depth", type=click.IntRange(min=0), default=None,
+              help="Only the models within N edges of REPO_ID (default: the root's whole tree).")
+@click.option("--format", "fmt", type=click.Choice(_SHOW_FORMATS), default="text", show_default=True,
+              help="text: a tree for the terminal; mermaid / dot: for other tools; svg: a picture; "
+                   "html: one self-contained page that opens offline; json: for machines.")
+@click.option("--max-children", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Children drawn per model; the rest are collapsed into one 'N more' line with a count.")
+@click.option("--max-nodes", type=click.IntRange(min=1), default=400, show_default=True,
+              help="Models drawn in all; past it every further child is collapsed the same way.")
+@_store_option
+def show(repo_id: str, depth: int | None, fmt: str, max_children: int, max_nodes: int, home: Path | None) -> None:
+    """Draw the family of REPO_ID: its root's tree, one line per model, large families summarised.
+
+    Each line gives the model's relation to its parent, the confidence, the distance, the upload date and,
+    where the model card declares another base model, that declared base. REPO_ID is marked with ◀.
+    Write a picture with `--format html > family.html` (opens offline) or `--format svg`.
+    """
+    from indexer.web.render import show_family
+
+    click.echo(show_family(_home(home), repo_id, fmt=fmt, depth=depth,  # type: ignore[arg-type]
+                           max_children=max_children, max_nodes=max_nodes), nl=False)
+
+
+@index.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep loopback unless sure).")
+@click.option("--port", type=click.IntRange(min=0, max=65535), default=8765, show_default=True,
+              help="Port; 0 picks a free one.")
+@_store_option
+def web(host: str, port: int, home: Path | None) -> None:
+    """Browse the store in a local, read-only web app until Ctrl-C: search, families drawn, model detail.
+
+    Prints the URL on stdout once listening. JSON for other tools: /api/query/ORG/NAME, /api/show/ORG/NAME,
+    /api/stats, /api/search?prefix=P. It reads as `index query` does, so a running crawl is never blocked.
+    """
+    from indexer.web.app import serve as run
+
+    def ready(url: str) -> None:
+        click.echo(url)
+        sys.stdout.flush()  # a script waiting for the URL must see it now, not at exit
+        click.echo(f"serving {_home(home)} read-only at {url} (Ctrl-C stops)", err=True)
+
+    run(_home(home), host=host, port=port, ready=ready)
 
 
 @index.command()
