@@ -1,0 +1,367 @@
+"""PEFT LoRA adapters: their config, their updates as low-rank factors, and distances between updates.
+
+Repo layout (PEFT `save_pretrained`):
+
+    adapter_config.json        {"peft_type": "LORA", "base_model_name_or_path", "r", "lora_alpha",
+                                "target_modules", "modules_to_save", "use_rslora", "fan_in_fan_out",
+                                "rank_pattern", "alpha_pattern", "use_dora", ...}
+    adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in)      [".default" in old saves]
+                               base_model.model.<module>.lora_B.weight  (out, r)
+                               base_model.model.<module>.lora_embedding_A / _B      (r, vocab) / (dim, r)
+                               base_model.model.<module>.weight / .bias             a modules_to_save copy
+
+The update of `<module>.weight` is s * B @ A with s = alpha / r (use_rslora: alpha / sqrt(r)); r and
+alpha per module from rank_pattern / alpha_pattern (a pattern matches a module path ending in it, as
+PEFT's `get_pattern_key`). It is stored transposed, (B @ A).T, for fan_in_fan_out layers (GPT-2's
+Conv1D) and embeddings; conv LoRA is B (out, r, 1, 1) after A (r, in, kh, kw), a product over r too.
+
+Distances never form B @ A (out x in): with r1, r2 << out, in every quantity is an r x r product.
+    ||s1 B1 A1 - s2 B2 A2||_F^2 = s1^2 <B1'B1, A1A1'> + s2^2 <B2'B2, A2A2'> - 2 s1 s2 <B1'B2, A1A2'>
+    (<X, Y> = sum of X * Y: the Gram matrices are r x r), and the singular values of the difference
+    come from QR factors of the stacked factors: [s1 B1, -s2 B2] = Qb Rb, [A1; A2]' = Qa Ra, so
+    D = Qb (Rb Ra') Qa' has the singular values of the (r1 + r2) square matrix Rb Ra'.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from errors import AdapterError
+from sketches.layers import normalise_name
+
+__all__ = [
+    "AdapterConfig",
+    "Compatibility",
+    "LoraUpdate",
+    "check_compatibility",
+    "difference_singular_values",
+    "lora_pairs",
+    "lora_updates",
+    "parse_adapter_config",
+    "saved_modules",
+    "tail_norm",
+    "update_distance",
+    "update_distances",
+    "update_norm",
+]
+
+logger = logging.getLogger(__name__)
+
+MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are ~1 KB
+PREFIX = "base_model.model."
+# <module>.lora_A[.default].weight, <module>.lora_embedding_A[.default]
+_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+
+
+# --- config -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    base_model: str
+    peft_type: str
+    r: int
+    lora_alpha: float
+    target_modules: tuple[str, ...] | str  # a list of names, or one regular expression (PEFT allows both)
+    modules_to_save: tuple[str, ...] = ()
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False
+    use_dora: bool = False
+    rank_pattern: tuple[tuple[str, int], ...] = ()  # (pattern, r) in file order: the first match wins
+    alpha_pattern: tuple[tuple[str, float], ...] = ()
+
+    def rank_for(self, module: str) -> int:
+        return int(_pattern_value(self.rank_pattern, module, self.r))
+
+    def alpha_for(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.lora_alpha))
+
+    def scale_for(self, module: str) -> float:
+        """s of the update of `module` (a module path without the `base_model.model.` prefix)."""
+        r, alpha = self.rank_for(module), self.alpha_for(module)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _pattern_value(patterns: tuple[tuple[str, Any], ...], module: str, default: Any) -> Any:
+    for pattern, value in patterns:
+        try:
+            if re.match(rf"(.*\.)?({pattern})$", module):
+                return value
+        except re.error:
+            continue  # PEFT would have refused it at training time; a broken pattern matches nothing
+    return default
+
+
+def _load(raw: bytes, name: str) -> dict[str, Any]:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise AdapterError(name, f"{len(raw)} bytes, over the {MAX_CONFIG_BYTES}-byte cap for an adapter config")
+    try:
+        obj = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise AdapterError(name, f"not UTF-8 (byte {exc.start})") from None
+    except (ValueError, RecursionError) as exc:
+        raise AdapterError(name, f"not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise AdapterError(name, f"a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
+def _positive(name: str, obj: Mapping[str, Any], key: str, default: float | None, *, whole: bool) -> float:
+    value = obj.get(key, default)
+    ok = type(value) is int if whole else type(value) in (int, float)
+    if not ok or value <= 0 or (not whole and not math.isfinite(value)):
+        kind = "a positive whole number" if whole else "a positive number"
+        raise AdapterError(name, f"{key} must be {kind}, got {value!r:.40}")
+    return value
+
+
+def _strings(name: str, obj: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = obj.get(key) or []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise AdapterError(name, f"{key} must be a list of module names, got {value!r:.60}")
+    return tuple(value)
+
+
+def _patterns(name: str, obj: Mapping[str, Any], key: str, *, whole: bool) -> tuple[tuple[str, Any], ...]:
+    value = obj.get(key) or {}
+    if not isinstance(value, dict):
+        raise AdapterError(name, f"{key} must be an object of pattern -> number, got {value!r:.60}")
+    return tuple((str(k), _positive(name, value, k, None, whole=whole)) for k in value)
+
+
+def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json") -> AdapterConfig:
+    """Validate the bytes of adapter_config.json. Pure; every failure is an AdapterError naming `name`.
+
+    Refused: not JSON, no base model (`base_model_name_or_path` missing or empty: the adapter cannot be
+    placed), a non-LoRA PEFT type (LoHa, IA3, prompt tuning: no B @ A update), bad r or alpha.
+    """
+    obj = _load(raw, name)
+    base = obj.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base.strip():
+        raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty)")
+    peft_type = str(obj.get("peft_type", "LORA")).upper()
+    if peft_type != "LORA":
+        raise AdapterError(name, f"peft_type {peft_type!r} is not supported (only LORA)")
+    targets = obj.get("target_modules") or []
+    target_modules = targets if isinstance(targets, str) else _strings(name, obj, "target_modules")
+    return AdapterConfig(
+        base_model=base.strip(),
+        peft_type=peft_type,
+        r=int(_positive(name, obj, "r", 8, whole=True)),
+        lora_alpha=float(_positive(name, obj, "lora_alpha", 8, whole=False)),
+        target_modules=target_modules,
+        modules_to_save=_strings(name, obj, "modules_to_save"),
+        use_rslora=bool(obj.get("use_rslora", False)),
+        fan_in_fan_out=bool(obj.get("fan_in_fan_out", False)),
+        use_dora=bool(obj.get("use_dora", False)),
+        rank_pattern=_patterns(name, obj, "rank_pattern", whole=True),
+        alpha_pattern=_patterns(name, obj, "alpha_pattern", whole=False),
+    )
+
+
+# --- tensors ----------------------------------------------------------------------------------------
+
+
+def _strip(name: str) -> str:
+    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+
+
+def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Base weight name -> (lora_A tensor, lora_B tensor), sorted; an A without its B raises."""
+    halves: dict[str, dict[str, str]] = {}
+    for name in sorted(names):
+        m = _LORA.match(name)
+        if m is None:
+            continue
+        halves.setdefault(_strip(m.group("module")) + ".weight", {})[m.group("ab")] = name
+    pairs = {}
+    for weight, ab in sorted(halves.items()):
+        if set(ab) != {"A", "B"}:
+            have = next(iter(ab.values()))
+            raise AdapterError(have, f"lora_{next(iter(ab))} without its lora_{'B' if 'A' in ab else 'A'}")
+        pairs[weight] = (ab["A"], ab["B"])
+    return pairs
+
+
+def saved_modules(names: Iterable[str]) -> dict[str, str]:
+    """Base tensor name -> adapter tensor name for the full copies an adapter saves (modules_to_save)."""
+    saved = {}
+    for name in sorted(names):
+        if ".lora_" in name:  # LoRA factors, their biases (lora_bias), DoRA magnitudes
+            continue
+        base = _strip(name).replace(".modules_to_save.default.", ".")
+        saved[base] = name
+    return saved
+
+
+@dataclass(frozen=True, eq=False)
+class LoraUpdate:
+    """s * B @ A for one base weight, kept as its factors (float64)."""
+
+    weight: str  # the base tensor it updates, e.g. model.layers.0.self_attn.q_proj.weight
+    a: np.ndarray  # (r, in), conv kernels flattened to (r, in*kh*kw)
+    b: np.ndarray  # (out, r)
+    scale: float
+    transposed: bool  # the base stores (B @ A).T: fan_in_fan_out layers and embeddings
+    weight_shape: tuple[int, ...]  # the shape of the base tensor the update adds to
+    rank: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "rank", self.a.shape[0])
+
+    def dense(self) -> np.ndarray:
+        """The update at full size, in the base tensor's layout (for tests and small layers only)."""
+        delta = self.scale * (self.b @ self.a)
+        return (delta.T if self.transposed else delta).reshape(self.weight_shape)
+
+
+def _update(config: AdapterConfig, weight: str, a: np.ndarray, b: np.ndarray, *, embedding: bool) -> LoraUpdate:
+    module = weight.removesuffix(".weight")
+    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a64.ndim < 2 or b64.ndim < 2 or a64.shape[0] != b64.shape[1] or math.prod(b64.shape[2:]) != 1:
+        raise AdapterError(weight, f"lora_A {a64.shape} and lora_B {b64.shape} do not multiply over one rank")
+    a_mat, b_mat = a64.reshape(a64.shape[0], -1), b64.reshape(b64.shape[0], b64.shape[1])
+    if len(a64.shape) == 4:  # conv: (out, in, kh, kw)
+        shape: tuple[int, ...] = (b_mat.shape[0], *a64.shape[1:])
+        transposed = False
+    else:
+        transposed = embedding or config.fan_in_fan_out
+        shape = (a_mat.shape[1], b_mat.shape[0]) if transposed else (b_mat.shape[0], a_mat.shape[1])
+    return LoraUpdate(weight, a_mat, b_mat, config.scale_for(module), transposed, shape)
+
+
+def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, LoraUpdate]:
+    """Every LoRA update of the adapter, keyed by the base weight it updates (sorted)."""
+    if config.use_dora:
+        raise AdapterError(config.base_model, "DoRA adapters rescale the merged weight by the base's column "
+                           "norms: their update is not s * B @ A and needs the base weights")
+    updates = {}
+    for weight, (a_name, b_name) in lora_pairs(tensors).items():
+        embedding = "lora_embedding_" in a_name
+        updates[weight] = _update(config, weight, tensors[a_name], tensors[b_name], embedding=embedding)
+    return updates
+
+
+# --- norms and distances ------------------------------------------------------------------------------
+
+
+def _cross(u: LoraUpdate, v: LoraUpdate) -> float:
+    """<s_u B_u A_u, s_v B_v A_v>_F through r x r Grams: sum((B_u' B_v) * (A_u A_v'))."""
+    return u.scale * v.scale * float(np.sum((u.b.T @ v.b) * (u.a @ v.a.T)))
+
+
+def update_norm(u: LoraUpdate) -> float:
+    """||s B A||_F without forming B A."""
+    return math.sqrt(max(_cross(u, u), 0.0))
+
+
+def _same_layout(u: LoraUpdate, v: LoraUpdate) -> None:
+    if u.weight_shape != v.weight_shape or u.transposed != v.transposed:
+        raise AdapterError(u.weight, f"updates of shapes {u.weight_shape} and {v.weight_shape} cannot be compared")
+
+
+def update_distance(u: LoraUpdate, v: LoraUpdate) -> float:
+    """||s_u B_u A_u - s_v B_v A_v||_F from r x r products (float64; rounding ~1e-8 of the norms)."""
+    _same_layout(u, v)
+    return math.sqrt(max(_cross(u, u) + _cross(v, v) - 2.0 * _cross(u, v), 0.0))
+
+
+def update_distances(first: Mapping[str, LoraUpdate], second: Mapping[str, LoraUpdate]) -> dict[str, float]:
+    """Per base weight both adapters update (sorted): the distance between their updates."""
+    return {w: update_distance(first[w], second[w]) for w in sorted(set(first) & set(second))}
+
+
+def difference_singular_values(u: LoraUpdate, v: LoraUpdate | None = None) -> np.ndarray:
+    """Singular values (descending) of s_u B_u A_u - s_v B_v A_v (or of u alone), from QR factors.
+
+    At most r_u + r_v of them are non-zero; their tail past the first k (`tail_norm`) says how far the
+    difference is from rank k: a chain of checkpoints of one run differs by a few directions.
+    """
+    if v is not None:
+        _same_layout(u, v)
+        left = np.concatenate([u.scale * u.b, -v.scale * v.b], axis=1)  # (out, r_u + r_v)
+        right = np.concatenate([u.a, v.a], axis=0)  # (r_u + r_v, in)
+    else:
+        left, right = u.scale * u.b, u.a
+    _, rb = np.linalg.qr(left)
+    _, ra = np.linalg.qr(right.T)
+    return np.linalg.svd(rb @ ra.T, compute_uv=False)
+
+
+def tail_norm(singular_values: np.ndarray, k: int) -> float:
+    """sqrt of the sum of the squared singular values past the k largest."""
+    s = np.sort(np.asarray(singular_values, dtype=np.float64))[::-1]
+    return float(np.sqrt(np.sum(s[k:] ** 2)))
+
+
+# --- compatibility with a base ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Compatibility:
+    verdict: Literal["compatible", "incompatible"]
+    reasons: tuple[str, ...]  # why incompatible (empty when compatible)
+    matched: int  # LoRA-updated tensors found in the base with the right shape
+    saved_match: tuple[str, ...] = ()  # modules_to_save tensors whose shape equals the base's
+    saved_new: tuple[str, ...] = ()  # modules_to_save tensors the base does not have (a new head)
+    base_names: dict[str, str] = field(default_factory=dict)  # adapter's base weight -> the base's name
+
+
+def _resolver(base_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
+    """Normalised name -> the base's own name, for names that resolve to one tensor only."""
+    seen: dict[str, list[str]] = {}
+    for name in sorted(base_shapes):
+        seen.setdefault(normalise_name(name), []).append(name)
+    return {norm: names[0] for norm, names in seen.items() if len(names) == 1}
+
+
+def _resolve(name: str, base_shapes: Mapping[str, tuple[int, ...]], normalised: Mapping[str, str]) -> str | None:
+    """The base's name for a tensor the adapter refers to: exact, else by normalised name (task-model
+    prefixes like `model.`, `bert.`, `transformer.` differ between a base checkpoint and its task model)."""
+    if name in base_shapes:
+        return name
+    return normalised.get(normalise_name(name))
+
+
+def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, tuple[int, ...]],
+                        base_shapes: Mapping[str, tuple[int, ...]]) -> Compatibility:
+    """Does the adapter fit a base with these tensor shapes ({name: shape})?
+
+    Compatible when every LoRA-updated tensor exists in the base with the update's shape. `saved`
+    ({base name: shape}, from `saved_modules` and the adapter's header) are full copies: one whose
+    shape differs from the base's tensor makes the adapter incompatible (PEFT could not load it); one
+    the base lacks is a new module (a task head), noted, not held against it.
+    """
+    normalised = _resolver(base_shapes)
+    reasons, names, matched = [], {}, 0
+    for weight, update in sorted(updates.items()):
+        base = _resolve(weight, base_shapes, normalised)
+        if base is None:
+            reasons.append(f"{weight}: not in the base")
+            continue
+        names[weight] = base
+        if tuple(base_shapes[base]) != update.weight_shape:
+            reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
+        else:
+            matched += 1
+    same, new = [], []
+    for name, shape in sorted(saved.items()):
+        base = _resolve(name, base_shapes, normalised)
+        if base is None:
+            new.append(name)
+        elif tuple(base_shapes[base]) == tuple(shape):
+            same.append(name)
+        else:
+            reasons.append(f"{name} (modules_to_save): saved {list(shape)}, the base has {list(base_shapes[base])}")
+    if not updates and not saved:
+        reasons.append("the adapter holds no LoRA update and no saved module")
+    verdict: Literal["compatible", "incompatible"] = "incompatible" if reasons else "compatible"
+    return Compatibility(verdict, tuple(reasons), matched, tuple(same), tuple(new), names)

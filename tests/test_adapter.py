@@ -1,0 +1,276 @@
+"""PEFT adapters: configs and tensors saved by the real `peft`, checked against peft's own merged weights."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.numpy
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from peft import LoraConfig, get_peft_model
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from errors import AdapterError
+from sketches.adapter import (
+    AdapterConfig,
+    check_compatibility,
+    difference_singular_values,
+    lora_pairs,
+    lora_updates,
+    parse_adapter_config,
+    saved_modules,
+    tail_norm,
+    update_distance,
+    update_distances,
+    update_norm,
+)
+
+BASE = "org/tiny-llama"
+
+
+def tiny_llama(seed: int = 0, hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+def state(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: v.detach().float().numpy().copy() for k, v in model.state_dict().items()}
+
+
+def perturb(peft_model: torch.nn.Module, seed: int, scale: float = 0.05) -> None:
+    """LoRA B starts at zero (no update): give every factor random values, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * scale)
+
+
+def save_adapter(tmp: Path, model: torch.nn.Module, config: LoraConfig, *, seed: int, base: str = BASE,
+                 ) -> tuple[Path, dict[str, np.ndarray]]:
+    """(adapter folder, the merged weights peft computes) for `config` applied to `model`."""
+    peft_model = get_peft_model(model, config)
+    perturb(peft_model, seed)
+    peft_model.save_pretrained(tmp)
+    # the base's name goes in after saving: with a name, save_pretrained looks the base up on the Hub
+    path = tmp / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": base}))
+    merged = state(peft_model.merge_and_unload())
+    return tmp, merged
+
+
+def read_adapter(folder: Path) -> tuple[AdapterConfig, dict[str, np.ndarray]]:
+    config = parse_adapter_config((folder / "adapter_config.json").read_bytes())
+    return config, safetensors.numpy.load_file(folder / "adapter_model.safetensors")
+
+
+LLAMA_LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                  rank_pattern={"v_proj": 2}, alpha_pattern={"layers.1.self_attn.q_proj": 3})
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_updates_equal_peft_merged_minus_base(tmp_path: Path, rslora: bool) -> None:
+    model = tiny_llama()
+    base = state(model)
+    lora = dict(LLAMA_LORA, use_rslora=rslora)
+    if rslora:  # peft refuses patterns together with rslora
+        lora.pop("rank_pattern"), lora.pop("alpha_pattern")
+    folder, merged = save_adapter(tmp_path, model, LoraConfig(**lora), seed=1)
+    config, tensors = read_adapter(folder)
+    assert config.base_model == BASE and config.use_rslora is rslora
+    updates = lora_updates(config, tensors)
+    changed = sorted(k for k in base if not np.array_equal(base[k], merged[k]))
+    assert sorted(updates) == changed  # every tensor peft changed, and nothing else
+    assert "model.embed_tokens.weight" in updates and updates["model.embed_tokens.weight"].transposed
+    for weight, update in updates.items():
+        delta = merged[weight] - base[weight]
+        np.testing.assert_allclose(update.dense(), delta, rtol=1e-4, atol=1e-6, err_msg=weight)
+        assert update_norm(update) == pytest.approx(float(np.linalg.norm(delta)), rel=1e-4)
+    if not rslora:
+        assert updates["model.layers.0.self_attn.v_proj.weight"].rank == 2
+        assert updates["model.layers.1.self_attn.q_proj.weight"].scale == pytest.approx(3 / 4)
+        assert updates["model.layers.0.self_attn.q_proj.weight"].scale == pytest.approx(8 / 4)
+    else:
+        assert updates["model.layers.0.self_attn.q_proj.weight"].scale == pytest.approx(8 / 2)
+
+
+def test_gpt2_fan_in_fan_out_and_saved_head(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=2)).eval()
+    base = state(model)
+    lora = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True, modules_to_save=["ln_f"])
+    folder, merged = save_adapter(tmp_path, model, lora, seed=2)
+    config, tensors = read_adapter(folder)
+    assert config.fan_in_fan_out and config.modules_to_save == ("ln_f",)
+    updates = lora_updates(config, tensors)
+    for weight, update in updates.items():
+        assert update.transposed and update.weight_shape == base[weight].shape == (24, 72)
+        np.testing.assert_allclose(update.dense(), merged[weight] - base[weight], rtol=1e-4, atol=1e-6)
+    saved = saved_modules(tensors)
+    assert sorted(saved) == ["transformer.ln_f.bias", "transformer.ln_f.weight"]
+    verdict = check_compatibility(updates, {k: tensors[v].shape for k, v in saved.items()},
+                                  {k: v.shape for k, v in base.items()})
+    assert verdict.verdict == "compatible" and verdict.matched == 2
+    assert verdict.saved_match == ("transformer.ln_f.bias", "transformer.ln_f.weight")
+
+
+def test_distances_and_spectra_match_dense(tmp_path: Path) -> None:
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"])
+    first, _ = save_adapter(tmp_path / "a", tiny_llama(), config, seed=1)
+    second, _ = save_adapter(tmp_path / "b", tiny_llama(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"]), seed=2)
+    a = lora_updates(*read_adapter(first))
+    b = lora_updates(*read_adapter(second))
+    distances = update_distances(a, b)
+    assert sorted(distances) == ["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"]
+    for weight, distance in distances.items():
+        diff = a[weight].dense() - b[weight].dense()
+        assert distance == pytest.approx(float(np.linalg.norm(diff)), rel=1e-9)
+        svals = difference_singular_values(a[weight], b[weight])
+        dense_svals = np.linalg.svd(diff, compute_uv=False)
+        assert len(svals) == 6  # r_a + r_b: the difference has rank at most 6 of 32
+        np.testing.assert_allclose(svals, dense_svals[:6], rtol=1e-9, atol=1e-12)
+        assert tail_norm(svals, 4) == pytest.approx(float(np.sqrt(np.sum(dense_svals[4:] ** 2))), rel=1e-6)
+    one = a["model.layers.0.self_attn.o_proj.weight"]
+    assert update_distance(one, one) == pytest.approx(0.0, abs=1e-9)
+    np.testing.assert_allclose(difference_singular_values(one), np.linalg.svd(one.dense(), compute_uv=False)[:4], rtol=1e-9)
+
+
+def test_chain_of_checkpoints_is_low_rank_apart(tmp_path: Path) -> None:
+    """An adapter trained further from another moves a few directions: its difference has a short
+    spectrum; an unrelated adapter of the same rank differs by 2r full directions."""
+    parent_dir, _ = save_adapter(tmp_path / "p", tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), seed=1)
+    config, tensors = read_adapter(parent_dir)
+    child = dict(tensors)
+    rng = np.random.default_rng(0)
+    for name in tensors:  # one more step of training: a small change of A along one direction
+        if "lora_A" in name:
+            child[name] = tensors[name] + 0.002 * np.outer(rng.standard_normal(4), rng.standard_normal(tensors[name].shape[1])).astype(np.float32)
+    stranger_dir, _ = save_adapter(tmp_path / "s", tiny_llama(), LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj"]), seed=9)
+    parent, kid = lora_updates(config, tensors), lora_updates(config, child)
+    stranger = lora_updates(*read_adapter(stranger_dir))
+    w = "model.layers.0.self_attn.q_proj.weight"
+    assert update_distance(parent[w], kid[w]) < 0.1 * update_distance(parent[w], stranger[w])
+    assert tail_norm(difference_singular_values(parent[w], kid[w]), 1) < 1e-3 * update_norm(parent[w])
+
+
+def test_compatibility_with_the_wrong_base(tmp_path: Path) -> None:
+    folder, _ = save_adapter(tmp_path, tiny_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                modules_to_save=["lm_head"]), seed=1)
+    config, tensors = read_adapter(folder)
+    updates = lora_updates(config, tensors)
+    saved = {k: tensors[v].shape for k, v in saved_modules(tensors).items()}
+    assert sorted(saved) == ["lm_head.weight"]
+    right = {k: v.shape for k, v in state(tiny_llama(seed=5)).items()}
+    ok = check_compatibility(updates, saved, right)
+    assert ok.verdict == "compatible" and ok.reasons == () and ok.saved_match == ("lm_head.weight",)
+    wider = {k: v.shape for k, v in state(tiny_llama(hidden=64)).items()}
+    bad = check_compatibility(updates, saved, wider)
+    assert bad.verdict == "incompatible"
+    assert "model.layers.0.self_attn.q_proj.weight: update is [32, 32], the base has [64, 64]" in bad.reasons
+    assert any("lm_head.weight (modules_to_save)" in r for r in bad.reasons)
+    # a base saved without the task model's `model.` prefix still resolves by normalised name
+    bare = {k.removeprefix("model."): v for k, v in right.items()}
+    resolved = check_compatibility(updates, {}, bare)
+    assert resolved.verdict == "compatible" and resolved.base_names["model.layers.1.self_attn.q_proj.weight"] == "layers.1.self_attn.q_proj.weight"
+    unrelated = check_compatibility(updates, {}, {"encoder.weight": (3, 3)})
+    assert unrelated.verdict == "incompatible" and unrelated.matched == 0
+
+
+def test_new_saved_module_is_not_held_against_the_adapter() -> None:
+    u = lora_updates(AdapterConfig(BASE, "LORA", 2, 2, ("q",)),
+                     {"base_model.model.q.lora_A.weight": np.ones((2, 4), np.float32),
+                      "base_model.model.q.lora_B.weight": np.ones((3, 2), np.float32)})
+    result = check_compatibility(u, {"classifier.weight": (5, 4)}, {"q.weight": (3, 4)})
+    assert result.verdict == "compatible" and result.saved_new == ("classifier.weight",)
+
+
+# --- config and names ---------------------------------------------------------------------------------
+
+
+def test_names_with_and_without_default() -> None:
+    names = ["base_model.model.a.lora_A.default.weight", "base_model.model.a.lora_B.default.weight",
+             "base_model.model.b.lora_A.weight", "base_model.model.b.lora_B.weight",
+             "base_model.model.e.lora_embedding_A", "base_model.model.e.lora_embedding_B",
+             "base_model.model.b.lora_B.bias", "base_model.model.head.modules_to_save.default.weight"]
+    assert lora_pairs(names) == {"a.weight": (names[0], names[1]), "b.weight": (names[2], names[3]),
+                                 "e.weight": (names[4], names[5])}
+    assert saved_modules(names) == {"head.weight": names[7]}
+    with pytest.raises(AdapterError, match="lora_A without its lora_B"):
+        lora_pairs(["base_model.model.x.lora_A.weight"])
+
+
+CONFIG = {"base_model_name_or_path": "meta/base", "peft_type": "LORA", "r": 8, "lora_alpha": 16,
+          "target_modules": ["q_proj", "v_proj"], "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}}
+
+
+@pytest.mark.parametrize("raw,reason", [
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b"[1, 2]", "a JSON list, not an object"),
+    (json.dumps({**CONFIG, "base_model_name_or_path": None}).encode(), "names no base model"),
+    (json.dumps({**CONFIG, "base_model_name_or_path": "  "}).encode(), "names no base model"),
+    (json.dumps({k: v for k, v in CONFIG.items() if k != "base_model_name_or_path"}).encode(), "names no base model"),
+    (json.dumps({**CONFIG, "r": 0}).encode(), "r must be a positive whole number"),
+    (json.dumps({**CONFIG, "r": 4.5}).encode(), "r must be a positive whole number"),
+    (json.dumps({**CONFIG, "lora_alpha": "big"}).encode(), "lora_alpha must be a positive number"),
+    (json.dumps({**CONFIG, "peft_type": "IA3"}).encode(), "peft_type 'IA3' is not supported"),
+    (json.dumps({**CONFIG, "target_modules": [1]}).encode(), "target_modules must be a list"),
+    (json.dumps({**CONFIG, "rank_pattern": {"v": -1}}).encode(), "v must be a positive whole number"),
+    (b" " * (1024 * 1024 + 1), "over the 1048576-byte cap"),
+])
+def test_bad_configs_say_why(raw: bytes, reason: str) -> None:
+    with pytest.raises(AdapterError, match=reason) as info:
+        parse_adapter_config(raw, name="repo/adapter_config.json")
+    assert info.value.thing == "repo/adapter_config.json"
+
+
+def test_config_fields_and_regex_targets() -> None:
+    config = parse_adapter_config(json.dumps({**CONFIG, "target_modules": ".*attn.*", "use_rslora": True}).encode())
+    assert config.target_modules == ".*attn.*" and config.scale_for("x.q_proj") == pytest.approx(16 / np.sqrt(8))
+    patterned = parse_adapter_config(json.dumps({**CONFIG, "rank_pattern": {"layers.0.v_proj": 2}}).encode())
+    assert patterned.rank_for("model.layers.0.v_proj") == 2 and patterned.rank_for("model.layers.10.v_proj") == 8
+    assert patterned.modules_to_save == ()
+
+
+def test_dora_updates_are_refused() -> None:
+    config = parse_adapter_config(json.dumps({**CONFIG, "use_dora": True}).encode())
+    with pytest.raises(AdapterError, match="DoRA"):
+        lora_updates(config, {})
+
+
+def test_factors_that_do_not_multiply() -> None:
+    config = AdapterConfig(BASE, "LORA", 2, 2, ("q",))
+    with pytest.raises(AdapterError, match="do not multiply"):
+        lora_updates(config, {"q.lora_A.weight": np.ones((2, 4)), "q.lora_B.weight": np.ones((3, 3))})
+
+
+FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=8)
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_random_bytes_raise_only_adapter_errors(raw: bytes) -> None:
+    try:
+        parse_adapter_config(raw)
+    except AdapterError:
+        pass
+
+
+@FAST
+@given(st.dictionaries(st.sampled_from(sorted(CONFIG) + ["use_rslora", "fan_in_fan_out", "use_dora"]), JSON, max_size=8))
+def test_random_json_configs_raise_only_adapter_errors(fields: dict) -> None:
+    try:
+        config = parse_adapter_config(json.dumps({**CONFIG, **fields}).encode())
+    except AdapterError:
+        return
+    assert config.r > 0 and config.lora_alpha > 0 and config.base_model
+    config.scale_for("model.layers.0.q_proj")
