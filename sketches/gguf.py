@@ -371,7 +371,9 @@ def _tensor_info(cur: _Cursor, index: int) -> tuple[str, tuple[int, ...], gguf.G
     offset = cur.u64(f"tensor {name!r} offset")
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if dims[0] % block:
-        raise GGUFError(cur.thing, f"tensor {name!r}: row of {dims[0]} values is not whole {qtype.name} blocks of {block}")
+        raise GGUFError(
+            cur.thing, f"tensor {name!r}: row of {dims[0]} values is not whole {qtype.name} blocks of {block}"
+        )
     return name, dims, qtype, offset
 
 
@@ -485,7 +487,8 @@ def dequantize(raw: bytes, qtype: str, shape: tuple[int, ...], *, name: str = ""
     return np.array(values, dtype=np.float32, copy=True).reshape(shape)
 
 
-def _row_range(source: ByteSource, info: GGUFTensorInfo, rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
+def _row_range(source: ByteSource, info: GGUFTensorInfo,
+               rows: tuple[int, int] | None) -> tuple[int, int, tuple[int, ...]]:
     if rows is None:
         return info.begin, info.end, info.shape
     r0, r1 = rows
@@ -616,7 +619,9 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     info = header.get(name.gguf_name)
     n_rows = info.shape[0]
     if name.heads is not None and (n_rows % name.heads or (n_rows // name.heads) % 2):
-        raise GGUFError(source.name, f"tensor {info.name!r}: {n_rows} rows do not split into {name.heads} heads of even size")
+        raise GGUFError(
+            source.name, f"tensor {info.name!r}: {n_rows} rows do not split into {name.heads} heads of even size"
+        )
     if name.transposed or len(info.shape) < 2:
         full = read_tensor(source, info)
         if name.transposed:

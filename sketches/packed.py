@@ -149,7 +149,8 @@ def native(raw: bytes, dtype: str, shape: tuple[int, ...], *, name: str = "") ->
     if dtype not in DTYPE_SIZES:
         raise _error(thing, f"unknown dtype {dtype!r}")
     if len(raw) != math.prod(shape) * DTYPE_SIZES[dtype]:
-        raise _error(thing, f"{dtype} {list(shape)} needs {math.prod(shape) * DTYPE_SIZES[dtype]} bytes, got {len(raw)}")
+        need = math.prod(shape) * DTYPE_SIZES[dtype]
+        raise _error(thing, f"{dtype} {list(shape)} needs {need} bytes, got {len(raw)}")
     if dtype in _NATIVE:
         return np.frombuffer(raw, dtype=_NATIVE[dtype]).reshape(shape).copy()
     return decode(raw, dtype, shape, name=thing)
@@ -199,7 +200,8 @@ def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
         if version != "gemm":
             raise _error("quantization_config", f"AWQ version {version!r} is not supported (only gemm)")
         group = _int(qc, "group_size", 128)
-        return QuantScheme("awq", _bits(_int(qc, "bits", _int(qc, "w_bit", 4)), (4,), "AWQ"), None if group <= 0 else group)
+        bits = _bits(_int(qc, "bits", _int(qc, "w_bit", 4)), (4,), "AWQ")
+        return QuantScheme("awq", bits, None if group <= 0 else group)
     if method == "bitsandbytes":
         if qc.get("load_in_4bit"):
             return QuantScheme("bnb-4bit", 4)
@@ -217,7 +219,8 @@ def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
 
 def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
     groups = qc.get("config_groups") or {}
-    weights = next((g.get("weights") for _, g in sorted(groups.items()) if isinstance(g, Mapping) and g.get("weights")), None)
+    weights = next((g.get("weights") for _, g in sorted(groups.items())
+                    if isinstance(g, Mapping) and g.get("weights")), None)
     if not isinstance(weights, Mapping):
         raise _error("quantization_config", "compressed-tensors config has no config_groups.*.weights")
     fmt = str(qc.get("format") or next((g.get("format") for g in groups.values() if isinstance(g, Mapping)), "") or "")
@@ -290,7 +293,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
     "awq": (".qweight", _GPTQ_PARTS, ("qweight", "scales")),
     "bnb-int8": (".SCB", {"weight": ".weight", "SCB": ".SCB"}, ("weight", "SCB")),
     "bnb-4bit": (".weight.absmax", {"weight": ".weight", "absmax": ".weight.absmax", "quant_map": ".weight.quant_map",
-                                    "nested_absmax": ".weight.nested_absmax", "nested_quant_map": ".weight.nested_quant_map",
+                                    "nested_absmax": ".weight.nested_absmax",
+                                    "nested_quant_map": ".weight.nested_quant_map",
                                     "quant_state": ".weight.quant_state.bitsandbytes__nf4",
                                     "quant_state_fp4": ".weight.quant_state.bitsandbytes__fp4"},
                  ("weight", "absmax", "quant_map")),
@@ -298,7 +302,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
     "ct-pack": (".weight_packed", {"weight_packed": ".weight_packed", "weight_shape": ".weight_shape",
                                    "weight_scale": ".weight_scale", "weight_zero_point": ".weight_zero_point",
                                    "weight_g_idx": ".weight_g_idx"}, ("weight_packed", "weight_shape", "weight_scale")),
-    "ct-int": (".weight", {"weight": ".weight", "weight_scale": ".weight_scale", "weight_zero_point": ".weight_zero_point"},
+    "ct-int": (".weight", {"weight": ".weight", "weight_scale": ".weight_scale",
+                           "weight_zero_point": ".weight_zero_point"},
                ("weight", "weight_scale")),
 }
 
@@ -371,7 +376,8 @@ def bnb_quant_state(raw: bytes | np.ndarray, *, name: str = "quant_state") -> di
     if not isinstance(shape, list) or len(shape) != 2 or not all(type(d) is int and d > 0 for d in shape):
         raise _error(name, f"the bitsandbytes quant_state shape must be [out, in], got {shape!r:.60}")
     if type(state["blocksize"]) is not int or state["blocksize"] <= 0:
-        raise _error(name, f"the bitsandbytes blocksize must be a positive whole number, got {state['blocksize']!r:.40}")
+        raise _error(name, f"the bitsandbytes blocksize must be a positive whole number, "
+                           f"got {state['blocksize']!r:.40}")
     return state
 
 
@@ -571,7 +577,8 @@ def _ct_pack(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Qua
     if "weight_zero_point" in arrays:
         zp = arrays["weight_zero_point"]
         r0 = 0 if rows is None else rows[0]
-        zero = (_bitstream(np.ascontiguousarray(zp.T), bits, out).T.astype(np.float32) - offset)[r0 : r0 + q.shape[0]][:, g]
+        zeros = _bitstream(np.ascontiguousarray(zp.T), bits, out).T.astype(np.float32) - offset  # (out, groups)
+        zero = zeros[r0 : r0 + q.shape[0]][:, g]
     if scale.shape[0] != q.shape[0]:
         raise _error(module.weight, f"weight_scale has {scale.shape[0]} rows for {q.shape[0]} weight rows")
     return (q - zero) * scale[:, g]
