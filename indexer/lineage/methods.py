@@ -34,6 +34,7 @@ from errors import RecoveryError
 from indexer.lineage.cluster import related_groups, ward_labels
 from indexer.lineage.confidence import edge_confidences
 from indexer.lineage.mdst import minimum_arborescence
+from indexer.lineage.orient import centre_rooted_tree
 from indexer.lineage.ties import (
     SNAKE_TAU,
     duplicate_originals,
@@ -99,6 +100,9 @@ class Options:
     # did not help on the zoo: FT 0.87 with vs 0.88 without, LoRA-F 1.00 both), "always", or "never".
     kurtosis: KurtosisUse = "fallback"
     auto_sign: bool = True  # kurtosis sign and weight per tree from its agreement with upload time (else +1, 1)
+    # Direction of a tree with no upload time: "center" roots the undirected minimum spanning tree at its
+    # centre (indexer.lineage.orient); "kurtosis" is the paper's penalty in the directed tree.
+    orient: Literal["center", "kurtosis"] = "center"
     include_1d: bool = False  # compare 1-D tensors (norms, biases) too
     dense_only: bool = True  # full-FT distance on the dense projections when the family has them
     lam: float = 0.3  # the paper's lambda
@@ -406,8 +410,13 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         scores[idx] = ku[idx]
         penalty, why = _direction(family, idx, ku, options)
         tie, tie_why = _ties(family, idx, d, options)
-        cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
-        local = minimum_arborescence(cost)
+        untimed = not options.use_time or all(family.created[int(i)] is None for i in idx)
+        if untimed and options.orient == "center" and options.kurtosis != "always":
+            cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
+            local, why = centre_rooted_tree(cost), "no upload time: rooted at the centre of the spanning tree"
+        else:
+            cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
+            local = minimum_arborescence(cost)
         parts.append((idx, local, d))
         confidence[idx] = edge_confidences(cost, local, score[np.ix_(idx, idx)])
         notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}, {tie_why}")
