@@ -480,7 +480,8 @@ def dequantize(raw: bytes, qtype: str, shape: tuple[int, ...], *, name: str = ""
         return np.zeros(shape, dtype=np.float32)
     rows = np.frombuffer(raw, dtype=np.uint8).reshape(-1, shape[-1] // block * type_size)
     try:
-        values = gguf.quants.dequantize(rows, kind)
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN / inf scales decode to NaN / inf, as in llama.cpp
+            values = gguf.quants.dequantize(rows, kind)
     except NotImplementedError:
         raise GGUFError(thing, f"dequantizing {qtype} is not supported by the gguf package") from None
     # F32 comes back as a read-only view of `raw`: copy, so every caller gets a new writable array
