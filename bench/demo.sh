@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded default, as `make demo` runs it:
 # train a small zoo -> serve it with the local Hub emulator -> crawl it over HTTP -> query -> export ->
-# print the forest and its accuracy against the zoo's ground truth.
+# print the forest and its accuracy against the zoo's ground truth -> draw one family (text and HTML).
 set -euo pipefail
 OUT=${1:-demo-out}
 INDEX=${INDEX:-.venv/bin/index}
@@ -9,7 +9,7 @@ export INDEX_HOME="$OUT/home"
 
 step() { printf '\n== %s\n' "$*" >&2; }
 
-rm -rf "$OUT/home" "$OUT/forest.parquet"
+rm -rf "$OUT/home" "$OUT/forest.parquet" "$OUT/family.html"
 mkdir -p "$OUT"
 
 step "1. train the small zoo (3 trees x 7 ViTs, real training; reused when already built)"
@@ -46,3 +46,9 @@ $INDEX stats
 
 step "8. the forest and its accuracy against the zoo's truth"
 $INDEX eval "$OUT/zoo" --forest "$OUT/forest.parquet" --truth "$OUT/zoo/truth.csv"
+
+step "9. its family drawn: in the terminal, then as one self-contained page (opens offline)"
+$INDEX show "$first"
+$INDEX show "$first" --format html > "$OUT/family.html"
+echo "wrote $OUT/family.html: open it in any browser, no network needed" >&2
+echo "browse the whole store: INDEX_HOME=$OUT/home $INDEX web   (then open http://127.0.0.1:8765/)" >&2
