@@ -84,3 +84,49 @@ def test_no_matching_layer_is_a_clear_error() -> None:
     assert select_layers([conv_only], scheme="shared").distance == ("features.0.weight", "features.3.weight")
     with pytest.raises(UnsupportedModelError):
         select_layers([{"a": (3,)}, {"a": (4,)}], scheme="shared")
+
+
+# --- names, buffers, cores (issue 11) ---------------------------------------------------------------
+
+from sketches.layers import canonical_tensors, core_overlap, merge_families, normalise_name  # noqa: E402
+
+
+@pytest.mark.parametrize("stored", [
+    "bert.encoder.layer.0.attention.self.query.weight", "0.auto_model.encoder.layer.0.attention.self.query.weight",
+    "model.encoder.layer.0.attention.self.query.weight", "base_model.model.encoder.layer.0.attention.self.query.weight",
+    "module._orig_mod.encoder.layer.0.attention.self.query.weight", "encoder.layer.0.attention.self.query.weight",
+    "tf_bert_model/encoder/layer_._0/attention/self/query/weight:0",
+])
+def test_prefixes_and_separators_normalise_to_one_name(stored: str) -> None:
+    assert normalise_name(stored) == "encoder.layer.0.attention.self.query.weight"
+
+
+class _Info:
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+
+
+def test_canonical_tensors_drop_buffers_and_integers() -> None:
+    infos = {"bert.embeddings.position_ids": _Info("I64"), "bn1.num_batches_tracked": _Info("I64"),
+             "transformer.h.0.attn.bias": _Info("F32"), "transformer.h.0.attn.c_attn.weight": _Info("F16"),
+             "bn1.running_mean": _Info("F32"), "mask": _Info("BOOL")}
+    assert canonical_tensors(infos) == {"h.0.attn.c_attn.weight": "transformer.h.0.attn.c_attn.weight",
+                                        "bn1.running_mean": "bn1.running_mean"}
+
+
+def test_family_key_ignores_buffers() -> None:
+    with_buffer = {**vit(), "embeddings.position_ids": (1, 17)}
+    assert family_key(with_buffer) == family_key(vit())
+
+
+def test_an_extra_block_or_a_resized_head_keeps_the_core() -> None:
+    base = vit(hidden=16, blocks=4)
+    extra = {**base, "fc.0.weight": (16, 16), "fc.1.weight": (5, 16)}
+    assert family_key(extra) != family_key(base)
+    assert core_overlap(base, extra) > 0.9
+    merged = merge_families({"a": base, "b": extra, "c": vit(hidden=8, blocks=4)})
+    assert merged["a"] == merged["b"] != merged["c"]
+
+
+def test_other_widths_share_no_core() -> None:
+    assert core_overlap(vit(hidden=16), vit(hidden=8)) < 0.1

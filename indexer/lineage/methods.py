@@ -82,6 +82,7 @@ class Family:
     created: tuple[float | None, ...]  # upload time, seconds since the epoch (None: unknown)
     # per model, its other tensors (heads, 1-D, layers not every member has): ties and duplicates only
     extras: tuple[Mapping[str, np.ndarray], ...] = ()
+    dtypes: tuple[str, ...] = ()  # per model, the stored dtype of most of its values ("F32", "BF16", ...)
 
     @property
     def n(self) -> int:
@@ -421,10 +422,31 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         confidence[idx] = edge_confidences(cost, local, score[np.ix_(idx, idx)])
         notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}, {tie_why}")
     parent, dist = _assemble(family.n, parts)
-    relation = tuple("finetune" if p >= 0 else "" for p in parent)
+    relation = tuple(_relation(family, p, j) for j, p in enumerate(parent))
     edge_score = tuple(float(score[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
     return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes),
                    relation, tuple(float(x) for x in confidence), edge_score)
+
+
+def _relation(family: Family, parent: int, child: int) -> str:
+    """"quantized" for a dtype copy (the child, stored in 16 bits, is its parent cast to that dtype,
+    bit for bit, in every compared layer), "finetune" for any other edge, "" for a root."""
+    if parent < 0:
+        return ""
+    if family.dtypes and is_dtype_copy(family, parent, child):
+        return "quantized"
+    return "finetune"
+
+
+def is_dtype_copy(family: Family, parent: int, child: int) -> bool:
+    lower = {"F16": torch.float16, "BF16": torch.bfloat16}.get(family.dtypes[child])
+    if lower is None or family.dtypes[parent] == family.dtypes[child]:
+        return False
+    for layer in family.layers.values():
+        cast = torch.as_tensor(layer[parent]).to(lower).to(torch.float32).numpy()
+        if not np.array_equal(cast, layer[child]):
+            return False
+    return True
 
 
 def body_relatedness(family: Family) -> tuple[np.ndarray, np.ndarray]:
@@ -615,7 +637,8 @@ def subset(family: Family, idx: np.ndarray) -> Family:
     pick = [int(i) for i in idx]
     return Family(tuple(family.repo_ids[i] for i in pick), {n: a[idx] for n, a in family.layers.items()},
                   family.selection, tuple(family.stats[i] for i in pick), tuple(family.created[i] for i in pick),
-                  tuple(family.extras[i] for i in pick) if family.extras else ())
+                  tuple(family.extras[i] for i in pick) if family.extras else (),
+                  tuple(family.dtypes[i] for i in pick) if family.dtypes else ())
 
 
 def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:

@@ -77,6 +77,7 @@ class _Loaded:
     shapes: dict[str, tuple[int, ...]]  # normalised name -> shape, learned float tensors only
     family: str
     stored: dict[str, str]  # normalised name -> the name in the file
+    dtype: str = "F32"  # the stored dtype of most of its values (a dtype copy is told by it)
 
 
 # --- discovery -----------------------------------------------------------------------------------
@@ -135,10 +136,17 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Load
                 infos = weights.tensors()
             stored = canonical_tensors(infos)
             shapes = {name: infos[raw].shape for name, raw in stored.items()}
-            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored))
+            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored)))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
+
+
+def _main_dtype(infos: dict, stored: dict[str, str]) -> str:
+    sizes: dict[str, int] = {}
+    for raw in stored.values():
+        sizes[infos[raw].dtype] = sizes.get(infos[raw].dtype, 0) + infos[raw].nbytes
+    return max(sorted(sizes), key=lambda d: sizes[d]) if sizes else "F32"
 
 
 def _scheme(options: Options) -> Scheme:
@@ -175,7 +183,8 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
         return None, failed
     stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
     ids = tuple(m.repo_id for m in ok)
-    return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras)), failed
+    return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras),
+                  tuple(m.dtype for m in ok)), failed
 
 
 # --- trees across families -------------------------------------------------------------------------

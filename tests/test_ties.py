@@ -1,0 +1,45 @@
+"""Ties: duplicates, frozen bodies, fan vs snake, and the centre-rooted direction without upload times."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from indexer.lineage.orient import centre_rooted_tree
+from indexer.lineage.ties import duplicate_originals, extras_distance, order_preference, snake_score
+
+
+def test_the_earliest_copy_is_the_original() -> None:
+    got = duplicate_originals(["x", "y", "x", "x"], [30.0, 10.0, 20.0, None], ["a", "b", "c", "d"])
+    assert got == [2, -1, -1, 2]  # c (t=20) is the earliest x; a and d (unknown time: last) copy it
+
+
+def test_heads_break_a_frozen_body_tie() -> None:
+    head3 = np.ones((3, 4))
+    extras = [{"classifier.weight": head3}, {"classifier.weight": np.zeros((5, 4))},
+              {"classifier.weight": head3 + 0.01}]
+    d = extras_distance(extras)
+    assert d[0, 2] < 0.1 and d[0, 1] == 1.0 and d[1, 2] == 1.0  # other shapes: no evidence (1)
+
+
+def test_a_chain_is_a_snake_and_a_star_is_a_fan() -> None:
+    times = [0.0, 1.0, 2.0, 3.0, 4.0]
+    chain = np.abs(np.subtract.outer(times, times))  # distance grows with the time gap
+    star = np.full((5, 5), 2.0)
+    star[0, :] = star[:, 0] = 1.0
+    np.fill_diagonal(star, 0.0)
+    assert snake_score(chain, times) > 0.5 > snake_score(star, times)
+    fan = order_preference(times, snake=False)
+    assert fan[0, 4] < fan[3, 4]  # the earliest candidate is preferred
+    assert order_preference(times, snake=True)[3, 4] < order_preference(times, snake=True)[0, 4]
+
+
+def test_centre_rooting_puts_the_base_of_a_fan_at_the_root() -> None:
+    """base 0 -> children 1, 2, 3, each -> two grandchildren; every fine-tune moves in its own direction
+    (orthogonal unit steps), so siblings are sqrt(2) steps apart and the base is the spanning tree's centre."""
+    parents = [-1, 0, 0, 0, 1, 1, 2, 2, 3, 3]
+    pts = np.zeros((10, 10))
+    for j, p in enumerate(parents):
+        if p >= 0:
+            pts[j] = pts[p] + np.eye(10)[j]
+    d = np.linalg.norm(pts[:, None] - pts[None], axis=2)
+    assert centre_rooted_tree(d) == parents
