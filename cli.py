@@ -430,18 +430,37 @@ def _print_report(report) -> None:  # type: ignore[no-untyped-def]
     click.echo(f"{report.repo_id} @ {report.revision[:12]}  family={report.family}  status={report.status}")
     if not report.in_forest:
         click.echo(f"  not in the forest ({report.reason or 'no lineage yet'})")
+    if report.weights_format and report.weights_format != "safetensors":
+        click.echo(f"  weights: {report.weights_format}  {_details_line(report.details)}".rstrip())
     for step in report.ancestry:
         conf = "" if step.confidence is None else f"  confidence={step.confidence:.2f}"
         dist = "" if step.distance is None else f"  distance={step.distance:.4g}"
-        click.echo(f"  {step.child}  <-  {step.parent}{dist}{conf}")
+        parents = "" if len(step.parents) < 2 else "  (" + ", ".join(f"{p} {w:.2f}" for p, w in step.parents) + ")"
+        click.echo(f"  {step.child}  <-{step.relation}-  {step.parent}{parents}{dist}{conf}")
     if report.in_forest:
         click.echo(f"  root: {report.root}  depth: {report.depth}  cluster: {report.cluster}")
-    click.echo(f"  children ({len(report.children)}): {', '.join(report.children) or '-'}")
+    kids = [f"{c} ({r})" for c, r in zip(report.children, report.child_relations, strict=False)] or list(report.children)
+    click.echo(f"  children ({len(report.children)}): {', '.join(kids) or '-'}")
     click.echo(f"  siblings ({len(report.siblings)}): {', '.join(report.siblings) or '-'}")
     verdict = {True: "agrees", False: "DISAGREES", None: "n/a"}[report.agrees_with_declared]
     declared = report.declared_base_model or "(none declared)"
     click.echo(f"  declared base_model: {declared}  -> {verdict}")
+    if report.declared_relation or report.relation_agrees_with_declared is not None:
+        rel = {True: "agrees", False: "DISAGREES", None: "n/a"}[report.relation_agrees_with_declared]
+        recovered = report.relation or ("root" if report.relation == "" else "not placed")
+        click.echo(f"  declared relation: {report.declared_relation or '(inferred)'}  recovered: {recovered}  -> {rel}")
     click.echo(f"  indexed at: {report.indexed_at.isoformat()}")
+
+
+def _details_line(details: str) -> str:
+    """An adapter's or quantized model's recorded details, one line (`index query`)."""
+    import json
+
+    try:
+        doc = json.loads(details)
+    except ValueError:
+        return ""
+    return "  ".join(f"{k}={v}" for k, v in sorted(doc.items()) if not isinstance(v, dict | list) or len(str(v)) < 80)
 
 
 _SHOW_FORMATS = ("text", "mermaid", "dot", "svg", "html", "json")  # indexer.web.render.FORMATS, without importing it

@@ -8,8 +8,9 @@ function per step, `MIGRATIONS[v]` upgrades a version-v store to v+1 in place. F
 migration must therefore be safe to run twice.
 
 History: v1 is the first released layout (tables in `store.schema`, vectors in `vectors/`, cache in
-`cache/`); there is no older released layout, so `MIGRATIONS` is empty. Tests drive the mechanism
-with a fake v0 and their own step.
+`cache/`). v2 adds relations: `edges.relation` / `edges.parents`, `models.weights_format` /
+`models.details` (`store.migrations.v1_to_v2`). Tests also drive the mechanism with a fake v0 and their
+own step.
 """
 
 from __future__ import annotations
@@ -26,10 +27,18 @@ logger = logging.getLogger(__name__)
 
 FORMAT_FILE = "FORMAT"
 FORMAT_NAME = "model-graph-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 Migration = Callable[[Path], None]
-MIGRATIONS: dict[int, Migration] = {}
+
+
+def _v1_to_v2(home: Path) -> None:
+    from store.migrations import v1_to_v2  # pyarrow: only a writer that migrates pays for it
+
+    v1_to_v2(home)
+
+
+MIGRATIONS: dict[int, Migration] = {1: _v1_to_v2}
 
 
 def read_format(home: Path) -> int | None:

@@ -27,11 +27,12 @@ KEYS: dict[str, tuple[str, ...]] = {
 }
 _META = ((SEQ, "BIGINT"), (DELETED, "BOOLEAN"), (HASH, "VARCHAR"))
 _V, _TS, _D = "VARCHAR", "TIMESTAMPTZ", "DOUBLE"
+PARENTS_SQL = "STRUCT(repo_id VARCHAR, weight DOUBLE)[]"  # edges.parents (format v2)
 COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {  # stored order, the bookkeeping columns last
     "models": (("repo_id", _V), ("revision", _V), ("family", _V), ("status", _V), ("indexed_at", _TS),
                ("created_at", _TS), ("last_modified", _TS), ("reason", _V), ("declared_base_model", _V),
                ("declared_relation", _V), ("library", _V), ("pipeline_tag", _V), ("n_parameters", "BIGINT"),
-               ("bytes_read", "BIGINT"), ("source", _V), *_META),
+               ("bytes_read", "BIGINT"), ("source", _V), ("weights_format", _V), ("details", _V), *_META),
     "sketches": (("repo_id", _V), ("revision", _V), ("family", _V), ("sketch_version", "INTEGER"),
                  ("vector", "FLOAT[]"), ("kurtosis", "DOUBLE[]"), ("norms", "DOUBLE[]"), ("layer_names", "VARCHAR[]"),
                  ("stats", _V), *_META),
@@ -39,7 +40,7 @@ COLUMNS: dict[str, tuple[tuple[str, str], ...]] = {  # stored order, the bookkee
                    ("weight", _D), *_META),
     "edges": (("repo_id", _V), ("revision", _V), ("family", _V), ("cluster", _V), ("parent", _V), ("root", _V),
               ("depth", "INTEGER"), ("distance", _D), ("direction_score", _D), ("confidence", _D),
-              ("updated_at", _TS), *_META),
+              ("updated_at", _TS), ("relation", _V), ("parents", PARENTS_SQL), *_META),
     "crawl_state": (("endpoint", _V), ("cursor_created_at", _TS), ("cursor_id", _V), ("updated_at", _TS),
                     ("run_id", _V), *_META),
 }

@@ -9,6 +9,9 @@ plus `latest_models`: one row per repo_id, the most recently indexed revision (t
 A model's place in the forest comes from `edges` (one node per repo). "Agrees with declared" is
 null when the card declares nothing or the model is not in the forest, true when the recovered parent
 is one of the declared bases (";"-joined for merges), false otherwise (a recovered root included).
+The relation is audited the same way: the declared one is `base_model_relation`, else "merge" when the
+card lists several bases (the Hub's own inference); "relation agrees" is null when neither says
+anything or the model is not in the forest, true when it equals the recovered edge's relation.
 """
 
 from __future__ import annotations
@@ -40,6 +43,14 @@ _AGREES_SQL = (
     "CASE WHEN coalesce(m.declared_base_model, '') = '' OR e.repo_id IS NULL THEN NULL "
     f"ELSE e.parent <> '' AND list_contains({_DECLARED}, e.parent) END"
 )
+_DECLARED_RELATION_SQL = (
+    "CASE WHEN coalesce(m.declared_relation, '') <> '' THEN lower(m.declared_relation) "
+    f"WHEN len({_DECLARED}) > 1 THEN 'merge' ELSE '' END"
+)
+_RELATION_AGREES_SQL = (
+    f"CASE WHEN ({_DECLARED_RELATION_SQL}) = '' OR e.repo_id IS NULL THEN NULL "
+    f"ELSE coalesce(e.relation, '') = ({_DECLARED_RELATION_SQL}) END"
+)
 
 
 @dataclass(frozen=True)
@@ -51,6 +62,12 @@ class AncestryStep:
     distance: float | None
     direction_score: float | None
     confidence: float | None
+    relation: str = "finetune"  # finetune | adapter | quantized | merge | duplicate
+    parents: tuple[tuple[str, float], ...] = ()  # (repo_id, weight), heaviest first; several for a merge
+
+    def __post_init__(self) -> None:
+        if not self.parents and self.parent:  # one parent: itself, weight 1 (as store.schema.EdgeRecord)
+            object.__setattr__(self, "parents", ((self.parent, 1.0),))
 
 
 @dataclass(frozen=True)
@@ -74,6 +91,12 @@ class ModelReport:
     declared_base_model: str
     declared_relation: str
     agrees_with_declared: bool | None
+    relation: str | None = None  # of the edge to `parent`: "" for a root, None when not in the forest
+    parents: tuple[tuple[str, float], ...] = ()  # (repo_id, weight): several for a merge
+    relation_agrees_with_declared: bool | None = None  # see the module docstring
+    child_relations: tuple[str, ...] = ()  # the relation of each of `children`, in the same order
+    weights_format: str = ""  # safetensors | adapter | gguf | gptq | awq | bnb-int8 | bnb-4bit | fp8 | ...
+    details: str = "{}"  # JSON: an adapter's base / r / alpha / targets / verdict, a quantization scheme
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (timestamps as ISO 8601 strings) for `index query --json`."""
@@ -81,8 +104,10 @@ class ModelReport:
         for name in ("created_at", "indexed_at"):
             value = out[name]
             out[name] = value.isoformat() if value is not None else None
-        out["ancestry"] = [dict(step) for step in out["ancestry"]]
+        out["ancestry"] = [dict(step, parents=[list(p) for p in step["parents"]]) for step in out["ancestry"]]
         out["children"], out["siblings"] = list(self.children), list(self.siblings)
+        out["child_relations"] = list(self.child_relations)
+        out["parents"] = [list(p) for p in self.parents]
         return out
 
 
@@ -92,6 +117,32 @@ def agrees_with_declared(declared_base_model: str, parent: str | None) -> bool |
     if not declared or parent is None:
         return None
     return parent != "" and parent in declared
+
+
+def declared_relation(declared_base_model: str, declared_relation_: str) -> str:
+    """The Python twin of `_DECLARED_RELATION_SQL`."""
+    if declared_relation_:
+        return declared_relation_.lower()
+    return "merge" if len([d for d in declared_base_model.split(";") if d.strip()]) > 1 else ""
+
+
+def relation_agrees_with_declared(declared_base_model: str, declared_relation_: str, relation: str | None) -> bool | None:
+    """The Python twin of `_RELATION_AGREES_SQL`, for one model."""
+    declared = declared_relation(declared_base_model, declared_relation_)
+    if not declared or relation is None:
+        return None
+    return relation == declared
+
+
+def _relation(edge: dict[str, Any]) -> str:
+    """An edge's relation; a row written before relations existed (format v1, unmigrated parts never
+    reach a reader, but a union_by_name NULL might) is a fine-tune when it has a parent."""
+    return str(edge.get("relation") or ("finetune" if edge.get("parent") else ""))
+
+
+def _parents(edge: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    links = edge.get("parents") or ([{"repo_id": edge["parent"], "weight": 1.0}] if edge.get("parent") else [])
+    return tuple((str(p["repo_id"]), float(p["weight"])) for p in links)
 
 
 def _connect(home: Path) -> duckdb.DuckDBPyConnection:
@@ -218,7 +269,7 @@ def _ancestry(con: duckdb.DuckDBPyConnection, edge: dict[str, Any], tree: dict[s
     seen = {edge["repo_id"]}
     while edge is not None and edge["parent"]:
         steps.append(AncestryStep(edge["repo_id"], edge["parent"], edge["distance"], edge["direction_score"],
-                                  edge["confidence"]))
+                                  edge["confidence"], _relation(edge), _parents(edge)))
         if edge["parent"] in seen:
             logger.warning("cycle in the stored forest at %s; the chain stops there", edge["parent"])
             break
@@ -237,6 +288,7 @@ def _report(con: duckdb.DuckDBPyConnection, repo_id: str) -> ModelReport:
     children = tuple(sorted(r for r, row in tree.items() if row["parent"] == repo_id))
     siblings = tuple(sorted(r for r, row in tree.items() if parent and row["parent"] == parent and r != repo_id))
     declared = m["declared_base_model"] or ""
+    relation = _relation(e) if e else None
     return ModelReport(
         repo_id=repo_id, revision=e["revision"] if e else m["revision"], family=m["family"] or "",
         status=m["status"], reason=m["reason"] or "", source=m["source"] or "",
@@ -245,6 +297,10 @@ def _report(con: duckdb.DuckDBPyConnection, repo_id: str) -> ModelReport:
         parent=parent, ancestry=_ancestry(con, e, tree) if e else (), children=children, siblings=siblings,
         declared_base_model=declared, declared_relation=m["declared_relation"] or "",
         agrees_with_declared=agrees_with_declared(declared, parent),
+        relation=relation, parents=_parents(e) if e else (),
+        relation_agrees_with_declared=relation_agrees_with_declared(declared, m["declared_relation"] or "", relation),
+        child_relations=tuple(_relation(tree[c]) for c in children),
+        weights_format=m.get("weights_format") or "", details=m.get("details") or "{}",
     )
 
 
@@ -257,8 +313,9 @@ def query_model(home: Path, repo_id: str) -> ModelReport:
 
 EXPORT_SQL = f"""
 SELECT m.repo_id, coalesce(e.revision, m.revision) AS revision, coalesce(e.family, m.family) AS family,
-       e.cluster, e.parent, e.root, e.depth, e.distance, e.direction_score, e.confidence,
+       e.cluster, e.parent, e.relation, e.parents, e.root, e.depth, e.distance, e.direction_score, e.confidence,
        m.declared_base_model, m.declared_relation, {_AGREES_SQL} AS agrees_with_declared,
+       {_RELATION_AGREES_SQL} AS relation_agrees_with_declared, m.weights_format,
        m.created_at, m.indexed_at
 FROM latest_models m LEFT JOIN edges e ON e.repo_id = m.repo_id
 WHERE m.status = 'indexed' OR e.repo_id IS NOT NULL
@@ -269,8 +326,9 @@ ORDER BY family, e.cluster NULLS LAST, e.depth NULLS LAST, m.repo_id
 def export_forest(home: Path, out_path: Path) -> int:
     """Write the forest (one row per indexed model) to `out_path` as Parquet; returns the row count.
 
-    Columns: repo_id, revision, family, cluster, parent, root, depth, distance, direction_score,
-    confidence, declared_base_model, declared_relation, agrees_with_declared, created_at, indexed_at.
+    Columns: repo_id, revision, family, cluster, parent, relation, parents (a list of struct<repo_id,
+    weight>), root, depth, distance, direction_score, confidence, declared_base_model, declared_relation,
+    agrees_with_declared, relation_agrees_with_declared, weights_format, created_at, indexed_at.
     Models never placed (e.g. failed) are left out; `index stats` counts them. Rows are sorted by
     (family, cluster, depth, repo_id) and written by one thread, so equal stores give equal bytes.
     """
@@ -312,6 +370,8 @@ def _stats(con: duckdb.DuckDBPyConnection, home: Path) -> dict[str, Any]:
         "failures_by_reason": _counts(con, "SELECT reason, count(*) FROM latest_models "
                                            "WHERE status <> 'indexed' GROUP BY 1 ORDER BY 2 DESC, 1"),
         "edges": int(_scalar(con, "SELECT count(*) FROM edges WHERE parent <> ''")),
+        "edges_by_relation": _counts(con, "SELECT coalesce(relation, 'finetune'), count(*) FROM edges "
+                                          "WHERE parent <> '' GROUP BY 1 ORDER BY 1"),
         "roots": int(_scalar(con, "SELECT count(*) FROM edges WHERE parent = ''")),
         "clusters": int(_scalar(con, "SELECT count(DISTINCT (family, cluster)) FROM edges")),
         "clusters_by_family": _counts(con, "SELECT family, count(DISTINCT cluster) FROM edges GROUP BY 1 ORDER BY 1"),

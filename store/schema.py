@@ -10,7 +10,10 @@ order (every user column is nullable only so that tombstones can leave it empty)
     created_at timestamp[us, UTC] (null if unknown) | last_modified timestamp[us, UTC] (null) |
     reason str ("" when indexed) | declared_base_model str ("" if none; ";"-joined for merges) |
     declared_relation str | library str | pipeline_tag str | n_parameters int64 | bytes_read int64 |
-    source str (the endpoint URL, or "local").
+    source str (the endpoint URL, or "local") | weights_format str ("safetensors" | "adapter" | "gguf" |
+    "gptq" | "awq" | "bnb-int8" | "bnb-4bit" | "fp8" | "compressed-tensors"; "" when unknown or not read) |
+    details str (a JSON object: an adapter's base, r, alpha, targets, modules_to_save; a quantized
+    model's scheme and predicted error).  [format v2]
     Failures live here too: a row with status "failed" or "skipped" and the reason. No separate
     failures table: one key space means a later success simply supersedes the failure.
 ``sketches`` -- key (repo_id, revision).
@@ -23,7 +26,12 @@ order (every user column is nullable only so that tombstones can leave it empty)
 ``edges`` -- key (repo_id): the current forest, one node per repo (a new revision replaces the old).
     repo_id str | revision str | family str | cluster str | parent str ("" for roots) | root str |
     depth int32 | distance float64 | direction_score float64 | confidence float64 |
-    updated_at timestamp[us, UTC].
+    updated_at timestamp[us, UTC] | relation str (RELATIONS; "" for roots) |
+    parents list<struct<repo_id str, weight float64>> (every parent with its estimated weight, heaviest
+    first: one for finetune / adapter / quantized / duplicate, several for a merge; `parent` is the first;
+    empty for roots).  [format v2]
+    A parent that is not indexed (an adapter's declared base that is not on this index) is kept by name:
+    `parent` names it, and no edges row of its own exists.
 ``crawl_state`` -- key (endpoint): the crawl high-water mark.
     endpoint str | cursor_created_at timestamp[us, UTC] | cursor_id str | updated_at timestamp[us, UTC] |
     run_id str.
@@ -45,7 +53,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -55,6 +63,16 @@ from store.layout import DELETED, HASH, SEQ, TABLES, TableName  # noqa: F401 -- 
 
 Status = Literal["indexed", "skipped", "failed"]
 STATUSES: tuple[Status, ...] = get_args(Status)
+# The Hub's model-tree relations (`base_model_relation`) plus `duplicate` (bit-identical compared weights).
+Relation = Literal["finetune", "adapter", "quantized", "merge", "duplicate"]
+RELATIONS: tuple[Relation, ...] = get_args(Relation)
+
+
+class ParentLink(NamedTuple):
+    """One parent of an edge and its estimated share of the child (1.0 for a single parent)."""
+
+    repo_id: str
+    weight: float
 
 META_FIELDS = (pa.field(SEQ, pa.int64()), pa.field(DELETED, pa.bool_()), pa.field(HASH, pa.string()))
 
@@ -85,6 +103,31 @@ def _set(obj: object, name: str, value: object) -> None:
     object.__setattr__(obj, name, value)  # frozen dataclass: normalise in __post_init__ only
 
 
+def _check_json(thing: str, column: str, value: str) -> None:
+    try:
+        ok = isinstance(json.loads(value), dict)
+    except (TypeError, ValueError) as exc:
+        raise BadInputError(thing, f"{column} must be a JSON string ({exc})") from None
+    if not ok:
+        raise BadInputError(thing, f"{column} must be a JSON object, got {value!r:.40}")
+
+
+def _parent_links(thing: str, value: Any) -> tuple[ParentLink, ...]:
+    """Tuples, mappings (what Arrow gives back) or ParentLinks -> ParentLinks, validated."""
+    links = []
+    for item in value or ():
+        try:
+            repo, weight = (item.get("repo_id"), item.get("weight")) if isinstance(item, Mapping) else tuple(item)
+        except (TypeError, ValueError):
+            raise BadInputError(thing, f"a parent is (repo_id, weight), got {item!r:.60}") from None
+        if not isinstance(repo, str) or not repo:
+            raise BadInputError(thing, f"a parent needs a repo id, got {item!r:.60}")
+        if not isinstance(weight, int | float) or not math.isfinite(weight) or weight < 0:
+            raise BadInputError(thing, f"parent {repo}: weight must be a finite number >= 0, got {weight!r}")
+        links.append(ParentLink(repo, float(weight)))
+    return tuple(links)
+
+
 def _check_revision(revision: str) -> None:
     if not isinstance(revision, str) or not _REVISION.match(revision):
         raise BadInputError(f"revision {revision!r}", 'expected a 40-hex commit sha or "local:<hash>"')
@@ -107,9 +150,12 @@ class ModelRecord:
     n_parameters: int = 0
     bytes_read: int = 0
     source: str = "local"
+    weights_format: str = ""
+    details: str = "{}"
 
     def __post_init__(self) -> None:
         _check_revision(self.revision)
+        _check_json(self.repo_id, "details", self.details)
         if self.status not in STATUSES:
             raise BadInputError(f"status {self.status!r}", f"expected one of {', '.join(STATUSES)}")
         if self.status != "indexed" and not self.reason:
@@ -139,10 +185,7 @@ class SketchRecord:
         _set(self, "kurtosis", _floats64(self.kurtosis))
         _set(self, "norms", _floats64(self.norms))
         _set(self, "layer_names", tuple(str(n) for n in self.layer_names))
-        try:
-            json.loads(self.stats)
-        except (TypeError, ValueError) as exc:
-            raise BadInputError(self.repo_id, f"stats must be a JSON string ({exc})") from None
+        _check_json(self.repo_id, "stats", self.stats)
 
 
 @dataclass(frozen=True)
@@ -168,12 +211,28 @@ class EdgeRecord:
     direction_score: float
     confidence: float
     updated_at: datetime
+    relation: str = ""  # filled in below: "finetune" when there is a parent and no relation was given
+    parents: tuple[ParentLink, ...] = ()  # filled in below: ((parent, 1.0),) when there is a parent
 
     def __post_init__(self) -> None:
         _check_revision(self.revision)
         if self.parent == self.repo_id:
             raise BadInputError(self.repo_id, "a model cannot be its own parent")
         _set(self, "updated_at", _utc("updated_at", self.updated_at, required=True))
+        _set(self, "parents", _parent_links(self.repo_id, self.parents))
+        if not self.parent:
+            if self.relation or self.parents:
+                raise BadInputError(self.repo_id, "a root has no relation and no parents")
+            return
+        _set(self, "relation", self.relation or "finetune")
+        _set(self, "parents", self.parents or (ParentLink(self.parent, 1.0),))
+        if self.relation not in RELATIONS:
+            raise BadInputError(f"relation {self.relation!r}", f"expected one of {', '.join(RELATIONS)}")
+        if self.parents[0].repo_id != self.parent:
+            raise BadInputError(self.repo_id, f"parent {self.parent} must be the first of parents "
+                                f"{[p.repo_id for p in self.parents]}")
+        if len({p.repo_id for p in self.parents}) != len(self.parents) or self.repo_id in {p.repo_id for p in self.parents}:
+            raise BadInputError(self.repo_id, "parents must be distinct and not the model itself")
 
 
 @dataclass(frozen=True)
@@ -214,12 +273,13 @@ def _spec(name: TableName, record: type, types: dict[str, pa.DataType], key: tup
 
 
 _S, _I64, _F64 = pa.string(), pa.int64(), pa.float64()
+PARENTS_TYPE = pa.list_(pa.struct([pa.field("repo_id", _S), pa.field("weight", _F64)]))
 SPECS: dict[TableName, TableSpec] = {
     "models": _spec("models", ModelRecord, {
         "repo_id": _S, "revision": _S, "family": _S, "status": _S, "indexed_at": _TS,
         "created_at": _TS, "last_modified": _TS, "reason": _S, "declared_base_model": _S,
         "declared_relation": _S, "library": _S, "pipeline_tag": _S, "n_parameters": _I64,
-        "bytes_read": _I64, "source": _S,
+        "bytes_read": _I64, "source": _S, "weights_format": _S, "details": _S,
     }, ("repo_id", "revision"), frozenset({"indexed_at"})),
     "sketches": _spec("sketches", SketchRecord, {
         "repo_id": _S, "revision": _S, "family": _S, "sketch_version": pa.int32(),
@@ -232,7 +292,7 @@ SPECS: dict[TableName, TableSpec] = {
     "edges": _spec("edges", EdgeRecord, {
         "repo_id": _S, "revision": _S, "family": _S, "cluster": _S, "parent": _S, "root": _S,
         "depth": pa.int32(), "distance": _F64, "direction_score": _F64, "confidence": _F64,
-        "updated_at": _TS,
+        "updated_at": _TS, "relation": _S, "parents": PARENTS_TYPE,
     }, ("repo_id",), frozenset({"updated_at"})),
     "crawl_state": _spec("crawl_state", CrawlStateRecord, {
         "endpoint": _S, "cursor_created_at": _TS, "cursor_id": _S, "updated_at": _TS, "run_id": _S,
@@ -282,9 +342,14 @@ def content_hash(spec: TableSpec, record: Record) -> str:
     return hashlib.blake2b(data.encode("utf-8"), digest_size=16).hexdigest()
 
 
+def _cell(value: Any) -> Any:
+    if isinstance(value, ParentLink):
+        return value._asdict()
+    return [_cell(v) for v in value] if isinstance(value, tuple) else value
+
+
 def record_to_row(record: Record) -> dict[str, Any]:
-    return {f.name: (list(v) if isinstance(v := getattr(record, f.name), tuple) else v)
-            for f in dataclasses.fields(record)}
+    return {f.name: _cell(getattr(record, f.name)) for f in dataclasses.fields(record)}
 
 
 def rows_to_records(spec: TableSpec, table: pa.Table) -> list[Record]:

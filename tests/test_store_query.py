@@ -122,9 +122,9 @@ def test_export_is_one_row_per_placed_model_and_readable_everywhere(home: Path, 
     assert export_forest(home, out) == 6
     frame = pd.read_parquet(out)
     assert list(frame.columns) == [
-        "repo_id", "revision", "family", "cluster", "parent", "root", "depth", "distance",
+        "repo_id", "revision", "family", "cluster", "parent", "relation", "parents", "root", "depth", "distance",
         "direction_score", "confidence", "declared_base_model", "declared_relation",
-        "agrees_with_declared", "created_at", "indexed_at",
+        "agrees_with_declared", "relation_agrees_with_declared", "weights_format", "created_at", "indexed_at",
     ]
     assert sorted(frame["repo_id"]) == sorted(r for r, *_ in FOREST)  # failures are not in the forest
     agrees = dict(zip(frame["repo_id"], frame["agrees_with_declared"], strict=True))

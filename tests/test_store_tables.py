@@ -51,7 +51,9 @@ def one_of_each() -> dict[str, list[object]]:
                                   norms=[10.0, 11.0], layer_names=["l0", "l1"], stats='{"n": 3}')],
         "candidates": [CandidateRecord("vit", "org/base", "org/m", 0.25, -1.0, 0.3)],
         "edges": [EdgeRecord("org/m", SHA_A, "vit", "c0", "org/base", "org/base", 1, 0.25, 0.5, 0.9, T0),
-                  EdgeRecord("org/base", SHA_B, "vit", "c0", "", "org/base", 0, 0.0, 0.0, 1.0, T0)],
+                  EdgeRecord("org/base", SHA_B, "vit", "c0", "", "org/base", 0, 0.0, 0.0, 1.0, T0),
+                  EdgeRecord("org/merged", SHA_A, "vit", "c0", "org/m", "org/base", 2, 0.1, 0.0, 0.8, T0,
+                             relation="merge", parents=(("org/m", 0.7), ("org/base", 0.3)))],
         "crawl_state": [CrawlStateRecord("https://hub", T0, "org/m", T0, "run-1")],
     }
 
@@ -281,9 +283,9 @@ def test_a_closed_store_refuses_writes(tmp_path: Path) -> None:
 def test_newer_format_is_refused_with_upgrade_advice(tmp_path: Path) -> None:
     with Store.open(tmp_path):
         pass
-    assert json.loads((tmp_path / FORMAT_FILE).read_text()) == {"format": "model-graph-index", "version": 1}
+    assert json.loads((tmp_path / FORMAT_FILE).read_text()) == {"format": "model-graph-index", "version": 2}
     write_format(tmp_path, 7)
-    with pytest.raises(FormatVersionError, match="format version 7.*up to version 1.*upgrade"):
+    with pytest.raises(FormatVersionError, match="format version 7.*up to version 2.*upgrade"):
         Store.open(tmp_path)
     (tmp_path / FORMAT_FILE).write_text("{}")
     with pytest.raises(StoreError, match="not a model-graph-index FORMAT"):

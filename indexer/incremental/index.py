@@ -37,6 +37,7 @@ import numpy as np
 from errors import BadInputError, StoreError
 from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, TIER_GAP, ModelView, PairMeasure, edge_weights, measure, measure_many
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
+from indexer.lineage.confidence import calibrated
 from sketches.distances import Device
 from sketches.layers import select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
@@ -119,6 +120,9 @@ class _Family:
     # the measured distance of each candidate pair (both directions), what an edge row reports: the forest
     # holds weights (tier offset + log distance + direction penalty), which mean nothing to a reader
     distance: dict[tuple[str, str], float] = field(default_factory=dict)
+    # candidate pairs (both directions) whose compared layers are bit-identical: a child placed under
+    # such a parent after it is a `duplicate`, not a fine-tune (PairMeasure.identical)
+    identical: set[tuple[str, str]] = field(default_factory=set)
 
 
 class LineageIndex:
@@ -183,6 +187,9 @@ class LineageIndex:
         vectors = load_or_rebuild(self.store.home, family) if views else None
         state = _Family(family, forest, vectors, views, revisions)
         state.distance = {(c.parent, c.child): c.distance for c in rows}  # type: ignore[union-attr]
+        # an identical pair is stored as distance TIER_GAP exactly (full-rank tier, zero tail): the only
+        # pairs that measure exactly 0 there have no difference in any compared layer
+        state.identical = {pair for pair, d in state.distance.items() if d == TIER_GAP}
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -304,6 +311,8 @@ class LineageIndex:
             candidates += [Candidate(other.repo_id, view.repo_id, w_in), Candidate(view.repo_id, other.repo_id, w_out)]
             dist = pair.distance  # type: ignore[attr-defined]
             state.distance[(other.repo_id, view.repo_id)] = state.distance[(view.repo_id, other.repo_id)] = dist
+            if pair.identical:  # type: ignore[attr-defined]
+                state.identical |= {(other.repo_id, view.repo_id), (view.repo_id, other.repo_id)}
             rows += [CandidateRecord(family, other.repo_id, view.repo_id, dist, t_in, w_in),
                      CandidateRecord(family, view.repo_id, other.repo_id, dist, t_out, w_out)]
         return candidates, rows
@@ -317,6 +326,7 @@ class LineageIndex:
         self.store.delete("candidates", keys)
         for _, parent, child in keys:
             state.distance.pop((parent, child), None)
+            state.identical.discard((parent, child))
         parts = state.forest.remove(repo_id)
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
@@ -402,7 +412,8 @@ class LineageIndex:
             dist = _reported(state.distance.get((parent, m), math.nan)) if parent else math.nan
             out.append(EdgeRecord(m, state.revisions[m], state.name,
                                   forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
-                                  _ku_all(state.views[m]), _confidence(forest, m), now))
+                                  _ku_all(state.views[m]), _confidence(forest, m), now,
+                                  relation=_relation(state, parent, m) if parent else ""))
         return out
 
     def flush(self) -> None:
@@ -457,16 +468,29 @@ def _ku_all(view: ModelView) -> float:
     return float(sum(v for v in vals if not math.isnan(v)))
 
 
+def _relation(state: _Family, parent: str, child: str) -> str:
+    """The relation of a placed edge: `duplicate` when the pair's compared layers are bit-identical and
+    the child was not uploaded before the parent (unknown times: not before), else `finetune`."""
+    if (parent, child) in state.identical:
+        t_parent, t_child = state.views[parent].created, state.views[child].created
+        if t_parent is None or t_child is None or t_child >= t_parent:
+            return "duplicate"
+    return "finetune"
+
+
 def _confidence(forest: IncrementalForest, node: str) -> float:
-    """1 - w(parent) / w(next-best parent): 0 when a rival parent is as cheap, 1 when it has no rival."""
+    """The calibrated confidence of a node's parent edge (indexer.lineage.confidence), NaN for a root.
+
+    The margin is batch mother's, on the linear scale of the pair distance: weights are log distances
+    (plus penalties), so (c_r - c_p) / (c_r + c_p) = tanh((w_r - w_p) / 2) over the cheapest related rival;
+    no rival: margin 1."""
     parent = forest.parent(node)
     if not parent:
-        return 0.0
+        return math.nan
     rivals = sorted(w for p, w in forest._in[node].items() if p != parent)
-    chosen = forest.weight(parent, node)
-    if not rivals or rivals[0] <= 0:
-        return 1.0
-    return float(min(1.0, max(0.0, 1.0 - chosen / rivals[0])))
+    if not rivals:
+        return calibrated(1.0)
+    return calibrated(math.tanh(max(0.0, rivals[0] - forest.weight(parent, node)) / 2.0))
 
 
 def _update_depths(state: _Family, touched: Sequence[str]) -> None:
