@@ -289,10 +289,12 @@ def add(paths: tuple[Path, ...], budget_mib: int | None, home: Path | None, as_j
 _METHOD = click.Choice(["mother-paper", "mother", "phylogeny"])
 
 
-def _recovery_options(method: str, trees: int | None, distance: str, device: str, seed: int) -> object:
+def _recovery_options(method: str, trees: int | None, distance: str, device: str, seed: int,
+                      no_time: bool = False, orient: str = "center") -> object:
     from indexer.lineage.methods import Options
 
-    return Options(method=method, trees=trees, distance=distance, device=device, seed=seed)  # type: ignore[arg-type]
+    return Options(method=method, trees=trees, distance=distance, device=device, seed=seed,  # type: ignore[arg-type]
+                   use_time=not no_time, orient=orient)  # type: ignore[arg-type]
 
 
 def _recovery_flags(fn: object) -> object:
@@ -310,6 +312,11 @@ def _recovery_flags(fn: object) -> object:
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
                      help="Where pairwise distances run; auto uses CUDA when torch sees a GPU."),
         click.option("--seed", type=int, default=0, show_default=True, help="Seed (phylogeny's KMeans)."),
+        click.option("--no-time", "no_time", is_flag=True,
+                     help="Ignore hub.json upload times (as for the Hub's pre-2022 repos, which share one createdAt)."),
+        click.option("--orient", type=click.Choice(["center", "kurtosis"]), default="center", show_default=True,
+                     help="Direction of a tree without upload times: root the spanning tree at its centre, or the "
+                          "paper's kurtosis penalty."),
     ]):
         fn = deco(fn)  # type: ignore[operator]
     return fn
@@ -322,7 +329,7 @@ def _recovery_flags(fn: object) -> object:
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write one row per model to this Parquet file.")
 def recover(folder: Path, method: str, trees: int | None, distance: str, device: str, seed: int,
-            as_json: bool, out: Path | None) -> None:
+            no_time: bool, orient: str, as_json: bool, out: Path | None) -> None:
     """Recover which model each model under FOLDER was fine-tuned from, from the weights alone.
 
     FOLDER holds repos as FOLDER/<org>/<name>/*.safetensors; FOLDER/hub.json (createdAt) is used as the
@@ -330,7 +337,7 @@ def recover(folder: Path, method: str, trees: int | None, distance: str, device:
     """
     from indexer.lineage.recover import recover as run, render_forest, row_dicts, write_parquet
 
-    forest = run(folder, _recovery_options(method, trees, distance, device, seed))  # type: ignore[arg-type]
+    forest = run(folder, _recovery_options(method, trees, distance, device, seed, no_time, orient))  # type: ignore[arg-type]
     if out is not None:
         write_parquet(forest, out)
         click.echo(f"wrote {len(forest.rows)} rows to {out}", err=True)
@@ -376,14 +383,15 @@ def compare(a: str, b: str, endpoint: str | None, budget_mib: int | None, as_jso
 @_recovery_flags  # type: ignore[arg-type]
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def eval_(folder: Path, truth: Path | None, forest: Path | None, method: str, trees: int | None, distance: str,
-          device: str, seed: int, as_json: bool) -> None:
+          device: str, seed: int, no_time: bool, orient: str, as_json: bool) -> None:
     """Recover the forest of FOLDER and score it against the true lineage (edge and clustering accuracy)."""
     from indexer.evaluate import evaluate_folder, render_report
 
     if forest is not None:  # score what the index exported instead of recovering again
         _eval_export(folder, forest, truth, as_json)
         return
-    report = evaluate_folder(folder, _recovery_options(method, trees, distance, device, seed), truth=truth)  # type: ignore[arg-type]
+    report = evaluate_folder(folder, _recovery_options(method, trees, distance, device, seed, no_time, orient),  # type: ignore[arg-type]
+                             truth=truth)
     if as_json:
         _emit_json(report.as_dict())
     else:
