@@ -503,8 +503,10 @@ def show(repo_id: str, depth: int | None, fmt: str, max_children: int, max_nodes
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind (keep loopback unless sure).")
 @click.option("--port", type=click.IntRange(min=0, max=65535), default=8765, show_default=True,
               help="Port; 0 picks a free one.")
+@click.option("--cache", type=click.IntRange(min=0), default=256, show_default=True,
+              help="JSON answers kept in memory until the store changes (0: read the store for every request).")
 @_store_option
-def web(host: str, port: int, home: Path | None) -> None:
+def web(host: str, port: int, cache: int, home: Path | None) -> None:
     """Browse the store in a local, read-only web app until Ctrl-C: search, families drawn, model detail.
 
     Prints the URL on stdout once listening. JSON for other tools: /api/query/ORG/NAME, /api/show/ORG/NAME,
@@ -517,7 +519,7 @@ def web(host: str, port: int, home: Path | None) -> None:
         sys.stdout.flush()  # a script waiting for the URL must see it now, not at exit
         click.echo(f"serving {_home(home)} read-only at {url} (Ctrl-C stops)", err=True)
 
-    run(_home(home), host=host, port=port, ready=ready)
+    run(_home(home), host=host, port=port, cache=cache, ready=ready)
 
 
 @index.command()

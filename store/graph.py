@@ -3,8 +3,10 @@
 Built on `store.query`'s connection helpers, so it reads exactly as `index query` does: no lock, parts seen
 whole or not at all, retried when a compaction removes parts mid-read. Imports only duckdb and the stdlib.
 
-Columns the lineage side adds later are read defensively: an edges row without `relation` (a store
-written before relations existed) is a fine-tune; a missing or NaN `confidence` or `distance` is None.
+Columns added by format v2 are read defensively: an edges row without `relation` (a part written before
+relations existed) is a fine-tune, one without `parents` has a single parent; a missing or NaN
+`confidence` or `distance` is None. A parent with no edges row of its own (an adapter's base that is not
+indexed) is kept by name: the picture starts that branch at the child and names the parent beside it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,6 @@ from errors import BadInputError, UnknownModelError
 from store.layout import DELETED, SEQ
 from store.query import (
     _edge_of,
-    _edge_rows,
     _latest_model,
     _report,
     _rows,
@@ -41,6 +42,7 @@ ROOT_RELATION = "root"
 DEFAULT_RELATION = "finetune"  # edges rows written before relations were stored
 _SEARCH_LIMIT = 50  # a prefix like "m" matches half the Hub: the first 50 ids are enough to pick from
 _OVERVIEW_ROWS = 20
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,7 @@ class FamilyNode:
     declared_base_model: str  # "" when the card declares none; ";"-joined for merges
     agrees_with_declared: bool | None
     revision: str
+    other_parents: tuple[tuple[str, float], ...] = ()  # a merge's further parents with their weights
 
 
 @dataclass(frozen=True)
@@ -88,20 +91,47 @@ def _relation(edge: dict[str, Any]) -> str:
     return str(edge.get("relation") or DEFAULT_RELATION)
 
 
+_EDGE_COLUMNS = ("repo_id", "revision", "cluster", "parent", "depth", "distance", "confidence")
+_MEMBERS = "SELECT DISTINCT repo_id FROM edges_parts WHERE cluster = ?"
+
+
+def _columns(con: duckdb.DuckDBPyConnection, view: str) -> set[str]:
+    return {d[0] for d in con.execute(f"SELECT * FROM {view} LIMIT 0").description}
+
+
 def _members(con: duckdb.DuckDBPyConnection, cluster: str) -> list[dict[str, Any]]:
-    """The live edges rows of one tree (the same selection as `store.query._cluster_of`)."""
-    rows = _edge_rows(con, "SELECT DISTINCT repo_id FROM edges_parts WHERE cluster = ?", [cluster])
-    return [r for r in rows if r["cluster"] == cluster]
+    """The live edges rows of one tree (the selection of `store.query._cluster_of`), only the columns drawn.
+
+    Named columns and plain tuples, not `SELECT *` through `_rows`: on a 50,000-model tree that is 0.15 s
+    instead of 0.65 s. A merge's `parents` list is fetched only for merges (most rows have one parent).
+    """
+    have = _columns(con, "edges_parts")
+    extra = ["relation"] if "relation" in have else []
+    if "parents" in have:
+        extra.append("CASE WHEN len(parents) > 1 THEN parents END AS parents")
+    names = [*_EDGE_COLUMNS, *(e.split(" AS ")[-1] for e in extra), DELETED]
+    rows = con.execute(f"SELECT {', '.join([*_EDGE_COLUMNS, *extra, DELETED])} FROM edges_parts "
+                       f"WHERE repo_id IN ({_MEMBERS}) "
+                       f"QUALIFY row_number() OVER (PARTITION BY repo_id ORDER BY {SEQ} DESC) = 1",
+                       [cluster]).fetchall()
+    out = [dict(zip(names, r, strict=True)) for r in rows]
+    return [r for r in out if not r[DELETED] and r["cluster"] == cluster]
 
 
 def _cards(con: duckdb.DuckDBPyConnection, cluster: str) -> dict[str, dict[str, Any]]:
     """Upload time and declared base of each member: its most recently indexed live models row."""
-    rows = _rows(con, f"SELECT repo_id, created_at, declared_base_model FROM models_parts "
-                      f"WHERE repo_id IN (SELECT DISTINCT repo_id FROM edges_parts WHERE cluster = ?) "
-                      f"AND NOT {DELETED} "
-                      f"QUALIFY row_number() OVER (PARTITION BY repo_id ORDER BY indexed_at DESC, {SEQ} DESC) = 1",
-                 [cluster])
-    return {r["repo_id"]: r for r in rows}
+    rows = con.execute(f"SELECT repo_id, epoch_us(created_at), declared_base_model FROM models_parts "
+                       f"WHERE repo_id IN ({_MEMBERS}) AND NOT {DELETED} "
+                       f"QUALIFY row_number() OVER (PARTITION BY repo_id ORDER BY indexed_at DESC, {SEQ} DESC) = 1",
+                       [cluster]).fetchall()
+    return {r: {"created_at": None if us is None else _EPOCH + timedelta(microseconds=us), "declared_base_model": d}
+            for r, us, d in rows}
+
+
+def _other_parents(edge: dict[str, Any]) -> tuple[tuple[str, float], ...]:
+    """A merge's parents after the first (`edges.parents`, format v2; absent in older stores)."""
+    links = edge.get("parents") or []
+    return tuple((str(p["repo_id"]), float(p["weight"] or 0.0)) for p in links[1:] if p and p.get("repo_id"))
 
 
 def _node(edge: dict[str, Any], card: dict[str, Any] | None) -> FamilyNode:
@@ -112,6 +142,7 @@ def _node(edge: dict[str, Any], card: dict[str, Any] | None) -> FamilyNode:
         distance=_finite(edge.get("distance")) if edge["parent"] else None,
         created_at=(card or {}).get("created_at"), declared_base_model=declared,
         agrees_with_declared=agrees_with_declared(declared, edge["parent"] or ""), revision=edge["revision"],
+        other_parents=_other_parents(edge),
     )
 
 
@@ -227,6 +258,9 @@ def _detail(con: duckdb.DuckDBPyConnection, repo_id: str) -> dict[str, Any]:
         "library": model.get("library") or "",
         "pipeline_tag": model.get("pipeline_tag") or "",
         "source": model.get("source") or "",
+        "weights_format": model.get("weights_format") or "",  # format v2; absent in older stores
+        "details": model.get("details") or "",
+        "other_parents": [list(p) for p in _other_parents(edge)] if edge else [],
         "sketch": _sketch(con, repo_id, report.revision),
     }
 

@@ -95,19 +95,35 @@ def test_detail_and_overview(home: Path) -> None:
     assert o["recent"][0]["repo_id"] == FAILED
 
 
-def test_a_relation_column_written_by_a_newer_lineage_is_shown(tmp_path: Path) -> None:
-    # The lineage side adds `relation` to edges rows; a part carrying it must be read (older parts lack it).
-    home = build_store(tmp_path / "home")
+def _edges_part(home: Path, rows: list[dict]) -> None:
+    """Edges rows as format v2 writes them (`relation`, `parents`), as one more part: older parts lack them."""
     spec = SPECS["edges"]
-    schema = pa.schema([*spec.stored_schema, pa.field("relation", pa.string())])
-    row = {"repo_id": GRANDCHILDREN[0], "revision": SHA, "family": "vit", "cluster": ROOT, "parent": CHILDREN[0],
-           "root": ROOT, "depth": 2, "distance": 0.03, "direction_score": 0.5, "confidence": 0.6,
-           "updated_at": datetime(2024, 6, 1, tzinfo=UTC), "_seq": 999, "_deleted": False, "_hash": "x",
-           "relation": "quantized"}
-    pq.write_table(pa.Table.from_pylist([row], schema=schema), table_dir(home, "edges") / "part-000000000999-0000abcd.parquet")
+    extra = [pa.field("relation", pa.string()),
+             pa.field("parents", pa.list_(pa.struct([("repo_id", pa.string()), ("weight", pa.float64())])))]
+    schema = pa.schema([*spec.stored_schema, *(f for f in extra if f.name not in spec.stored_schema.names)])
+    base = {"revision": SHA, "family": "vit", "cluster": ROOT, "root": ROOT, "distance": 0.03, "direction_score": 0.5,
+            "confidence": 0.6, "updated_at": datetime(2024, 6, 1, tzinfo=UTC), "_seq": 999, "_deleted": False,
+            "_hash": "x"}
+    table = pa.Table.from_pylist([{**base, **r} for r in rows], schema=schema)
+    pq.write_table(table, table_dir(home, "edges") / "part-000000000999-0000abcd.parquet")
+
+
+def test_relations_merges_and_unindexed_parents_of_format_v2(tmp_path: Path) -> None:
+    home = build_store(tmp_path / "home")
+    _edges_part(home, [
+        {"repo_id": GRANDCHILDREN[0], "parent": CHILDREN[0], "depth": 2, "relation": "merge",
+         "parents": [{"repo_id": CHILDREN[0], "weight": 0.6}, {"repo_id": CHILDREN[1], "weight": 0.4}]},
+        {"repo_id": "zoo/adapter", "parent": "ext/not-indexed", "depth": 1, "relation": "adapter",
+         "parents": [{"repo_id": "ext/not-indexed", "weight": 1.0}]},
+    ])
     by_id = {n.repo_id: n for n in family_of(home, ROOT).nodes}
-    assert by_id[GRANDCHILDREN[0]].relation == "quantized" and by_id[GRANDCHILDREN[1]].relation == "finetune"
-    assert "zoo/ft-00-a  quantized  conf 0.60" in show_family(home, ROOT)
+    assert by_id[GRANDCHILDREN[0]].relation == "merge" and by_id[GRANDCHILDREN[1]].relation == "finetune"
+    assert by_id[GRANDCHILDREN[0]].other_parents == ((CHILDREN[1], 0.4),)
+    text = show_family(home, ROOT, max_children=40).splitlines()
+    assert "│   ├── zoo/ft-00-a  merge  conf 0.60  d=0.03  2024-06-10  also from zoo/ft-01 (0.40)" in text
+    assert "zoo/adapter  adapter  of ext/not-indexed  conf 0.60  d=0.03  date ?" in text  # a second top line
+    dot = show_family(home, ROOT, fmt="dot", max_children=40)
+    assert '"zoo/ft-01" -> "zoo/ft-00-a" [label="merge"' in dot
 
 
 # --- the summary ------------------------------------------------------------------------------------
@@ -276,6 +292,12 @@ def test_web_reads_while_a_crawl_writes(tmp_path: Path) -> None:
         writer.append("models", [ModelRecord("late/arrival", SHA, "vit", "indexed", datetime(2024, 9, 1, tzinfo=UTC))])
         status, body, _ = get(url + "api/search?prefix=late")
         assert status == 200 and [r["repo_id"] for r in json.loads(body)["results"]] == ["late/arrival"]
+        # a family answered (and kept) before the write is answered anew after it: the new part is seen
+        assert json.loads(get(url + "api/show/" + LONE_ROOT)[1])["shown"] == 1
+        writer.append("edges", [EdgeRecord("late/arrival", SHA, "vit", LONE_ROOT, LONE_ROOT, LONE_ROOT, 1, 0.1, 0.5,
+                                           0.8, datetime(2024, 9, 1, tzinfo=UTC))])
+        doc = json.loads(get(url + "api/show/" + LONE_ROOT)[1])
+        assert [n["repo_id"] for n in doc["nodes"]] == [LONE_ROOT, "late/arrival"]
 
 
 def test_web_start_up_errors_are_one_line(home: Path, tmp_path: Path) -> None:

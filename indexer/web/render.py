@@ -79,6 +79,7 @@ def _node_dict(view: View, n: FamilyNode) -> dict[str, Any]:
         "created_at": n.created_at.isoformat() if n.created_at else None,
         "declared_base_model": n.declared_base_model, "agrees_with_declared": n.agrees_with_declared,
         "revision": n.revision, "subtree": view.subtree.get(n.repo_id, 1), "focus": n.repo_id == view.family.focus,
+        "other_parents": [{"repo_id": r, "weight": w} for r, w in n.other_parents],
     }
 
 
@@ -104,13 +105,17 @@ def render_json(view: View) -> str:
 # --- text ------------------------------------------------------------------------------------------
 
 
-def _text_line(n: FamilyNode, focus: str) -> str:
+def _text_line(n: FamilyNode, focus: str, *, drawn_parent: bool) -> str:
     mark = "  ◀" if n.repo_id == focus else ""
     if not n.parent:
         fields = ["root", _date(n.created_at)]
     else:
         dist = "" if n.distance is None else f"  d={n.distance:.4g}"
         fields = [n.relation, f"conf {_confidence(n.confidence)}{dist}", _date(n.created_at)]
+        if not drawn_parent:  # above a --depth cut, or a base that is not indexed
+            fields.insert(1, f"of {n.parent}")
+    if n.other_parents:
+        fields.append("also from " + ", ".join(f"{r} ({w:.2f})" for r, w in n.other_parents))
     if n.agrees_with_declared is False:
         fields.append(f"declared: {n.declared_base_model} (disagrees)")
     return plain(f"{n.repo_id}{mark}  " + "  ".join(fields))
@@ -130,7 +135,8 @@ def render_text(view: View) -> str:
         if key.startswith("+"):
             lines.append(lead + branch + _more(more[key[1:]]))
             continue
-        lines.append(lead + branch + _text_line(by_id[key], view.family.focus))
+        node = by_id[key]
+        lines.append(lead + branch + _text_line(node, view.family.focus, drawn_parent=bool(_shown_parent(view, node))))
         below = lead + ("" if not branch else "    " if branch == "└── " else "│   ")
         kids = [*view.children.get(key, ()), *([f"+{key}"] if key in more else [])]
         for i, kid in reversed(list(enumerate(kids))):
@@ -151,6 +157,12 @@ def _ids(view: View) -> dict[str, str]:
     ids = {n.repo_id: f"n{i}" for i, n in enumerate(view.nodes)}
     ids.update({c.key: f"c{i}" for i, c in enumerate(view.collapsed)})
     return ids
+
+
+def _merge_links(view: View) -> list[tuple[str, str]]:
+    """(further parent, merge) for each shown merge whose further parents are shown too."""
+    shown = {n.repo_id for n in view.nodes}
+    return [(r, n.repo_id) for n in view.nodes for r, _ in n.other_parents if r in shown]
 
 
 def _declared_links(view: View) -> list[tuple[str, str]]:
@@ -180,6 +192,7 @@ def render_mermaid(view: View) -> str:
         lines.append(f'  {ids[c.key]}["{_mm(_more(c))}"]:::collapsed')
         lines.append(f"  {ids[c.parent]} -.- {ids[c.key]}")
     lines += [f"  {ids[base]} -. declared .-> {ids[child]}" for base, child in _declared_links(view)]
+    lines += [f"  {ids[other]} -.->|merge| {ids[child]}" for other, child in _merge_links(view)]
     return "\n".join(lines) + "\n"
 
 
@@ -207,6 +220,8 @@ def render_dot(view: View) -> str:
         lines.append(f"  {_dq(c.parent)} -> {_dq(c.key)} [style=dashed, arrowhead=none];")
     lines += [f'  {_dq(base)} -> {_dq(child)} [label="declared", style=dashed, color="{DISAGREE_COLOUR}", '
               f"constraint=false];" for base, child in _declared_links(view)]
+    lines += [f'  {_dq(other)} -> {_dq(child)} [label="merge", style=dashed, color="{colour_of("merge")}"];'
+              for other, child in _merge_links(view)]
     return "\n".join([*lines, "}"]) + "\n"
 
 
@@ -276,6 +291,8 @@ def render_svg(view: View) -> str:
             conf = n.confidence if n.confidence is not None else 0.25
             parts.append(_svg_edge(boxes[parent], boxes[n.repo_id], colour_of(n.relation), 1 + 4 * conf))
     parts += [_svg_declared(boxes[base], boxes[child]) for base, child in _declared_links(view)]
+    parts += [_svg_edge(boxes[other], boxes[child], colour_of("merge"), 1.5, dashed=True, cls="merge")
+              for other, child in _merge_links(view)]
     for c in view.collapsed:
         b = boxes[c.key]
         parts.append(_svg_edge(boxes[c.parent], b, "#94a3b8", 1, dashed=True))

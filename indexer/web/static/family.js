@@ -39,6 +39,13 @@
           id: "e\u0000" + n.repo_id, source: n.shown_parent, target: n.repo_id,
           colour: colourOf(data, n.relation), width: 1 + 5 * c } });
       }
+      (n.other_parents || []).forEach(function (p) {  // a merge's further parents
+        if (shown[p.repo_id]) {
+          out.push({ group: "edges", classes: "merge-parent", data: {
+            id: "m\u0000" + p.repo_id + "\u0000" + n.repo_id, source: p.repo_id, target: n.repo_id,
+            colour: colourOf(data, "merge"), width: 1 + 5 * p.weight } });
+        }
+      });
       if (n.agrees_with_declared === false) {
         n.declared_base_model.split(";").map(function (s) { return s.trim(); }).forEach(function (d) {
           if (d && shown[d] && d !== n.shown_parent) {
@@ -68,6 +75,7 @@
       "target-arrow-shape": "triangle", "target-arrow-color": "data(colour)", "arrow-scale": 0.8 } },
     { selector: "edge.more", style: { "width": 1, "line-style": "dashed", "line-color": "#94a3b8",
       "target-arrow-shape": "none" } },
+    { selector: "edge.merge-parent", style: { "line-style": "dashed" } },
     { selector: "edge.declared", style: { "width": 2, "line-style": "dashed", "line-color": "#dc2626",
       "target-arrow-color": "#dc2626", "label": "declared", "font-size": 9, "color": "#dc2626",
       "curve-style": "unbundled-bezier", "control-point-distances": 70, "control-point-weights": 0.5 } }
@@ -171,10 +179,13 @@
     var chain = q.ancestry.map(function (s) { return s.parent; });
     return [["relation", "relation", d.relation || "\u2013"], ["confidence", "confidence", conf(d.confidence)],
       ["distance", "distance", num(d.distance)], ["parent", "parent", q.parent === null ? "(not placed)" : q.parent || "(root)"],
+      ["merged from", "other_parents", d.other_parents && d.other_parents.length ?
+        d.other_parents.map(function (p) { return p[0] + " (" + Number(p[1]).toFixed(2) + ")"; }).join(", ") : "\u2013"],
       ["declared base", "declared_base_model", declared(q.declared_base_model, q.agrees_with_declared)],
       ["uploaded", "created_at", q.created_at || "unknown"], ["indexed", "indexed_at", q.indexed_at],
       ["revision", "revision", q.revision], ["status", "status", q.status + (q.reason ? " (" + q.reason + ")" : "")],
       ["bytes read", "bytes_read", d.bytes_read === null ? "\u2013" : Number(d.bytes_read).toLocaleString("en")],
+      ["weights", "weights_format", (d.weights_format || "\u2013") + (d.details ? " \u00b7 " + d.details : "")],
       ["parameters", "n_parameters", d.n_parameters ? Number(d.n_parameters).toLocaleString("en") : "\u2013"],
       ["sketch", "sketch", sketchText(d.sketch)], ["ancestry", "ancestry", repoList(chain, true)],
       ["children", "children", repoList(q.children, true)], ["siblings", "siblings", repoList(q.siblings, true)]];
