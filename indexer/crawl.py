@@ -2,8 +2,10 @@
 range, and record every model (indexed, skipped or failed, with the reason) in the store.
 
 Per model (`index_model`, shared by `index crawl` and `index add`):
-    1. Triage from the file list alone, nothing fetched: gated without a token, adapter-only, pickle-only
-       and safetensors-less repos are skipped here (pickles are never downloaded, never unpickled).
+    1. Triage from the file list alone, nothing fetched: gated without a token, pickle-only and
+       safetensors-less repos are skipped here (pickles are never downloaded, never unpickled). Adapter
+       repos (adapter_config.json + adapter_model.safetensors) go to `indexer.readers` (config, header,
+       LoRA factors by range) and to the lineage step as adapters of their declared base.
     2. Headers: one 100,000-byte range read per safetensors file (sharded: model.safetensors.index.json
        first); the family key from the body shapes (`sketches.layers.family_key`).
     3. Plan (`sketches.plan`): which tensors and rows fit the byte budget; coalesce into range reads.
@@ -33,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -48,6 +50,8 @@ from errors import (
     StoreError,
     UnsupportedModelError,
 )
+from errors import AdapterError
+from indexer.readers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterRead, adapter_details, plan_adapter, read_adapter_config, saved_shapes
 from indexer.retry import RetryPolicy
 from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
 from sketches.layers import canonical_tensors, family_key
@@ -56,13 +60,13 @@ from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
-from store.tables import Store, open_store
+from store.tables import Store, open_store, read_table
 
 logger = logging.getLogger(__name__)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 DEFAULT_OVERLAP = timedelta(hours=1)  # the Hub's listing lags uploads by minutes; re-list an hour below the mark
 _SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -70,7 +74,8 @@ DEFAULT_K = 16  # nominees per arrival: recall@16 of the true parent was 1.0 on 
 DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the store compact every 64 models
 # Reason codes, the part of `reason` before the first ":" (the CLI's --json summary counts them).
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "unsupported-architecture", "header-invalid"]
-FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "error"]
+FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
+                   "error"]
 
 
 @dataclass(frozen=True)
@@ -82,9 +87,20 @@ class IndexedModel:
     plan: ReadPlan
     shapes: Mapping[str, tuple[int, ...]]  # every tensor of the model, from its headers
     arrays: Mapping[str, np.ndarray]  # tensor -> rows plan-block of it (float32), sorted by name
+    weights_format: str = "safetensors"  # the models row's weights_format (store.schema)
+    adapter: AdapterRead | None = None  # an adapter repo: its config and saved modules; arrays = LoRA factors
 
 
-OnIndexed = Callable[[IndexedModel], None]
+@dataclass(frozen=True)
+class Placement:
+    """What the lineage hook learnt that the models row records: a family decided there (an adapter's is
+    its base's) and details to add (an adapter's verdict against its base)."""
+
+    family: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+OnIndexed = Callable[[IndexedModel], "Placement | None"]
 
 
 def no_sketch(model: IndexedModel) -> None:
@@ -121,6 +137,9 @@ class ModelRead:
     tensors: Mapping[str, TensorInfo]
     arrays: Mapping[str, np.ndarray]
     header_bytes: int
+    weights_format: str = "safetensors"
+    details: Mapping[str, Any] = field(default_factory=dict)  # the models row's details (JSON-ready)
+    adapter: AdapterRead | None = None
 
 
 class _Skip(UnsupportedModelError):
@@ -136,7 +155,10 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     if entry.gated and not have_token:
         raise _Skip(entry.repo_id, "gated: gated repo and no token (set HF_TOKEN after accepting its terms)")
     if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
-        raise _Skip(entry.repo_id, f"adapter: adapter-only repo ({', '.join(f for f in ADAPTER_FILES if f in top)})")
+        if ADAPTER_FILES[1] in top:
+            return ADAPTER_FILES  # indexer.readers: config, header, LoRA factors by range
+        raise _Skip(entry.repo_id, "adapter: adapter_config.json without adapter_model.safetensors "
+                                   "(a pickled adapter_model.bin is never read)")
     if INDEX_FILE in top:
         return (INDEX_FILE,)
     if SINGLE_FILE in top:
@@ -216,9 +238,26 @@ class _NonFinite(ModelGraphError):
         super().__init__(self.reason)
 
 
+def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
+    """Steps 2-4 for an adapter repo (indexer.readers): config, header, LoRA factor pairs within the budget."""
+    config = read_adapter_config(repo.read_small, repo.entry.repo_id)
+    sources, where = read_headers(repo, (ADAPTER_WEIGHTS,))
+    header_bytes = repo.bytes_read
+    tensors = {name: info for name, (_, info) in where.items()}
+    plan, pairs = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id)
+    arrays = read_planned(sources, where, plan)
+    saved = saved_shapes(tensors)
+    read = len(plan.blocks) // 2
+    details = adapter_details(config, saved, pairs, read)
+    return ModelRead("", plan, tensors, arrays, header_bytes, "adapter", details,
+                     AdapterRead(config, saved, pairs, read, details))
+
+
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     """Steps 1-4 for one model (raises on skip or failure; `classify` turns that into a reason)."""
     layout = weight_layout(repo.entry, have_token=have_token)
+    if layout == ADAPTER_FILES:
+        return read_adapter(repo, budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     # compared under normalised names, learned float tensors only (sketches.layers.canonical_tensors)
@@ -243,6 +282,8 @@ def classify(exc: Exception) -> tuple[Status, str]:
         return "skipped", exc.reason
     if isinstance(exc, _NonFinite):
         return "failed", exc.reason
+    if isinstance(exc, AdapterError):  # before SafetensorsError's siblings: a BadInputError too
+        return "failed", f"adapter-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, SafetensorsError):
         if "truncated" in exc.reason:
             return "failed", f"truncated: {exc.reason}"
@@ -294,8 +335,11 @@ class Indexer:
             self.known[key] = (record.status, record.reason.split(":", 1)[0])  # type: ignore[union-attr]
 
     def _placed(self) -> set[tuple[str, str]]:
-        """(repo_id, revision) of every model the lineage step has committed (its sketch row is the mark)."""
-        return {(r.repo_id, r.revision) for r in self.store.records("sketches")}  # type: ignore[union-attr]
+        """(repo_id, revision) of every model the lineage step has committed: its sketch row is the mark, or
+        for a model that has no sketch (an adapter: its LoRA factors are not weights) its edges row."""
+        sketched = {(r.repo_id, r.revision) for r in self.store.records("sketches")}  # type: ignore[union-attr]
+        edges = read_table(self.store.home, "edges", columns=["repo_id", "revision", "relation"]).to_pylist()
+        return sketched | {(e["repo_id"], e["revision"]) for e in edges if e["relation"] == "adapter"}
 
     def is_done(self, entry: ModelEntry) -> bool:
         """Already indexed or skipped at this revision. A failed one is tried again, and so is one skipped
@@ -306,11 +350,15 @@ class Indexer:
     def index_model(self, repo: RepoFiles) -> Outcome:
         entry, started = repo.entry, time.perf_counter()
         family, plan_bytes, header_bytes, model_bytes = "", 0, 0, 0
+        weights_format, details = "", "{}"
         try:
             read = read_model(repo, budget=self.budget, have_token=self.have_token)
             family, header_bytes = read.family, read.header_bytes
             model_bytes = read.plan.model_bytes
-            self._keep(entry, read)
+            placed = self._keep(entry, read)
+            family = placed.family if placed is not None and placed.family is not None else family
+            weights_format = read.weights_format
+            details = json.dumps({**read.details, **(placed.details if placed is not None else {})}, sort_keys=True)
             status, reason = "indexed", ""
         except StoreError:
             raise  # the store is broken: stop, the cursor stays where it was
@@ -319,23 +367,26 @@ class Indexer:
             logger.info("%s: %s %s", entry.repo_id, status, reason)
         total = repo.bytes_read
         plan_bytes = total - header_bytes if status == "indexed" else 0
-        self._queue(entry, family=family, status=status, reason=reason, bytes_read=total)
+        self._queue(entry, family=family, status=status, reason=reason, bytes_read=total,
+                    weights_format=weights_format, details=details)
         return Outcome(entry.repo_id, entry.revision, status, reason, family, total, header_bytes, plan_bytes,
                        model_bytes, repo.requests, time.perf_counter() - started)
 
-    def _keep(self, entry: ModelEntry, read: ModelRead) -> None:
+    def _keep(self, entry: ModelEntry, read: ModelRead) -> Placement | None:
         self._writer.put_all([((entry.repo_id, entry.revision, b.tensor, b.rows[0]), read.arrays[b.tensor])
                               for b in read.plan.blocks])
         shapes = {name: info.shape for name, info in read.tensors.items()}
-        self.on_indexed(IndexedModel(entry, read.family, read.plan, shapes, read.arrays))
+        return self.on_indexed(IndexedModel(entry, read.family, read.plan, shapes, read.arrays,
+                                            read.weights_format, read.adapter))
 
-    def _queue(self, entry: ModelEntry, *, family: str, status: Status, reason: str, bytes_read: int) -> None:
+    def _queue(self, entry: ModelEntry, *, family: str, status: Status, reason: str, bytes_read: int,
+               weights_format: str = "", details: str = "{}") -> None:
         self.pending.append(ModelRecord(
             repo_id=entry.repo_id, revision=entry.revision, family=family, status=status,
             indexed_at=datetime.now(UTC), created_at=entry.created_at, last_modified=entry.last_modified,
             reason=reason, declared_base_model=entry.declared_base_model, declared_relation=entry.declared_relation,
             library=entry.library, pipeline_tag=entry.pipeline_tag, n_parameters=entry.n_parameters,
-            bytes_read=bytes_read, source=entry.source,
+            bytes_read=bytes_read, source=entry.source, weights_format=weights_format, details=details,
         ))
         self.known[(entry.repo_id, entry.revision)] = (status, reason.split(":", 1)[0])
         if len(self.pending) >= self.batch:
@@ -564,17 +615,23 @@ LINEAGE_BATCH = 8  # arrivals placed together: one FAISS search per family, one 
 LINEAGE_BATCH_BYTES = 1 << 30  # ... or fewer, once their float32 tensors reach this (a 7B model: 128 MiB)
 
 
+BaseShapes = Callable[[str], Mapping[str, tuple[int, ...]] | None]
+
+
 def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
-                 refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None) -> tuple[OnIndexed, Callable[[], None]]:
+                 refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None,
+                 base_shapes: BaseShapes | None = None) -> tuple[OnIndexed, Callable[[], None]]:
     """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush.
 
     The hook collects arrivals and places them `LINEAGE_BATCH` at a time (`LineageIndex.add_many`: the
     same result as one by one, with the exact kernel batched over all their short lists -- on the GPU
     when there is one); the flush places the rest, then writes the lineage rows after the models rows."""
     from indexer.incremental.index import Arrival, LineageIndex  # torch + faiss: only when lineage runs
+    from indexer.incremental.satellites import AdapterArrival
 
     lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache,  # flushed with the models rows
-                           refetch=refetch, keep_arrays=False)  # the Indexer caches every planned block
+                           refetch=refetch, keep_arrays=False,  # the Indexer caches every planned block
+                           base_shapes=base_shapes)
     waiting: list[Arrival] = []
 
     def place() -> None:
@@ -582,12 +639,18 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
             lineage.add_many(waiting)
             waiting.clear()
 
-    def hook(model: IndexedModel) -> None:
+    def hook(model: IndexedModel) -> Placement | None:
         entry = model.entry
+        if model.adapter is not None:  # placed at once, after the models before it (its base may be among them)
+            place()
+            family, details = lineage.add_adapter(AdapterArrival(entry.repo_id, entry.revision, entry.created_at,
+                                                                 model.adapter, model.arrays))
+            return Placement(family, details)
         waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at))
         held = sum(a.nbytes for arrival in waiting for a in arrival.arrays.values())
         if len(waiting) >= LINEAGE_BATCH or held >= LINEAGE_BATCH_BYTES:
             place()
+        return None
 
     def flush() -> None:
         place()
@@ -597,11 +660,62 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
 
 
 def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache,
-           refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None
-           ) -> tuple[OnIndexed, Callable[[], None] | None]:
+           refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None,
+           base_shapes: BaseShapes | None = None) -> tuple[OnIndexed, Callable[[], None] | None]:
     if on_indexed is not None:  # a caller's own hook (tests, benchmarks): no lineage
         return on_indexed, None
-    return lineage_step(store, k=k, device=device, cache=cache, refetch=refetch)
+    return lineage_step(store, k=k, device=device, cache=cache, refetch=refetch, base_shapes=base_shapes)
+
+
+def header_shapes(repo: RepoFiles, *, have_token: bool) -> dict[str, tuple[int, ...]] | None:
+    """Every tensor shape of a full model from its headers (normalised names); None for what has none."""
+    try:
+        layout = weight_layout(repo.entry, have_token=have_token)
+        if layout == ADAPTER_FILES:
+            return None
+        _, where = read_headers(repo, layout)
+    except ModelGraphError as exc:
+        logger.info("%s: no header shapes (%s)", repo.entry.repo_id, exc)
+        return None
+    stored = canonical_tensors({name: info for name, (_, info) in where.items()})
+    return {name: tuple(where[raw][1].shape) for name, raw in sorted(stored.items())}
+
+
+def _memo(shapes_of: Callable[[str], dict[str, tuple[int, ...]] | None]) -> BaseShapes:
+    """One header read per base per run: a popular base has thousands of adapters."""
+    seen: dict[str, dict[str, tuple[int, ...]] | None] = {}
+
+    def shapes(repo_id: str) -> dict[str, tuple[int, ...]] | None:
+        if repo_id not in seen:
+            seen[repo_id] = shapes_of(repo_id)
+        return seen[repo_id]
+
+    return shapes
+
+
+def hub_base_shapes(hub: HubSource, *, have_token: bool) -> BaseShapes:
+    """An adapter's base's shapes read from the Hub by range (its headers: ~100 kB, 1-2 requests)."""
+
+    def shapes_of(repo_id: str) -> dict[str, tuple[int, ...]] | None:
+        try:
+            entry = hub.model_info(repo_id)
+        except HubError as exc:
+            logger.info("base %s: not on the Hub (%s)", repo_id, exc.reason)
+            return None
+        return header_shapes(HubSource.repo(hub, entry), have_token=have_token)
+
+    return _memo(shapes_of)
+
+
+def local_base_shapes(repos: Sequence[LocalRepo]) -> BaseShapes:
+    """An adapter's base's shapes from the folders given to `index add` (by their repo ids)."""
+    by_id = {r.entry.repo_id: r for r in repos}
+
+    def shapes_of(repo_id: str) -> dict[str, tuple[int, ...]] | None:
+        repo = by_id.get(repo_id)
+        return header_shapes(repo, have_token=True) if repo is not None else None
+
+    return _memo(shapes_of)
 
 
 def hub_refetch(hub: HubSource, *, budget: int, have_token: bool) -> Callable[[str, str], Mapping[str, np.ndarray]]:
@@ -629,7 +743,8 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
     with open_store(home) as store:
         cache = TensorCache(store.home / CACHE_DIR, max_bytes=options.cache_bytes)  # one bound: crawl + lineage
         refetch = hub_refetch(hub, budget=options.budget, have_token=options.token is not None)
-        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache, refetch=refetch)
+        hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache, refetch=refetch,
+                                base_shapes=hub_base_shapes(hub, have_token=options.token is not None))
         indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, cache=cache,
                           on_flush=on_flush)
         run = _Run(indexer, hub, options)
@@ -656,7 +771,7 @@ def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnI
     repos = [LocalRepo(Path(p)) for p in paths]  # bad paths fail here, before the store is touched
     with open_store(home) as store:
         cache = TensorCache(store.home / CACHE_DIR)  # one cache (one size bound) for the crawl and lineage
-        hook, on_flush = _steps(store, on_indexed, k=k, device=device, cache=cache)
+        hook, on_flush = _steps(store, on_indexed, k=k, device=device, cache=cache, base_shapes=local_base_shapes(repos))
         indexer = Indexer(store, budget, True, hook, cache=cache, on_flush=on_flush)
         with _progress(progress) as bar:  # type: ignore[attr-defined]
             try:

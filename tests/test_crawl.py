@@ -98,8 +98,9 @@ def test_crawl_indexes_skips_and_never_fetches_pickles(emu: HubEmulator, hub_roo
     _repo(hub_root, "acme/child", 2, _weights(2), card="base_model: acme/base\nbase_model_relation: finetune")
     _sharded(hub_root, "acme/sharded", 3, _weights(3))
     _repo(hub_root, "acme/pickled", 4, files={"pytorch_model.bin": b"\x80\x04 not to be unpickled"})
-    _repo(hub_root, "acme/lora", 5, files={"adapter_config.json": b'{"base_model_name_or_path": "acme/base"}'})
-    save_file(_weights(5), str(hub_root / "acme/lora/adapter_model.safetensors"))
+    # an adapter whose weights are pickled only (adapters in safetensors are indexed: test_crawl_relations.py)
+    _repo(hub_root, "acme/lora", 5, files={"adapter_config.json": b'{"base_model_name_or_path": "acme/base"}',
+                                           "adapter_model.bin": b"\x80\x04 not to be unpickled"})
     _repo(hub_root, "acme/gated", 6, _weights(6), gated=True)
     home = tmp_path / "home"
     report = crawl(home, _options(emu)).as_dict()

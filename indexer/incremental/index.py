@@ -18,6 +18,10 @@ Per arrival (`LineageIndex.add`):
 
 On start a family's state is read back: sketches (kurtosis, norms, times), candidates -> the forest,
 one Edmonds per cluster (equal to the incremental result by the invariant).
+
+Adapters (`add_adapter`) are satellites (indexer.incremental.satellites): placed under their declared
+base (indexer.relations.adapters), or under another adapter of that base whose LoRA update they continue,
+with at most k exact update comparisons per arrival; their edges rows follow the base's cluster.
 """
 
 from __future__ import annotations
@@ -35,6 +39,20 @@ from pathlib import Path
 import numpy as np
 
 from errors import BadInputError, StoreError
+from indexer.incremental.satellites import EXTERNAL_PREFIX, AdapterArrival, Satellite, chain_depth
+from indexer.readers import config_from_details, lora_arrays
+from indexer.relations.adapters import (
+    CHAIN_RATIO,
+    Peer,
+    chain_ratio,
+    earlier,
+    family_by_shapes,
+    nearest_peers,
+    resolve_base,
+    total_norm,
+    verdict_details,
+)
+from sketches.adapter import LoraUpdate, check_compatibility, lora_updates
 from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, TIER_GAP, ModelView, PairMeasure, edge_weights, measure, measure_many
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
 from indexer.lineage.confidence import calibrated
@@ -44,7 +62,7 @@ from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
 from store.cache import CACHE_DIR, TensorCache
 from store.families import FamilyRegistry
 from store.schema import CandidateRecord, EdgeRecord, SketchRecord
-from store.tables import Store, open_store
+from store.tables import Store, open_store, read_table
 from store.vectors import VectorIndex, load_or_rebuild
 
 logger = logging.getLogger(__name__)
@@ -75,6 +93,7 @@ class ArrivalResult:
 
 
 Refetch = Callable[[str, str], Mapping[str, np.ndarray]]  # (repo_id, revision) -> selected tensors, float32
+BaseShapes = Callable[[str], Mapping[str, tuple[int, ...]] | None]  # repo id -> its tensor shapes (header), or None
 
 
 @dataclass(frozen=True)
@@ -131,7 +150,8 @@ class LineageIndex:
     def __init__(self, store: Store, *, k: int = DEFAULT_K, device: Device = "auto", penalty: float = DEFAULT_PENALTY,
                  dim: int = DEFAULT_DIM, seed: int = 0, flush_every: int = 1, cache: TensorCache | None = None,
                  array_bytes: int = DEFAULT_ARRAY_BYTES, expand: int = DEFAULT_EXPAND,
-                 refetch: Refetch | None = None, keep_arrays: bool = True) -> None:
+                 refetch: Refetch | None = None, keep_arrays: bool = True,
+                 base_shapes: BaseShapes | None = None) -> None:
         if k < 1:
             raise BadInputError("k", f"must be at least 1 nominee, got {k}")
         self.store, self.k, self.device, self.penalty = store, k, device, penalty
@@ -151,6 +171,11 @@ class LineageIndex:
         self._dirty: set[str] = set()
         self._since_flush = 0
         self.exact_total = 0
+        self.base_shapes = base_shapes  # an adapter's base header (crawl: by range from the Hub), for its verdict
+        self._sats: dict[str, Satellite] | None = None  # loaded on first use (_satellites)
+        self._updates: OrderedDict[str, Mapping[str, LoraUpdate]] = OrderedDict()  # adapters' factors, bounded
+        self._update_bytes = 0
+        self._homes: dict[str, str] | None = None  # forest repo id -> its family (_home_of)
 
     @classmethod
     @contextmanager
@@ -265,6 +290,11 @@ class LineageIndex:
             self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched)  # 6.
+        if self._homes is not None:
+            self._homes[repo_id] = family
+        self._reanchor(repo_id, family)
+        if len(state.views) == 1:
+            self._adopt_orphans(family)
         cid = state.forest.cluster_id(repo_id)
         return ArrivalResult(repo_id, family, tuple(p.nominees), len(pairs), tuple(sorted(q.other for q in pairs if q.related)),
                              update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid), tuple(hop))
@@ -414,7 +444,7 @@ class LineageIndex:
                                   forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
                                   _ku_all(state.views[m]), _confidence(forest, m), now,
                                   relation=_relation(state, parent, m) if parent else ""))
-        return out
+        return out + self._satellite_rows(set(members), now)
 
     def flush(self) -> None:
         """Write queued rows (candidates, edges, then sketches), then save the touched families' FAISS indexes.
@@ -433,6 +463,196 @@ class LineageIndex:
         self._dirty.clear()
         self._since_flush = 0
 
+    # --- adapters (satellites) ------------------------------------------------------------------------
+
+    def add_adapter(self, arrival: AdapterArrival) -> tuple[str, dict[str, object]]:
+        """Place one adapter (module docstring); returns (its family, details for its models row)."""
+        sats, read = self._satellites(), arrival.adapter
+        updates = lora_updates(read.config, lora_arrays(arrival.arrays))  # AdapterError (DoRA): a recorded failure
+        declared = read.config.base_model.strip()
+        anchor = resolve_base(declared, self._home_of)
+        name = anchor or declared
+        family = self._home_families()[anchor] if anchor else family_by_shapes(updates, read.saved, self._registry.families)
+        shapes, source = self._shapes_for(name, family)
+        compat = check_compatibility(updates, read.saved, shapes) if shapes is not None else None
+        norm = total_norm(updates)
+        created = arrival.created_at.timestamp() if arrival.created_at is not None else None
+        parent, ratio, touched = self._chain(arrival.repo_id, name, created, norm, updates)
+        confidence = {"compatible": 1.0, "incompatible": 0.0}.get(compat.verdict, 0.5) if compat else 0.5
+        if parent != name:
+            confidence = 1.0 - ratio / CHAIN_RATIO
+        sats[arrival.repo_id] = Satellite(arrival.repo_id, arrival.revision, family, name, anchor is None, parent,
+                                          "adapter", ratio, confidence, created, norm, read.config,
+                                          tuple(sorted(arrival.arrays)))
+        self._keep_updates(arrival.repo_id, updates)
+        self._pending["edges"] += self._group_rows(name, datetime.now(UTC))
+        self._since_flush += 1
+        if self._since_flush >= self.flush_every:
+            self.flush()
+        details: dict[str, object] = {"base_resolved": anchor or "", "external_base": anchor is None,
+                                      "update_norm": round(norm, 6), "chain_parent": parent if parent != name else "",
+                                      "chain_compared": touched}
+        return family, details | verdict_details(compat, source=source)
+
+    def _chain(self, repo_id: str, anchor: str, created: float | None, norm: float,
+               updates: Mapping[str, LoraUpdate]) -> tuple[str, float, int]:
+        """(parent, its update ratio or NaN, adapters compared): at most k adapters of the same anchor,
+        nearest in update norm; later related ones whose current parent is farther move under the newcomer."""
+        sats = self._satellites()
+        new = Peer(repo_id, created, norm)
+        group = [Peer(s.repo_id, s.created, s.norm) for s in sats.values() if s.anchor == anchor]
+        compared = nearest_peers(new, group, self.k)
+        ratios: dict[str, float] = {}
+        for peer in compared:
+            other = self._adapter_updates(sats[peer.repo_id])
+            ratio = chain_ratio(updates, other) if other is not None else None
+            if ratio is not None and ratio < CHAIN_RATIO:
+                ratios[peer.repo_id] = ratio
+        self.exact_total += len(compared)
+        before = sorted((r, p.repo_id) for p in compared if p.repo_id in ratios and earlier(p, new) for r in [ratios[p.repo_id]])
+        for peer in compared:  # the newcomer may be the missing link of an adapter that arrived before it
+            sat = sats[peer.repo_id]
+            current = sat.distance if sat.parent != sat.anchor else CHAIN_RATIO
+            if peer.repo_id in ratios and earlier(new, peer) and ratios[peer.repo_id] < current:
+                sat.parent, sat.distance = repo_id, ratios[peer.repo_id]
+                sat.confidence = 1.0 - sat.distance / CHAIN_RATIO
+        if before:
+            return before[0][1], before[0][0], len(compared)
+        return anchor, math.nan, len(compared)
+
+    def _satellites(self) -> dict[str, Satellite]:
+        """Every satellite, loaded from the store on first use (edges rows of relation `adapter` and the
+        adapters' models rows, whose details hold the config their update scales need)."""
+        if self._sats is None:
+            self._sats = _load_satellites(self.store.home)
+        return self._sats
+
+    def _home_families(self) -> dict[str, str]:
+        """Forest repo id -> family: every committed sketch, and every model placed by this session."""
+        if self._homes is None:
+            table = read_table(self.store.home, "sketches", columns=["repo_id", "family"])
+            self._homes = dict(zip(table.column("repo_id").to_pylist(), table.column("family").to_pylist(), strict=True))
+            for state in self._families.values():
+                self._homes.update({r: state.name for r in state.views})
+        return self._homes
+
+    def _home_of(self, repo_id: str) -> str | None:
+        """The forest repo id `repo_id` names: exact, else case-insensitive (the Hub's ids are)."""
+        homes = self._home_families()
+        if repo_id in homes:
+            return repo_id
+        lowered = repo_id.lower()
+        matches = sorted(r for r in homes if r.lower() == lowered)
+        return matches[0] if matches else None
+
+    def _shapes_for(self, name: str, family: str) -> tuple[Mapping[str, tuple[int, ...]] | None, str]:
+        """The base's tensor shapes: its header (crawl) when readable, else its family's shapes."""
+        shapes = None
+        if self.base_shapes is not None:
+            try:
+                shapes = self.base_shapes(name)
+            except Exception as exc:  # noqa: BLE001 -- an unreadable base leaves the verdict to the family
+                logger.warning("base %s: header not read (%s)", name, exc)
+        if shapes is not None:
+            return shapes, "base header"
+        if family and family in self._registry.families:
+            return self._registry.families[family], "family shapes"
+        return None, ""
+
+    def _keep_updates(self, repo_id: str, updates: Mapping[str, LoraUpdate]) -> None:
+        if repo_id in self._updates:
+            self._update_bytes -= _factor_bytes(self._updates.pop(repo_id))
+        self._updates[repo_id] = updates
+        self._update_bytes += _factor_bytes(updates)
+        while self._update_bytes > self._array_bytes and len(self._updates) > 1:
+            _, old = self._updates.popitem(last=False)
+            self._update_bytes -= _factor_bytes(old)
+
+    def _adapter_updates(self, sat: Satellite) -> Mapping[str, LoraUpdate] | None:
+        """An adapter's updates: memory, else its factors from the cache, else read again by range."""
+        if sat.repo_id in self._updates:
+            return self._updates[sat.repo_id]
+        found = {n: self.cache.get((sat.repo_id, sat.revision, n, 0)) for n in sat.tensors}
+        arrays: Mapping[str, np.ndarray] | None = found if sat.tensors and all(a is not None for a in found.values()) else None  # type: ignore[assignment]
+        if arrays is None and self.refetch is not None:
+            try:
+                arrays = self.refetch(sat.repo_id, sat.revision)
+            except Exception as exc:  # noqa: BLE001 -- one unreadable peer must not stop the arrival
+                logger.warning("%s: reading its LoRA factors again failed (%s); not compared", sat.repo_id, exc)
+        if arrays is None or sat.config is None:
+            self.not_compared += 1
+            return None
+        updates = lora_updates(sat.config, lora_arrays(arrays))
+        self._keep_updates(sat.repo_id, updates)
+        return updates
+
+    def _group_rows(self, anchor: str, now: datetime) -> list[EdgeRecord]:
+        """The rows of every satellite under `anchor` (a chain change moves the depths below it)."""
+        sats = self._satellites()
+        return [self._satellite_row(sats[r], now) for r in sorted(sats) if sats[r].anchor == anchor]
+
+    def _satellite_rows(self, members: set[str], now: datetime) -> list[EdgeRecord]:
+        if self._sats is None and not self._maybe_satellites():
+            return []
+        sats = self._satellites()
+        return [self._satellite_row(sats[r], now) for r in sorted(sats) if sats[r].anchor in members and not sats[r].external]
+
+    def _maybe_satellites(self) -> bool:
+        """Load the satellites only when the store has any: a store without adapters pays one small query."""
+        if self._sats is None:
+            self._sats = _load_satellites(self.store.home)
+        return bool(self._sats)
+
+    def _satellite_row(self, sat: Satellite, now: datetime) -> EdgeRecord:
+        cluster, root, depth = EXTERNAL_PREFIX + sat.anchor, sat.anchor, 0
+        if not sat.external and sat.family in self._families and sat.anchor in self._families[sat.family].views:
+            state = self._families[sat.family]
+            cid = state.forest.cluster_id(sat.anchor)
+            cluster, root, depth = state.forest.cluster_key(cid), state.forest.root(cid), state.depth.get(sat.anchor, 0)
+        elif not sat.external:
+            state = self.family(sat.family)  # loads the family: its forest places the anchor
+            return self._satellite_row(sat, now) if sat.anchor in state.views else self._external_row(sat, now)
+        return EdgeRecord(sat.repo_id, sat.revision, sat.family, cluster, sat.parent, root,
+                          depth + chain_depth(self._satellites(), sat.repo_id), sat.distance, 0.0, sat.confidence, now,
+                          relation=sat.relation)
+
+    def _external_row(self, sat: Satellite, now: datetime) -> EdgeRecord:
+        sat.external = True  # its anchor left the forest
+        return self._satellite_row(sat, now)
+
+    def _reanchor(self, repo_id: str, family: str) -> None:
+        """A model that external satellites name as their base has arrived: they hang under it now."""
+        if self._sats is None and not self._maybe_satellites():
+            return
+        lowered = repo_id.lower()
+        if not any(s.external and lowered in _names_of(s.anchor) for s in self._satellites().values()):
+            return
+        waiting = [s for s in self._satellites().values()
+                   if s.external and resolve_base(s.anchor, lambda n: repo_id if n.lower() == lowered else None)]
+        anchors = {sat.anchor for sat in waiting}
+        for sat in self._satellites().values():
+            if sat.anchor in anchors:
+                sat.external, sat.family = False, family
+                sat.anchor = repo_id
+                if sat.parent in anchors:
+                    sat.parent = repo_id
+        if anchors:
+            logger.info("%d adapter(s) of %s now hang under the indexed repo", len(waiting), repo_id)
+            self._pending["edges"] += self._group_rows(repo_id, datetime.now(UTC))
+
+    def _adopt_orphans(self, family: str) -> None:
+        """A new family: adapters that arrived before any model they fit (external base, no family) join it
+        when their updates fit its shapes."""
+        if self._sats is None and not self._maybe_satellites():
+            return
+        shapes = self._registry.families.get(family)
+        orphans = [s for s in self._satellites().values() if s.external and not s.family]
+        for sat in sorted(orphans, key=lambda s: s.repo_id) if shapes else []:
+            updates = self._adapter_updates(sat)
+            if updates is not None and family_by_shapes(updates, {}, {family: shapes}) == family:
+                sat.family = family
+                self._pending["edges"] += self._group_rows(sat.anchor, datetime.now(UTC))
+
     # --- the reference -------------------------------------------------------------------------------
 
     def recompute_batch(self, family: str) -> dict[str, str]:
@@ -444,6 +664,41 @@ class LineageIndex:
 
     def families(self) -> list[str]:
         return sorted(self._families)
+
+
+def _names_of(declared: str) -> tuple[str, ...]:
+    """The lower-cased ids a declared base may resolve to (indexer.relations.adapters.resolve_base)."""
+    name = declared.strip().rstrip("/").lower()
+    return (name, "/".join(name.split("/")[-2:]))
+
+
+def _factor_bytes(updates: Mapping[str, LoraUpdate]) -> int:
+    return sum(u.a.nbytes + u.b.nbytes for u in updates.values())
+
+
+def _load_satellites(home: Path) -> dict[str, Satellite]:
+    """The satellites a store holds: adapter edges rows, their configs from the adapters' models rows."""
+    edges = read_table(home, "edges", where={"relation": "adapter"}).to_pylist()
+    if not edges:
+        return {}
+    models = read_table(home, "models", where={"weights_format": "adapter"},
+                        columns=["repo_id", "revision", "created_at", "details"]).to_pylist()
+    info = {(m["repo_id"], m["revision"]): m for m in models}
+    by_id = {e["repo_id"]: e for e in edges}
+    out = {}
+    for e in edges:
+        anchor, seen = e["parent"], set()
+        while anchor in by_id and anchor not in seen:  # up the chain to the first non-adapter
+            seen.add(anchor)
+            anchor = by_id[anchor]["parent"]
+        m = info.get((e["repo_id"], e["revision"]), {})
+        details = json.loads(m.get("details") or "{}")
+        created = m["created_at"].timestamp() if m.get("created_at") is not None else None
+        out[e["repo_id"]] = Satellite(e["repo_id"], e["revision"], e["family"], anchor,
+                                      e["cluster"].startswith(EXTERNAL_PREFIX), e["parent"], "adapter",
+                                      e["distance"], e["confidence"], created, float(details.get("update_norm", 0.0)),
+                                      config_from_details(details) if details else None)
+    return out
 
 
 def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]]) -> None:
