@@ -32,12 +32,22 @@ ALPHA is a significance level, not a constant fitted to a zoo: 1e-6 keeps the ex
 below 1 in a million pairs compared. Only the first MAX_ROWS rows of a layer are used (the rows a
 budgeted read takes first; any subset of exchangeable rows is still exchangeable), which bounds the
 cost at MAX_ROWS^2 x columns per layer and pair; layers with fewer than MIN_ROWS rows (the permutation
-distribution of 7 rows is too coarse for a normal tail) or with no variance are left out.
+distribution of 7 rows is too coarse for a normal tail) or with no variance are left out. Wider rows
+are projected to MAX_COLS columns by one fixed Gaussian matrix per width (seeded by the width: the same
+for every model, every night), which keeps the test exact (both models are projected alike, so their
+rows stay exchangeable under the null) and bounds its cost; relatives still read z ~ rho * 128.
+
+Batch (`relatedness_matrix`): every pair of n models from a few Gram products, never a per-pair matrix:
+with U_i the units of model i (m x k), s_i its column sums and C_i = U_i^T U_i (k x k),
+    trace(G_ij) = <U_i, U_j>,  sum(G_ij) = <s_i, s_j>,  ||G_ij||^2 = <C_i, C_j>,
+    sum_a rowmean_a^2 = s_j^T C_i s_j / m^2,  sum_b colmean_b^2 = s_i^T C_j s_i / m^2,
+and the centred sum of squares is ||G||^2 - m sum r^2 - m sum c^2 + m^2 g^2 (the two-way decomposition).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,6 +58,7 @@ from scipy.stats import norm
 ALPHA = 1e-6
 Z_RELATED = float(norm.isf(ALPHA))  # 4.75
 MAX_ROWS = 128
+MAX_COLS = 128
 MIN_ROWS = 8
 
 
@@ -67,7 +78,19 @@ def as_units(layer: np.ndarray | torch.Tensor) -> torch.Tensor | None:
     if t.ndim < 2 or t.shape[0] < MIN_ROWS:
         return None
     mat = t[:MAX_ROWS].reshape(min(t.shape[0], MAX_ROWS), -1).to(torch.float64)
-    return mat - mat.mean()
+    mat = mat - mat.mean()
+    return mat @ projection(mat.shape[1]) if mat.shape[1] > MAX_COLS else mat
+
+
+_projections: dict[int, torch.Tensor] = {}
+
+
+def projection(cols: int) -> torch.Tensor:
+    """The fixed (cols, MAX_COLS) Gaussian projection of rows this wide, scaled to keep norms."""
+    if cols not in _projections:
+        rng = np.random.Generator(np.random.PCG64(cols))
+        _projections[cols] = torch.as_tensor(rng.standard_normal((cols, MAX_COLS)) / math.sqrt(MAX_COLS))
+    return _projections[cols]
 
 
 def permutation_z(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,25 +134,40 @@ def relate(layers_a: Sequence[np.ndarray], layers_b: Sequence[np.ndarray]) -> Re
     return combine(zs)
 
 
-def relatedness_matrix(layers: Sequence[np.ndarray], *, max_pairs: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def relatedness_matrix(layers: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(Z, p) of every pair of n models; `layers` are (n, ...) stacks of one layer each. Diagonal: +inf, 0.
     A pair with no usable layer reads Z = 0 (no evidence)."""
     n = int(np.shape(layers[0])[0]) if layers else 0
-    left_all, right_all = np.triu_indices(n, k=1)
     per_layer = []
     for layer in layers:
         units = [as_units(np.asarray(layer)[i]) for i in range(n)]
-        if n == 0 or units[0] is None:
-            continue
-        stack = torch.stack(units)  # type: ignore[arg-type]
-        z = np.concatenate([permutation_z(stack[left_all[s:s + max_pairs]], stack[right_all[s:s + max_pairs]]).numpy()
-                            for s in range(0, len(left_all), max_pairs)] or [np.zeros(0)])
-        per_layer.append(z)
+        if n and units[0] is not None:
+            per_layer.append(_all_pairs_z(torch.stack(units)))  # type: ignore[arg-type]
     score = np.zeros((n, n), dtype=np.float64)
     if per_layer:
-        zs = np.stack(per_layer)  # (layers, pairs)
-        for p, (i, j) in enumerate(zip(left_all, right_all, strict=True)):
-            col = zs[:, p][~np.isnan(zs[:, p])]
-            score[i, j] = score[j, i] = median_score(col) if len(col) else 0.0
+        zs = np.stack(per_layer)  # (layers, n, n)
+        count = (~np.isnan(zs)).sum(axis=0)
+        with warnings.catch_warnings():  # a pair with no usable layer: all-NaN slice, no evidence
+            warnings.simplefilter("ignore", RuntimeWarning)
+            med = np.nanmedian(zs, axis=0)
+        score = np.where(count > 0, np.nan_to_num(med) * np.sqrt(2.0 * count / math.pi), 0.0)
+        score = (score + score.T) / 2.0  # exact symmetry (G_ji = G_ij^T gives the same z up to rounding)
     np.fill_diagonal(score, np.inf)
     return score, norm.sf(score)
+
+
+def _all_pairs_z(units: torch.Tensor) -> np.ndarray:
+    """(n, n) permutation z of one layer for every pair, from Gram products (module docstring)."""
+    n, m, _ = units.shape
+    flat = units.reshape(n, -1)
+    trace = flat @ flat.T
+    sums = units.sum(dim=1)  # (n, k)
+    total = sums @ sums.T
+    gram = units.mT @ units  # (n, k, k)
+    sq = gram.reshape(n, -1) @ gram.reshape(n, -1).T
+    rows = torch.einsum("ikl,jk,jl->ij", gram, sums, sums) / m**2  # sum of squared row means of G_ij
+    grand = total / m**2
+    centred = sq - m * rows - m * rows.T + m**2 * grand**2
+    var = centred / (m - 1)
+    z = (trace - total / m) / var.clamp_min(0).sqrt()
+    return torch.where(var > 1e-12 * sq.clamp_min(1e-300), z, torch.full_like(z, math.nan)).numpy()

@@ -54,7 +54,7 @@ from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
 from sketches.distances import Device, rank_gaps, resolve_device
 from sketches.layers import is_head, select_layers
-from sketches.relatedness import MAX_ROWS, MIN_ROWS, combine, permutation_z
+from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, combine, permutation_z, projection
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +299,9 @@ def _relatedness(sums: _Sums, slots: torch.Tensor, a: torch.Tensor, b: torch.Ten
     ub = b[:, :m].reshape(b.shape[0], m, -1).double()
     ua = ua - ua.mean(dim=(1, 2), keepdim=True)
     ub = ub - ub.mean(dim=(1, 2), keepdim=True)
+    if ua.shape[2] > MAX_COLS:  # the same fixed projection as the batch test (sketches.relatedness)
+        proj = projection(ua.shape[2]).to(ua.device)
+        ua, ub = ua @ proj, ub @ proj
     sums.layer_z[slots] = permutation_z(ua, ub).cpu()
 
 
