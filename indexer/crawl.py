@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 import uuid
@@ -50,8 +51,23 @@ from errors import (
     StoreError,
     UnsupportedModelError,
 )
-from errors import AdapterError
-from indexer.readers import ADAPTER_CONFIG, ADAPTER_WEIGHTS, AdapterRead, adapter_details, plan_adapter, read_adapter_config, saved_shapes
+from errors import AdapterError, GGUFError, QuantizedWeightsError
+from indexer.readers import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    AdapterRead,
+    NonFiniteWeights,
+    QuantInfo,
+    QuantizedRead,
+    adapter_details,
+    choose_gguf,
+    looks_packed,
+    plan_adapter,
+    read_adapter_config,
+    read_gguf,
+    read_packed,
+    saved_shapes,
+)
 from indexer.retry import RetryPolicy
 from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
 from sketches.layers import canonical_tensors, family_key
@@ -75,7 +91,9 @@ DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the s
 # Reason codes, the part of `reason` before the first ":" (the CLI's --json summary counts them).
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "unsupported-architecture", "header-invalid"]
 FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
-                   "error"]
+                   "gguf-invalid", "quantized-invalid", "error"]
+CONFIG_FILE = "config.json"
+MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json with a quantization_config is a few kB
 
 
 @dataclass(frozen=True)
@@ -89,6 +107,7 @@ class IndexedModel:
     arrays: Mapping[str, np.ndarray]  # tensor -> rows plan-block of it (float32), sorted by name
     weights_format: str = "safetensors"  # the models row's weights_format (store.schema)
     adapter: AdapterRead | None = None  # an adapter repo: its config and saved modules; arrays = LoRA factors
+    quant: QuantInfo | None = None  # a quantized copy (GGUF, packed): its scheme and predicted error
 
 
 @dataclass(frozen=True)
@@ -140,6 +159,7 @@ class ModelRead:
     weights_format: str = "safetensors"
     details: Mapping[str, Any] = field(default_factory=dict)  # the models row's details (JSON-ready)
     adapter: AdapterRead | None = None
+    quant: QuantInfo | None = None
 
 
 class _Skip(UnsupportedModelError):
@@ -166,6 +186,9 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     weights = tuple(f for f in top if f.endswith(".safetensors"))
     if weights:
         return weights
+    gguf_file = choose_gguf(top)
+    if gguf_file is not None:
+        return (gguf_file,)  # a GGUF repo (no safetensors; usually no config.json either)
     pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")
@@ -253,13 +276,43 @@ def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
                      AdapterRead(config, saved, pairs, read, details))
 
 
+def _quantized(read: QuantizedRead, header_bytes: int, weights_format: str) -> ModelRead:
+    tensors = {n: TensorInfo(n, "BF16", s, 0, 2 * math.prod(s)) for n, s in read.shapes.items()}  # as planned
+    return ModelRead(read.family, read.plan, tensors, read.arrays, header_bytes, weights_format, read.details,
+                     quant=read.quant)
+
+
+def read_gguf_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
+    """A GGUF repo (indexer.readers.read_gguf): header by range, the planned rows dequantized."""
+    source = repo.open(file)
+    read = read_gguf(source, budget=budget)
+    return _quantized(read, read.header_bytes, "gguf")
+
+
+def _config(repo: RepoFiles) -> dict[str, Any] | None:
+    """config.json (its quantization_config decides a packed scheme), or None when the repo has none."""
+    if CONFIG_FILE not in repo.entry.files:
+        return None
+    raw = repo.read_small(CONFIG_FILE, limit=MAX_CONFIG_BYTES)
+    try:
+        doc = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise QuantizedWeightsError(f"{repo.entry.repo_id}/{CONFIG_FILE}", f"not JSON ({exc})") from None
+    return doc if isinstance(doc, dict) else None
+
+
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     """Steps 1-4 for one model (raises on skip or failure; `classify` turns that into a reason)."""
     layout = weight_layout(repo.entry, have_token=have_token)
     if layout == ADAPTER_FILES:
         return read_adapter(repo, budget=budget)
+    if layout[0].endswith(".gguf"):
+        return read_gguf_model(repo, layout[0], budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
+    if looks_packed({name: info for name, (_, info) in where.items()}):
+        quant, weights_format = read_packed(sources, where, _config(repo), budget=budget)
+        return _quantized(quant, header_bytes, weights_format)
     # compared under normalised names, learned float tensors only (sketches.layers.canonical_tensors)
     stored = canonical_tensors({name: info for name, (_, info) in where.items()})
     where = {name: where[raw] for name, raw in stored.items()}
@@ -284,6 +337,12 @@ def classify(exc: Exception) -> tuple[Status, str]:
         return "failed", exc.reason
     if isinstance(exc, AdapterError):  # before SafetensorsError's siblings: a BadInputError too
         return "failed", f"adapter-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, GGUFError):
+        return "failed", f"gguf-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, QuantizedWeightsError):
+        return "failed", f"quantized-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, NonFiniteWeights):
+        return "failed", exc.reason
     if isinstance(exc, SafetensorsError):
         if "truncated" in exc.reason:
             return "failed", f"truncated: {exc.reason}"
@@ -377,7 +436,7 @@ class Indexer:
                               for b in read.plan.blocks])
         shapes = {name: info.shape for name, info in read.tensors.items()}
         return self.on_indexed(IndexedModel(entry, read.family, read.plan, shapes, read.arrays,
-                                            read.weights_format, read.adapter))
+                                            read.weights_format, read.adapter, read.quant))
 
     def _queue(self, entry: ModelEntry, *, family: str, status: Status, reason: str, bytes_read: int,
                weights_format: str = "", details: str = "{}") -> None:
@@ -646,7 +705,8 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
             family, details = lineage.add_adapter(AdapterArrival(entry.repo_id, entry.revision, entry.created_at,
                                                                  model.adapter, model.arrays))
             return Placement(family, details)
-        waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at))
+        waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at,
+                               model.quant))
         held = sum(a.nbytes for arrival in waiting for a in arrival.arrays.values())
         if len(waiting) >= LINEAGE_BATCH or held >= LINEAGE_BATCH_BYTES:
             place()

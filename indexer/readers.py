@@ -1,5 +1,5 @@
 """Readers for the weight layouts beyond plain safetensors: PEFT adapters, GGUF files, packed quantized
-safetensors. Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
+safetensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors). Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
 plain reader does (`indexer.crawl.read_model` picks the reader from the file list and the headers).
 
 Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
@@ -16,16 +16,24 @@ Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from errors import AdapterError
+from errors import AdapterError, ModelGraphError, QuantizedWeightsError, UnsupportedModelError
 from sketches.adapter import MAX_CONFIG_BYTES, AdapterConfig, lora_pairs, parse_adapter_config, saved_modules
-from sketches.plan import BlockRead, ReadPlan, spread_order
-from sketches.safetensors import TensorInfo
+from sketches.gguf import declared_base_models, hf_names, read_hf_tensor
+from sketches.gguf import predicted_relative_error as gguf_error
+from sketches.gguf import read_header as read_gguf_header
+from sketches.layers import canonical_tensors, family_key, normalise_name
+from sketches.packed import PackedModule, QuantScheme, bnb_quant_state, detect_scheme, native, packed_modules, part_rows, plain_tensors
+from sketches.packed import dequantize as dequantize_packed
+from sketches.packed import predicted_relative_error as packed_error
+from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_order
+from sketches.safetensors import ByteSource, TensorInfo, decode
 
 logger = logging.getLogger(__name__)
 
@@ -109,3 +117,194 @@ def saved_shapes(tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[int, ...]
 def lora_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The factors as float64 (sketches.adapter works in float64)."""
     return {n: np.asarray(a, dtype=np.float64) for n, a in sorted(arrays.items())}
+
+
+# --- quantized copies: GGUF and packed safetensors ------------------------------------------------------
+#
+# A quantized model is planned as if it were stored in BF16 under its Hugging Face names (its full-precision
+# relatives are, mostly): the plan depends on names, shapes and the item size only, so it picks the same
+# (tensor, rows) blocks as a BF16 relative, and the exact step compares them one to one. Then only those
+# rows are read (GGUF: rows are whole quantization blocks; bnb / fp8 / compressed-tensors: the rows of each
+# stored part, `sketches.packed.part_rows`; GPTQ / AWQ pack across output rows and are read whole: a 4-bit
+# qweight is a quarter of the BF16 bytes) and dequantized to float32.
+# Which GGUF file of a repo: the most precise one (closest to its source), by the type in its name.
+
+PLAN_DTYPE = "BF16"
+GGUF_PRECISION = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M",
+                  "Q4_K_S", "Q4_K", "Q4_1", "Q4_0", "IQ4", "Q3_K", "IQ3", "Q2_K", "IQ2", "IQ1")
+GGUF_FIRST_READ = 100_000  # indexer.sources.PREFIX_BYTES
+QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv")
+
+
+@dataclass(frozen=True)
+class QuantInfo:
+    """A quantized copy's scheme and the RMS relative error it predicts (over the blocks read)."""
+
+    scheme: str
+    predicted_error: float
+
+
+def choose_gguf(files: Sequence[str]) -> str | None:
+    """The top-level .gguf file of highest precision (GGUF_PRECISION by name), else the first by name."""
+    ggufs = sorted(f for f in files if "/" not in f and f.lower().endswith(".gguf"))
+    if not ggufs:
+        return None
+
+    def rank(name: str) -> tuple[int, str]:
+        upper = name.upper()
+        return next((i for i, tag in enumerate(GGUF_PRECISION) if tag in upper), len(GGUF_PRECISION)), name
+
+    return min(ggufs, key=rank)
+
+
+def _virtual(name: str, shape: tuple[int, ...]) -> TensorInfo:
+    """A tensor as a BF16 checkpoint would store it: what the plan sees of a quantized one."""
+    return TensorInfo(name, PLAN_DTYPE, tuple(shape), 0, math.prod(shape) * 2)
+
+
+def _rms(errors: Sequence[tuple[int, float]]) -> float:
+    total = sum(n for n, _ in errors)
+    return math.sqrt(sum(n * e * e for n, e in errors) / total) if total else 0.0
+
+
+def _finite(name: str, array: np.ndarray) -> np.ndarray:
+    if not np.isfinite(array).all():
+        raise NonFiniteWeights(name)
+    return array
+
+
+class NonFiniteWeights(ModelGraphError):
+    """NaN or infinite values in a dequantized block (the crawl records `non-finite`)."""
+
+    def __init__(self, tensor: str) -> None:
+        self.reason = f"non-finite: NaN or infinite weights in {tensor}"
+        super().__init__(self.reason)
+
+
+@dataclass(frozen=True)
+class QuantizedRead:
+    """A quantized model read: blocks dequantized under normalised HF names, and the plan that chose them."""
+
+    family: str
+    plan: ReadPlan
+    shapes: Mapping[str, tuple[int, ...]]
+    arrays: Mapping[str, np.ndarray]
+    quant: QuantInfo
+    details: Mapping[str, Any]
+    header_bytes: int = 0  # GGUF: the bytes its header took (packed: the crawl counts the safetensors headers)
+
+
+def read_gguf(source: ByteSource, *, budget: int) -> QuantizedRead:
+    """Header by growing range reads, HF names, a BF16-equivalent plan, the planned rows dequantized."""
+    # first read = the 100,000 bytes a remote open already holds: a GGUF without a tokenizer costs no
+    # further request for its header, a Llama-3 one (7 MiB of tokenizer) grows x4 four times
+    header = read_gguf_header(source, first_read=GGUF_FIRST_READ)
+    header_bytes = source.bytes_read
+    names = {normalise_name(h.hf_name): h for h in hf_names(header).values()}
+    if not names:
+        raise UnsupportedModelError(source.name, f"GGUF architecture {header.architecture!r} has no Hugging Face "
+                                                 "name map in the gguf package")
+    shapes = {n: _hf_shape(header.get(h.gguf_name).shape, h.transposed) for n, h in sorted(names.items())}
+    family = family_key(shapes)
+    plan = plan_reads({n: _virtual(n, s) for n, s in shapes.items()}, family=family, budget=budget)
+    arrays, errors = {}, []
+    for block in plan.blocks:
+        hf = names[block.tensor]
+        array = read_hf_tensor(source, header, hf, rows=None if block.whole else block.rows)
+        arrays[block.tensor] = _finite(block.tensor, array)
+        errors.append((array.size, gguf_error(header.get(hf.gguf_name).qtype)))
+    qtypes = header.qtypes()
+    main = max(qtypes, key=lambda q: (qtypes[q], q))
+    quant = QuantInfo(f"gguf-{main}", _rms(errors))
+    details = {"scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6), "qtypes": qtypes,
+               "architecture": header.architecture, "file": source.name.rsplit("/", 1)[-1],
+               "declared_bases": list(declared_base_models(header))}
+    return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details, header_bytes)
+
+
+def _hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
+    return tuple(reversed(shape)) if transposed else tuple(shape)
+
+
+def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
+    """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`)."""
+    return any(n.endswith(QUANT_MARKERS) or t.dtype in ("F8_E4M3", "F8_E5M2") for n, t in tensors.items())
+
+
+WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",
+                   "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors"}
+
+
+def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],
+                config: Mapping[str, Any] | None, *, budget: int) -> tuple[QuantizedRead, str]:
+    """A packed checkpoint: modules dequantized by rows, plain float tensors read as they are."""
+    tensors = {n: info for n, (_, info) in where.items()}
+    scheme = detect_scheme(tensors, config)
+    if scheme is None:
+        raise QuantizedWeightsError("weights", "quantization markers but no scheme detected")
+    modules = packed_modules(tensors, scheme)
+    read = _PartReader(source_of, where)
+    module_shapes = {normalise_name(w): _module_shape(m, scheme, read) for w, m in modules.items()}
+    plain = canonical_tensors({n: tensors[n] for n in plain_tensors(tensors, scheme)})
+    virtual = {n: _virtual(n, s) for n, s in module_shapes.items()} | {n: tensors[raw] for n, raw in plain.items()}
+    shapes = {n: tuple(t.shape) for n, t in sorted(virtual.items())}
+    family = family_key(shapes)
+    plan = plan_reads(virtual, family=family, budget=budget)
+    by_norm = {normalise_name(w): m for w, m in modules.items()}
+    arrays = {}
+    for block in plan.blocks:
+        rows = None if block.whole else block.rows
+        if block.tensor in by_norm:
+            arrays[block.tensor] = read.module(by_norm[block.tensor], scheme, rows)
+        else:
+            arrays[block.tensor] = read.plain(plain[block.tensor], rows)
+        _finite(block.tensor, arrays[block.tensor])
+    quant = QuantInfo(scheme.name, packed_error(scheme))
+    details = {"scheme": scheme.name, "predicted_error": quant.predicted_error, "modules": len(modules),
+               "group_size": scheme.group_size}
+    return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details), WEIGHTS_FORMATS[scheme.method]
+
+
+class _PartReader:
+    """Range reads of stored safetensors tensors, whole or by rows along dim 0, decoded exactly."""
+
+    def __init__(self, source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]]) -> None:
+        self.source_of, self.where = source_of, where
+
+    def rows(self, name: str, span: tuple[int, int] | None) -> np.ndarray:
+        file, info = self.where[name]
+        if span is None or not info.shape:
+            return native(self.source_of[file].read(info.begin, info.end), info.dtype, info.shape, name=name)
+        r0, r1 = span[0], min(span[1], info.shape[0])
+        raw = self.source_of[file].read(info.begin + r0 * info.row_bytes, info.begin + r1 * info.row_bytes)
+        return native(raw, info.dtype, (r1 - r0, *info.shape[1:]), name=name)
+
+    def plain(self, name: str, span: tuple[int, int] | None) -> np.ndarray:
+        file, info = self.where[name]
+        r0, r1 = span if span is not None else (0, info.shape[0] if info.shape else 1)
+        raw = self.source_of[file].read(info.begin + r0 * info.row_bytes, info.begin + r1 * info.row_bytes)
+        return decode(raw, info.dtype, (r1 - r0, *info.shape[1:]) if info.shape else (), name=name)
+
+    def module(self, module: PackedModule, scheme: QuantScheme, rows: tuple[int, int] | None) -> np.ndarray:
+        if rows is None or scheme.method in ("gptq", "awq"):
+            arrays = {role: self.rows(n, None) for role, n in module.parts.items()}
+            return dequantize_packed(module, arrays, scheme, rows=rows)
+        state = bnb_quant_state(self.rows(module.parts["quant_state"], None)) if "quant_state" in module.parts else None
+        shapes = {role: tuple(self.where[n][1].shape) for role, n in module.parts.items()}
+        spans = part_rows(module, scheme, rows, shapes=shapes, quant_state=state)
+        arrays = {role: self.rows(module.parts[role], span) for role, span in spans.items()}
+        return dequantize_packed(module, arrays, scheme, rows=rows)
+
+
+def _module_shape(module: PackedModule, scheme: QuantScheme, read: _PartReader) -> tuple[int, int]:
+    """(out, in) of a module: from its stored shapes, else the small tensors that hold it (bnb 4-bit's JSON
+    quant state, compressed-tensors' weight_shape)."""
+    if module.shape is not None:
+        return module.shape
+    if "quant_state" in module.parts:
+        out, n_in = bnb_quant_state(read.rows(module.parts["quant_state"], None))["shape"]
+        return int(out), int(n_in)
+    if "weight_shape" in module.parts:
+        out, n_in = (int(v) for v in read.rows(module.parts["weight_shape"], None).ravel()[:2])
+        return out, n_in
+    raise QuantizedWeightsError(module.weight, f"{scheme.method}: the module's shape is stored nowhere")

@@ -161,3 +161,78 @@ def test_a_chain_across_two_crawls_reads_the_earlier_adapter_again_by_range(emu:
     assert crawl(home, _options(emu)).as_dict()["indexed"] == 1
     edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
     assert edges["lab/step-2"].parent == "lab/step-1" and edges["lab/step-1"].parent == "acme/base"  # type: ignore[attr-defined]
+
+
+# --- quantized copies --------------------------------------------------------------------------------------
+
+HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 64, 4, 2, 96, 40
+
+
+def llama_state(seed: int) -> dict[str, np.ndarray]:
+    """An HF llama state dict with GQA, heavy-tailed like trained weights."""
+    rng = np.random.default_rng(seed)
+    head = HIDDEN // HEADS
+    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
+    for b in range(2):
+        p = f"model.layers.{b}."
+        shapes |= {p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
+                   p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV_HEADS * head, HIDDEN),
+                   p + "self_attn.v_proj.weight": (KV_HEADS * head, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+                   p + "mlp.gate_proj.weight": (FFN, HIDDEN), p + "mlp.up_proj.weight": (FFN, HIDDEN),
+                   p + "mlp.down_proj.weight": (HIDDEN, FFN)}
+    return {n: (rng.standard_t(4, s) * 0.05).astype(np.float32) if len(s) == 2 else np.ones(s, np.float32)
+            for n, s in sorted(shapes.items())}
+
+
+def tuned(state: dict[str, np.ndarray], seed: int, step: float = 0.3) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {n: (a + step * a.std() * rng.standard_normal(a.shape)).astype(np.float32) if a.ndim == 2 else a
+            for n, a in state.items()}
+
+
+LLAMA_CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+                "num_attention_heads": HEADS, "num_key_value_heads": KV_HEADS}
+
+
+def _quant_zoo(hub: Hub) -> dict[str, np.ndarray]:
+    from indexer.zoo.quantize import write_gptq, write_llama_gguf
+
+    base, other = llama_state(1), llama_state(2)
+    child = tuned(base, 3)
+    hub.repo("meta/base", 1, weights=base)
+    (hub.root / "meta/base/config.json").write_text(json.dumps(LLAMA_CONFIG))
+    hub.repo("meta/other", 1, weights=other)
+    hub.repo("lab/child", 2, weights=child, card="base_model: meta/base")
+    for repo, month, state, qtype in (("q/child-Q8_0-GGUF", 3, child, "Q8_0"), ("q/base-GGUF", 4, base, "F16"),
+                                      ("q/child-Q4_0-GGUF", 5, child, "Q4_0")):
+        folder = hub.repo(repo, month, card="base_model: lab/child\nbase_model_relation: quantized")
+        write_llama_gguf(folder / f"model-{qtype}.gguf", state, qtype, heads=HEADS, kv_heads=KV_HEADS)
+    write_gptq(hub.root / "q/child-GPTQ", child, LLAMA_CONFIG, bits=4, group=32)
+    hub.repo("q/child-GPTQ", 6)
+    # bad files: a GGUF cut inside its header, one naming an unknown quantization type
+    bad = hub.repo("q/truncated-GGUF", 7)
+    write_llama_gguf(bad / "model-Q8_0.gguf", child, "Q8_0", heads=HEADS, kv_heads=KV_HEADS)
+    (bad / "model-Q8_0.gguf").write_bytes((bad / "model-Q8_0.gguf").read_bytes()[:200])
+    return child
+
+
+def test_quantized_copies_are_read_by_range_dequantized_and_placed_as_leaves(emu: HubEmulator, hub: Hub,
+                                                                             tmp_path: Path) -> None:
+    _quant_zoo(hub)
+    home = tmp_path / "home"
+    report = crawl(home, _options(emu)).as_dict()
+    assert report["indexed"] == 7 and report["failed"] == {"gguf-invalid": 1}, report
+    models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
+    assert "truncated" in models["q/truncated-GGUF"].reason  # type: ignore[union-attr]
+    assert models["q/child-Q8_0-GGUF"].weights_format == "gguf" and models["q/child-GPTQ"].weights_format == "gptq"  # type: ignore[union-attr]
+    assert json.loads(models["q/child-GPTQ"].details)["scheme"] == "gptq-4bit"  # type: ignore[union-attr]
+    edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    for quant, source in (("q/child-Q8_0-GGUF", "lab/child"), ("q/child-Q4_0-GGUF", "lab/child"),
+                          ("q/child-GPTQ", "lab/child"), ("q/base-GGUF", "meta/base")):
+        assert (edges[quant].parent, edges[quant].relation) == (source, "quantized"), (quant, edges[quant])  # type: ignore[attr-defined]
+    assert edges["lab/child"].parent == "meta/base" and edges["lab/child"].relation == "finetune"  # type: ignore[attr-defined]
+    assert not any(e.parent.startswith("q/") for e in edges.values())  # type: ignore[attr-defined]  -- leaves
+    q = query_model(home, "q/child-Q8_0-GGUF")
+    assert q.relation == "quantized" and q.relation_agrees_with_declared is True
+    # GGUF repos hold no config.json, and only the planned blocks were fetched (here: all of this tiny model)
+    assert not (hub.root / "q/child-Q8_0-GGUF/config.json").exists()

@@ -40,7 +40,7 @@ import numpy as np
 
 from errors import BadInputError, StoreError
 from indexer.incremental.satellites import EXTERNAL_PREFIX, AdapterArrival, Satellite, chain_depth
-from indexer.readers import config_from_details, lora_arrays
+from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
     Peer,
@@ -77,6 +77,16 @@ DEFAULT_K = 16
 # measured; bound k + 8).
 DEFAULT_EXPAND = 8
 DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
+# Quantized copies. LEAF_PENALTY (log units, on every candidate edge out of a quantized copy): a factor
+# e^10 on the distance, more than any gap between a real parent and a sibling, so a quantized copy is a
+# parent only when no full-precision model relates to the child (Hub: quantized models are leaves in
+# 99.41 % of documented edges). QUANT_MULTIPLE: the `quantized` label holds while the copy's relative
+# distance to its parent is within 3x the scheme's predicted RMS error (sketches.gguf/packed measured them
+# on Gaussian data; heavier-tailed real weights raise absmax-scaled errors by up to ~1.5x), plus
+# QUANT_FLOOR for F16/BF16 copies of weights already stored in that type (error 0).
+LEAF_PENALTY = 10.0
+QUANT_MULTIPLE = 3.0
+QUANT_FLOOR = 1e-3
 
 
 @dataclass(frozen=True)
@@ -105,6 +115,7 @@ class Arrival:
     family: str
     arrays: Mapping[str, np.ndarray]
     created_at: datetime | None
+    quant: QuantInfo | None = None  # a quantized copy (dequantized arrays): a leaf unless nothing else fits
 
 
 @dataclass
@@ -142,6 +153,10 @@ class _Family:
     # candidate pairs (both directions) whose compared layers are bit-identical: a child placed under
     # such a parent after it is a `duplicate`, not a fine-tune (PairMeasure.identical)
     identical: set[tuple[str, str]] = field(default_factory=set)
+    quant: dict[str, QuantInfo] = field(default_factory=dict)  # the quantized copies among the models
+    # whole-model relative distance of the candidate pairs that involve a quantized copy (both directions):
+    # what the `quantized` label is judged on, against the scheme's predicted error
+    relative: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
 class LineageIndex:
@@ -215,6 +230,11 @@ class LineageIndex:
         # an identical pair is stored as distance TIER_GAP exactly (full-rank tier, zero tail): the only
         # pairs that measure exactly 0 there have no difference in any compared layer
         state.identical = {pair for pair, d in state.distance.items() if d == TIER_GAP}
+        for r, st in zip(sketches, stats, strict=True):
+            if isinstance(q := st.get("quantized"), dict):
+                state.quant[r.repo_id] = QuantInfo(str(q["scheme"]), float(q["predicted_error"]))  # type: ignore[union-attr]
+            for other, rel in (st.get("relative") or {}).items():
+                state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -282,14 +302,17 @@ class LineageIndex:
         rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
         pairs = pairs + measure(p.mine, self._views(state, hop + rest), device=self.device)  # pair-local: batching changes nothing
         self.exact_total += len(pairs)
-        candidates, rows = self._edges(family, p.view, state, pairs)  # 4.
+        if arrival.quant is not None:
+            state.quant[repo_id] = arrival.quant
+        candidates, rows, relative = self._edges(family, p.view, state, pairs)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
         self._remember(repo_id, p.mine.arrays)
         if self.keep_arrays:
             self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
-        self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched)  # 6.
+        self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched,  # 6.
+                    quant=arrival.quant, relative=relative)
         if self._homes is not None:
             self._homes[repo_id] = family
         self._reanchor(repo_id, family)
@@ -331,13 +354,22 @@ class LineageIndex:
 
         return sorted(hop, key=lambda r: (-placed(r), near.get(r, len(near)), r))[: self.expand]  # deterministic
 
-    def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]) -> tuple[list[Candidate], list[CandidateRecord]]:
-        candidates, rows = [], []
+    def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]
+               ) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
+        candidates, rows, relative = [], [], {}
         for pair in sorted(pairs, key=lambda p: p.other):  # type: ignore[attr-defined]
             if not pair.related:  # type: ignore[attr-defined]
                 continue
             other = state.views[pair.other]  # type: ignore[attr-defined]
             (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty)  # type: ignore[arg-type]
+            # a quantized copy is a parent only when nothing else relates (Hub: quantized models are leaves in
+            # 99.41 %); pair-local, so the forest's batch == incremental invariant holds
+            w_in += LEAF_PENALTY if other.repo_id in state.quant else 0.0
+            w_out += LEAF_PENALTY if view.repo_id in state.quant else 0.0
+            if other.repo_id in state.quant or view.repo_id in state.quant:
+                rel = float(pair.relative)  # type: ignore[attr-defined]
+                relative[other.repo_id] = rel
+                state.relative[(other.repo_id, view.repo_id)] = state.relative[(view.repo_id, other.repo_id)] = rel
             candidates += [Candidate(other.repo_id, view.repo_id, w_in), Candidate(view.repo_id, other.repo_id, w_out)]
             dist = pair.distance  # type: ignore[attr-defined]
             state.distance[(other.repo_id, view.repo_id)] = state.distance[(view.repo_id, other.repo_id)] = dist
@@ -345,7 +377,7 @@ class LineageIndex:
                 state.identical |= {(other.repo_id, view.repo_id), (view.repo_id, other.repo_id)}
             rows += [CandidateRecord(family, other.repo_id, view.repo_id, dist, t_in, w_in),
                      CandidateRecord(family, view.repo_id, other.repo_id, dist, t_out, w_out)]
-        return candidates, rows
+        return candidates, rows, relative
 
     def _forget(self, state: _Family, repo_id: str) -> None:
         """A new revision replaces the old node: drop it, its edges (tombstones) and its vector."""
@@ -357,6 +389,8 @@ class LineageIndex:
         for _, parent, child in keys:
             state.distance.pop((parent, child), None)
             state.identical.discard((parent, child))
+            state.relative.pop((parent, child), None)
+        state.quant.pop(repo_id, None)
         parts = state.forest.remove(repo_id)
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
@@ -417,9 +451,14 @@ class LineageIndex:
     # --- persistence ---------------------------------------------------------------------------------
 
     def _queue(self, family: str, state: _Family, repo_id: str, revision: str, sketch: Sketch, view: ModelView,
-               rows: list[CandidateRecord], touched: Sequence[str]) -> None:
-        stats = {"created": view.created, "direction": list(view.direction_layers), "seed": sketch.seed,
-                 "pair_rule": PAIR_RULE}
+               rows: list[CandidateRecord], touched: Sequence[str], *, quant: QuantInfo | None = None,
+               relative: Mapping[str, float] | None = None) -> None:
+        stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
+                                    "seed": sketch.seed, "pair_rule": PAIR_RULE}
+        if quant is not None:
+            stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
+        if relative:
+            stats["relative"] = dict(sorted(relative.items()))
         self._pending["sketches"].append(SketchRecord(
             repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
             sketch.layer_names, json.dumps(stats, sort_keys=True)))
@@ -724,8 +763,15 @@ def _ku_all(view: ModelView) -> float:
 
 
 def _relation(state: _Family, parent: str, child: str) -> str:
-    """The relation of a placed edge: `duplicate` when the pair's compared layers are bit-identical and
-    the child was not uploaded before the parent (unknown times: not before), else `finetune`."""
+    """The relation of a placed edge: `quantized` when the child is a quantized copy within QUANT_MULTIPLE
+    times its scheme's predicted error of the parent; `duplicate` when the pair's compared layers are
+    bit-identical and the child was not uploaded before the parent (unknown times: not before); else
+    `finetune` (a quantized copy of a model that is not indexed sits under that model's parent)."""
+    quant = state.quant.get(child)
+    if quant is not None:
+        rel = state.relative.get((parent, child))
+        if rel is not None and rel <= QUANT_MULTIPLE * quant.predicted_error + QUANT_FLOOR:
+            return "quantized"
     if (parent, child) in state.identical:
         t_parent, t_child = state.views[parent].created, state.views[child].created
         if t_parent is None or t_child is None or t_child >= t_parent:

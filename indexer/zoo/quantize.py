@@ -1,0 +1,148 @@
+"""Quantized copies as the real tools write them, for the relations zoo and the tests.
+
+- GGUF: llama.cpp's layout through the `gguf` package's own writer (GGUFWriter) and quantizers
+  (gguf.quants.quantize: F16, BF16, Q8_0, Q4_0, Q5_0 ... bit-exact ports of llama.cpp's reference
+  quantizers; the package has no K-quant quantizer). Names are llama.cpp's (`blk.N.attn_q.weight`), q/k
+  rows permuted as convert_hf_to_gguf.py's LlamaModel.permute does, norms kept in F32 as llama.cpp does,
+  and no config.json beside it: a GGUF repo on the Hub has the .gguf file (and a card) only.
+- GPTQ: AutoGPTQ's v1 checkpoint layout (qweight int32 packed along the input rows, qzeros packed along
+  the output columns and stored minus one, fp16 scales per group of input rows, g_idx), with
+  round-to-nearest codes (what GPTQ starts from; its error-feedback pass needs calibration data) and the
+  `quantization_config` transformers writes into config.json. Layout as in tests/test_packed.py's packer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import gguf
+import numpy as np
+from safetensors.numpy import save_file
+
+LLAMA_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{b}.input_layernorm.weight": "blk.{b}.attn_norm.weight",
+    "model.layers.{b}.post_attention_layernorm.weight": "blk.{b}.ffn_norm.weight",
+    "model.layers.{b}.self_attn.q_proj.weight": "blk.{b}.attn_q.weight",
+    "model.layers.{b}.self_attn.k_proj.weight": "blk.{b}.attn_k.weight",
+    "model.layers.{b}.self_attn.v_proj.weight": "blk.{b}.attn_v.weight",
+    "model.layers.{b}.self_attn.o_proj.weight": "blk.{b}.attn_output.weight",
+    "model.layers.{b}.mlp.gate_proj.weight": "blk.{b}.ffn_gate.weight",
+    "model.layers.{b}.mlp.up_proj.weight": "blk.{b}.ffn_up.weight",
+    "model.layers.{b}.mlp.down_proj.weight": "blk.{b}.ffn_down.weight",
+}
+
+
+def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute: within each head, rotary halves interleaved."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_name(hf: str) -> str | None:
+    parts = hf.split(".")
+    if hf.startswith("model.layers.") and len(parts) > 3:
+        key = ".".join(parts[:2] + ["{b}"] + parts[3:])
+        return LLAMA_NAMES[key].format(b=parts[2]) if key in LLAMA_NAMES else None
+    return LLAMA_NAMES.get(hf)
+
+
+def _stored(array: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """(what GGUFWriter stores, raw dtype): norms and 1-D tensors in F32; a matrix whose rows are not whole
+    blocks of `qtype` in F16 (llama.cpp falls back the same way)."""
+    kind = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[kind][0]
+    if array.ndim < 2 or qtype == "F32":
+        return array.astype(np.float32), None
+    if qtype == "F16" or array.shape[-1] % block:
+        return array.astype(np.float16), None
+    return gguf.quants.quantize(array.astype(np.float32), kind), kind
+
+
+def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, heads: int, kv_heads: int,
+                     base_model: str | None = None) -> Path:
+    """A llama GGUF of an HF state dict (float32 numpy), quantized to `qtype`, as llama.cpp writes it."""
+    layers = 1 + max(int(n.split(".")[2]) for n in state if n.startswith("model.layers."))
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_uint32("llama.block_count", layers)
+    writer.add_uint32("llama.attention.head_count", heads)
+    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q8_0) if qtype == "Q8_0" else 1)
+    if base_model:  # the converter's declared lineage (general.base_model.*): audited, never trusted
+        writer.add_uint32("general.base_model.count", 1)
+        writer.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{base_model}")
+    for name in sorted(state):
+        target = _gguf_name(name)
+        if target is None:
+            continue
+        w = np.asarray(state[name], dtype=np.float32)
+        if name.endswith("q_proj.weight"):
+            w = hf_permute(w, heads)
+        elif name.endswith("k_proj.weight"):
+            w = hf_permute(w, kv_heads)
+        data, raw = _stored(w, qtype)
+        writer.add_tensor(target, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+# --- GPTQ ------------------------------------------------------------------------------------------------
+
+
+def _rtn(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round-to-nearest with a zero point over the last axis: (codes, scale, zero) as GPTQ stores them."""
+    maxq = (1 << bits) - 1
+    lo, hi = np.minimum(w.min(-1), 0), np.maximum(w.max(-1), 0)
+    scale = np.where(hi > lo, (hi - lo) / maxq, 1.0).astype(np.float16).astype(np.float32)
+    zero = np.clip(np.rint(-lo / scale), 1, maxq)  # >= 1: v1 stores zero - 1 in `bits` bits
+    codes = np.clip(np.rint(w / scale[..., None]) + zero[..., None], 0, maxq)
+    return codes.astype(np.int64), scale, zero.astype(np.int64)
+
+
+def _pack_words(codes: np.ndarray, bits: int, axis: int) -> np.ndarray:
+    k = 32 // bits
+    c = np.moveaxis(codes, axis, -1)
+    c = c.reshape(*c.shape[:-1], -1, k)
+    words = sum((c[..., j].astype(np.uint64) << np.uint64(bits * j)) for j in range(k))
+    return np.moveaxis(words.astype(np.uint32).view(np.int32), -1, axis)
+
+
+def pack_gptq(w: np.ndarray, *, bits: int = 4, group: int = 128) -> dict[str, np.ndarray]:
+    """One Linear weight (out, in) -> {qweight, qzeros, scales, g_idx} in GPTQ's v1 layout."""
+    out, n_in = w.shape
+    g_idx = np.arange(n_in) // group
+    n_groups = int(g_idx.max()) + 1
+    codes = np.empty((n_in, out), dtype=np.int64)
+    scales = np.empty((n_groups, out), dtype=np.float32)
+    zeros = np.empty((n_groups, out), dtype=np.int64)
+    for g in range(n_groups):
+        cols = np.flatnonzero(g_idx == g)
+        c, s, z = _rtn(w[:, cols], bits)
+        codes[cols], scales[g], zeros[g] = c.T, s, z
+    return {"qweight": _pack_words(codes, bits, 0), "qzeros": _pack_words(zeros - 1, bits, 1),
+            "scales": scales.astype(np.float16), "g_idx": g_idx.astype(np.int32)}
+
+
+def write_gptq(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *, bits: int = 4,
+               group: int = 32) -> Path:
+    """A GPTQ checkpoint folder: the attention and MLP projections packed, the rest in F16, config.json
+    with transformers' quantization_config."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for name, w in sorted(state.items()):
+        if name.endswith("_proj.weight") and w.ndim == 2 and w.shape[1] % group == 0:
+            prefix = name[: -len(".weight")]
+            tensors |= {f"{prefix}.{role}": a for role, a in pack_gptq(np.asarray(w, np.float32), bits=bits, group=group).items()}
+        else:
+            tensors[name] = np.asarray(w, dtype=np.float16)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    quant = {"quant_method": "gptq", "bits": bits, "group_size": group, "desc_act": False, "sym": False,
+             "checkpoint_format": "gptq"}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
