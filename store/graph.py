@@ -15,7 +15,7 @@ import json
 import logging
 import math
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -173,31 +173,44 @@ def _unplaced(model: dict[str, Any]) -> Family:
                   depth_limit=None, nodes=(node,), status=model["status"], reason=model["reason"] or "")
 
 
-def _family(con: duckdb.DuckDBPyConnection, repo_id: str, depth: int | None) -> Family:
+Memo = Callable[[Hashable, Callable[[], Any]], Any]  # (key, compute) -> the kept value or compute()
+
+
+def _tree(con: duckdb.DuckDBPyConnection, cluster: str) -> tuple[FamilyNode, ...]:
+    """Every member of one tree, sorted by (depth, repo_id). Two reads (its edges rows, then its members'
+    cards): 50,000 members cost two scans of the key-sorted parts instead of 50,000 point lookups."""
+    members = _members(con, cluster)
+    cards = _cards(con, cluster)
+    return tuple(sorted((_node(e, cards.get(e["repo_id"])) for e in members),
+                        key=lambda n: (n.depth, n.repo_id)))  # deterministic
+
+
+def _family(con: duckdb.DuckDBPyConnection, repo_id: str, depth: int | None, memo: Memo | None) -> Family:
     model = _latest_model(con, repo_id)
     if model is None:
         raise UnknownModelError(repo_id, _suggest(con, repo_id))
     edge = _edge_of(con, repo_id)
     if edge is None:
         return _unplaced(model)
-    # 1. the whole tree in two reads (its edges rows, then its members' cards): 50,000 members cost
-    #    two scans of the key-sorted parts instead of 50,000 point lookups
-    members = _members(con, edge["cluster"])
-    cards = _cards(con, edge["cluster"])
-    nodes = [_node(e, cards.get(e["repo_id"])) for e in members]
+    # 1. the whole tree: every member asks for the same one, so a caller may keep it (`memo`)
+    cluster = edge["cluster"]
+    nodes = memo(("tree", cluster), lambda: _tree(con, cluster)) if memo else _tree(con, cluster)
     # 2. cut to the neighbourhood when asked; the tree's size is still reported
-    kept = nodes if depth is None else within(nodes, repo_id, depth)
-    return Family(focus=repo_id, family=edge["family"] or "", cluster=edge["cluster"], root=edge["root"],
-                  size=len(nodes), depth_limit=depth,
-                  nodes=tuple(sorted(kept, key=lambda n: (n.depth, n.repo_id))),  # deterministic
-                  status=model["status"], reason=model["reason"] or "")
+    kept = nodes if depth is None else tuple(within(nodes, repo_id, depth))
+    return Family(focus=repo_id, family=edge["family"] or "", cluster=cluster, root=edge["root"],
+                  size=len(nodes), depth_limit=depth, nodes=kept, status=model["status"],
+                  reason=model["reason"] or "")
 
 
-def family_of(home: Path, repo_id: str, *, depth: int | None = None) -> Family:
-    """The tree of `repo_id`: all of it, or its members within `depth` hops. UnknownModelError if none."""
+def family_of(home: Path, repo_id: str, *, depth: int | None = None, memo: Memo | None = None) -> Family:
+    """The tree of `repo_id`: all of it, or its members within `depth` hops. UnknownModelError if none.
+
+    `memo(key, compute)` may keep the tree read for the next member asked about (the web app's cache,
+    keyed by the store's part listing as well, so a write is seen at once).
+    """
     if depth is not None and depth < 0:
         raise BadInputError(f"depth {depth}", "must be 0 or more (or left out for the whole tree)")
-    return _with_store(home, lambda con: _family(con, repo_id, depth))
+    return _with_store(home, lambda con: _family(con, repo_id, depth, memo))
 
 
 # --- search --------------------------------------------------------------------------------------------

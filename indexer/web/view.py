@@ -90,10 +90,24 @@ def _preorder(roots: Sequence[str], kids: Mapping[str, Sequence[str]]) -> list[s
     return order
 
 
-def _sizes(order: Sequence[str], kids: Mapping[str, Sequence[str]]) -> dict[str, int]:
-    size: dict[str, int] = {}
+def _top_down(roots: Sequence[str], kids: Mapping[str, Sequence[str]]) -> list[str]:
+    """Every model reachable from the roots, parents before children (breadth first, no sorting: O(n))."""
+    order, seen = list(roots), set(roots)
+    for here in order:  # the list grows while it is walked
+        for kid in kids.get(here, ()):
+            if kid not in seen:  # a cycle in a store caught mid-update: each model once
+                seen.add(kid)
+                order.append(kid)
+    return order
+
+
+def _sizes(order: Sequence[str], up: Mapping[str, str]) -> dict[str, int]:
+    """Models at and below each one: children before parents (`order` reversed), each added to its parent."""
+    size = dict.fromkeys(order, 1)
     for here in reversed(order):
-        size[here] = 1 + sum(size.get(k, 0) for k in kids.get(here, ()))
+        parent = up.get(here, "")
+        if parent in size:
+            size[parent] += size[here]
     return size
 
 
@@ -116,8 +130,8 @@ def summarise(family: Family, *, max_children: int = DEFAULT_MAX_CHILDREN,
               max_nodes: int = DEFAULT_MAX_NODES) -> View:
     """The models to draw, breadth first from the root(s), collapsing siblings beyond `max_children`."""
     kids, roots = _links(family.nodes)
-    order = _preorder(roots, kids)
-    size = _sizes(order, kids)
+    up = {n.repo_id: n.parent for n in family.nodes}
+    size = _sizes(_top_down(roots, kids), up)  # 50,000 models: no per-node sort until the drawn few
     by_id = {n.repo_id: n for n in family.nodes}
     path = _on_path(family, by_id)
     shown: dict[str, tuple[str, ...]] = {}
@@ -130,7 +144,8 @@ def summarise(family: Family, *, max_children: int = DEFAULT_MAX_CHILDREN,
         room -= len(chosen)
         shown[here] = tuple(sorted(chosen))
         queue.extend(shown[here])
-        hidden = [k for k in every if k not in set(chosen)]
+        keep = set(chosen)
+        hidden = [k for k in every if k not in keep]
         if hidden:
             collapsed.append(Collapsed(here, len(hidden), sum(size[k] for k in hidden)))
     drawn = _preorder(roots, shown)
