@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import numpy as np  # noqa: E402
 from scipy.optimize import minimize  # noqa: E402
 
+from errors import ModelGraphError  # noqa: E402
 from indexer.evaluate import _true_root, evaluate, read_truth_csv  # noqa: E402
 from indexer.lineage import recover as rec  # noqa: E402
 from indexer.lineage.confidence import CALIB_A, CALIB_B  # noqa: E402
@@ -64,7 +65,7 @@ def phenomena(zoo: Path) -> dict[str, str]:
     meta = json.loads((zoo / "zoo.json").read_text()) if (zoo / "zoo.json").is_file() else {}
     out = {}
     for rid, info in (meta.get("models") or {}).items():
-        tag = info.get("phenomenon") if isinstance(info, dict) else None
+        tag = (info.get("phenomenon") or info.get("tag")) if isinstance(info, dict) else None
         out[rid] = tag or ""
     return out
 
@@ -172,7 +173,12 @@ def main() -> None:
                    (f"mother-paper (K={k_true} given)", Options(method="mother-paper", trees=k_true)),
                    ("phylogeny (K unknown)", Options(method="phylogeny"))]
         for label, options in configs:
-            r, forest = run(zoo, truth, label, options)
+            try:
+                r, forest = run(zoo, truth, label, options)
+            except ModelGraphError as exc:  # e.g. the paper's layer pattern on a conv net
+                logger.warning("%s on %s: %s", label, zoo.name, exc)
+                runs.append(Run(zoo.name, f"{label}: n/a ({exc})", 0, 0, 0, 0, math.nan, 0.0))
+                continue
             runs.append(r)
             if label.startswith("**mother**"):
                 timed = "upload times" in label and "no upload" not in label

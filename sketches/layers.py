@@ -73,6 +73,7 @@ _DENSE = re.compile(r"(?:^|\.)(?:dense|[o]_proj|gate_proj|up_proj|down_proj|c_pr
 _HEAD = re.compile(
     r"(?:^|\.)(?:classifier|lm_head|score|qa_outputs|head|heads|fc_out|pooler)(?:\.|$)"
     r"|(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_out)\.weight$"
+    r"|^(?:fc|last_linear)\.(?:weight|bias)$"  # torchvision / timm-style CNN classifiers, top level only
 )
 # Buffers: saved by some library versions and not others, or fixed (masks, rotary tables, index maps);
 # never a learned weight, never part of the key or of a comparison.

@@ -37,6 +37,8 @@ from indexer.lineage.mdst import minimum_arborescence
 from indexer.lineage.orient import centre_rooted_tree
 from indexer.lineage.ties import (
     SNAKE_TAU,
+    body_group_penalty,
+    body_groups,
     duplicate_originals,
     extras_distance,
     model_digest,
@@ -83,6 +85,7 @@ class Family:
     # per model, its other tensors (heads, 1-D, layers not every member has): ties and duplicates only
     extras: tuple[Mapping[str, np.ndarray], ...] = ()
     dtypes: tuple[str, ...] = ()  # per model, the stored dtype of most of its values ("F32", "BF16", ...)
+    n_stored: tuple[int, ...] = ()  # per model, tensors in its files (buffers included): duplicates' tie-break
 
     @property
     def n(self) -> int:
@@ -463,7 +466,13 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
     tau = snake_score(d, created)
     snake = bool(tau > SNAKE_TAU)
     why = f"ties: heads then {'latest (snake' if snake else 'earliest (fan'}, tau {tau:.2f})"
-    return extras + 0.5 * order_preference(created, snake=snake), why
+    tie = extras + 0.5 * order_preference(created, snake=snake)
+    groups = body_groups([{n: family.layers[n][int(i)] for n in family.selection.distance} for i in idx])
+    if groups:
+        heads = [sum(a.size for n, a in family.extras[int(i)].items() if is_head(n)) if family.extras else 0 for i in idx]
+        tie = tie + body_group_penalty(groups, extras, created, heads)
+        why += f", {sum(len(g) for g in groups)} models in {len(groups)} bit-identical bod{'y' if len(groups) == 1 else 'ies'}"
+    return tie, why
 
 
 def _pick_distance(
@@ -629,7 +638,7 @@ def _originals(family: Family) -> list[int]:
         extras = family.extras
     digests = [model_digest({n: family.layers[n][i] for n in family.selection.distance}, extras[i])
                for i in range(family.n)]
-    return duplicate_originals(digests, family.created, family.repo_ids)
+    return duplicate_originals(digests, family.created, family.repo_ids, family.n_stored)
 
 
 def subset(family: Family, idx: np.ndarray) -> Family:
@@ -638,7 +647,8 @@ def subset(family: Family, idx: np.ndarray) -> Family:
     return Family(tuple(family.repo_ids[i] for i in pick), {n: a[idx] for n, a in family.layers.items()},
                   family.selection, tuple(family.stats[i] for i in pick), tuple(family.created[i] for i in pick),
                   tuple(family.extras[i] for i in pick) if family.extras else (),
-                  tuple(family.dtypes[i] for i in pick) if family.dtypes else ())
+                  tuple(family.dtypes[i] for i in pick) if family.dtypes else (),
+                  tuple(family.n_stored[i] for i in pick) if family.n_stored else ())
 
 
 def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:

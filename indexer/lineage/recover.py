@@ -78,6 +78,7 @@ class _Loaded:
     family: str
     stored: dict[str, str]  # normalised name -> the name in the file
     dtype: str = "F32"  # the stored dtype of most of its values (a dtype copy is told by it)
+    n_stored: int = 0  # tensors in its files, buffers and integers included
 
 
 # --- discovery -----------------------------------------------------------------------------------
@@ -136,7 +137,7 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Load
                 infos = weights.tensors()
             stored = canonical_tensors(infos)
             shapes = {name: infos[raw].shape for name, raw in stored.items()}
-            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored)))
+            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored), len(infos)))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
@@ -184,7 +185,7 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
     stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
     ids = tuple(m.repo_id for m in ok)
     return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras),
-                  tuple(m.dtype for m in ok)), failed
+                  tuple(m.dtype for m in ok), tuple(m.n_stored for m in ok)), failed
 
 
 # --- trees across families -------------------------------------------------------------------------

@@ -9,6 +9,13 @@
   parent and every such child, and between the children. `extras_distance` breaks it with the tensors
   outside the compared body (heads, norms, a new block) that a pair has with one shape: their summed
   relative L2, in [0, 1]; 1 when the pair shares none (no evidence either way).
+- Bit-identical bodies, as a group (`body_groups`): every member is at distance 0 from every other and
+  equally far from everyone else, so a spanning tree may hang the family on any of them (on wild-conv,
+  without times, the frozen child took 9 of the root's edges). The group's own root is decided first:
+  the earliest upload; without times, the member whose heads best match the rest of the tree (a base's
+  head is the one its fine-tunes kept). `body_group_penalty` then makes the other members more costly
+  as parents of outside models unless their heads match that model's (a full fine-tune of a frozen
+  child keeps that child's head shape), and makes the group root the parent of its members.
 - Equally close candidates: prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
   commonest shape: 79 % of models sit in groups of sibling leaves) unless the tree is a "snake" (a chain
   of checkpoints: the distance grows with the time gap), where the latest earlier one is the parent.
@@ -39,9 +46,14 @@ def model_digest(layers: Mapping[str, np.ndarray], extras: Mapping[str, np.ndarr
     return h.hexdigest()
 
 
-def duplicate_originals(digests: Sequence[str], created: Sequence[float | None], repo_ids: Sequence[str]) -> list[int]:
-    """For each model, the index of the original it duplicates, or -1 when it is itself an original."""
-    order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0, repo_ids[i]))
+def duplicate_originals(digests: Sequence[str], created: Sequence[float | None], repo_ids: Sequence[str],
+                        n_stored: Sequence[int] = ()) -> list[int]:
+    """For each model, the index of the original it duplicates, or -1 when it is itself an original.
+
+    The earliest upload is the original; between equal or unknown times, the one whose files hold more
+    tensors (a re-save by a newer library drops buffers like `position_ids`, it does not add them)."""
+    order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0,
+                                                       -(n_stored[i] if n_stored else 0), repo_ids[i]))
     first: dict[str, int] = {}
     out = [-1] * len(digests)
     for i in order:
@@ -98,3 +110,45 @@ def order_preference(created: Sequence[float | None], *, snake: bool) -> np.ndar
     for r, i in enumerate(keyed):
         rank[i] = r / max(n, 1)
     return np.repeat(rank[:, None], n, axis=1)
+
+
+def body_groups(layers: Sequence[Mapping[str, np.ndarray]]) -> list[list[int]]:
+    """Groups (of >= 2 models) whose compared layers are bit-identical, each sorted, in order of first member."""
+    by_digest: dict[str, list[int]] = {}
+    for i, model in enumerate(layers):
+        by_digest.setdefault(model_digest(model, {}), []).append(i)
+    return [g for g in sorted(by_digest.values()) if len(g) > 1]
+
+
+def group_root(group: Sequence[int], extras: np.ndarray, created: Sequence[float | None],
+               head_sizes: Sequence[int] = ()) -> int:
+    """The member the others descend from: the earliest upload; without times, the one with the widest
+    head (pre-training is broader than the tasks a frozen backbone is transferred to: 1,000 ImageNet
+    classes above a 3-class transfer head), then the best-matching heads, then the id."""
+    timed = [i for i in group if created[i] is not None]
+    if timed and len({created[i] for i in timed}) > 1:
+        return min(timed, key=lambda i: (created[i], i))
+    outside = [j for j in range(extras.shape[0]) if j not in group]
+    return min(group, key=lambda i: (-(head_sizes[i] if head_sizes else 0),
+                                     float(extras[i, outside].sum()) if outside else 0.0, i))
+
+
+def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, created: Sequence[float | None],
+                       head_sizes: Sequence[int] = ()) -> np.ndarray:
+    """Tie-break additions (same units as `extras`, 0..3) steering each group's edges to its root."""
+    n = extras.shape[0]
+    out = np.zeros((n, n), dtype=np.float64)
+    for group in groups:
+        root = group_root(group, extras, created, head_sizes)
+        for m in group:
+            if m == root:
+                continue
+            out[m, root] = 3.0  # never above its group's root
+            for j in range(n):
+                if j not in group and extras[m, j] >= 1.0:  # no head evidence for m: prefer the root
+                    out[m, j] += 2.0
+        for m in group:
+            for o in group:
+                if o not in (m, root):
+                    out[o, m] += 1.0  # members hang off the root, not off each other
+    return out
