@@ -236,3 +236,35 @@ def test_quantized_copies_are_read_by_range_dequantized_and_placed_as_leaves(emu
     assert q.relation == "quantized" and q.relation_agrees_with_declared is True
     # GGUF repos hold no config.json, and only the planned blocks were fetched (here: all of this tiny model)
     assert not (hub.root / "q/child-Q8_0-GGUF/config.json").exists()
+
+
+# --- merges ------------------------------------------------------------------------------------------------
+
+
+def test_linear_and_ties_merges_get_both_parents_with_weights_and_fine_tunes_stay_fine_tunes(
+        emu: HubEmulator, hub: Hub, tmp_path: Path) -> None:
+    base = llama_state(1)
+    a, b = tuned(base, 2), tuned(base, 3)
+    hub.repo("m/base", 1, weights=base)
+    hub.repo("m/a", 2, weights=a)
+    hub.repo("m/b", 3, weights=b)
+    hub.repo("m/a-child", 4, weights=tuned(a, 4))  # a chain: a sits between base and a-child
+    hub.repo("m/linear", 5, weights={n: (0.7 * a[n] + 0.3 * b[n]).astype(np.float32) for n in base},
+             card="base_model:\n- m/a\n- m/b")
+    ties = {}
+    for n, w in base.items():  # TIES-like: each task vector trimmed to its largest half, over the base
+        ta, tb = a[n] - w, b[n] - w
+        keep = lambda t: t * (np.abs(t) >= np.quantile(np.abs(t), 0.5))  # noqa: E731
+        ties[n] = (w + 0.5 * keep(ta) + 0.5 * keep(tb)).astype(np.float32) if w.ndim == 2 else w
+    hub.repo("m/ties", 6, weights=ties)
+    home = tmp_path / "home"
+    crawl(home, _options(emu))
+    edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    linear = edges["m/linear"]
+    assert linear.relation == "merge" and [p for p, _ in linear.parents] == ["m/a", "m/b"]  # type: ignore[attr-defined]
+    assert linear.parents[0][1] == pytest.approx(0.7, abs=0.02)  # type: ignore[attr-defined]
+    assert edges["m/ties"].relation == "merge" and {p for p, _ in edges["m/ties"].parents} == {"m/a", "m/b"}  # type: ignore[attr-defined]
+    for ft in ("m/a", "m/b", "m/a-child"):
+        assert edges[ft].relation == "finetune", (ft, edges[ft])  # type: ignore[attr-defined]
+    report = query_model(home, "m/linear")
+    assert report.relation_agrees_with_declared is True and len(report.parents) == 2

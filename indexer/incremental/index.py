@@ -41,6 +41,7 @@ import numpy as np
 from errors import BadInputError, StoreError
 from indexer.incremental.satellites import EXTERNAL_PREFIX, AdapterArrival, Satellite, chain_depth
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
+from indexer.relations.merges import fit
 from indexer.relations.adapters import (
     CHAIN_RATIO,
     Peer,
@@ -85,6 +86,7 @@ DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' ex
 # on Gaussian data; heavier-tailed real weights raise absmax-scaled errors by up to ~1.5x), plus
 # QUANT_FLOOR for F16/BF16 copies of weights already stored in that type (error 0).
 LEAF_PENALTY = 10.0
+MERGE_CANDIDATES = 5  # relatives a merge is fitted over (the closest related ones): subsets of up to 3 of them
 QUANT_MULTIPLE = 3.0
 QUANT_FLOOR = 1e-3
 
@@ -157,6 +159,7 @@ class _Family:
     # whole-model relative distance of the candidate pairs that involve a quantized copy (both directions):
     # what the `quantized` label is judged on, against the scheme's predicted error
     relative: dict[tuple[str, str], float] = field(default_factory=dict)
+    merges: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)  # merge -> (parent, weight)
 
 
 class LineageIndex:
@@ -230,6 +233,10 @@ class LineageIndex:
         # an identical pair is stored as distance TIER_GAP exactly (full-rank tier, zero tail): the only
         # pairs that measure exactly 0 there have no difference in any compared layer
         state.identical = {pair for pair, d in state.distance.items() if d == TIER_GAP}
+        merged = read_table(self.store.home, "edges", where={"family": family, "relation": "merge"},
+                            columns=["repo_id", "parents"]).to_pylist()
+        state.merges = {m["repo_id"]: tuple((p["repo_id"], p["weight"]) for p in m["parents"])
+                        for m in merged if m["repo_id"] in views}
         for r, st in zip(sketches, stats, strict=True):
             if isinstance(q := st.get("quantized"), dict):
                 state.quant[r.repo_id] = QuantInfo(str(q["scheme"]), float(q["predicted_error"]))  # type: ignore[union-attr]
@@ -311,6 +318,7 @@ class LineageIndex:
         if self.keep_arrays:
             self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
+        self._merges(state, p.mine, [q for q in pairs if q.related])
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched,  # 6.
                     quant=arrival.quant, relative=relative)
         if self._homes is not None:
@@ -479,10 +487,15 @@ class LineageIndex:
             cid = forest.cluster_id(m)
             parent = forest.parent(m)
             dist = _reported(state.distance.get((parent, m), math.nan)) if parent else math.nan
+            relation, parents = (_relation(state, parent, m), ()) if parent else ("", ())
+            merge = _merge_parents(state, m)
+            if merge:
+                parent, parents, relation = merge[0][0], merge, "merge"
+                dist = _reported(state.distance.get((parent, m), math.nan))
             out.append(EdgeRecord(m, state.revisions[m], state.name,
                                   forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
                                   _ku_all(state.views[m]), _confidence(forest, m), now,
-                                  relation=_relation(state, parent, m) if parent else ""))
+                                  relation=relation, parents=parents))
         return out + self._satellite_rows(set(members), now)
 
     def flush(self) -> None:
@@ -679,6 +692,43 @@ class LineageIndex:
             logger.info("%d adapter(s) of %s now hang under the indexed repo", len(waiting), repo_id)
             self._pending["edges"] += self._group_rows(repo_id, datetime.now(UTC))
 
+    # --- merges --------------------------------------------------------------------------------------
+
+    def _merges(self, state: _Family, new: ModelView, related: Sequence[PairMeasure]) -> None:
+        """Is the newcomer a merge of its related relatives, and does it complete a merge among them (a
+        merge listed before its parents: the crawl lists newest first)? indexer.relations.merges.fit on the
+        compared blocks; at most k + 1 fits per arrival, each over at most MERGE_CANDIDATES models."""
+        if new.repo_id in state.quant:
+            return
+        others = [q.other for q in sorted(related, key=lambda q: q.distance) if not q.identical and q.other not in state.quant]
+        self._fit_merge(state, new, {r: v for r in others[:MERGE_CANDIDATES] if (v := self._with_arrays(state, r)) is not None})
+        for other in others:
+            view = self._with_arrays(state, other)
+            if view is None:
+                continue
+            near = sorted((state.distance.get((c, other), math.inf), c) for c in state.forest._in[other]
+                          if c != new.repo_id and c not in state.quant and (c, other) not in state.identical)
+            pool = {new.repo_id: new} | {c: v for _, c in near[: MERGE_CANDIDATES - 1]
+                                         if (v := self._with_arrays(state, c)) is not None}
+            if self._fit_merge(state, view, pool):
+                self._pending["edges"] += self._edge_rows(state, [other])
+
+    def _fit_merge(self, state: _Family, x: ModelView, pool: Mapping[str, ModelView]) -> bool:
+        """Fit `x` over `pool`; record it as a merge; True when its merge parents changed. Only relatives
+        uploaded before it take part (a merge is made of existing models: the parent came first in 99.73 %
+        of documented pairs), which also keeps a merge's own parents from being read as merges of it: a
+        TIES merge shares bit-equal entries with its parents as much as with its base."""
+        pool = {r: v for r, v in pool.items()
+                if x.created is None or v.created is None or v.created <= x.created}
+        found = fit(x.arrays, {r: v.arrays for r, v in pool.items()}) if len(pool) >= 2 else None
+        if found is None or (not found.is_merge and x.repo_id not in state.merges):
+            return False
+        before = state.merges.get(x.repo_id)
+        if found.is_merge:
+            state.merges[x.repo_id] = found.parents
+            logger.info("%s: a merge of %s (residual ratio %.3f)", x.repo_id, found.parents, found.ratio)
+        return state.merges.get(x.repo_id) != before
+
     def _adopt_orphans(self, family: str) -> None:
         """A new family: adapters that arrived before any model they fit (external base, no family) join it
         when their updates fit its shapes."""
@@ -703,6 +753,28 @@ class LineageIndex:
 
     def families(self) -> list[str]:
         return sorted(self._families)
+
+
+def _merge_parents(state: _Family, node: str) -> tuple[tuple[str, float], ...]:
+    """A merge node's parents for its edges row: heaviest first, the first one not below it in the forest
+    (the row's `parent`: a merged model cannot be its own ancestor); () when it is not a merge."""
+    links = state.merges.get(node, ())
+    forest = state.forest
+
+    def below(candidate: str) -> bool:
+        seen, u = set(), candidate
+        while u and u not in seen:
+            if u == node:
+                return True
+            seen.add(u)
+            u = forest.parent(u)
+        return False
+
+    usable = [p for p in links if p[0] in state.views and not below(p[0])]
+    if len(links) < 2 or not usable:
+        return ()
+    first = usable[0]
+    return (first, *[p for p in links if p != first])
 
 
 def _names_of(declared: str) -> tuple[str, ...]:

@@ -1,0 +1,147 @@
+"""Merges: is a model a combination of two or more of its relatives, and with which weights?
+
+mergekit's methods all write each tensor as (close to) a weighted combination of the merged models'
+tensors, possibly over a base: linear sum_i w_i W_i; SLERP, for the small angles between fine-tunes of
+one base, ~ (1 - t) W_a + t W_b; TIES / DARE: W_base + sum_i w_i mask_i(W_i - W_base) (trimmed or randomly
+dropped and rescaled task vectors), i.e. (1 - sum w_i) W_base + sum_i w_i W_i plus the masking noise.
+
+So a model X is fitted, by least squares over the compared blocks (all layers at once, as mergekit applies
+one weight per model unless told otherwise), as a combination of a few of its related relatives
+(`fit`): every subset of at most MAX_PARENTS of the candidates, through their Gram matrix (never a
+product larger than the candidates' count). The best single relative leaves r1^2 = min_i ||X - Y_i||^2;
+the best subset of two or more leaves r2^2; at least two members must carry MIN_SHARE of the weight.
+- Interpolating merges (linear, SLERP, soups) are explained exactly: r2^2 < INTERPOLATION_RATIO r1^2
+  (measured 0.0-0.002). The ratio must be that strict because the middle of a chain (P -> X -> C) is
+  "between" its parent and child too: X ~ (P + C) / 2 leaves half of r1^2 (0.5-0.63 on the zoo).
+- Masked merges (TIES trims each task vector to its largest entries, DARE drops entries at random):
+  where every task vector was dropped the merged entry IS the base's, bit for bit; a fine-tune's or a
+  chain's changed layers share no entries with anything (measured: TIES 0.25, DARE 0.16, fine-tunes,
+  chains, linear and SLERP merges 0.00). So a relative holding MASK_EQUAL of a changed layer's entries
+  is a base candidate, and X - base is fitted on the others' task vectors Y_i - base; the masking noise
+  remains (r2^2 / r1^2 0.47-0.53 measured), a fine-tune's independent update would not be explained
+  at all (~1): MASKED_RATIO = 0.9. The base is not a parent (its weight is 1 - sum w_i).
+A quantized copy adds white noise (r2 ~ r1, no bit-equal entries); a duplicate leaves nothing (r1 = 0).
+The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+MAX_PARENTS = 3
+INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothing (measured 0.0-0.002)
+MASKED_RATIO = 0.9  # TIES / DARE over a base: the masking noise stays (measured 0.47-0.53)
+MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: TIES 0.25, DARE 0.16, fine-tunes 0
+MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
+
+
+@dataclass(frozen=True)
+class MergeFit:
+    parents: tuple[tuple[str, float], ...]  # (repo_id, weight), heaviest first; () when not a merge
+    single: str  # the best single relative
+    ratio: float  # r2^2 / r1^2 of the best combination (1.0: it adds nothing)
+    base: str = ""  # a masked merge's base (TIES / DARE): the relative its untouched entries equal
+
+    @property
+    def is_merge(self) -> bool:
+        return len(self.parents) >= 2
+
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
+         base: Arrays | None = None) -> tuple[np.ndarray, np.ndarray, float]:
+    """(G, b, ||x||^2) over the blocks `names`: G_ij = <Y_i, Y_j>, b_i = <Y_i, x>, in float64; with `base`,
+    of the task vectors x - base and Y_i - base."""
+    ids = sorted(candidates)
+    g = np.zeros((len(ids), len(ids)))
+    b = np.zeros(len(ids))
+    xx = 0.0
+    for name in names:
+        shift = np.asarray(base[name], dtype=np.float64).ravel() if base is not None else 0.0
+        xv = np.asarray(x[name], dtype=np.float64).ravel() - shift
+        ys = np.stack([np.asarray(candidates[i][name], dtype=np.float64).ravel() for i in ids]) - shift
+        g += ys @ ys.T
+        b += ys @ xv
+        xx += float(xv @ xv)
+    return g, b, xx
+
+
+def equal_share(x: Arrays, y: Arrays, names: Sequence[str]) -> float:
+    """Median over the layers where x and y differ of the share of entries that are bit-equal."""
+    shares = []
+    for name in names:
+        same = np.asarray(x[name]) == np.asarray(y[name])
+        if not same.all():
+            shares.append(float(same.mean()))
+    return float(np.median(shares)) if shares else 0.0
+
+
+def _residual(g: np.ndarray, b: np.ndarray, xx: float, subset: tuple[int, ...]) -> tuple[float, np.ndarray]:
+    gs, bs = g[np.ix_(subset, subset)], b[list(subset)]
+    coef, *_ = np.linalg.lstsq(gs, bs, rcond=None)
+    return max(xx - 2 * float(coef @ bs) + float(coef @ gs @ coef), 0.0), coef
+
+
+def _best_subset(g: np.ndarray, b: np.ndarray, xx: float, r1: float, smallest: int) -> tuple[float, tuple[int, ...], np.ndarray]:
+    top: tuple[float, tuple[int, ...], np.ndarray] = (math.inf, (), np.zeros(0))
+    for size in range(smallest, min(MAX_PARENTS, len(b)) + 1):
+        for subset in itertools.combinations(range(len(b)), size):
+            r2, coef = _residual(g, b, xx, subset)
+            if r2 < top[0] - 1e-12 * r1:  # strictly better: smaller subsets win ties (deterministic order)
+                top = (r2, subset, coef)
+    return top
+
+
+def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_share: float) -> tuple[tuple[str, float], ...]:
+    positive = {ids[i]: float(c) for i, c in zip(subset, coef, strict=True) if c > 0}
+    total = sum(positive.values())
+    kept = [(r, w / total) for r, w in positive.items() if total > 0 and w / total >= min_share]
+    norm = sum(w for _, w in kept)
+    return tuple(sorted(((r, round(w / norm, 6)) for r, w in kept), key=lambda p: (-p[1], p[0])))
+
+
+def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_SHARE) -> MergeFit | None:
+    """The module docstring's test; None with fewer than two candidates or no common block."""
+    ids = sorted(candidates)
+    names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
+    if len(ids) < 2 or not names:
+        return None
+    g, b, xx = gram(x, candidates, names)
+    singles = [xx - 2 * b[i] + g[i, i] for i in range(len(ids))]  # ||X - Y_i||^2: Y_i as is, no rescaling
+    best = int(np.argmin(singles))
+    r1 = max(singles[best], 0.0)
+    if r1 <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
+        return MergeFit((), ids[best], 1.0)
+    r2, subset, coef = _best_subset(g, b, xx, r1, 2)
+    found = MergeFit(_parents(ids, subset, coef, min_share), ids[best], r2 / r1)
+    if found.is_merge and found.ratio < INTERPOLATION_RATIO:
+        return found
+    masked = _masked(x, candidates, names, r1, min_share)
+    return masked if masked is not None else MergeFit((), ids[best], found.ratio)
+
+
+def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], r1: float,
+            min_share: float) -> MergeFit | None:
+    """TIES / DARE: over each relative whose values the model keeps bit for bit in MASK_EQUAL of a changed
+    layer's entries, fit the task vector x - base on the others' (the base's weight is 1 - sum w_i)."""
+    best: MergeFit | None = None
+    for base in sorted(candidates):
+        if equal_share(x, candidates[base], names) < MASK_EQUAL:
+            continue
+        others = {r: c for r, c in candidates.items() if r != base}
+        if len(others) < 2:
+            continue
+        ids = sorted(others)
+        g, b, xx = gram(x, others, names, base=candidates[base])
+        r2, subset, coef = _best_subset(g, b, xx, r1, 2)
+        fit_ = MergeFit(_parents(ids, subset, coef, min_share), base, r2 / r1, base)
+        if fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio):
+            best = fit_
+    return best
