@@ -461,7 +461,14 @@ def body_relatedness(family: Family) -> tuple[np.ndarray, np.ndarray]:
 
 def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> tuple[np.ndarray, str]:
     """The tie-break term of one tree: the heads' distance, then upload order (fan or snake)."""
-    extras = extras_distance([family.extras[int(i)] for i in idx]) if family.extras else np.ones_like(d)
+    # heads decide (their shapes and values are what a task changes); the other tensors outside the body
+    # (norms, biases, running statistics) only order what the heads leave tied
+    if family.extras:
+        heads = extras_distance([{n: a for n, a in family.extras[int(i)].items() if is_head(n)} for i in idx])
+        rest = extras_distance([{n: a for n, a in family.extras[int(i)].items() if not is_head(n)} for i in idx])
+        extras = heads + 0.1 * rest
+    else:
+        heads = extras = np.ones_like(d)
     created = [family.created[int(i)] if options.use_time else None for i in idx]
     tau = snake_score(d, created)
     snake = bool(tau > SNAKE_TAU)
@@ -469,8 +476,8 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
     tie = extras + 0.5 * order_preference(created, snake=snake)
     groups = body_groups([{n: family.layers[n][int(i)] for n in family.selection.distance} for i in idx])
     if groups:
-        heads = [sum(a.size for n, a in family.extras[int(i)].items() if is_head(n)) if family.extras else 0 for i in idx]
-        tie = tie + body_group_penalty(groups, extras, created, heads)
+        sizes = [sum(a.size for n, a in family.extras[int(i)].items() if is_head(n)) if family.extras else 0 for i in idx]
+        tie = tie + body_group_penalty(groups, heads, created, sizes)
         why += f", {sum(len(g) for g in groups)} models in {len(groups)} bit-identical bod{'y' if len(groups) == 1 else 'ies'}"
     return tie, why
 

@@ -18,11 +18,12 @@ import numpy as np
 
 
 def centre_rooted_tree(cost: np.ndarray) -> list[int]:
-    """parent[j] (-1 for the root) of the undirected MST of the symmetrised `cost`, rooted at its centre."""
+    """parent[j] (-1 for the root) of the undirected MST of the symmetrised `cost`, rooted at its centre.
+    An undirected edge costs its costlier direction: the tie-breaks (indexer.lineage.ties) are asymmetric."""
     n = cost.shape[0]
     if n == 1:
         return [-1]
-    sym = np.minimum(cost, cost.T)
+    sym = np.maximum(cost, cost.T)
     graph = nx.Graph()
     graph.add_nodes_from(range(n))
     for a in range(n):

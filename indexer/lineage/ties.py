@@ -135,20 +135,22 @@ def group_root(group: Sequence[int], extras: np.ndarray, created: Sequence[float
 
 def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, created: Sequence[float | None],
                        head_sizes: Sequence[int] = ()) -> np.ndarray:
-    """Tie-break additions (same units as `extras`, 0..3) steering each group's edges to its root."""
+    """Tie-break additions (same units as `extras`) steering each group's edges to its root, in both
+    directions, so that the undirected tree (`indexer.lineage.orient`, which takes the costlier direction
+    of each edge) sees them too: a member and its group root 3, two members 4, a member and an outside
+    model 2 unless the member's head matches that model's."""
     n = extras.shape[0]
     out = np.zeros((n, n), dtype=np.float64)
     for group in groups:
         root = group_root(group, extras, created, head_sizes)
-        for m in group:
-            if m == root:
-                continue
+        members = [m for m in group if m != root]
+        for m in members:
             out[m, root] = 3.0  # never above its group's root
             for j in range(n):
                 if j not in group and extras[m, j] >= 1.0:  # no head evidence for m: prefer the root
                     out[m, j] += 2.0
-        for m in group:
-            for o in group:
-                if o not in (m, root):
-                    out[o, m] += 1.0  # members hang off the root, not off each other
+                    out[j, m] += 2.0
+            for o in members:
+                if o != m:
+                    out[o, m] += 4.0  # members hang off the root, not off each other
     return out
