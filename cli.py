@@ -95,10 +95,14 @@ def zoo() -> None:
 
 @zoo.command("make")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "vthr"]), default="tiny", show_default=True,
-              help="tiny: 2 trees x 4 (seconds); small: 3 x 7 (a minute); vthr: 5 x 21, the paper's VTHR.")
+@click.option("--preset", type=click.Choice(["tiny", "small", "vthr", "wild-conv", "wild-bert", "wild-gpt2", "wild-tiny"]),
+              default="tiny", show_default=True,
+              help="tiny: 2 trees x 4 (seconds); small: 3 x 7 (a minute); vthr: 5 x 21, the paper's VTHR. "
+                   "wild-conv / wild-bert / wild-gpt2: a ResNet / BERT / GPT-2 family with the real Hub's "
+                   "phenomena (about 25 models, minutes); wild-tiny: a handful of conv models (seconds).")
 @click.option("--split", type=click.Choice(["ft", "lora-f", "lora-v"]), default="ft", show_default=True,
-              help="ft: full fine-tuning; lora-f: LoRA rank 16; lora-v: LoRA rank from {8,16,32,64}.")
+              help="ft: full fine-tuning; lora-f: LoRA rank 16; lora-v: LoRA rank from {8,16,32,64}. "
+                   "Ignored by the wild presets.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights (byte for byte).")
 @click.option("--force", is_flag=True, help="Replace a zoo already built in OUT.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -106,12 +110,25 @@ def zoo() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def zoo_make(out: Path, preset: str, split: str, seed: int, force: bool, workers: int | None,
              as_json: bool) -> None:
-    """Train a zoo of small ViTs in trees and write Hub-style repos under OUT.
+    """Train a zoo of small models in trees and write Hub-style repos under OUT.
 
     OUT/<org>/<name>/ holds config.json, model.safetensors and a model card whose base_model is the
-    ground truth; OUT/hub.json (upload times), OUT/truth.csv (parent,child) and OUT/zoo.json
-    (hyper-parameters, accuracies, timings) describe the whole zoo.
+    ground truth; OUT/hub.json (upload times), OUT/truth.csv (parent,child; the wild presets add a
+    relation column) and OUT/zoo.json (hyper-parameters, accuracies, timings) describe the whole zoo.
     """
+    if preset.startswith("wild-"):
+        from indexer.zoo.wild import make_wild_zoo  # imported late: torch and transformers load in seconds
+
+        wild = make_wild_zoo(out, preset=preset, seed=seed, force=force, workers=workers)
+        drifts = {repo: round(d, 3) for repo, tag, d in wild.drifts if tag == "long-high-lr" and d is not None}
+        if as_json:
+            _emit_json({"out": str(wild.out), "n_models": wild.n_models, "n_trees": wild.n_trees,
+                        "seconds": round(wild.seconds, 1), "long_high_lr_drift": drifts})
+            return
+        click.echo(f"{wild.n_models} models in {wild.n_trees} trees written to {wild.out} in {wild.seconds:.1f} s")
+        for repo, drift in drifts.items():
+            click.echo(f"long-high-lr {repo}: body drift {drift} (median relative L2 vs its parent)")
+        return
     from indexer.zoo import make_zoo  # imported late: torch and transformers load in seconds
 
     summary = make_zoo(out, preset=preset, split=split, seed=seed, force=force, workers=workers)  # type: ignore[arg-type]

@@ -392,13 +392,27 @@ def write_zoo(out: Path, specs: list[ModelSpec], *, preset: str, split: str, see
     return reports
 
 
-def read_truth(out: Path) -> dict[str, str | None]:
-    """child -> parent (None for a root), from OUT/truth.csv."""
+_TRUTH_HEADERS = (["parent", "child"], ["parent", "child", "relation"])  # the wild presets add the relation
+
+
+def _truth_rows(out: Path) -> list[dict[str, str]]:
     path = Path(out) / "truth.csv"
     if not path.is_file():
         raise BadInputError(str(path), "missing; is this a zoo built by `index zoo make`?")
     with path.open(newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
-        if reader.fieldnames != ["parent", "child"]:
-            raise BadInputError(str(path), f"header is {reader.fieldnames}, expected parent,child")
-        return {row["child"]: (row["parent"] or None) for row in reader}
+        if reader.fieldnames not in _TRUTH_HEADERS:
+            raise BadInputError(str(path), f"header is {reader.fieldnames}, expected parent,child or "
+                                "parent,child,relation")
+        return list(reader)
+
+
+def read_truth(out: Path) -> dict[str, str | None]:
+    """child -> parent (None for a root), from OUT/truth.csv."""
+    return {row["child"]: (row["parent"] or None) for row in _truth_rows(out)}
+
+
+def read_relations(out: Path) -> dict[str, str]:
+    """child -> relation (finetune | adapter | quantized | merge | duplicate; "" for a root), from
+    OUT/truth.csv; a zoo without the relation column holds fine-tunes only."""
+    return {row["child"]: (row.get("relation") or ("finetune" if row["parent"] else "")) for row in _truth_rows(out)}
