@@ -476,10 +476,16 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
     tie = extras + 0.5 * order_preference(created, snake=snake)
     groups = body_groups([{n: family.layers[n][int(i)] for n in family.selection.distance} for i in idx])
     if groups:
-        sizes = [sum(a.size for n, a in family.extras[int(i)].items() if is_head(n)) if family.extras else 0 for i in idx]
+        sizes = [_head_size(family.extras[int(i)]) if family.extras else (0, 0) for i in idx]
         tie = tie + body_group_penalty(groups, heads, created, sizes)
         why += f", {sum(len(g) for g in groups)} models in {len(groups)} bit-identical bod{'y' if len(groups) == 1 else 'ies'}"
     return tie, why
+
+
+def _head_size(extras: Mapping[str, np.ndarray]) -> tuple[int, int]:
+    """(head tensors, head values) of one model (sketches.layers.is_head)."""
+    heads = [a for n, a in extras.items() if is_head(n)]
+    return len(heads), int(sum(a.size for a in heads))
 
 
 def _pick_distance(

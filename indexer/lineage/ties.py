@@ -12,8 +12,8 @@
 - Bit-identical bodies, as a group (`body_groups`): every member is at distance 0 from every other and
   equally far from everyone else, so a spanning tree may hang the family on any of them (on wild-conv,
   without times, the frozen child took 9 of the root's edges). The group's own root is decided first:
-  the earliest upload; without times, the member whose heads best match the rest of the tree (a base's
-  head is the one its fine-tunes kept). `body_group_penalty` then makes the other members more costly
+  the earliest upload; without times, a prior on heads (`group_root`: the fewest head tensors, then
+  the widest head). `body_group_penalty` then makes the other members more costly
   as parents of outside models unless their heads match that model's (a full fine-tune of a frozen
   child keeps that child's head shape), and makes the group root the parent of its members.
 - Equally close candidates: prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
@@ -121,20 +121,22 @@ def body_groups(layers: Sequence[Mapping[str, np.ndarray]]) -> list[list[int]]:
 
 
 def group_root(group: Sequence[int], extras: np.ndarray, created: Sequence[float | None],
-               head_sizes: Sequence[int] = ()) -> int:
-    """The member the others descend from: the earliest upload; without times, the one with the widest
-    head (pre-training is broader than the tasks a frozen backbone is transferred to: 1,000 ImageNet
-    classes above a 3-class transfer head), then the best-matching heads, then the id."""
+               heads: Sequence[tuple[int, int]] = ()) -> int:
+    """The member the others descend from: the earliest upload; without times, a prior on heads: the
+    fewest head tensors (transfer learning adds a task head -- `classifier`, `score` -- above the base's,
+    it does not remove the base's), then the widest head (a replaced head is narrower: pre-training is
+    broader than the task a frozen backbone is moved to, 1,000 ImageNet classes above a 3-class head),
+    then the best-matching heads, then the id. `heads[i]` = (head tensors, head values) of member i."""
     timed = [i for i in group if created[i] is not None]
     if timed and len({created[i] for i in timed}) > 1:
         return min(timed, key=lambda i: (created[i], i))
     outside = [j for j in range(extras.shape[0]) if j not in group]
-    return min(group, key=lambda i: (-(head_sizes[i] if head_sizes else 0),
+    return min(group, key=lambda i: ((heads[i][0], -heads[i][1]) if heads else (0, 0),
                                      float(extras[i, outside].sum()) if outside else 0.0, i))
 
 
 def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, created: Sequence[float | None],
-                       head_sizes: Sequence[int] = ()) -> np.ndarray:
+                       heads: Sequence[tuple[int, int]] = ()) -> np.ndarray:
     """Tie-break additions (same units as `extras`) steering each group's edges to its root, in both
     directions, so that the undirected tree (`indexer.lineage.orient`, which takes the costlier direction
     of each edge) sees them too: a member and its group root 3, two members 4, a member and an outside
@@ -142,7 +144,7 @@ def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, crea
     n = extras.shape[0]
     out = np.zeros((n, n), dtype=np.float64)
     for group in groups:
-        root = group_root(group, extras, created, head_sizes)
+        root = group_root(group, extras, created, heads)
         members = [m for m in group if m != root]
         for m in members:
             out[m, root] = 3.0  # never above its group's root
