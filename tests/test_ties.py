@@ -18,7 +18,12 @@ def test_heads_break_a_frozen_body_tie() -> None:
     extras = [{"classifier.weight": head3}, {"classifier.weight": np.zeros((5, 4))},
               {"classifier.weight": head3 + 0.01}]
     d = extras_distance(extras)
-    assert d[0, 2] < 0.1 and d[0, 1] == 1.0 and d[1, 2] == 1.0  # other shapes: no evidence (1)
+    assert d[0, 2] < 0.1 and d[0, 1] == 1.0 and d[1, 2] == 1.0  # other shapes: wholly different
+    with_head = {"pooler.bias": np.ones(4), "classifier.weight": head3}
+    without = {"pooler.bias": np.ones(4)}
+    child = {"pooler.bias": np.ones(4) * 1.01, "classifier.weight": head3 + 0.3}
+    d = extras_distance([with_head, without, child])
+    assert d[0, 2] < d[1, 2]  # sharing the task head beats lacking it
 
 
 def test_a_chain_is_a_snake_and_a_star_is_a_fan() -> None:

@@ -7,15 +7,15 @@
   the bytes are compared (sketches.layers.canonical_tensors).
 - Bit-identical bodies (transfer learning with a frozen backbone): the body distance is 0 between the
   parent and every such child, and between the children. `extras_distance` breaks it with the tensors
-  outside the compared body (heads, norms, a new block) that a pair has with one shape: their summed
-  relative L2, in [0, 1]; 1 when the pair shares none (no evidence either way).
+  outside the compared body (heads, norms, a new block): their relative L2 over both sets, a tensor
+  one side lacks (or holds in another shape) counting as wholly different; in [0, 1].
 - Bit-identical bodies, as a group (`body_groups`): every member is at distance 0 from every other and
   equally far from everyone else, so a spanning tree may hang the family on any of them (on wild-conv,
   without times, the frozen child took 9 of the root's edges). The group's own root is decided first:
   the earliest upload; without times, a prior on heads (`group_root`: the fewest head tensors, then
   the widest head). `body_group_penalty` then makes the other members more costly
-  as parents of outside models unless their heads match that model's (a full fine-tune of a frozen
-  child keeps that child's head shape), and makes the group root the parent of its members.
+  as parents of outside models unless their heads are closer to that model's than the root's are (a
+  full fine-tune of a frozen child keeps that child's head), and makes the group root the parent of its members.
 - Equally close candidates: prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
   commonest shape: 79 % of models sit in groups of sibling leaves) unless the tree is a "snake" (a chain
   of checkpoints: the distance grows with the time gap), where the latest earlier one is the parent.
@@ -76,15 +76,22 @@ def extras_distance(extras: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
 
 
 def _pair_extras(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    names = sorted(n for n in a if n in b and np.shape(a[n]) == np.shape(b[n]))
-    if not names:
-        return 1.0
+    """Relative L2 over the union of the two sets: a tensor one side lacks, or holds in another shape,
+    counts as wholly different (its norm on both sides of the ratio). So a model that shares a task head
+    with j is nearer j than one without that head, however little the latter's other tensors moved."""
     diff = scale = 0.0
-    for name in names:
-        x, y = np.asarray(a[name], np.float64), np.asarray(b[name], np.float64)
-        diff += float(np.linalg.norm(x - y))
-        scale += math.sqrt((float(np.sum(x * x)) + float(np.sum(y * y))) / 2.0)
-    return min(1.0, diff / scale) if scale > 0 else 0.0
+    for name in sorted(set(a) | set(b)):
+        x = np.asarray(a[name], np.float64) if name in a else None
+        y = np.asarray(b[name], np.float64) if name in b else None
+        if x is not None and y is not None and x.shape == y.shape:
+            diff += float(np.linalg.norm(x - y))
+            scale += math.sqrt((float(np.sum(x * x)) + float(np.sum(y * y))) / 2.0)
+            continue
+        for lone in (x, y):
+            if lone is not None:
+                diff += float(np.linalg.norm(lone))
+                scale += float(np.linalg.norm(lone))
+    return min(1.0, diff / scale) if scale > 0 else 1.0
 
 
 def snake_score(dist: np.ndarray, created: Sequence[float | None]) -> float:
@@ -140,7 +147,7 @@ def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, crea
     """Tie-break additions (same units as `extras`) steering each group's edges to its root, in both
     directions, so that the undirected tree (`indexer.lineage.orient`, which takes the costlier direction
     of each edge) sees them too: a member and its group root 3, two members 4, a member and an outside
-    model 2 unless the member's head matches that model's."""
+    model 2 unless the member's heads are closer to that model's than the root's heads are."""
     n = extras.shape[0]
     out = np.zeros((n, n), dtype=np.float64)
     for group in groups:
@@ -149,7 +156,8 @@ def body_group_penalty(groups: Sequence[Sequence[int]], extras: np.ndarray, crea
         for m in members:
             out[m, root] = 3.0  # never above its group's root
             for j in range(n):
-                if j not in group and extras[m, j] >= 1.0:  # no head evidence for m: prefer the root
+                # m's heads no closer to j's than the root's are: no evidence for m, prefer the root
+                if j not in group and extras[m, j] >= extras[root, j]:
                     out[m, j] += 2.0
                     out[j, m] += 2.0
             for o in members:
