@@ -417,7 +417,8 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         untimed = not options.use_time or all(family.created[int(i)] is None for i in idx)
         if untimed and options.orient == "center" and options.kurtosis != "always":
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
-            local, why = centre_rooted_tree(cost), "no upload time: rooted at the centre of the spanning tree"
+            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx])
+            why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
             local = minimum_arborescence(cost)
@@ -480,6 +481,12 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
         tie = tie + body_group_penalty(groups, heads, created, sizes)
         why += f", {sum(len(g) for g in groups)} models in {len(groups)} bit-identical bod{'y' if len(groups) == 1 else 'ies'}"
     return tie, why
+
+
+def _root_prior(family: Family, i: int) -> tuple[float, float]:
+    """Sort key of a candidate root, smaller first: the fewest head tensors, then the widest head."""
+    count, values = _head_size(family.extras[i]) if family.extras else (0, 0)
+    return float(count), -float(values)
 
 
 def _head_size(extras: Mapping[str, np.ndarray]) -> tuple[int, int]:
