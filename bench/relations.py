@@ -89,6 +89,49 @@ def score(zoo: Path, home: Path) -> dict[str, Any]:
             "failed": sorted(r for r, m in models.items() if m.status != "indexed")}  # type: ignore[attr-defined]
 
 
+def big_quantized(budget_mib: int) -> dict[str, Any]:
+    """Bytes read for bigger quantized repos (a 51M-parameter llama: hidden 1024, 4 layers): a Q8_0 GGUF and
+    a GPTQ 4-bit checkpoint next to their F32 source, crawled at `budget_mib` of tensor bytes per model."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from indexer.zoo.quantize import write_gptq, write_llama_gguf
+
+    rng = np.random.default_rng(0)
+    hidden, ffn, layers, heads = 1024, 2816, 4, 16
+    shapes = {"model.embed_tokens.weight": (256, hidden), "lm_head.weight": (256, hidden), "model.norm.weight": (hidden,)}
+    for b in range(layers):
+        p = f"model.layers.{b}."
+        shapes |= {p + f"self_attn.{x}_proj.weight": (hidden, hidden) for x in "qkvo"}
+        shapes |= {p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                   p + "mlp.down_proj.weight": (hidden, ffn), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    state = {n: (rng.standard_t(4, s) * 0.02).astype(np.float32) for n, s in sorted(shapes.items())}
+    out: dict[str, Any] = {"budget_mib": budget_mib}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "hub"
+        (root / "big/source").mkdir(parents=True)
+        save_file(state, str(root / "big/source/model.safetensors"))
+        (root / "big/source/config.json").write_text(json.dumps({"model_type": "llama"}))
+        (root / "big/source-Q8_0-GGUF").mkdir(parents=True)
+        write_llama_gguf(root / "big/source-Q8_0-GGUF/source-Q8_0.gguf", state, "Q8_0", heads=heads, kv_heads=heads)
+        write_gptq(root / "big/source-GPTQ", state, {"model_type": "llama"}, bits=4, group=128)
+        stamps = {"big/source": "2024-01-01", "big/source-Q8_0-GGUF": "2024-01-02", "big/source-GPTQ": "2024-01-03"}
+        (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {r: {"createdAt": f"{d}T00:00:00.000Z"}
+                                                                            for r, d in stamps.items()}}))
+        home = Path(tmp) / "home"
+        with HubEmulator(root) as emu:
+            crawl(home, CrawlOptions(endpoint=emu.url, progress=False, device="cpu", budget=budget_mib << 20,
+                                     policy=RetryPolicy(sleep=lambda s: None)))
+        models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
+        edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
+        for repo in stamps:
+            size = sum(f.stat().st_size for f in (root / repo).iterdir())
+            out[repo] = {"bytes_read": models[repo].bytes_read, "repo_bytes": size,  # type: ignore[attr-defined]
+                         "parent": edges[repo].parent, "relation": edges[repo].relation}  # type: ignore[attr-defined]
+    return out
+
+
 def _print(result: dict[str, Any]) -> None:
     print(f"zoo: {result['zoo']}  models: {result['models']}  crawl: {result['crawl_seconds']:.1f} s"
           f"  build: {result.get('build_seconds', 0):.0f} s")
@@ -115,7 +158,12 @@ def main() -> None:
     parser.add_argument("--build", action="store_true", help="rebuild the zoo even if it exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--big", type=int, metavar="MIB", default=0,
+                        help="also crawl a 51M-parameter llama, its Q8_0 GGUF and GPTQ copies at this byte budget")
     args = parser.parse_args()
+    if args.big:
+        big = big_quantized(args.big)
+        print(json.dumps(big, indent=1)) if args.json else [print(f"{k}: {v}") for k, v in big.items()]
     result: dict[str, Any] = {"zoo": str(args.zoo)}
     if args.build or not (args.zoo / "truth.csv").exists():
         result["build_seconds"] = make_relations_zoo(args.zoo, seed=args.seed, force=True).seconds

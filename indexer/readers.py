@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -251,14 +251,23 @@ def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[s
     family = family_key(shapes)
     plan = plan_reads(virtual, family=family, budget=budget)
     by_norm = {normalise_name(w): m for w, m in modules.items()}
-    arrays = {}
+    arrays, kept, spent = {}, [], 0
     for block in plan.blocks:
         rows = None if block.whole else block.rows
-        if block.tensor in by_norm:
-            arrays[block.tensor] = read.module(by_norm[block.tensor], scheme, rows)
+        module = by_norm.get(block.tensor)
+        # GPTQ / AWQ modules are read whole whatever rows the plan wants: keep the budget by blocks
+        cost = sum(where[n][1].nbytes for n in module.parts.values()) if module is not None and scheme.method in (
+            "gptq", "awq") else block.nbytes
+        if kept and spent + cost > budget:
+            continue
+        spent += cost
+        if module is not None:
+            arrays[block.tensor] = read.module(module, scheme, rows)
         else:
             arrays[block.tensor] = read.plain(plain[block.tensor], rows)
         _finite(block.tensor, arrays[block.tensor])
+        kept.append(block)
+    plan = replace(plan, blocks=tuple(kept))
     quant = QuantInfo(scheme.name, packed_error(scheme))
     details = {"scheme": scheme.name, "predicted_error": quant.predicted_error, "modules": len(modules),
                "group_size": scheme.group_size}

@@ -183,6 +183,7 @@ def tags(repo: Repo, facts: Facts) -> list[str]:
     lib = library_name(repo, facts)
     found += [lib] if lib else []
     found += ["safetensors"] if any(p.endswith(".safetensors") for p in repo.files) else []
+    found += ["gguf"] if any(p.endswith(".gguf") for p in repo.files) else []  # the Hub tags GGUF repos so
     config = facts.config or {}
     found += [config["model_type"]] if isinstance(config.get("model_type"), str) else []
     found += [a for a in config.get("architectures") or [] if isinstance(a, str)]

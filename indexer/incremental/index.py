@@ -58,7 +58,7 @@ from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, TIER_GAP, Mode
 from indexer.incremental.forest import Candidate, IncrementalForest, Path_
 from indexer.lineage.confidence import calibrated
 from sketches.distances import Device
-from sketches.layers import select_layers
+from sketches.layers import is_head, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
 from store.cache import CACHE_DIR, TensorCache
 from store.families import FamilyRegistry
@@ -137,6 +137,7 @@ def _prepare(index: int, arrival: Arrival, dim: int, seed: int) -> _Pending:
     sketch = sketch_model(arrival.arrays, family=arrival.family, dim=dim, seed=seed)  # 1.
     view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at)
     arrays = {n: arrival.arrays[n] for n in sketch.layer_names}
+    arrays |= {n: a for n, a in arrival.arrays.items() if is_head(n)}  # heads break ties of identical bodies
     mine = ModelView(arrival.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)
     return _Pending(index, arrival, sketch, view, mine)
 
@@ -284,7 +285,7 @@ class LineageIndex:
             return
         self._nominate(chunk)  # 2.
         batch = {p.mine.repo_id: p for p in chunk}
-        jobs = [(p.mine, self._views(self.family(p.arrival.family), p.first, batch)) for p in chunk]
+        jobs = [_aligned(p.mine, self._views(self.family(p.arrival.family), p.first, batch)) for p in chunk]
         for p, pairs in zip(chunk, measure_many(jobs, device=self.device), strict=True):  # 3. (first part)
             results[p.index] = self._place(p, pairs)
 
@@ -307,7 +308,7 @@ class LineageIndex:
         repo_id, family = arrival.repo_id, arrival.family
         hop = self._second_hop(state, p.sketch, p.first, pairs)[: self.k - len(p.first)]
         rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
-        pairs = pairs + measure(p.mine, self._views(state, hop + rest), device=self.device)  # pair-local: batching changes nothing
+        pairs = pairs + measure(*_aligned(p.mine, self._views(state, hop + rest)), device=self.device)  # pair-local: batching changes nothing
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
@@ -753,6 +754,32 @@ class LineageIndex:
 
     def families(self) -> list[str]:
         return sorted(self._families)
+
+
+def _aligned(new: ModelView, others: Sequence[ModelView]) -> tuple[ModelView, list[ModelView]]:
+    """The new model and its nominees cut to the rows they all hold of each tensor. Blocks start at row 0
+    and a plan depends on the item size, so a model read in another dtype (an F32 source beside a
+    quantized copy planned as BF16, a BF16 sibling) holds a row prefix of the same block: compare the
+    common prefix. Nominees that share no tensor with the new model at all are left out (logged)."""
+    def trail(a: np.ndarray) -> tuple[int, ...]:
+        return tuple(np.shape(a)[1:])
+
+    kept = [o for o in others if any(n in o.arrays and trail(o.arrays[n]) == trail(a) for n, a in new.arrays.items())]
+    if len(kept) < len(others):
+        logger.info("%s: %d nominee(s) share no tensor with it; not compared", new.repo_id, len(others) - len(kept))
+    rows = {n: min([np.shape(a)[0], *(np.shape(o.arrays[n])[0] for o in kept
+                                      if n in o.arrays and trail(o.arrays[n]) == trail(a))])
+            for n, a in new.arrays.items() if np.ndim(a) >= 1}
+    if all(np.shape(a)[0] == rows[n] for n, a in new.arrays.items() if n in rows) and all(
+            np.shape(o.arrays[n])[0] == rows[n] for o in kept for n in rows if n in o.arrays
+            and trail(o.arrays[n]) == trail(new.arrays[n])):
+        return new, kept  # the usual case (one plan, one item size): nothing to cut
+
+    def cut(view: ModelView) -> ModelView:
+        arrays = {n: (a[: rows[n]] if n in rows and trail(a) == trail(new.arrays[n]) else a) for n, a in view.arrays.items()}
+        return replace(view, arrays=arrays)
+
+    return cut(new), [cut(o) for o in kept]
 
 
 def _merge_parents(state: _Family, node: str) -> tuple[tuple[str, float], ...]:
