@@ -485,7 +485,8 @@ def _details_line(details: str) -> str:
         doc = json.loads(details)
     except ValueError:
         return ""
-    return "  ".join(f"{k}={v}" for k, v in sorted(doc.items()) if not isinstance(v, dict | list) or len(str(v)) < 80)
+    shown = {k: v for k, v in sorted(doc.items()) if v not in (None, False, "", [], {}) and len(str(v)) < 80}
+    return "  ".join(f"{k}={v}" for k, v in shown.items())
 
 
 _SHOW_FORMATS = ("text", "mermaid", "dot", "svg", "html", "json")  # indexer.web.render.FORMATS, without importing it

@@ -542,9 +542,8 @@ class LineageIndex:
         self._since_flush += 1
         if self._since_flush >= self.flush_every:
             self.flush()
-        details: dict[str, object] = {"base_resolved": anchor or "", "external_base": anchor is None,
-                                      "update_norm": round(norm, 6), "chain_parent": parent if parent != name else "",
-                                      "chain_compared": touched}
+        # where it hangs (base, external or not, chain parent) is the edges row's: it moves as models arrive
+        details: dict[str, object] = {"update_norm": round(norm, 6), "chain_compared": touched}
         return family, details | verdict_details(compat, source=source)
 
     def _chain(self, repo_id: str, anchor: str, created: float | None, norm: float,
