@@ -52,6 +52,7 @@ import torch
 
 from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
+from indexer.lineage.ties import extras_distance
 from sketches.distances import Device, rank_gaps, resolve_device
 from sketches.layers import is_head, select_layers
 from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, combine, permutation_z, projection
@@ -72,6 +73,16 @@ FLOOR = 1e-12  # identical weights (re-uploads) have distance 0: log of the floo
 # (a "fan", indexer.lineage.ties): a weight of TIE_PER_YEAR per year of the parent's upload time since
 # 2022-03-02, pair-local and far below any real gap between log distances (>= 1e-3 on the zoos).
 TIE_PER_YEAR = 1e-6
+# Bit-identical bodies with other heads (frozen-backbone transfer): the tier distance is
+# FLOOR * (2 + HEAD_TIE_SCALE * h), h the heads' relative distance in [0, 1] (indexer.lineage.ties): a
+# log weight from -27 to -20, below any real difference and above a duplicate's log(FLOOR), so that the
+# candidate whose heads match best wins before upload order does (batch mother's order of tie-breaks).
+HEAD_TIE_SCALE = 1000.0
+# Every other tie (two candidates at one distance: a full fine-tune of a frozen-backbone child is as far
+# from that child as from its base) is broken by the heads too, as batch mother does: HEAD_TIE log units
+# per unit of heads distance, above the upload-order tie (at most 1e-5 over ten years) and far below
+# any real gap between candidates.
+HEAD_TIE = 1e-4
 HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt
 REGIME_LAYERS = 4  # layers whose SVD decides low-rank vs full-rank; the rest only for low-rank pairs
 
@@ -102,6 +113,7 @@ class PairMeasure:
     ku_other: float
     score: float = math.nan  # the relatedness test's Stouffer Z (sketches.relatedness)
     identical: bool = False  # every compared layer bit-identical (a duplicate or a frozen body)
+    heads: float = 0.0  # the heads' distance (indexer.lineage.ties), 0 when neither side read heads
 
     @property
     def distance(self) -> float:
@@ -218,7 +230,7 @@ def _plan(jobs: Sequence[Job]) -> list[_Job]:
     for new, others in jobs:
         nominees = tuple(others)
         shared = set.intersection(*(set(common_layers(new, o)) for o in nominees)) if nominees else set()
-        names = tuple(sorted(shared))
+        names = tuple(sorted(n for n in shared if not is_head(n)))  # heads: only to break body ties (_pair)
         plan.append(_Job(new, nominees, names, {n: i for i, n in enumerate(names)}, first, dist_first))
         first += len(nominees)
         dist_first += len(nominees) * len(shared)
@@ -376,8 +388,12 @@ def _pair(new: ModelView, other: ModelView, i: int, per_layer: tuple[np.ndarray,
     test = combine(zs)  # sketches.relatedness: median z over the usable layers, its p-value
     score, related = test.score, test.related
     identical = bool(len(names) > 0 and not dist.any())
+    heads = heads_distance(new.arrays, other.arrays)
+    if identical and not low_rank:  # one body (a duplicate, or frozen-backbone transfer): the heads decide
+        identical = heads == 0.0
+        tier = 0.0 if identical else FLOOR * (2.0 + HEAD_TIE_SCALE * heads)
     return PairMeasure(other.repo_id, relative, median_relative, low_rank, tier, related,
-                       _ku(new, direction), _ku(other, direction), score, identical)
+                       _ku(new, direction), _ku(other, direction), score, identical, heads)
 
 
 def penalty_count(ku_parent: float, ku_child: float, t_parent: float | None, t_child: float | None,
@@ -396,9 +412,18 @@ def edge_weights(pair: PairMeasure, t_new: float | None, t_other: float | None, 
     """((T, weight) of other -> new, (T, weight) of new -> other)."""
     into_new = penalty_count(pair.ku_other, pair.ku_new, t_other, t_new)
     out_of_new = penalty_count(pair.ku_new, pair.ku_other, t_new, t_other)
-    base = pair.base_weight
+    base = pair.base_weight + HEAD_TIE * pair.heads
     return ((into_new, base + penalty * into_new + tie_weight(t_other)),
             (out_of_new, base + penalty * out_of_new + tie_weight(t_new)))
+
+
+def heads_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """indexer.lineage.ties' extras distance over the heads each side read (0 when neither read any)."""
+    ha = {n: x for n, x in a.items() if is_head(n)}
+    hb = {n: x for n, x in b.items() if is_head(n)}
+    if not ha and not hb:
+        return 0.0
+    return float(extras_distance([ha, hb])[0, 1])
 
 
 def tie_weight(t_parent: float | None) -> float:
