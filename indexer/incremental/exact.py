@@ -233,7 +233,7 @@ def _plan(jobs: Sequence[Job]) -> list[_Job]:
         names = tuple(sorted(n for n in shared if not is_head(n)))  # heads: only to break body ties (_pair)
         plan.append(_Job(new, nominees, names, {n: i for i, n in enumerate(names)}, first, dist_first))
         first += len(nominees)
-        dist_first += len(nominees) * len(shared)
+        dist_first += len(nominees) * len(names)
     return plan
 
 
