@@ -39,7 +39,7 @@ from scipy.optimize import minimize  # noqa: E402
 from errors import ModelGraphError  # noqa: E402
 from indexer.evaluate import _true_root, evaluate, read_truth_csv  # noqa: E402
 from indexer.lineage import recover as rec  # noqa: E402
-from indexer.lineage.confidence import CALIB_A, CALIB_B  # noqa: E402
+from indexer.lineage.confidence import CALIB_A, CALIB_B, CALIB_C  # noqa: E402
 from indexer.lineage.methods import Options, body_relatedness  # noqa: E402
 from sketches.relatedness import Z_RELATED  # noqa: E402
 
@@ -131,24 +131,19 @@ def relatedness_errors(zoo: Path, truth: dict[str, str]) -> tuple[list[tuple[flo
     return out, cross, cross_related
 
 
-def margin_of(conf: float) -> float:
-    """Invert the calibration: the margin m behind a confidence."""
-    conf = min(max(conf, 1e-12), 1 - 1e-12)
-    return (math.log(conf / (1 - conf)) - CALIB_A) / CALIB_B
+def refit(samples: list[tuple[float, bool, bool]]) -> tuple[float, float, float]:
+    """Logistic fit of correct ~ margin + timed, with one right and one wrong pseudo-edge per time setting
+    at margin 0: it keeps the fit finite when every edge of a setting is right."""
+    m = np.array([s[0] for s in samples] + [0.0, 0.0, 0.0, 0.0])
+    t = np.array([float(s[2]) for s in samples] + [0.0, 0.0, 1.0, 1.0])
+    y = np.array([s[1] for s in samples] + [True, False, True, False], dtype=np.float64)
 
-
-def refit(samples: list[tuple[float, bool]]) -> tuple[float, float]:
-    """Logistic fit of correct ~ margin, with one right and one wrong pseudo-edge at margin 0 (an exact
-    tie is a coin flip): it keeps the fit finite when every edge of the zoos is right."""
-    m = np.array([s[0] for s in samples] + [0.0, 0.0])
-    y = np.array([s[1] for s in samples] + [True, False], dtype=np.float64)
-
-    def loss(ab: np.ndarray) -> float:
-        z = ab[0] + ab[1] * m
+    def loss(abc: np.ndarray) -> float:
+        z = abc[0] + abc[1] * m + abc[2] * t
         return float(np.sum(np.logaddexp(0, z) - y * z))
 
-    res = minimize(loss, np.array([CALIB_A, CALIB_B]), method="Nelder-Mead")
-    return float(res.x[0]), float(res.x[1])
+    res = minimize(loss, np.array([CALIB_A, CALIB_B, CALIB_C]), method="Nelder-Mead")
+    return float(res.x[0]), float(res.x[1]), float(res.x[2])
 
 
 def main() -> None:
@@ -192,7 +187,7 @@ def main() -> None:
                     slot[0 if timed else 2] += ok
                     slot[1 if timed else 3] += 1
                     if row.parent and not math.isnan(row.confidence):
-                        calib.append((row.confidence, row.parent == true_parent, margin_of(row.confidence)))
+                        calib.append((row.confidence, row.parent == true_parent, row.margin, timed))
         runs.append(naive(zoo, truth))
         got_pairs, cross, cross_rel = relatedness_errors(zoo, truth)
         pairs += got_pairs
@@ -230,8 +225,9 @@ def render(runs: list[Run], per_phen: dict, pairs: list, cross: tuple[int, int],
             lines.append(f"| [{lo:.2f}, {min(hi, 1.0):.2f}] | {len(sel)} | {np.mean([c[0] for c in sel]):.3f} | "
                          f"{np.mean([c[1] for c in sel]):.3f} |")
     if args.refit and calib:
-        a, b = refit([(c[2], c[1]) for c in calib])
-        lines.append(f"\nRefitted calibration on {len(calib)} edges: A = {a:.3f}, B = {b:.3f} (in use: A = {CALIB_A}, B = {CALIB_B}).")
+        a, b, c = refit([(x[2], x[1], x[3]) for x in calib])
+        lines.append(f"\nRefitted calibration on {len(calib)} edges: A = {a:.3f}, B = {b:.3f}, C = {c:.3f} "
+                     f"(in use: A = {CALIB_A}, B = {CALIB_B}, C = {CALIB_C}).")
     text = "\n".join(lines)
     if args.results:
         with args.results.open("a") as fh:

@@ -495,7 +495,7 @@ class LineageIndex:
                 dist = _reported(state.distance.get((parent, m), math.nan))
             out.append(EdgeRecord(m, state.revisions[m], state.name,
                                   forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
-                                  _ku_all(state.views[m]), _confidence(forest, m), now,
+                                  _ku_all(state.views[m]), _confidence(forest, m, timed=_timed(state, parent, m)), now,
                                   relation=relation, parents=parents))
         return out + self._satellite_rows(set(members), now)
 
@@ -877,7 +877,14 @@ def _relation(state: _Family, parent: str, child: str) -> str:
     return "finetune"
 
 
-def _confidence(forest: IncrementalForest, node: str) -> float:
+def _timed(state: _Family, parent: str, child: str) -> bool:
+    """Was the edge oriented by upload times (both known)? The confidence's `t` (indexer.lineage.confidence)."""
+    if not parent or parent not in state.views:
+        return False
+    return state.views[parent].created is not None and state.views[child].created is not None
+
+
+def _confidence(forest: IncrementalForest, node: str, *, timed: bool = True) -> float:
     """The calibrated confidence of a node's parent edge (indexer.lineage.confidence), NaN for a root.
 
     The margin is batch mother's, on the linear scale of the pair distance: weights are log distances
@@ -887,9 +894,8 @@ def _confidence(forest: IncrementalForest, node: str) -> float:
     if not parent:
         return math.nan
     rivals = sorted(w for p, w in forest._in[node].items() if p != parent)
-    if not rivals:
-        return calibrated(1.0)
-    return calibrated(math.tanh(max(0.0, rivals[0] - forest.weight(parent, node)) / 2.0))
+    margin = 1.0 if not rivals else math.tanh(max(0.0, rivals[0] - forest.weight(parent, node)) / 2.0)
+    return calibrated(margin, timed=timed)
 
 
 def _update_depths(state: _Family, touched: Sequence[str]) -> None:

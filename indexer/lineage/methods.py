@@ -32,7 +32,7 @@ from scipy.stats import kendalltau
 
 from errors import RecoveryError
 from indexer.lineage.cluster import related_groups, ward_labels
-from indexer.lineage.confidence import edge_confidences
+from indexer.lineage.confidence import calibrated, edge_margins
 from indexer.lineage.mdst import minimum_arborescence
 from indexer.lineage.orient import centre_rooted_tree
 from indexer.lineage.ties import (
@@ -128,6 +128,7 @@ class Lineage:
     relation: tuple[str, ...] = ()  # per model: "finetune" | "duplicate" | "" (root); () = not set
     confidence: tuple[float, ...] = ()  # per model: the edge's calibrated confidence (NaN: root / not set)
     edge_score: tuple[float, ...] = ()  # per model: the relatedness test's Z with its parent (NaN: root)
+    margin: tuple[float, ...] = ()  # per model: the relative margin over the runner-up (NaN: root)
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -406,6 +407,7 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
     parts = []
     scores = np.zeros(family.n, dtype=np.float64)
     confidence = np.full(family.n, np.nan)
+    margin = np.full(family.n, np.nan)
     for c, idx in enumerate(_clusters(labels)):
         kind, layer_names = _pick_distance(family, idx, l2[np.ix_(idx, idx)], options)
         d = _distance(kind, _stack(family, layer_names, idx), options.device)
@@ -423,13 +425,14 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
             local = minimum_arborescence(cost)
         parts.append((idx, local, d))
-        confidence[idx] = edge_confidences(cost, local, score[np.ix_(idx, idx)])
+        margin[idx] = edge_margins(cost, local, score[np.ix_(idx, idx)])
+        confidence[idx] = [calibrated(m, timed=not untimed) if math.isfinite(m) else math.nan for m in margin[idx]]
         notes.append(f"tree {c}: {len(idx)} models, {kind} distance on {len(layer_names)} layers, {why}, {tie_why}")
     parent, dist = _assemble(family.n, parts)
     relation = tuple(_relation(family, p, j) for j, p in enumerate(parent))
     edge_score = tuple(float(score[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
     return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes),
-                   relation, tuple(float(x) for x in confidence), edge_score)
+                   relation, tuple(float(x) for x in confidence), edge_score, tuple(float(x) for x in margin))
 
 
 def _relation(family: Family, parent: int, child: int) -> str:
@@ -643,7 +646,7 @@ def recover_family(family: Family, options: Options) -> Lineage:
 def _dispatch(family: Family, options: Options) -> Lineage:
     if family.n == 1:
         return Lineage((-1,), (0,), (math.nan,), (float(_kurtosis(family, family.selection.direction)[0]),),
-                       ("one model",), ("",), (math.nan,), (math.nan,))
+                       ("one model",), ("",), (math.nan,), (math.nan,), (math.nan,))
     if options.method == "mother-paper":
         return mother_paper(family, options)
     if options.method == "phylogeny":
@@ -675,7 +678,7 @@ def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inn
     n = family.n
     at = {int(k): j for j, k in enumerate(keep)}
     parent, cluster, dist, score = [-1] * n, [0] * n, [math.nan] * n, [math.nan] * n
-    relation, conf, z = [""] * n, [math.nan] * n, [math.nan] * n
+    relation, conf, z, margin = [""] * n, [math.nan] * n, [math.nan] * n, [math.nan] * n
     for i in range(n):
         src = at.get(i, at.get(originals[i], 0))
         cluster[i], score[i] = inner.cluster[src], inner.direction_score[src]
@@ -686,9 +689,11 @@ def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inn
             relation[i] = inner.relation[src] if inner.relation else ("finetune" if p >= 0 else "")
             conf[i] = inner.confidence[src] if inner.confidence else math.nan
             z[i] = inner.edge_score[src] if inner.edge_score else math.nan
+            margin[i] = inner.margin[src] if inner.margin else math.nan
         else:
             parent[i], dist[i], relation[i], conf[i], z[i] = originals[i], 0.0, "duplicate", 1.0, math.inf
+            margin[i] = 1.0
     dups = n - len(keep)
     return Lineage(tuple(parent), tuple(cluster), tuple(dist), tuple(score),
                    (*inner.notes, f"{dups} exact duplicate(s) set aside as leaves"), tuple(relation), tuple(conf),
-                   tuple(z))
+                   tuple(z), tuple(margin))

@@ -36,7 +36,7 @@ from sketches.stats import model_stats
 logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed"]
-FOREST_VERSION = 2  # 2: relation, confidence, related_score, p_value columns
+FOREST_VERSION = 2  # 2: relation, confidence, related_score, p_value, margin columns
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class ForestRow:
     confidence: float = math.nan  # the probability the parent is right (indexer.lineage.confidence)
     related_score: float = math.nan  # the relatedness test's Z with the parent (sketches.relatedness)
     p_value: float = math.nan  # its one-sided p-value
+    margin: float = math.nan  # the relative margin of the parent over the runner-up (confidence's input)
 
 
 @dataclass(frozen=True)
@@ -226,6 +227,7 @@ def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) 
     relation = lineage.relation or tuple("finetune" if p >= 0 else "" for p in lineage.parent)
     confidence = lineage.confidence or (math.nan,) * n
     score = lineage.edge_score or (math.nan,) * n
+    margins = lineage.margin or (math.nan,) * n
     return [
         ForestRow(
             repo_id=rid,
@@ -239,9 +241,11 @@ def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) 
             confidence=_nan_is_one(conf),
             related_score=_nan_is_one(z),
             p_value=float(norm.sf(z)) if not math.isnan(z) else math.nan,
+            margin=_nan_is_one(m),
         )
-        for rid, p, c, d, s, rel, conf, z in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance,
-                                                  lineage.direction_score, relation, confidence, score, strict=True)
+        for rid, p, c, d, s, rel, conf, z, m in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance,
+                                                     lineage.direction_score, relation, confidence, score, margins,
+                                                     strict=True)
     ]
 
 
@@ -300,7 +304,7 @@ def row_dicts(forest: Forest) -> list[dict[str, object]]:
     out = []
     for r in forest.rows:
         d = dict(r.__dict__)
-        for k in ("distance", "direction_score", "confidence", "related_score", "p_value"):
+        for k in ("distance", "direction_score", "confidence", "related_score", "p_value", "margin"):
             if isinstance(d[k], float) and not math.isfinite(d[k]):
                 d[k] = None
         out.append(d)
@@ -317,7 +321,8 @@ def write_parquet(forest: Forest, path: str | os.PathLike[str]) -> None:
         [("repo_id", pa.string()), ("parent", pa.string()), ("cluster", pa.int64()), ("distance", pa.float64()),
          ("direction_score", pa.float64()), ("family", pa.string()), ("method", pa.string()),
          ("status", pa.string()), ("reason", pa.string()), ("relation", pa.string()),
-         ("confidence", pa.float64()), ("related_score", pa.float64()), ("p_value", pa.float64())],
+         ("confidence", pa.float64()), ("related_score", pa.float64()), ("p_value", pa.float64()),
+         ("margin", pa.float64())],
         metadata={b"model_graph_index.forest_version": str(FOREST_VERSION).encode()},
     )
     table = pa.table(cols, schema=schema)
