@@ -88,6 +88,11 @@ _PREFIXES = (
     "bert.", "roberta.", "xlm_roberta.", "distilbert.", "deberta.", "electra.", "albert.", "mpnet.",
     "vit.", "deit.", "beit.", "swin.", "convnext.", "resnet.", "backbone.", "gpt_neox.", "encoder_model.",
 )
+# The prefixes a wrapper adds when it re-saves a model (DDP, torch.compile, sentence-transformers, a PEFT
+# merge, a Lightning module): a copy whose names carry more of them is the re-save, not the original.
+# `model.` is a wrapper unless it is the library's own decoder naming (LlamaForCausalLM: model.layers.N).
+_WRAPPERS = ("base_model.model.", "0.auto_model.", "auto_model.", "_orig_mod.", "module.", "model.")
+_OWN_MODEL_PREFIX = re.compile(r"^model\.(?:layers|embed_tokens|norm|decoder|encoder|embed_positions)\b")
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 CORE_SHARE = 0.5
 _ARCH_HINTS: tuple[tuple[str, re.Pattern[str]], ...] = (
@@ -127,6 +132,16 @@ def normalise_name(name: str) -> str:
                 out, stripped = out[len(prefix):], True
                 break
     return out
+
+
+def wrapper_depth(name: str) -> int:
+    """How many wrapper prefixes (see _WRAPPERS) lead a stored tensor name."""
+    depth, rest = 0, name
+    while True:
+        prefix = next((p for p in _WRAPPERS if rest.startswith(p) and len(rest) > len(p)), None)
+        if prefix is None or (prefix == "model." and _OWN_MODEL_PREFIX.match(rest)):
+            return depth
+        depth, rest = depth + 1, rest[len(prefix):]
 
 
 class _HasDtype(Protocol):

@@ -85,7 +85,7 @@ class Family:
     # per model, its other tensors (heads, 1-D, layers not every member has): ties and duplicates only
     extras: tuple[Mapping[str, np.ndarray], ...] = ()
     dtypes: tuple[str, ...] = ()  # per model, the stored dtype of most of its values ("F32", "BF16", ...)
-    n_stored: tuple[int, ...] = ()  # per model, tensors in its files (buffers included): duplicates' tie-break
+    copy_rank: tuple[tuple[int, int], ...] = ()  # per model, which of byte-identical copies is the original
 
     @property
     def n(self) -> int:
@@ -661,7 +661,7 @@ def _originals(family: Family) -> list[int]:
         extras = family.extras
     digests = [model_digest({n: family.layers[n][i] for n in family.selection.distance}, extras[i])
                for i in range(family.n)]
-    return duplicate_originals(digests, family.created, family.repo_ids, family.n_stored)
+    return duplicate_originals(digests, family.created, family.repo_ids, family.copy_rank)
 
 
 def subset(family: Family, idx: np.ndarray) -> Family:
@@ -671,7 +671,7 @@ def subset(family: Family, idx: np.ndarray) -> Family:
                   family.selection, tuple(family.stats[i] for i in pick), tuple(family.created[i] for i in pick),
                   tuple(family.extras[i] for i in pick) if family.extras else (),
                   tuple(family.dtypes[i] for i in pick) if family.dtypes else (),
-                  tuple(family.n_stored[i] for i in pick) if family.n_stored else ())
+                  tuple(family.copy_rank[i] for i in pick) if family.copy_rank else ())
 
 
 def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:

@@ -29,7 +29,7 @@ from errors import BadInputError, ModelGraphError, RecoveryError
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
 from sketches.distances import l2_distance
-from sketches.layers import Scheme, canonical_tensors, family_key, merge_families, select_layers
+from sketches.layers import Scheme, canonical_tensors, family_key, merge_families, select_layers, wrapper_depth
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
 
@@ -79,7 +79,7 @@ class _Loaded:
     family: str
     stored: dict[str, str]  # normalised name -> the name in the file
     dtype: str = "F32"  # the stored dtype of most of its values (a dtype copy is told by it)
-    n_stored: int = 0  # tensors in its files, buffers and integers included
+    copy_rank: tuple[int, int] = (0, 0)  # (wrapper prefixes, -tensors in its files): which copy is the original
 
 
 # --- discovery -----------------------------------------------------------------------------------
@@ -138,7 +138,8 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Load
                 infos = weights.tensors()
             stored = canonical_tensors(infos)
             shapes = {name: infos[raw].shape for name, raw in stored.items()}
-            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored), len(infos)))
+            loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored),
+                                  (max((wrapper_depth(n) for n in infos), default=0), -len(infos))))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
@@ -186,7 +187,7 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
     stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
     ids = tuple(m.repo_id for m in ok)
     return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras),
-                  tuple(m.dtype for m in ok), tuple(m.n_stored for m in ok)), failed
+                  tuple(m.dtype for m in ok), tuple(m.copy_rank for m in ok)), failed
 
 
 # --- trees across families -------------------------------------------------------------------------

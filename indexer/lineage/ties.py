@@ -47,13 +47,15 @@ def model_digest(layers: Mapping[str, np.ndarray], extras: Mapping[str, np.ndarr
 
 
 def duplicate_originals(digests: Sequence[str], created: Sequence[float | None], repo_ids: Sequence[str],
-                        n_stored: Sequence[int] = ()) -> list[int]:
+                        copy_rank: Sequence[tuple[int, int]] = ()) -> list[int]:
     """For each model, the index of the original it duplicates, or -1 when it is itself an original.
 
-    The earliest upload is the original; between equal or unknown times, the one whose files hold more
-    tensors (a re-save by a newer library drops buffers like `position_ids`, it does not add them)."""
+    The earliest upload is the original; between equal or unknown times, `copy_rank` decides, smaller
+    first: (wrapper prefixes on its names, minus its tensor count). A re-save through a wrapper adds a
+    prefix (`module.`, `0.auto_model.`, `model.`), and one by a newer library drops buffers such as
+    `position_ids`; neither takes a prefix away or adds a buffer."""
     order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0,
-                                                       -(n_stored[i] if n_stored else 0), repo_ids[i]))
+                                                       copy_rank[i] if copy_rank else (0, 0), repo_ids[i]))
     first: dict[str, int] = {}
     out = [-1] * len(digests)
     for i in order:
