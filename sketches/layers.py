@@ -115,6 +115,14 @@ def is_head(name: str) -> bool:
     return _HEAD.search(name) is not None
 
 
+_VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_out|lm_head)\.weight$")
+
+
+def is_task_head(name: str) -> bool:
+    """A head re-drawn per task (classifier, score, fc, pooler, ...), not a vocabulary-sized matrix."""
+    return is_head(name) and _VOCAB.search(name) is None
+
+
 def is_buffer(name: str) -> bool:
     return _BUFFER.search(name) is not None
 

@@ -16,6 +16,9 @@ architecture family reads the same (tensor, rows) blocks and their blocks can be
        layers, each still large enough for its extreme values and kurtosis to mean something.
     4. Order: layers in a spread order (first, last, middle, quarters, ... over depth), the tensors of
        a layer by name; the model reads the longest prefix of that list that fits the budget.
+    5. Task heads (classifier, score, fc, pooler: `sketches.layers.is_task_head`, never a vocabulary
+       matrix), the first HEAD_BLOCK_BYTES of each, in the budget left over. They never enter a distance:
+       they break the ties of bit-identical bodies (frozen-backbone transfer), as in batch recovery.
 Models of one family and dtype read identical blocks. Blocks always start at row 0, so a relative stored in
 a wider dtype (F32 next to BF16) reads a row-prefix of the same blocks: compare them on the common rows.
 (bench/budget_accuracy.py: at 0.5 % of a ViT zoo, one row of every attention matrix recovered the same
@@ -30,13 +33,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from errors import UnsupportedModelError
-from sketches.layers import is_head, select_layers
+from sketches.layers import is_head, is_task_head, select_layers
 from sketches.safetensors import TensorInfo
 
 __all__ = ["BlockRead", "Piece", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: task heads read in the budget left over (step 5)
 MIN_BLOCK_BYTES = 64 * 1024
+HEAD_BLOCK_BYTES = 64 * 1024  # a 16-class head of width 1,024 in F32; a 1,000-class head reads its first rows
 # Coalescing: two ranges closer than this are one request. A Hub range request costs ~50 ms of latency
 # (CDN), i.e. a few MB at typical bandwidth; 256 KiB of gap is always cheaper than a request, and the
 # budget caps the total gap bytes anyway.
@@ -155,7 +159,8 @@ def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int,
     names, whole = _candidates(tensors, budget)
     if whole:
         blocks = [BlockRead(n, (0, tensors[n].shape[0]), tensors[n].nbytes, True) for n in names]
-        return ReadPlan(family, budget, tuple(blocks), len(names), model_bytes)
+        blocks += _head_blocks(tensors, budget - sum(b.nbytes for b in blocks))
+        return ReadPlan(family, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), len(names), model_bytes)
     share = budget // len(names)
     chosen, used = [], 0
     for name in _priority(names):
@@ -168,7 +173,22 @@ def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int,
         used += nbytes
     if not chosen:
         raise UnsupportedModelError(family, f"a budget of {budget} bytes cannot hold one row of any candidate tensor")
+    chosen += _head_blocks(tensors, budget - used)
     return ReadPlan(family, budget, tuple(sorted(chosen, key=lambda b: b.tensor)), len(names), model_bytes)
+
+
+def _head_blocks(tensors: Mapping[str, TensorInfo], left: int) -> list[BlockRead]:
+    """Step 5: the first HEAD_BLOCK_BYTES of each 2-D task head, by name, while the budget lasts."""
+    out = []
+    for name in sorted(n for n, t in tensors.items() if len(t.shape) == 2 and t.numel and is_task_head(n)):
+        info = tensors[name]
+        rows = max(1, min(info.shape[0], HEAD_BLOCK_BYTES // max(info.row_bytes, 1)))
+        nbytes = rows * info.row_bytes
+        if nbytes > left:
+            break
+        out.append(BlockRead(name, (0, rows), nbytes, rows == info.shape[0]))
+        left -= nbytes
+    return out
 
 
 def coalesce(plan: ReadPlan, where: Mapping[str, tuple[str, TensorInfo]], *, gap: int = DEFAULT_GAP_BYTES,
