@@ -17,6 +17,7 @@ anything or the model is not in the forest, true when it equals the recovered ed
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
@@ -34,7 +35,11 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_RETRIES = 5
+# A compaction that removes parts under a reader makes it start over. Under a loaded 2-core box a reader
+# lost 5 races in a row once (tests/test_reliability_readers.py during a zoo build); 20, with a short
+# growing pause between tries, rides out a compaction burst.
+_RETRIES = 20
+_RETRY_PAUSE_S = 0.01
 _MAX_SUGGESTIONS = 5
 _SIMILARITY = 0.8  # jaro-winkler; 0.8 keeps typos and org/name swaps, drops unrelated ids
 
@@ -201,7 +206,9 @@ def _gone_or_raise(home: Path, exc: duckdb.IOException) -> None:
 
 def _with_store(home: Path, work: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
     """Run `work` on a fresh connection; retry when a compaction removed parts mid-query."""
-    for _ in range(_RETRIES):
+    for attempt in range(_RETRIES):
+        if attempt:
+            time.sleep(_RETRY_PAUSE_S * attempt)
         try:
             # _connect reads the parts too (it counts the models): a compaction can remove them there as well
             # (regression: tests/test_reliability_readers.py saw a raw duckdb IOException escape here).
