@@ -204,3 +204,21 @@ def test_cli_mother_paper_without_trees_is_one_line_error(ft_zoo: Path) -> None:
     res = CliRunner().invoke(index, ["recover", str(ft_zoo), "--method", "mother-paper"])
     assert res.exit_code != 0
     assert isinstance(res.exception, RecoveryError)
+
+
+def test_a_chain_of_core_overlaps_with_nothing_common_to_all_is_split_not_fatal(tmp_path: Path) -> None:
+    """Regression (issue 11): keys joined through a chain of >= 0.75 overlaps (A ~ B ~ C ~ D ~ E) may share
+    no layer across all of them; select_layers raised and the whole recovery failed."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    letters = "abcdefgh"
+    for i in range(5):
+        folder = tmp_path / "org" / f"m{i}"
+        folder.mkdir(parents=True)
+        names = letters[i:i + 4]
+        save_file({f"blocks.{n}.weight": rng.normal(size=(32, 32)).astype(np.float32) for n in names},
+                  str(folder / "model.safetensors"))
+    forest = recover(tmp_path, Options(device="cpu"))
+    assert len(forest.rows) == 5 and all(r.status == "ok" and r.parent == "" for r in forest.rows)

@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 from scipy.stats import norm
 
-from errors import BadInputError, ModelGraphError, RecoveryError
+from errors import BadInputError, ModelGraphError, RecoveryError, UnsupportedModelError
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
 from sketches.distances import l2_distance
@@ -264,10 +264,11 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     by_family = group_families(loaded)
     families: list[tuple[str, Family]] = []
     for key in sorted(by_family):  # deterministic
-        fam, bad = _read_family(by_family[key], options, times)
-        failed += bad
-        if fam is not None:
-            families.append((key, fam))
+        for sub_key, members in _comparable_groups(key, by_family[key], options):
+            fam, bad = _read_family(members, options, times)
+            failed += bad
+            if fam is not None:
+                families.append((sub_key, fam))
     if not families:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
     return _solve(families, failed, options)
@@ -283,6 +284,22 @@ def group_families(loaded: Sequence[_Loaded]) -> dict[str, list[_Loaded]]:
     for m in loaded:
         by_family.setdefault(merged[m.family], []).append(m)
     return by_family
+
+
+def _comparable_groups(key: str, members: list[_Loaded], options: Options) -> list[tuple[str, list[_Loaded]]]:
+    """The family as one group when its members share a layer the method compares; else (a chain of
+    overlaps, A ~ B ~ C with nothing common to all) one group per exact body key, logged."""
+    try:
+        select_layers([m.shapes for m in members], scheme=_scheme(options), include_1d=options.include_1d)
+        return [(key, members)]
+    except UnsupportedModelError as exc:
+        if len({m.family for m in members}) == 1:
+            return [(key, members)]  # nothing to split: _read_family reports it
+        logger.warning("%s: %s; comparing each body key on its own", key, exc.reason)
+    by_key: dict[str, list[_Loaded]] = {}
+    for m in members:
+        by_key.setdefault(m.family, []).append(m)
+    return sorted(by_key.items())
 
 
 def _solve(families: list[tuple[str, Family]], failed: list[ForestRow], options: Options) -> Forest:
