@@ -401,9 +401,11 @@ def penalty_count(ku_parent: float, ku_child: float, t_parent: float | None, t_c
     """T of the edge parent -> child, in units of the penalty (module docstring, "Direction").
 
     Both upload times known: time_weight when the child was uploaded first, else 0 (kurtosis does not
-    vote: it cost 0.02-0.07 of accuracy on vthr-ft). A time unknown: 1 when kurtosis rises towards the child."""
-    if t_parent is not None and t_child is not None:
+    vote: it cost 0.02-0.07 of accuracy on vthr-ft). A time unknown, or both equal: 1 when kurtosis rises
+    towards the child."""
+    if t_parent is not None and t_child is not None and t_parent != t_child:
         return time_weight if t_child < t_parent else 0.0
+    # unknown or equal times (every pre-2022-03-02 Hub repo shares one createdAt): the kurtosis cue
     return 1.0 if ku_child > ku_parent else 0.0
 
 

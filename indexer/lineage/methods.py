@@ -416,7 +416,9 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         scores[idx] = ku[idx]
         penalty, why = _direction(family, idx, ku, options)
         tie, tie_why = _ties(family, idx, d, options)
-        untimed = not options.use_time or all(family.created[int(i)] is None for i in idx)
+        # one upload time shared by all (the Hub dates every pre-2022-03-02 repo 2022-03-02T23:29:04Z) orders
+        # nothing: such a tree is oriented from the weights, like one without times
+        untimed = not options.use_time or len({family.created[int(i)] for i in idx} - {None}) < 2
         if untimed and options.orient == "center" and options.kurtosis != "always":
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
             local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx])
