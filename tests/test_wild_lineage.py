@@ -98,3 +98,19 @@ def test_crawl_and_export_agree_with_batch(wild_tiny_zoo: Path, with_times, tmp_
     tags = _tags(wild_tiny_zoo)
     assert all(rows[rid][1] == "duplicate" for rid, tag in tags.items() if tag == "duplicate")
     assert all(0.0 < rows[rid][2] <= 1.0 for rid in rows if rows[rid][0])
+
+
+def test_one_shared_upload_time_is_no_time(wild_tiny_zoo: Path, tmp_path: Path) -> None:
+    """Every pre-2022-03-02 Hub repo shares createdAt 2022-03-02T23:29:04Z: a family dated so is oriented
+    from the weights (as without times), not left to arbitrary zero-penalty ties."""
+    import shutil
+
+    zoo = tmp_path / "zoo"
+    shutil.copytree(wild_tiny_zoo, zoo)
+    doc = json.loads((zoo / "hub.json").read_text())
+    for meta in doc["repos"].values():
+        meta["createdAt"] = "2022-03-02T23:29:04.000Z"
+    (zoo / "hub.json").write_text(json.dumps(doc))
+    dated = recover(zoo, Options(device="cpu")).parents()
+    undated = recover(wild_tiny_zoo, Options(use_time=False, device="cpu")).parents()
+    assert dated == undated and _edge_accuracy(dated, _truth(wild_tiny_zoo)) >= 0.85
