@@ -354,7 +354,9 @@ def local_repo_id(folder: Path) -> str:
     return f"local/{folder.name}"
 
 
-def _created_at(folder: Path, repo_id: str) -> datetime | None:
+def local_created_at(folder: Path, repo_id: str | None = None) -> datetime | None:
+    """A local repo's upload time from its zoo root's hub.json (None outside a zoo or when not listed)."""
+    repo_id = repo_id or local_repo_id(folder)
     root = _zoo_root(folder)
     if root is None:
         return None
@@ -410,7 +412,7 @@ class LocalRepo:
         base, relation = _declared(_card(self.folder), None)
         self.entry = ModelEntry(
             repo_id=repo_id, revision=content_revision(self.folder, files), files=files,
-            created_at=_created_at(self.folder, repo_id), declared_base_model=base, declared_relation=relation,
+            created_at=local_created_at(self.folder, repo_id), declared_base_model=base, declared_relation=relation,
         )
         self._opened: list[FileSource] = []
         self._small_bytes = 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from errors import BadInputError, RepoNotFoundError
 from indexer.lineage.methods import spectral_tail_distance
 from sketches.layers import CORE_SHARE, canonical_tensors, core_overlap, is_head, select_layers
 from sketches.relatedness import relate
+from indexer.sources import local_created_at
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
 
@@ -83,22 +84,13 @@ class Comparison:
 # --- 1. loading ----------------------------------------------------------------------------------
 
 
-def _local_created(folder: Path) -> datetime | None:
-    from indexer.hub_emulator.repos import load_hub_json
-
-    root = folder.parent.parent
-    meta = load_hub_json(root / "hub.json").get(folder.relative_to(root).as_posix()) if (root / "hub.json").is_file() else None
-    raw = meta.created_at if meta is not None else None
-    return datetime.fromisoformat(raw.replace("Z", "+00:00")).astimezone(UTC) if raw else None
-
-
 def load_local(folder: Path) -> Side:
     with open_local_repo(folder) as weights:
         infos = weights.tensors()
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}
         arrays = {n: np.asarray(weights.read(stored[n]), dtype=np.float32) for n in sorted(stored)}
-    return Side(str(folder), shapes, arrays, _local_created(folder), "local")
+    return Side(str(folder), shapes, arrays, local_created_at(folder), "local")
 
 
 def load_hub(repo_id: str, *, endpoint: str, token: str | None, budget: int) -> Side:
