@@ -180,8 +180,11 @@ def hub() -> None:
               help="Inject KIND:GLOB[:count=N][:retry=S][:seconds=S][:after=BYTES]; KIND is 429, 500, 502, "
                    "503, 504, reset, truncate or slow. Repeatable.")
 @click.option("--page-size", default=1000, show_default=True, help="Largest /api/models page.")
+@click.option("--url-ttl", type=float, default=3600.0, show_default=True,
+              help="Seconds a signed CDN URL stays valid (LFS files are a 302 to a second, CDN port).")
+@click.option("--direct", is_flag=True, help="Serve LFS files from the Hub port directly, without the CDN redirect.")
 def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tuple[str, ...],
-              faults: tuple[str, ...], page_size: int) -> None:
+              faults: tuple[str, ...], page_size: int, url_ttl: float, direct: bool) -> None:
     """Serve ROOT/<org>/<name>/... over HTTP like huggingface.co until Ctrl-C or SIGTERM.
 
     Prints the URL on stdout once listening; point the client at it with HF_ENDPOINT=URL. ROOT/hub.json
@@ -194,7 +197,7 @@ def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tupl
         sys.stdout.flush()  # a script waiting for the URL must see it now, not at exit
 
     serve_forever(root, host=host, port=port, token=token, virtual=virtual, faults=faults, page_size=page_size,
-                  ready=ready)
+                  redirect=not direct, url_ttl=url_ttl, ready=ready)
 
 
 # --- crawl ---------------------------------------------------------------------------------------

@@ -69,7 +69,7 @@ from indexer.readers import (
     saved_shapes,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
+from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
@@ -141,6 +141,8 @@ class Outcome:
     model_bytes: int  # bytes of all its tensors (what a full download would cost)
     requests: int
     seconds: float
+    resolver_calls: int = 0  # of `requests`: Hub /resolve/ hits (a 302 to the CDN, or a small file)
+    cdn_calls: int = 0  # of `requests`: CDN range reads (0 for a local folder)
 
     @property
     def code(self) -> str:
@@ -428,8 +430,9 @@ class Indexer:
         plan_bytes = total - header_bytes if status == "indexed" else 0
         self._queue(entry, family=family, status=status, reason=reason, bytes_read=total,
                     weights_format=weights_format, details=details)
+        calls = repo.calls if isinstance(repo, HubRepo) else Calls()  # per host: the crawl rate's "calls per model"
         return Outcome(entry.repo_id, entry.revision, status, reason, family, total, header_bytes, plan_bytes,
-                       model_bytes, repo.requests, time.perf_counter() - started)
+                       model_bytes, repo.requests, time.perf_counter() - started, calls.resolver, calls.cdn)
 
     def _keep(self, entry: ModelEntry, read: ModelRead) -> Placement | None:
         self._writer.put_all([((entry.repo_id, entry.revision, b.tensor, b.rows[0]), read.arrays[b.tensor])
@@ -526,6 +529,8 @@ class CrawlReport:
             "failed": dict(sorted(by["failed"].items())),
             "bytes_read_total": sum(o.bytes_read for o in self.outcomes),
             "bytes_read_max_per_model": max((o.bytes_read for o in self.outcomes), default=0),
+            "calls": {"resolver": sum(o.resolver_calls for o in self.outcomes),  # Hub /resolve/ hits
+                      "cdn": sum(o.cdn_calls for o in self.outcomes)},  # range reads on the CDN
             "seconds": round(self.seconds, 3),
             "cursors": dict(sorted(self.cursors.items())),
         }

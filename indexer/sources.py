@@ -6,6 +6,15 @@ requests through `huggingface_hub`'s own HTTP session (`get_session()`), with th
 builds (`build_hf_headers`: user agent and, when a token is set, `Authorization`); the token is never
 logged or stored. Retries (429 / 5xx / resets) are `indexer.retry`'s job.
 
+LFS files (every safetensors file) are not served by the Hub itself: `/resolve/` answers `302` to a
+signed, expiring URL on a CDN host (cdn-lfs.hf.co, cas-bridge.xethub.hf.co). Reads follow it by hand:
+    - the token goes to the Hub endpoint's origin only, never to the CDN (as `huggingface_hub` strips
+      `Authorization` on a cross-host redirect);
+    - the signed URL is kept per file until its `Expires` (`SignedUrls`), so the second and later range
+      reads of a file go straight to the CDN: one Hub call per file, not per read;
+    - a CDN `403` on a kept URL (expired, or the signing key rotated) resolves the file again, once.
+Each model's requests are counted by host (`Calls`: Hub `/resolve/` hits vs CDN requests).
+
 Remote safetensors files are opened with one request:
     1. GET bytes=0-99999 (the Range end byte is inclusive): the first 100,000 bytes hold the whole header of
        almost every file (huggingface_hub reads the same prefix: "97% of headers are smaller"), and the
@@ -19,11 +28,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
+from urllib.parse import parse_qsl, urljoin, urlsplit
 
 from errors import (
     BadInputError,
@@ -166,6 +179,85 @@ class _Answer:
     body: bytes
 
 
+# --- the CDN redirect ------------------------------------------------------------------------------
+
+_MAX_HUB_REDIRECTS = 5  # redirects that stay on the Hub (a renamed repo costs one); the client allows as few
+_UNKNOWN_LIFETIME = 600.0  # seconds a signed URL without a readable expiry is reused before resolving again
+_SIGNED_KEPT = 4096  # signed URLs kept: a crawl reads one model's few files, then moves on
+
+
+@dataclass
+class Calls:
+    """HTTP requests made for one model, by host: Hub `/resolve/` hits (a 302, or a small file's bytes)
+    and CDN requests (an LFS file's bytes). The crawl-rate benchmark reports both per model."""
+
+    resolver: int = 0
+    cdn: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.resolver + self.cdn
+
+
+def origin(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port), the default port filled in: what decides whether a URL is the Hub's."""
+    parts = urlsplit(url)
+    return parts.scheme, (parts.hostname or "").lower(), parts.port or {"http": 80, "https": 443}.get(parts.scheme, 0)
+
+
+def signed_url_expiry(url: str, *, now: float) -> float:
+    """When a signed CDN URL stops working (epoch seconds): `Expires=` (cdn-lfs, CloudFront) or
+    `X-Amz-Date` + `X-Amz-Expires` (cas-bridge, S3); unreadable -> `now` + 10 minutes."""
+    params = dict(parse_qsl(urlsplit(url).query))
+    try:
+        if "Expires" in params:
+            return float(params["Expires"])
+        if "X-Amz-Date" in params and "X-Amz-Expires" in params:
+            signed = datetime.strptime(params["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+            return signed.timestamp() + float(params["X-Amz-Expires"])
+    except ValueError:
+        pass
+    return now + _UNKNOWN_LIFETIME
+
+
+class SignedUrls:
+    """Hub file URL -> the signed CDN URL it redirected to, until that URL expires. Thread-safe, bounded
+    (least recently used dropped first). The Hub URLs name a commit sha, so a key's bytes never change."""
+
+    def __init__(self, *, clock: Callable[[], float] = time.time, kept: int = _SIGNED_KEPT) -> None:
+        self._clock = clock
+        self._kept = kept
+        self._urls: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, url: str) -> str | None:
+        with self._lock:
+            hit = self._urls.get(url)
+            if hit is None or self._clock() >= hit[1]:
+                self._urls.pop(url, None)
+                return None
+            self._urls.move_to_end(url)
+            return hit[0]
+
+    def put(self, url: str, signed: str) -> None:
+        with self._lock:
+            self._urls[url] = (signed, signed_url_expiry(signed, now=self._clock()))
+            self._urls.move_to_end(url)
+            while len(self._urls) > self._kept:
+                self._urls.popitem(last=False)
+
+    def drop(self, url: str) -> None:
+        with self._lock:
+            self._urls.pop(url, None)
+
+
+def _with_range(headers: Mapping[str, str], span: tuple[int, int] | None) -> dict[str, str]:
+    out = dict(headers)
+    if span is not None:
+        out["Range"] = f"bytes={span[0]}-{span[1] - 1}"  # inclusive end byte
+    return out
+
+
 class HubSource:
     """The Hub (or the emulator) at `endpoint`, through the real `huggingface_hub` client."""
 
@@ -181,6 +273,12 @@ class HubSource:
         # endpoint the user did not give it to.
         self.api = HfApi(endpoint=self.endpoint, token=token or False)
         self._headers = build_hf_headers(token=token or False)
+        # CDN requests carry no token, and ask for identity encoding: a CDN that compresses may ignore Range
+        # (huggingface_hub's http_get says so of CloudFront with Accept-Encoding: gzip).
+        self._cdn_headers = {k: v for k, v in build_hf_headers(token=False).items() if k.lower() != "authorization"}
+        self._cdn_headers["Accept-Encoding"] = "identity"
+        self._hub_origin = origin(self.endpoint)
+        self.signed = SignedUrls()
 
     def list_models(self, *, sort: SortKey, filters: Sequence[str] = ()) -> Iterator[ModelEntry]:
         """Newest first (by `sort`); pages are fetched lazily, so stopping early fetches no more."""
@@ -231,44 +329,85 @@ class HubSource:
 
         return hf_hub_url(repo_id, path, revision=revision, endpoint=self.endpoint)
 
-    def get(self, repo_id: str, url: str, *, span: tuple[int, int] | None, limit: int) -> _Answer:
-        """One GET (optionally `Range: bytes=a-(b-1)`), retried; at most `limit` body bytes are read."""
-        return with_retries(lambda: self._get_once(repo_id, url, span, limit), what=repo_id, policy=self.policy)
+    def get(self, repo_id: str, url: str, *, span: tuple[int, int] | None, limit: int,
+            calls: Calls | None = None) -> _Answer:
+        """One read of a Hub file URL (optionally `Range: bytes=a-(b-1)`), through the CDN when the Hub
+        redirects there, retried; at most `limit` body bytes are read. Requests are counted in `calls`."""
+        calls = calls if calls is not None else Calls()
+        return with_retries(lambda: self._get_once(repo_id, url, span, limit, calls), what=repo_id,
+                            policy=self.policy)
 
-    def _get_once(self, repo_id: str, url: str, span: tuple[int, int] | None, limit: int) -> _Answer:
+    def _get_once(self, repo_id: str, url: str, span: tuple[int, int] | None, limit: int, calls: Calls) -> _Answer:
+        signed = self.signed.get(url)
+        answer = self._cdn_read(repo_id, signed, span, limit, calls) if signed is not None else None
+        if answer is not None and answer.status == 403:  # expired, or the key was rotated: resolve again, once
+            why = answer.headers.get("x-error-message") or "HTTP 403"
+            logger.info("%s: the CDN refused a kept signed URL (%s); resolving the file again", repo_id, why)
+            self.signed.drop(url)
+            answer = None
+        if answer is None:
+            answer = self._resolve(repo_id, url, span, limit, calls)
+        if answer.status != 416:  # 416: an empty file, which the caller handles
+            _raise_for_status(repo_id, answer.status, answer.headers)
+        return answer
+
+    def _resolve(self, repo_id: str, url: str, span: tuple[int, int] | None, limit: int, calls: Calls) -> _Answer:
+        """GET the Hub URL with the token; a redirect off the Hub (the CDN) is followed without it and kept."""
+        target = url
+        for _ in range(_MAX_HUB_REDIRECTS + 1):
+            calls.resolver += 1
+            answer = self._exchange(repo_id, target, _with_range(self._headers, span), limit)
+            location = answer.headers.get("location")
+            if not (300 <= answer.status < 400 and location):
+                return answer
+            target = urljoin(target, location)
+            if origin(target) == self._hub_origin:
+                continue  # still the Hub (a renamed repo): the token may follow
+            self.signed.put(url, target)
+            answer = self._cdn_read(repo_id, target, span, limit, calls)
+            if answer.status == 403:  # a URL the Hub signed a moment ago: retrying will not help
+                self.signed.drop(url)
+                why = answer.headers.get("x-error-message") or "no reason given"
+                raise HubError(repo_id, f"http-403: the CDN refused a freshly signed URL ({why})", status=403)
+            return answer
+        raise HubError(repo_id, f"http-{answer.status}: over {_MAX_HUB_REDIRECTS} redirects inside the Hub")
+
+    def _cdn_read(self, repo_id: str, signed: str, span: tuple[int, int] | None, limit: int, calls: Calls) -> _Answer:
+        calls.cdn += 1
+        return self._exchange(repo_id, signed, _with_range(self._cdn_headers, span), limit)
+
+    def _exchange(self, repo_id: str, url: str, headers: Mapping[str, str], limit: int) -> _Answer:
+        """One GET, redirects not followed. Only a 2xx body is read (at most `limit` bytes): errors and
+        redirects say what they have to say in their headers."""
         import httpx2
         from huggingface_hub.utils import get_session
 
-        headers = dict(self._headers)
-        if span is not None:
-            headers["Range"] = f"bytes={span[0]}-{span[1] - 1}"  # inclusive end byte
+        body = bytearray()
         try:
-            with get_session().stream("GET", url, headers=headers, follow_redirects=True,
+            with get_session().stream("GET", url, headers=headers, follow_redirects=False,
                                       timeout=self.timeout) as response:
                 status, got = response.status_code, {k.lower(): v for k, v in response.headers.items()}
-                if status == 416:
-                    return _Answer(status, got, b"")
-                _raise_for_status(repo_id, status, got)
-                body = bytearray()
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) >= limit:  # a server that ignored Range: stop, do not stream the file
-                        break
+                if 200 <= status < 300:
+                    for chunk in response.iter_bytes():
+                        body += chunk
+                        if len(body) >= limit:  # a server that ignored Range: stop, do not stream the file
+                            break
         except httpx2.TransportError as exc:  # resets, truncated bodies (RemoteProtocolError), timeouts
             raise TransientHubError(repo_id, f"network: {type(exc).__name__}") from None
         return _Answer(status, got, bytes(body[:limit]))
 
 
 class RemoteFile:
-    """A ByteSource over one file of one revision, opened with the 100,000-byte prefix read."""
+    """A ByteSource over one file of one revision, opened with the 100,000-byte prefix read. Its requests
+    are counted in `calls` (a repo passes its own, so they add up per model)."""
 
-    def __init__(self, hub: HubSource, repo_id: str, revision: str, path: str) -> None:
+    def __init__(self, hub: HubSource, repo_id: str, revision: str, path: str, *, calls: Calls | None = None) -> None:
         self._hub = hub
         self._repo_id = repo_id
         self.name = f"{repo_id}@{revision[:8]}/{path}"
         self._url = hub.url(repo_id, revision, path)
         self.bytes_read = 0
-        self.requests = 0
+        self.calls = calls if calls is not None else Calls()
         self._prefix, self.size = self._open()
 
     def _open(self) -> tuple[bytes, int]:
@@ -284,9 +423,8 @@ class RemoteFile:
         return answer.body, size
 
     def _fetch(self, span: tuple[int, int]) -> _Answer:
-        answer = self._hub.get(self._repo_id, self._url, span=span, limit=span[1] - span[0])
+        answer = self._hub.get(self._repo_id, self._url, span=span, limit=span[1] - span[0], calls=self.calls)
         self.bytes_read += len(answer.body)
-        self.requests += 1
         return answer
 
     def read(self, start: int, end: int) -> bytes:
@@ -312,18 +450,17 @@ class HubRepo:
         self.entry = entry
         self._opened: list[RemoteFile] = []
         self._small_bytes = 0
-        self._small_requests = 0
+        self.calls = Calls()  # this model's requests, every file and retry included
 
     def open(self, path: str) -> ByteSource:
-        source = RemoteFile(self._hub, self.entry.repo_id, self.entry.revision, path)
+        source = RemoteFile(self._hub, self.entry.repo_id, self.entry.revision, path, calls=self.calls)
         self._opened.append(source)
         return source
 
     def read_small(self, path: str, *, limit: int) -> bytes:
         url = self._hub.url(self.entry.repo_id, self.entry.revision, path)
-        answer = self._hub.get(self.entry.repo_id, url, span=None, limit=limit + 1)
+        answer = self._hub.get(self.entry.repo_id, url, span=None, limit=limit + 1, calls=self.calls)
         self._small_bytes += len(answer.body)
-        self._small_requests += 1
         if len(answer.body) > limit:
             raise SafetensorsError(f"{self.entry.repo_id}/{path}", f"over the {limit}-byte cap")
         return answer.body
@@ -334,7 +471,7 @@ class HubRepo:
 
     @property
     def requests(self) -> int:
-        return self._small_requests + sum(f.requests for f in self._opened)
+        return self.calls.total
 
 
 # --- local folders ---------------------------------------------------------------------------------
@@ -443,8 +580,9 @@ class LocalRepo:
             source.close()
 
 
-__all__ = ["LIST_EXPAND", "MAX_HEADER_BYTES", "PREFIX_BYTES", "HubRepo", "HubSource", "LocalRepo", "ModelEntry",
-           "RemoteFile", "RepoFiles", "content_revision", "entry_from_info", "local_repo_id"]
+__all__ = ["LIST_EXPAND", "MAX_HEADER_BYTES", "PREFIX_BYTES", "Calls", "HubRepo", "HubSource", "LocalRepo",
+           "ModelEntry", "RemoteFile", "RepoFiles", "SignedUrls", "content_revision", "entry_from_info",
+           "local_repo_id"]
 
 
 # --- reachability ---------------------------------------------------------------------------------------------

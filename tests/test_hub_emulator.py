@@ -151,11 +151,23 @@ def _clean(emu: HubEmulator) -> Iterator[None]:
     emu.faults.clear()
 
 
-def raw(emu: HubEmulator, method: str, path: str, headers: dict[str, str] | None = None
+def raw(emu: HubEmulator, method: str, path: str, headers: dict[str, str] | None = None, *, follow: bool = True
         ) -> tuple[http.client.HTTPResponse, bytes | Exception]:
-    """One request with the stdlib client; the body, or the exception reading it raised."""
-    conn = http.client.HTTPConnection("127.0.0.1", emu.port, timeout=10)
-    conn.request(method, path, headers=headers or {})
+    """One request with the stdlib client; the body, or the exception reading it raised. An LFS file's 302 to
+    the CDN is followed (without Authorization, as the real client does) unless `follow` is False."""
+    response, body = _request(emu.port, method, path, headers or {})
+    location = response.getheader("Location")
+    if follow and response.status == 302 and location:
+        target = urlsplit(location)
+        kept = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+        response, body = _request(target.port or 80, method, f"{target.path}?{target.query}", kept)
+    return response, body
+
+
+def _request(port: int, method: str, path: str, headers: dict[str, str]
+             ) -> tuple[http.client.HTTPResponse, bytes | Exception]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request(method, path, headers=headers)
     response = conn.getresponse()
     try:
         body: bytes | Exception = response.read()
@@ -344,8 +356,11 @@ def test_range_requests(emu: HubEmulator, hub_root: Path, header: str | None, st
     response, body = raw(emu, "GET", "/acme/base/resolve/main/model.safetensors", {"Range": header} if header else {})
     expected = data[start:end]
     assert response.status == status and body == expected
-    assert response.headers["Content-Length"] == str(len(expected))
-    assert response.headers["Accept-Ranges"] == "bytes" and len(response.headers["X-Repo-Commit"]) == 40
+    assert response.headers["Content-Length"] == str(len(expected)) and response.headers["Accept-Ranges"] == "bytes"
+    redirect, _ = raw(emu, "GET", "/acme/base/resolve/main/model.safetensors", {"Range": header} if header else {},
+                      follow=False)  # the file's metadata is on the Hub's 302, the bytes on the CDN's answer
+    assert redirect.status == 302 and len(redirect.headers["X-Repo-Commit"]) == 40
+    assert redirect.headers["X-Linked-Size"] == str(len(data))
     if status == 206:
         first = start % len(data)
         assert response.headers["Content-Range"] == f"bytes {first}-{first + len(expected) - 1}/{len(data)}"
@@ -392,14 +407,15 @@ def test_header_of_exactly_100000_bytes_needs_one_read(emu: HubEmulator, hub_roo
     meta = HfApi(endpoint=emu.url).get_safetensors_metadata("acme/edge")
     assert meta.files_metadata["model.safetensors"].tensors["x"].shape == [16]
     reads = [r for r in emu.requests() if r.method == "GET" and r.path.endswith("model.safetensors")]
-    assert [(r.range, r.status, r.bytes_sent) for r in reads] == [("bytes=0-100000", 206, 100_001)]
+    assert [(r.origin, r.range, r.status, r.bytes_sent) for r in reads] == [
+        ("hub", "bytes=0-100000", 302, 0), ("cdn", "bytes=0-100000", 206, 100_001)]
 
 
 def test_header_over_100000_bytes_is_read_in_two(fresh: HubEmulator) -> None:
     edge_file(fresh.root / "acme/edge/model.safetensors", prefix=100_016)
     meta = HfApi(endpoint=fresh.url).get_safetensors_metadata("acme/edge")
     assert meta.files_metadata["model.safetensors"].tensors["x"].data_offsets == (0, 64)
-    reads = [r.range for r in fresh.requests() if r.method == "GET"]
+    reads = [r.range for r in fresh.requests() if r.method == "GET" and r.origin == "cdn"]
     assert reads == ["bytes=0-100000", "bytes=8-100015"]
 
 
@@ -595,7 +611,10 @@ def test_reset_and_truncate_cut_the_body(emu: HubEmulator, hub_root: Path) -> No
     assert isinstance(body, http.client.IncompleteRead) and len(body.partial) == 50
     response, body = raw(emu, "GET", "/acme/base/resolve/main/model.safetensors")
     assert isinstance(body, bytes) and len(body) == size  # count spent: whole again
-    assert [(r.fault, r.bytes_sent) for r in emu.requests()] == [("reset", 100), ("truncate", 50), (None, size)]
+    # The cut faults skip the bodiless 302s and fire where the bytes flow: on the CDN.
+    cdn = [(r.fault, r.bytes_sent) for r in emu.requests() if r.origin == "cdn"]
+    assert cdn == [("reset", 100), ("truncate", 50), (None, size)]
+    assert {(r.status, r.fault) for r in emu.requests() if r.origin == "hub"} == {(302, None)}
 
 
 def test_slow_fault_still_answers_and_is_logged(emu: HubEmulator) -> None:
@@ -608,11 +627,16 @@ def test_slow_fault_still_answers_and_is_logged(emu: HubEmulator) -> None:
 
 def test_request_log_endpoint(emu: HubEmulator) -> None:
     raw(emu, "GET", "/acme/base/resolve/main/model.safetensors", {"Range": "bytes=0-9"})
-    response, body = raw(emu, "GET", "/_emulator/requests")
-    log = json.loads(body)  # type: ignore[arg-type]
-    assert log == [{"method": "GET", "path": "/acme/base/resolve/main/model.safetensors", "query": "",
-                    "range": "bytes=0-9", "status": 206, "bytes_sent": 10, "fault": None}]
+    _, body = raw(emu, "GET", "/_emulator/requests")
+    hub, cdn = json.loads(body)  # type: ignore[arg-type]
+    names = ["accept-encoding", "host", "range"]  # http.client's own headers plus ours
+    assert hub == {"method": "GET", "path": "/acme/base/resolve/main/model.safetensors", "query": "",
+                   "range": "bytes=0-9", "status": 302, "bytes_sent": 0, "fault": None, "origin": "hub",
+                   "authorization": False, "header_names": names}
+    assert (cdn["origin"], cdn["status"], cdn["bytes_sent"], cdn["range"]) == ("cdn", 206, 10, "bytes=0-9")
     assert emu.bytes_sent == 10
+    sha = HfApi(endpoint=emu.url).model_info("acme/base").sha
+    assert cdn["path"] == f"/acme/base/resolve/{sha}/model.safetensors" and "Signature=" in cdn["query"]
     assert raw(emu, "DELETE", "/_emulator/requests")[0].status == 200
     assert emu.requests() == [] and emu.bytes_sent == 0
 

@@ -6,13 +6,17 @@
         emu.faults.add("429", "/api/models*", count=1)
         api.list_models(sort="created_at", expand=["sha", "safetensors"])
         emu.requests()                             # what was asked, which ranges, how many bytes went out
+
+LFS files are redirected as on huggingface.co: `/resolve/` answers 302 to a signed URL on a second loopback
+origin, the CDN (`emu.cdn.url`, see cdn.py), valid `url_ttl` seconds (default 3600). The CDN's requests join
+the same log (`origin="cdn"`, with whether an Authorization header arrived). `redirect=False` serves every
+file from the Hub origin directly instead.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +27,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 
 from errors import BadInputError
+from indexer.hub_emulator.cdn import DEFAULT_URL_TTL, Cdn
 from indexer.hub_emulator.faults import Faults, parse_fault_spec
 from indexer.hub_emulator.repos import RepoSource, check_timestamp
 from indexer.hub_emulator.server import DEFAULT_PAGE_SIZE, RequestRecord, _Server
@@ -37,7 +42,7 @@ class HubEmulator:
     """A Hub over loopback. Context manager; `start()` binds (port 0 = a free port) and serves in a daemon thread."""
 
     def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL) -> None:
         root = Path(root)
         if not root.is_dir():
             raise BadInputError(str(root), "is not a folder; create it (it may be empty) or pick another")
@@ -49,6 +54,7 @@ class HubEmulator:
         self.source = RepoSource(root)
         self.faults = Faults()
         self.url = ""
+        self.cdn = Cdn(self, ttl=url_ttl) if redirect else None  # None: LFS files are served directly
         self._log: list[RequestRecord] = []
         self._bytes_sent = 0
         self._log_lock = threading.Lock()
@@ -68,22 +74,19 @@ class HubEmulator:
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
                                         name=f"hub-emulator-{self.port}", daemon=True)
         self._thread.start()
-        logger.info("hub emulator serving %s at %s", self.root, self.url)
+        if self.cdn is not None:
+            self.cdn.start(self.host)
+        logger.info("hub emulator serving %s at %s (LFS files: %s)", self.root, self.url,
+                    f"302 to {self.cdn.url}" if self.cdn is not None else "served directly")
         return self
 
     def stop(self) -> None:
         server, self._server = self._server, None
         if server is None:
             return
-        server.shutdown()
-        server.server_close()
-        with server.connections_lock:
-            live = list(server.open_connections)
-        for conn in live:  # keep-alive connections would otherwise keep being served
-            try:
-                conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
+        server.close_all()
+        if self.cdn is not None:
+            self.cdn.stop()
         if self._thread is not None:
             self._thread.join(timeout=5)
         logger.info("hub emulator at %s stopped", self.url)
@@ -191,9 +194,11 @@ def configure(emu: HubEmulator, *, virtual: Sequence[str] = (), faults: Sequence
 
 def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                   virtual: Sequence[str] = (), faults: Sequence[str] = (), page_size: int = DEFAULT_PAGE_SIZE,
+                  redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL,
                   ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `ready(url)` is called once the socket listens."""
-    emu = HubEmulator(root, host=host, port=port, token=token, page_size=page_size)
+    emu = HubEmulator(root, host=host, port=port, token=token, page_size=page_size, redirect=redirect,
+                      url_ttl=url_ttl)
     configure(emu, virtual=virtual, faults=faults)
     stop = threading.Event()
 

@@ -4,6 +4,11 @@ A rule is (kind, path glob, count): the next `count` requests whose decoded path
 (fnmatch, e.g. "/api/models*" or "*/model.safetensors") get the fault; count=None means every one.
 Rules are tried in the order they were added; the first with budget left fires.
 
+Files behind the CDN redirect are matched by the same path on both hops: the Hub's 302 and the CDN's
+answer are both logged and matched as `/{repo}/resolve/{rev}/{file}`. A status or slow fault fires on the
+first hop it meets (the Hub's); reset and truncate cut a body, so they skip bodiless answers (the 302)
+and fire where the bytes flow (the CDN for LFS files, the Hub for small files).
+
 Kinds:
   429        rate limited: `RateLimit: "api";r=0;t=<retry>` and `Retry-After: <retry>` (the client waits t+1 s)
   500 502 503 504   that status with a JSON error body
@@ -25,6 +30,7 @@ from errors import BadInputError
 
 FaultKind = Literal["429", "500", "502", "503", "504", "reset", "truncate", "slow"]
 KINDS: tuple[str, ...] = get_args(FaultKind)
+CUTS = frozenset({"reset", "truncate"})  # the kinds that cut a body short
 
 
 @dataclass(frozen=True)
@@ -64,11 +70,14 @@ class Faults:
             self._rules.append(rule)
         return rule
 
-    def take(self, method: str, path: str) -> Fault | None:
-        """The fault for this request (spending one of its count), or None."""
+    def take(self, method: str, path: str, *, has_body: bool = True) -> Fault | None:
+        """The fault for this request (spending one of its count), or None. `has_body=False` (a redirect)
+        leaves reset and truncate rules for the hop that carries the bytes."""
         with self._lock:
             for i, rule in enumerate(self._rules):
                 if rule.method not in (None, method) or not fnmatch.fnmatchcase(path, rule.path_glob):
+                    continue
+                if not has_body and rule.kind in CUTS:
                     continue
                 if rule.remaining is not None:
                     left = rule.remaining - 1

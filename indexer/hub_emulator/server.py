@@ -5,12 +5,20 @@ Routes (everything else is a plain 404):
   GET       /api/models/{org}/{name}[/revision/{rev}]       model info (expand, blobs)
   GET       /api/models/{org}/{name}/tree/{rev}[/{path}]    file tree (recursive)
   GET       /api/models/{org}/{name}/safetensors-metadata/{index}   every shard header at once
-  GET|HEAD  /{org}/{name}/resolve/{rev}/{path}              file bytes (Range -> 206)
+  GET|HEAD  /{org}/{name}/resolve/{rev}/{path}              small files: the bytes (Range -> 206);
+                                                            LFS files: 302 to a signed CDN URL (see cdn.py)
   GET       /_emulator/requests   DELETE /_emulator/requests   the request log (never faulted, never logged)
 
 Access, as on the Hub: a private repo without a token is a 401 RepoNotFound (it does not exist for
 you); a gated repo's info and README are public, its other files are a 401 GatedRepo without a token.
 Any non-empty bearer token is valid unless the emulator was given one, then only that one is.
+
+LFS files (`Blob.lfs`: safetensors, pickles, anything of 10 MiB or more, the generated shards) are not
+served here but redirected, as huggingface.co does: `302 Found` with `Location` = a signed, expiring URL on
+the emulator's CDN origin (another port, its own server: cdn.py), plus `X-Repo-Commit`, `X-Linked-Size`,
+`X-Linked-Etag` and `ETag`, which is all `get_hf_file_metadata` reads (it stops at a cross-host redirect).
+The 302 has an empty body, so byte counts in the request log are the file bytes only. An emulator made
+with `redirect=False` serves every file here directly instead.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 from errors import ModelGraphError
 from indexer.hub_emulator import info
 from indexer.hub_emulator.blobs import Blob, etag_of, git_blob_sha1, iter_chunks, lfs_pointer
-from indexer.hub_emulator.faults import Fault
+from indexer.hub_emulator.faults import CUTS, Fault
 from indexer.hub_emulator.repos import Repo
 
 if TYPE_CHECKING:
@@ -48,7 +56,13 @@ _SORTS = {"createdAt": "created_at", "lastModified": "last_modified", "downloads
 
 @dataclass(frozen=True)
 class RequestRecord:
-    """One answered request. `path` is decoded and has no query; `bytes_sent` counts body bytes only."""
+    """One answered request. `path` is decoded and has no query; `bytes_sent` counts body bytes only.
+
+    `origin` is "hub" or "cdn"; a CDN request is logged under the path of the file it serves
+    (`/{repo}/resolve/{commit}/{file}`), so one filter finds both hops of a download. `authorization`
+    says whether an Authorization header arrived and `header_names` which headers did (names only: a
+    token is never recorded).
+    """
 
     method: str
     path: str
@@ -57,6 +71,9 @@ class RequestRecord:
     status: int
     bytes_sent: int
     fault: str | None = None
+    origin: str = "hub"
+    authorization: bool = False
+    header_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,11 +159,24 @@ class _Server(ThreadingHTTPServer):
     block_on_close = False  # idle keep-alive connections must not hold up stop()
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], emulator: HubEmulator) -> None:
+    def __init__(self, address: tuple[str, int], emulator: HubEmulator,
+                 handler: type[BaseHTTPRequestHandler] | None = None) -> None:
         self.emulator = emulator
         self.open_connections: set[socket.socket] = set()
         self.connections_lock = threading.Lock()
-        super().__init__(address, _Handler)
+        super().__init__(address, handler or _Handler)
+
+    def close_all(self) -> None:
+        """Stop serving and drop the open connections (keep-alive ones would otherwise keep being served)."""
+        self.shutdown()
+        self.server_close()
+        with self.connections_lock:
+            live = list(self.open_connections)
+        for conn in live:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         logger.debug("connection from %s ended with an error", client_address, exc_info=True)
@@ -156,6 +186,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects
     server: _Server
     timeout = 60  # an idle keep-alive connection is dropped after a minute
+    origin = "hub"  # what the request log calls this server
 
     # -- plumbing ----------------------------------------------------------------------------------
 
@@ -201,15 +232,17 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._write(method, self._control(method, path))
             return
-        fault = emu.faults.take(method, path)
+        reply, logged = self._answer(method, raw_path, query)
+        fault = emu.faults.take(method, logged, has_body=reply.length > 0)
         if fault is not None and fault.kind == "slow":
             time.sleep(fault.seconds)
-        reply = self._fault_reply(fault) if fault is not None and fault.status else self._route(method, raw_path, query)
-        cut = fault if fault is not None and fault.kind in ("reset", "truncate") else None
+        reply = self._fault_reply(fault) if fault is not None and fault.status else reply
+        cut = fault if fault is not None and fault.kind in CUTS else None
         planned = 0 if method == "HEAD" else self._limit(reply, cut)
         # Logged before the first byte goes out: once the client has the whole body, the record exists.
-        record = RequestRecord(method, path, query, self.headers.get("Range"), reply.status, planned,
-                               fault.kind if fault else None)
+        record = RequestRecord(method, logged, query, self.headers.get("Range"), reply.status, planned,
+                               fault.kind if fault else None, self.origin, "Authorization" in self.headers,
+                               tuple(sorted({name.lower() for name in self.headers})))
         emu._record(record)
         sent = self._write(method, reply, cut=cut)
         if sent != planned:  # the client hung up early: correct the count
@@ -229,6 +262,10 @@ class _Handler(BaseHTTPRequestHandler):
                        ("RateLimit-Policy", '"fixed window";"api";q=500;w=300'), ("Retry-After", str(fault.retry))]
             return error_reply(429, "You have been rate-limited (injected fault).", extra=headers)
         return error_reply(fault.status or 500, f"injected {fault.kind}")
+
+    def _answer(self, method: str, raw_path: str, query: str) -> tuple[Reply, str]:
+        """The reply (faults aside) and the path it is logged and matched by (the decoded request path)."""
+        return self._route(method, raw_path, query), unquote(raw_path)
 
     def _route(self, method: str, raw_path: str, query: str) -> Reply:
         parts = [unquote(p) for p in raw_path.split("/")[1:]]
@@ -413,6 +450,9 @@ class _Handler(BaseHTTPRequestHandler):
         blob = repo.files.get(path)  # only scanned paths are servable: nothing outside the repo folder
         if blob is None:
             return error_reply(404, f"Entry not found: {path}", "EntryNotFound", commit=repo.sha)
+        cdn = self.server.emulator.cdn
+        if blob.lfs and cdn is not None:
+            return _redirect_reply(repo, blob, cdn.signed_url(repo.repo_id, repo.sha, path))
         return _file_reply(repo, blob, self.headers.get("Range"))
 
     def _control(self, method: str, path: str) -> Reply:
@@ -501,16 +541,29 @@ def _tree_file(path: str, blob: Blob) -> dict[str, Any]:
     return entry
 
 
-def _file_reply(repo: Repo, blob: Blob, range_header: str | None) -> Reply:
+def _linked(repo: Repo, blob: Blob) -> list[tuple[str, str]]:
+    """ETag and X-Repo-Commit, plus for LFS files what the Hub adds (the client prefers these over ETag /
+    Content-Length, and on a 302 they are all it has: it reads the metadata from the redirect itself)."""
     etag = etag_of(blob)
-    headers = [
-        ("Content-Type", "application/octet-stream" if blob.lfs else "text/plain; charset=utf-8"),
-        ("Accept-Ranges", "bytes"),
-        ("ETag", f'"{etag}"'),
-        ("X-Repo-Commit", repo.sha),
-    ]
-    if blob.lfs:  # what the Hub sends for LFS files (the client prefers these over ETag / Content-Length)
+    headers = [("ETag", f'"{etag}"'), ("X-Repo-Commit", repo.sha)]
+    if blob.lfs:
         headers += [("X-Linked-Etag", f'"{etag}"'), ("X-Linked-Size", str(blob.size))]
+    return headers
+
+
+def _redirect_reply(repo: Repo, blob: Blob, location: str) -> Reply:
+    """The Hub's answer for an LFS file: 302 to the signed CDN URL, metadata on the redirect, empty body."""
+    return Reply(302, [("Location", location), ("Content-Type", "text/plain; charset=utf-8"), *_linked(repo, blob)])
+
+
+def _file_reply(repo: Repo, blob: Blob, range_header: str | None) -> Reply:
+    content_type = "application/octet-stream" if blob.lfs else "text/plain; charset=utf-8"
+    return bytes_reply(blob, range_header, [("Content-Type", content_type), *_linked(repo, blob)])
+
+
+def bytes_reply(blob: Blob, range_header: str | None, headers: list[tuple[str, str]]) -> Reply:
+    """A blob's bytes as 200, or 206 + Content-Range for a satisfiable Range, or 416."""
+    headers = [*headers, ("Accept-Ranges", "bytes")]
     span = parse_range(range_header, blob.size)
     if span == "unsatisfiable":
         return Reply(416, headers + [("Content-Range", f"bytes */{blob.size}")])
