@@ -108,7 +108,9 @@ def _crawl(emu: HubEmulator, home: Path, waits: list[float], *, timeout: float =
 
 
 def _resolves(emu: HubEmulator, repo_id: str) -> list[int]:
-    return [r.status for r in emu.requests() if r.path.startswith(f"/{repo_id}/resolve/")]
+    """The status that ended each try at a file of `repo_id`: the Hub's 302 to the CDN is a hop within a try,
+    so it is left out (the answer that follows it, on the CDN, ends the try)."""
+    return [r.status for r in emu.requests() if r.path.startswith(f"/{repo_id}/resolve/") and r.status != 302]
 
 
 def _status(home: Path) -> dict[str, tuple[str, str]]:
