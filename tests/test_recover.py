@@ -181,7 +181,7 @@ def test_cli_recover_json_out_and_tree(ft_zoo: Path, tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)
     table = pq.read_table(out)
-    assert table.schema.metadata[b"model_graph_index.forest_version"] == b"2"
+    assert table.schema.metadata[b"model_graph_index.forest_version"] == b"3"
     assert table.column("repo_id").to_pylist() == [r["repo_id"] for r in rows]
     assert {"repo_id", "parent", "cluster", "distance", "direction_score", "family", "method"} <= set(table.column_names)
     truth = read_truth_csv(ft_zoo / "truth.csv")

@@ -1,14 +1,22 @@
 """Recover the forest of a local folder of model repos: load, group by family, run a method, report rows.
 
-Folder layout: any directory under DIR that holds `*.safetensors` (or a sharded index) is one repo, its
-id the relative path (`org/name`). `DIR/hub.json` ({"version": 1, "repos": {id: {"createdAt": ...}}}),
+Folder layout: any directory under DIR that holds `*.safetensors` (or a sharded index), a top-level
+`*.gguf` or an `adapter_config.json` is one repo, its id the relative path (`org/name`). `DIR/hub.json` ({"version": 1, "repos": {id: {"createdAt": ...}}}),
 when present, gives each repo's upload time. Model cards (README.md) are never opened here: the declared
 `base_model` is for `indexer.evaluate` only.
 
 Steps, per model: 1. read the safetensors header (shapes only); 2. family key from the body shapes;
 per family: 3. choose the layers the method compares; 4. read only those tensors and compute their
 statistics in the same pass; a model with a NaN or infinite weight becomes a failed row; 5. run the
-method; 6. one `ForestRow` per model, sorted by repo id.
+method; 6. relations (indexer.relations.batch, the incremental index's rules): merges among the method's
+trees, quantized copies and adapters placed beside them; 7. one `ForestRow` per model, sorted by repo id.
+
+Repos that are not plain safetensors -- adapters, GGUF files, packed quantized safetensors (GPTQ, AWQ,
+bitsandbytes, FP8, compressed-tensors) -- are read by the crawl's own reader (`indexer.crawl.read_model`
+over `indexer.sources.LocalRepo`, a budget large enough to read every planned tensor whole): one parser
+per format, and a bad file (a GGUF cut in its header, an unknown quantization type, a tensor past the
+end, an adapter_config.json that is not JSON or names no base) is the same one-line failure the crawl
+records (`indexer.crawl.classify`), the rest of the folder recovered.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
@@ -28,15 +36,34 @@ from scipy.stats import norm
 from errors import BadInputError, ModelGraphError, RecoveryError, UnsupportedModelError
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
+from indexer.relations.batch import (
+    AdapterRepo,
+    Placed,
+    QuantCopy,
+    find_merges,
+    pair_view,
+    place_adapters,
+    place_quantized,
+)
+from indexer.relations.merges import merge_row_parents
 from sketches.distances import l2_distance
-from sketches.layers import Scheme, canonical_tensors, family_key, merge_families, select_layers, wrapper_depth
+from sketches.layers import (
+    Scheme,
+    canonical_tensors,
+    family_key,
+    merge_families,
+    select_layers,
+    wrapper_depth,
+)
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
 
 logger = logging.getLogger(__name__)
 
 Status = Literal["ok", "failed"]
-FOREST_VERSION = 2  # 2: relation, confidence, related_score, p_value, margin columns
+FOREST_VERSION = 3  # 2: relation, confidence, related_score, p_value, margin columns; 3: parents, bytes_read
+# Batch reads every planned tensor whole: a budget no model reaches (the plan then reads its tensors whole)
+WHOLE_MODEL = 1 << 60
 
 
 @dataclass(frozen=True)
@@ -52,11 +79,15 @@ class ForestRow:
     method: str
     status: Status = "ok"
     reason: str = ""
-    relation: str = ""  # "finetune" | "duplicate" for an edge, "" for a root or a failure
+    relation: str = ""  # finetune | duplicate | adapter | quantized | merge for an edge, "" for a root or a failure
     confidence: float = math.nan  # the probability the parent is right (indexer.lineage.confidence)
     related_score: float = math.nan  # the relatedness test's Z with the parent (sketches.relatedness)
     p_value: float = math.nan  # its one-sided p-value
     margin: float = math.nan  # the relative margin of the parent over the runner-up (confidence's input)
+    # (repo_id, weight), heaviest first, as the export's `parents`: ((parent, 1.0),) for one parent, several
+    # for a merge, () for a root
+    parents: tuple[tuple[str, float], ...] = ()
+    bytes_read: int = 0  # bytes read from its files (headers and tensors)
 
 
 @dataclass(frozen=True)
@@ -85,8 +116,21 @@ class _Loaded:
 # --- discovery -----------------------------------------------------------------------------------
 
 
+REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json")
+
+
 def _is_repo(folder: Path) -> bool:
-    return any(f.suffix == ".safetensors" or f.name == "model.safetensors.index.json" for f in folder.iterdir() if f.is_file())
+    return any(f.suffix in (".safetensors", ".gguf") or f.name in REPO_MARKERS for f in folder.iterdir() if f.is_file())
+
+
+def _special(folder: Path) -> bool:
+    """An adapter or GGUF repo (the crawl's triage, `indexer.crawl.weight_layout`): read by the crawl's reader."""
+    from indexer.crawl import ADAPTER_FILES, INDEX_FILE, SINGLE_FILE
+
+    top = {f.name for f in folder.iterdir() if f.is_file()}
+    if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
+        return True
+    return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top
 
 
 def discover_repos(root: Path) -> list[tuple[str, Path]]:
@@ -106,7 +150,7 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             rel = path.relative_to(root).as_posix()
             found.append((rel if rel != "." else path.name, path))
     if not found:
-        raise BadInputError(str(root), "no safetensors weights found in any folder under it")
+        raise BadInputError(str(root), "no safetensors, GGUF or adapter weights found in any folder under it")
     return sorted(found)
 
 
@@ -118,7 +162,7 @@ def upload_times(root: Path) -> dict[str, float]:
     from indexer.hub_emulator.repos import load_hub_json
 
     metas = load_hub_json(root / "hub.json")
-    return {rid: datetime.fromisoformat(meta.created_at.replace("Z", "+00:00")).timestamp()
+    return {rid: datetime.fromisoformat(meta.created_at).timestamp()
             for rid, meta in sorted(metas.items()) if meta.created_at}
 
 
@@ -130,12 +174,20 @@ def _failed(repo_id: str, family: str, method: str, reason: str) -> ForestRow:
     return ForestRow(repo_id, "", -1, math.nan, math.nan, family, method, "failed", reason)
 
 
-def _headers(repos: Sequence[tuple[str, Path]], method: str) -> tuple[list[_Loaded], list[ForestRow]]:
+def _headers(repos: Sequence[tuple[str, Path]], method: str,
+             packed: list[tuple[str, Path]] | None = None) -> tuple[list[_Loaded], list[ForestRow]]:
+    """Headers of plain safetensors repos; with `packed`, quantized ones (indexer.readers.looks_packed)
+    go there instead, for the crawl's reader."""
+    from indexer.readers import looks_packed
+
     loaded, failed = [], []
     for repo_id, path in repos:
         try:
             with open_local_repo(path) as weights:
                 infos = weights.tensors()
+            if packed is not None and looks_packed(infos):
+                packed.append((repo_id, path))
+                continue
             stored = canonical_tensors(infos)
             shapes = {name: infos[raw].shape for name, raw in stored.items()}
             loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored),
@@ -158,8 +210,10 @@ def _scheme(options: Options) -> Scheme:
     return "value" if options.distance == "rank" else "attention"
 
 
-def _read_family(members: list[_Loaded], options: Options, times: dict[str, float]) -> tuple[Family | None, list[ForestRow]]:
-    """Read the selected tensors of each member once; NaN/Inf models become failures."""
+def _read_family(members: list[_Loaded], options: Options, times: dict[str, float],
+                 spent: dict[str, int] | None = None) -> tuple[Family | None, list[ForestRow]]:
+    """Read the selected tensors of each member once; NaN/Inf models become failures. `spent` collects
+    the bytes read per model."""
     family = members[0].family
     selection = select_layers([m.shapes for m in members], scheme=_scheme(options), include_1d=options.include_1d)
     ok, arrays, extras, stats, failed = [], [], [], [], []
@@ -169,6 +223,8 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
                 layers = {name: weights.read(m.stored[name]) for name in selection.distance}
                 # the rest (heads, 1-D tensors, layers not all members have): ties and duplicates only
                 rest = {name: weights.read(m.stored[name]) for name in sorted(m.shapes) if name not in layers}
+                if spent is not None:
+                    spent[m.repo_id] = weights.bytes_read
         except ModelGraphError as exc:
             failed.append(_failed(m.repo_id, family, options.method, str(exc)))
             continue
@@ -188,6 +244,39 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
     ids = tuple(m.repo_id for m in ok)
     return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras),
                   tuple(m.dtype for m in ok), tuple(m.copy_rank for m in ok)), failed
+
+
+# --- repos the crawl's readers read (adapters, GGUF, packed quantized) ------------------------------
+
+
+def _read_special(repos: Sequence[tuple[str, Path]], method: str, times: Mapping[str, float]
+                  ) -> tuple[list[QuantCopy], list[AdapterRepo], list[ForestRow], dict[str, int]]:
+    """Each repo through `indexer.crawl.read_model` over a LocalRepo (one parser per format); whatever it
+    raises becomes the crawl's own one-line reason (`indexer.crawl.classify`) on a failed row."""
+    from indexer.crawl import classify, read_model
+    from indexer.sources import LocalRepo
+
+    copies, adapters, failed, spent = [], [], [], {}
+    for repo_id, path in repos:
+        repo = None
+        try:
+            repo = LocalRepo(path)
+            read = read_model(repo, budget=WHOLE_MODEL, have_token=True)
+        except Exception as exc:  # noqa: BLE001 -- the crawl's rule: one bad model is a recorded failure
+            failed.append(_failed(repo_id, "", method, classify(exc)[1]))
+            continue
+        finally:
+            if repo is not None:
+                spent[repo_id] = repo.bytes_read
+                repo.close()
+        if read.adapter is not None:
+            adapters.append(AdapterRepo(repo_id, read.adapter, read.arrays, times.get(repo_id)))
+        elif read.quant is not None:
+            shapes = {n: tuple(t.shape) for n, t in read.tensors.items()}
+            copies.append(QuantCopy(repo_id, read.family, shapes, read.arrays, read.quant, times.get(repo_id)))
+        else:  # weight_layout and _special disagree: a bug, not the model's fault
+            failed.append(_failed(repo_id, read.family, method, "error: read as neither an adapter nor a quantized copy"))
+    return copies, adapters, failed, spent
 
 
 # --- trees across families -------------------------------------------------------------------------
@@ -243,6 +332,7 @@ def _rows(family: Family, key: str, lineage: Lineage, method: str, offset: int) 
             related_score=_nan_is_one(z),
             p_value=float(norm.sf(z)) if not math.isnan(z) else math.nan,
             margin=_nan_is_one(m),
+            parents=((family.repo_ids[p], 1.0),) if p >= 0 else (),
         )
         for rid, p, c, d, s, rel, conf, z, m in zip(family.repo_ids, lineage.parent, lineage.cluster, lineage.distance,
                                                      lineage.direction_score, relation, confidence, score, margins,
@@ -260,30 +350,47 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     root = Path(root)
     repos = discover_repos(root)
     times = upload_times(root) if options.use_time else {}
-    loaded, failed = _headers(repos, options.method)
-    by_family = group_families(loaded)
+    special = [(r, p) for r, p in repos if _special(p)]
+    packed: list[tuple[str, Path]] = []
+    loaded, failed = _headers([r for r in repos if r not in special], options.method, packed)
+    copies, adapters, bad, spent = _read_special(sorted(special + packed), options.method, times)
+    failed += bad
+    by_family, merged = _group(loaded, {c.family: c.shapes for c in copies})
+    copies = [replace(c, family=merged[c.family]) for c in copies]
     families: list[tuple[str, Family]] = []
+    keys: dict[str, str] = {}  # a compared group's key -> its family's (quantized copies join by it)
     for key in sorted(by_family):  # deterministic
         for sub_key, members in _comparable_groups(key, by_family[key], options):
-            fam, bad = _read_family(members, options, times)
+            fam, bad = _read_family(members, options, times, spent)
             failed += bad
             if fam is not None:
                 families.append((sub_key, fam))
-    if not families:
+                keys[sub_key] = key
+    if not families and not copies and not adapters:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
-    return _solve(families, failed, options)
+    forest = _solve(families, failed, options) if families else Forest(tuple(failed))
+    return _with_relations(forest, families, keys, copies, adapters, options, spent)
 
 
 def group_families(loaded: Sequence[_Loaded]) -> dict[str, list[_Loaded]]:
     """Models by family: equal body keys first, then keys whose cores overlap (sketches.layers.merge_families)."""
-    bodies: dict[str, dict[str, tuple[int, ...]]] = {}
+    return _group(loaded, {})[0]
+
+
+def _group(loaded: Sequence[_Loaded], extra: Mapping[str, Mapping[str, tuple[int, ...]]]
+           ) -> tuple[dict[str, list[_Loaded]], dict[str, str]]:
+    """group_families, with the bodies of models read otherwise (quantized copies) taking part in the
+    overlap: (models by family, every body key -> its family's key)."""
+    bodies: dict[str, Mapping[str, tuple[int, ...]]] = {}
     for m in loaded:
         bodies.setdefault(m.family, m.shapes)
-    merged = merge_families(bodies)
+    for key in sorted(extra):
+        bodies.setdefault(key, extra[key])
+    merged = merge_families(bodies)  # type: ignore[arg-type]
     by_family: dict[str, list[_Loaded]] = {}
     for m in loaded:
         by_family.setdefault(merged[m.family], []).append(m)
-    return by_family
+    return by_family, merged
 
 
 def _comparable_groups(key: str, members: list[_Loaded], options: Options) -> list[tuple[str, list[_Loaded]]]:
@@ -314,6 +421,92 @@ def _solve(families: list[tuple[str, Family]], failed: list[ForestRow], options:
     return Forest(tuple(sorted(rows, key=lambda r: r.repo_id)), tuple(notes))
 
 
+# --- relations: merges, quantized copies, adapters (indexer.relations.batch) ------------------------
+
+
+def _member_arrays(family: Family, i: int) -> dict[str, np.ndarray]:
+    return {n: family.layers[n][i] for n in family.selection.distance} | dict(family.extras[i] if family.extras else {})
+
+
+def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys: Mapping[str, str],
+                    copies: Sequence[QuantCopy], adapters: Sequence[AdapterRepo], options: Options,
+                    spent: Mapping[str, int]) -> Forest:
+    """Step 6 (the module docstring); every row gets its bytes read."""
+    rows = {r.repo_id: r for r in forest.rows}
+    arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
+    created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
+    if options.method == "mother":  # the paper methods stay as the papers define them
+        _merges(rows, arrays, created)
+    placed = _quantized(rows, families, keys, copies, arrays, options)
+    shapes = {rid: {n: tuple(np.shape(a)) for n, a in arrays[rid].items()} for rid in arrays}
+    shapes |= {c.repo_id: dict(c.shapes) for c in copies}
+    home = {r.repo_id: r.family for r in rows.values() if r.status == "ok"} | {c.repo_id: c.family for c in copies}
+    family_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
+    for rid in sorted(shapes):
+        if rid in home:
+            family_shapes.setdefault(home[rid], {}).update(shapes[rid])
+    placed |= place_adapters(adapters, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes)
+    rows |= _placed_rows(placed, rows, options)
+    return Forest(tuple(replace(r, bytes_read=spent.get(r.repo_id, 0)) for _, r in sorted(rows.items())), forest.notes)
+
+
+def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.ndarray]],
+            created: Mapping[str, float | None]) -> None:
+    """Merges among each tree (indexer.relations.batch.find_merges); a merge's row takes its parents."""
+    ok = {r.repo_id: r for r in rows.values() if r.status == "ok" and r.repo_id in arrays}
+    trees: dict[tuple[str, int], list[str]] = {}
+    for r in ok.values():
+        trees.setdefault((r.family, r.cluster), []).append(r.repo_id)
+    parent_of = {rid: r.parent for rid, r in ok.items()}  # the method's tree, before any merge row moves
+    for x, links in sorted(find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created).items()):
+        parents = merge_row_parents(x, links, parent_of)
+        if parents:
+            moved = parents[0][0] != rows[x].parent
+            rows[x] = replace(rows[x], parent=parents[0][0], relation="merge", parents=parents,
+                              distance=math.nan if moved else rows[x].distance)
+
+
+def _quantized(rows: Mapping[str, ForestRow], families: Sequence[tuple[str, Family]], keys: Mapping[str, str],
+               copies: Sequence[QuantCopy], arrays: Mapping[str, Mapping[str, np.ndarray]], options: Options) -> dict[str, Placed]:
+    """Each family's quantized copies beside its full-precision models (indexer.relations.batch.place_quantized)."""
+    placed: dict[str, Placed] = {}
+    device = "cpu" if options.device == "auto" else options.device
+    for key in sorted({c.family for c in copies}):
+        members = sorted(rid for sub, fam in families if keys.get(sub) == key for rid in fam.repo_ids
+                         if rows.get(rid) is not None and rows[rid].status == "ok")
+        created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
+        views = {rid: pair_view(rid, arrays[rid], created.get(rid)) for rid in members}
+        placed |= place_quantized([c for c in copies if c.family == key], views, device=device)
+    return placed
+
+
+def _placed_rows(placed: Mapping[str, Placed], rows: Mapping[str, ForestRow], options: Options) -> dict[str, ForestRow]:
+    """Rows of the models placed beside the trees: the tree of what they hang under, followed up through
+    other placed models; a root or an external base gets a tree of its own (numbered after the others)."""
+    out: dict[str, ForestRow] = {}
+    fresh = max((r.cluster for r in rows.values()), default=-1) + 1
+    trees: dict[str, int] = {}
+
+    def tree(rid: str) -> int:
+        nonlocal fresh
+        seen = set()
+        while rid in placed and placed[rid].parent and rid not in seen:
+            seen.add(rid)
+            rid = placed[rid].parent
+        if rid in rows and rows[rid].status == "ok":
+            return rows[rid].cluster
+        if rid not in trees:
+            trees[rid], fresh = fresh, fresh + 1
+        return trees[rid]
+
+    for rid in sorted(placed):
+        p = placed[rid]
+        family = p.family or (rows[p.anchor].family if p.anchor in rows else "")
+        out[rid] = ForestRow(rid, p.parent, tree(rid), p.distance, math.nan, family, options.method,
+                             relation=p.relation, confidence=p.confidence, parents=p.parents)
+    return out
+
+
 # --- output ----------------------------------------------------------------------------------------
 
 
@@ -334,13 +527,17 @@ def write_parquet(forest: Forest, path: str | os.PathLike[str]) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    cols = {f: [getattr(r, f) for r in forest.rows] for f in ForestRow.__dataclass_fields__}
+    cols: dict[str, list[object]] = {f: [getattr(r, f) for r in forest.rows] for f in ForestRow.__dataclass_fields__}
+    # as the export's edges.parents (store.layout.PARENTS_SQL): a list of struct<repo_id, weight>
+    cols["parents"] = [[{"repo_id": p, "weight": w} for p, w in r.parents] for r in forest.rows]
     schema = pa.schema(
         [("repo_id", pa.string()), ("parent", pa.string()), ("cluster", pa.int64()), ("distance", pa.float64()),
          ("direction_score", pa.float64()), ("family", pa.string()), ("method", pa.string()),
          ("status", pa.string()), ("reason", pa.string()), ("relation", pa.string()),
          ("confidence", pa.float64()), ("related_score", pa.float64()), ("p_value", pa.float64()),
-         ("margin", pa.float64())],
+         ("margin", pa.float64()),
+         ("parents", pa.list_(pa.struct([("repo_id", pa.string()), ("weight", pa.float64())]))),
+         ("bytes_read", pa.int64())],
         metadata={b"model_graph_index.forest_version": str(FOREST_VERSION).encode()},
     )
     table = pa.table(cols, schema=schema)
@@ -373,9 +570,11 @@ def _render(node: str, children: dict[str, list[ForestRow]], prefix: str, lines:
 
 
 def _edge_label(row: ForestRow) -> str:
-    parts = [f"d={row.distance:.4g}"]
+    parts = [f"d={row.distance:.4g}"] if not math.isnan(row.distance) else []
     if row.relation and row.relation != "finetune":
         parts.insert(0, row.relation)
+    if len(row.parents) > 1:  # a merge: every parent with its weight
+        parts.insert(1, "of " + " + ".join(f"{w:.2f} {p}" for p, w in row.parents))
     if not math.isnan(row.confidence):
         parts.append(f"conf={row.confidence:.2f}")
     return ", ".join(parts)

@@ -145,3 +145,24 @@ def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], r
         if fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio):
             best = fit_
     return best
+
+
+def merge_row_parents(node: str, links: Sequence[tuple[str, float]], parent_of: Mapping[str, str]
+                      ) -> tuple[tuple[str, float], ...]:
+    """A merge's parents for its row: heaviest first, led by the first one not below `node` in the tree
+    (`parent_of`: child -> parent of every placed model; a merged model cannot be its own ancestor); ()
+    when none is usable. The rule of the incremental index's `_merge_parents`, for a batch recovery."""
+    def below(candidate: str) -> bool:
+        seen, u = set(), candidate
+        while u and u not in seen:
+            if u == node:
+                return True
+            seen.add(u)
+            u = parent_of.get(u, "")
+        return False
+
+    usable = [p for p in links if p[0] in parent_of and not below(p[0])]
+    if len(links) < 2 or not usable:
+        return ()
+    first = usable[0]
+    return (first, *[p for p in links if p != first])
