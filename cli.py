@@ -95,18 +95,21 @@ def zoo() -> None:
 
 @zoo.command("make")
 @click.argument("out", type=click.Path(path_type=Path))
-@click.option("--preset", type=click.Choice(["tiny", "small", "vthr", "wild-conv", "wild-bert", "wild-gpt2", "wild-tiny"]),
+@click.option("--preset", type=click.Choice(["tiny", "small", "vthr", "wild-conv", "wild-bert", "wild-gpt2", "wild-tiny",
+                                           "relations"]),
               default="tiny", show_default=True,
               help="tiny: 2 trees x 4 (seconds); small: 3 x 7 (a minute); vthr: 5 x 21, the paper's VTHR. "
                    "wild-conv / wild-bert / wild-gpt2: a ResNet / BERT / GPT-2 family with the real Hub's "
-                   "phenomena (about 25 models, minutes); wild-tiny: a handful of conv models (seconds).")
+                   "phenomena (about 25 models, minutes); wild-tiny: a handful of conv models (seconds). "
+                   "relations: tiny Llamas with every Hub relation -- fine-tunes, a duplicate, peft adapters, "
+                   "GGUF and GPTQ copies, mergekit merges (21 repos, 3-12 minutes on 2 cores).")
 @click.option("--split", type=click.Choice(["ft", "lora-f", "lora-v"]), default="ft", show_default=True,
               help="ft: full fine-tuning; lora-f: LoRA rank 16; lora-v: LoRA rank from {8,16,32,64}. "
-                   "Ignored by the wild presets.")
+                   "Ignored by the wild and relations presets.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same weights (byte for byte).")
 @click.option("--force", is_flag=True, help="Replace a zoo already built in OUT.")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Training processes (one thread each). Default: min(2, CPUs).")
+              help="Training processes (one thread each). Default: min(2, CPUs). Ignored by the relations preset.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as one JSON object.")
 def zoo_make(out: Path, preset: str, split: str, seed: int, force: bool, workers: int | None,
              as_json: bool) -> None:
@@ -115,7 +118,26 @@ def zoo_make(out: Path, preset: str, split: str, seed: int, force: bool, workers
     OUT/<org>/<name>/ holds config.json, model.safetensors and a model card whose base_model is the
     ground truth; OUT/hub.json (upload times), OUT/truth.csv (parent,child; the wild presets add a
     relation column) and OUT/zoo.json (hyper-parameters, accuracies, timings) describe the whole zoo.
+    The relations preset writes each repo in its real layout (adapter_config.json +
+    adapter_model.safetensors; a .gguf alone; GPTQ packed safetensors) and OUT/truth.csv as
+    child,parents,relation (parents ";"-joined for a merge); `index eval OUT --truth OUT/truth.csv`
+    scores it per relation.
     """
+    if preset == "relations":
+        # imported late: torch, peft and mergekit load in seconds
+        from indexer.zoo.relations import make_relations_zoo
+
+        rel = make_relations_zoo(out, seed=seed, force=force)
+        kinds: dict[str, int] = {}
+        for m in rel.models:
+            kinds[m.relation or "root"] = kinds.get(m.relation or "root", 0) + 1
+        if as_json:
+            _emit_json({"out": str(rel.out), "n_models": len(rel.models), "relations": kinds,
+                        "seconds": round(rel.seconds, 1)})
+            return
+        click.echo(f"{len(rel.models)} models ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))}) "
+                   f"written to {rel.out} in {rel.seconds:.1f} s")
+        return
     if preset.startswith("wild-"):
         from indexer.zoo.wild import make_wild_zoo  # imported late: torch and transformers load in seconds
 

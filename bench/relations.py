@@ -1,6 +1,6 @@
 """Relations benchmark: crawl the relations zoo through the Hub emulator and score every edge type.
 
-    .venv/bin/python bench/relations.py --zoo zoo/relations [--build] [--json]
+    .venv/bin/python bench/relations.py --zoo zoo/relations [--build] [--json] [--batch]
 
 1. build the zoo (indexer.zoo.relations) unless it exists (or with --build: rebuild);
 2. serve it with the Hub emulator and crawl it into a fresh store with the real client (`index crawl`'s path);
@@ -9,6 +9,9 @@
    (the recovered parents are exactly the merged models), relation-label accuracy, bytes read per model;
    the confusion matrix of relation labels (true x recovered; "root" when a model got no parent), and the
    adapters whose declared base is in the zoo and was resolved to it.
+With --batch: 4. recover the same folder in batch (`index recover`: indexer.lineage.recover, the crawl's
+readers over local files), score it the same way, and count the models whose parent, relation and merge
+parent set agree between batch and incremental (the crawl).
 Prints tables (stdout); --json prints one JSON object instead.
 """
 
@@ -25,11 +28,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.crawl import CrawlOptions, crawl  # noqa: E402
-from indexer.hub_emulator import HubEmulator  # noqa: E402
-from indexer.retry import RetryPolicy  # noqa: E402
-from indexer.zoo.relations import make_relations_zoo, read_truth  # noqa: E402
-from store.tables import read_records  # noqa: E402
+from indexer.crawl import CrawlOptions, crawl
+from indexer.hub_emulator import HubEmulator
+from indexer.retry import RetryPolicy
+from indexer.zoo.relations import make_relations_zoo, read_truth
+from store.tables import read_records
 
 TYPES = ("finetune", "duplicate", "adapter", "quantized", "merge")
 LABELS = ("root", *TYPES)
@@ -43,40 +46,77 @@ def _crawl(zoo: Path, home: Path) -> float:
     return time.perf_counter() - started
 
 
-def _anchor(edges: dict[str, Any], repo: str) -> str:
+def _anchor(got: dict[str, Any], repo: str) -> str:
     """The first non-adapter up an adapter's chain of parents (its base as placed)."""
     seen = set()
     node = repo
-    while node in edges and edges[node].relation == "adapter" and node not in seen:
+    while node in got and got[node][1] == "adapter" and node not in seen:
         seen.add(node)
-        node = edges[node].parent
+        node = got[node][0]
     return node
 
 
-def score(zoo: Path, home: Path) -> dict[str, Any]:
-    truth = read_truth(zoo)
+Got = dict[str, tuple[str, str, tuple[str, ...], int]]  # child -> (parent, relation, parents, bytes read)
+
+
+def crawled(home: Path) -> Got:
+    """What the crawl's store says of each model."""
     edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
     models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
+    return {r: (e.parent, e.relation or "root", tuple(p for p, _ in e.parents),  # type: ignore[attr-defined]
+                models[r].bytes_read if r in models else 0) for r, e in edges.items()}  # type: ignore[attr-defined]
+
+
+def batched(zoo: Path) -> tuple[Got, float, list[str]]:
+    """What a batch recovery (`index recover`) says of each model, its seconds, and its failures."""
+    from indexer.lineage.methods import Options
+    from indexer.lineage.recover import recover
+
+    started = time.perf_counter()
+    forest = recover(zoo, Options(device="cpu"))
+    seconds = time.perf_counter() - started
+    got = {r.repo_id: (r.parent, r.relation or "root", tuple(p for p, _ in r.parents), r.bytes_read)
+           for r in forest.rows if r.status == "ok"}
+    return got, seconds, sorted(f"{r.repo_id}: {r.reason}" for r in forest.failures())
+
+
+def agreement(truth: dict[str, Any], a: Got, b: Got) -> dict[str, Any]:
+    """Models whose parent, relation and merge parent set agree between two recoveries, per true relation."""
+    per: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+    differ = []
+    for child, (_, relation) in sorted(truth.items()):
+        same = child in a and child in b and a[child][:2] == b[child][:2] and set(a[child][2]) == set(b[child][2])
+        per[relation or "root"][0] += same
+        per[relation or "root"][1] += 1
+        if not same:
+            differ.append(f"{child}: {a.get(child, ('-',))[:3]} vs {b.get(child, ('-',))[:3]}")
+    return {"per_relation": {k: f"{v[0]}/{v[1]}" for k, v in sorted(per.items())},
+            "agree": sum(v[0] for v in per.values()), "models": sum(v[1] for v in per.values()), "differ": differ}
+
+
+def score(zoo: Path, home: Path | None = None, *, got: Got | None = None) -> dict[str, Any]:
+    truth = read_truth(zoo)
+    got = got if got is not None else crawled(home)  # type: ignore[arg-type]
+    models = {m.repo_id: m for m in read_records(home, "models")} if home is not None else {}  # type: ignore[union-attr]
     per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     confusion: Counter[tuple[str, str]] = Counter()
     resolved = [0, 0]
     for child, (parents, relation) in sorted(truth.items()):
-        edge = edges.get(child)
-        got_rel = (edge.relation or "root") if edge is not None else "not placed"  # type: ignore[attr-defined]
-        got_parents = tuple(p for p, _ in edge.parents) if edge is not None else ()  # type: ignore[attr-defined]
+        _, got_rel, got_parents, nbytes = got.get(child, ("", "not placed", (), 0))
         kind = relation or "root"
         confusion[(kind, got_rel)] += 1
         row = per[kind]
-        row["bytes"].append(models[child].bytes_read if child in models else 0)  # type: ignore[attr-defined]
+        row["bytes"].append(nbytes)
         row["label"].append(float(got_rel == kind))
         if parents:
             row["parent"].append(float(bool(got_parents) and got_parents[0] in parents))
         if relation == "merge":
             row["parent_set"].append(float(set(got_parents) == set(parents)))
-        if relation == "adapter" and child in models:
-            declared = json.loads(models[child].details).get("base_model", "")  # type: ignore[attr-defined]
+        if relation == "adapter":
+            declared = (json.loads(models[child].details).get("base_model", "") if child in models  # type: ignore[attr-defined]
+                        else _declared_base(zoo / child))
             if declared in truth:  # the declared base is in the zoo: the adapter must hang under it
-                resolved[0] += _anchor(edges, child) == declared
+                resolved[0] += _anchor(got, child) == declared
                 resolved[1] += 1
     table = {kind: {k: sum(v) / len(v) for k, v in row.items()} | {"n": len(row["label"])}
              for kind, row in sorted(per.items())}
@@ -84,9 +124,16 @@ def score(zoo: Path, home: Path) -> dict[str, Any]:
         table[kind]["bytes_max"] = max(row["bytes"])
     labels = [float(got == want) for (want, got), n in confusion.items() for _ in range(n)]
     return {"per_relation": table, "label_accuracy": sum(labels) / len(labels),
-            "confusion": {f"{want}->{got}": n for (want, got), n in sorted(confusion.items())},
+            "confusion": {f"{want}->{rec}": n for (want, rec), n in sorted(confusion.items())},
             "adapter_bases_resolved": f"{resolved[0]}/{resolved[1]}",
             "failed": sorted(r for r, m in models.items() if m.status != "indexed")}  # type: ignore[attr-defined]
+
+
+def _declared_base(folder: Path) -> str:
+    try:
+        return str(json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path", ""))
+    except (OSError, ValueError):
+        return ""
 
 
 def big_quantized(budget_mib: int) -> dict[str, Any]:
@@ -158,6 +205,7 @@ def main() -> None:
     parser.add_argument("--build", action="store_true", help="rebuild the zoo even if it exists")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--batch", action="store_true", help="also recover the folder in batch and compare")
     parser.add_argument("--big", type=int, metavar="MIB", default=0,
                         help="also crawl a 51M-parameter llama, its Q8_0 GGUF and GPTQ copies at this byte budget")
     args = parser.parse_args()
@@ -170,8 +218,23 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         result["crawl_seconds"] = _crawl(args.zoo, Path(tmp) / "home")
         result |= score(args.zoo, Path(tmp) / "home")
+        incremental = crawled(Path(tmp) / "home")
     result["models"] = sum(row["n"] for row in result["per_relation"].values())
     print(json.dumps(result, indent=1, sort_keys=True)) if args.json else _print(result)
+    if args.batch:
+        got, seconds, failed = batched(args.zoo)
+        batch = score(args.zoo, got=got) | {"crawl_seconds": seconds, "zoo": str(args.zoo), "models": len(got),
+                                             "failed": failed}
+        same = agreement(read_truth(args.zoo), got, incremental)
+        if args.json:
+            print(json.dumps({"batch": batch, "batch_vs_incremental": same}, indent=1, sort_keys=True))
+        else:
+            print("\nbatch (index recover; 'crawl' = recover seconds):")
+            _print(batch)
+            print(f"batch == incremental (parent, relation, merge parent set): {same['agree']}/{same['models']} "
+                  f"models; per relation {same['per_relation']}")
+            for line in same["differ"]:
+                print(f"  differ: {line}")
 
 
 if __name__ == "__main__":

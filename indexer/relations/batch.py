@@ -60,7 +60,7 @@ from indexer.relations.adapters import (
     resolve_base,
     total_norm,
 )
-from indexer.relations.merges import fit
+from indexer.relations.merges import MASK_EQUAL, equal_share, fit
 from sketches.adapter import (
     Compatibility,
     LoraUpdate,
@@ -191,7 +191,12 @@ def place_quantized(copies: Sequence[QuantCopy], views: Mapping[str, ModelView],
 
 
 def merge_pool(x: str, tree: Sequence[str], arrays: Mapping[str, Arrays], created: Mapping[str, float | None]) -> list[str]:
-    """The MERGE_CANDIDATES nearest tree relatives of `x` uploaded no later, not bit-identical to it."""
+    """The MERGE_CANDIDATES nearest tree relatives of `x` uploaded no later, not bit-identical to it nor to
+    a nearer one (a re-upload is the same column twice in the least-squares fit: it adds nothing and would
+    push a real candidate out), then the relative sharing most bit-equal entries with it (MASK_EQUAL or
+    more), when not among them: a TIES / DARE merge is told by its base (indexer.relations.merges), which
+    need not be among the nearest (relations zoo: a-ties sits nearer a linear merge, both fine-tunes, a
+    re-upload of one and its child than its base)."""
     mine, t_x = arrays[x], created.get(x)
     scored = []
     for other in tree:
@@ -199,11 +204,22 @@ def merge_pool(x: str, tree: Sequence[str], arrays: Mapping[str, Arrays], create
         if other == x or (t_x is not None and t_o is not None and t_o > t_x):
             continue
         names = [n for n in mine if n in arrays[other] and np.shape(arrays[other][n]) == np.shape(mine[n])]
-        if not names or all(np.array_equal(mine[n], arrays[other][n]) for n in names):
+        if not names or _same(mine, arrays[other], names):
             continue
         d2 = sum(float(np.sum((np.asarray(mine[n], np.float64) - arrays[other][n]) ** 2)) for n in names)
-        scored.append((d2, other))
-    return [r for _, r in sorted(scored)[:MERGE_CANDIDATES]]
+        scored.append((d2, other, names))
+    pool: list[str] = []
+    for _, other, names in sorted(scored, key=lambda t: t[:2]):
+        if len(pool) < MERGE_CANDIDATES and not any(_same(arrays[p], arrays[other], names) for p in pool):
+            pool.append(other)
+    shares = sorted((-equal_share(mine, arrays[o], names), o) for _, o, names in scored if o not in pool)
+    if shares and -shares[0][0] >= MASK_EQUAL:
+        pool.append(shares[0][1])
+    return pool
+
+
+def _same(a: Arrays, b: Arrays, names: Sequence[str]) -> bool:
+    return all(n in a and n in b and np.array_equal(a[n], b[n]) for n in names)
 
 
 def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
