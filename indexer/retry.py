@@ -7,6 +7,8 @@ What is retried (everything else is raised at once):
   than `max_rate_wait` is not waited for: the model is recorded as failed and the next crawl retries it.
 - `TransientHubError` (5xx, connection reset, truncated body): exponential backoff 1, 2, 4, 8 s.
 After `attempts` tries the last error is raised; the crawl records the model as failed and goes on.
+A try that reaches the CDN goes back there with the kept signed URL (no new Hub call); a CDN `403` is not
+retried here: `indexer.sources` resolves the file again once, within the same try.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """A local Hugging Face Hub: serves `DIR/<org>/<name>/...` (and generated Llama-2-sized models) over real
 HTTP with the endpoints, headers and error codes `huggingface_hub` expects, plus fault injection and a
-request log for tests. See `emulator.py` for the Python API and `server.py` for the protocol.
+request log for tests. LFS files are a 302 to signed, expiring URLs on a second loopback origin, the CDN,
+as on huggingface.co. See `emulator.py` for the Python API, `server.py` for the protocol, `cdn.py` for the CDN.
 """
 
 from indexer.hub_emulator.emulator import HubEmulator, configure, emulator_process, parse_virtual_spec, serve_forever

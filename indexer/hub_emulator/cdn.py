@@ -73,7 +73,7 @@ class Signer:
         return urlencode({"Expires": expires, "Signature": self.signature(path, expires), "Key-Pair-Id": self.key_id})
 
     def refusal(self, path: str, query: str) -> str | None:
-        """Why this URL is refused ("" never), or None when its signature is good and it has not expired."""
+        """Why this URL is refused, or None when its signature is good and it has not expired."""
         params = dict(parse_qsl(query, keep_blank_values=True))
         expires, signature = params.get("Expires", ""), params.get("Signature", "")
         if not expires or not signature or "Key-Pair-Id" not in params:
