@@ -231,10 +231,15 @@ def rank_gaps(diffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     A merged LoRA update of rank r has a cliff after r singular values (gaps of 1e3-1e5 on the zoo:
     the rest is float32 rounding), a full fine-tuning update decays smoothly into that noise (gaps ~1-8).
     """
-    svals = _svdvals(diffs).to(torch.float64)
-    tol = svals[:, :1] * max(diffs.shape[-2], diffs.shape[-1]) * _F32_EPS
+    return rank_gaps_of(_svdvals(diffs).to(torch.float64), max(diffs.shape[-2], diffs.shape[-1]))
+
+
+def rank_gaps_of(svals: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rank_gaps` from (p, s) singular values (descending, float64) of matrices whose longer side is
+    `width` (sketches.gram gets them from a Gram matrix instead of an SVD)."""
+    tol = svals[:, :1] * width * _F32_EPS
     ranks = (svals > tol).sum(dim=1)
-    gaps = torch.full((diffs.shape[0],), float("inf"), dtype=torch.float64, device=svals.device)
+    gaps = torch.full((svals.shape[0],), float("inf"), dtype=torch.float64, device=svals.device)
     inner = (ranks > 0) & (ranks < svals.shape[1])
     rows = torch.nonzero(inner).flatten()
     if len(rows):

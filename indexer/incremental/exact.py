@@ -44,8 +44,10 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -53,9 +55,24 @@ import torch
 from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
 from indexer.lineage.ties import extras_distance
-from sketches.distances import Device, rank_gaps, resolve_device
+from sketches.distances import Device, rank_gaps, rank_gaps_of, resolve_device
+from sketches.gram import (
+    gram,
+    singular_values,
+    spectrum,
+    tail_from_spectrum,
+    units,
+    usable_for_relatedness,
+)
 from sketches.layers import is_head, select_layers
-from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, combine, permutation_z, projection
+from sketches.relatedness import (
+    MAX_COLS,
+    MAX_ROWS,
+    MIN_ROWS,
+    combine,
+    permutation_z,
+    projection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +166,17 @@ def dense_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> tupl
 # block (64 x 4096, 1 MiB in float32) next to up to 512 stacked models.
 DEFAULT_MAX_BYTES = 1 << 30
 PAIR_BYTES_PER_ELEMENT = 24
+# Method "gram" on the CPU: chunks of at most 16 MiB of float64 differences (8 pairs of 7B blocks), so that
+# a chunk stays in the 32 MiB L3 cache between the passes that read it (norm, Gram).
+CPU_CHUNK_BYTES = 16 << 20
 SOURCE_BYTES_PER_ELEMENT = 4  # float32
 
 Job = tuple[ModelView, Sequence[ModelView]]
+# "gram": one float64 Gram spectrum per (pair, layer) for the rank test and the tail, relatedness units
+# projected once per model (sketches.gram). "svd": the previous kernel (a float32 SVD for the rank test,
+# both sides projected for every pair), kept as the reference the tests and bench/exact_cpu.py compare to.
+Method = Literal["gram", "svd"]
+METHODS: tuple[Method, ...] = ("gram", "svd")
 
 
 @dataclass(frozen=True)
@@ -198,13 +223,14 @@ class _Pairs:
     right: list[ModelView]  # the nominee
 
 
-def measure(new: ModelView, others: Sequence[ModelView], *, device: Device = "auto") -> list[PairMeasure]:
+def measure(new: ModelView, others: Sequence[ModelView], *, device: Device = "auto",
+            method: Method = "gram") -> list[PairMeasure]:
     """One exact comparison per nominee, batched over the nominees per layer (torch; CUDA when asked)."""
-    return measure_many([(new, others)], device=device)[0]
+    return measure_many([(new, others)], device=device, method=method)[0]
 
 
-def measure_many(jobs: Sequence[Job], *, device: Device = "auto",
-                 max_bytes: int = DEFAULT_MAX_BYTES) -> list[list[PairMeasure]]:
+def measure_many(jobs: Sequence[Job], *, device: Device = "auto", max_bytes: int = DEFAULT_MAX_BYTES,
+                 method: Method = "gram") -> list[list[PairMeasure]]:
     """`measure` for many (new model, nominees) jobs at once: one list per job, the same numbers.
 
     Every pair is independent (its layers in sorted order, its own regime counters), so the pairs of all
@@ -213,6 +239,8 @@ def measure_many(jobs: Sequence[Job], *, device: Device = "auto",
     pair per chunk, whatever the budget)."""
     if max_bytes <= 0:
         raise BadInputError("max_bytes", f"must be positive, got {max_bytes}; the default is {DEFAULT_MAX_BYTES}")
+    if method not in METHODS:
+        raise BadInputError("method", f"unknown method {method!r}; use one of {', '.join(METHODS)}")
     dev = resolve_device(device)
     plan = _plan(jobs)
     sums = _Sums.zeros(sum(len(j.others) for j in plan), sum(len(j.others) * len(j.names) for j in plan))
@@ -221,7 +249,7 @@ def measure_many(jobs: Sequence[Job], *, device: Device = "auto",
     dense = {n for job in plan for n in dense_layers(job.new.arrays, job.names)}
     for name in sorted({n for job in plan for n in job.names}):  # sorted: each pair sees its layers in order
         for pairs in _layer_pairs(plan, name):
-            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes, tails=name in dense)
+            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes, tails=name in dense, method=method)
     return [_job_measures(job, sums) for job in plan]
 
 
@@ -254,27 +282,149 @@ def _layer_pairs(plan: Sequence[_Job], name: str) -> list[_Pairs]:
     return [by_shape[shape] for shape in sorted(by_shape)]
 
 
-def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int, tails: bool) -> None:
-    elements = max(1, math.prod(np.shape(pairs.left[0].arrays[name])))
+def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int, tails: bool,
+                   method: Method) -> None:
+    shape = tuple(np.shape(pairs.left[0].arrays[name]))
+    elements = max(1, math.prod(shape))
     most_sources = max(2, max_bytes // 2 // (SOURCE_BYTES_PER_ELEMENT * elements))
     per_chunk = max(1, max_bytes // 2 // (PAIR_BYTES_PER_ELEMENT * elements))
+    if method == "gram" and dev.type == "cpu":  # cache-sized chunks (CPU_CHUNK_BYTES)
+        per_chunk = max(1, min(per_chunk, CPU_CHUNK_BYTES // (8 * elements)))
     for lo, hi, views in _source_groups(pairs, most_sources):
-        stack = _stack([np.asarray(v.arrays[name], dtype=np.float32) for v in views], dev)
+        arrays = [np.asarray(v.arrays[name], dtype=np.float32) for v in views]
         where = {id(v): i for i, v in enumerate(views)}
-        for start in range(lo, hi, per_chunk):
-            stop = min(hi, start + per_chunk)
-            left = torch.tensor([where[id(v)] for v in pairs.left[start:stop]], device=dev)
-            right = torch.tensor([where[id(v)] for v in pairs.right[start:stop]], device=dev)
-            diff = stack[left] - stack[right]  # float32, as the weights were stored (mother's rank convention)
-            slots = torch.tensor(pairs.slots[start:stop])
-            sums.layer_dist[slots] = diff.reshape(stop - start, -1).double().pow_(2).sum(dim=1).sqrt().cpu()
-            if not is_head(name):
-                _relatedness(sums, slots, stack[left], stack[right])
-            if diff.ndim >= 3 and not is_head(name):
-                _regime(sums, torch.tensor(pairs.rows[start:stop]), name, diff)
-                if tails:
-                    _tail(sums, slots, diff)
-            del diff  # before the next chunk's difference is allocated: one chunk's worth at a time
+        chunks = [_chunk(pairs, where, start, min(hi, start + per_chunk), dev) for start in range(lo, hi, per_chunk)]
+        if method == "svd":
+            stack = _stack(arrays, dev)
+            for chunk in chunks:
+                _svd_chunk(sums, name, stack, chunk, tails=tails)
+            continue
+        sources = _Sources.of(arrays, dev)
+        own = _own_units([v.arrays[name] for v in views], sources)
+        out = torch.empty((min(per_chunk, hi - lo), *shape), dtype=torch.float64, device=dev)  # reused: no page faults
+        for chunk in chunks:
+            _gram_chunk(sums, name, sources, own, chunk, out=out[: len(chunk.rows)], tails=tails)
+
+
+def _chunk(pairs: _Pairs, where: Mapping[int, int], start: int, stop: int, dev: torch.device) -> _Chunk:
+    return _Chunk(torch.tensor([where[id(v)] for v in pairs.left[start:stop]], device=dev),
+                  torch.tensor([where[id(v)] for v in pairs.right[start:stop]], device=dev),
+                  torch.tensor(pairs.rows[start:stop]), torch.tensor(pairs.slots[start:stop]))
+
+
+@dataclass(frozen=True)
+class _Chunk:
+    """Pairs measured together in one layer: indexes into the layer's sources, accumulator rows and slots."""
+
+    left: torch.Tensor  # on the device
+    right: torch.Tensor
+    rows: torch.Tensor  # on the host
+    slots: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """One layer of the distinct models of a group, on the device. On the CPU the models' own arrays, not
+    copied (a stack copied every model's block once more per layer: 27 % of the time on the 2-core box);
+    on CUDA one stacked tensor, so that a chunk's differences are two gathers, not a launch per pair."""
+
+    tensors: list[torch.Tensor]
+    stack: torch.Tensor | None
+
+    @classmethod
+    def of(cls, arrays: Sequence[np.ndarray], dev: torch.device) -> _Sources:
+        if dev.type == "cpu":
+            return cls([torch.as_tensor(a) for a in arrays], None)
+        stack = _stack(arrays, dev)
+        return cls(list(stack.unbind()), stack)
+
+    def differences(self, chunk: _Chunk, out: torch.Tensor) -> torch.Tensor:
+        """left - right of each pair, computed in float32 (as the SVD path took it), stored in float64
+        `out` (exact: every float32 is a float64) in the same pass."""
+        if self.stack is not None:  # CUDA casts inside the kernel
+            return torch.sub(self.stack[chunk.left], self.stack[chunk.right], out=out)
+        # the CPU's mixed-dtype `sub(out=float64)` goes through a fresh float32 temporary (0.9 ms a 7B block
+        # on the 2-core box); one reused float32 scratch and a copy take 0.22 ms
+        scratch = torch.empty(out.shape[1:], dtype=torch.float32)
+        for slot, a, b in zip(out, chunk.left.tolist(), chunk.right.tolist(), strict=True):
+            slot.copy_(torch.sub(self.tensors[a], self.tensors[b], out=scratch))
+        return out
+
+
+# Relatedness units per model and layer (sketches.gram.units), kept while the array they were computed
+# from lives: keyed by the array's identity, dropped by a finalizer when it is freed, so an id is never
+# reused for another array. The index keeps its nominees' arrays in memory between calls, so a nominee's
+# units are computed once, not once per arrival that nominates it. Arrays are never modified in place
+# (decoded weights). Units are 1/16 of the block they summarise (64 x 128 float64 of 64 x 4096 float32).
+_UNITS: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def forget_units() -> None:
+    """Drop every cached relatedness unit (benchmarks: time the cold case)."""
+    _UNITS.clear()
+
+
+def _own_units(arrays: Sequence[np.ndarray], sources: _Sources) -> torch.Tensor | None:
+    """(n, m, c) relatedness units of the group's models, from the cache or computed together."""
+    if not usable_for_relatedness(sources.tensors[0][None]):
+        return None
+    keys = [(id(array), str(tensor.device)) for array, tensor in zip(arrays, sources.tensors, strict=True)]
+    missing = [i for i, key in enumerate(keys) if key not in _UNITS]
+    if missing:  # one product for all of them: a single small GEMM threads poorly on a busy CPU
+        for i, u in zip(missing, units(torch.stack([sources.tensors[i] for i in missing])), strict=True):
+            _UNITS[keys[i]] = u
+            weakref.finalize(arrays[i], _UNITS.pop, keys[i], None)
+    return torch.stack([_UNITS[key] for key in keys])
+
+
+def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, tails: bool) -> None:
+    """The previous kernel (method "svd"), the reference of tests/test_exact_fast.py."""
+    diff = stack[chunk.left] - stack[chunk.right]  # float32, as the weights were stored (mother's rank convention)
+    sums.layer_dist[chunk.slots] = diff.reshape(diff.shape[0], -1).double().pow_(2).sum(dim=1).sqrt().cpu()
+    if not is_head(name):
+        _relatedness(sums, chunk.slots, stack[chunk.left], stack[chunk.right])
+    if diff.ndim >= 3 and not is_head(name):
+        _regime(sums, chunk.rows, name, diff)
+        if tails:
+            _tail(sums, chunk.slots, diff)
+
+
+def _gram_chunk(sums: _Sums, name: str, sources: _Sources, own: torch.Tensor | None, chunk: _Chunk, *,
+                out: torch.Tensor, tails: bool) -> None:
+    """Method "gram": the distance from the difference, z from the per-model units, and one Gram spectrum
+    per pair answering both the rank test and the tail (sketches.gram)."""
+    diff = sources.differences(chunk, out)  # float64 copy of the float32 difference
+    dist = torch.linalg.vector_norm(diff.reshape(diff.shape[0], -1), dim=1).cpu()
+    sums.layer_dist[chunk.slots] = dist
+    if own is not None:
+        sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
+    if diff.ndim >= 3:  # dist > 0 is exactly "some entry moved" (the SVD path's amax > 0): squares in float64
+        _spectra(sums, name, diff.reshape(diff.shape[0], diff.shape[1], -1), chunk, moved=dist > 0, tails=tails)
+
+
+def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, moved: torch.Tensor, tails: bool) -> None:
+    """Gram spectra of the pairs that need one: every pair for the tail of a dense layer, else the pairs
+    whose regime is still open (`_open`)."""
+    regime = _open(sums, chunk.rows, moved)
+    skip = tail_start(mats.shape[1:])
+    tailed = tails and skip > 0  # thinner than TAIL_SKIP_FRACTION: no tail (`_tail`)
+    local = torch.arange(len(regime)) if tailed else torch.nonzero(regime).flatten()
+    if len(local) == 0:
+        return
+    eig = spectrum(gram(mats if len(local) == len(regime) else mats[local.to(mats.device)]))  # ascending, host
+    if tailed:
+        sums.layer_tail[chunk.slots] = tail_from_spectrum(eig, min(mats.shape[1:]) - skip)
+    decide = regime[local]
+    if decide.any():
+        ranks, gaps = rank_gaps_of(singular_values(eig[decide]), max(mats.shape[1:]))
+        _count_regime(sums, chunk.rows[local[decide]], name, ranks, gaps, min(mats.shape[1:]))
+
+
+def _open(sums: _Sums, rows: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
+    """Pairs whose regime this layer still decides: it moved, and either fewer than REGIME_LAYERS moved
+    layers were seen or one of them was low-rank (a pair whose first REGIME_LAYERS moved layers are all
+    full-rank is full fine-tuning: no more spectra for the regime)."""
+    return moved & ((sums.moved[rows] < REGIME_LAYERS) | (sums.low[rows] > 0))
 
 
 def _stack(arrays: Sequence[np.ndarray], dev: torch.device) -> torch.Tensor:
@@ -319,22 +469,24 @@ def _relatedness(sums: _Sums, slots: torch.Tensor, a: torch.Tensor, b: torch.Ten
 
 def _regime(sums: _Sums, rows: torch.Tensor, name: str, diff: torch.Tensor) -> None:
     """Rank and singular-value cliff of one layer's differences (pair rows `rows`), for the pairs still
-    undecided."""
+    undecided (method "svd": a float32 SVD each)."""
     k = diff.shape[0]
     mats = diff.reshape(k, diff.shape[1], -1)
     nonzero = mats.reshape(k, -1).abs().amax(dim=1).cpu() > 0
-    # a pair whose first REGIME_LAYERS moved layers are all full-rank is full fine-tuning: no more SVDs
-    open_ = nonzero & ((sums.moved[rows] < REGIME_LAYERS) | (sums.low[rows] > 0))
-    local = torch.nonzero(open_).flatten()
+    local = torch.nonzero(_open(sums, rows, nonzero)).flatten()
     if len(local) == 0:
         return
     ranks, gaps = rank_gaps(mats[local.to(mats.device)])
-    full = min(mats.shape[1:])
-    is_low = (ranks.cpu() < full) & (gaps.cpu() >= LOW_RANK_GAP)
-    hit = rows[local]  # distinct rows: the in-place adds below touch each once
+    _count_regime(sums, rows[local], name, ranks.cpu(), gaps.cpu(), min(mats.shape[1:]))
+
+
+def _count_regime(sums: _Sums, hit: torch.Tensor, name: str, ranks: torch.Tensor, gaps: torch.Tensor,
+                  full: int) -> None:
+    """Add one layer's rank test to the pairs `hit` (distinct rows: the in-place adds touch each once)."""
+    is_low = (ranks < full) & (gaps >= LOW_RANK_GAP)
     sums.moved[hit] += 1
     sums.low[hit] += is_low.long()
-    sums.rank_sum[hit] += ranks.cpu().double()
+    sums.rank_sum[hit] += ranks.double()
     sums.full_sum[hit] += float(full)
     for i in hit[is_low].tolist():
         sums.low_names[i].append(name)
@@ -432,3 +584,9 @@ def tie_weight(t_parent: float | None) -> float:
     """The earliest-parent tie-break of an edge (TIE_PER_YEAR); an unknown time ranks as the Hub's epoch."""
     years = max(0.0, ((t_parent if t_parent is not None else HUB_EPOCH) - HUB_EPOCH) / (365.25 * 86400))
     return TIE_PER_YEAR * years
+
+
+def decisions(pair: PairMeasure) -> tuple[bool, bool, bool, int]:
+    """The discrete outcome of a pair, what a faster kernel must not change: related, low-rank tier,
+    identical, and the kurtosis direction (the sign of ku_new - ku_other, `penalty_count`'s cue)."""
+    return pair.related, pair.low_rank, pair.identical, int(np.sign(pair.ku_new - pair.ku_other))

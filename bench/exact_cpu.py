@@ -1,0 +1,151 @@
+"""The exact step on the CPU: the Gram kernel (method "gram") against the previous SVD kernel ("svd").
+
+    .venv/bin/python bench/exact_cpu.py [--threads 2] [--layers 8] [--models 32] [--pairs 64] [--seed 0]
+    .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...]
+
+Synthetic (default): bench/gpu_exact.py's 7B-shaped models (blocks of 64 x 4096, full-rank steps and
+merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the first `--layers` selected blocks;
+`--pairs` pairs of a strided sample of the short lists, in one `measure_many` call per method. Zoo mode:
+every model of each folder against every other model of its family (one job per model), the tensors the
+incremental index would compare (`indexer.incremental.index._prepare`).
+
+Both methods run back to back on the same jobs, svd first, after a one-job warm-up each; wall and CPU
+(process) seconds are printed with the load average, because the box is shared. Then, pair by pair:
+decisions that differ (`exact.decisions`: related, low-rank tier, identical, direction; must be 0) and
+the largest relative differences of the stored distance, the relative L2, the relatedness score and the
+kurtosis sums. Prints markdown (copy it to bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_exact import make_jobs, make_zoo, selected_blocks, short_lists, subset
+
+from indexer.incremental.exact import (
+    Method,
+    ModelView,
+    PairMeasure,
+    decisions,
+    forget_units,
+    measure_many,
+)
+
+Job = tuple[ModelView, list[ModelView]]
+FIELDS = ("distance", "relative", "median_relative", "score", "ku_new", "ku_other")
+
+
+def synthetic_jobs(args: argparse.Namespace) -> tuple[str, list[Job]]:
+    blocks = selected_blocks()[: args.layers]
+    zoo = make_zoo(args.models, blocks, seed=args.seed)
+    lists = short_lists(zoo, seed=args.seed)
+    jobs = make_jobs(zoo, lists, sum(len(one) for mine in lists for one in mine))  # every list, then sampled
+    _, sample = subset(jobs, args.pairs)
+    shape = blocks[0][1]
+    return f"synthetic 7B-shaped, {len(blocks)} blocks of {shape[0]} x {shape[1]}, {args.models} models", sample
+
+
+def zoo_jobs(folder: Path) -> tuple[str, list[Job]]:
+    """Every model of the folder against every other model of its family, as the index would see them."""
+    from indexer.incremental.folder import read_repo
+    from indexer.incremental.index import DEFAULT_DIM, Arrival, _prepare
+    from indexer.lineage.recover import discover_repos
+
+    views: dict[str, list[ModelView]] = {}
+    for repo_id, path in discover_repos(folder):
+        family, revision, arrays = read_repo(path)
+        views.setdefault(family, []).append(_prepare(0, Arrival(repo_id, revision, family, arrays, None), DEFAULT_DIM, 0).mine)
+    jobs = [(v, [o for o in members if o is not v]) for _, members in sorted(views.items()) for v in members]
+    return f"zoo {folder.name}, {sum(len(m) for m in views.values())} models", [j for j in jobs if j[1]]
+
+
+def timed(jobs: Sequence[Job], method: Method, *, cold: bool) -> tuple[float, float, list[list[PairMeasure]]]:
+    """One `measure_many` call after a one-job warm-up; `cold`: no model's relatedness units cached."""
+    measure_many(jobs[:1], device="cpu", method=method)  # warm-up (thread pools)
+    if cold:
+        forget_units()
+    wall, cpu = time.perf_counter(), time.process_time()
+    out = measure_many(jobs, device="cpu", method=method)
+    return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+def rel_diff(a: float, b: float) -> float:
+    if a == b or (math.isnan(a) and math.isnan(b)):
+        return 0.0
+    return abs(a - b) / max(abs(a), abs(b), 1e-300)
+
+
+def compare(new: list[list[PairMeasure]], old: list[list[PairMeasure]]) -> tuple[int, list[str], dict[str, float]]:
+    """(pairs compared, the differing decisions, max relative difference per field)."""
+    differ, worst, n = [], dict.fromkeys(FIELDS, 0.0), 0
+    for g_job, s_job in zip(new, old, strict=True):
+        for g, s in zip(g_job, s_job, strict=True):
+            n += 1
+            if decisions(g) != decisions(s):
+                differ.append(f"{g.other}: gram {decisions(g)} svd {decisions(s)}")
+            for f in FIELDS:
+                worst[f] = max(worst[f], rel_diff(getattr(g, f), getattr(s, f)))
+    return n, differ, worst
+
+
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def run(title: str, jobs: list[Job], repeat: int) -> None:
+    """svd and gram alternately, `repeat` times each: the box is shared, so the best of each is reported
+    with every run's times and the load average around them."""
+    before = load()
+    times: dict[str, list[tuple[float, float]]] = {"svd": [], "gram": [], "gram, units cached": []}
+    results: dict[str, list[list[PairMeasure]]] = {}
+    for _ in range(repeat):
+        for method in ("svd", "gram", "gram, units cached"):
+            wall, cpu, results[method] = timed(jobs, method.split(",")[0], cold=method == "gram")  # type: ignore[arg-type]
+            times[method].append((wall, cpu))
+    n, differ, worst = compare(results["gram"], results["svd"])
+    print(f"\n{title}: {n:,} pairs in {len(jobs)} jobs; load average {before} before, {load()} after; "
+          f"torch {torch.get_num_threads()} threads; best of {repeat} alternating runs\n")
+    print("| method | seconds (wall, best) | pairs/s (wall) | CPU seconds (best) | pairs per CPU second | every run, wall s |\n"
+          "|---|---:|---:|---:|---:|---|")
+    best = {m: (min(w for w, _ in ts), min(c for _, c in ts)) for m, ts in times.items()}
+    labels = {"svd": "svd (previous)", "gram": "gram (new), cold",
+              "gram, units cached": "gram (new), every model's units cached (a crawl's nominees)"}
+    for method, label in labels.items():
+        wall, cpu = best[method]
+        every = ", ".join(f"{w:.1f}" for w, _ in times[method])
+        print(f"| {label} | {wall:.2f} | {n / wall:.1f} | {cpu:.2f} | {n / cpu:.1f} | {every} |")
+    print(f"\nspeed-up {best['svd'][0] / best['gram'][0]:.1f}x wall, {best['svd'][1] / best['gram'][1]:.1f}x CPU; "
+          f"decisions that differ: {len(differ)}; max relative difference: "
+          + ", ".join(f"{f} {v:.1e}" for f, v in worst.items()), flush=True)
+    for line in differ:
+        print(f"- {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", type=int, default=8, help="first N selected 7B blocks (128: all)")
+    parser.add_argument("--models", type=int, default=32)
+    parser.add_argument("--pairs", type=int, default=64)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each method")
+    parser.add_argument("--zoo", type=Path, action="append", default=[], help="zoo folders instead of synthetic")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for title, jobs in [zoo_jobs(z) for z in args.zoo] or [synthetic_jobs(args)]:
+        run(title, jobs, args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,82 @@
+"""Spectra of layer differences from small float64 Gram matrices, and per-model relatedness units.
+
+The exact step (indexer.incremental.exact) needs three things of each (pair, layer) difference D = A - B
+viewed as an M x N matrix: its numerical rank and singular-value cliff (the regime), the norm of its
+singular values past the top k (the spectral tail), and the relatedness test's z. A crawled 7B block is
+short and wide (64 x 4096), so all of D's singular values are in the s x s Gram matrix, s = min(M, N):
+    s_i(D)^2 = lambda_i(D D^T)   (D^T D when M > N).
+One float64 Gram product and one s x s `eigvalsh` replace the float32 SVD of the rank test and the Gram
+the tail already used: a single spectrum answers both (`spectrum`).
+
+Why D D^T and not A A^T - A B^T - B A^T + B B^T (per-model Grams, cacheable): the cross product A B^T
+costs as many flops per pair as D D^T does, so the cache saves nothing, and the sum cancels: its
+rounding is eps64 x ||A||^2, which for a near-duplicate (||D|| = 1e-6 ||A||) is 1e-4 of ||D||^2 and would
+decide the rank test by noise. D itself is the float32 difference the SVD path took (mother's rank
+convention), promoted to float64: products of two float32 values are exact in float64, so the Gram is
+the float32 difference's own Gram up to the float64 summation (relative 1e-16 x sqrt(N) per entry).
+
+Precision against the SVD (what `rank_gaps_of` decides on): an eigenvalue of the float64 Gram is off by
+at most ~ s x eps64 x lambda_max, so a singular value sqrt(lambda) is resolved down to ~ sqrt(s x eps64)
+= 1e-7 of the largest (s = 64), far below the rank test's tolerance max(M, N) x eps32 = 4.9e-4 of it
+(N = 4096; 2.9e-6 for the 24-column test layers). The float32 SVD it replaces resolves singular values
+only to ~eps32 x s_max = 1.2e-7 of the largest, so near the tolerance the two differ by the SVD's own
+rounding (relative 2.4e-4 there), and the rank or cliff decision can differ only for a singular value
+within that of the tolerance, or a cliff within a few % of LOW_RANK_GAP (bench/exact_cpu.py counts
+such pairs on the zoos: none).
+
+Relatedness (sketches.relatedness): z of trace(U_A U_B^T) needs the units U = (A - mean A) P of each
+model (its first MAX_ROWS rows, projected to MAX_COLS columns by the fixed Gaussian P). U is per model:
+`units` computes it once per model and layer, where the SVD path projected both sides again for every
+pair (two (64 x 4096) x (4096 x 128) float64 products a pair and layer: 80 % of that path's flops).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sketches.distances import _one_thread_on_cpu
+from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, projection
+
+
+def gram(diffs: torch.Tensor) -> torch.Tensor:
+    """(p, M, N) -> (p, s, s) float64 Gram of each matrix on its short side, s = min(M, N)."""
+    d = diffs.to(torch.float64)
+    return d @ d.mT if d.shape[1] <= d.shape[2] else d.mT @ d
+
+
+def spectrum(grams: torch.Tensor) -> torch.Tensor:
+    """Eigenvalues of a (p, s, s) batch of symmetric float64 matrices, ascending, on the host.
+
+    Small batched eigensolvers: one thread is faster on a shared CPU (sketches.distances), and on CUDA
+    the host is faster too (64 x 64 float64: 0.44 ms a matrix on an H100, 0.18 ms on its CPU), so the
+    Gram products stay on the device and only the (p, s, s) matrices travel, once per layer chunk."""
+    host = grams.cpu()
+    with _one_thread_on_cpu(host):
+        return torch.linalg.eigvalsh(host)
+
+
+def singular_values(eig: torch.Tensor) -> torch.Tensor:
+    """Singular values, descending, from ascending Gram eigenvalues (rounding can leave them at -1e-16
+    of the largest: clamped to 0)."""
+    return eig.flip(-1).clamp_min(0.0).sqrt()
+
+
+def tail_from_spectrum(eig: torch.Tensor, keep: int) -> torch.Tensor:
+    """sqrt of the sum of the `keep` smallest squared singular values (indexer.lineage.methods.tail_norms)."""
+    return eig[:, :keep].clamp_min(0.0).sum(dim=1).sqrt()
+
+
+def usable_for_relatedness(stack: torch.Tensor) -> bool:
+    """sketches.relatedness.as_units' condition on a (n, rows, ...) stack of one layer."""
+    return stack.ndim >= 3 and stack.shape[1] >= MIN_ROWS
+
+
+def units(stack: torch.Tensor) -> torch.Tensor:
+    """(n, rows, ...) float32 -> (n, m, min(cols, MAX_COLS)) float64: each model's relatedness units, its
+    first m = min(rows, MAX_ROWS) rows with their mean removed, projected when wider than MAX_COLS (the
+    same numbers as the per-pair projection of the SVD path, one product per model instead of one per
+    pair and side)."""
+    n, m = stack.shape[0], min(stack.shape[1], MAX_ROWS)
+    u = stack[:, :m].reshape(n, m, -1).to(torch.float64)
+    u = u - u.mean(dim=(1, 2), keepdim=True)
+    return u @ projection(u.shape[2]).to(u.device) if u.shape[2] > MAX_COLS else u
