@@ -184,6 +184,7 @@ class _Answer:
 _MAX_HUB_REDIRECTS = 5  # redirects that stay on the Hub (a renamed repo costs one); the client allows as few
 _UNKNOWN_LIFETIME = 600.0  # seconds a signed URL without a readable expiry is reused before resolving again
 _SIGNED_KEPT = 4096  # signed URLs kept: a crawl reads one model's few files, then moves on
+_ERROR_BODY_CAP = 64 * 1024  # an error or redirect body is read this far (then dropped) to keep the connection
 
 
 @dataclass
@@ -377,8 +378,9 @@ class HubSource:
         return self._exchange(repo_id, signed, _with_range(self._cdn_headers, span), limit)
 
     def _exchange(self, repo_id: str, url: str, headers: Mapping[str, str], limit: int) -> _Answer:
-        """One GET, redirects not followed. Only a 2xx body is read (at most `limit` bytes): errors and
-        redirects say what they have to say in their headers."""
+        """One GET, redirects not followed. Only a 2xx body is kept (at most `limit` bytes): errors and
+        redirects say what they have to say in their headers. Their (small) bodies are still read, so that
+        the connection goes back to the pool: every file's first read is a 302."""
         import httpx2
         from huggingface_hub.utils import get_session
 
@@ -387,14 +389,14 @@ class HubSource:
             with get_session().stream("GET", url, headers=headers, follow_redirects=False,
                                       timeout=self.timeout) as response:
                 status, got = response.status_code, {k.lower(): v for k, v in response.headers.items()}
-                if 200 <= status < 300:
-                    for chunk in response.iter_bytes():
-                        body += chunk
-                        if len(body) >= limit:  # a server that ignored Range: stop, do not stream the file
-                            break
+                cap = limit if 200 <= status < 300 else _ERROR_BODY_CAP
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) >= cap:  # a server that ignored Range: stop, do not stream the file
+                        break
         except httpx2.TransportError as exc:  # resets, truncated bodies (RemoteProtocolError), timeouts
             raise TransientHubError(repo_id, f"network: {type(exc).__name__}") from None
-        return _Answer(status, got, bytes(body[:limit]))
+        return _Answer(status, got, bytes(body[:limit]) if 200 <= status < 300 else b"")
 
 
 class RemoteFile:

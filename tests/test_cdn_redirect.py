@@ -268,3 +268,10 @@ def test_signed_url_expiry_is_read_from_either_form() -> None:
     amz = "https://cas-bridge.xethub.hf.co/x/y?X-Amz-Date=20250101T000000Z&X-Amz-Expires=3600&X-Amz-Signature=z"
     assert signed_url_expiry(amz, now=0) == 1735693200.0  # 2025-01-01T01:00:00Z
     assert signed_url_expiry("https://cdn.example/x?Expires=soon", now=100.0) == 700.0  # unreadable: 10 minutes
+
+
+def test_a_hub_on_every_address_redirects_to_the_name_it_was_reached_by(hub_root: Path) -> None:
+    with HubEmulator(hub_root, host="0.0.0.0") as emu:  # 0.0.0.0 is where it listens, not where to connect
+        location = urlsplit(_location(emu))
+        assert (location.hostname, location.port) == ("127.0.0.1", urlsplit(emu.cdn.url).port)  # type: ignore[union-attr]
+        assert _cdn_get(location.geturl())[0].status == 200

@@ -93,6 +93,7 @@ class Cdn:
     def __init__(self, emulator: HubEmulator, *, ttl: float = DEFAULT_URL_TTL) -> None:
         self.signer = Signer(ttl)
         self.url = ""
+        self._port = 0
         self._emulator = emulator
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -100,9 +101,10 @@ class Cdn:
     def start(self, host: str) -> None:
         self._server = _Server((host, 0), self._emulator, _CdnHandler)
         bound, port = self._server.server_address[:2]
-        self.url = f"http://{bound if ':' not in str(bound) else f'[{bound}]'}:{port}"
+        self._port = int(port)
+        self.url = _http_url(str(bound), self._port)
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name=f"hub-emulator-cdn-{port}", daemon=True)
+                                        name=f"hub-emulator-cdn-{self._port}", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -112,10 +114,17 @@ class Cdn:
         if self._thread is not None:
             self._thread.join(timeout=5)
 
-    def signed_url(self, repo_id: str, commit: str, path: str) -> str:
-        """Where the Hub's 302 for `path` of `repo_id` at `commit` points."""
+    def signed_url(self, repo_id: str, commit: str, path: str, *, host: str | None = None) -> str:
+        """Where the Hub's 302 for `path` of `repo_id` at `commit` points. `host`: the name the client reached
+        the Hub by, used when the CDN listens on every address (0.0.0.0 is not a place to connect to)."""
         key = f"{_PREFIX}{repo_id}/{commit}/{path}"
-        return f"{self.url}{quote(key, safe='/')}?{self.signer.query(key)}"
+        wildcard = self.url.startswith(("http://0.0.0.0:", "http://[::]:"))
+        base = _http_url(host, self._port) if host and wildcard else self.url
+        return f"{base}{quote(key, safe='/')}?{self.signer.query(key)}"
+
+
+def _http_url(host: str, port: int) -> str:
+    return f"http://{host if ':' not in host else f'[{host}]'}:{port}"
 
 
 def _denied(status: int, code: str, message: str) -> Reply:
@@ -150,7 +159,11 @@ class _CdnHandler(_Handler):
         refusal = cdn.signer.refusal(key, query) if cdn is not None else "The CDN is off"
         if refusal is not None:
             return _denied(403, "AccessDenied", refusal), logged
-        return self._object(repo_id, commit, path), logged
+        try:
+            return self._object(repo_id, commit, path), logged
+        except Exception:  # a bug or a vanished file must cost one 500, not the connection and the log entry
+            logger.exception("internal error serving %s", logged)
+            return _denied(500, "InternalError", "internal emulator error"), logged
 
     def _object(self, repo_id: str, commit: str, path: str) -> Reply:
         repo = self.server.emulator.source.get(repo_id)

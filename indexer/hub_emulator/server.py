@@ -452,7 +452,8 @@ class _Handler(BaseHTTPRequestHandler):
             return error_reply(404, f"Entry not found: {path}", "EntryNotFound", commit=repo.sha)
         cdn = self.server.emulator.cdn
         if blob.lfs and cdn is not None:
-            return _redirect_reply(repo, blob, cdn.signed_url(repo.repo_id, repo.sha, path))
+            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname
+            return _redirect_reply(repo, blob, cdn.signed_url(repo.repo_id, repo.sha, path, host=host))
         return _file_reply(repo, blob, self.headers.get("Range"))
 
     def _control(self, method: str, path: str) -> Reply:
