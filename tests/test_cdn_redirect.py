@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from errors import BadInputError, HubError
 from indexer.crawl import CrawlOptions, crawl
-from indexer.hub_emulator import HubEmulator
+from indexer.hub_emulator import HubEmulator, emulator_process
 from indexer.retry import RetryPolicy
 from indexer.sources import HubSource, SignedUrls, signed_url_expiry
 
@@ -275,3 +275,13 @@ def test_a_hub_on_every_address_redirects_to_the_name_it_was_reached_by(hub_root
         location = urlsplit(_location(emu))
         assert (location.hostname, location.port) == ("127.0.0.1", urlsplit(emu.cdn.url).port)  # type: ignore[union-attr]
         assert _cdn_get(location.geturl())[0].status == 200
+
+
+def test_cli_sets_the_url_lifetime_and_can_serve_directly(hub_root: Path) -> None:
+    with emulator_process(hub_root, args=["--url-ttl", "1"]) as url:
+        meta = get_hf_file_metadata(hf_hub_url("acme/base", FILE, endpoint=url), token=TOKEN)
+        assert urlsplit(meta.location).port != urlsplit(url).port
+        assert int(dict(parse_qsl(urlsplit(meta.location).query))["Expires"]) <= time.time() + 2
+    with emulator_process(hub_root, args=["--direct"]) as url:
+        direct = hf_hub_url("acme/base", FILE, endpoint=url)
+        assert get_hf_file_metadata(direct, token=TOKEN).location == direct
