@@ -452,9 +452,15 @@ class _Handler(BaseHTTPRequestHandler):
             return error_reply(404, f"Entry not found: {path}", "EntryNotFound", commit=repo.sha)
         cdn = self.server.emulator.cdn
         if blob.lfs and cdn is not None:
-            host = urlsplit(f"//{self.headers.get('Host', '')}").hostname
-            return _redirect_reply(repo, blob, cdn.signed_url(repo.repo_id, repo.sha, path, host=host))
+            return _redirect_reply(repo, blob, cdn.signed_url(repo.repo_id, repo.sha, path, host=self._host_name()))
         return _file_reply(repo, blob, self.headers.get("Range"))
+
+    def _host_name(self) -> str | None:
+        """The host name in the Host header (no port), None when absent or malformed."""
+        try:
+            return urlsplit(f"//{self.headers.get('Host', '')}").hostname
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 literal
+            return None
 
     def _control(self, method: str, path: str) -> Reply:
         emu = self.server.emulator
