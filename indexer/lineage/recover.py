@@ -40,6 +40,7 @@ from indexer.relations.batch import (
     AdapterRepo,
     Placed,
     QuantCopy,
+    compared_arrays,
     find_merges,
     pair_view,
     place_adapters,
@@ -436,7 +437,7 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
     arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
     created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
     if options.method == "mother":  # the paper methods stay as the papers define them
-        _merges(rows, arrays, created)
+        _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created)
     placed = _quantized(rows, families, keys, copies, arrays, options)
     shapes = {rid: {n: tuple(np.shape(a)) for n, a in arrays[rid].items()} for rid in arrays}
     shapes |= {c.repo_id: dict(c.shapes) for c in copies}

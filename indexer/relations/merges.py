@@ -21,7 +21,8 @@ the best subset of two or more leaves r2^2; at least two members must carry MIN_
   remains (r2^2 / r1^2 0.47-0.53 measured), a fine-tune's independent update would not be explained
   at all (~1): MASKED_RATIO = 0.9. The base is not a parent (its weight is 1 - sum w_i).
 A quantized copy adds white noise (r2 ~ r1, no bit-equal entries); a duplicate leaves nothing (r1 = 0).
-The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first.
+The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first
+(to WEIGHT_DIGITS decimals; equal weights by id).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothi
 MASKED_RATIO = 0.9  # TIES / DARE over a base: the masking noise stays (measured 0.47-0.53)
 MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: TIES 0.25, DARE 0.16, fine-tunes 0
 MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
+WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0.01: see `_parents`
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,11 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
     total = sum(positive.values())
     kept = [(r, w / total) for r, w in positive.items() if total > 0 and w / total >= min_share]
     norm = sum(w for _, w in kept)
-    return tuple(sorted(((r, round(w / norm, 6)) for r, w in kept), key=lambda p: (-p[1], p[0])))
+    # two decimals: the masking noise of TIES / DARE moves a weight by about 0.01 (0.60 / 0.40 recipes fit
+    # as 0.596 / 0.404), so more digits are noise -- and would order a 0.50 / 0.50 merge's parents by that
+    # noise, differently in batch and incremental (relations zoo seed 1, b-dare: 0.504 vs 0.496 one way,
+    # the other way round the other); equal weights are ordered by id
+    return tuple(sorted(((r, round(w / norm, WEIGHT_DIGITS)) for r, w in kept), key=lambda p: (-p[1], p[0])))
 
 
 def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_SHARE) -> MergeFit | None:

@@ -146,3 +146,113 @@ def write_gptq(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[st
              "checkpoint_format": "gptq"}
     (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
     return folder
+
+
+# --- bitsandbytes and FP8: the real libraries' own quantizers and serialisations (optional) --------------
+#
+# Neither library is a project dependency: `pip install bitsandbytes==0.50.2 compressed-tensors==0.20.0
+# loguru` (both run on CPU: bitsandbytes >= 0.45 has a CPU backend, compressed-tensors is plain torch).
+# The relations zoo adds these copies only when both import (`optional_quantizers`).
+
+
+def optional_quantizers() -> str:
+    """"" when bitsandbytes and compressed-tensors import, else why not (one line)."""
+    try:
+        import bitsandbytes  # noqa: F401
+        import compressed_tensors  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- an optional extra: any import failure means "not here"
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _projections(state: Mapping[str, np.ndarray]) -> list[str]:
+    """The Linear weights transformers quantizes (every projection; embeddings, norms and lm_head stay)."""
+    return sorted(n for n, w in state.items() if n.endswith("_proj.weight") and np.ndim(w) == 2)
+
+
+def write_bnb(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *, kind: str) -> Path:
+    """A bitsandbytes checkpoint as transformers saves one: each projection through bitsandbytes' own
+    Linear8bitLt (int8 weight + SCB row absmax + weight_format) or Linear4bit (nf4, blocksize 64, nested
+    absmax: weight, weight.absmax, weight.quant_map, weight.nested_*, weight.quant_state.bitsandbytes__nf4)
+    state_dict, the rest in F16, config.json with transformers' quantization_config."""
+    import bitsandbytes as bnb
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    quantized = set(_projections(state))
+    for name, w in sorted(state.items()):
+        if name not in quantized:
+            tensors[name] = np.asarray(w, dtype=np.float16)
+            continue
+        prefix = name[: -len(".weight")]
+        weight = torch.from_numpy(np.asarray(w, np.float32).copy())
+        out, n_in = weight.shape
+        if kind == "int8":
+            layer = bnb.nn.Linear8bitLt(n_in, out, bias=False, has_fp16_weights=False)
+            layer.weight = bnb.nn.Int8Params(weight.half(), requires_grad=False, has_fp16_weights=False)
+            layer = layer.to("cpu")  # quantizes: int8 codes and SCB
+        else:
+            layer = bnb.nn.Linear4bit(n_in, out, bias=False, quant_type="nf4", compress_statistics=True)
+            layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
+                                             compress_statistics=True)._quantize("cpu")
+        for key, value in layer.state_dict().items():
+            tensors[f"{prefix}.{key}"] = value.detach().cpu().numpy()
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    quant = ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 6.0} if kind == "int8" else
+             {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+              "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "float32"})
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
+
+
+def write_fp8(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object]) -> Path:
+    """An FP8 checkpoint in compressed-tensors' float-quantized format: each projection's per-channel scale
+    from compressed-tensors' calculate_qparams, the weight cast to F8_E4M3 by its FloatQuantizationCompressor
+    (weight + weight_scale), the rest in F16, config.json with the quantization_config it documents."""
+    import torch
+    from compressed_tensors.compressors.naive_quantized.base import (
+        FloatQuantizationCompressor,
+    )
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        QuantizationStrategy,
+        QuantizationType,
+    )
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    args = QuantizationArgs(num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.CHANNEL, symmetric=True)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    quantized = set(_projections(state))
+    for name, w in sorted(state.items()):
+        if name not in quantized:
+            tensors[name] = np.asarray(w, dtype=np.float16)
+            continue
+        weight = torch.from_numpy(np.asarray(w, np.float32).copy())
+        scale, zero = calculate_qparams(weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True), args)
+        packed = FloatQuantizationCompressor().compress({"weight": weight, "weight_scale": scale,
+                                                         "weight_zero_point": zero}, scheme)
+        prefix = name[: -len(".weight")]
+        tensors[f"{prefix}.weight"] = packed["weight"].view(torch.uint8).numpy()  # numpy has no float8: bytes
+        tensors[f"{prefix}.weight_scale"] = packed["weight_scale"].float().numpy()
+    _save_f8(folder / "model.safetensors", tensors, {f"{n[: -len('.weight')]}.weight" for n in quantized})
+    quant = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json")}},
+             "ignore": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
+
+
+def _save_f8(path: Path, tensors: Mapping[str, np.ndarray], f8: set[str]) -> None:
+    """safetensors through torch (numpy has no float8): the F8 tensors' bytes viewed back as float8_e4m3fn."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+
+    out = {}
+    for name, a in sorted(tensors.items()):
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        out[name] = t.view(torch.float8_e4m3fn) if name in f8 else t
+    save_torch(out, str(path))

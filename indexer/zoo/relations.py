@@ -11,6 +11,9 @@ Built on CPU in a few minutes (`make_relations_zoo`):
                  hold the .gguf alone (no config.json), and GPTQ v1 packed safetensors (4- and 8-bit)
                  (indexer.zoo.quantize)
     merge        `mergekit` merges (linear, SLERP, TIES, DARE-TIES) of two fine-tunes of one base
+    + when `bitsandbytes` and `compressed-tensors` import (an optional extra, indexer.zoo.quantize): a
+                 bitsandbytes int8 and an nf4 copy and a compressed-tensors FP8 copy, made last (the
+                 models above are the same with or without them; zoo.json says why they were left out)
 Each repo is `OUT/<org>/<name>/` with a card declaring `base_model` (a list for merges) and
 `base_model_relation`; `OUT/hub.json` holds upload times (parents first); `OUT/truth.csv` holds
 `child,parents,relation` (parents ";"-joined: the merged models for a merge, their weights in
@@ -35,7 +38,13 @@ import numpy as np
 import torch
 
 from errors import BadInputError
-from indexer.zoo.quantize import write_gptq, write_llama_gguf
+from indexer.zoo.quantize import (
+    optional_quantizers,
+    write_bnb,
+    write_fp8,
+    write_gptq,
+    write_llama_gguf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +135,7 @@ class _Builder:
         self.out, self.seed = out, seed
         self.models: list[ZooModel] = []
         self.created: dict[str, datetime] = {}
+        self.left_out = ""  # why the optional bnb / FP8 copies were not made ("" when they were)
 
     def folder(self, name: str) -> Path:
         path = self.out / ORG / name
@@ -226,6 +236,21 @@ def _gptq(b: _Builder, name: str, parent: str, bits: int) -> str:
     return b.add(ZooModel(f"{ORG}/{name}", "quantized", (parent,), recipe=f"GPTQ v1 {bits}-bit g32 (RTN)"), make).repo_id
 
 
+def _packed(b: _Builder, name: str, parent: str, kind: str) -> str:
+    """A bitsandbytes (int8 / nf4) or FP8 (compressed-tensors) copy by the libraries' own quantizers."""
+    def make(folder: Path) -> dict[str, Any]:
+        config = json.loads((b.path(parent) / "config.json").read_text())
+        if kind == "fp8":
+            write_fp8(folder, _state(b.path(parent)), config)
+        else:
+            write_bnb(folder, _state(b.path(parent)), config, kind=kind)
+        return {"kind": kind}
+
+    recipe = {"int8": "bitsandbytes int8 (Linear8bitLt)", "nf4": "bitsandbytes nf4 (Linear4bit, double quant)",
+              "fp8": "compressed-tensors float-quantized FP8 E4M3, per-channel scales"}[kind]
+    return b.add(ZooModel(f"{ORG}/{name}", "quantized", (parent,), recipe=recipe), make).repo_id
+
+
 def _merge(b: _Builder, name: str, method: str, models: tuple[str, str], *, base: str | None = None,
            weights: tuple[float, float] = (0.5, 0.5), params: Mapping[str, Any] | None = None) -> str:
     """A mergekit merge (its own YAML schema, run through mergekit.merge.run_merge)."""
@@ -276,6 +301,14 @@ def _recipe(b: _Builder) -> None:
     _merge(b, "b-slerp", "slerp", (c1, c2), weights=(0.7, 0.3))
     _merge(b, "a-ties", "ties", (a1, a2), base=a, weights=(0.6, 0.4), params={"density": 0.5})
     _merge(b, "b-dare", "dare_ties", (c1, c2), base=c, weights=(0.5, 0.5), params={"density": 0.6})
+    # last, so that every model above keeps its seed and upload time whether or not these are made
+    b.left_out = optional_quantizers()
+    if b.left_out:
+        logger.warning("bitsandbytes / compressed-tensors do not import (%s): no bnb or FP8 copies", b.left_out)
+        return
+    _packed(b, "a-ft1-bnb-8bit", a1, "int8")
+    _packed(b, "b-ft2-bnb-nf4", c2, "nf4")
+    _packed(b, "base-a-FP8", a, "fp8")
 
 
 @dataclass(frozen=True)
@@ -324,7 +357,8 @@ def _write_index(b: _Builder) -> None:
         writer.writerow(["child", "parents", "relation"])
         for m in b.models:
             writer.writerow([m.repo_id, ";".join(m.parents), m.relation])
-    (b.out / "zoo.json").write_text(json.dumps({"seed": b.seed, "models": [asdict(m) for m in b.models]},
+    (b.out / "zoo.json").write_text(json.dumps({"seed": b.seed, "models": [asdict(m) for m in b.models],
+                                                "bnb_fp8_left_out": b.left_out},
                                                indent=1, sort_keys=True, default=str))
 
 
