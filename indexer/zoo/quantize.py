@@ -14,8 +14,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -170,23 +171,30 @@ def _projections(state: Mapping[str, np.ndarray]) -> list[str]:
     return sorted(n for n, w in state.items() if n.endswith("_proj.weight") and np.ndim(w) == 2)
 
 
+def _each_projection(state: Mapping[str, np.ndarray], quantize: Callable[[str, Any], Mapping[str, np.ndarray]]
+                     ) -> dict[str, np.ndarray]:
+    """Every projection through `quantize(prefix, float32 torch weight)` -> {stored name: array}; the rest
+    in F16, as transformers saves the modules it does not quantize."""
+    import torch
+
+    tensors: dict[str, np.ndarray] = {}
+    quantized = set(_projections(state))
+    for name, w in sorted(state.items()):
+        if name in quantized:
+            tensors |= quantize(name[: -len(".weight")], torch.from_numpy(np.asarray(w, np.float32).copy()))
+        else:
+            tensors[name] = np.asarray(w, dtype=np.float16)
+    return tensors
+
+
 def write_bnb(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *, kind: str) -> Path:
     """A bitsandbytes checkpoint as transformers saves one: each projection through bitsandbytes' own
     Linear8bitLt (int8 weight + SCB row absmax + weight_format) or Linear4bit (nf4, blocksize 64, nested
     absmax: weight, weight.absmax, weight.quant_map, weight.nested_*, weight.quant_state.bitsandbytes__nf4)
     state_dict, the rest in F16, config.json with transformers' quantization_config."""
     import bitsandbytes as bnb
-    import torch
 
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    quantized = set(_projections(state))
-    for name, w in sorted(state.items()):
-        if name not in quantized:
-            tensors[name] = np.asarray(w, dtype=np.float16)
-            continue
-        prefix = name[: -len(".weight")]
-        weight = torch.from_numpy(np.asarray(w, np.float32).copy())
+    def quantize(prefix: str, weight: Any) -> dict[str, np.ndarray]:
         out, n_in = weight.shape
         if kind == "int8":
             layer = bnb.nn.Linear8bitLt(n_in, out, bias=False, has_fp16_weights=False)
@@ -196,8 +204,10 @@ def write_bnb(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
             layer = bnb.nn.Linear4bit(n_in, out, bias=False, quant_type="nf4", compress_statistics=True)
             layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4", blocksize=64,
                                              compress_statistics=True)._quantize("cpu")
-        for key, value in layer.state_dict().items():
-            tensors[f"{prefix}.{key}"] = value.detach().cpu().numpy()
+        return {f"{prefix}.{key}": value.detach().cpu().numpy() for key, value in layer.state_dict().items()}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _each_projection(state, quantize)
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
     quant = ({"quant_method": "bitsandbytes", "load_in_8bit": True, "llm_int8_threshold": 6.0} if kind == "int8" else
              {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
@@ -224,20 +234,17 @@ def write_fp8(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
 
     args = QuantizationArgs(num_bits=8, type=QuantizationType.FLOAT, strategy=QuantizationStrategy.CHANNEL, symmetric=True)
     scheme = QuantizationScheme(targets=["Linear"], weights=args)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
-    quantized = set(_projections(state))
-    for name, w in sorted(state.items()):
-        if name not in quantized:
-            tensors[name] = np.asarray(w, dtype=np.float16)
-            continue
-        weight = torch.from_numpy(np.asarray(w, np.float32).copy())
+
+    def quantize(prefix: str, weight: Any) -> dict[str, np.ndarray]:
         scale, zero = calculate_qparams(weight.amin(dim=1, keepdim=True), weight.amax(dim=1, keepdim=True), args)
         packed = FloatQuantizationCompressor().compress({"weight": weight, "weight_scale": scale,
                                                          "weight_zero_point": zero}, scheme)
-        prefix = name[: -len(".weight")]
-        tensors[f"{prefix}.weight"] = packed["weight"].view(torch.uint8).numpy()  # numpy has no float8: bytes
-        tensors[f"{prefix}.weight_scale"] = packed["weight_scale"].float().numpy()
+        return {f"{prefix}.weight": packed["weight"].view(torch.uint8).numpy(),  # numpy has no float8: bytes
+                f"{prefix}.weight_scale": packed["weight_scale"].float().numpy()}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _each_projection(state, quantize)
+    quantized = set(_projections(state))
     _save_f8(folder / "model.safetensors", tensors, {f"{n[: -len('.weight')]}.weight" for n in quantized})
     quant = {"quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
              "config_groups": {"group_0": {"targets": ["Linear"], "weights": args.model_dump(mode="json")}},
