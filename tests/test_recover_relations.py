@@ -205,3 +205,27 @@ def test_eval_scores_relations_from_the_zoo_truth(zoo: Path, tmp_path: Path) -> 
     rel = report.relations
     assert rel["merge"]["parent_set"] == 1.0 and rel["quantized"]["label"] == 1.0
     assert all(math.isclose(row["label"], 1.0) for row in rel.values()), rel
+
+
+def test_bitsandbytes_and_fp8_copies_by_the_real_libraries_are_quantized_children(tmp_path: Path) -> None:
+    """bitsandbytes' own Linear8bitLt / Linear4bit state dicts and compressed-tensors' FP8 compressor (an
+    optional extra: skipped where they are not installed), read back by the crawl's packed reader."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("compressed_tensors")
+    from indexer.zoo.quantize import write_bnb, write_fp8
+
+    hub = Hub(tmp_path / "hub")
+    hub.root.mkdir()
+    base = llama_state(1)
+    child = tuned(base, 2)
+    hub.repo("m/base", 1, weights=base)
+    hub.repo("m/child", 2, weights=child)
+    write_bnb(hub.root / "q/child-bnb-8bit", child, LLAMA_CONFIG, kind="int8")
+    write_bnb(hub.root / "q/child-bnb-nf4", child, LLAMA_CONFIG, kind="nf4")
+    write_fp8(hub.root / "q/base-FP8", base, LLAMA_CONFIG)
+    for month, repo in enumerate(("q/child-bnb-8bit", "q/child-bnb-nf4", "q/base-FP8"), start=3):
+        hub.repo(repo, month)
+    forest = recover(hub.root, Options(device="cpu"))
+    assert not forest.failures()
+    for copy, source in (("q/child-bnb-8bit", "m/child"), ("q/child-bnb-nf4", "m/child"), ("q/base-FP8", "m/base")):
+        assert _row(forest, copy)[:2] == (source, "quantized"), (copy, _row(forest, copy))
