@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from errors import BadInputError
 from indexer.hub_emulator.blobs import Blob, DiskBlob, is_lfs
-from indexer.hub_emulator.virtual import Lineage, VirtualRepo, layout_named
+from indexer.hub_emulator.virtual import Lineage, StepKind, VirtualRepo, layout_named
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class RepoSource:
 
     def add_virtual(
         self, repo_id: str, *, layout: str, seed: int, created_at: str, parent: str | None = None,
-        delta: float = 0.1,
+        delta: float = 0.1, kind: StepKind = "full",
     ) -> None:
         check_repo_id(repo_id)
         check_timestamp(created_at, thing=f"virtual repo {repo_id}")
@@ -177,7 +177,7 @@ class RepoSource:
                     raise BadInputError(f"virtual repo {repo_id}", f"parent {parent!r} must be registered first")
                 if above.lineage.layout.name != layout:
                     raise BadInputError(f"virtual repo {repo_id}", f"layout {layout!r} differs from parent's")
-                lineage = above.lineage.child(seed, delta)
+                lineage = above.lineage.child(seed, delta, kind)
             self._virtual[repo_id] = VirtualRepo(repo_id, lineage, created_at=created_at, parent=parent)
 
     def _virtual_repo(self, repo_id: str, metas: Mapping[str, RepoMeta]) -> Repo:

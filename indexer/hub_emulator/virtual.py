@@ -6,25 +6,56 @@ safetensors + model.safetensors.index.json), but each shard is computed: the hea
 the tensor data for any byte range is generated from (seed, tensor, block). Reading 1 MiB out of the
 middle of a 10 GB shard costs about as much as generating 1 MiB.
 
-Values. Element e of tensor t lies in block e // 32768 (64 KiB of BF16). Each block draws from its own
-numpy Philox stream keyed by (seed, crc32(tensor name), root or noise) with counter = block, so any block is
-reproducible alone. A root model's weights are N(0, 0.02) with 0.2 % of them scaled by 8 (a heavy tail,
-excess kurtosis ~19, like real pre-trained weights); norm vectors are 1 + N(0, 0.02). A child is its
-parent's values plus N(0, 0.02 * delta) from its own seed, rounded to BF16 again, so fine-tuning
-lowers kurtosis as the MoTHer direction rule expects, and children of children work the same way.
+Values. Element e of tensor t lies in block e // 32768 (64 KiB of BF16). A root model's weights are
+N(0, 0.02) with 0.2 % of them scaled by 8 (a heavy tail, excess kurtosis ~19, like real pre-trained
+weights); norm vectors are 1 + N(0, 0.02). Each block draws from its own numpy Philox stream keyed by
+(seed, crc32(tensor name), purpose) with the block number in the counter, so any block is reproducible
+alone.
+
+Update model 2 (issue 14). A child is its parent's BF16 values plus one step's update, rounded to BF16
+again (a child starts from its parent's file), so children of children work the same way. A step
+(`Step`: seed, delta, kind) updates a matrix W (rows x cols) by
+
+    dW = 0.02 * delta * m(module) * exp(0.25 z_layer + 0.15 z_tensor) * (sqrt(1 - f) U diag(s) V^T + sqrt(f) N)
+
+U (rows x r) and V (cols x r) are N(0, 1), s_k ~ k^-alpha for k = 1..r normalised to sum s_k^2 = 1 (so the
+low-rank part has unit RMS per element), N is i.i.d. N(0, 1), z ~ N(0, 1) per (step, layer) and per (step,
+tensor). A block of 32,768 elements covers a few rows: it needs those rows of U (drawn 256 rows per
+stream) and all of V (drawn once per (seed, tensor), kept in a bounded cache). Vectors get the N part only.
+
+    kind       r   alpha  f (full-rank share)  updates
+    full       32  1.3    0.03                 every tensor
+    lora-qv    16  1.7    0                    q_proj, v_proj (merged LoRA; the rest bit-identical)
+    lora-all   16  1.7    0                    the 7 linear matrices of each layer
+    continued  64  0.5    0.3                  every tensor (longer, broader training: use a larger delta)
+    subres     32  1.3    0.03                 every tensor, meant with delta ~ 2e-4 - 6e-4: most |dW| fall
+                                               below half a BF16 ulp and 85-95 % of weights stay bit-identical
+
+Where the numbers come from (`bench/update_stats.py` on the zoos' real fine-tunes, 2026-11-30, and a
+pair trained here; table in bench/RESULTS.md): the share of dW's energy in its top 8 singular values
+is 0.998 / 0.986 / 0.967 / 0.666 (median over matrices: small-ft / vthr-ft / wild-bert / wild-gpt2;
+an i.i.d. matrix of the same shape: 0.06-0.12), hence a low-rank part with f = 0.03 (the median of 1 -
+top-8 share over the four zoos, ~0.02); the fitted decay alpha is 1.99 / 1.43 / 1.16 / 0.44, median 1.3;
+merged LoRA-F (vthr-lora-f, rank 16) 1.72; continued training is broader (the wild zoos' longer runs:
+alpha 0.44-1.16, top-8 share 0.67-0.97), hence alpha 0.5, f 0.3, r 64. Module factors m and the layer
+spread: MODULE_SCALE and LAYER_SIGMA below. Size: the median update is ||dW|| / ||W|| = 1.4e-3 (small-ft)
+and 2.2e-3 (vthr-ft), where 69 % and 57 % of weights are BF16-identical to the parent's; the 10-90 %
+range 7e-5 - 1.4e-2. `delta` is the caller's: bench/budget_7b.py draws it per kind from those ranges.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import struct
 import zlib
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
-from functools import cached_property
-from typing import Any
+from functools import cached_property, lru_cache
+from typing import Any, Literal
 
 import numpy as np
 
@@ -116,20 +147,78 @@ def layout_named(name: str) -> Layout:
         raise BadInputError(f"layout {name!r}", f"unknown virtual layout; use one of: {known}") from None
 
 
+StepKind = Literal["full", "lora-qv", "lora-all", "continued", "subres"]
+STEP_KINDS: tuple[StepKind, ...] = ("full", "lora-qv", "lora-all", "continued", "subres")
+
+
+@dataclass(frozen=True)
+class UpdateShape:
+    """The shape of one kind of step's update (its size is the step's `delta`). Numbers: module docstring."""
+
+    rank: int  # r of the low-rank part U diag(s) V^T
+    alpha: float  # s_k ~ k^-alpha, k = 1..r
+    full_share: float  # share of the update's energy in an i.i.d. full-rank part
+    targets: frozenset[str] | None  # module kinds updated (None: every tensor, vectors and vocabularies too)
+
+
+_LINEAR = frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"})
+UPDATE_SHAPES: dict[StepKind, UpdateShape] = {
+    "full": UpdateShape(rank=32, alpha=1.3, full_share=0.03, targets=None),
+    "lora-qv": UpdateShape(rank=16, alpha=1.7, full_share=0.0, targets=frozenset({"q_proj", "v_proj"})),
+    "lora-all": UpdateShape(rank=16, alpha=1.7, full_share=0.0, targets=_LINEAR),
+    "continued": UpdateShape(rank=64, alpha=0.5, full_share=0.3, targets=None),
+    "subres": UpdateShape(rank=32, alpha=1.3, full_share=0.03, targets=None),
+}
+# Update size per module kind, relative to the step's delta: fine-tuning moves the output projections
+# most and the query/key projections least. bench/update_stats.py, median over a zoo's matrices of a
+# kind's update size / its model's median: q 0.24 / 0.45 / 0.69 (small-ft / vthr-ft / wild-bert), k 0.29
+# / 0.54 / 0.74, v 1.25 / 1.33 / 0.89, attention and MLP output 1.46 / 1.30 / 1.22 (GPT-2: attn.c_proj
+# 1.65, mlp.c_proj 1.25), MLP input 0.67 / 0.67 / 1.35 (GPT-2 c_fc 0.73).
+MODULE_SCALE: dict[str, float] = {"q_proj": 0.5, "k_proj": 0.55, "v_proj": 1.2, "o_proj": 1.4, "gate_proj": 0.7,
+                                  "up_proj": 0.7, "down_proj": 1.25}
+# ln(update size) across the layers of one module kind, per model: 0.48 / 0.43 / 0.11 / 0.06 (small-ft /
+# vthr-ft / wild-bert / wild-gpt2), about 0.3 all told: 0.25 per layer and 0.15 per tensor on top.
+LAYER_SIGMA = 0.25
+TENSOR_SIGMA = 0.15
+UPDATE_MODEL = 2  # 1: i.i.d. N(0, 0.02 * delta) noise per step; 2: structured updates (issue 14)
+_ROW_CHUNK = 256  # rows of U drawn per Philox stream (one block of 7B's q_proj covers 8 rows)
+_LAYER_NAME = re.compile(r"\.layers\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One fine-tuning step above the root: its seed, its size (RMS update / 0.02 at scale 1) and kind."""
+
+    seed: int
+    delta: float
+    kind: StepKind = "full"
+
+    def __post_init__(self) -> None:
+        if self.kind not in UPDATE_SHAPES:
+            raise BadInputError(f"step kind {self.kind!r}", f"use one of: {', '.join(STEP_KINDS)}")
+        if not (self.delta >= 0 and math.isfinite(self.delta)):
+            raise BadInputError(f"step delta {self.delta!r}", "must be a finite number >= 0")
+
+
 @dataclass(frozen=True)
 class Lineage:
-    """Who a virtual model is: its seed, and the chain of (seed, delta) perturbations above its root."""
+    """Who a virtual model is: its root seed, and the chain of steps from the root's child down to it."""
 
     layout: Layout
     root_seed: int
-    steps: tuple[tuple[int, float], ...] = ()  # (seed, delta) from the root's child down to this model
+    steps: tuple[Step, ...] = ()
 
-    def child(self, seed: int, delta: float) -> Lineage:
-        return Lineage(self.layout, self.root_seed, self.steps + ((seed, delta),))
+    def __post_init__(self) -> None:
+        # (seed, delta) pairs, the form before update model 2, still mean full fine-tuning steps
+        object.__setattr__(self, "steps", tuple(s if isinstance(s, Step) else Step(*s) for s in self.steps))
+
+    def child(self, seed: int, delta: float, kind: StepKind = "full") -> Lineage:
+        return Lineage(self.layout, self.root_seed, self.steps + (Step(seed, delta, kind),))
 
     def token(self) -> str:
         """A stable digest of everything the bytes depend on (used for ETags and the repo sha)."""
-        raw = json.dumps([self.layout.name, self.root_seed, list(self.steps)]).encode()
+        raw = json.dumps([UPDATE_MODEL, self.layout.name, self.root_seed,
+                          [[s.seed, s.delta, s.kind] for s in self.steps]]).encode()
         return hashlib.sha256(raw).hexdigest()
 
 
@@ -146,15 +235,19 @@ def bf16_to_f32(raw: bytes | np.ndarray) -> np.ndarray:
     return (halves.astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
-def _stream(seed: int, tensor: str, block: int, *, noise: bool = False) -> np.random.Generator:
-    # The high word separates root draws from fine-tune noise: a child seeded like its root still
-    # gets noise independent of the root's weights.
-    key = np.array([seed & (2**64 - 1), zlib.crc32(tensor.encode()) | (int(noise) << 32)], dtype=np.uint64)
-    return np.random.Generator(np.random.Philox(key=key, counter=np.array([block, 0, 0, 0], dtype=np.uint64)))
+# Streams. Philox's counter is 256 bits and a draw advances its lowest word, so the block (or row chunk)
+# goes in the second word: streams of neighbouring blocks never overlap. (Update model 1 put the block in
+# the lowest word, which made block b + 1 block b's draws shifted by one counter step.)
+_ROOT, _NOISE, _U, _V, _SCALE = range(5)
+
+
+def _stream(seed: int, tensor: str, purpose: int, counter: int = 0) -> np.random.Generator:
+    key = np.array([seed & (2**64 - 1), zlib.crc32(tensor.encode()) | (purpose << 32)], dtype=np.uint64)
+    return np.random.Generator(np.random.Philox(key=key, counter=np.array([0, counter, 0, 0], dtype=np.uint64)))
 
 
 def _root_block(seed: int, tensor: str, is_vector: bool, block: int, n: int) -> np.ndarray:
-    rng = _stream(seed, tensor, block)
+    rng = _stream(seed, tensor, _ROOT, block)
     values = rng.standard_normal(n, dtype=np.float32) * np.float32(STD)
     if is_vector:
         return values + np.float32(1.0)  # norm weights sit around 1, as in trained RMSNorm layers
@@ -163,14 +256,96 @@ def _root_block(seed: int, tensor: str, is_vector: bool, block: int, n: int) -> 
     return values
 
 
-def block_values(lineage: Lineage, tensor: str, is_vector: bool, block: int, n: int) -> np.ndarray:
+def module_kind(tensor: str) -> str:
+    """'model.layers.3.self_attn.q_proj.weight' -> 'q_proj'; vectors and vocabularies by their last name."""
+    parts = tensor.split(".")
+    return parts[-2] if len(parts) >= 2 else tensor
+
+
+@lru_cache(maxsize=4096)
+def _update_scale(step: Step, tensor: str) -> float:
+    """RMS of this step's update of this tensor: 0.02 * delta * module * layer * tensor factors (0: frozen)."""
+    shape = UPDATE_SHAPES[step.kind]
+    kind = module_kind(tensor)
+    if shape.targets is not None and kind not in shape.targets:
+        return 0.0
+    layer = _LAYER_NAME.search(tensor)
+    z_layer = _stream(step.seed, f"layer.{layer.group(1) if layer else -1}", _SCALE).standard_normal()
+    z_tensor = _stream(step.seed, tensor, _SCALE).standard_normal()
+    return STD * step.delta * MODULE_SCALE.get(kind, 1.0) * math.exp(LAYER_SIGMA * z_layer + TENSOR_SIGMA * z_tensor)
+
+
+def _spectrum(shape: UpdateShape) -> np.ndarray:
+    """s_k ~ k^-alpha scaled so that sum s_k^2 = 1: U s V^T with N(0, 1) factors has unit element RMS."""
+    s = np.arange(1, shape.rank + 1, dtype=np.float64) ** -shape.alpha
+    return (s / np.sqrt((s**2).sum())).astype(np.float32)
+
+
+@lru_cache(maxsize=128)
+def _right_factor(seed: int, tensor: str, cols: int, rank: int) -> np.ndarray:
+    """V (cols x rank), N(0, 1): every block of the tensor needs all of it. 128 x (11008 x 64 float32) at
+    most = 360 MB; a sequential read of one tensor hits it once per block."""
+    return _stream(seed, tensor, _V).standard_normal((cols, rank), dtype=np.float32)
+
+
+@lru_cache(maxsize=256)
+def _left_chunk(seed: int, tensor: str, chunk: int, rank: int) -> np.ndarray:
+    """Rows [chunk * 256, chunk * 256 + 256) of U, N(0, 1): a block needs only the rows it covers."""
+    return _stream(seed, tensor, _U, chunk).standard_normal((_ROW_CHUNK, rank), dtype=np.float32)
+
+
+def _low_rank_rows(step: Step, tensor: str, rows: tuple[int, int], cols: int) -> np.ndarray:
+    """Rows [r0, r1) of U diag(s) V^T (unit element RMS)."""
+    shape = UPDATE_SHAPES[step.kind]
+    v = _right_factor(step.seed, tensor, cols, shape.rank) * _spectrum(shape)
+    r0, r1 = rows
+    u = np.concatenate([_left_chunk(step.seed, tensor, c, shape.rank)
+                        for c in range(r0 // _ROW_CHUNK, (r1 - 1) // _ROW_CHUNK + 1)])
+    first = r0 - (r0 // _ROW_CHUNK) * _ROW_CHUNK
+    return u[first:first + (r1 - r0)] @ v.T
+
+
+def update_block(step: Step, tensor: str, shape: tuple[int, ...], block: int, n: int) -> np.ndarray:
+    """This step's update of elements [block * 32768, + n) of the tensor (float32; zeros if frozen)."""
+    scale = _update_scale(step, tensor)
+    if scale == 0.0:
+        return np.zeros(n, dtype=np.float32)
+    kind = UPDATE_SHAPES[step.kind]
+    full = (math.sqrt(kind.full_share) if len(shape) == 2 else 1.0)  # a vector has no low-rank structure
+    out = _stream(step.seed, tensor, _NOISE, block).standard_normal(n, dtype=np.float32) * np.float32(full)
+    if len(shape) == 2 and kind.full_share < 1.0:
+        cols = shape[1]
+        e0 = block * BLOCK_ELEMS
+        rows = (e0 // cols, (e0 + n - 1) // cols + 1)
+        low = _low_rank_rows(step, tensor, rows, cols).reshape(-1)[e0 - rows[0] * cols:e0 - rows[0] * cols + n]
+        out += np.float32(math.sqrt(1.0 - kind.full_share)) * low
+    return out * np.float32(scale)
+
+
+def block_values(lineage: Lineage, tensor: str, shape: tuple[int, ...], block: int, n: int) -> np.ndarray:
     """The first n BF16 values (as uint16) of one block of one tensor of the model `lineage` names."""
-    values = _root_block(lineage.root_seed, tensor, is_vector, block, n)
-    halves = _to_bf16(values)
-    for seed, delta in lineage.steps:
-        noise = _stream(seed, tensor, block, noise=True).standard_normal(n, dtype=np.float32) * np.float32(STD * delta)
-        halves = _to_bf16(bf16_to_f32(halves) + noise)
-    return halves
+    values = _cached_block(lineage, tensor, shape, block, n)
+    values.flags.writeable = False  # shared through the cache
+    return values
+
+
+def _block(lineage: Lineage, tensor: str, shape: tuple[int, ...], block: int, n: int) -> np.ndarray:
+    if not lineage.steps:
+        return _to_bf16(_root_block(lineage.root_seed, tensor, len(shape) == 1, block, n))
+    # each model is saved in BF16 and its children start from that file; the parent's block comes from
+    # the cache when a relative was read just before (a crawl meets a family's members close together)
+    parent = _cached_block(Lineage(lineage.layout, lineage.root_seed, lineage.steps[:-1]), tensor, shape, block, n)
+    return _to_bf16(bf16_to_f32(parent) + update_block(lineage.steps[-1], tensor, shape, block, n))
+
+
+def set_block_cache(blocks: int) -> None:
+    """Bound the cache of generated blocks (64 KiB each; default 1,024 = 64 MiB). Benchmarks that read a
+    family's members at large budgets raise it so that a child finds its parent's blocks."""
+    global _cached_block
+    _cached_block = lru_cache(maxsize=blocks)(_block)
+
+
+_cached_block = lru_cache(maxsize=1024)(_block)
 
 
 @dataclass(frozen=True)
@@ -229,7 +404,7 @@ class VirtualShard:
         chunks: list[np.ndarray] = []
         for block in range(first // BLOCK_ELEMS, (last - 1) // BLOCK_ELEMS + 1):
             n = min(BLOCK_ELEMS, total - block * BLOCK_ELEMS)
-            values = block_values(self.lineage, entry.name, len(entry.shape) == 1, block, n)
+            values = block_values(self.lineage, entry.name, entry.shape, block, n)
             b0 = block * BLOCK_ELEMS
             chunks.append(values[max(first, b0) - b0:min(last, b0 + n) - b0])
         data = np.concatenate(chunks).astype("<u2").tobytes()
