@@ -521,6 +521,12 @@ def content_revision(folder: Path, files: Sequence[str]) -> str:
     return f"local:{digest.hexdigest()}"
 
 
+def local_declared_bases(folder: Path) -> tuple[str, ...]:
+    """The base models a local repo's card declares (README.md front matter `base_model`), in order."""
+    base, _ = _declared(_card(folder), None)
+    return tuple(b for b in base.split(";") if b)
+
+
 def _card(folder: Path) -> dict[str, Any]:
     readme = folder / "README.md"
     if not readme.is_file():

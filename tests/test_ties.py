@@ -13,6 +13,20 @@ def test_the_earliest_copy_is_the_original() -> None:
     assert got == [2, -1, -1, 2]  # c (t=20) is the earliest x; a and d (unknown time: last) copy it
 
 
+def test_without_times_a_declared_copy_comes_after_the_copy_it_names() -> None:
+    same_time = [5.0, 5.0, 5.0]
+    # "a-copy" sorts first by id and by rank, but its card names "z-orig", whose bytes it repeats
+    got = duplicate_originals(["x", "x", "y"], same_time, ["a-copy", "z-orig", "m"],
+                              declared=[("z-orig",), (), ("z-orig",)])
+    assert got == [1, -1, -1]
+    # a declaration naming a model with other bytes decides nothing: the repo id does
+    got = duplicate_originals(["x", "x", "y"], same_time, ["a-copy", "z-orig", "m"], declared=[("m",), (), ()])
+    assert got == [-1, 0, -1]
+    # an upload time still outranks any card
+    got = duplicate_originals(["x", "x"], [1.0, 2.0], ["a", "b"], declared=[("b",), ()])
+    assert got == [-1, 0]
+
+
 def test_heads_break_a_frozen_body_tie() -> None:
     head3 = np.ones((3, 4))
     extras = [{"classifier.weight": head3}, {"classifier.weight": np.zeros((5, 4))},

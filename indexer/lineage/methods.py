@@ -86,6 +86,7 @@ class Family:
     extras: tuple[Mapping[str, np.ndarray], ...] = ()
     dtypes: tuple[str, ...] = ()  # per model, the stored dtype of most of its values ("F32", "BF16", ...)
     copy_rank: tuple[tuple[int, int], ...] = ()  # per model, which of byte-identical copies is the original
+    declared: tuple[tuple[str, ...], ...] = ()  # per model, the base models its card declares (duplicates only)
 
     @property
     def n(self) -> int:
@@ -663,7 +664,7 @@ def _originals(family: Family) -> list[int]:
         extras = family.extras
     digests = [model_digest({n: family.layers[n][i] for n in family.selection.distance}, extras[i])
                for i in range(family.n)]
-    return duplicate_originals(digests, family.created, family.repo_ids, family.copy_rank)
+    return duplicate_originals(digests, family.created, family.repo_ids, family.copy_rank, family.declared)
 
 
 def subset(family: Family, idx: np.ndarray) -> Family:
@@ -673,7 +674,8 @@ def subset(family: Family, idx: np.ndarray) -> Family:
                   family.selection, tuple(family.stats[i] for i in pick), tuple(family.created[i] for i in pick),
                   tuple(family.extras[i] for i in pick) if family.extras else (),
                   tuple(family.dtypes[i] for i in pick) if family.dtypes else (),
-                  tuple(family.copy_rank[i] for i in pick) if family.copy_rank else ())
+                  tuple(family.copy_rank[i] for i in pick) if family.copy_rank else (),
+                  tuple(family.declared[i] for i in pick) if family.declared else ())
 
 
 def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:

@@ -47,6 +47,7 @@ from indexer.relations.batch import (
     place_quantized,
 )
 from indexer.relations.merges import merge_row_parents
+from indexer.sources import local_declared_bases
 from sketches.distances import l2_distance
 from sketches.layers import (
     Scheme,
@@ -244,7 +245,8 @@ def _read_family(members: list[_Loaded], options: Options, times: dict[str, floa
     stacked = {name: np.stack([a[name] for a in arrays]) for name in selection.distance}
     ids = tuple(m.repo_id for m in ok)
     return Family(ids, stacked, selection, tuple(stats), tuple(times.get(i) for i in ids), tuple(extras),
-                  tuple(m.dtype for m in ok), tuple(m.copy_rank for m in ok)), failed
+                  tuple(m.dtype for m in ok), tuple(m.copy_rank for m in ok),
+                  tuple(local_declared_bases(m.path) for m in ok)), failed
 
 
 # --- repos the crawl's readers read (adapters, GGUF, packed quantized) ------------------------------
