@@ -229,3 +229,15 @@ def test_bitsandbytes_and_fp8_copies_by_the_real_libraries_are_quantized_childre
     assert not forest.failures()
     for copy, source in (("q/child-bnb-8bit", "m/child"), ("q/child-bnb-nf4", "m/child"), ("q/base-FP8", "m/base")):
         assert _row(forest, copy)[:2] == (source, "quantized"), (copy, _row(forest, copy))
+
+
+def test_zoo_make_relations_preset_refuses_a_non_empty_folder_before_training(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from cli import index
+    from errors import BadInputError
+
+    (tmp_path / "keep.txt").write_text("mine")
+    result = CliRunner().invoke(index, ["zoo", "make", str(tmp_path), "--preset", "relations"])
+    assert isinstance(result.exception, BadInputError) and "--force" in str(result.exception)
+    assert (tmp_path / "keep.txt").read_text() == "mine"
