@@ -32,6 +32,9 @@ pair (two (64 x 4096) x (4096 x 128) float64 products a pair and layer: 80 % of 
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 
 from sketches.distances import _one_thread_on_cpu
@@ -66,17 +69,29 @@ def tail_from_spectrum(eig: torch.Tensor, keep: int) -> torch.Tensor:
     return eig[:, :keep].clamp_min(0.0).sum(dim=1).sqrt()
 
 
-def usable_for_relatedness(stack: torch.Tensor) -> bool:
-    """sketches.relatedness.as_units' condition on a (n, rows, ...) stack of one layer."""
-    return stack.ndim >= 3 and stack.shape[1] >= MIN_ROWS
+def usable_for_relatedness(layer: torch.Tensor) -> bool:
+    """sketches.relatedness.as_units' condition on one model's layer (rows = axis 0)."""
+    return layer.ndim >= 2 and layer.shape[0] >= MIN_ROWS
 
 
-def units(stack: torch.Tensor) -> torch.Tensor:
-    """(n, rows, ...) float32 -> (n, m, min(cols, MAX_COLS)) float64: each model's relatedness units, its
-    first m = min(rows, MAX_ROWS) rows with their mean removed, projected when wider than MAX_COLS (the
-    same numbers as the per-pair projection of the SVD path, one product per model instead of one per
-    pair and side)."""
-    n, m = stack.shape[0], min(stack.shape[1], MAX_ROWS)
-    u = stack[:, :m].reshape(n, m, -1).to(torch.float64)
-    u = u - u.mean(dim=(1, 2), keepdim=True)
-    return u @ projection(u.shape[2]).to(u.device) if u.shape[2] > MAX_COLS else u
+def units(layers: Sequence[torch.Tensor]) -> torch.Tensor:
+    """n models' float32 layers (rows, ...) -> (n, m, min(cols, MAX_COLS)) float64 relatedness units: the
+    first m = min(rows, MAX_ROWS) rows less their mean, projected when wider than MAX_COLS.
+
+    The same numbers as the SVD path's per-pair projection (to 1e-14), one product per model instead of
+    one per pair and side. (A - mean) P is computed as A P - mean x colsum(P), through one reused float64
+    buffer: a fresh float64 copy and a centred copy per model cost as much as the product on a busy box."""
+    rows = min(int(layers[0].shape[0]), MAX_ROWS)
+    cols = math.prod(layers[0].shape[1:])
+    dev = layers[0].device
+    proj = projection(cols).to(dev) if cols > MAX_COLS else None
+    out = torch.empty((len(layers), rows, min(cols, MAX_COLS)), dtype=torch.float64, device=dev)
+    buf = torch.empty((rows, cols), dtype=torch.float64, device=dev)
+    for slot, layer in zip(out, layers, strict=True):
+        buf.copy_(layer[:rows].reshape(rows, cols))
+        mean = buf.mean()
+        if proj is None:
+            torch.sub(buf, mean, out=slot)
+        else:
+            torch.mm(buf, proj, out=slot).sub_(mean * proj.sum(dim=0))
+    return out

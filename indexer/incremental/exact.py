@@ -55,7 +55,13 @@ import torch
 from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
 from indexer.lineage.ties import extras_distance
-from sketches.distances import Device, rank_gaps, rank_gaps_of, resolve_device
+from sketches.distances import (
+    Device,
+    _one_thread_on_cpu,
+    rank_gaps,
+    rank_gaps_of,
+    resolve_device,
+)
 from sketches.gram import (
     gram,
     singular_values,
@@ -169,6 +175,10 @@ PAIR_BYTES_PER_ELEMENT = 24
 # Method "gram" on the CPU: chunks of at most 16 MiB of float64 differences (8 pairs of 7B blocks), so that
 # a chunk stays in the 32 MiB L3 cache between the passes that read it (norm, Gram).
 CPU_CHUNK_BYTES = 16 << 20
+# CPU_THREADS: method "gram" runs its layer work on one thread (sketches.distances._one_thread_on_cpu). Its
+# products are small (a 64 x 4096 block at a time) and on the shared 2-core box a second MKL/OpenMP thread
+# made them 2-10x slower, not faster (spinning workers: one model's units 33 ms on two threads, 3.8 ms on
+# one, load average 10); the SVD path's eigensolvers already ran on one thread for the same reason.
 SOURCE_BYTES_PER_ELEMENT = 4  # float32
 
 Job = tuple[ModelView, Sequence[ModelView]]
@@ -299,11 +309,20 @@ def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, 
             for chunk in chunks:
                 _svd_chunk(sums, name, stack, chunk, tails=tails)
             continue
-        sources = _Sources.of(arrays, dev)
-        own = _own_units([v.arrays[name] for v in views], sources)
-        out = torch.empty((min(per_chunk, hi - lo), *shape), dtype=torch.float64, device=dev)  # reused: no page faults
-        for chunk in chunks:
-            _gram_chunk(sums, name, sources, own, chunk, out=out[: len(chunk.rows)], tails=tails)
+        with _one_thread_on_cpu(torch.empty(0, device=dev)):  # see CPU_THREADS
+            _gram_group(sums, name, arrays, [v.arrays[name] for v in views], chunks, dev=dev, tails=tails)
+
+
+def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], originals: Sequence[np.ndarray],
+                chunks: Sequence[_Chunk], *, dev: torch.device, tails: bool) -> None:
+    """Method "gram" on one group of models (`_source_groups`) and its chunks of pairs."""
+    sources = _Sources.of(arrays, dev)
+    own = _own_units(originals, sources)
+    most, shape = max(len(c.rows) for c in chunks), arrays[0].shape
+    # buffers reused by every chunk: no fresh pages to fault in
+    out = (torch.empty((most, *shape), device=dev), torch.empty((most, *shape), dtype=torch.float64, device=dev))
+    for chunk in chunks:
+        _gram_chunk(sums, name, sources, own, chunk, out=out, tails=tails)
 
 
 def _chunk(pairs: _Pairs, where: Mapping[int, int], start: int, stop: int, dev: torch.device) -> _Chunk:
@@ -339,15 +358,13 @@ class _Sources:
         return cls(list(stack.unbind()), stack)
 
     def differences(self, chunk: _Chunk, out: torch.Tensor) -> torch.Tensor:
-        """left - right of each pair, computed in float32 (as the SVD path took it), stored in float64
-        `out` (exact: every float32 is a float64) in the same pass."""
-        if self.stack is not None:  # CUDA casts inside the kernel
+        """left - right of each pair in float32 (as the SVD path took it: mother's rank convention), in the
+        first rows of `out`."""
+        out = out[: len(chunk.rows)]
+        if self.stack is not None:
             return torch.sub(self.stack[chunk.left], self.stack[chunk.right], out=out)
-        # the CPU's mixed-dtype `sub(out=float64)` goes through a fresh float32 temporary (0.9 ms a 7B block
-        # on the 2-core box); one reused float32 scratch and a copy take 0.22 ms
-        scratch = torch.empty(out.shape[1:], dtype=torch.float32)
         for slot, a, b in zip(out, chunk.left.tolist(), chunk.right.tolist(), strict=True):
-            slot.copy_(torch.sub(self.tensors[a], self.tensors[b], out=scratch))
+            torch.sub(self.tensors[a], self.tensors[b], out=slot)
         return out
 
 
@@ -366,12 +383,12 @@ def forget_units() -> None:
 
 def _own_units(arrays: Sequence[np.ndarray], sources: _Sources) -> torch.Tensor | None:
     """(n, m, c) relatedness units of the group's models, from the cache or computed together."""
-    if not usable_for_relatedness(sources.tensors[0][None]):
+    if not usable_for_relatedness(sources.tensors[0]):
         return None
     keys = [(id(array), str(tensor.device)) for array, tensor in zip(arrays, sources.tensors, strict=True)]
     missing = [i for i, key in enumerate(keys) if key not in _UNITS]
-    if missing:  # one product for all of them: a single small GEMM threads poorly on a busy CPU
-        for i, u in zip(missing, units(torch.stack([sources.tensors[i] for i in missing])), strict=True):
+    if missing:
+        for i, u in zip(missing, units([sources.tensors[i] for i in missing]), strict=True):
             _UNITS[keys[i]] = u
             weakref.finalize(arrays[i], _UNITS.pop, keys[i], None)
     return torch.stack([_UNITS[key] for key in keys])
@@ -390,28 +407,49 @@ def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, ta
 
 
 def _gram_chunk(sums: _Sums, name: str, sources: _Sources, own: torch.Tensor | None, chunk: _Chunk, *,
-                out: torch.Tensor, tails: bool) -> None:
+                out: tuple[torch.Tensor, torch.Tensor], tails: bool) -> None:
     """Method "gram": the distance from the difference, z from the per-model units, and one Gram spectrum
-    per pair answering both the rank test and the tail (sketches.gram)."""
-    diff = sources.differences(chunk, out)  # float64 copy of the float32 difference
-    dist = torch.linalg.vector_norm(diff.reshape(diff.shape[0], -1), dim=1).cpu()
+    per pair answering both the rank test and the tail (sketches.gram). `out`: float32 and float64
+    buffers of at least the chunk's size."""
+    diff = sources.differences(chunk, out[0])
+    dist = _norms(diff.reshape(diff.shape[0], -1))
     sums.layer_dist[chunk.slots] = dist
     if own is not None:
         sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
-    if diff.ndim >= 3:  # dist > 0 is exactly "some entry moved" (the SVD path's amax > 0): squares in float64
-        _spectra(sums, name, diff.reshape(diff.shape[0], diff.shape[1], -1), chunk, moved=dist > 0, tails=tails)
+    if diff.ndim >= 3:
+        mats = diff.reshape(diff.shape[0], diff.shape[1], -1)
+        _spectra(sums, name, mats, chunk, moved=dist > 0, tails=tails, out=out[1])
 
 
-def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, moved: torch.Tensor, tails: bool) -> None:
+def _norms(flat: torch.Tensor) -> torch.Tensor:
+    """Frobenius norms of (k, n) float32 rows, float64 on the host; 0 exactly when a row is all zeros.
+
+    Squares summed in float32 (ATen's cascade sum: 8e-9 of the float64 norm on a 64 x 4096 block, against
+    1.5e-6 for `vector_norm`'s float32 path) instead of a float64 copy (a quarter of the time: the copy is
+    made only for the rows that need a Gram matrix). A nonzero float32 below 4e-23 squares to 0: rows
+    that read 0 and still hold a nonzero entry get their float64 norm, so "moved" stays exact."""
+    sq = (flat * flat).sum(dim=1)
+    dist = sq.double().sqrt().cpu()
+    zero = torch.nonzero(dist == 0).flatten()
+    if len(zero):
+        rows = flat[zero.to(flat.device)]
+        dist[zero] = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float64).cpu()
+    return dist
+
+
+def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, moved: torch.Tensor, tails: bool,
+             out: torch.Tensor) -> None:
     """Gram spectra of the pairs that need one: every pair for the tail of a dense layer, else the pairs
-    whose regime is still open (`_open`)."""
+    whose regime is still open (`_open`). `out`: a float64 buffer of at least the chunk's size."""
     regime = _open(sums, chunk.rows, moved)
     skip = tail_start(mats.shape[1:])
     tailed = tails and skip > 0  # thinner than TAIL_SKIP_FRACTION: no tail (`_tail`)
     local = torch.arange(len(regime)) if tailed else torch.nonzero(regime).flatten()
     if len(local) == 0:
         return
-    eig = spectrum(gram(mats if len(local) == len(regime) else mats[local.to(mats.device)]))  # ascending, host
+    wide = out[: len(local)].reshape(len(local), *mats.shape[1:])
+    wide.copy_(mats if len(local) == len(regime) else mats[local.to(mats.device)])  # exact: float32 in float64
+    eig = spectrum(gram(wide))  # ascending, on the host
     if tailed:
         sums.layer_tail[chunk.slots] = tail_from_spectrum(eig, min(mats.shape[1:]) - skip)
     decide = regime[local]
