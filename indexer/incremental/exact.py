@@ -38,6 +38,24 @@ Batching: `measure_many` takes the short lists of many arriving models at once. 
 depends on that pair alone (its layers, walked in sorted order, and its own regime counters), so the pairs
 of every job are batched per layer, on CUDA when present; `measure` is the one-job case. On the CPU the
 numbers are bit-identical to measuring job by job (tests/test_exact_batch.py).
+
+Kernel (issue 14; method "gram", the default): the SVD path spent 80 % of its flops projecting both
+sides of every pair for the relatedness test (two (64 x 4096) x (4096 x 128) float64 products a pair and
+layer) and the rest on float32 SVDs and float64 copies. Now (sketches.gram):
+- the relatedness units are per model: projected once per model and layer, and kept (`_UNITS`) while
+  the array lives, so a nominee compared by many arrivals is projected once;
+- one float64 Gram matrix of the difference (64 x 64 for a 7B block) and its `eigvalsh` answer both the
+  rank test (singular values = square roots of its eigenvalues; `rank_gaps_of`, the same tolerance) and
+  the spectral tail, where the SVD path ran a float32 SVD and a Gram of its own;
+- the per-layer L2 distance is a float32 sum of squares (1e-8 of the float64 one, exact zeros kept);
+- on the CPU no stack of the models' blocks is copied, buffers are reused across chunks (fresh pages
+  cost as much as the arithmetic on the shared box), chunks are cache-sized and the work runs on one
+  thread (CPU_THREADS).
+Same decisions as the SVD path, pair by pair, on the test zoos and bench zoos (tests/test_exact_fast.py,
+bench/exact_cpu.py): the Gram resolves singular values far below the rank tolerance and more finely
+than the float32 SVD did (sketches.gram); stored distances move by at most 1e-7 relative (the float32
+norms; tails and z agree to 1e-12), so PAIR_RULE stays 3. `method="svd"` keeps the previous kernel as
+the reference. Speed: bench/RESULTS.md ("The exact step on CPU").
 """
 
 from __future__ import annotations

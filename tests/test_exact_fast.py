@@ -1,0 +1,175 @@
+"""The Gram kernel of the exact step (method "gram", sketches.gram) against the SVD kernel it replaced
+(method "svd"): the same decisions pair by pair, and distances within the bounds its docstrings derive.
+
+Bounds: relatedness z and spectral tails come from the same float64 products in another order (1e-12);
+per-layer L2 distances are float32 sums of squares (ATen's cascade sum, 1e-7 at most on these sizes)
+where the SVD path summed in float64, so `relative`, `median_relative` and the no-tail distances move by
+at most 1e-6; ranks, cliffs, identity and the kurtosis direction must be equal."""
+
+from __future__ import annotations
+
+import gc
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_exact_batch import _jobs, _zoo
+
+from errors import BadInputError
+from indexer.incremental import exact
+from indexer.incremental.exact import (
+    ModelView,
+    PairMeasure,
+    decisions,
+    forget_units,
+    measure,
+    measure_many,
+)
+from indexer.incremental.folder import read_repo
+from indexer.incremental.index import DEFAULT_DIM, Arrival, _prepare
+from indexer.lineage.recover import discover_repos
+from sketches.distances import rank_gaps, rank_gaps_of
+from sketches.gram import gram, singular_values, spectrum, units
+from sketches.relatedness import as_units
+
+REL = 1e-6  # relative L2 distances: float32 cascade sums of squares (module docstring)
+EXACT = 1e-12  # products of the same float64 numbers in another order
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=rel, abs_tol=1e-300)
+
+
+def _assert_same_decisions(new: list[list[PairMeasure]], old: list[list[PairMeasure]]) -> int:
+    pairs = 0
+    for g_job, s_job in zip(new, old, strict=True):
+        for g, s in zip(g_job, s_job, strict=True):
+            pairs += 1
+            assert g.other == s.other
+            assert decisions(g) == decisions(s), (g, s)
+            assert (g.ku_new, g.ku_other) == (s.ku_new, s.ku_other)  # the same direction layers, summed alike
+            assert _close(g.score, s.score, EXACT), (g.score, s.score)
+            for field in ("distance", "relative", "median_relative", "heads"):
+                assert _close(getattr(g, field), getattr(s, field), REL), (field, g, s)
+    return pairs
+
+
+def _both(jobs: list[tuple[ModelView, list[ModelView]]], **kwargs: object) -> int:
+    return _assert_same_decisions(measure_many(jobs, device="cpu", method="gram", **kwargs),  # type: ignore[arg-type]
+                                  measure_many(jobs, device="cpu", method="svd", **kwargs))  # type: ignore[arg-type]
+
+
+def test_same_decisions_on_the_batch_zoo() -> None:
+    """Both regimes, strangers, a head of another vocabulary, a missing layer, a wider family."""
+    assert _both(_jobs(_zoo())) == 21
+
+
+def test_same_decisions_whatever_the_chunking() -> None:
+    """One pair a chunk and two models a stack (max_bytes=1), the gram path's smallest case."""
+    assert _both(_jobs(_zoo(seed=1)), max_bytes=1) == 21
+
+
+def _folder_jobs(folder: Path) -> list[tuple[ModelView, list[ModelView]]]:
+    """Every model of a zoo folder against every other of its family, as the index reads them."""
+    views: dict[str, list[ModelView]] = {}
+    for repo_id, path in discover_repos(folder):
+        family, revision, arrays = read_repo(path)
+        arrival = Arrival(repo_id, revision, family, arrays, None)
+        views.setdefault(family, []).append(_prepare(0, arrival, DEFAULT_DIM, 0).mine)
+    return [(v, [o for o in group if o is not v]) for _, group in sorted(views.items()) for v in group if len(group) > 1]
+
+
+@pytest.mark.slow
+def test_same_decisions_on_the_tiny_trained_zoo(tiny_ft_zoo: Path) -> None:
+    """Really trained ViTs (full fine-tuning), every ordered pair."""
+    assert _both(_folder_jobs(tiny_ft_zoo)) > 0
+
+
+@pytest.mark.slow
+def test_same_decisions_on_the_wild_tiny_zoo(wild_tiny_zoo: Path) -> None:
+    """Duplicates, re-saves, f16/bf16 copies (full-rank rounding differences), frozen backbones (identical
+    bodies): the cases where a difference is zero or tiny and the Gram's rounding matters most."""
+    jobs = _folder_jobs(wild_tiny_zoo)
+    out = measure_many(jobs, device="cpu")
+    assert any(p.identical for job in out for p in job)  # the zoo has the cases this test is about
+    assert _both(jobs) > 0
+
+
+def _lora(rng: np.random.Generator, shape: tuple[int, int], rank: int, scale: float) -> torch.Tensor:
+    """float32 difference of a merged LoRA: rank `rank` plus the float32 rounding of W + B A."""
+    w = rng.normal(0, 0.02, shape).astype(np.float32)
+    update = rng.normal(0, scale, (shape[0], rank)) @ rng.normal(0, scale, (rank, shape[1]))
+    return torch.as_tensor((w + update).astype(np.float32) - w)
+
+
+@pytest.mark.parametrize("shape", [(64, 4096), (16, 24), (256, 128)])
+def test_rank_and_cliff_from_the_gram_equal_the_svd(shape: tuple[int, int]) -> None:
+    """Merged LoRAs of ranks 1-16 at large and tiny scales, full-rank steps and near-duplicates (a drift of
+    1e-7 of the weights): the same rank and the same side of LOW_RANK_GAP as the float32 SVD."""
+    rng = np.random.default_rng(0)
+    diffs = [_lora(rng, shape, r, s) for r in (1, 4, 16) for s in (0.02, 1e-3, 1e-5)]
+    w = rng.normal(0, 0.02, shape).astype(np.float32)
+    for drift in (1e-2, 1e-4, 1e-7):
+        diffs.append(torch.as_tensor((w + rng.normal(0, 0.02 * drift, shape)).astype(np.float32) - w))
+    batch = torch.stack(diffs)
+    ranks, gaps = rank_gaps(batch)
+    eig = spectrum(gram(batch))
+    g_ranks, g_gaps = rank_gaps_of(singular_values(eig), max(shape))
+    assert g_ranks.tolist() == ranks.tolist()
+    assert ((g_gaps >= exact.LOW_RANK_GAP) == (gaps >= exact.LOW_RANK_GAP)).all()
+
+
+def test_singular_values_from_the_gram_are_float64_accurate() -> None:
+    """Where the float32 SVD is itself accurate (the top of the spectrum, 1e-6), the Gram's square roots
+    agree with a float64 SVD to 1e-12 relative to the largest."""
+    rng = np.random.default_rng(1)
+    diffs = torch.stack([_lora(rng, (64, 4096), 8, 0.02), torch.as_tensor(rng.normal(0, 1e-4, (64, 4096)))])
+    want = torch.linalg.svdvals(diffs.double())
+    got = singular_values(spectrum(gram(diffs)))
+    assert ((got - want).abs().amax(dim=1) / want[:, 0]).max() < 1e-7
+    top = slice(0, 8)
+    assert torch.allclose(got[:, top], want[:, top], rtol=1e-12)
+
+
+def test_units_equal_the_per_pair_projection() -> None:
+    """sketches.gram.units gives sketches.relatedness.as_units' numbers (the SVD path's), wide and narrow."""
+    rng = np.random.default_rng(2)
+    for shape in ((64, 4096), (20, 24), (300, 16)):
+        layers = [torch.as_tensor(rng.normal(0.01, 0.02, shape).astype(np.float32)) for _ in range(3)]
+        got = units(layers)
+        for layer, u in zip(layers, got, strict=True):
+            want = as_units(layer.numpy())
+            assert want is not None
+            torch.testing.assert_close(u, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
+
+
+def test_cached_units_give_the_same_numbers_and_die_with_their_array() -> None:
+    zoo = _zoo(seed=2)
+    jobs = _jobs(zoo)
+    forget_units()
+    cold = measure_many(jobs, device="cpu")
+    assert len(exact._UNITS) > 0
+    warm = measure_many(jobs, device="cpu")  # every unit from the cache
+    assert cold == warm
+    held = len(exact._UNITS)
+    new, others = jobs[0]
+    arrays = {n: a.copy() for n, a in new.arrays.items()}  # new array objects: not in the cache
+    measure(ModelView(new.repo_id, arrays, new.kurtosis, new.norms, new.created, new.direction_layers), others)
+    assert len(exact._UNITS) > held
+    del arrays
+    gc.collect()
+    assert len(exact._UNITS) == held  # freed with the arrays: no id of a dead array stays a key
+
+
+def test_unknown_method_says_what_to_do() -> None:
+    with pytest.raises(BadInputError, match="use one of gram, svd"):
+        measure_many(_jobs(_zoo()), device="cpu", method="qr")  # type: ignore[arg-type]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_gram_equals_cpu_gram_and_svd() -> None:
+    jobs = _jobs(_zoo())
+    _assert_same_decisions(measure_many(jobs, device="cuda"), measure_many(jobs, device="cpu", method="svd"))
+    _assert_same_decisions(measure_many(jobs, device="cuda", max_bytes=40_000), measure_many(jobs, device="cpu"))
