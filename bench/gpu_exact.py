@@ -2,7 +2,7 @@
 `indexer.incremental.exact.measure_many`, on the CPU and on CUDA.
 
     .venv/bin/python bench/gpu_exact.py [--pairs 10000] [--device cpu|cuda|both] [--models 320]
-        [--cpu-pairs 500] [--layers 128] [--max-gib 8] [--seed 0]
+        [--cpu-pairs 500] [--layers 128] [--max-gib 8] [--seed 0] [--method gram|svd] [--cpu-method gram|svd]
 
 Layers: what the crawler reads of a Llama-2-7B under the default 64 MiB budget (`sketches.plan.plan_reads`
 on the emulator's Llama-2-7B layout): the first 64 rows of each of the 128 square attention matrices
@@ -23,6 +23,10 @@ The models sit in host memory, as in the crawl, so GPU times include the host ->
 times a strided subset of `--cpu-pairs` pairs and extrapolates its rate (labelled as such). GiB/s counts
 both models' float32 blocks of every pair. "max |diff|" compares the GPU's results with the CPU's on
 the pairs both computed.
+
+`--method` picks the exact step's kernel on the GPU, `--cpu-method` on the CPU (default both "gram"; "svd"
+is the previous kernel: `--cpu-method svd` checks the GPU's Gram kernel against it). bench/exact_cpu.py
+compares the two kernels on the CPU alone.
 
 Prints markdown tables (copy them to bench/RESULTS.md).
 """
@@ -45,10 +49,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from indexer.hub_emulator.virtual import LAYOUTS  # noqa: E402
-from indexer.incremental.exact import ModelView, PairMeasure, measure_many  # noqa: E402
-from sketches.plan import plan_reads  # noqa: E402
-from sketches.safetensors import TensorInfo  # noqa: E402
+from indexer.hub_emulator.virtual import LAYOUTS
+from indexer.incremental.exact import (
+    METHODS,
+    ModelView,
+    PairMeasure,
+    decisions,
+    measure_many,
+)
+from sketches.plan import plan_reads
+from sketches.safetensors import TensorInfo
 
 GIB = 1 << 30
 TREE_SIZE = 40
@@ -180,24 +190,24 @@ def pair_bytes(jobs: Sequence[Job]) -> int:
     return sum(2 * sum(a.nbytes for a in new.arrays.values()) * len(others) for new, others in jobs)
 
 
-def timed(jobs: list[Job], device: str, max_bytes: int) -> tuple[float, list[list[PairMeasure]]]:
-    measure_many(jobs[:1], device=device, max_bytes=max_bytes)  # type: ignore[arg-type]  # warm-up
+def timed(jobs: list[Job], device: str, max_bytes: int, method: str) -> tuple[float, list[list[PairMeasure]]]:
+    measure_many(jobs[:1], device=device, max_bytes=max_bytes, method=method)  # type: ignore[arg-type]  # warm-up
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
-    out = measure_many(jobs, device=device, max_bytes=max_bytes)  # type: ignore[arg-type]  # results on the host
+    out = measure_many(jobs, device=device, max_bytes=max_bytes, method=method)  # type: ignore[arg-type]  # on the host
     return time.perf_counter() - started, out
 
 
 def compare(gpu: list[list[PairMeasure]], cpu: list[list[PairMeasure]]) -> tuple[float, float, int]:
-    """(max |diff| of the stored distance, of the relative L2, pairs whose regime or relatedness differ)."""
+    """(max |diff| of the stored distance, of the relative L2, pairs whose decisions differ: `exact.decisions`)."""
     dist, rel, flips = 0.0, 0.0, 0
     for g_job, c_job in zip(gpu, cpu, strict=True):
         for g, c in zip(g_job, c_job, strict=False):  # the CPU's last job may be cut short
             dist = max(dist, abs(g.distance - c.distance))
             rel = max(rel, abs(g.relative - c.relative))
-            flips += (g.low_rank, g.related) != (c.low_rank, c.related)
+            flips += decisions(g) != decisions(c)
     return dist, rel, flips
 
 
@@ -224,6 +234,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=None, help="keep the first N selected blocks (default: all)")
     parser.add_argument("--max-gib", type=float, default=8.0, help="measure_many's max_bytes, in GiB")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--method", choices=METHODS, default="gram", help="the exact step's kernel on the GPU")
+    parser.add_argument("--cpu-method", choices=METHODS, default="gram", help="the exact step's kernel on the CPU")
     args = parser.parse_args()
     if args.device != "cpu" and not torch.cuda.is_available():
         raise SystemExit("torch sees no CUDA GPU here; use --device cpu")
@@ -242,15 +254,15 @@ def main() -> None:
     print("| device | pairs | seconds | pairs/s | GiB/s compared | max abs diff vs CPU |\n|---|---:|---:|---:|---:|---|",
           flush=True)  # row by row: a long run still leaves the rows it finished
     picked, sample = subset(jobs, args.cpu_pairs)
-    cpu_out = run_cpu(jobs, sample, max_bytes) if args.device in ("cpu", "both") else None
+    cpu_out = run_cpu(jobs, sample, max_bytes, args.cpu_method) if args.device in ("cpu", "both") else None
     if args.device in ("cuda", "both"):
-        run_gpu(jobs, picked, sample, cpu_out, max_bytes)
+        run_gpu(jobs, picked, sample, cpu_out, max_bytes, args.method)
 
 
-def run_cpu(jobs: list[Job], sample: list[Job], max_bytes: int) -> list[list[PairMeasure]]:
-    seconds, out = timed(sample, "cpu", max_bytes)
+def run_cpu(jobs: list[Job], sample: list[Job], max_bytes: int, method: str) -> list[list[PairMeasure]]:
+    seconds, out = timed(sample, "cpu", max_bytes, method)
     n, total = sum(len(o) for _, o in sample), sum(len(o) for _, o in jobs)
-    print(row(f"CPU: {cpu_name()}", n, seconds, pair_bytes(sample), "(reference)"), flush=True)
+    print(row(f"CPU ({method}): {cpu_name()}", n, seconds, pair_bytes(sample), "(reference)"), flush=True)
     rate = n / seconds
     print(f"| CPU, **extrapolated** from the {n:,} pairs above | {total:,} | {total / rate:.0f} (extrapolated) "
           f"| {rate:.1f} | {pair_bytes(jobs) / GIB / (total / rate):.1f} | - |", flush=True)
@@ -258,14 +270,14 @@ def run_cpu(jobs: list[Job], sample: list[Job], max_bytes: int) -> list[list[Pai
 
 
 def run_gpu(jobs: list[Job], picked: list[int], sample: list[Job], cpu_out: list[list[PairMeasure]] | None,
-            max_bytes: int) -> None:
-    seconds, out = timed(jobs, "cuda", max_bytes)
+            max_bytes: int, method: str) -> None:
+    seconds, out = timed(jobs, "cuda", max_bytes, method)
     diff = "-"
     if cpu_out is not None:
         dist, rel, flips = compare([out[i] for i in picked], cpu_out)
-        diff = (f"distance {dist:.2e}, relative {rel:.2e}, regime flips {flips} "
+        diff = (f"distance {dist:.2e}, relative {rel:.2e}, decisions that differ {flips} "
                 f"(on {sum(len(o) for _, o in sample):,} pairs)")
-    print(row(f"GPU: {torch.cuda.get_device_name(0)}", sum(len(o) for _, o in jobs), seconds, pair_bytes(jobs), diff))
+    print(row(f"GPU ({method}): {torch.cuda.get_device_name(0)}", sum(len(o) for _, o in jobs), seconds, pair_bytes(jobs), diff))
     mix = [p for job in out for p in job]
     print(f"\nGPU peak memory {torch.cuda.max_memory_allocated() / GIB:.1f} GiB; pairs low-rank "
           f"{sum(p.low_rank for p in mix) / len(mix):.0%}, related {sum(p.related for p in mix) / len(mix):.0%}", flush=True)
