@@ -328,7 +328,9 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     arrays = read_planned(sources, where, plan)
-    return ModelRead(family, plan, tensors, arrays, header_bytes)
+    # a model larger than the budget is indexed on what fits: the models row says how much that was
+    partial = {"read_fraction": round(plan.fraction, 6)} if not all(b.whole for b in plan.blocks) else {}
+    return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial)
 
 
 def classify(exc: Exception) -> tuple[Status, str]:

@@ -27,20 +27,51 @@ edges as the full weights, where two rows of half the matrices lost one.)
 
 from __future__ import annotations
 
+import math
 import re
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from errors import UnsupportedModelError
 from sketches.layers import is_head, is_task_head, select_layers
 from sketches.safetensors import TensorInfo
 
-__all__ = ["BlockRead", "Piece", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
+__all__ = ["BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
 
-PLAN_VERSION = 2  # 2: task heads read in the budget left over (step 5)
+# 2: task heads read in the budget left over (step 5). 3: the budget counts BF16 elements (BF16, F16 and F32
+# relatives read the same rows); a budget below the smallest block reads what fits of the first tensor.
+PLAN_VERSION = 3
+# The budget is counted in BF16 bytes (the Hub's dtype for large models): a plan is in elements, so BF16,
+# F16 and F32 relatives read the same elements (an F32 copy at twice the bytes) and compare one to one.
+PLAN_ITEMSIZE = 2
 MIN_BLOCK_BYTES = 64 * 1024
-HEAD_BLOCK_BYTES = 64 * 1024  # a 16-class head of width 1,024 in F32; a 1,000-class head reads its first rows
+HEAD_BLOCK_ELEMENTS = 16 * 1024  # a 16-class head of width 1,024; a 1,000-class head reads its first rows
+# Output projections: the modules fine-tuning moves most (bench/update_stats.py: o / attention-output 1.2-1.7x
+# and MLP-out 1.2-1.3x a model's median update, q and k 0.2-0.7x), in Llama, ViT/BERT and GPT-2 names.
+OUTPUT_PROJECTIONS = r"(?:^|\.)(?:o_proj|down_proj|out_proj|c_proj|fc2|dense)\.weight$"
+# Value matrices: the one module every kind of step moves, by one of the largest updates (1.25 / 1.33 /
+# 0.89x the model's median, bench/update_stats.py), and MoTHer's LoRA layer (LoRA-V and -F both train it).
+VALUE_PROJECTIONS = r"(?:^|\.)(?:v_proj|value)\.weight$"
+
+
+@dataclass(frozen=True)
+class PlanSpec:
+    """Which tensors a large model is sampled from, and how: steps 2-4 of the module docstring.
+
+    `tensors`: "attention" (the square q/k/v/o matrices), or a regular expression over tensor names;
+    a model with none of them falls back to the attention matrices, then to every body matrix.
+    `min_block_elements`: the smallest block; `max_blocks`: the budget is shared among at most this many
+    blocks (taller blocks, fewer layers), None = among all candidates.
+    """
+
+    tensors: str = "attention"
+    min_block_elements: int = MIN_BLOCK_BYTES // PLAN_ITEMSIZE
+    max_blocks: int | None = None
+
+
+PLAN_V2 = PlanSpec()  # version 2: first rows of every attention matrix, 64 KiB blocks at least
+DEFAULT_SPEC = PLAN_V2
 # Coalescing: two ranges closer than this are one request. A Hub range request costs ~50 ms of latency
 # (CDN), i.e. a few MB at typical bandwidth; 256 KiB of gap is always cheaper than a request, and the
 # budget caps the total gap bytes anyway.
@@ -124,13 +155,19 @@ def _body_matrices(tensors: Mapping[str, TensorInfo]) -> list[str]:
     return sorted(n for n, t in tensors.items() if len(t.shape) in (2, 4) and t.numel and not is_head(n))
 
 
-def _candidates(tensors: Mapping[str, TensorInfo], budget: int) -> tuple[list[str], bool]:
-    """(names, whole): step 1 when every body matrix fits, else step 2."""
+def _candidates(tensors: Mapping[str, TensorInfo], elements: int, spec: PlanSpec) -> tuple[list[str], bool]:
+    """(names, whole): step 1 when every body matrix fits, else step 2 (the spec's tensors, falling back
+    to the attention matrices, then to every body matrix, when the model has none of them)."""
     body = _body_matrices(tensors)
     if not body:
         raise UnsupportedModelError("weights", "no body matrix (2-D or 4-D, heads excluded) to read")
-    if sum(tensors[n].nbytes for n in body) <= budget:
+    if sum(tensors[n].numel for n in body) <= elements:
         return body, True
+    if spec.tensors != "attention":
+        pattern = re.compile(spec.tensors)
+        named = [n for n in body if pattern.search(n)]
+        if named:
+            return named, False
     shapes = {n: t.shape for n, t in tensors.items()}
     try:
         attention = list(select_layers([shapes], scheme="attention").distance)
@@ -146,48 +183,70 @@ def _priority(names: list[str]) -> list[str]:
     return sorted(names, key=lambda n: (rank.get(_layer(n), len(layers)), n))
 
 
-def _rows_for(info: TensorInfo, share: int, min_block_bytes: int) -> int:
-    return max(1, min(info.shape[0], max(share, min_block_bytes) // info.row_bytes))
+def _row_elements(info: TensorInfo) -> int:
+    return math.prod(info.shape[1:]) if info.shape else 1
 
 
-def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int,
-               min_block_bytes: int = MIN_BLOCK_BYTES) -> ReadPlan:
-    """The blocks to read from a model with these tensors (see the module docstring for the steps)."""
+def _rows_for(info: TensorInfo, share: int, min_block: int) -> int:
+    return max(1, min(info.shape[0], max(share, min_block) // _row_elements(info)))
+
+
+def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int, spec: PlanSpec | None = None,
+               min_block_bytes: int | None = None) -> ReadPlan:
+    """The blocks to read from a model with these tensors (see the module docstring for the steps).
+    `min_block_bytes` (BF16 bytes) overrides the spec's minimum block, for scaled-down benchmarks."""
     if budget <= 0:
         raise UnsupportedModelError("budget", f"the byte budget must be positive, got {budget}")
+    spec = spec or DEFAULT_SPEC
+    if min_block_bytes is not None:
+        spec = replace(spec, min_block_elements=max(1, min_block_bytes // PLAN_ITEMSIZE))
+    elements = budget // PLAN_ITEMSIZE  # dtype-invariant: BF16, F16 and F32 relatives read the same elements
     model_bytes = sum(t.nbytes for t in tensors.values())
-    names, whole = _candidates(tensors, budget)
+    names, whole = _candidates(tensors, elements, spec)
     if whole:
         blocks = [BlockRead(n, (0, tensors[n].shape[0]), tensors[n].nbytes, True) for n in names]
-        blocks += _head_blocks(tensors, budget - sum(b.nbytes for b in blocks))
+        blocks += _head_blocks(tensors, elements - sum(tensors[n].numel for n in names))
         return ReadPlan(family, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), len(names), model_bytes)
-    share = budget // len(names)
-    chosen, used = [], 0
-    for name in _priority(names):
-        info = tensors[name]
-        rows = _rows_for(info, share, min_block_bytes)
-        nbytes = rows * info.row_bytes
-        if used + nbytes > budget:
-            break  # a prefix, not a best fit: smaller budgets read a subset of the same blocks
-        chosen.append(BlockRead(name, (0, rows), nbytes, rows == info.shape[0]))
-        used += nbytes
+    chosen, used = _body_blocks(tensors, _priority(names), elements, spec)
     if not chosen:
         raise UnsupportedModelError(family, f"a budget of {budget} bytes cannot hold one row of any candidate tensor")
-    chosen += _head_blocks(tensors, budget - used)
+    chosen += _head_blocks(tensors, elements - used)
     return ReadPlan(family, budget, tuple(sorted(chosen, key=lambda b: b.tensor)), len(names), model_bytes)
 
 
+def _body_blocks(tensors: Mapping[str, TensorInfo], names: list[str], elements: int,
+                 spec: PlanSpec) -> tuple[list[BlockRead], int]:
+    """Steps 3-4: (blocks, elements used). A prefix of the priority list, not a best fit, so smaller budgets
+    read a subset of the same blocks; when not even the first block fits, the rows of it that do (step 3b)."""
+    share = elements // min(len(names), spec.max_blocks or len(names))
+    chosen, used = [], 0
+    for name in names:
+        info = tensors[name]
+        rows = _rows_for(info, share, spec.min_block_elements)
+        if used + rows * _row_elements(info) > elements:
+            break
+        chosen.append(BlockRead(name, (0, rows), rows * info.row_bytes, rows == info.shape[0]))
+        used += rows * _row_elements(info)
+    if chosen:
+        return chosen, used
+    for name in names:  # 3b: what fits of the first candidate whose single row does
+        info = tensors[name]
+        rows = min(info.shape[0], elements // _row_elements(info))
+        if rows >= 1:
+            return [BlockRead(name, (0, rows), rows * info.row_bytes, rows == info.shape[0])], rows * _row_elements(info)
+    return [], 0
+
+
 def _head_blocks(tensors: Mapping[str, TensorInfo], left: int) -> list[BlockRead]:
-    """Step 5: the first HEAD_BLOCK_BYTES of each 2-D task head, by name, while the budget lasts."""
+    """Step 5: the first HEAD_BLOCK_ELEMENTS of each 2-D task head, by name, while `left` elements last."""
     out = []
     for name in sorted(n for n, t in tensors.items() if len(t.shape) == 2 and t.numel and is_task_head(n)):
         info = tensors[name]
-        rows = max(1, min(info.shape[0], HEAD_BLOCK_BYTES // max(info.row_bytes, 1)))
-        nbytes = rows * info.row_bytes
-        if nbytes > left:
+        rows = max(1, min(info.shape[0], HEAD_BLOCK_ELEMENTS // max(_row_elements(info), 1)))
+        if rows * _row_elements(info) > left:
             break
-        out.append(BlockRead(name, (0, rows), nbytes, rows == info.shape[0]))
-        left -= nbytes
+        out.append(BlockRead(name, (0, rows), rows * info.row_bytes, rows == info.shape[0]))
+        left -= rows * _row_elements(info)
     return out
 
 
@@ -195,7 +254,7 @@ def coalesce(plan: ReadPlan, where: Mapping[str, tuple[str, TensorInfo]], *, gap
              limit: int | None = None) -> tuple[RangeRead, ...]:
     """Merge the plan's blocks into ranges per file: neighbours at most `gap` bytes apart become one
     request, as long as planned bytes + gap bytes stay within `limit` (default: the plan's budget)."""
-    limit = plan.budget if limit is None else limit
+    limit = max(plan.budget, plan.nbytes) if limit is None else limit  # F32 reads 2x the BF16 budget
     spans = []
     for block in plan.blocks:
         file, info = where[block.tensor]
