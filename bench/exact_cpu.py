@@ -6,8 +6,8 @@
 Synthetic (default): bench/gpu_exact.py's 7B-shaped models (blocks of 64 x 4096, full-rank steps and
 merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the first `--layers` selected blocks;
 `--pairs` pairs of a strided sample of the short lists, in one `measure_many` call per method. Zoo mode:
-every model of each folder against every other model of its family (one job per model), the tensors the
-incremental index would compare (`indexer.incremental.index._prepare`).
+every model of each folder against `--nominees` others of its family (a seeded choice; one job per model),
+the tensors the incremental index would compare (`indexer.incremental.index._prepare`).
 
 Both methods run back to back on the same jobs, svd first, after a one-job warm-up each; wall and CPU
 (process) seconds are printed with the load average, because the box is shared. Then, pair by pair:
@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,8 +57,9 @@ def synthetic_jobs(args: argparse.Namespace) -> tuple[str, list[Job]]:
     return f"synthetic 7B-shaped, {len(blocks)} blocks of {shape[0]} x {shape[1]}, {args.models} models", sample
 
 
-def zoo_jobs(folder: Path) -> tuple[str, list[Job]]:
-    """Every model of the folder against every other model of its family, as the index would see them."""
+def zoo_jobs(folder: Path, nominees: int, seed: int) -> tuple[str, list[Job]]:
+    """Every model of the folder against `nominees` others of its family (seeded choice; all when the
+    family is smaller), as the index would see them."""
     from indexer.incremental.folder import read_repo
     from indexer.incremental.index import DEFAULT_DIM, Arrival, _prepare
     from indexer.lineage.recover import discover_repos
@@ -66,8 +68,15 @@ def zoo_jobs(folder: Path) -> tuple[str, list[Job]]:
     for repo_id, path in discover_repos(folder):
         family, revision, arrays = read_repo(path)
         views.setdefault(family, []).append(_prepare(0, Arrival(repo_id, revision, family, arrays, None), DEFAULT_DIM, 0).mine)
-    jobs = [(v, [o for o in members if o is not v]) for _, members in sorted(views.items()) for v in members]
-    return f"zoo {folder.name}, {sum(len(m) for m in views.values())} models", [j for j in jobs if j[1]]
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for _, members in sorted(views.items()):
+        for v in members:
+            others = [o for o in members if o is not v]
+            chosen = sorted(rng.choice(len(others), size=min(nominees, len(others)), replace=False).tolist())
+            jobs.append((v, [others[i] for i in chosen]))
+    return (f"zoo {folder.name}, {sum(len(m) for m in views.values())} models, {nominees} random nominees each",
+            [j for j in jobs if j[1]])
 
 
 def timed(jobs: Sequence[Job], method: Method, *, cold: bool) -> tuple[float, float, list[list[PairMeasure]]]:
@@ -140,11 +149,14 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each method")
+    parser.add_argument("--nominees", type=int, default=16, help="zoo mode: others compared with each model")
     parser.add_argument("--zoo", type=Path, action="append", default=[], help="zoo folders instead of synthetic")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for title, jobs in [zoo_jobs(z) for z in args.zoo] or [synthetic_jobs(args)]:
-        run(title, jobs, args.repeat)
+    for zoo in args.zoo:
+        run(*zoo_jobs(zoo, args.nominees, args.seed), args.repeat)
+    if not args.zoo:
+        run(*synthetic_jobs(args), args.repeat)
 
 
 if __name__ == "__main__":
