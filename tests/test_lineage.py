@@ -19,11 +19,13 @@ from indexer.lineage.mdst import arborescence_cost, minimum_arborescence
 from indexer.lineage.methods import (
     Family,
     Options,
+    _cast_sources,
     kmeans_along,
     kurtosis_penalty,
     kurtosis_trust,
     mother_paper,
     paper_matrices,
+    recover_family,
     spectral_tail_distance,
     tail_start,
     time_penalty,
@@ -315,3 +317,38 @@ def test_clustering_accuracy_best_matching() -> None:
     assert clustering_accuracy(["a", "a", "b", "b"], ["q", "q", "p", "p"]) == 1.0
     assert clustering_accuracy(["a", "a", "b", "b"], ["q", "q", "q", "q"]) == 0.5
     assert clustering_accuracy(["a", "a", "a", "b"], ["p", "q", "r", "s"]) == 0.5
+
+
+# --- 16-bit casts ------------------------------------------------------------------------------------
+
+
+def _cast_family(values: list[np.ndarray], dtypes: tuple[str, ...]) -> Family:
+    layers = {"w": np.stack(values).astype(np.float32)}
+    stats = tuple(model_stats({"w": layers["w"][i]}) for i in range(len(values)))
+    ids = tuple(f"m{i}" for i in range(len(values)))
+    return Family(ids, layers, LayerSelection(("w",), ("w",), ("w",)), stats, (None,) * len(values), (),
+                  dtypes)
+
+
+def _f16(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).astype(np.float32)
+
+
+def test_a_16_bit_cast_is_never_a_parent_even_when_nearer() -> None:
+    rng = np.random.default_rng(0)
+    source = rng.standard_normal((48, 48)).astype(np.float32)
+    cast = _f16(source)
+    # a fine-tune of the cast's values, far nearer the cast than the source: a spanning tree without
+    # times would make the cast its parent, and the source's (the cast the centre of a 3-path)
+    tuned = cast + 1e-5 * rng.standard_normal((48, 48)).astype(np.float32)
+    lineage = recover_family(_cast_family([source, cast, tuned], ("F32", "F16", "F32")),
+                             Options(use_time=False, device="cpu"))
+    assert lineage.parent[1] == 0 and lineage.relation[1] == "quantized"
+    assert 1 not in lineage.parent
+
+
+def test_an_upcast_is_not_the_source_of_its_own_16_bit_values() -> None:
+    rng = np.random.default_rng(1)
+    half = _f16(rng.standard_normal((48, 48)).astype(np.float32))  # an F32 file holding F16 values
+    family = _cast_family([half, half.copy()], ("F32", "F16"))
+    assert _cast_sources(family) == [-1, -1]

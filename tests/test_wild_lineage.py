@@ -69,6 +69,18 @@ def test_without_upload_times(wild_tiny_zoo: Path) -> None:
     assert _edge_accuracy(forest.parents(), _truth(wild_tiny_zoo)) >= 0.85
 
 
+def test_without_times_a_16_bit_cast_is_a_leaf_under_its_source(wild_tiny_zoo: Path) -> None:
+    """Rounding cannot create information: the wider model is the source, whatever the tree says."""
+    truth, tags = _truth(wild_tiny_zoo), _tags(wild_tiny_zoo)
+    forest = recover(wild_tiny_zoo, Options(use_time=False, device="cpu"))
+    rows = {r.repo_id: r for r in forest.rows}
+    casts = [rid for rid, tag in tags.items() if tag in ("f16", "bf16")]
+    assert casts
+    for rid in casts:
+        assert rows[rid].parent == truth[rid][0] and rows[rid].relation == "quantized", rid
+        assert not any(r.parent == rid for r in rows.values()), f"{rid} is a parent"
+
+
 def test_the_paper_cue_is_worse_without_times(wild_tiny_zoo: Path) -> None:
     """The ablation the centre rooting replaced: kurtosis orients these trees no better."""
     centre = recover(wild_tiny_zoo, Options(use_time=False, device="cpu"))

@@ -634,16 +634,63 @@ def _grow(gram: np.ndarray, dist: np.ndarray, group: np.ndarray, above: int, par
 
 
 def recover_family(family: Family, options: Options) -> Lineage:
-    """Duplicates set aside (indexer.lineage.ties), the rest through `options.method`, then put back as
-    `duplicate` leaves under their originals; a single model is a root on its own."""
+    """Duplicates and 16-bit casts set aside (indexer.lineage.ties, `_cast_sources`), the rest through
+    `options.method`, then put back as `duplicate` / `quantized` leaves under their sources; a single
+    model is a root on its own."""
     if options.method != "mother":  # the baselines stay as their papers state them
         return _dispatch(family, options)
     originals = _originals(family)
+    relations = ["duplicate" if o >= 0 else "" for o in originals]
+    for j, source in enumerate(_cast_sources(family)):
+        if source >= 0 and originals[j] < 0:
+            originals[j] = originals[source] if originals[source] >= 0 else source
+            relations[j] = "quantized"
     keep = np.array([i for i, o in enumerate(originals) if o < 0], dtype=np.int64)
     inner = _dispatch(subset(family, keep), options) if len(keep) < family.n else _dispatch(family, options)
     if len(keep) == family.n:
         return inner
-    return _with_duplicates(family, keep, originals, inner)
+    return _with_duplicates(family, keep, originals, inner, relations)
+
+
+def _cast_sources(family: Family) -> list[int]:
+    """For each model stored in 16 bits, the model it is a cast of, else -1 (`is_dtype_copy`).
+
+    A cast is set aside as a leaf like an exact duplicate, before any tree is drawn: rounding cannot
+    create information, so the wider model is the source whatever the upload times say. Without times
+    the spanning tree could otherwise hang the source under its own cast (wild-gpt2 seed 1: an F16
+    copy sat between its F32 source and that source's parent, 2 edges wrong). A wider model whose values
+    all fit the narrower dtype (an upcast of a 16-bit model) is no source: the pair is then left to the
+    tree, which sees two models at distance 0."""
+    if not family.dtypes:
+        return [-1] * family.n
+    out = [-1] * family.n
+    for j in range(family.n):
+        if family.dtypes[j] not in ("F16", "BF16"):
+            continue
+        out[j] = next((i for i in range(family.n)
+                       if i != j and is_dtype_copy(family, i, j) and _extras_cast_equal(family, i, j)
+                       and not _fits(family, i, family.dtypes[j])), -1)
+    return out
+
+
+def _fits(family: Family, i: int, dtype: str) -> bool:
+    """Every compared value of model i is exactly representable in `dtype`."""
+    return all(np.array_equal(_cast(layer[i], dtype), layer[i]) for layer in family.layers.values())
+
+
+def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
+    narrow = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
+    return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32)).to(narrow).to(torch.float32).numpy()
+
+
+def _extras_cast_equal(family: Family, source: int, copy: int) -> bool:
+    """The tensors outside the body (heads, norms) agree too: a frozen-backbone sibling shares the
+    body bit for bit, and only its head tells it from the cast's real source."""
+    if not family.extras:
+        return True
+    a, b = family.extras[source], family.extras[copy]
+    return a.keys() == b.keys() and all(
+        a[n].shape == b[n].shape and np.array_equal(_cast(a[n], family.dtypes[copy]), b[n]) for n in a)
 
 
 def _dispatch(family: Family, options: Options) -> Lineage:
@@ -678,7 +725,8 @@ def subset(family: Family, idx: np.ndarray) -> Family:
                   tuple(family.declared[i] for i in pick) if family.declared else ())
 
 
-def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage) -> Lineage:
+def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inner: Lineage,
+                     relations: Sequence[str]) -> Lineage:
     n = family.n
     at = {int(k): j for j, k in enumerate(keep)}
     parent, cluster, dist, score = [-1] * n, [0] * n, [math.nan] * n, [math.nan] * n
@@ -695,9 +743,10 @@ def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inn
             z[i] = inner.edge_score[src] if inner.edge_score else math.nan
             margin[i] = inner.margin[src] if inner.margin else math.nan
         else:
-            parent[i], dist[i], relation[i], conf[i], z[i] = originals[i], 0.0, "duplicate", 1.0, math.inf
+            parent[i], dist[i], relation[i], conf[i], z[i] = originals[i], 0.0, relations[i], 1.0, math.inf
             margin[i] = 1.0
     dups = n - len(keep)
     return Lineage(tuple(parent), tuple(cluster), tuple(dist), tuple(score),
-                   (*inner.notes, f"{dups} exact duplicate(s) set aside as leaves"), tuple(relation), tuple(conf),
+                   (*inner.notes, f"{dups} exact duplicate(s) and 16-bit cast(s) set aside as leaves"),
+                   tuple(relation), tuple(conf),
                    tuple(z), tuple(margin))
