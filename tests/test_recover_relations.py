@@ -241,3 +241,57 @@ def test_zoo_make_relations_preset_refuses_a_non_empty_folder_before_training(tm
     result = CliRunner().invoke(index, ["zoo", "make", str(tmp_path), "--preset", "relations"])
     assert isinstance(result.exception, BadInputError) and "--force" in str(result.exception)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_real_transformers_peft_and_mergekit_repos_batch_equals_incremental(tmp_path: Path) -> None:
+    """The same check on repos written by the real tools: a transformers Llama and two perturbed copies
+    (save_pretrained), a `peft` LoRA saved unmerged (random B: init_lora_weights=False), a `mergekit`
+    linear merge, and a `gguf` Q8_0 copy: batch == `index add`, and each gets its relation."""
+    torch = pytest.importorskip("torch")
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+    from peft import LoraConfig, get_peft_model
+    from safetensors.numpy import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from indexer.zoo.quantize import write_llama_gguf
+
+    root = tmp_path / "hub"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(root / "m/base")
+    for repo, seed in (("m/a", 1), ("m/b", 2)):
+        model = LlamaForCausalLM.from_pretrained(root / "m/base")
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / repo)
+    doc = {"merge_method": "linear", "dtype": "float32",
+           "models": [{"model": str(root / m), "parameters": {"weight": w}} for m, w in (("m/a", 0.6), ("m/b", 0.4))]}
+    run_merge(MergeConfiguration.model_validate(doc), str(root / "m/linear"),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, random_seed=0, quiet=True))
+    lora = get_peft_model(LlamaForCausalLM.from_pretrained(root / "m/base"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(root / "l/lora")
+    cfg_path = root / "l/lora/adapter_config.json"  # peft writes the local path; a Hub upload names the repo
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"base_model_name_or_path": "m/base"}))
+    (root / "q/a-GGUF").mkdir(parents=True)
+    write_llama_gguf(root / "q/a-GGUF/a-Q8_0.gguf", load_file(str(root / "m/a/model.safetensors")), "Q8_0",
+                     heads=4, kv_heads=2)
+    order = ("m/base", "m/a", "m/b", "l/lora", "m/linear", "q/a-GGUF")
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2024-0{i + 1}-01T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    batch = recover(root, Options(device="cpu"))
+    assert not batch.failures()
+    want = {"m/a": ("m/base", "finetune"), "m/b": ("m/base", "finetune"), "l/lora": ("m/base", "adapter"),
+            "m/linear": ("m/a", "merge"), "q/a-GGUF": ("m/a", "quantized"), "m/base": ("", "")}
+    assert {r: _row(batch, r)[:2] for r in order} == want
+    assert _row(batch, "m/linear")[2] == {"m/a", "m/b"}
+    add_local(tmp_path / "home", [root / r for r in order], budget=64 << 20, device="cpu", progress=False)
+    edges = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
+    for repo in order:
+        e = edges[repo]
+        assert _row(batch, repo) == (e.parent, e.relation, frozenset(p for p, _ in e.parents)), repo  # type: ignore[attr-defined]
