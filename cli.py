@@ -196,7 +196,7 @@ def hub() -> None:
 @click.option("--port", default=0, show_default=True, help="Port; 0 picks a free one.")
 @click.option("--token", default=None, help="Accept only this bearer token (default: any non-empty token).")
 @click.option("--virtual", "virtual", multiple=True, metavar="SPEC",
-              help="Generated model LAYOUT:ORG/NAME[:seed=N][:parent=ORG/NAME][:created=ISO][:delta=F]; "
+              help="Generated model LAYOUT:ORG/NAME[:seed=N][:parent=ORG/NAME][:created=ISO][:delta=F][:kind=K]; "
                    "LAYOUT is llama-2-7b or llama-2-13b. Repeatable; list parents first.")
 @click.option("--fault", "faults", multiple=True, metavar="SPEC",
               help="Inject KIND:GLOB[:count=N][:retry=S][:seconds=S][:after=BYTES]; KIND is 429, 500, 502, "
@@ -205,8 +205,10 @@ def hub() -> None:
 @click.option("--url-ttl", type=float, default=3600.0, show_default=True,
               help="Seconds a signed CDN URL stays valid (LFS files are a 302 to a second, CDN port).")
 @click.option("--direct", is_flag=True, help="Serve LFS files from the Hub port directly, without the CDN redirect.")
+@click.option("--latency", type=float, default=0.0, show_default=True,
+              help="Seconds every Hub and CDN request waits before its answer (a network round trip).")
 def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tuple[str, ...],
-              faults: tuple[str, ...], page_size: int, url_ttl: float, direct: bool) -> None:
+              faults: tuple[str, ...], page_size: int, url_ttl: float, direct: bool, latency: float) -> None:
     """Serve ROOT/<org>/<name>/... over HTTP like huggingface.co until Ctrl-C or SIGTERM.
 
     Prints the URL on stdout once listening; point the client at it with HF_ENDPOINT=URL. ROOT/hub.json
@@ -219,7 +221,7 @@ def hub_serve(root: Path, host: str, port: int, token: str | None, virtual: tupl
         sys.stdout.flush()  # a script waiting for the URL must see it now, not at exit
 
     serve_forever(root, host=host, port=port, token=token, virtual=virtual, faults=faults, page_size=page_size,
-                  redirect=not direct, url_ttl=url_ttl, ready=ready)
+                  redirect=not direct, url_ttl=url_ttl, latency=latency, ready=ready)
 
 
 # --- crawl ---------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from safetensors.numpy import save_file
 from errors import BadInputError, HubError
 from indexer.crawl import CrawlOptions, crawl
 from indexer.hub_emulator import HubEmulator, emulator_process
+from indexer.hub_emulator.emulator import parse_virtual_spec
 from indexer.retry import RetryPolicy
 from indexer.sources import HubSource, SignedUrls, signed_url_expiry
 
@@ -142,6 +143,25 @@ def test_lifetime_must_be_positive(hub_root: Path) -> None:
     for ttl in (0, -1.0, float("nan")):
         with pytest.raises(BadInputError, match="positive number of seconds"):
             HubEmulator(hub_root, url_ttl=ttl)
+
+
+def test_latency_delays_every_hub_and_cdn_request_and_must_be_a_time(hub_root: Path) -> None:
+    with HubEmulator(hub_root, latency=0.3) as emu:
+        location = _location(emu)  # one Hub request (the 302)
+        started = time.perf_counter()
+        assert _cdn_get(location, {"Range": "bytes=0-9"})[0].status == 206
+        assert time.perf_counter() - started >= 0.3  # the CDN pays the round trip too
+        assert {r.origin for r in emu.requests()} == {"hub", "cdn"}
+    for latency in (-0.1, float("nan")):
+        with pytest.raises(BadInputError, match="positive number of seconds"):
+            HubEmulator(hub_root, latency=latency)
+
+
+def test_a_virtual_spec_names_the_kind_of_its_step() -> None:
+    args = parse_virtual_spec("llama-tiny:acme/child:seed=2:parent=acme/root:kind=lora-qv")
+    assert args["kind"] == "lora-qv" and args["parent"] == "acme/root"
+    with pytest.raises(BadInputError, match="kind 'sideways' is not one of"):
+        parse_virtual_spec("llama-tiny:acme/child:kind=sideways")
 
 
 def test_direct_mode_serves_lfs_bytes_from_the_hub(hub_root: Path) -> None:

@@ -31,6 +31,7 @@ from indexer.hub_emulator.cdn import DEFAULT_URL_TTL, Cdn
 from indexer.hub_emulator.faults import Faults, parse_fault_spec
 from indexer.hub_emulator.repos import RepoSource, check_timestamp
 from indexer.hub_emulator.server import DEFAULT_PAGE_SIZE, RequestRecord, _Server
+from indexer.hub_emulator.virtual import STEP_KINDS, StepKind
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class HubEmulator:
     """A Hub over loopback. Context manager; `start()` binds (port 0 = a free port) and serves in a daemon thread."""
 
     def __init__(self, root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
-                 page_size: int = DEFAULT_PAGE_SIZE, redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL) -> None:
+                 page_size: int = DEFAULT_PAGE_SIZE, redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL,
+                 latency: float = 0.0) -> None:
         root = Path(root)
         if not root.is_dir():
             raise BadInputError(str(root), "is not a folder; create it (it may be empty) or pick another")
@@ -55,6 +57,11 @@ class HubEmulator:
         self.faults = Faults()
         self.url = ""
         self.cdn = Cdn(self, ttl=url_ttl) if redirect else None  # None: LFS files are served directly
+        if not (latency >= 0.0):  # also refuses NaN
+            raise BadInputError(f"latency={latency!r}", "must be zero or a positive number of seconds")
+        # Seconds every request (Hub and CDN alike, not /_emulator/) waits before its answer: the round trip
+        # to the real Hub, which a crawl over loopback would otherwise never pay.
+        self.latency = latency
         self._log: list[RequestRecord] = []
         self._bytes_sent = 0
         self._log_lock = threading.Lock()
@@ -101,10 +108,12 @@ class HubEmulator:
     # -- repos -------------------------------------------------------------------------------------
 
     def add_virtual(self, repo_id: str, *, layout: str, seed: int, created_at: str, parent: str | None = None,
-                    delta: float = 0.1) -> None:
-        """Serve a generated model (layout 'llama-2-7b' or 'llama-2-13b'); with `parent`, a fine-tune of it
-        (the parent's weights + N(0, 0.02 * delta) noise from `seed`). Register parents first."""
-        self.source.add_virtual(repo_id, layout=layout, seed=seed, created_at=created_at, parent=parent, delta=delta)
+                    delta: float = 0.1, kind: StepKind = "full") -> None:
+        """Serve a generated model (a `virtual.LAYOUTS` layout); with `parent`, a fine-tune of it: an update
+        of size `delta` and shape `kind` (indexer.hub_emulator.virtual.STEP_KINDS) from `seed`. Register
+        parents first."""
+        self.source.add_virtual(repo_id, layout=layout, seed=seed, created_at=created_at, parent=parent, delta=delta,
+                                kind=kind)
 
     # -- request log -------------------------------------------------------------------------------
 
@@ -141,7 +150,7 @@ class HubEmulator:
 
 
 def parse_virtual_spec(spec: str) -> dict[str, object]:
-    """'LAYOUT:ORG/NAME[:seed=N][:parent=ORG/NAME][:created=ISO][:delta=F]' -> add_virtual arguments.
+    """'LAYOUT:ORG/NAME[:seed=N][:parent=ORG/NAME][:created=ISO][:delta=F][:kind=K]' -> add_virtual arguments.
 
     createdAt values contain ':' themselves, so a piece without '=' continues the previous option.
     """
@@ -166,8 +175,13 @@ def parse_virtual_spec(spec: str) -> dict[str, object]:
                 args["parent"] = value
             elif key == "created":
                 args["created_at"] = check_timestamp(value, thing=f"--virtual {spec!r}")
+            elif key == "kind":
+                if value not in STEP_KINDS:
+                    raise BadInputError(f"--virtual {spec!r}", f"kind {value!r} is not one of {', '.join(STEP_KINDS)}")
+                args["kind"] = value
             else:
-                raise BadInputError(f"--virtual {spec!r}", f"unknown option {key!r} (seed, parent, created, delta)")
+                raise BadInputError(f"--virtual {spec!r}",
+                                    f"unknown option {key!r} (seed, parent, created, delta, kind)")
         except ValueError:
             raise BadInputError(f"--virtual {spec!r}", f"{key}={value!r} is not a number") from None
     return args
@@ -194,11 +208,11 @@ def configure(emu: HubEmulator, *, virtual: Sequence[str] = (), faults: Sequence
 
 def serve_forever(root: Path, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None,
                   virtual: Sequence[str] = (), faults: Sequence[str] = (), page_size: int = DEFAULT_PAGE_SIZE,
-                  redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL,
+                  redirect: bool = True, url_ttl: float = DEFAULT_URL_TTL, latency: float = 0.0,
                   ready: Callable[[str], None] | None = None) -> None:
     """Serve until SIGINT or SIGTERM; `ready(url)` is called once the socket listens."""
     emu = HubEmulator(root, host=host, port=port, token=token, page_size=page_size, redirect=redirect,
-                      url_ttl=url_ttl)
+                      url_ttl=url_ttl, latency=latency)
     configure(emu, virtual=virtual, faults=faults)
     stop = threading.Event()
 

@@ -232,6 +232,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/"):
             self._write(method, self._control(method, path))
             return
+        if emu.latency > 0:
+            time.sleep(emu.latency)  # the network's round trip; the server is threaded, so waits overlap
         reply, logged = self._answer(method, raw_path, query)
         fault = emu.faults.take(method, logged, has_body=reply.length > 0)
         if fault is not None and fault.kind == "slow":
