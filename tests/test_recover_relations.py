@@ -194,7 +194,9 @@ def test_rows_are_deterministic_and_the_parquet_has_the_export_columns(zoo: Path
     got = duckdb.sql(f"SELECT relation, len(parents) AS n FROM '{tmp_path / 'f.parquet'}' "
                      "WHERE repo_id = 'm/ties'").fetchall()
     assert got == [("merge", 2)]
-    assert "merge, of 0.70 m/a + 0.30 m/b" in render_forest(batch) and "quantized" in render_forest(batch)
+    drawn = render_forest(batch)
+    assert "merge, of 0.70 m/a + 0.30 m/b" in drawn and "quantized" in drawn
+    assert "meta/not-here  (external: not in the folder)\n└── l/lora-ext  (adapter" in drawn
 
 
 def test_eval_scores_relations_from_the_zoo_truth(zoo: Path, tmp_path: Path) -> None:

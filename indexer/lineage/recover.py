@@ -559,6 +559,11 @@ def render_forest(forest: Forest) -> str:
     for root in sorted(children.get("", []), key=lambda r: (r.family, r.cluster, r.repo_id)):
         lines.append(f"[{root.family} tree {root.cluster}] {root.repo_id}")
         _render(root.repo_id, children, "", lines)
+    placed = {r.repo_id for r in ok}
+    for name in sorted(p for p in children if p and p not in placed):  # an adapter's base not in the folder
+        first = children[name][0]
+        lines.append(f"[{first.family} tree {first.cluster}] {name}  (external: not in the folder)")
+        _render(name, children, "", lines)
     for r in forest.failures():
         lines.append(f"failed: {r.repo_id}: {r.reason}")
     return "\n".join(lines)
