@@ -6,11 +6,12 @@ planned blocks are read (`FileSource`, the same range reads the crawler makes); 
 "planned zoo" (same repo ids, README.md and hub.json, each tensor cut to its planned rows), and
 `indexer.evaluate.evaluate_folder` runs on both zoos with the same options.
 
-Budgets: zoo models are tiny next to a Llama-2-7B (13.5 GB in BF16), whose 64 MiB budget is 0.5 % of it.
-`--fraction` scales the budget (and the 64 KiB minimum block) by each model's size so that the plan drops
-as much as it would on a 7B model; the default 64 MiB budget is reported too (zoo models then fit whole).
+Budgets: zoo models are tiny next to a Llama-2-7B (13.5 GB in BF16), whose 16 MiB budget is 0.12 % of it.
+`--fraction` scales the budget (and the plan's smallest block) by each model's size so that the plan drops
+as much as it would on a 7B model; the default budget is reported too (zoo models then fit whole).
+`--plan v2` is the plan before issue 14 (first rows of every attention matrix), `v3` the default.
 
-    .venv/bin/python bench/budget_accuracy.py [--zoo zoo/vthr-ft] [--fraction 0.00497]
+    .venv/bin/python bench/budget_accuracy.py [--zoo zoo/vthr-ft] [--fraction 0.00124] [--plan v3]
 """
 
 from __future__ import annotations
@@ -25,34 +26,35 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-from safetensors.numpy import save_file  # noqa: E402
+import numpy as np
+from safetensors.numpy import save_file
 
-from indexer.evaluate import evaluate_folder  # noqa: E402
-from indexer.lineage.methods import Options  # noqa: E402
-from indexer.lineage.recover import discover_repos  # noqa: E402
-from sketches.layers import family_key  # noqa: E402
-from sketches.plan import MIN_BLOCK_BYTES, plan_reads  # noqa: E402
-from sketches.safetensors import open_local_repo  # noqa: E402
+from indexer.evaluate import evaluate_folder
+from indexer.lineage.methods import Options
+from indexer.lineage.recover import discover_repos
+from sketches.layers import family_key
+from sketches.plan import PLAN_ITEMSIZE, PLAN_V2, PLAN_V3, PlanSpec, plan_reads
+from sketches.safetensors import open_local_repo
 
 MIB = 1024 * 1024
 LLAMA_7B_BYTES = 13_476_831_232  # BF16 tensors of Llama-2-7B (the emulator's layout, as on the Hub)
-DEFAULT_BUDGET = 64 * MIB
+DEFAULT_BUDGET = 16 * MIB  # settings.py's default since plan v3
+PLANS = {"v2": PLAN_V2, "v3": PLAN_V3}
 
 
-def planned_copy(zoo: Path, out: Path, *, fraction: float | None, budget: int) -> tuple[int, int]:
+def planned_copy(zoo: Path, out: Path, *, fraction: float | None, budget: int, spec: PlanSpec) -> tuple[int, int]:
     """Write the planned zoo to `out`; returns (bytes read, bytes of all tensors) over the zoo."""
     read = total = 0
     for repo_id, folder in discover_repos(zoo):
         with open_local_repo(folder) as weights:
             tensors = weights.tensors()
             size = sum(t.nbytes for t in tensors.values())
-            cap, min_block = budget, MIN_BLOCK_BYTES
-            if fraction is not None:  # the 7B's proportions: budget and minimum block scaled alike
+            cap, min_block = budget, spec.min_block_elements * PLAN_ITEMSIZE
+            if fraction is not None:  # the 7B's proportions: budget and smallest block scaled alike
                 cap = max(1, math.floor(size * fraction))
-                min_block = max(1, math.floor(MIN_BLOCK_BYTES * cap / DEFAULT_BUDGET))
+                min_block = max(1, math.floor(min_block * cap / DEFAULT_BUDGET))
             family = family_key({n: t.shape for n, t in tensors.items()})
-            plan = plan_reads(tensors, family=family, budget=cap, min_block_bytes=min_block)
+            plan = plan_reads(tensors, family=family, budget=cap, spec=spec, min_block_bytes=min_block)
             before = weights.bytes_read
             arrays = {b.tensor: np.ascontiguousarray(weights.read(b.tensor, rows=b.rows)) for b in plan.blocks}
             read += weights.bytes_read - before
@@ -79,14 +81,17 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=DEFAULT_BUDGET / LLAMA_7B_BYTES)
     parser.add_argument("--method", default="mother", choices=["mother", "mother-paper", "phylogeny"])
     parser.add_argument("--trees", type=int, default=None)
+    parser.add_argument("--plan", default="v3", choices=sorted(PLANS))
     args = parser.parse_args()
     options = Options(method=args.method, trees=args.trees, device="cpu")  # type: ignore[arg-type]
     full_acc, full_s = accuracy(args.zoo, options)
     rows = [("full weights", 1.0, full_acc, full_s)]
-    for label, fraction in ((f"scaled to {100 * args.fraction:.3f} % of each model (7B at 64 MiB)", args.fraction),
-                            ("default budget, 64 MiB per model", None)):
+    mib = DEFAULT_BUDGET // MIB
+    for label, fraction in ((f"plan {args.plan}, scaled to {100 * args.fraction:.3f} % of each model (7B at {mib} MiB)",
+                             args.fraction), (f"plan {args.plan}, default budget, {mib} MiB per model", None)):
         with tempfile.TemporaryDirectory() as tmp:
-            read, total = planned_copy(args.zoo, Path(tmp), fraction=fraction, budget=DEFAULT_BUDGET)
+            read, total = planned_copy(args.zoo, Path(tmp), fraction=fraction, budget=DEFAULT_BUDGET,
+                                       spec=PLANS[args.plan])
             acc, secs = accuracy(Path(tmp), options)
         rows.append((label, read / total, acc, secs))
     print(f"zoo {args.zoo} ({len(discover_repos(args.zoo))} models), method {args.method}\n")

@@ -3,26 +3,33 @@
 Pure: input is a model's tensor list (from its safetensors headers), output is a `ReadPlan`, then
 `coalesce` turns it into as few byte ranges as it can. No network, no storage.
 
-The plan depends only on tensor names, shapes and dtypes, never on byte offsets, so every model of an
-architecture family reads the same (tensor, rows) blocks and their blocks can be compared one to one.
+The plan depends only on tensor names and shapes, never on byte offsets nor dtypes: the budget counts
+BF16 bytes (2 per element), so every model of an architecture family, whether stored in BF16, F16 or
+F32, reads the same (tensor, rows) blocks and their blocks compare one to one (an F32 copy reads twice
+the bytes).
 
     1. Candidates: every body matrix (2-D or 4-D, heads and vocabulary embeddings excluded: they are
        re-drawn per task). If they all fit the budget, read them whole (small models: nothing dropped).
-    2. Otherwise only the square attention matrices (MoTHer's layers; Llama-2-7B: 4 x 32 = 128 of
-       4096 x 4096), or the body matrices when the model has none.
-    3. Rows: each candidate gets an equal share of the budget (Llama-2-7B in BF16: 64 MiB / 128 =
-       512 KiB = its first 64 rows of 4096 values) and reads its first rows, one contiguous block (rows
-       are contiguous in C order). A share below `min_block_bytes` (64 KiB) is raised to it: fewer
-       layers, each still large enough for its extreme values and kurtosis to mean something.
+    2. Otherwise the spec's tensors (`PlanSpec.tensors`; the default: the value matrices, Llama-2-7B:
+       32 of 4096 x 4096), else the square attention matrices, else every body matrix.
+    3. Rows: each candidate gets an equal share of the budget and reads its first rows, one contiguous
+       block (rows are contiguous in C order). A share below the spec's smallest block is raised to it:
+       fewer layers, each block tall enough to hold the update's top directions and a tail beyond them
+       (default 262,144 elements = 64 rows of 4096 = 512 KiB of BF16; Llama-2-7B at 16 MiB: the first 64
+       rows of all 32 value matrices; at 1 MiB: 2 of them). 3b: when not even the first block fits, the
+       rows of it that do: a model is indexed on what fits (the crawl records the fraction read).
     4. Order: layers in a spread order (first, last, middle, quarters, ... over depth), the tensors of
        a layer by name; the model reads the longest prefix of that list that fits the budget.
     5. Task heads (classifier, score, fc, pooler: `sketches.layers.is_task_head`, never a vocabulary
-       matrix), the first HEAD_BLOCK_BYTES of each, in the budget left over. They never enter a distance:
+       matrix), the first HEAD_BLOCK_ELEMENTS of each, in the budget left over. They never enter a distance:
        they break the ties of bit-identical bodies (frozen-backbone transfer), as in batch recovery.
-Models of one family and dtype read identical blocks. Blocks always start at row 0, so a relative stored in
-a wider dtype (F32 next to BF16) reads a row-prefix of the same blocks: compare them on the common rows.
-(bench/budget_accuracy.py: at 0.5 % of a ViT zoo, one row of every attention matrix recovered the same
-edges as the full weights, where two rows of half the matrices lost one.)
+
+Why value matrices in tall blocks (bench/budget_7b.py, RESULTS.md "Accuracy per byte at 7B scale"): every
+kind of fine-tuning step moves them (full, merged LoRA on q/v or on every linear layer, continued
+pre-training), by one of the largest updates per module; the previous plan (version 2: the first rows
+of all 128 attention matrices) lost merged LoRA-qv children, because `mother` measures full fine-tuning
+on the dense projections only (o_proj there), where such a child is bit-identical to its parent. The
+output projections alone (o_proj + down_proj) lost them too.
 """
 
 from __future__ import annotations
@@ -37,10 +44,11 @@ from errors import UnsupportedModelError
 from sketches.layers import is_head, is_task_head, select_layers
 from sketches.safetensors import TensorInfo
 
-__all__ = ["BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
+__all__ = ["PLAN_V2", "PLAN_V3", "BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
 
 # 2: task heads read in the budget left over (step 5). 3: the budget counts BF16 elements (BF16, F16 and F32
-# relatives read the same rows); a budget below the smallest block reads what fits of the first tensor.
+# relatives read the same rows); a budget below the smallest block reads what fits of the first tensor;
+# value matrices in blocks of >= 64 rows of 4096 (PLAN_V3), chosen on virtual 7B families (issue 14).
 PLAN_VERSION = 3
 # The budget is counted in BF16 bytes (the Hub's dtype for large models): a plan is in elements, so BF16,
 # F16 and F32 relatives read the same elements (an F32 copy at twice the bytes) and compare one to one.
@@ -71,7 +79,9 @@ class PlanSpec:
 
 
 PLAN_V2 = PlanSpec()  # version 2: first rows of every attention matrix, 64 KiB blocks at least
-DEFAULT_SPEC = PLAN_V2
+# version 3: the first rows of the value matrices, at least 262,144 elements (64 rows of 4096) a block
+PLAN_V3 = PlanSpec(VALUE_PROJECTIONS, min_block_elements=64 * 4096)
+DEFAULT_SPEC = PLAN_V3
 # Coalescing: two ranges closer than this are one request. A Hub range request costs ~50 ms of latency
 # (CDN), i.e. a few MB at typical bandwidth; 256 KiB of gap is always cheaper than a request, and the
 # budget caps the total gap bytes anyway.

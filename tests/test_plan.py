@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from errors import UnsupportedModelError
-from sketches.plan import MIN_BLOCK_BYTES, ReadPlan, coalesce, plan_reads, spread_order
+from sketches.plan import (
+    MIN_BLOCK_BYTES,
+    PLAN_V2,
+    PLAN_V3,
+    PlanSpec,
+    ReadPlan,
+    coalesce,
+    plan_reads,
+    spread_order,
+)
 from sketches.safetensors import DTYPE_SIZES, TensorInfo
 
 
@@ -44,22 +53,32 @@ def test_small_model_is_read_whole_without_heads() -> None:
     assert not any(n.endswith("layernorm.weight") for n in names)
 
 
-def test_large_model_reads_attention_rows_within_budget() -> None:
+def test_large_model_reads_value_rows_within_budget() -> None:
+    tensors = _llama(32, 4096)
+    budget = 16 * 1024 * 1024
+    plan = plan_reads(tensors, family="f", budget=budget)
+    assert plan.nbytes == budget  # 32 value matrices x 64 rows x 8 KiB
+    assert len(plan.blocks) == 32 and {b.rows for b in plan.blocks} == {(0, 64)}
+    assert all(b.tensor.endswith("v_proj.weight") for b in plan.blocks)
+
+
+def test_plan_v2_reads_attention_rows_within_budget() -> None:
     tensors = _llama(32, 4096)
     budget = 64 * 1024 * 1024
-    plan = plan_reads(tensors, family="f", budget=budget)
+    plan = plan_reads(tensors, family="f", budget=budget, spec=PLAN_V2)
     assert plan.nbytes == budget  # 128 matrices x 64 rows x 8 KiB
     assert len(plan.blocks) == 128 and {b.rows for b in plan.blocks} == {(0, 64)}
     assert all("self_attn" in b.tensor for b in plan.blocks)
 
 
-def test_small_budget_keeps_min_blocks_on_spread_layers() -> None:
+@pytest.mark.parametrize(("spec", "layers"), [(PLAN_V2, [0, 7, 15, 31]), (PLAN_V3, [0, 31])])
+def test_small_budget_keeps_min_blocks_on_spread_layers(spec: PlanSpec, layers: list[int]) -> None:
     tensors = _llama(32, 4096)
-    plan = plan_reads(tensors, family="f", budget=16 * MIN_BLOCK_BYTES)
+    plan = plan_reads(tensors, family="f", budget=16 * MIN_BLOCK_BYTES, spec=spec)
     assert plan.nbytes <= 16 * MIN_BLOCK_BYTES
-    assert all(b.nbytes >= MIN_BLOCK_BYTES for b in plan.blocks)
-    layers = sorted({int(b.tensor.split(".")[2]) for b in plan.blocks})
-    assert layers == [0, 7, 15, 31]  # first, last, middle, first quarter: spread over depth
+    assert all(b.nbytes >= 2 * spec.min_block_elements for b in plan.blocks)
+    # first, last, middle, first quarter: spread over depth
+    assert sorted({int(b.tensor.split(".")[2]) for b in plan.blocks}) == layers
 
 
 def test_plan_depends_on_shapes_not_offsets_nor_dtypes() -> None:
