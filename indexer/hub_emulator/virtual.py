@@ -35,9 +35,11 @@ Where the numbers come from (`bench/update_stats.py` on the zoos' real fine-tune
 pair trained here; table in bench/RESULTS.md): the share of dW's energy in its top 8 singular values
 is 0.998 / 0.986 / 0.967 / 0.666 (median over matrices: small-ft / vthr-ft / wild-bert / wild-gpt2;
 an i.i.d. matrix of the same shape: 0.06-0.12), hence a low-rank part with f = 0.03 (the median of 1 -
-top-8 share over the four zoos, ~0.02); the fitted decay alpha is 1.99 / 1.43 / 1.16 / 0.44, median 1.3;
-merged LoRA-F (vthr-lora-f, rank 16) 1.72; continued training is broader (the wild zoos' longer runs:
-alpha 0.44-1.16, top-8 share 0.67-0.97), hence alpha 0.5, f 0.3, r 64. Module factors m and the layer
+top-8 share over the four zoos, ~0.02); the fitted decay alpha is 1.99 / 1.43 / 1.16 / 0.44, median 1.3
+(the Llama-shaped pair trained here, 100 AdamW steps at 1e-4: 0.72, top-8 share 0.83; with it the median
+is 1.16); merged LoRA: 1.72 (vthr-lora-f, rank 16) and 1.47 (the pair's rank-16 q/v LoRA), hence 1.7;
+continued training is broader (the pair's 200 steps at 5e-4: alpha 0.43, top-8 share 0.66; the wild
+zoos' longer runs: 0.44-1.16, 0.67-0.97), hence alpha 0.5, f 0.3, r 64. Module factors m and the layer
 spread: MODULE_SCALE and LAYER_SIGMA below. Size: the median update is ||dW|| / ||W|| = 1.4e-3 (small-ft)
 and 2.2e-3 (vthr-ft), where 69 % and 57 % of weights are BF16-identical to the parent's; the 10-90 %
 range 7e-5 - 1.4e-2. `delta` is the caller's: bench/budget_7b.py draws it per kind from those ranges.
@@ -177,7 +179,8 @@ UPDATE_SHAPES: dict[StepKind, UpdateShape] = {
 MODULE_SCALE: dict[str, float] = {"q_proj": 0.5, "k_proj": 0.55, "v_proj": 1.2, "o_proj": 1.4, "gate_proj": 0.7,
                                   "up_proj": 0.7, "down_proj": 1.25}
 # ln(update size) across the layers of one module kind, per model: 0.48 / 0.43 / 0.11 / 0.06 (small-ft /
-# vthr-ft / wild-bert / wild-gpt2), about 0.3 all told: 0.25 per layer and 0.15 per tensor on top.
+# vthr-ft / wild-bert / wild-gpt2; the pair trained here 0.11-0.17), about 0.3 all told: 0.25 per layer and
+# 0.15 per tensor on top. (The pair's module ratios agree: q 0.63, k 0.64, v 0.98, o 1.10, gate/up 1.1, down 1.21.)
 LAYER_SIGMA = 0.25
 TENSOR_SIGMA = 0.15
 UPDATE_MODEL = 2  # 1: i.i.d. N(0, 0.02 * delta) noise per step; 2: structured updates (issue 14)
