@@ -1,0 +1,244 @@
+"""End-to-end crawl rate on virtual 7B-layout families against the Hub emulator with network latency
+(issue 14 part 4): models/s, MiB read per model, where the time goes, and Hub calls per model, next to
+the Hub's published rate limits.
+
+Models: `--n` virtual models of the `--layout` layout (default llama-2-7b: 13.5 GB of BF16 each, only the
+planned blocks ever generated) in families of `--family-size`, drawn by `bench/budget_7b.build_family`
+(a root, 3 children, grandchildren; step kinds full / lora-qv / lora-all / continued / subres with their
+measured sizes), so the lineage step (nominees, exact re-rank, forest) runs as it does on the Hub. The
+emulator runs in its own process (`index hub serve --latency S`): every Hub and CDN request waits S
+seconds first, and large files are a 302 to the signed CDN URL, as on huggingface.co.
+
+Two runs, each on a fresh store: one process, then `--workers` Dask worker processes for the fetches
+(`indexer.distributed`, as `index crawl --workers N`). In the one-process run, timers around our own
+functions split the wall time: network (every HTTP exchange of HubSource, latency included), decode
+(BF16 -> float32), exact step (`measure_many`), the rest of the lineage step (nominees, forest), writes
+(Parquet parts, cache drains, lineage flush); "other" is listing, planning, headers and the client.
+Calls per model are counted by the crawler per host (`Outcome.resolver_calls`, `.cdn_calls`); API calls
+are the model_info calls plus the listing pages (1,000 models a page).
+
+    .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2]
+        [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers]
+
+Prints markdown tables (copy them to bench/RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+from budget_7b import Member, build_family  # noqa: E402
+
+import indexer.crawl as crawl_module  # noqa: E402
+import indexer.incremental.index as index_module  # noqa: E402
+from indexer.crawl import CrawlOptions, crawl  # noqa: E402
+from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via  # noqa: E402
+from indexer.hub_emulator import emulator_process  # noqa: E402
+from indexer.sources import HubSource  # noqa: E402
+from store.tables import Store  # noqa: E402
+
+MIB = 1024 * 1024
+PAGE = 1000  # models per listing page, on the Hub and in the emulator
+# The Hub's published limits per 5-minute window (huggingface.co/docs/hub/rate-limits, September 2025):
+# (API, resolvers) per plan.
+HUB_LIMITS = {"anonymous (per IP)": (500, 3000), "free user": (1000, 5000), "PRO user": (2500, 12000),
+              "Team organization": (3000, 20000), "Enterprise organization": (6000, 50000)}
+WINDOW_S = 300.0
+
+
+def specs(n: int, size: int, layout: str, seed: int) -> list[str]:
+    """`--virtual` specs of n models in families of `size`, parents first."""
+    rng = np.random.default_rng(seed)
+    out: list[str] = []
+    for f in range(math.ceil(n / size)):
+        members = build_family(f, min(size, n - f * size), rng)
+        out += [_spec(m, layout) for m in members]
+    return out
+
+
+def _spec(m: Member, layout: str) -> str:
+    created = m.created.strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    if not m.parent:
+        return f"{layout}:{m.repo_id}:seed={m.lineage.root_seed}:created={created}"
+    step = m.lineage.steps[-1]
+    return (f"{layout}:{m.repo_id}:seed={step.seed}:parent={m.parent}:delta={step.delta!r}:kind={step.kind}"
+            f":created={created}")
+
+
+# --- timers (the one-process run) ----------------------------------------------------------------
+
+
+class Timers(Counter):  # type: ignore[type-arg]
+    pass
+
+
+def _timed(timers: Timers, key: str, fn: Callable[..., object]) -> Callable[..., object]:
+    def wrapper(*args: object, **kwargs: object) -> object:
+        t = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            timers[key] += time.perf_counter() - t
+    return wrapper
+
+
+def _counted(timers: Timers, key: str, fn: Callable[..., object]) -> Callable[..., object]:
+    def wrapper(*args: object, **kwargs: object) -> object:
+        timers[key] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@contextmanager
+def instrument(timers: Timers) -> Iterator[None]:
+    """Wrap our own functions with timers (bench only; restored after)."""
+    lineage = index_module.LineageIndex
+    targets = [
+        (HubSource, "_exchange", "network", _timed), (HubSource, "model_info", "model_info calls", _counted),
+        (crawl_module, "decode", "decode", _timed), (index_module, "measure_many", "exact step", _timed),
+        (lineage, "add_many", "lineage step", _timed), (lineage, "flush", "writes", _timed),
+        (Store, "append", "writes", _timed), (crawl_module._CacheWriter, "drain", "writes", _timed),
+    ]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _, _ in targets]
+    for owner, name, key, wrap in targets:
+        setattr(owner, name, wrap(timers, key, getattr(owner, name)))
+    try:
+        yield
+    finally:
+        for owner, name, fn in saved:
+            setattr(owner, name, fn)
+
+
+# --- runs ----------------------------------------------------------------------------------------
+
+
+def _summary(mode: str, outcomes: list, seconds: float, timers: Timers | None) -> dict[str, object]:  # type: ignore[type-arg]
+    indexed = [o for o in outcomes if o.status == "indexed"]
+    n = len(outcomes)
+    row: dict[str, object] = {
+        "mode": mode, "models": n, "indexed": len(indexed), "seconds": seconds, "models/s": n / seconds,
+        "MiB/model": sum(o.bytes_read for o in outcomes) / max(n, 1) / MIB,
+        "resolver/model": sum(o.resolver_calls for o in outcomes) / max(n, 1),
+        "cdn/model": sum(o.cdn_calls for o in outcomes) / max(n, 1),
+        "requests/model": sum(o.requests for o in outcomes) / max(n, 1),
+    }
+    if timers is not None:
+        row["api/model"] = (timers["model_info calls"] + math.ceil(n / PAGE)) / max(n, 1)
+        row["shares"] = _shares(timers, seconds)
+    return row
+
+
+def _shares(timers: Timers, wall: float) -> dict[str, float]:
+    exact = timers["exact step"]
+    shares = {"network": timers["network"], "decode": timers["decode"], "exact step": exact,
+              "rest of lineage": timers["lineage step"] - exact, "writes": timers["writes"]}
+    shares["other (listing, plan, headers, client)"] = wall - sum(shares.values())
+    return {k: v / wall for k, v in shares.items()}
+
+
+def run_single(url: str, budget: int) -> dict[str, object]:
+    timers = Timers()
+    with tempfile.TemporaryDirectory() as home, instrument(timers):
+        t = time.perf_counter()
+        report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
+        seconds = time.perf_counter() - t
+    return _summary("1 process", list(report.outcomes), seconds, timers)
+
+
+def run_workers(url: str, budget: int, workers: int) -> dict[str, object]:
+    options = CrawlOptions(endpoint=url, budget=budget, progress=False)
+    with tempfile.TemporaryDirectory() as home, connect(ClusterSpec(workers=workers, processes=True)) as client:
+        client.wait_for_workers(workers)
+        hub = DaskHub(options, client=client, known=_Known.read(Path(home), have_token=False), window=2 * workers)
+        t = time.perf_counter()
+        report = crawl_via(Path(home), options, hub=hub)
+        seconds = time.perf_counter() - t
+    return _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None)
+
+
+# --- report --------------------------------------------------------------------------------------
+
+
+def rate_table(rows: list[dict[str, object]]) -> str:
+    lines = ["| mode | models | indexed | seconds | models/s | MiB read/model | resolver calls/model "
+             "| CDN calls/model | API calls/model |", "|" + "---|" * 9]
+    for r in rows:
+        api = f"{r['api/model']:.3f}" if "api/model" in r else "n/a"
+        calls = (f"{r['resolver/model']:.2f} | {r['cdn/model']:.1f}" if r["resolver/model"] or r["cdn/model"]
+                 else f"n/a | n/a (all requests: {r['requests/model']:.1f})")
+        lines.append(f"| {r['mode']} | {r['models']} | {r['indexed']} | {r['seconds']:.1f} | {r['models/s']:.2f} "
+                     f"| {r['MiB/model']:.2f} | {calls} | {api} |")
+    return "\n".join(lines)
+
+
+def share_table(row: dict[str, object]) -> str:
+    shares: dict[str, float] = row["shares"]  # type: ignore[assignment]
+    lines = ["| part of the one-process crawl | share of wall time |", "|---|---|"]
+    lines += [f"| {k} | {100 * v:.1f} % |" for k, v in shares.items()]
+    return "\n".join(lines)
+
+
+def limits_table(row: dict[str, object], rates: list[tuple[str, float]]) -> str:
+    """Models/s each plan's limits allow, given the calls a model costs, against our measured rates."""
+    api, resolver = float(row["api/model"]), float(row["resolver/model"])  # type: ignore[arg-type]
+    lines = ["| plan | API / 5 min | resolvers / 5 min | models/s the API bucket allows | models/s the resolver "
+             "bucket allows | bound |", "|" + "---|" * 6]
+    for plan, (api_cap, res_cap) in HUB_LIMITS.items():
+        by_api = api_cap / WINDOW_S / api if api > 0 else math.inf
+        by_res = res_cap / WINDOW_S / resolver if resolver > 0 else math.inf
+        hub = min(by_api, by_res)
+        ours = ", ".join(f"{mode} {rate:.2f}" for mode, rate in rates)
+        bound = "the Hub" if all(rate > hub for _, rate in rates) else f"our CPU for some modes ({ours})"
+        lines.append(f"| {plan} | {api_cap:,} | {res_cap:,} | {by_api:.2f} | {by_res:.2f} | {bound} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--family-size", type=int, default=20)
+    parser.add_argument("--layout", default="llama-2-7b")
+    parser.add_argument("--budget-mib", type=float, default=None, help="default: the crawl's default budget")
+    parser.add_argument("--latency", type=float, default=0.05)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--modes", default="single,workers")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    budget = int(args.budget_mib * MIB) if args.budget_mib else CrawlOptions(endpoint="").budget
+    virtual = specs(args.n, args.family_size, args.layout, args.seed)
+    rows = []
+    with tempfile.TemporaryDirectory() as empty:
+        serve_args = [a for spec in virtual for a in ("--virtual", spec)] + ["--latency", str(args.latency)]
+        with emulator_process(Path(empty), args=serve_args) as url:
+            if "single" in args.modes:
+                rows.append(run_single(url, budget))
+            if "workers" in args.modes:
+                rows.append(run_workers(url, budget, args.workers))
+    print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
+    print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    print(f"{args.n} virtual {args.layout} models in families of {args.family_size}; budget {budget / MIB:g} MiB; "
+          f"{args.latency * 1000:.0f} ms added to every Hub and CDN request\n")
+    print(rate_table(rows) + "\n")
+    single = next((r for r in rows if "shares" in r), None)
+    if single is not None:
+        print(share_table(single) + "\n")
+        print(limits_table(single, [(str(r["mode"]), float(r["models/s"])) for r in rows]))  # type: ignore[arg-type]
+
+
+if __name__ == "__main__":
+    main()
