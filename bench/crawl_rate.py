@@ -40,16 +40,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import numpy as np  # noqa: E402
-from budget_7b import Member, build_family  # noqa: E402
+import numpy as np
+from budget_7b import Member, build_family
 
-import indexer.crawl as crawl_module  # noqa: E402
-import indexer.incremental.index as index_module  # noqa: E402
-from indexer.crawl import CrawlOptions, crawl  # noqa: E402
-from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via  # noqa: E402
-from indexer.hub_emulator import emulator_process  # noqa: E402
-from indexer.sources import HubSource  # noqa: E402
-from store.tables import Store  # noqa: E402
+import indexer.crawl as crawl_module
+import indexer.incremental.index as index_module
+from indexer.crawl import CrawlOptions, crawl
+from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via
+from indexer.hub_emulator import emulator_process
+from indexer.sources import HubSource
+from store.tables import Store
 
 MIB = 1024 * 1024
 PAGE = 1000  # models per listing page, on the Hub and in the emulator
@@ -174,8 +174,9 @@ def run_workers(url: str, budget: int, workers: int) -> dict[str, object]:
 
 
 def rate_table(rows: list[dict[str, object]]) -> str:
-    lines = ["| mode | models | indexed | seconds | models/s | MiB read/model | resolver calls/model "
-             "| CDN calls/model | API calls/model |", "|" + "---|" * 9]
+    head = ("| mode | models | indexed | seconds | models/s | MiB read/model | resolver calls/model "
+            "| CDN calls/model | API calls/model |")
+    lines = [head, "|" + "---|" * 9]
     for r in rows:
         api = f"{r['api/model']:.3f}" if "api/model" in r else "n/a"
         calls = (f"{r['resolver/model']:.2f} | {r['cdn/model']:.1f}" if r["resolver/model"] or r["cdn/model"]
@@ -195,8 +196,9 @@ def share_table(row: dict[str, object]) -> str:
 def limits_table(row: dict[str, object], rates: list[tuple[str, float]]) -> str:
     """Models/s each plan's limits allow, given the calls a model costs, against our measured rates."""
     api, resolver = float(row["api/model"]), float(row["resolver/model"])  # type: ignore[arg-type]
-    lines = ["| plan | API / 5 min | resolvers / 5 min | models/s the API bucket allows | models/s the resolver "
-             "bucket allows | bound |", "|" + "---|" * 6]
+    head = ("| plan | API / 5 min | resolvers / 5 min | models/s the API bucket allows | models/s the resolver "
+            "bucket allows | bound |")
+    lines = [head, "|" + "---|" * 6]
     for plan, (api_cap, res_cap) in HUB_LIMITS.items():
         by_api = api_cap / WINDOW_S / api if api > 0 else math.inf
         by_res = res_cap / WINDOW_S / resolver if resolver > 0 else math.inf
