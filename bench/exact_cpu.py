@@ -3,8 +3,8 @@
     .venv/bin/python bench/exact_cpu.py [--threads 2] [--layers 8] [--models 32] [--pairs 64] [--seed 0]
     .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...]
 
-Synthetic (default): bench/gpu_exact.py's 7B-shaped models (blocks of 64 x 4096, full-rank steps and
-merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the first `--layers` selected blocks;
+Synthetic (default): bench/gpu_exact.py's 7B-shaped models (the blocks read plan `--plan` selects, full-rank
+steps and merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the first `--layers` blocks;
 `--pairs` pairs of a strided sample of the short lists, in one `measure_many` call per method. Zoo mode:
 every model of each folder against `--nominees` others of its family (a seeded choice; one job per model),
 the tensors the incremental index would compare (`indexer.incremental.index._prepare`).
@@ -42,19 +42,21 @@ from indexer.incremental.exact import (
     forget_units,
     measure_many,
 )
+from sketches.plan import PLAN_V2, PLAN_V3
 
 Job = tuple[ModelView, list[ModelView]]
+PLANS = {"v2": PLAN_V2, "v3": PLAN_V3}
 FIELDS = ("distance", "relative", "median_relative", "score", "ku_new", "ku_other")
 
 
 def synthetic_jobs(args: argparse.Namespace) -> tuple[str, list[Job]]:
-    blocks = selected_blocks()[: args.layers]
+    blocks = selected_blocks(spec=PLANS[args.plan])[: args.layers]
     zoo = make_zoo(args.models, blocks, seed=args.seed)
     lists = short_lists(zoo, seed=args.seed)
     jobs = make_jobs(zoo, lists, sum(len(one) for mine in lists for one in mine))  # every list, then sampled
     _, sample = subset(jobs, args.pairs)
     shape = blocks[0][1]
-    return f"synthetic 7B-shaped, {len(blocks)} blocks of {shape[0]} x {shape[1]}, {args.models} models", sample
+    return f"synthetic 7B-shaped (plan {args.plan}), {len(blocks)} blocks of {shape[0]} x {shape[1]}, {args.models} models", sample
 
 
 def zoo_jobs(folder: Path, nominees: int, seed: int) -> tuple[str, list[Job]]:
@@ -144,7 +146,9 @@ def run(title: str, jobs: list[Job], repeat: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--layers", type=int, default=8, help="first N selected 7B blocks (128: all)")
+    parser.add_argument("--layers", type=int, default=8, help="first N selected 7B blocks (default plan: 32 in all)")
+    parser.add_argument("--plan", choices=sorted(PLANS), default="v3", help="read plan: v2, 128 attention blocks of "
+                        "64 x 4096 (issue 14's figures); v3, 32 value blocks of 256 x 4096 (the crawler's default)")
     parser.add_argument("--models", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)

@@ -57,7 +57,7 @@ from indexer.incremental.exact import (
     decisions,
     measure_many,
 )
-from sketches.plan import plan_reads
+from sketches.plan import PlanSpec, plan_reads
 from sketches.safetensors import TensorInfo
 
 GIB = 1 << 30
@@ -72,14 +72,15 @@ STD = 0.02
 Job = tuple[ModelView, list[ModelView]]
 
 
-def selected_blocks(budget: int = 64 << 20) -> list[tuple[str, tuple[int, int]]]:
-    """(tensor, (rows, cols)) that the crawl reads of a BF16 Llama-2-7B under `budget`."""
+def selected_blocks(budget: int = 64 << 20, spec: PlanSpec | None = None) -> list[tuple[str, tuple[int, int]]]:
+    """(tensor, (rows, cols)) that the crawl reads of a BF16 Llama-2-7B under `budget` (plan `spec`, default
+    the crawler's: plan v3 reads 32 value blocks of 256 x 4096; plan v2 read 128 attention blocks of 64 x 4096)."""
     tensors, offset = {}, 0
     for name, shape in LAYOUTS["llama-2-7b"].tensors():
         nbytes = math.prod(shape) * 2
         tensors[name] = TensorInfo(name, "BF16", shape, offset, offset + nbytes)
         offset += nbytes
-    plan = plan_reads(tensors, family="llama", budget=budget)
+    plan = plan_reads(tensors, family="llama", budget=budget, spec=spec)
     return [(b.tensor, (b.rows[1] - b.rows[0], tensors[b.tensor].shape[1])) for b in plan.blocks]
 
 
