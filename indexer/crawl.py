@@ -555,7 +555,7 @@ class CrawlOptions:
     library: str | None = None
     limit: int | None = None  # models fetched (not merely listed) this run
     since: datetime | None = None  # never list below this createdAt
-    budget: int = 64 * 1024 * 1024
+    budget: int = 16 * 1024 * 1024  # settings.DEFAULT_BUDGET_MIB (plan v3, issue 14)
     overlap: timedelta = DEFAULT_OVERLAP
     batch: int = DEFAULT_BATCH
     progress: bool = True
