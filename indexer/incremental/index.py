@@ -39,9 +39,25 @@ from pathlib import Path
 import numpy as np
 
 from errors import BadInputError, StoreError
-from indexer.incremental.satellites import EXTERNAL_PREFIX, AdapterArrival, Satellite, chain_depth
+from indexer.incremental.exact import (
+    DEFAULT_PENALTY,
+    PAIR_RULE,
+    TIER_GAP,
+    ModelView,
+    PairMeasure,
+    edge_weights,
+    measure,
+    measure_many,
+)
+from indexer.incremental.forest import Candidate, IncrementalForest, Path_
+from indexer.incremental.satellites import (
+    EXTERNAL_PREFIX,
+    AdapterArrival,
+    Satellite,
+    chain_depth,
+)
+from indexer.lineage.confidence import calibrated
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
-from indexer.relations.merges import fit
 from indexer.relations.adapters import (
     CHAIN_RATIO,
     Peer,
@@ -53,10 +69,13 @@ from indexer.relations.adapters import (
     total_norm,
     verdict_details,
 )
+from indexer.relations.merges import fit, merge_row_parents
+from indexer.relations.rules import (
+    LEAF_PENALTY,
+    MERGE_CANDIDATES,
+    within_quantization_error,
+)
 from sketches.adapter import LoraUpdate, check_compatibility, lora_updates
-from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, TIER_GAP, ModelView, PairMeasure, edge_weights, measure, measure_many
-from indexer.incremental.forest import Candidate, IncrementalForest, Path_
-from indexer.lineage.confidence import calibrated
 from sketches.distances import Device
 from sketches.layers import is_head, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
@@ -78,17 +97,7 @@ DEFAULT_K = 16
 # measured; bound k + 8).
 DEFAULT_EXPAND = 8
 DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
-# Quantized copies. LEAF_PENALTY (log units, on every candidate edge out of a quantized copy): a factor
-# e^10 on the distance, more than any gap between a real parent and a sibling, so a quantized copy is a
-# parent only when no full-precision model relates to the child (Hub: quantized models are leaves in
-# 99.41 % of documented edges). QUANT_MULTIPLE: the `quantized` label holds while the copy's relative
-# distance to its parent is within 3x the scheme's predicted RMS error (sketches.gguf/packed measured them
-# on Gaussian data; heavier-tailed real weights raise absmax-scaled errors by up to ~1.5x), plus
-# QUANT_FLOOR for F16/BF16 copies of weights already stored in that type (error 0).
-LEAF_PENALTY = 10.0
-MERGE_CANDIDATES = 5  # relatives a merge is fitted over (the closest related ones): subsets of up to 3 of them
-QUANT_MULTIPLE = 3.0
-QUANT_FLOOR = 1e-3
+# LEAF_PENALTY, MERGE_CANDIDATES and the `quantized` label's bound: indexer.relations.rules (shared with batch)
 
 
 @dataclass(frozen=True)
@@ -782,25 +791,32 @@ def _aligned(new: ModelView, others: Sequence[ModelView]) -> tuple[ModelView, li
 
 
 def _merge_parents(state: _Family, node: str) -> tuple[tuple[str, float], ...]:
-    """A merge node's parents for its edges row: heaviest first, the first one not below it in the forest
-    (the row's `parent`: a merged model cannot be its own ancestor); () when it is not a merge."""
+    """A merge node's parents for its edges row (indexer.relations.merges.merge_row_parents, the rule batch
+    applies: heaviest first, led by the first one not below it in the forest); () when it is not a merge."""
     links = state.merges.get(node, ())
-    forest = state.forest
+    return merge_row_parents(node, links, _ForestParents(state)) if len(links) >= 2 else ()
 
-    def below(candidate: str) -> bool:
-        seen, u = set(), candidate
-        while u and u not in seen:
-            if u == node:
-                return True
-            seen.add(u)
-            u = forest.parent(u)
-        return False
 
-    usable = [p for p in links if p[0] in state.views and not below(p[0])]
-    if len(links) < 2 or not usable:
-        return ()
-    first = usable[0]
-    return (first, *[p for p in links if p != first])
+class _ForestParents(Mapping[str, str]):
+    """child -> parent ("" a root) of every model of the family, read from its forest on demand: a merge
+    row looks up a few ancestors, where a dict copy would cost the whole family per row."""
+
+    def __init__(self, state: _Family) -> None:
+        self._state = state
+
+    def __getitem__(self, node: str) -> str:
+        if node not in self._state.views:
+            raise KeyError(node)
+        return self._state.forest.parent(node)
+
+    def __contains__(self, node: object) -> bool:
+        return node in self._state.views
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._state.views)
+
+    def __len__(self) -> int:
+        return len(self._state.views)
 
 
 def _names_of(declared: str) -> tuple[str, ...]:
@@ -861,14 +877,14 @@ def _ku_all(view: ModelView) -> float:
 
 
 def _relation(state: _Family, parent: str, child: str) -> str:
-    """The relation of a placed edge: `quantized` when the child is a quantized copy within QUANT_MULTIPLE
-    times its scheme's predicted error of the parent; `duplicate` when the pair's compared layers are
+    """The relation of a placed edge: `quantized` when the child is a quantized copy within its scheme's
+    predicted error of the parent (indexer.relations.rules.within_quantization_error); `duplicate` when the pair's compared layers are
     bit-identical and the child was not uploaded before the parent (unknown times: not before); else
     `finetune` (a quantized copy of a model that is not indexed sits under that model's parent)."""
     quant = state.quant.get(child)
     if quant is not None:
         rel = state.relative.get((parent, child))
-        if rel is not None and rel <= QUANT_MULTIPLE * quant.predicted_error + QUANT_FLOOR:
+        if rel is not None and within_quantization_error(rel, quant.predicted_error):
             return "quantized"
     if (parent, child) in state.identical:
         t_parent, t_child = state.views[parent].created, state.views[child].created

@@ -9,13 +9,14 @@ relative whose edge into it is cheapest, measured by the incremental's pair step
 (`indexer.incremental.exact.measure` and `edge_weights`): among the related full-precision models; only
 when none relates, among the related quantized copies listed before it (upload time, then predicted
 error, then id: a strict order, so no cycle). Label: `quantized` when its relative distance to that
-parent is within QUANT_MULTIPLE x the scheme's predicted error (+ QUANT_FLOOR), else `finetune`.
+parent is within QUANT_MULTIPLE x the scheme's predicted error (+ QUANT_FLOOR), else `finetune`. These
+numbers, LEAF_PENALTY and MERGE_CANDIDATES are `indexer.relations.rules`', shared with the index.
 
 Merges: every model of a `mother` tree is fitted (`indexer.relations.merges.fit`) over its
 MERGE_CANDIDATES nearest relatives of the same tree (L2 over the compared layers) uploaded no later
 than it and not bit-identical to it, as the incremental fits each arrival over its nearest related
 nominees. A merge's row takes as parent its heaviest merge parent that is not below it in the tree
-(`indexer.relations.merges.merge_row_parents`, the rule of the index's `_merge_parents`), and lists
+(`indexer.relations.merges.merge_row_parents`, which the index's `_merge_parents` calls too), and lists
 every parent with its weight.
 
 Adapters: the declared base is resolved among the folder's models (`indexer.relations.adapters.
@@ -43,12 +44,6 @@ from indexer.incremental.exact import (
     edge_weights,
     measure,
 )
-from indexer.incremental.index import (
-    LEAF_PENALTY,
-    MERGE_CANDIDATES,
-    QUANT_FLOOR,
-    QUANT_MULTIPLE,
-)
 from indexer.lineage.confidence import calibrated
 from indexer.readers import AdapterRead, QuantInfo, lora_arrays
 from indexer.relations.adapters import (
@@ -61,6 +56,11 @@ from indexer.relations.adapters import (
     total_norm,
 )
 from indexer.relations.merges import MASK_EQUAL, equal_share, fit
+from indexer.relations.rules import (
+    LEAF_PENALTY,
+    MERGE_CANDIDATES,
+    within_quantization_error,
+)
 from sketches.adapter import (
     Compatibility,
     LoraUpdate,
@@ -142,8 +142,8 @@ def pair_view(repo_id: str, arrays: Arrays, created: float | None) -> ModelView:
 
 
 def quantized_label(relative: float, quant: QuantInfo) -> str:
-    """The incremental's `_relation` for a quantized child: within QUANT_MULTIPLE x its predicted error."""
-    return "quantized" if relative <= QUANT_MULTIPLE * quant.predicted_error + QUANT_FLOOR else "finetune"
+    """The incremental's `_relation` for a quantized child: within its scheme's predicted error."""
+    return "quantized" if within_quantization_error(relative, quant.predicted_error) else "finetune"
 
 
 def _before(a: QuantCopy, b: QuantCopy) -> bool:

@@ -157,7 +157,8 @@ def merge_row_parents(node: str, links: Sequence[tuple[str, float]], parent_of: 
                       ) -> tuple[tuple[str, float], ...]:
     """A merge's parents for its row: heaviest first, led by the first one not below `node` in the tree
     (`parent_of`: child -> parent of every placed model; a merged model cannot be its own ancestor); ()
-    when none is usable. The rule of the incremental index's `_merge_parents`, for a batch recovery."""
+    when none is usable. One rule for both paths: the incremental index's `_merge_parents` and the batch
+    recovery's merge rows call it."""
     def below(candidate: str) -> bool:
         seen, u = set(), candidate
         while u and u not in seen:
