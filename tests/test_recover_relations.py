@@ -183,6 +183,25 @@ def test_batch_equals_incremental_per_model(zoo: Path, batch: Forest, tmp_path: 
         assert _row(batch, child) == incremental, child
 
 
+@pytest.mark.parametrize("order", ["upload", 0])
+def test_folder_ingest_equals_batch_per_model(zoo: Path, batch: Forest, tmp_path: Path, order: str | int) -> None:
+    """`indexer.incremental.folder` (bench/incremental.py's path: one arrival at a time, in upload order or
+    a random one) reads adapters, GGUF and GPTQ repos through the crawl's reader and agrees with batch per
+    model. Regression: it read plain safetensors only, so every GGUF and adapter repo failed to open."""
+    from indexer.incremental.folder import ingest_folder
+
+    report = ingest_folder(tmp_path / "home", zoo, order=order, device="cpu")
+    assert set(report.failed) == set(BAD)
+    assert {r.repo_id: r.reason for r in batch.failures()} == report.failed  # the crawl's one-line reasons
+    assert set(report.adapters) == {c for c, (_, rel) in TRUTH.items() if rel == "adapter"}
+    assert {a.repo_id for a in report.arrivals} == {c for c, (_, rel) in TRUTH.items() if rel != "adapter"}
+    for child in TRUTH:
+        e = report.edges[child]
+        incremental = (e.parent, e.relation, frozenset(p for p, _ in e.parents))
+        assert _row(batch, child) == incremental, (order, child)
+    assert report.parents == {c: _row(batch, c)[0] for c in TRUTH}
+
+
 def test_rows_are_deterministic_and_the_parquet_has_the_export_columns(zoo: Path, batch: Forest, tmp_path: Path) -> None:
     again = recover(zoo, Options(device="cpu"))
     assert again.rows == batch.rows
