@@ -374,9 +374,14 @@ def _recovery_flags(fn: object) -> object:
               help="Write one row per model to this Parquet file.")
 def recover(folder: Path, method: str, trees: int | None, distance: str, device: str, seed: int,
             no_time: bool, orient: str, as_json: bool, out: Path | None) -> None:
-    """Recover which model each model under FOLDER was fine-tuned from, from the weights alone.
+    """Recover which model each model under FOLDER was derived from, and how, from the weights alone.
 
-    FOLDER holds repos as FOLDER/<org>/<name>/*.safetensors; FOLDER/hub.json (createdAt) is used as the
+    FOLDER holds repos as FOLDER/<org>/<name>/: full models (*.safetensors), LoRA adapters
+    (adapter_config.json + adapter_model.safetensors), GGUF files and packed quantized safetensors (GPTQ,
+    AWQ, bitsandbytes, FP8), each read by the crawl's own reader. Every edge is labelled finetune,
+    duplicate, adapter, quantized or merge; merges are detected from the weights and list their parents
+    with weights; an adapter whose base is not in FOLDER hangs under the base's declared name. A file that
+    cannot be read is one failed row with a one-line reason. FOLDER/hub.json (createdAt) is used as the
     upload time. Model cards are never read.
     """
     from indexer.lineage.recover import recover as run, render_forest, row_dicts, write_parquet
@@ -421,14 +426,20 @@ def compare(a: str, b: str, endpoint: str | None, budget_mib: int | None, as_jso
 @index.command(name="eval")
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="CSV `parent,child` of the true lineage (default: the base_model declared in each model card).")
+              help="CSV `parent,child` (or `child,parents,relation`, a merge's parents ';'-joined) of the true "
+                   "lineage (default: the base_model declared in each model card).")
 @click.option("--forest", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Score this `index export` Parquet file instead of recovering FOLDER again (draws it too).")
 @_recovery_flags  # type: ignore[arg-type]
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def eval_(folder: Path, truth: Path | None, forest: Path | None, method: str, trees: int | None, distance: str,
           device: str, seed: int, no_time: bool, orient: str, as_json: bool) -> None:
-    """Recover the forest of FOLDER and score it against the true lineage (edge and clustering accuracy)."""
+    """Recover the forest of FOLDER and score it against the true lineage (edge and clustering accuracy).
+
+    FOLDER is read as by `index recover` (full models, adapters, GGUF and packed quantized repos; merges
+    detected); with a `child,parents,relation` truth CSV the report also scores each relation: parent,
+    label, merge parent set and bytes read per model, and the confusion of labels.
+    """
     from indexer.evaluate import evaluate_folder, render_report
 
     if forest is not None:  # score what the index exported instead of recovering again
