@@ -52,7 +52,7 @@ layer) and the rest on float32 SVDs and float64 copies. Now (sketches.gram):
   cost as much as the arithmetic on the shared box), chunks are cache-sized and the work runs on one
   thread (CPU_THREADS).
 Same decisions as the SVD path, pair by pair, on the test zoos and the bench zoos (tests/test_exact_fast.py,
-bench/exact_cpu.py: 0 of 7,212 pairs differ): the Gram resolves singular values far below the rank
+bench/exact_cpu.py: 0 of 6,648 pairs differ): the Gram resolves singular values far below the rank
 tolerance and more finely than the float32 SVD did (sketches.gram). Distances: tails and z agree to
 1e-12, the float32 norms to 1e-7; the one larger difference is a rank: on vthr-lora-v one layer of one
 pair (of 1,680) has a singular value 3.5e-6 below the tolerance (float64 SVD), which the float32 SVD
