@@ -252,7 +252,8 @@ def run_cell(families: list[list[Member]], budget: int, spec: PlanSpec, options:
         t = time.perf_counter()
         cell.add(family_accuracy(members, reads, options))
         cell.lineage_s += time.perf_counter() - t
-    log(f"  {budget // MIB} MiB: accuracy {cell.accuracy:.3f}, read {cell.read_s:.0f} s, lineage {cell.lineage_s:.0f} s")
+    log(f"  {budget // MIB} MiB: accuracy {cell.accuracy:.3f} {dict(sorted(cell.by_kind.items()))}, "
+        f"read {cell.read_s:.0f} s, lineage {cell.lineage_s:.0f} s")
     return cell
 
 
@@ -285,14 +286,14 @@ def main() -> None:
     options = Options(device="cpu", use_time=not args.no_time)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     results: dict[tuple[str, int], Cell] = {}
-    reference = (args.reference_plan, args.reference_mib)
-    if args.reference_mib:
-        log(f"reference: plan {args.reference_plan!r} at {args.reference_mib} MiB")
-        results[reference] = run_cell(families, args.reference_mib * MIB, PLANS[args.reference_plan], options, log)
     for name in args.plans.split(","):
         log(f"plan {name}")
         for mib in (int(x) for x in args.mib.split(",")):
             results[(name, mib)] = run_cell(families, mib * MIB, PLANS[name], options, log)
+    reference = (args.reference_plan, args.reference_mib)
+    if args.reference_mib:  # last: the cells above are logged even if this largest read is cut short
+        log(f"reference: plan {args.reference_plan!r} at {args.reference_mib} MiB")
+        results[reference] = run_cell(families, args.reference_mib * MIB, PLANS[args.reference_plan], options, log)
     kinds = [k for k in KIND_SHARE if any(k in c.by_kind for c in results.values())]
     steps = {k: sum(1 for f in families for m in f if m.kind == k) for k in kinds}
     print(f"{args.families} families x {args.per_family} virtual llama-2-7b models (seed {args.seed}), "
