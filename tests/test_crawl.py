@@ -238,6 +238,9 @@ def test_virtual_7b_within_the_byte_budget(emu: HubEmulator, tmp_path: Path) -> 
     plan = seen[0].plan
     assert {b.tensor.rsplit(".", 2)[-2] for b in plan.blocks} == {"v_proj"}  # plan v3: value matrices
     assert plan.fraction < 0.001
+    # indexed on what fits, and the row says how much that was (issue 14)
+    details = json.loads(_models(tmp_path / "home")["meta/llama-2-7b"].details)
+    assert details["read_fraction"] == pytest.approx(plan.fraction, abs=1e-6)
 
 
 def test_cursor_stays_when_rows_were_not_written(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
