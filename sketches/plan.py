@@ -218,6 +218,8 @@ def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int, s
         blocks += _head_blocks(tensors, elements - sum(tensors[n].numel for n in names))
         return ReadPlan(family, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), len(names), model_bytes)
     chosen, used = _body_blocks(tensors, _priority(names), elements, spec)
+    if not chosen:  # no row of a candidate fits: any body matrix whose row does (rows of 1M values, 1 MiB)
+        chosen, used = _body_blocks(tensors, _priority(_body_matrices(tensors)), elements, spec)
     if not chosen:
         raise UnsupportedModelError(family, f"a budget of {budget} bytes cannot hold one row of any candidate tensor")
     chosen += _head_blocks(tensors, elements - used)
