@@ -40,6 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import duckdb
 import numpy as np
 from budget_7b import Member, build_family
 
@@ -49,6 +50,7 @@ from indexer.crawl import CrawlOptions, crawl
 from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via
 from indexer.hub_emulator import emulator_process
 from indexer.sources import HubSource
+from store.query import export_forest
 from store.tables import Store
 
 MIB = 1024 * 1024
@@ -60,14 +62,10 @@ HUB_LIMITS = {"anonymous (per IP)": (500, 3000), "free user": (1000, 5000), "PRO
 WINDOW_S = 300.0
 
 
-def specs(n: int, size: int, layout: str, seed: int) -> list[str]:
-    """`--virtual` specs of n models in families of `size`, parents first."""
+def members(n: int, size: int, seed: int) -> list[Member]:
+    """n models in families of `size`, parents first."""
     rng = np.random.default_rng(seed)
-    out: list[str] = []
-    for f in range(math.ceil(n / size)):
-        members = build_family(f, min(size, n - f * size), rng)
-        out += [_spec(m, layout) for m in members]
-    return out
+    return [m for f in range(math.ceil(n / size)) for m in build_family(f, min(size, n - f * size), rng)]
 
 
 def _spec(m: Member, layout: str) -> str:
@@ -150,24 +148,43 @@ def _shares(timers: Timers, wall: float) -> dict[str, float]:
     return {k: v / wall for k, v in shares.items()}
 
 
-def run_single(url: str, budget: int) -> dict[str, object]:
+def run_single(url: str, budget: int, truth: dict[str, str]) -> dict[str, object]:
     timers = Timers()
-    with tempfile.TemporaryDirectory() as home, instrument(timers):
-        t = time.perf_counter()
-        report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
-        seconds = time.perf_counter() - t
-    return _summary("1 process", list(report.outcomes), seconds, timers)
+    with tempfile.TemporaryDirectory() as home:
+        with instrument(timers):
+            t = time.perf_counter()
+            report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
+            seconds = time.perf_counter() - t
+        row = _summary("1 process", list(report.outcomes), seconds, timers)
+        row.update(_accuracy(Path(home), truth))
+    return row
 
 
-def run_workers(url: str, budget: int, workers: int) -> dict[str, object]:
+def run_workers(url: str, budget: int, workers: int, truth: dict[str, str]) -> dict[str, object]:
     options = CrawlOptions(endpoint=url, budget=budget, progress=False)
-    with tempfile.TemporaryDirectory() as home, connect(ClusterSpec(workers=workers, processes=True)) as client:
-        client.wait_for_workers(workers)
-        hub = DaskHub(options, client=client, known=_Known.read(Path(home), have_token=False), window=2 * workers)
-        t = time.perf_counter()
-        report = crawl_via(Path(home), options, hub=hub)
-        seconds = time.perf_counter() - t
-    return _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None)
+    with tempfile.TemporaryDirectory() as home:
+        with connect(ClusterSpec(workers=workers, processes=True)) as client:
+            client.wait_for_workers(workers)
+            hub = DaskHub(options, client=client, known=_Known.read(Path(home), have_token=False),
+                          window=2 * workers)
+            t = time.perf_counter()
+            report = crawl_via(Path(home), options, hub=hub)
+            seconds = time.perf_counter() - t
+        row = _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None)
+        row.update(_accuracy(Path(home), truth))
+    return row
+
+
+def _accuracy(home: Path, truth: dict[str, str]) -> dict[str, object]:
+    """Edge accuracy of the exported forest (true edges placed / true edges) and its relation labels."""
+    out = home / "forest.parquet"
+    export_forest(home, out)
+    rows = duckdb.sql(f"SELECT repo_id, parent, relation FROM '{out}'").fetchall()
+    parent = {r: p or "" for r, p, _ in rows}
+    edges = [(c, p) for c, p in truth.items() if p]
+    labels = Counter(rel or "root" for _, _, rel in rows)
+    return {"edge accuracy": sum(parent.get(c) == p for c, p in edges) / max(len(edges), 1),
+            "relations": ", ".join(f"{k} {v}" for k, v in sorted(labels.items()))}
 
 
 # --- report --------------------------------------------------------------------------------------
@@ -175,14 +192,14 @@ def run_workers(url: str, budget: int, workers: int) -> dict[str, object]:
 
 def rate_table(rows: list[dict[str, object]]) -> str:
     head = ("| mode | models | indexed | seconds | models/s | MiB read/model | resolver calls/model "
-            "| CDN calls/model | API calls/model |")
-    lines = [head, "|" + "---|" * 9]
+            "| CDN calls/model | API calls/model | edge accuracy | relations |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         api = f"{r['api/model']:.3f}" if "api/model" in r else "n/a"
         calls = (f"{r['resolver/model']:.2f} | {r['cdn/model']:.1f}" if r["resolver/model"] or r["cdn/model"]
                  else f"n/a | n/a (all requests: {r['requests/model']:.1f})")
         lines.append(f"| {r['mode']} | {r['models']} | {r['indexed']} | {r['seconds']:.1f} | {r['models/s']:.2f} "
-                     f"| {r['MiB/model']:.2f} | {calls} | {api} |")
+                     f"| {r['MiB/model']:.2f} | {calls} | {api} | {r['edge accuracy']:.3f} | {r['relations']} |")
     return "\n".join(lines)
 
 
@@ -221,15 +238,17 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     budget = int(args.budget_mib * MIB) if args.budget_mib else CrawlOptions(endpoint="").budget
-    virtual = specs(args.n, args.family_size, args.layout, args.seed)
+    family = members(args.n, args.family_size, args.seed)
+    virtual = [_spec(m, args.layout) for m in family]
+    truth = {m.repo_id: m.parent for m in family}
     rows = []
     with tempfile.TemporaryDirectory() as empty:
         serve_args = [a for spec in virtual for a in ("--virtual", spec)] + ["--latency", str(args.latency)]
         with emulator_process(Path(empty), args=serve_args) as url:
             if "single" in args.modes:
-                rows.append(run_single(url, budget))
+                rows.append(run_single(url, budget, truth))
             if "workers" in args.modes:
-                rows.append(run_workers(url, budget, args.workers))
+                rows.append(run_workers(url, budget, args.workers, truth))
     print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
     print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
