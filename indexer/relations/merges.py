@@ -37,6 +37,12 @@ import numpy as np
 MAX_PARENTS = 3
 INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothing (measured 0.0-0.002)
 MASKED_RATIO = 0.9  # TIES / DARE over a base: the masking noise stays (measured 0.47-0.53)
+# Values per model a fit reads: a prefix of every compared block, in proportion. A fit estimates at most
+# MAX_PARENTS weights and two residual ratios, which 2**20 values pin to ~1e-3 (relative), far inside the
+# gaps the thresholds separate (interpolation 0.002 vs 0.1, masking noise 0.5 vs 0.9). Every zoo model
+# fits whole (the relations zoo reads ~8e4 values); a 7B plan reads 8e6, whose float64 Gram matrices took
+# 0.36 s a call and 60 % of a one-process crawl's time (bench/crawl_rate.py profile, 2026-11-30).
+MAX_FIT_VALUES = 1 << 20
 MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: TIES 0.25, DARE 0.16, fine-tunes 0
 MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
 WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0.01: see `_parents`
@@ -60,19 +66,17 @@ Arrays = Mapping[str, np.ndarray]
 def gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
          base: Arrays | None = None) -> tuple[np.ndarray, np.ndarray, float]:
     """(G, b, ||x||^2) over the blocks `names`: G_ij = <Y_i, Y_j>, b_i = <Y_i, x>, in float64; with `base`,
-    of the task vectors x - base and Y_i - base."""
+    of the task vectors x - base and Y_i - base. One product over all blocks at once: a product per block
+    cost ~7 ms of BLAS start-up each on a busy 2-core box, 32 blocks a call on a 7B plan."""
     ids = sorted(candidates)
-    g = np.zeros((len(ids), len(ids)))
-    b = np.zeros(len(ids))
-    xx = 0.0
-    for name in names:
-        shift = np.asarray(base[name], dtype=np.float64).ravel() if base is not None else 0.0
-        xv = np.asarray(x[name], dtype=np.float64).ravel() - shift
-        ys = np.stack([np.asarray(candidates[i][name], dtype=np.float64).ravel() for i in ids]) - shift
-        g += ys @ ys.T
-        b += ys @ xv
-        xx += float(xv @ xv)
-    return g, b, xx
+    shift = _flat(base, names) if base is not None else 0.0
+    xv = _flat(x, names) - shift
+    ys = np.stack([_flat(candidates[i], names) for i in ids]) - shift
+    return ys @ ys.T, ys @ xv, float(xv @ xv)
+
+
+def _flat(arrays: Arrays, names: Sequence[str]) -> np.ndarray:
+    return np.concatenate([np.asarray(arrays[n], dtype=np.float64).ravel() for n in names])
 
 
 def equal_share(x: Arrays, y: Arrays, names: Sequence[str]) -> float:
@@ -119,6 +123,7 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_S
     names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
     if len(ids) < 2 or not names:
         return None
+    x, candidates = _prefix(x, names), {r: _prefix(c, names) for r, c in candidates.items()}
     g, b, xx = gram(x, candidates, names)
     singles = [xx - 2 * b[i] + g[i, i] for i in range(len(ids))]  # ||X - Y_i||^2: Y_i as is, no rescaling
     best = int(np.argmin(singles))
@@ -131,6 +136,13 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_S
         return found
     masked = _masked(x, candidates, names, r1, min_share)
     return masked if masked is not None else MergeFit((), ids[best], found.ratio)
+
+
+def _prefix(arrays: Arrays, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """The first values of each block, MAX_FIT_VALUES in all (every block whole when they fit)."""
+    total = sum(int(np.size(arrays[n])) for n in names)
+    share = min(1.0, MAX_FIT_VALUES / max(total, 1))
+    return {n: np.asarray(arrays[n]).reshape(-1)[:max(1, math.ceil(np.size(arrays[n]) * share))] for n in names}
 
 
 def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], r1: float,
