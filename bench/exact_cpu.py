@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_exact import make_jobs, make_zoo, selected_blocks, short_lists, subset
 
+from indexer.crawl import CrawlOptions
 from indexer.incremental.exact import (
     Method,
     ModelView,
@@ -50,7 +51,7 @@ FIELDS = ("distance", "relative", "median_relative", "score", "ku_new", "ku_othe
 
 
 def synthetic_jobs(args: argparse.Namespace) -> tuple[str, list[Job]]:
-    blocks = selected_blocks(spec=PLANS[args.plan])[: args.layers]
+    blocks = selected_blocks(int(args.budget_mib * (1 << 20)), spec=PLANS[args.plan])[: args.layers]
     zoo = make_zoo(args.models, blocks, seed=args.seed)
     lists = short_lists(zoo, seed=args.seed)
     jobs = make_jobs(zoo, lists, sum(len(one) for mine in lists for one in mine))  # every list, then sampled
@@ -148,7 +149,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8, help="first N selected 7B blocks (default plan: 32 in all)")
     parser.add_argument("--plan", choices=sorted(PLANS), default="v3", help="read plan: v2, 128 attention blocks of "
-                        "64 x 4096 (issue 14's figures); v3, 32 value blocks of 256 x 4096 (the crawler's default)")
+                        "64 x 4096 (issue 14's figures, at 64 MiB); v3, the first rows of the 32 value matrices "
+                        "(the crawler's default)")
+    parser.add_argument("--budget-mib", type=float, default=CrawlOptions(endpoint="").budget / (1 << 20),
+                        help="the crawl's byte budget per model the blocks come from (default: the crawler's); "
+                             "plan v3 reads 64-row value blocks at 16 MiB, 256-row ones at 64 MiB")
     parser.add_argument("--models", type=int, default=32)
     parser.add_argument("--pairs", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
