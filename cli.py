@@ -264,7 +264,7 @@ def _print_crawl(summary: dict) -> None:
               help="Fetch at most N models this run (already-indexed ones are passed over and not counted).")
 @click.option("--since", default=None, metavar="T", help="Never list models created before T (ISO date or time).")
 @click.option("--budget-mib", type=click.IntRange(min=1), default=None,
-              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 16).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where exact distances run (auto: CUDA when present).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
@@ -308,7 +308,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
 @index.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--budget-mib", type=click.IntRange(min=1), default=None,
-              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 16).")
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def add(paths: tuple[Path, ...], budget_mib: int | None, home: Path | None, as_json: bool) -> None:
@@ -401,7 +401,7 @@ def recover(folder: Path, method: str, trees: int | None, distance: str, device:
 @click.argument("b")
 @click.option("--endpoint", default=None, help="The Hub for ORG/NAME arguments (default: $HF_ENDPOINT or https://huggingface.co).")
 @click.option("--budget-mib", type=click.IntRange(min=1), default=None,
-              help="Tensor bytes read per Hub model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+              help="Tensor bytes read per Hub model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 16).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def compare(a: str, b: str, endpoint: str | None, budget_mib: int | None, as_json: bool) -> None:
     """Is B derived from A? Compare two models from their weights alone.
@@ -638,7 +638,7 @@ def _serve_log() -> None:
 @click.option("--limit", type=click.IntRange(min=0), default=None, help="Fetch at most N models per run.")
 @click.option("--since", default=None, metavar="T", help="Never list models created before T (ISO date or time).")
 @click.option("--budget-mib", type=click.IntRange(min=1), default=None,
-              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 64).")
+              help="Tensor bytes read per model, in MiB (default: $INDEX_BYTE_BUDGET_MIB or 16).")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Fetch and decode on a local Dask cluster of N worker processes (this process writes).")
 @click.option("--dask", "dask", default=None, metavar="ADDRESS",

@@ -9,7 +9,7 @@ cursor all stay single-writer, so the store is byte-for-byte what a single-proce
 What a worker returns, and why: a *recording* of every read it made (`Fetched`: the exact bytes of each
 header and range read, or the error that read raised, with the network bytes and requests it cost), not
 decoded arrays and not Parquet parts.
-    1. Raw bytes are what went over the network: at most the byte budget per model (64 MiB), half the size
+    1. Raw bytes are what went over the network: at most the byte budget per model (16 MiB by default), half the size
        of the float32 arrays for BF16/F16 weights, so the client <- worker hop costs no more than the Hub hop.
     2. The client replays the recording through the very same `read_model` (`ReplayRepo` is a `RepoFiles`),
        so skip / failure reasons, decoding, the cache and the hook are identical by construction, and

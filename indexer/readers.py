@@ -8,7 +8,7 @@ Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
     2. the adapter's safetensors header (one 100,000-byte range read, as for any model);
     3. the LoRA factors, whole, pair by pair (A with its B: a half pair is useless), layers spread over
        depth (`sketches.plan.spread_order`) until the byte budget is spent; a real 7B LoRA at r = 16 on
-       q/v is 8 MiB of factors, so the default 64 MiB budget reads all of them. Full copies saved with
+       q/v is 8 MiB of factors, so a 16 MiB budget (the default) reads all of them. Full copies saved with
        `modules_to_save` are never read: their shapes (from the header) are enough to check them against
        the base, and a saved LM head is 250 MiB.
 """
