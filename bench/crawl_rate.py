@@ -247,8 +247,10 @@ def main() -> None:
         with emulator_process(Path(empty), args=serve_args) as url:
             if "single" in args.modes:
                 rows.append(run_single(url, budget, truth))
+                print(rate_table(rows[-1:]), flush=True)  # each mode as soon as it is done: runs are long
             if "workers" in args.modes:
                 rows.append(run_workers(url, budget, args.workers, truth))
+                print(rate_table(rows[-1:]), flush=True)
     print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
     print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
