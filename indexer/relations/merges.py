@@ -43,6 +43,13 @@ MASKED_RATIO = 0.9  # TIES / DARE over a base: the masking noise stays (measured
 # fits whole (the relations zoo reads ~8e4 values); a 7B plan reads 8e6, whose float64 Gram matrices took
 # 0.36 s a call and 60 % of a one-process crawl's time (bench/crawl_rate.py profile, 2026-11-30).
 MAX_FIT_VALUES = 1 << 20
+# The raw weights (or, over a base, the task-vector weights) of a merge add up to about 1: mergekit's
+# linear, SLERP and normalised TIES / DARE recipes combine whole models or whole task vectors. A
+# sub-resolution fine-tune of a base (most entries bit-equal to it, so it passes MASK_EQUAL) leaves a
+# task vector of BF16 rounding flips that two siblings' task vectors "explain" by 20-45 % (residual ratio
+# 0.55-0.80, under MASKED_RATIO) with weights summing to ~1e-2: 13 false merges among 80 virtual 7B models
+# (bench/crawl_rate.py, 2026-11-30). Below this sum the fit is not a merge.
+MIN_WEIGHT_SUM = 0.25
 MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: TIES 0.25, DARE 0.16, fine-tunes 0
 MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
 WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0.01: see `_parents`
@@ -108,6 +115,8 @@ def _best_subset(g: np.ndarray, b: np.ndarray, xx: float, r1: float, smallest: i
 def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_share: float) -> tuple[tuple[str, float], ...]:
     positive = {ids[i]: float(c) for i, c in zip(subset, coef, strict=True) if c > 0}
     total = sum(positive.values())
+    if total < MIN_WEIGHT_SUM:
+        return ()  # a small fraction of its "parents": a near-copy of something, not a merge of them
     kept = [(r, w / total) for r, w in positive.items() if total > 0 and w / total >= min_share]
     norm = sum(w for _, w in kept)
     # two decimals: the masking noise of TIES / DARE moves a weight by about 0.01 (0.60 / 0.40 recipes fit
