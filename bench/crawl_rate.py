@@ -207,8 +207,8 @@ def share_table(row: dict[str, object]) -> str:
     shares: dict[str, float] = row["shares"]  # type: ignore[assignment]
     # The timers nest: the lineage step re-reads evicted nominees' blocks over the network, so "network"
     # and "rest of lineage" overlap and "other" (the wall time left) can come out negative.
-    lines = ["| part of the one-process crawl (network includes re-reads inside the lineage step) "
-             "| share of wall time |", "|---|---|"]
+    head = "| part of the one-process crawl (network includes re-reads inside the lineage step) | share of wall time |"
+    lines = [head, "|---|---|"]
     lines += [f"| {k} | {100 * v:.1f} % |" for k, v in shares.items()]
     return "\n".join(lines)
 
