@@ -48,7 +48,6 @@ from indexer.lineage.ties import (
 from sketches.distances import (
     DEFAULT_MAX_ELEMENTS,
     Device,
-    _one_thread_on_cpu,
     l2_distance,
     layer_normalised_l2,
     linf_minmax_distance,
@@ -56,6 +55,8 @@ from sketches.distances import (
     rank_gaps,
     resolve_device,
 )
+from sketches.gram import gram as difference_grams
+from sketches.gram import spectrum, tail_from_spectrum
 from sketches.layers import LayerSelection, is_head
 from sketches.relatedness import Z_RELATED, relatedness_matrix
 from sketches.stats import ModelStats
@@ -319,13 +320,9 @@ def spectral_tail_distance(
 
 
 def tail_norms(diffs: torch.Tensor, keep: int) -> torch.Tensor:
-    """sqrt of the sum of the `keep` smallest squared singular values of each matrix in a (p, M, N) batch."""
-    gram = diffs @ diffs.mT if diffs.shape[1] <= diffs.shape[2] else diffs.mT @ diffs
-    with _one_thread_on_cpu(gram):  # small batched eigensolvers: one thread is faster on a shared box
-        # On CUDA the Gram products stay on the GPU but the small eigensolves run on the host: batched
-        # eigvalsh of 64 x 64 float64 matrices took 0.44 ms a matrix on an H100, 0.18 ms on its CPU.
-        eig = torch.linalg.eigvalsh(gram.cpu() if gram.is_cuda else gram)  # ascending
-    return eig[:, :keep].clamp_min(0.0).sum(dim=1).sqrt().to(gram.device)
+    """sqrt of the sum of the `keep` smallest squared singular values of each matrix in a (p, M, N) batch:
+    the float64 Gram spectrum of sketches.gram (one thread on the CPU, eigensolves on the host)."""
+    return tail_from_spectrum(spectrum(difference_grams(diffs)), keep).to(diffs.device)
 
 
 def low_rank_layers(layers: Mapping[str, np.ndarray], names: Sequence[str], l2: np.ndarray) -> tuple[str, ...]:
