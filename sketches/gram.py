@@ -96,3 +96,25 @@ def units(layers: Sequence[torch.Tensor]) -> torch.Tensor:
         else:
             torch.mm(buf, proj, out=slot).sub_(mean * proj.sum(dim=0))
     return out
+
+
+def unit_filters(kernels: torch.Tensor) -> torch.Tensor:
+    """(..., out, in*kh*kw) conv kernels -> float64, each output filter (row) divided by its norm; an
+    all-zero filter stays zero.
+
+    Why (the tail of a conv layer is taken on these, indexer.lineage.methods.spectral_tail_distance and
+    indexer.incremental.exact): a conv followed by a normalisation (BatchNorm, GroupNorm) computes the
+    same function whatever each filter's scale, and weight decay shrinks that free scale during every
+    run. A fine-tune of a conv net therefore moves each filter along minus itself: the median cosine of
+    dW with -W_parent is 0.17-0.37 per layer on wild-conv-s1's fine-tunes and 0.998 on its long
+    high-lr run (about 0 on BERT). Every sibling shares that full-rank shrink, so the tail, which drops
+    only the top directions, reads it as shared drift, and a near-copy of the root lies "on the way" to
+    all its siblings. The directions of the filters are what the function depends on."""
+    k = kernels.to(torch.float64)
+    norms = torch.linalg.vector_norm(k, dim=-1, keepdim=True)
+    return torch.where(norms > 0, k / norms.clamp_min(1e-300), torch.zeros_like(k))
+
+
+def filter_count(kernels: torch.Tensor) -> torch.Tensor:
+    """Norm of `unit_filters(kernels)` per leading index: sqrt of the number of nonzero filters."""
+    return (kernels != 0).any(dim=-1).sum(dim=-1).to(torch.float64).sqrt()

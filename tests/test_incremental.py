@@ -341,7 +341,7 @@ def test_an_index_built_under_another_pair_rule_is_refused(tmp_path: Path, model
     with Store.open(tmp_path) as store:
         store.append("sketches", [SketchRecord(old.repo_id, old.revision, old.family, old.sketch_version, old.vector,
                                                old.kurtosis, old.norms, old.layer_names, _json.dumps(stats))])
-    with pytest.raises(StoreError, match=f"family '{FAMILY}'.*pair rule \\[1, 3\\]"):
+    with pytest.raises(StoreError, match=f"family '{FAMILY}'.*pair rule \\[1, 4\\]"):
         with LineageIndex.open(tmp_path, device="cpu") as index:
             index.add(models[2][0], REV.format(2), FAMILY, models[2][2], models[2][3])
     assert len(read_records(tmp_path, "sketches")) == 2  # nothing lost

@@ -198,14 +198,30 @@ def test_tail_distance_is_pair_local_symmetric_and_any_shape() -> None:
     assert np.all(np.diag(full) == 0) and np.all(full[~np.eye(5, dtype=bool)] > 0)
     pair = spectral_tail_distance([dense[[1, 4]], conv[[1, 4]]], device="cpu")
     assert pair[0, 1] == pytest.approx(full[1, 4], rel=1e-12)  # the pair alone gives the same value
-    # by hand: singular values past k = min(out, in) // 8, over the RMS of the two layer norms
+    # by hand: singular values past k = min(out, in) // 8, over the RMS of the two layer norms; conv
+    # kernels on their unit filters, whose norm is sqrt(16 filters)
+    filters = conv.reshape(5, 16, -1).astype(np.float64)
+    filters /= np.linalg.norm(filters, axis=2, keepdims=True)
     expected = 0.0
-    for w in (dense, conv.reshape(5, 16, -1)):
+    for w in (dense, filters):  # dense: the float32 difference, as stored weights subtract
         s = np.linalg.svd((w[1] - w[4]).astype(np.float64), compute_uv=False)
         k = tail_start(w.shape[1:])
-        expected += np.sqrt((s[k:] ** 2).sum()) / np.sqrt((np.sum(w[1].astype(np.float64) ** 2) + np.sum(w[4].astype(np.float64) ** 2)) / 2)
+        a, b = w[1].astype(np.float64), w[4].astype(np.float64)
+        expected += np.sqrt((s[k:] ** 2).sum()) / np.sqrt((np.sum(a**2) + np.sum(b**2)) / 2)
     assert full[1, 4] == pytest.approx(expected, rel=1e-9)
     assert tail_start((24, 40)) == 3 and tail_start((16, 3, 2, 2)) == 1
+
+
+def test_conv_tail_ignores_each_filters_scale_and_dense_tail_does_not() -> None:
+    # BatchNorm after a conv makes each filter's scale free, and weight decay shrinks it during every run
+    # (sketches.gram.unit_filters): a child whose filters are only rescaled is at tail 0 from its parent
+    rng = np.random.default_rng(6)
+    parent = rng.standard_normal((32, 8, 3, 3))
+    scales = rng.uniform(0.3, 1.0, size=(32, 1, 1, 1))
+    rescaled = np.stack([parent, parent * scales]).astype(np.float32)
+    assert spectral_tail_distance([rescaled], device="cpu")[0, 1] < 1e-6
+    as_dense = rescaled.reshape(2, 32, -1)  # the same numbers as a 2-D layer keep their radial change
+    assert spectral_tail_distance([as_dense], device="cpu")[0, 1] > 0.1
 
 
 def test_tail_distance_leaves_out_layers_too_thin_to_have_a_tail() -> None:

@@ -58,7 +58,7 @@ tolerance and more finely than the float32 SVD did (sketches.gram). Distances: t
 pair (of 1,680) has a singular value 3.5e-6 below the tolerance (float64 SVD), which the float32 SVD
 read 7e-5 too high, so its rank was 94 where the Gram (and a float64 SVD) say 93: that low-rank pair's
 distance moves by 1.3e-3 relative (one rank in its summed rank fraction). The rule (numpy's tolerance
-on the float32 difference) is unchanged and the new value is the more exact one, so PAIR_RULE stays 3:
+on the float32 difference) is unchanged and the new value is the more exact one, so PAIR_RULE stayed 3:
 an index built with the SVD kernel holds such pairs 1/summed-full-rank off, far below the rank gaps
 that separate candidates. `method="svd"` keeps the previous kernel as the reference. Speed:
 bench/RESULTS.md ("The exact step on the CPU").
@@ -87,10 +87,12 @@ from sketches.distances import (
     resolve_device,
 )
 from sketches.gram import (
+    filter_count,
     gram,
     singular_values,
     spectrum,
     tail_from_spectrum,
+    unit_filters,
     units,
     usable_for_relatedness,
 )
@@ -109,8 +111,12 @@ logger = logging.getLogger(__name__)
 # The version of the rule below (relatedness, regime, distance, direction -> weight). Stored with each
 # sketch; an index built under another rule is refused (indexer.incremental.index._check_pair_rule).
 # 1: session 1, full-rank tier = l2n; 2: full-rank tier = the spectral tail; 3: related by the
-# permutation test, names normalised, ties to the earlier parent.
-PAIR_RULE = 3
+# permutation test, names normalised, ties to the earlier parent; 4: a conv kernel's tail is taken on its
+# unit filters (sketches.gram.unit_filters), the same in batch `mother`. A rule-3 index is refused like
+# any other (a family's stored rows do not say whether it has conv kernels: its tensors may be evicted).
+PAIR_RULE = 4
+
+
 DEFAULT_PENALTY = 0.4  # log units per unit of T: the kurtosis cue, a factor 1.5 (~ mother's 0.3 x mean(D))
 TIME_WEIGHT = 7.5  # units of T for "child uploaded first": 7.5 x 0.4 = 3.0 log units (module docstring)
 TIE_BREAK = 1e-3
@@ -237,6 +243,9 @@ class _Sums:
     full_sum: torch.Tensor
     low_names: list[list[str]]
     layer_z: torch.Tensor  # the same slots as layer_dist: the relatedness test's z (NaN: layer not usable)
+    # the same slots: the scale a conv layer's tail is divided by, the RMS of the two models' filter counts'
+    # square roots (its tail is taken on unit filters, sketches.gram.unit_filters); NaN: the layer norms'
+    tail_scale: torch.Tensor
 
     @classmethod
     def zeros(cls, pairs: int, dists: int) -> _Sums:
@@ -244,6 +253,7 @@ class _Sums:
                    torch.zeros(pairs, dtype=torch.int64),
                    torch.zeros(pairs, dtype=torch.int64), torch.zeros(pairs, dtype=torch.float64),
                    torch.zeros(pairs, dtype=torch.float64), [[] for _ in range(pairs)],
+                   torch.full((dists,), math.nan, dtype=torch.float64),
                    torch.full((dists,), math.nan, dtype=torch.float64))
 
 
@@ -345,8 +355,9 @@ def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], originals:
     most, shape = max(len(c.rows) for c in chunks), arrays[0].shape
     # buffers reused by every chunk: no fresh pages to fault in
     out = (torch.empty((most, *shape), device=dev), torch.empty((most, *shape), dtype=torch.float64, device=dev))
+    filters = _Filters.of(sources) if tails and len(shape) == 4 else None
     for chunk in chunks:
-        _gram_chunk(sums, name, sources, own, chunk, out=out, tails=tails)
+        _gram_chunk(sums, name, sources, own, chunk, out=out, tails=tails, filters=filters)
 
 
 def _chunk(pairs: _Pairs, where: Mapping[int, int], start: int, stop: int, dev: torch.device) -> _Chunk:
@@ -392,6 +403,35 @@ class _Sources:
         return out
 
 
+@dataclass(frozen=True)
+class _Filters:
+    """A conv layer's models as unit filters (sketches.gram.unit_filters: (out, in*kh*kw) float64 each, on
+    the device) and the norm of each, sqrt(its nonzero filters): what its tail is taken on."""
+
+    units: torch.Tensor  # (n, out, in*kh*kw)
+    counts: torch.Tensor  # (n,) on the host
+
+    @classmethod
+    def of(cls, sources: _Sources) -> _Filters:
+        stack = torch.stack([t.reshape(t.shape[0], -1) for t in sources.tensors])
+        return cls(unit_filters(stack), filter_count(stack).cpu())
+
+
+def _filter_tail(sums: _Sums, filters: _Filters, chunk: _Chunk) -> None:
+    """The tail of each pair's unit-filter difference in a conv layer, and the scale it is divided by."""
+    diff = filters.units[chunk.left] - filters.units[chunk.right]
+    skip = tail_start(diff.shape[1:])
+    if skip > 0:
+        sums.layer_tail[chunk.slots] = tail_from_spectrum(spectrum(gram(diff)), min(diff.shape[1:]) - skip)
+        _filter_scale(sums, chunk, filters.counts)
+
+
+def _filter_scale(sums: _Sums, chunk: _Chunk, counts: torch.Tensor) -> None:
+    """RMS of the two models' unit-filter norms per pair (indexer.lineage.methods.spectral_tail_distance)."""
+    left, right = counts.cpu()[chunk.left.cpu()], counts.cpu()[chunk.right.cpu()]
+    sums.tail_scale[chunk.slots] = torch.sqrt((left**2 + right**2) / 2.0)
+
+
 # Relatedness units per model and layer (sketches.gram.units), kept while the array they were computed
 # from lives: keyed by the array's identity, dropped by a finalizer when it is freed, so an id is never
 # reused for another array. The index keeps its nominees' arrays in memory between calls, so a nominee's
@@ -426,15 +466,21 @@ def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, ta
         _relatedness(sums, chunk.slots, stack[chunk.left], stack[chunk.right])
     if diff.ndim >= 3 and not is_head(name):
         _regime(sums, chunk.rows, name, diff)
-        if tails:
+        if tails and diff.ndim == 5:  # conv kernels: the tail of the unit filters' difference
+            kernels = stack.reshape(*stack.shape[:2], -1)
+            unit = unit_filters(kernels)
+            _tail(sums, chunk.slots, unit[chunk.left] - unit[chunk.right])
+            _filter_scale(sums, chunk, filter_count(kernels))
+        elif tails:
             _tail(sums, chunk.slots, diff)
 
 
 def _gram_chunk(sums: _Sums, name: str, sources: _Sources, own: torch.Tensor | None, chunk: _Chunk, *,
-                out: tuple[torch.Tensor, torch.Tensor], tails: bool) -> None:
+                out: tuple[torch.Tensor, torch.Tensor], tails: bool, filters: _Filters | None = None) -> None:
     """Method "gram": the distance from the difference, z from the per-model units, and one Gram spectrum
-    per pair answering both the rank test and the tail (sketches.gram). `out`: float32 and float64
-    buffers of at least the chunk's size."""
+    per pair answering both the rank test and the tail (sketches.gram); a conv layer's tail from a second
+    spectrum, of its unit filters' difference (`filters`). `out`: float32 and float64 buffers of at least
+    the chunk's size."""
     diff = sources.differences(chunk, out[0])
     dist = _norms(diff.reshape(diff.shape[0], -1))
     sums.layer_dist[chunk.slots] = dist
@@ -442,7 +488,9 @@ def _gram_chunk(sums: _Sums, name: str, sources: _Sources, own: torch.Tensor | N
         sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
     if diff.ndim >= 3:
         mats = diff.reshape(diff.shape[0], diff.shape[1], -1)
-        _spectra(sums, name, mats, chunk, moved=dist > 0, tails=tails, out=out[1])
+        _spectra(sums, name, mats, chunk, moved=dist > 0, tails=tails and filters is None, out=out[1])
+    if filters is not None:
+        _filter_tail(sums, filters, chunk)
 
 
 def _norms(flat: torch.Tensor) -> torch.Tensor:
@@ -573,13 +621,15 @@ def _job_measures(job: _Job, sums: _Sums) -> list[PairMeasure]:
         dist = sums.layer_dist[at:at + width].numpy()
         tail = sums.layer_tail[at:at + width].numpy()
         zs = sums.layer_z[at:at + width].numpy()
-        out.append(_pair(job.new, other, job.first + i, (dist, tail, zs), sums, job.names, dense))
+        scale = sums.tail_scale[at:at + width].numpy()
+        out.append(_pair(job.new, other, job.first + i, (dist, tail, zs, scale), sums, job.names, dense))
     return out
 
 
-def _pair(new: ModelView, other: ModelView, i: int, per_layer: tuple[np.ndarray, np.ndarray, np.ndarray],
+def _pair(new: ModelView, other: ModelView, i: int,
+          per_layer: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
           sums: _Sums, names: Sequence[str], dense: set[str]) -> PairMeasure:
-    dist, tail, zs = per_layer
+    dist, tail, zs, tail_scale = per_layer
     na = np.array([new.norms.get(n, 0.0) for n in names], dtype=np.float64)
     nb = np.array([other.norms.get(n, 0.0) for n in names], dtype=np.float64)
     rms = np.sqrt((na**2 + nb**2) / 2.0)  # the pair-local per-layer scale (module docstring)
@@ -595,7 +645,8 @@ def _pair(new: ModelView, other: ModelView, i: int, per_layer: tuple[np.ndarray,
         keep = np.array([n in dense for n in names]) & (rms > 0)
         tailed = keep & ~np.isnan(tail)
         if tailed.any():
-            tier = float((tail[tailed] / rms[tailed]).sum())
+            scale = np.where(np.isnan(tail_scale), rms, tail_scale)  # conv layers: their unit filters' scale
+            tier = float((tail[tailed] / scale[tailed]).sum())
         else:  # no layer has a tail: its whole difference (mother's `tailed or layers`)
             tier = float((dist[keep] / rms[keep]).sum())
         direction = [n for n in new.direction_layers if n in names] or list(names)

@@ -55,8 +55,8 @@ from sketches.distances import (
     rank_gaps,
     resolve_device,
 )
+from sketches.gram import filter_count, spectrum, tail_from_spectrum, unit_filters
 from sketches.gram import gram as difference_grams
-from sketches.gram import spectrum, tail_from_spectrum
 from sketches.layers import LayerSelection, is_head
 from sketches.relatedness import Z_RELATED, relatedness_matrix
 from sketches.stats import ModelStats
@@ -278,6 +278,9 @@ def spectral_tail_distance(
     tail_l(X) = sqrt(sum_{r >= k_l} s_r(X)^2), the singular values s (descending) of the layer's difference
     viewed as a matrix (conv kernels: out x in*kh*kw) past k_l = min(out, in) // 8 (`tail_start`);
     rms(a, b) = sqrt((a^2 + b^2) / 2) of the two layer norms, so every layer votes on one scale.
+    Conv kernels (4-D) are compared by their filters' directions: each output filter is divided by its
+    norm first (`sketches.gram.unit_filters`: normalisation layers make a filter's scale free, and weight
+    decay shrinks it in every run), and a layer's norm is then sqrt(its number of nonzero filters).
 
     Why: one fine-tuning run moves a dense layer by a nearly low-rank update (median entropy rank 4-6 of
     128 on vthr-ft edges), and its top directions are the task's: runs on the same task from nearby
@@ -306,7 +309,10 @@ def spectral_tail_distance(
     tailed = [layer for layer in layers if tail_start(np.shape(layer)[1:]) > 0]
     for layer in tailed or layers:
         mats = torch.as_tensor(_as_matrix(np.asarray(layer)))
-        norms = torch.linalg.vector_norm(mats.reshape(n, -1).to(torch.float64), dim=1)
+        if np.ndim(layer) == 5:  # conv kernels: the filters' directions (sketches.gram.unit_filters)
+            mats, norms = unit_filters(mats), filter_count(mats)
+        else:
+            norms = torch.linalg.vector_norm(mats.reshape(n, -1).to(torch.float64), dim=1)
         keep = min(mats.shape[1:]) - tail_start(mats.shape[1:])  # how many of the smallest to sum
         step = max(1, max_elements // (mats.shape[1] * mats.shape[2]))
         for start in range(0, len(left_all), step):
