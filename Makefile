@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,zoo]'
+	$(PY) -m pip install -q -e '.[dev,zoo,quant]'
 	touch $(STAMP)
 
 # The browser tests drive Debian's headless Chromium through its chromedriver (never a downloaded build).

@@ -170,18 +170,9 @@ HIDDEN, HEADS, KV_HEADS, FFN, VOCAB = 64, 4, 2, 96, 40
 
 def llama_state(seed: int) -> dict[str, np.ndarray]:
     """An HF llama state dict with GQA, heavy-tailed like trained weights."""
-    rng = np.random.default_rng(seed)
-    head = HIDDEN // HEADS
-    shapes = {"model.embed_tokens.weight": (VOCAB, HIDDEN), "model.norm.weight": (HIDDEN,), "lm_head.weight": (VOCAB, HIDDEN)}
-    for b in range(2):
-        p = f"model.layers.{b}."
-        shapes |= {p + "input_layernorm.weight": (HIDDEN,), p + "post_attention_layernorm.weight": (HIDDEN,),
-                   p + "self_attn.q_proj.weight": (HIDDEN, HIDDEN), p + "self_attn.k_proj.weight": (KV_HEADS * head, HIDDEN),
-                   p + "self_attn.v_proj.weight": (KV_HEADS * head, HIDDEN), p + "self_attn.o_proj.weight": (HIDDEN, HIDDEN),
-                   p + "mlp.gate_proj.weight": (FFN, HIDDEN), p + "mlp.up_proj.weight": (FFN, HIDDEN),
-                   p + "mlp.down_proj.weight": (HIDDEN, FFN)}
-    return {n: (rng.standard_t(4, s) * 0.05).astype(np.float32) if len(s) == 2 else np.ones(s, np.float32)
-            for n, s in sorted(shapes.items())}
+    from indexer.zoo.quantize import wide_llama_state
+
+    return wide_llama_state(seed, hidden=HIDDEN, heads=HEADS, kv_heads=KV_HEADS, ffn=FFN, vocab=VOCAB)
 
 
 def tuned(state: dict[str, np.ndarray], seed: int, step: float = 0.3) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
 """The GGUF reader: real files from gguf.GGUFWriter, read back by range reads from bytes and from a file.
 
-K-quant blocks (Q4_K, Q5_K, Q6_K) have no quantizer in the gguf package; the min/max packers below write
-them in llama.cpp's block layout (block_q4_K / block_q5_K / block_q6_K in ggml-common.h). A packer that
-got the layout wrong would decode to noise, not to within a few percent of the data it packed.
+K-quant blocks (Q2_K .. Q6_K) have no quantizer in the gguf package; they come from ggml's own
+ggml_quantize_chunk (the libggml-python wheel's libggml-base, indexer.zoo.quantize.ggml_quantize) and are
+decoded by gguf.quants.dequantize, an independent implementation: two codebases agreeing on the bytes.
+The wrapper is pinned to be ggml's by agreeing bit for bit with gguf.quants' ports on the legacy types.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from errors import GGUFError
+from indexer.zoo.quantize import ggml_quantize, quantize_blocks
 from sketches.gguf import (
     QUANT_RELATIVE_ERROR,
     ArraySummary,
@@ -32,90 +34,14 @@ from sketches.gguf import (
 )
 from sketches.safetensors import CallableSource, FileSource
 
-QK_K = 256
+# --- quantizers: gguf.quants' ports of llama.cpp's reference quantizers, and ggml's own for the K-quants ---
 
-# --- reference packers for the K-quants ----------------------------------------------------------------
-
-
-def _f16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float16)
-
-
-def _pack_k_scales(sc: np.ndarray, mins: np.ndarray) -> np.ndarray:
-    """The 12 bytes of eight 6-bit scales and eight 6-bit mins of a Q4_K / Q5_K super-block."""
-    sc, mins = sc.astype(np.uint8), mins.astype(np.uint8)
-    low = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
-    mid = (mins[:, :4] & 63) | ((mins[:, 4:] >> 4) << 6)
-    high = (sc[:, 4:] & 0xF) | ((mins[:, 4:] & 0xF) << 4)
-    return np.concatenate([low, mid, high], axis=1).astype(np.uint8)
-
-
-def _affine_k(x: np.ndarray, levels: int) -> tuple[np.ndarray, ...]:
-    """d, dmin, 6-bit scales, 6-bit mins and codes 0..levels for super-blocks of 8 x 32 values."""
-    sub = x.reshape(x.shape[0], 8, 32)
-    low = np.minimum(sub.min(-1), 0.0)
-    scale, mins = (sub.max(-1) - low) / levels, -low
-    d = _f16(scale.max(-1) / 63).astype(np.float32)
-    dmin = _f16(mins.max(-1) / 63).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ls = np.where(d[:, None] > 0, np.clip(np.rint(scale / d[:, None]), 0, 63), 0)
-        lm = np.where(dmin[:, None] > 0, np.clip(np.rint(mins / dmin[:, None]), 0, 63), 0)
-        step = (d[:, None] * ls)[..., None]
-        q = np.where(step > 0, np.rint((sub + (dmin[:, None] * lm)[..., None]) / step), 0)
-    return d, dmin, ls, lm, np.clip(q, 0, levels).astype(np.uint8)
-
-
-def _head(d: np.ndarray, dmin: np.ndarray) -> list[np.ndarray]:
-    return [_f16(d)[:, None].view(np.uint8), _f16(dmin)[:, None].view(np.uint8)]
-
-
-def pack_q4_k(x: np.ndarray) -> np.ndarray:
-    d, dmin, ls, lm, q = _affine_k(x, 15)
-    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(len(x), 128)  # sub-blocks 2j, 2j+1 share 32 bytes
-    return np.concatenate([*_head(d, dmin), _pack_k_scales(ls, lm), qs], axis=1)
-
-
-def pack_q5_k(x: np.ndarray) -> np.ndarray:
-    d, dmin, ls, lm, q = _affine_k(x, 31)
-    low = q & 0xF
-    qs = (low[:, 0::2] | (low[:, 1::2] << 4)).reshape(len(x), 128)
-    qh = np.zeros((len(x), 32), dtype=np.uint8)
-    for i in range(8):  # bit i of qh[l]: the fifth bit of value l of sub-block i
-        qh |= (((q[:, i, :] >> 4) & 1) << i).astype(np.uint8)
-    return np.concatenate([*_head(d, dmin), _pack_k_scales(ls, lm), qh, qs], axis=1)
-
-
-def pack_q6_k(x: np.ndarray) -> np.ndarray:
-    blocks = x.reshape(len(x), 16, 16)
-    s = np.abs(blocks).max(-1) / 31
-    d = _f16(s.max(-1) / 127).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ls = np.where(d[:, None] > 0, np.clip(np.rint(s / d[:, None]), -128, 127), 0)
-        step = (d[:, None] * ls)[..., None]
-        q = np.where(step > 0, np.rint(blocks / step), 0)
-    u = (np.clip(q, -32, 31) + 32).astype(np.uint8).reshape(len(x), 2, 128)  # two halves of 128
-    ql = (u[:, :, :64] & 0xF) | ((u[:, :, 64:] & 0xF) << 4)
-    qh = np.zeros((len(x), 2, 32), dtype=np.uint8)
-    for k in range(4):
-        qh |= (((u[:, :, 32 * k : 32 * k + 32] >> 4) & 3) << (2 * k)).astype(np.uint8)
-    return np.concatenate(
-        [ql.reshape(len(x), 128), qh.reshape(len(x), 64), ls.astype(np.int8).view(np.uint8), _f16(d)[:, None].view(np.uint8)],
-        axis=1,
-    )
-
-
-K_PACKERS = {"Q4_K": pack_q4_k, "Q5_K": pack_q5_k, "Q6_K": pack_q6_k}
 TYPES = ["F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K"]
 
 
 def quantize(x: np.ndarray, qtype: str) -> np.ndarray:
     """x (float32, last dim whole blocks) -> the array GGUFWriter stores for `qtype`."""
-    kind = gguf.GGMLQuantizationType[qtype]
-    if qtype in K_PACKERS:
-        block, size = gguf.GGML_QUANT_SIZES[kind]
-        packed = K_PACKERS[qtype](x.reshape(-1, QK_K).astype(np.float32))
-        return packed.reshape(*x.shape[:-1], x.shape[-1] // block * size)
-    return gguf.quants.quantize(x.astype(np.float32), kind)
+    return quantize_blocks(x.astype(np.float32), qtype)
 
 
 # --- writing and reading files -------------------------------------------------------------------------
@@ -284,12 +210,40 @@ def test_bad_rows_and_bad_block_bytes(mixed: tuple[Path, dict[str, np.ndarray]])
 def test_relative_error_table() -> None:
     """The documented errors are what quantizing N(0, 1) data gives (64 x 4096 values, seed 0)."""
     x = gaussian(64, 4096)
-    for qtype in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K"]:
+    for qtype in ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
         kind = gguf.GGMLQuantizationType[qtype]
         measured = rel(gguf.quants.dequantize(quantize(x, qtype), kind), x)
         assert measured == pytest.approx(QUANT_RELATIVE_ERROR[qtype], rel=0.05), qtype
     with pytest.raises(GGUFError, match="no predicted error"):
         predicted_relative_error("IQ1_S")
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+def test_ggml_quantizer_is_bit_identical_to_gguf_py_on_the_legacy_types(qtype: str) -> None:
+    """Pins the ctypes wrapper (argument order, row layout, type ids) to ggml's real quantizer: on the types
+    both implement, ggml_quantize_chunk and gguf.quants' ports of llama.cpp's reference write the same bytes."""
+    x = gaussian(8, 512, seed=3) * 0.02
+    np.testing.assert_array_equal(ggml_quantize(x, qtype), gguf.quants.quantize(x, gguf.GGMLQuantizationType[qtype]))
+
+
+@pytest.mark.parametrize("qtype", ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"])
+def test_k_quants_from_ggml_decode_within_their_error(qtype: str) -> None:
+    """ggml's K-quant blocks of heavy-tailed weight-like rows (t with 4 degrees of freedom, 3 x 1024), decoded
+    by gguf.quants and by our reader, which agree bit for bit, within 1.5x the scheme's predicted error."""
+    x = (np.random.default_rng(5).standard_t(4, (3, 1024)) * 0.02).astype(np.float32)
+    blocks = ggml_quantize(x, qtype)
+    block, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]]
+    assert blocks.shape == (3, 1024 // block * type_size)
+    ours = dequantize(blocks.tobytes(), qtype, x.shape)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    assert 0 < rel(ours, x) <= 1.5 * predicted_relative_error(qtype)
+
+
+def test_ggml_quantizer_refuses_what_it_cannot_make() -> None:
+    with pytest.raises(ValueError, match="importance matrix"):
+        ggml_quantize(gaussian(1, 256), "IQ2_XXS")
+    with pytest.raises(ValueError, match="not whole blocks"):
+        ggml_quantize(gaussian(1, 64), "Q4_K")
 
 
 # --- Hugging Face names --------------------------------------------------------------------------------

@@ -2,9 +2,12 @@
 
 - GGUF: llama.cpp's layout through the `gguf` package's own writer (GGUFWriter) and quantizers
   (gguf.quants.quantize: F16, BF16, Q8_0, Q4_0, Q5_0 ... bit-exact ports of llama.cpp's reference
-  quantizers; the package has no K-quant quantizer). Names are llama.cpp's (`blk.N.attn_q.weight`), q/k
-  rows permuted as convert_hf_to_gguf.py's LlamaModel.permute does, norms kept in F32 as llama.cpp does,
-  and no config.json beside it: a GGUF repo on the Hub has the .gguf file (and a card) only.
+  quantizers). The package has no K-quant quantizer: Q2_K..Q6_K blocks come from ggml itself,
+  `ggml_quantize_chunk` in the libggml-base shared library that the `libggml-python` wheel ships (the
+  code llama-quantize runs; without an importance matrix it is quantize_row_q4_K_ref & co.). Names are
+  llama.cpp's (`blk.N.attn_q.weight`), q/k rows permuted as convert_hf_to_gguf.py's LlamaModel.permute
+  does, norms kept in F32 as llama.cpp does, and no config.json beside it: a GGUF repo on the Hub has the
+  .gguf file (and a card) only.
 - GPTQ: AutoGPTQ's v1 checkpoint layout (qweight int32 packed along the input rows, qzeros packed along
   the output columns and stored minus one, fp16 scales per group of input rows, g_idx), with
   round-to-nearest codes (what GPTQ starts from; its error-feedback pass needs calibration data) and the
@@ -13,8 +16,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 from collections.abc import Callable, Mapping
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +56,105 @@ def _gguf_name(hf: str) -> str | None:
     return LLAMA_NAMES.get(hf)
 
 
-def _stored(array: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
-    """(what GGUFWriter stores, raw dtype): norms and 1-D tensors in F32; a matrix whose rows are not whole
-    blocks of `qtype` in F16 (llama.cpp falls back the same way)."""
+# Types gguf.quants cannot quantize, made by ggml's own quantizer instead (ggml_quantize).
+GGML_QUANTIZED = frozenset({"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL"})
+# llama-quantize (llama_tensor_get_type): a tensor whose rows are not whole 256-value super-blocks gets a
+# legacy type instead of its K-quant, and F16 when the rows are not whole blocks of that either.
+K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# general.file_type of each file type we write ("Q4_K_M" is a mixture: _tensor_qtype)
+FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
+              "Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_S", "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_S",
+              "Q6_K": "MOSTLY_Q6_K"}
+
+
+@cache
+def _ggml() -> Any:
+    """libggml-base from the libggml-python wheel, with ggml_quantize_chunk's and ggml_row_size's C types."""
+    try:
+        import libggml
+    except ImportError as exc:
+        raise ImportError("K-quant GGUF copies need ggml's quantizer: pip install -e '.[zoo]' "
+                          "(libggml-python)") from exc
+    lib = ctypes.CDLL(str(Path(libggml.__file__).parent / "lib64" / "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+    lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    return lib
+
+
+def ggml_quantize(array: np.ndarray, qtype: str) -> np.ndarray:
+    """float32 rows (last dim whole blocks) -> ggml's blocks of `qtype` as uint8, shaped like
+    gguf.quants.quantize's output. No importance matrix: what `llama-quantize` writes without --imatrix."""
     kind = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[kind][0]
+    lib = _ggml()
+    if lib.ggml_quantize_requires_imatrix(int(kind)):
+        raise ValueError(f"{qtype} needs an importance matrix; use a K-quant or a legacy type")
+    x = np.ascontiguousarray(array, dtype=np.float32)
+    n_per_row = x.shape[-1]
+    if n_per_row % gguf.GGML_QUANT_SIZES[kind][0]:
+        raise ValueError(f"{qtype}: rows of {n_per_row} values are not whole blocks")
+    rows = x.size // n_per_row if n_per_row else 0
+    out = np.empty((*x.shape[:-1], lib.ggml_row_size(int(kind), n_per_row)), dtype=np.uint8)
+    written = lib.ggml_quantize_chunk(int(kind), x.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    assert written == out.nbytes, (written, out.nbytes)  # ggml's row size and ours agree
+    return out
+
+
+def quantize_blocks(array: np.ndarray, qtype: str) -> np.ndarray:
+    """The blocks GGUFWriter stores for `qtype`: gguf.quants' ports where it has one, else ggml's own."""
+    if qtype in GGML_QUANTIZED:
+        return ggml_quantize(array, qtype)
+    return gguf.quants.quantize(np.asarray(array, dtype=np.float32), gguf.GGMLQuantizationType[qtype])
+
+
+def _more_bits(layer: int, layers: int) -> bool:
+    """llama-quantize's use_more_bits (C int division): the first and last eighth of the layers and every
+    third between."""
+    return layer < layers // 8 or layer >= 7 * layers // 8 or (layer - layers // 8) % 3 == 2
+
+
+def _tensor_qtype(target: str, qtype: str, layers: int) -> str:
+    """The type llama-quantize gives one tensor of a `qtype` file. Q4_K_M: output, attn_v and ffn_down
+    (in the layers _more_bits picks) in Q6_K, the rest Q4_K; every other file type is uniform."""
+    if qtype != "Q4_K_M":
+        return qtype
+    if target == "output.weight":
+        return "Q6_K"
+    if target.endswith(("attn_v.weight", "ffn_down.weight")) and _more_bits(int(target.split(".")[1]), layers):
+        return "Q6_K"
+    return "Q4_K"
+
+
+def _stored(array: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType | None]:
+    """(what GGUFWriter stores, raw dtype): norms and 1-D tensors in F32; a K-quant whose rows are not whole
+    super-blocks in K_FALLBACK's type, and any other type that does not fit in F16, as llama-quantize does."""
     if array.ndim < 2 or qtype == "F32":
         return array.astype(np.float32), None
-    if qtype == "F16" or array.shape[-1] % block:
+    if array.shape[-1] % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] and qtype in K_FALLBACK:
+        qtype = K_FALLBACK[qtype]
+    kind = gguf.GGMLQuantizationType[qtype]
+    if qtype == "F16" or array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0]:
         return array.astype(np.float16), None
-    return gguf.quants.quantize(array.astype(np.float32), kind), kind
+    return quantize_blocks(array, qtype), kind
 
 
 def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, heads: int, kv_heads: int,
                      base_model: str | None = None) -> Path:
-    """A llama GGUF of an HF state dict (float32 numpy), quantized to `qtype`, as llama.cpp writes it."""
+    """A llama GGUF of an HF state dict (float32 numpy), quantized to `qtype` (a block type, or the file type
+    Q4_K_M), as llama.cpp writes it."""
     layers = 1 + max(int(n.split(".")[2]) for n in state if n.startswith("model.layers."))
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_uint32("llama.block_count", layers)
     writer.add_uint32("llama.attention.head_count", heads)
     writer.add_uint32("llama.attention.head_count_kv", kv_heads)
-    writer.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q8_0) if qtype == "Q8_0" else 1)
+    file_type = FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")
+    if file_type not in gguf.LlamaFileType.__members__:
+        raise ValueError(f"no llama.cpp file type for {qtype!r} (known: {', '.join(sorted(FILE_TYPES))})")
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType[file_type]))
     if base_model:  # the converter's declared lineage (general.base_model.*): audited, never trusted
         writer.add_uint32("general.base_model.count", 1)
         writer.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{base_model}")
@@ -84,7 +167,7 @@ def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
             w = hf_permute(w, heads)
         elif name.endswith("k_proj.weight"):
             w = hf_permute(w, kv_heads)
-        data, raw = _stored(w, qtype)
+        data, raw = _stored(w, _tensor_qtype(target, qtype, layers))
         writer.add_tensor(target, data, raw_dtype=raw)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -151,9 +234,9 @@ def write_gptq(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[st
 
 # --- bitsandbytes and FP8: the real libraries' own quantizers and serialisations (optional) --------------
 #
-# Neither library is a project dependency: `pip install bitsandbytes==0.50.2 compressed-tensors==0.20.0
-# loguru` (both run on CPU: bitsandbytes >= 0.45 has a CPU backend, compressed-tensors is plain torch).
-# The relations zoo adds these copies only when both import (`optional_quantizers`).
+# Neither library is a runtime dependency: the `quant` extra (`pip install -e '.[quant]'`, which `make
+# test` installs) brings them; both run on CPU (bitsandbytes >= 0.45 has a CPU backend, compressed-tensors
+# is plain torch). The relations zoo adds these copies only when both import (`optional_quantizers`).
 
 
 def optional_quantizers() -> str:
@@ -263,3 +346,61 @@ def _save_f8(path: Path, tensors: Mapping[str, np.ndarray], f8: set[str]) -> Non
         t = torch.from_numpy(np.ascontiguousarray(a))
         out[name] = t.view(torch.float8_e4m3fn) if name in f8 else t
     save_torch(out, str(path))
+
+
+# --- a K-quant folder: llama-quantize's K types need rows of whole 256-value super-blocks ---------------
+#
+# The relations zoo's llamas are 64 wide, so llama-quantize (and write_llama_gguf) would write every matrix
+# of a K-quant file in its fallback type (K_FALLBACK): no K block at all. This folder has llamas 256 wide
+# (random heavy-tailed weights, fine-tunes as perturbations: the quantizer is the real part under test).
+
+KQUANT_COPIES = (("q/a-Q4_K_M-GGUF", "m/a", "Q4_K_M"), ("q/b-Q6_K-GGUF", "m/b", "Q6_K"),
+                 ("q/base-Q4_K-GGUF", "m/base", "Q4_K"))
+KQUANT_SHAPE = {"hidden": 256, "heads": 4, "kv_heads": 2, "ffn": 512, "vocab": 48, "layers": 2}
+
+
+def wide_llama_state(seed: int, *, hidden: int = 256, heads: int = 4, kv_heads: int = 2, ffn: int = 512,
+                     vocab: int = 48, layers: int = 2) -> dict[str, np.ndarray]:
+    """An HF llama state dict with GQA, heavy-tailed (t, 4 degrees of freedom) like trained weights."""
+    rng = np.random.default_rng(seed)
+    kv = kv_heads * hidden // heads
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for b in range(layers):
+        p = f"model.layers.{b}."
+        shapes |= {p + "input_layernorm.weight": (hidden,), p + "post_attention_layernorm.weight": (hidden,),
+                   p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (ffn, hidden), p + "mlp.up_proj.weight": (ffn, hidden),
+                   p + "mlp.down_proj.weight": (hidden, ffn)}
+    return {n: (rng.standard_t(4, s) * 0.05).astype(np.float32) if len(s) == 2 else np.ones(s, np.float32)
+            for n, s in sorted(shapes.items())}
+
+
+def _perturbed(state: Mapping[str, np.ndarray], seed: int, step: float = 0.3) -> dict[str, np.ndarray]:
+    """A fine-tune stand-in: each matrix plus Gaussian noise of `step` times its standard deviation."""
+    rng = np.random.default_rng(seed)
+    return {n: (a + step * a.std() * rng.standard_normal(a.shape)).astype(np.float32) if a.ndim == 2 else a
+            for n, a in state.items()}
+
+
+def write_kquant_folder(root: Path, *, seed: int = 1) -> dict[str, tuple[str, str]]:
+    """`root/<org>/<name>/` repos as `index recover` reads them: a base, two fine-tunes, an unrelated model
+    (safetensors) and KQUANT_COPIES (a .gguf alone), hub.json upload times (copies last), truth.csv.
+    Returns child -> (parent, relation)."""
+    base = wide_llama_state(seed)
+    states = {"m/base": base, "m/a": _perturbed(base, seed + 1), "m/b": _perturbed(base, seed + 2),
+              "m/other": wide_llama_state(seed + 3)}
+    truth = {"m/base": ("", ""), "m/a": ("m/base", "finetune"), "m/b": ("m/base", "finetune"), "m/other": ("", "")}
+    for repo, state in states.items():
+        (root / repo).mkdir(parents=True, exist_ok=True)
+        save_file(state, str(root / repo / "model.safetensors"))
+    for repo, source, qtype in KQUANT_COPIES:
+        (root / repo).mkdir(parents=True, exist_ok=True)
+        write_llama_gguf(root / repo / f"model-{qtype}.gguf", states[source], qtype, heads=KQUANT_SHAPE["heads"],
+                         kv_heads=KQUANT_SHAPE["kv_heads"], base_model=source)
+        truth[repo] = (source, "quantized")
+    stamps = {repo: {"createdAt": f"2024-{i + 1:02d}-01T00:00:00.000Z"} for i, repo in enumerate(truth)}
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": stamps}, indent=1, sort_keys=True))
+    (root / "truth.csv").write_text("child,parents,relation\n" + "".join(f"{c},{p},{r}\n" for c, (p, r) in truth.items()))
+    return truth
