@@ -15,10 +15,19 @@ functions split the wall time: network (every HTTP exchange of HubSource, latenc
 (BF16 -> float32), exact step (`measure_many`), the rest of the lineage step (nominees, forest), writes
 (Parquet parts, cache drains, lineage flush); "other" is listing, planning, headers and the client.
 Calls per model are counted by the crawler per host (`Outcome.resolver_calls`, `.cdn_calls`); API calls
-are the model_info calls plus the listing pages (1,000 models a page).
+are the model_info calls plus the listing pages (1,000 models a page). Those count a model's own reads;
+the lineage step also reads evicted nominees again (`crawl.hub_refetch`), so the one-process run counts
+every exchange with the Hub and the CDN too, re-reads included: the figures the rate limits apply to.
+
+CPU. The emulator generates the virtual weights on the same cores, which the real Hub does not cost us,
+so the crawler's CPU (this process, plus the Dask worker processes in the workers run) and the emulator
+process's CPU are measured apart (psutil, user + system). "models per crawler CPU-second" is the rate the
+crawler alone could reach on one core: the figure to hold against the Hub's limits. `--threads N` caps
+the crawler's BLAS / OpenMP pools and torch's at N threads (threadpoolctl, torch.set_num_threads): on a
+busy box their idle threads spin on cores that the emulator and the other processes want.
 
     .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2]
-        [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers]
+        [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers] [--threads N]
 
 Prints markdown tables (copy them to bench/RESULTS.md).
 """
@@ -42,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import duckdb
 import numpy as np
+import psutil
 from budget_7b import Member, build_family
 
 import indexer.crawl as crawl_module
@@ -49,7 +59,7 @@ import indexer.incremental.index as index_module
 from indexer.crawl import CrawlOptions, crawl
 from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via
 from indexer.hub_emulator import emulator_process
-from indexer.sources import HubSource
+from indexer.sources import HubSource, origin
 from store.query import export_forest
 from store.tables import Store
 
@@ -101,19 +111,35 @@ def _counted(timers: Timers, key: str, fn: Callable[..., object]) -> Callable[..
     return wrapper
 
 
+def _by_host(timers: Timers, fn: Callable[..., object]) -> Callable[..., object]:
+    """Count every exchange by host: the Hub's (a /resolve/ hit) or the CDN's, re-reads included."""
+    def wrapper(hub: HubSource, repo_id: str, url: str, *args: object, **kwargs: object) -> object:
+        timers["all resolver calls" if origin(url) == hub._hub_origin else "all CDN calls"] += 1
+        return fn(hub, repo_id, url, *args, **kwargs)
+    return wrapper
+
+
+def _refetches(timers: Timers, fn: Callable[..., object]) -> Callable[..., object]:
+    def wrapper(*args: object, **kwargs: object) -> object:
+        return _counted(timers, "re-reads", fn(*args, **kwargs))  # type: ignore[arg-type]
+    return wrapper
+
+
 @contextmanager
 def instrument(timers: Timers) -> Iterator[None]:
-    """Wrap our own functions with timers (bench only; restored after)."""
+    """Wrap our own functions with timers and counters (bench only; restored after)."""
     lineage = index_module.LineageIndex
     targets = [
-        (HubSource, "_exchange", "network", _timed), (HubSource, "model_info", "model_info calls", _counted),
+        (HubSource, "_exchange", "network", _timed), (HubSource, "_exchange", "", _by_host),
+        (HubSource, "model_info", "model_info calls", _counted), (crawl_module, "hub_refetch", "", _refetches),
         (crawl_module, "decode", "decode", _timed), (index_module, "measure_many", "exact step", _timed),
         (lineage, "add_many", "lineage step", _timed), (lineage, "flush", "writes", _timed),
         (Store, "append", "writes", _timed), (crawl_module._CacheWriter, "drain", "writes", _timed),
     ]
-    saved = [(owner, name, getattr(owner, name)) for owner, name, _, _ in targets]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _, _ in targets][::-1]  # restored last first
     for owner, name, key, wrap in targets:
-        setattr(owner, name, wrap(timers, key, getattr(owner, name)))
+        inner = getattr(owner, name)
+        setattr(owner, name, wrap(timers, key, inner) if key else wrap(timers, inner))  # type: ignore[call-arg]
     try:
         yield
     finally:
@@ -121,10 +147,47 @@ def instrument(timers: Timers) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
+class CpuMeter:
+    """CPU seconds (user + system) of the crawler -- this process and the processes it started, e.g. Dask
+    workers -- and of the emulator process, apart. `emulator`: the pid of `index hub serve`."""
+
+    def __init__(self, emulator: int) -> None:
+        self.emulator = emulator
+        self._start: dict[int, float] = {}
+
+    def _now(self) -> dict[int, float]:
+        me = psutil.Process()
+        out = {me.pid: sum(me.cpu_times()[:2])}
+        for proc in me.children(recursive=True):
+            try:
+                out[proc.pid] = sum(proc.cpu_times()[:2])
+            except psutil.NoSuchProcess:  # a worker that just stopped: its time since the start is lost
+                continue
+        return out
+
+    def start(self) -> None:
+        self._start = self._now()
+
+    def read(self) -> tuple[float, float]:
+        """(crawler, emulator) CPU seconds since `start`. Call it before worker processes exit."""
+        spent = {pid: cpu - self._start.get(pid, 0.0) for pid, cpu in self._now().items()}
+        emulator = spent.pop(self.emulator, 0.0)
+        return sum(spent.values()), emulator
+
+
+def emulator_pid() -> int:
+    """The `index hub serve` child that emulator_process started."""
+    for proc in psutil.Process().children():
+        if "serve" in proc.cmdline():
+            return proc.pid
+    raise RuntimeError("the emulator process is not a child of this one")
+
+
 # --- runs ----------------------------------------------------------------------------------------
 
 
-def _summary(mode: str, outcomes: list, seconds: float, timers: Timers | None) -> dict[str, object]:  # type: ignore[type-arg]
+def _summary(mode: str, outcomes: list, seconds: float, timers: Timers | None,  # type: ignore[type-arg]
+             cpu: tuple[float, float]) -> dict[str, object]:
     indexed = [o for o in outcomes if o.status == "indexed"]
     n = len(outcomes)
     row: dict[str, object] = {
@@ -133,9 +196,13 @@ def _summary(mode: str, outcomes: list, seconds: float, timers: Timers | None) -
         "resolver/model": sum(o.resolver_calls for o in outcomes) / max(n, 1),
         "cdn/model": sum(o.cdn_calls for o in outcomes) / max(n, 1),
         "requests/model": sum(o.requests for o in outcomes) / max(n, 1),
+        "crawler CPU/model": cpu[0] / max(n, 1), "emulator CPU/model": cpu[1] / max(n, 1),
     }
     if timers is not None:
         row["api/model"] = (timers["model_info calls"] + math.ceil(n / PAGE)) / max(n, 1)
+        row["re-reads/model"] = timers["re-reads"] / max(n, 1)
+        row["all resolver/model"] = timers["all resolver calls"] / max(n, 1)
+        row["all cdn/model"] = timers["all CDN calls"] / max(n, 1)
         row["shares"] = _shares(timers, seconds)
     return row
 
@@ -148,29 +215,33 @@ def _shares(timers: Timers, wall: float) -> dict[str, float]:
     return {k: v / wall for k, v in shares.items()}
 
 
-def run_single(url: str, budget: int, truth: dict[str, str]) -> dict[str, object]:
+def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter) -> dict[str, object]:
     timers = Timers()
     with tempfile.TemporaryDirectory() as home:
         with instrument(timers):
+            meter.start()
             t = time.perf_counter()
             report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
             seconds = time.perf_counter() - t
-        row = _summary("1 process", list(report.outcomes), seconds, timers)
+            cpu = meter.read()
+        row = _summary("1 process", list(report.outcomes), seconds, timers, cpu)
         row.update(_accuracy(Path(home), truth))
     return row
 
 
-def run_workers(url: str, budget: int, workers: int, truth: dict[str, str]) -> dict[str, object]:
+def run_workers(url: str, budget: int, workers: int, truth: dict[str, str], meter: CpuMeter) -> dict[str, object]:
     options = CrawlOptions(endpoint=url, budget=budget, progress=False)
     with tempfile.TemporaryDirectory() as home:
         with connect(ClusterSpec(workers=workers, processes=True)) as client:
             client.wait_for_workers(workers)
             hub = DaskHub(options, client=client, known=_Known.read(Path(home), have_token=False),
                           window=2 * workers)
+            meter.start()
             t = time.perf_counter()
             report = crawl_via(Path(home), options, hub=hub)
             seconds = time.perf_counter() - t
-        row = _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None)
+            cpu = meter.read()  # while the workers still run
+        row = _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None, cpu)
         row.update(_accuracy(Path(home), truth))
     return row
 
@@ -191,15 +262,28 @@ def _accuracy(home: Path, truth: dict[str, str]) -> dict[str, object]:
 
 
 def rate_table(rows: list[dict[str, object]]) -> str:
-    head = ("| mode | models | indexed | seconds | models/s | MiB read/model | resolver calls/model "
+    head = ("| mode | models | indexed | seconds | models/s | crawler CPU s/model | emulator CPU s/model "
+            "| models per crawler CPU-second | MiB read/model | resolver calls/model "
             "| CDN calls/model | API calls/model | edge accuracy | relations |")
-    lines = [head, "|" + "---|" * 11]
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         api = f"{r['api/model']:.3f}" if "api/model" in r else "n/a"
         calls = (f"{r['resolver/model']:.2f} | {r['cdn/model']:.1f}" if r["resolver/model"] or r["cdn/model"]
                  else f"n/a | n/a (all requests: {r['requests/model']:.1f})")
+        crawler = float(r["crawler CPU/model"])  # type: ignore[arg-type]
         lines.append(f"| {r['mode']} | {r['models']} | {r['indexed']} | {r['seconds']:.1f} | {r['models/s']:.2f} "
+                     f"| {crawler:.2f} | {r['emulator CPU/model']:.2f} | {1 / max(crawler, 1e-9):.2f} "
                      f"| {r['MiB/model']:.2f} | {calls} | {api} | {r['edge accuracy']:.3f} | {r['relations']} |")
+    return "\n".join(lines)
+
+
+def calls_table(row: dict[str, object]) -> str:
+    """Calls per model with the lineage step's re-reads of evicted nominees (one-process run)."""
+    head = "| calls per model | the model's own reads | all, re-reads of nominees included |"
+    lines = [head, "|---|---|---|",
+             f"| resolver (/resolve/) | {row['resolver/model']:.2f} | {row['all resolver/model']:.2f} |",
+             f"| CDN | {row['cdn/model']:.1f} | {row['all cdn/model']:.1f} |",
+             f"| nominees read again | | {row['re-reads/model']:.2f} |"]
     return "\n".join(lines)
 
 
@@ -214,8 +298,9 @@ def share_table(row: dict[str, object]) -> str:
 
 
 def limits_table(row: dict[str, object], rates: list[tuple[str, float]]) -> str:
-    """Models/s each plan's limits allow, given the calls a model costs, against our measured rates."""
-    api, resolver = float(row["api/model"]), float(row["resolver/model"])  # type: ignore[arg-type]
+    """Models/s each plan's limits allow, given the calls a model costs (re-reads included), against our
+    rates: the measured ones and the crawler alone per CPU-second."""
+    api, resolver = float(row["api/model"]), float(row["all resolver/model"])  # type: ignore[arg-type]
     head = ("| plan | API / 5 min | resolvers / 5 min | models/s the API bucket allows | models/s the resolver "
             "bucket allows | bound |")
     lines = [head, "|" + "---|" * 6]
@@ -239,7 +324,14 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default="single,workers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="cap the crawler's BLAS/OpenMP/torch threads")
     args = parser.parse_args()
+    if args.threads is not None:
+        import torch
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)  # numpy's BLAS and OpenMP, for the rest of the process
+        torch.set_num_threads(args.threads)
     budget = int(args.budget_mib * MIB) if args.budget_mib else CrawlOptions(endpoint="").budget
     family = members(args.n, args.family_size, args.seed)
     virtual = [_spec(m, args.layout) for m in family]
@@ -248,22 +340,27 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as empty:
         serve_args = [a for spec in virtual for a in ("--virtual", spec)] + ["--latency", str(args.latency)]
         with emulator_process(Path(empty), args=serve_args) as url:
+            meter = CpuMeter(emulator_pid())
             if "single" in args.modes:
-                rows.append(run_single(url, budget, truth))
+                rows.append(run_single(url, budget, truth, meter))
                 print(rate_table(rows[-1:]), flush=True)  # each mode as soon as it is done: runs are long
             if "workers" in args.modes:
-                rows.append(run_workers(url, budget, args.workers, truth))
+                rows.append(run_workers(url, budget, args.workers, truth, meter))
                 print(rate_table(rows[-1:]), flush=True)
     print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
     print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{args.n} virtual {args.layout} models in families of {args.family_size}; budget {budget / MIB:g} MiB; "
-          f"{args.latency * 1000:.0f} ms added to every Hub and CDN request\n")
+          f"{args.latency * 1000:.0f} ms added to every Hub and CDN request; crawler threads: "
+          f"{args.threads or 'library defaults'}\n")
     print(rate_table(rows) + "\n")
     single = next((r for r in rows if "shares" in r), None)
     if single is not None:
         print(share_table(single) + "\n")
-        print(limits_table(single, [(str(r["mode"]), float(r["models/s"])) for r in rows]))  # type: ignore[arg-type]
+        print(calls_table(single) + "\n")
+        rates = [(str(r["mode"]), float(r["models/s"])) for r in rows]  # type: ignore[arg-type]
+        rates.append(("crawler alone per CPU-second", 1 / max(float(single["crawler CPU/model"]), 1e-9)))  # type: ignore[arg-type]
+        print(limits_table(single, rates))
 
 
 if __name__ == "__main__":

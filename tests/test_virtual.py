@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -63,6 +65,18 @@ def test_a_block_generated_alone_equals_it_inside_a_long_read(block: int) -> Non
     alone = virtual._block(_SHARD.lineage, _ENTRY.name, _ENTRY.shape, block, BLOCK_ELEMS)  # no cache at all
     at = 2 * BLOCK_ELEMS * (block - max(0, block - 1))
     assert np.frombuffer(long[at:at + 2 * BLOCK_ELEMS], dtype="<u2").tobytes() == alone.astype("<u2").tobytes()
+
+
+def test_generated_values_are_pinned_across_speedups() -> None:
+    """The emulator's generation was sped up (V scaled once per tensor, BLAS on one thread in
+    emulator_process); a child's bytes must stay the ones every benchmark table was measured on. The
+    digest was taken with the code before that change: one block of two matrices after each step kind."""
+    lineage, digest = ROOT, hashlib.sha256()
+    for i, kind in enumerate(virtual.STEP_KINDS):
+        lineage = lineage.child(100 + i, 4e-4 if kind == "subres" else 0.02, kind)
+        for name in ("model.layers.1.self_attn.v_proj.weight", "model.layers.2.mlp.down_proj.weight"):
+            digest.update(virtual._block(lineage, name, SHAPES[name], 3, BLOCK_ELEMS).astype("<u2").tobytes())
+    assert digest.hexdigest() == "57ee50ecf6b1f1f878e8ede05f85554469aa0195786f3f70594feab7103064ce"
 
 
 def test_neighbouring_blocks_draw_independent_values() -> None:

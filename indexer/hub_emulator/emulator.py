@@ -16,6 +16,7 @@ file from the Hub origin directly instead.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VIRTUAL_CREATED_AT = "2023-07-18T00:00:00.000Z"  # the day Llama-2 was published
 _MAX_LOG = 100_000  # request records kept (oldest dropped first): bounded memory for long demos
+_ONE_THREAD = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")  # emulator_process: BLAS on one thread
 
 
 class HubEmulator:
@@ -238,9 +240,14 @@ def emulator_process(root: Path, *, args: Sequence[str] = ()) -> Iterator[str]:
     """`index hub serve ROOT ARGS...` in its own process, yielding its URL; stopped on exit.
 
     For benchmarks: the emulator's CPU time then stays out of the measured process, as a real Hub's does.
+    Its BLAS runs on one thread: a virtual block's low-rank rows are one small product (8 x 32 x 4096 on a
+    7B q_proj), which OpenBLAS spreads over threads that then wait for cores the server's request threads
+    and the crawler are using. On the busy 2-core box that took 3-8 ms a block instead of 0.25 ms, and made
+    a virtual 7B model's 16 MiB cost 2.4 s of generation instead of 0.6 s; the values are the same.
     """
     command = [sys.executable, "-c", "from cli import main; main()", "hub", "serve", str(root), *args]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    env = {**os.environ, **{name: "1" for name in _ONE_THREAD}}
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = proc.stdout.readline().strip()  # type: ignore[union-attr]  # printed once listening
         if not url.startswith("http"):

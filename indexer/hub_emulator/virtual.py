@@ -284,11 +284,20 @@ def _spectrum(shape: UpdateShape) -> np.ndarray:
     return (s / np.sqrt((s**2).sum())).astype(np.float32)
 
 
-@lru_cache(maxsize=128)
 def _right_factor(seed: int, tensor: str, cols: int, rank: int) -> np.ndarray:
-    """V (cols x rank), N(0, 1): every block of the tensor needs all of it. 128 x (11008 x 64 float32) at
-    most = 360 MB; a sequential read of one tensor hits it once per block."""
+    """V (cols x rank), N(0, 1): every block of the tensor needs all of it."""
     return _stream(seed, tensor, _V).standard_normal((cols, rank), dtype=np.float32)
+
+
+@lru_cache(maxsize=128)
+def _right_scaled(seed: int, tensor: str, cols: int, kind: StepKind) -> np.ndarray:
+    """(V diag(s))^T (rank x cols), C-contiguous, kept in a bounded cache: 128 x (64 x 11008 float32) at
+    most = 360 MB; a sequential read of one tensor hits it once per block. Scaled once, not per block (the
+    scaling copied all of V per block: up to 2.8 MB for a `continued` down_proj). Same products, same values
+    as before (checked block for block on every kind; tests/test_virtual.py pins them). The product's cost
+    is BLAS threading, not flops: see emulator.emulator_process."""
+    shape = UPDATE_SHAPES[kind]
+    return np.ascontiguousarray((_right_factor(seed, tensor, cols, shape.rank) * _spectrum(shape)).T)
 
 
 @lru_cache(maxsize=256)
@@ -299,13 +308,12 @@ def _left_chunk(seed: int, tensor: str, chunk: int, rank: int) -> np.ndarray:
 
 def _low_rank_rows(step: Step, tensor: str, rows: tuple[int, int], cols: int) -> np.ndarray:
     """Rows [r0, r1) of U diag(s) V^T (unit element RMS)."""
-    shape = UPDATE_SHAPES[step.kind]
-    v = _right_factor(step.seed, tensor, cols, shape.rank) * _spectrum(shape)
+    rank = UPDATE_SHAPES[step.kind].rank
     r0, r1 = rows
-    u = np.concatenate([_left_chunk(step.seed, tensor, c, shape.rank)
+    u = np.concatenate([_left_chunk(step.seed, tensor, c, rank)
                         for c in range(r0 // _ROW_CHUNK, (r1 - 1) // _ROW_CHUNK + 1)])
     first = r0 - (r0 // _ROW_CHUNK) * _ROW_CHUNK
-    return u[first:first + (r1 - r0)] @ v.T
+    return u[first:first + (r1 - r0)] @ _right_scaled(step.seed, tensor, cols, step.kind)
 
 
 def update_block(step: Step, tensor: str, shape: tuple[int, ...], block: int, n: int) -> np.ndarray:

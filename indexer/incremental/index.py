@@ -420,7 +420,10 @@ class LineageIndex:
     # --- arrays of nominees ------------------------------------------------------------------------
 
     def _remember(self, repo_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+        """Hold a model's arrays in memory, least recently used dropped first past `array_bytes`."""
         kept = {n: np.asarray(a, dtype=np.float32) for n, a in sorted(arrays.items())}
+        if (old := self._arrays.pop(repo_id, None)) is not None:  # a new revision, or read again: count it once
+            self._held -= sum(a.nbytes for a in old.values())
         self._arrays[repo_id] = kept
         self._held += sum(a.nbytes for a in kept.values())
         while self._held > self._array_bytes and len(self._arrays) > 1:
@@ -437,11 +440,16 @@ class LineageIndex:
     def _with_arrays(self, state: _Family, repo_id: str) -> ModelView | None:
         view = state.views[repo_id]
         arrays = self._arrays.get(repo_id)
-        if arrays is None:
+        if arrays is not None:
+            self._arrays.move_to_end(repo_id)  # used: a nominee of an active family stays in memory
+        else:
             arrays = self._cached_or_refetched(repo_id, state.revisions[repo_id], tuple(view.norms))
             if arrays is None:
                 self.not_compared += 1
                 return None
+            # held again: the merge step asks for the same relatives several times an arrival (4,918 asks for
+            # 80 virtual 7B models, 230 of them to the disk cache or the network before this)
+            self._remember(repo_id, arrays)
         return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)  # type: ignore[arg-type]
 
     def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
