@@ -32,6 +32,7 @@ import math
 import re
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -565,11 +566,29 @@ class CrawlOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # the on-disk tensor cache's bound (misses are read again by range)
 
 
+# Entries of the models indexed this run, by (repo_id, revision), for the lineage step's re-reads of evicted
+# nominees: with the entry (its file list) at hand a re-read costs no model_info call, an API call each
+# (bench/crawl_rate.py: 0.79 re-reads a model on 80 virtual 7B models, which made the Hub's API bucket
+# bind before the resolver bucket). An entry is about 1 KB: 65,536 of them, 64 MB at most.
+RECENT_ENTRIES = 65_536
+
+
+class _Recent(OrderedDict[tuple[str, str], ModelEntry]):
+    """The last RECENT_ENTRIES entries indexed, oldest dropped first."""
+
+    def note(self, entry: ModelEntry) -> None:
+        self[(entry.repo_id, entry.revision)] = entry
+        self.move_to_end((entry.repo_id, entry.revision))
+        while len(self) > RECENT_ENTRIES:
+            self.popitem(last=False)
+
+
 @dataclass
 class _Run:
     indexer: Indexer
     hub: HubSource
     options: CrawlOptions
+    recent: _Recent = field(default_factory=_Recent)  # entries for re-reads (hub_refetch)
     outcomes: list[Outcome] = field(default_factory=list)
     seen: int = 0
     unchanged: int = 0
@@ -626,6 +645,7 @@ def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "las
             continue
         if not run.budget_left():
             return False, retry_from or newest, newest_modified
+        run.recent.note(entry)
         outcome = run.indexer.index_model(run.hub.repo(entry))
         run.outcomes.append(outcome)
         if moment is not None and _retry_later(outcome):
@@ -785,12 +805,14 @@ def local_base_shapes(repos: Sequence[LocalRepo]) -> BaseShapes:
     return _memo(shapes_of)
 
 
-def hub_refetch(hub: HubSource, *, budget: int, have_token: bool) -> Callable[[str, str], Mapping[str, np.ndarray]]:
+def hub_refetch(hub: HubSource, *, budget: int, have_token: bool,
+                recent: Mapping[tuple[str, str], ModelEntry] | None = None) -> Callable[[str, str], Mapping[str, np.ndarray]]:
     """Read a model's selected tensors again, by range, at the revision it was indexed at: the same plan
-    (it depends on the header and the budget only), so the same blocks."""
+    (it depends on the header and the budget only), so the same blocks. The entry comes from `recent`
+    (indexed this run) when it is there, else from model_info."""
 
     def refetch(repo_id: str, revision: str) -> Mapping[str, np.ndarray]:
-        entry = hub.model_info(repo_id, revision=revision)
+        entry = (recent or {}).get((repo_id, revision)) or hub.model_info(repo_id, revision=revision)
         # HubSource.repo, not an override: a Dask hub would send this one read to a worker and count it
         return read_model(HubSource.repo(hub, entry), budget=budget, have_token=have_token).arrays
 
@@ -809,12 +831,13 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
     cursors: dict[str, str] = {}
     with open_store(home) as store:
         cache = TensorCache(store.home / CACHE_DIR, max_bytes=options.cache_bytes)  # one bound: crawl + lineage
-        refetch = hub_refetch(hub, budget=options.budget, have_token=options.token is not None)
+        recent = _Recent()
+        refetch = hub_refetch(hub, budget=options.budget, have_token=options.token is not None, recent=recent)
         hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache, refetch=refetch,
                                 base_shapes=hub_base_shapes(hub, have_token=options.token is not None))
         indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, cache=cache,
                           on_flush=on_flush)
-        run = _Run(indexer, hub, options)
+        run = _Run(indexer, hub, options, recent=recent)
         with _progress(options.progress) as bar:  # type: ignore[attr-defined]
             run.bar = bar
             try:

@@ -349,6 +349,30 @@ def test_refetch_reads_the_same_blocks_again_by_range(emu: HubEmulator, hub_root
     assert len(_fetched(emu, "acme/sharded")) > before  # really read again, over HTTP
 
 
+def test_a_refetch_of_a_model_indexed_this_run_asks_no_model_info(emu: HubEmulator, hub_root: Path,
+                                                                   tmp_path: Path) -> None:
+    """With the entry indexed this run at hand, a re-read costs range reads only: model_info is an API
+    call, and 0.79 of them a model (bench/crawl_rate.py) made the Hub's API bucket bind first."""
+    from indexer.crawl import hub_refetch
+    from indexer.sources import HubSource
+
+    _sharded(hub_root, "acme/sharded", 3, _weights(3))
+    seen: list[IndexedModel] = []
+    crawl(tmp_path / "home", _options(emu, budget=4096), on_indexed=seen.append)
+    first = seen[0]
+    emu.clear_requests()
+    recent = {(first.entry.repo_id, first.entry.revision): first.entry}
+    again = hub_refetch(HubSource(emu.url, token=None), budget=4096, have_token=False, recent=recent)(
+        "acme/sharded", first.entry.revision)
+    assert all(np.array_equal(again[n], first.arrays[n]) for n in first.arrays)
+    asked = [r.path for r in emu.requests()]
+    assert asked and not any(p.startswith("/api/") for p in asked)
+    # a model not indexed this run (after a restart) still asks model_info
+    hub_refetch(HubSource(emu.url, token=None), budget=4096, have_token=False, recent={})("acme/sharded",
+                                                                                          first.entry.revision)
+    assert any(r.path.startswith("/api/models/acme/sharded") for r in emu.requests())
+
+
 def test_a_model_listed_by_both_passes_is_counted_once(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
     """The created pass and the lastModified pass overlap; the report counts each listed model once, and a
     model indexed by one pass is not "unchanged" in the other."""

@@ -440,16 +440,16 @@ class LineageIndex:
     def _with_arrays(self, state: _Family, repo_id: str) -> ModelView | None:
         view = state.views[repo_id]
         arrays = self._arrays.get(repo_id)
-        if arrays is not None:
-            self._arrays.move_to_end(repo_id)  # used: a nominee of an active family stays in memory
-        else:
+        if arrays is None:
+            # from the disk cache or the network, and not held in memory afterwards: memory keeps the latest
+            # arrivals (first in, first out), the disk cache (least recently used out) also the older ones read
+            # since. Holding re-read ones in memory too, least recently used out, made both hold the same
+            # models: 63 nominees read again over the network in 80 virtual 7B models instead of 27
+            # (bench/crawl_rate.py, bench/RESULTS.md)
             arrays = self._cached_or_refetched(repo_id, state.revisions[repo_id], tuple(view.norms))
             if arrays is None:
                 self.not_compared += 1
                 return None
-            # held again: the merge step asks for the same relatives several times an arrival (4,918 asks for
-            # 80 virtual 7B models, 230 of them to the disk cache or the network before this)
-            self._remember(repo_id, arrays)
         return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)  # type: ignore[arg-type]
 
     def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
