@@ -70,9 +70,9 @@ from indexer.relations.adapters import (
     verdict_details,
 )
 from indexer.relations.merges import fit, merge_row_parents
+from indexer.relations.pool import PairStats, identical, merge_pool, pair_stats
 from indexer.relations.rules import (
     LEAF_PENALTY,
-    MERGE_CANDIDATES,
     within_quantization_error,
 )
 from sketches.adapter import LoraUpdate, check_compatibility, lora_updates
@@ -170,6 +170,10 @@ class _Family:
     # what the `quantized` label is judged on, against the scheme's predicted error
     relative: dict[tuple[str, str], float] = field(default_factory=dict)
     merges: dict[str, tuple[tuple[str, float], ...]] = field(default_factory=dict)  # merge -> (parent, weight)
+    # the merge pool rule's statistic of each related pair ((a, rev a, b, rev b), a < b), measured once with
+    # both models' arrays at hand (indexer.relations.pool.pair_stats); a new revision is a new key
+    pair_stats: dict[tuple[str, str, str, str], PairStats | None] = field(default_factory=dict)
+    pools: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # model -> last pool fitted (id, rev)
 
 
 class LineageIndex:
@@ -712,39 +716,66 @@ class LineageIndex:
     # --- merges --------------------------------------------------------------------------------------
 
     def _merges(self, state: _Family, new: ModelView, related: Sequence[PairMeasure]) -> None:
-        """Is the newcomer a merge of its related relatives, and does it complete a merge among them (a
-        merge listed before its parents: the crawl lists newest first)? indexer.relations.merges.fit on the
-        compared blocks; at most k + 1 fits per arrival, each over at most MERGE_CANDIDATES models."""
+        """Is the newcomer a merge of its related relatives, and does it change the pool of one of them (a
+        merge listed before its parents: the crawl lists newest first)? Each model is fitted over the pool
+        `indexer.relations.pool.merge_pool` draws from every related model measured so far (the rule batch
+        applies to a tree), and fitted again whenever that pool changes, the result replacing the last one:
+        once every model has arrived, each has been fitted over the pool of its whole related set, in any
+        arrival order. At most k + 1 fits per arrival, each over at most MERGE_CANDIDATES + 1 models."""
         if new.repo_id in state.quant:
             return
-        others = [q.other for q in sorted(related, key=lambda q: q.distance) if not q.identical and q.other not in state.quant]
-        self._fit_merge(state, new, {r: v for r in others[:MERGE_CANDIDATES] if (v := self._with_arrays(state, r)) is not None})
+        others = sorted({q.other for q in related} - set(state.quant))
+        for other in others:  # the arrival's arrays are at hand now: measure its pairs once
+            self._pair_stats(state, other, new.repo_id, new)
+        self._fit_merge(state, new.repo_id, new)
         for other in others:
-            view = self._with_arrays(state, other)
-            if view is None:
-                continue
-            near = sorted((state.distance.get((c, other), math.inf), c) for c in state.forest._in[other]
-                          if c != new.repo_id and c not in state.quant and (c, other) not in state.identical)
-            pool = {new.repo_id: new} | {c: v for _, c in near[: MERGE_CANDIDATES - 1]
-                                         if (v := self._with_arrays(state, c)) is not None}
-            if self._fit_merge(state, view, pool):
+            if self._fit_merge(state, other):
                 self._pending["edges"] += self._edge_rows(state, [other])
 
-    def _fit_merge(self, state: _Family, x: ModelView, pool: Mapping[str, ModelView]) -> bool:
-        """Fit `x` over `pool`; record it as a merge; True when its merge parents changed. Only relatives
-        uploaded before it take part (a merge is made of existing models: the parent came first in 99.73 %
-        of documented pairs), which also keeps a merge's own parents from being read as merges of it: a
-        TIES merge shares bit-equal entries with its parents as much as with its base."""
-        pool = {r: v for r, v in pool.items()
-                if x.created is None or v.created is None or v.created <= x.created}
-        found = fit(x.arrays, {r: v.arrays for r, v in pool.items()}) if len(pool) >= 2 else None
-        if found is None or (not found.is_merge and x.repo_id not in state.merges):
-            return False
-        before = state.merges.get(x.repo_id)
-        if found.is_merge:
-            state.merges[x.repo_id] = found.parents
-            logger.info("%s: a merge of %s (residual ratio %.3f)", x.repo_id, found.parents, found.ratio)
-        return state.merges.get(x.repo_id) != before
+    def _pair_stats(self, state: _Family, a: str, b: str, view: ModelView | None = None) -> PairStats | None:
+        """The pool statistic of the pair, measured on first use (`view`: b's, when at hand; after a restart
+        the arrays come from memory or the cache); None while either's arrays cannot be had."""
+        first, second = sorted((a, b))
+        key = (first, state.revisions.get(first, ""), second, state.revisions.get(second, ""))
+        if key not in state.pair_stats:
+            views = {r: view if view is not None and r == view.repo_id else self._with_arrays(state, r) for r in (a, b)}
+            if views[a] is None or views[b] is None:
+                return None  # asked again next time
+            state.pair_stats[key] = pair_stats(views[first].arrays, views[second].arrays)  # type: ignore[union-attr]
+        return state.pair_stats[key]
+
+    def _fit_merge(self, state: _Family, repo_id: str, view: ModelView | None = None) -> bool:
+        """Fit a model over its pool (`_merges`) when the pool changed; record it as a merge or as none;
+        True when its merge parents changed. The pool leaves out relatives uploaded after it, which also
+        keeps a merge's own parents from being read as merges of it: a TIES merge shares bit-equal entries
+        with its parents as much as with its base."""
+        relatives = {}
+        for other in sorted(state.forest._in.get(repo_id, {})):
+            if other not in state.quant and (found := self._pair_stats(state, repo_id, other, view)) is not None:
+                relatives[other] = (state.views[other].created, found)
+        created = view.created if view is not None else state.views[repo_id].created
+        pool = merge_pool(created, relatives, lambda a, b: self._identical(state, a, b))
+        key = tuple((r, state.revisions.get(r, "")) for r in pool)
+        if state.pools.get(repo_id) == key:
+            return False  # the same pool fits the same way
+        x = view if view is not None else self._with_arrays(state, repo_id)
+        views = {r: v for r in pool if (v := self._with_arrays(state, r)) is not None}
+        if x is None or len(views) < len(pool):
+            return False  # unreadable now: fitted again when its pool next changes
+        found = fit(x.arrays, {r: v.arrays for r, v in views.items()}) if len(views) >= 2 else None
+        state.pools[repo_id] = key
+        before = state.merges.pop(repo_id, None)
+        if found is not None and found.is_merge:
+            state.merges[repo_id] = found.parents
+            logger.info("%s: a merge of %s (residual ratio %.3f)", repo_id, found.parents, found.ratio)
+        return state.merges.get(repo_id) != before
+
+    def _identical(self, state: _Family, a: str, b: str) -> bool:
+        """Two relatives at the same distance from a model: bit-identical? (merge_pool asks only then)."""
+        if (a, b) in state.identical:
+            return True
+        va, vb = self._with_arrays(state, a), self._with_arrays(state, b)
+        return va is not None and vb is not None and identical(va.arrays, vb.arrays)
 
     def _adopt_orphans(self, family: str) -> None:
         """A new family: adapters that arrived before any model they fit (external base, no family) join it

@@ -12,10 +12,10 @@ error, then id: a strict order, so no cycle). Label: `quantized` when its relati
 parent is within QUANT_MULTIPLE x the scheme's predicted error (+ QUANT_FLOOR), else `finetune`. These
 numbers, LEAF_PENALTY and MERGE_CANDIDATES are `indexer.relations.rules`', shared with the index.
 
-Merges: every model of a `mother` tree is fitted (`indexer.relations.merges.fit`) over its
-MERGE_CANDIDATES nearest relatives of the same tree (L2 over the compared layers) uploaded no later
-than it and not bit-identical to it, as the incremental fits each arrival over its nearest related
-nominees. A merge's row takes as parent its heaviest merge parent that is not below it in the tree
+Merges: every model of a `mother` tree is fitted (`indexer.relations.merges.fit`) over its pool among
+the rest of the tree (`indexer.relations.pool.merge_pool`: the MERGE_CANDIDATES nearest uploaded no
+later, no re-uploads, then the likeliest TIES / DARE base), the rule the incremental index applies to
+the related models it has measured. A merge's row takes as parent its heaviest merge parent that is not below it in the tree
 (`indexer.relations.merges.merge_row_parents`, which the index's `_merge_parents` calls too), and lists
 every parent with its weight.
 
@@ -55,10 +55,10 @@ from indexer.relations.adapters import (
     resolve_base,
     total_norm,
 )
-from indexer.relations.merges import MASK_EQUAL, equal_share, fit
+from indexer.relations.merges import fit
+from indexer.relations.pool import tree_pools
 from indexer.relations.rules import (
     LEAF_PENALTY,
-    MERGE_CANDIDATES,
     within_quantization_error,
 )
 from sketches.adapter import (
@@ -197,45 +197,14 @@ def place_quantized(copies: Sequence[QuantCopy], views: Mapping[str, ModelView],
 # --- merges ------------------------------------------------------------------------------------------
 
 
-def merge_pool(x: str, tree: Sequence[str], arrays: Mapping[str, Arrays], created: Mapping[str, float | None]) -> list[str]:
-    """The MERGE_CANDIDATES nearest tree relatives of `x` uploaded no later, not bit-identical to it nor to
-    a nearer one (a re-upload is the same column twice in the least-squares fit: it adds nothing and would
-    push a real candidate out), then the relative sharing most bit-equal entries with it (MASK_EQUAL or
-    more), when not among them: a TIES / DARE merge is told by its base (indexer.relations.merges), which
-    need not be among the nearest (relations zoo: a-ties sits nearer a linear merge, both fine-tunes, a
-    re-upload of one and its child than its base)."""
-    mine, t_x = arrays[x], created.get(x)
-    scored = []
-    for other in tree:
-        t_o = created.get(other)
-        if other == x or (t_x is not None and t_o is not None and t_o > t_x):
-            continue
-        names = [n for n in mine if n in arrays[other] and np.shape(arrays[other][n]) == np.shape(mine[n])]
-        if not names or _same(mine, arrays[other], names):
-            continue
-        d2 = sum(float(np.sum((np.asarray(mine[n], np.float64) - arrays[other][n]) ** 2)) for n in names)
-        scored.append((d2, other, names))
-    pool: list[str] = []
-    for _, other, names in sorted(scored, key=lambda t: t[:2]):
-        if len(pool) < MERGE_CANDIDATES and not any(_same(arrays[p], arrays[other], names) for p in pool):
-            pool.append(other)
-    shares = sorted((-equal_share(mine, arrays[o], names), o) for _, o, names in scored if o not in pool)
-    if shares and -shares[0][0] >= MASK_EQUAL:
-        pool.append(shares[0][1])
-    return pool
-
-
-def _same(a: Arrays, b: Arrays, names: Sequence[str]) -> bool:
-    return all(n in a and n in b and np.array_equal(a[n], b[n]) for n in names)
-
-
 def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
                 created: Mapping[str, float | None]) -> dict[str, tuple[tuple[str, float], ...]]:
     """merge -> its parents with weights, over each tree (module docstring)."""
     found: dict[str, tuple[tuple[str, float], ...]] = {}
     for tree in trees:
+        pools = tree_pools(tree, arrays, created)
         for x in sorted(tree):
-            pool = merge_pool(x, tree, arrays, created)
+            pool = pools[x]
             result = fit(arrays[x], {r: arrays[r] for r in pool}) if len(pool) >= 2 else None
             if result is not None and result.is_merge:
                 found[x] = result.parents

@@ -12,8 +12,9 @@ Quantized copies:
   copies of weights already stored in that type (predicted error 0).
 
 Merges:
-- MERGE_CANDIDATES: the relatives a model is fitted over (its closest related ones); `indexer.relations.
-  merges.fit` tries every subset of up to MAX_PARENTS (3) of them.
+- MERGE_CANDIDATES: the nearest relatives a model is fitted over, plus its likeliest TIES / DARE base
+  (`indexer.relations.pool.merge_pool`, the one pool rule of both paths); `indexer.relations.merges.fit`
+  tries every subset of up to MAX_PARENTS (3) of them.
 """
 
 from __future__ import annotations
