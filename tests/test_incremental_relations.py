@@ -68,3 +68,44 @@ def test_a_copy_read_with_more_rows_is_compared_on_the_common_row_prefix(tmp_pat
     edges = _edges(tmp_path)
     assert edges["org/kid-Q8"].relation == "quantized"  # type: ignore[attr-defined]
     assert not any(e.parent == "org/kid-Q8" for e in edges.values())  # type: ignore[attr-defined]
+
+
+def _bf16(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import torch
+
+    return {n: torch.as_tensor(a).to(torch.bfloat16).to(torch.float32).numpy() for n, a in arrays.items()}
+
+
+def test_an_exact_16_bit_cast_is_a_quantized_child_of_its_source_in_either_order(tmp_path: Path) -> None:
+    """batch mother labels an exact F16 / BF16 cast `quantized` (methods._cast_sources); the index must too,
+    whichever of the two arrives first, and after a reopen."""
+    models = tree(5)
+    models["org/kid-bf16"] = _bf16(models["org/kid"])
+    later = {**models}
+    first = {"org/kid-bf16": later.pop("org/kid-bf16"), **later}  # the cast arrives before its source
+    for name, order in (("source-first", models), ("cast-first", first)):
+        home = tmp_path / name
+        with LineageIndex.open(home, device="cpu") as index:
+            for hours, (rid, arrays) in enumerate(order.items()):
+                index.add(rid, f"local:{hours}", FAMILY, arrays, T0 + timedelta(hours=hours))
+        edges = _edges(home)
+        assert edges["org/kid-bf16"].parent == "org/kid", name  # type: ignore[attr-defined]
+        assert edges["org/kid-bf16"].relation == "quantized", name  # type: ignore[attr-defined]
+        assert edges["org/grand"].relation == "finetune", name  # type: ignore[attr-defined]
+        with LineageIndex.open(home, device="cpu") as index:  # the cast pair is known again after a restart
+            state = index.family(FAMILY)
+            assert ("org/kid", "org/kid-bf16") in state.casts
+            rows = {r.repo_id: r.relation for r in index._edge_rows(state, sorted(state.views))}
+        assert rows == {r: e.relation for r, e in edges.items()}  # type: ignore[attr-defined]
+
+
+def test_the_cast_test_reads_the_common_rows_and_refuses_an_upcast() -> None:
+    from indexer.lineage.methods import cast_dtype
+
+    rng = np.random.default_rng(2)
+    source = {"w": rng.standard_normal((8, 4)).astype(np.float32)}
+    copy = {"w": _bf16(source)["w"][:6]}  # planned with fewer rows
+    assert cast_dtype(source, copy) == "BF16"
+    assert cast_dtype(copy, source) == ""  # the copy is no source of the wider model
+    assert cast_dtype(copy, {"w": copy["w"].copy()}) == ""  # values that already fit: an upcast, no cast
+    assert cast_dtype(source, {"w": copy["w"][:, :3]}) == ""  # other columns: not comparable

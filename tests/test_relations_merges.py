@@ -68,6 +68,17 @@ def test_fine_tunes_quantized_copies_and_duplicates_are_not_merges() -> None:
     assert fit(child, {"a": m["a"]}) is None  # one candidate: nothing to combine
 
 
+def test_a_run_shrunk_by_weight_decay_is_no_merge_of_its_siblings() -> None:
+    # wild-conv-s1's long high-lr run: weight decay shrank it to ~0.4 of its root; two siblings (root + own
+    # update each) combine to 0.4 x root with weights summing to 0.4, far nearer than either one as is
+    m = family(5)
+    rng = np.random.default_rng(6)
+    shrunk = {n: 0.4 * a + 0.05 * rng.standard_normal(a.shape).astype(np.float32) for n, a in m["base"].items()}
+    got = fit(shrunk, {k: m[k] for k in ("a", "b", "c")})
+    assert got is not None and not got.is_merge, got
+    assert got.ratio > 0.5  # against the rescaled sibling the combination explains little
+
+
 def _bf16(a: np.ndarray) -> np.ndarray:
     """Round float32 to BF16 (nearest even) and back: what a BF16 checkpoint stores."""
     bits = np.asarray(a, np.float32).view(np.uint32)

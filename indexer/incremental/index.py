@@ -57,6 +57,7 @@ from indexer.incremental.satellites import (
     chain_depth,
 )
 from indexer.lineage.confidence import calibrated
+from indexer.lineage.methods import cast_dtype
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
@@ -96,6 +97,9 @@ DEFAULT_K = 16
 # 0.96 -> 1.00, vthr-ft order 1: 0.86 -> 0.88), for 15.1-15.9 exact computations per arrival (max 20
 # measured; bound k + 8).
 DEFAULT_EXPAND = 8
+# A cast to BF16 moves each value by at most half an ulp, 2^-8 of it (F16: 2^-11), so the pair's relative
+# distance is below 2^-8 too; pairs farther apart than twice that are not read for the cast test.
+CAST_RELATIVE = 2.0**-7
 DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
 # LEAF_PENALTY, MERGE_CANDIDATES and the `quantized` label's bound: indexer.relations.rules (shared with batch)
 
@@ -174,6 +178,9 @@ class _Family:
     # both models' arrays at hand (indexer.relations.pool.pair_stats); a new revision is a new key
     pair_stats: dict[tuple[str, str, str, str], PairStats | None] = field(default_factory=dict)
     pools: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # model -> last pool fitted (id, rev)
+    # (source, copy) pairs where the copy is the source cast to F16 / BF16, bit for bit (batch mother's
+    # `_cast_sources`; indexer.lineage.methods.cast_dtype): the edge source -> copy is `quantized`
+    casts: set[tuple[str, str]] = field(default_factory=set)
 
 
 class LineageIndex:
@@ -254,6 +261,9 @@ class LineageIndex:
         for r, st in zip(sketches, stats, strict=True):
             if isinstance(q := st.get("quantized"), dict):
                 state.quant[r.repo_id] = QuantInfo(str(q["scheme"]), float(q["predicted_error"]))  # type: ignore[union-attr]
+            for source, copy in st.get("casts") or ():  # type: ignore[union-attr]
+                if source in views and copy in views:
+                    state.casts.add((source, copy))
             for other, rel in (st.get("relative") or {}).items():
                 state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
         _all_depths(state)
@@ -325,6 +335,7 @@ class LineageIndex:
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
+        casts = self._casts(state, p.mine, pairs)  # before the edges: a cast copy is no parent
         candidates, rows, relative = self._edges(family, p.view, state, pairs)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
@@ -334,7 +345,7 @@ class LineageIndex:
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._merges(state, p.mine, [q for q in pairs if q.related])
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched,  # 6.
-                    quant=arrival.quant, relative=relative)
+                    quant=arrival.quant, relative=relative, casts=casts)
         if self._homes is not None:
             self._homes[repo_id] = family
         self._reanchor(repo_id, family)
@@ -379,15 +390,17 @@ class LineageIndex:
     def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]
                ) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
         candidates, rows, relative = [], [], {}
+        copies = {copy for _, copy in state.casts}
         for pair in sorted(pairs, key=lambda p: p.other):  # type: ignore[attr-defined]
             if not pair.related:  # type: ignore[attr-defined]
                 continue
             other = state.views[pair.other]  # type: ignore[attr-defined]
             (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty)  # type: ignore[arg-type]
             # a quantized copy is a parent only when nothing else relates (Hub: quantized models are leaves in
-            # 99.41 %); pair-local, so the forest's batch == incremental invariant holds
-            w_in += LEAF_PENALTY if other.repo_id in state.quant else 0.0
-            w_out += LEAF_PENALTY if view.repo_id in state.quant else 0.0
+            # 99.41 %); pair-local, so the forest's batch == incremental invariant holds. An exact 16-bit cast
+            # known by now counts as one (batch sets casts aside as leaves whatever the upload times say).
+            w_in += LEAF_PENALTY if other.repo_id in state.quant or other.repo_id in copies else 0.0
+            w_out += LEAF_PENALTY if view.repo_id in state.quant or view.repo_id in copies else 0.0
             if other.repo_id in state.quant or view.repo_id in state.quant:
                 rel = float(pair.relative)  # type: ignore[attr-defined]
                 relative[other.repo_id] = rel
@@ -401,6 +414,26 @@ class LineageIndex:
                      CandidateRecord(family, view.repo_id, other.repo_id, dist, t_out, w_out)]
         return candidates, rows, relative
 
+    def _casts(self, state: _Family, mine: ModelView, pairs: Sequence[PairMeasure]) -> list[tuple[str, str]]:
+        """The (source, copy) cast pairs between the arrival and its related nominees, both ways, recorded in
+        the state. Only pairs within CAST_RELATIVE are read (CAST_RELATIVE's comment)."""
+        found = []
+        for pair in pairs:
+            if not pair.related or pair.relative > CAST_RELATIVE:
+                continue
+            other = self._arrays.get(pair.other)
+            if other is None:
+                view = self._with_arrays(state, pair.other)
+                other = view.arrays if view is not None else None
+            if other is None:
+                continue
+            if cast_dtype(other, mine.arrays):
+                found.append((pair.other, mine.repo_id))
+            elif cast_dtype(mine.arrays, other):
+                found.append((mine.repo_id, pair.other))
+        state.casts.update(found)
+        return sorted(found)
+
     def _forget(self, state: _Family, repo_id: str) -> None:
         """A new revision replaces the old node: drop it, its edges (tombstones) and its vector."""
         fam = state.name
@@ -413,6 +446,7 @@ class LineageIndex:
             state.identical.discard((parent, child))
             state.relative.pop((parent, child), None)
         state.quant.pop(repo_id, None)
+        state.casts = {c for c in state.casts if repo_id not in c}
         parts = state.forest.remove(repo_id)
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
@@ -482,13 +516,15 @@ class LineageIndex:
 
     def _queue(self, family: str, state: _Family, repo_id: str, revision: str, sketch: Sketch, view: ModelView,
                rows: list[CandidateRecord], touched: Sequence[str], *, quant: QuantInfo | None = None,
-               relative: Mapping[str, float] | None = None) -> None:
+               relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
                                     "seed": sketch.seed, "pair_rule": PAIR_RULE}
         if quant is not None:
             stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
         if relative:
             stats["relative"] = dict(sorted(relative.items()))
+        if casts:
+            stats["casts"] = [list(c) for c in casts]
         self._pending["sketches"].append(SketchRecord(
             repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
             sketch.layer_names, json.dumps(stats, sort_keys=True)))
@@ -919,7 +955,10 @@ def _relation(state: _Family, parent: str, child: str) -> str:
     """The relation of a placed edge: `quantized` when the child is a quantized copy within its scheme's
     predicted error of the parent (indexer.relations.rules.within_quantization_error); `duplicate` when the pair's compared layers are
     bit-identical and the child was not uploaded before the parent (unknown times: not before); else
-    `finetune` (a quantized copy of a model that is not indexed sits under that model's parent)."""
+    `finetune` (a quantized copy of a model that is not indexed sits under that model's parent). An exact
+    F16 / BF16 cast of its parent is `quantized` too (`_Family.casts`), as in batch mother."""
+    if (parent, child) in state.casts:
+        return "quantized"
     quant = state.quant.get(child)
     if quant is not None:
         rel = state.relative.get((parent, child))

@@ -676,6 +676,31 @@ def _cast_sources(family: Family) -> list[int]:
     return out
 
 
+def cast_dtype(source: Mapping[str, np.ndarray], copy: Mapping[str, np.ndarray]) -> str:
+    """"F16" or "BF16" when `copy` holds exactly `source`'s tensors cast to that dtype, bit for bit, and
+    `source` does not already fit it (an upcast is no source); else "". The incremental index's test of
+    `_cast_sources` (it keeps no stored dtypes: the values tell). Tensors are compared on their common
+    first rows: a crawl plans rows by item size, so an F32 source and its BF16 copy read different counts."""
+    if not source or source.keys() != copy.keys():
+        return ""
+    pairs = [_common_rows(np.asarray(source[n]), np.asarray(copy[n])) for n in sorted(source)]
+    if any(a is None for a, _ in pairs):
+        return ""
+    for dtype in ("BF16", "F16"):
+        if all(np.array_equal(_cast(a, dtype), b) for a, b in pairs) and not all(
+                np.array_equal(_cast(a, dtype), a) for a, _ in pairs):
+            return dtype
+    return ""
+
+
+def _common_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """Both tensors cut to their common first rows; (None, None) when more than the row count differs."""
+    if a.ndim != b.ndim or a.ndim == 0 or a.shape[1:] != b.shape[1:]:
+        return None, None
+    rows = min(a.shape[0], b.shape[0])
+    return a[:rows], b[:rows]
+
+
 def _fits(family: Family, i: int, dtype: str) -> bool:
     """Every compared value of model i is exactly representable in `dtype`."""
     return all(np.array_equal(_cast(layer[i], dtype), layer[i]) for layer in family.layers.values())

@@ -10,8 +10,9 @@ one weight per model unless told otherwise), as a combination of a few of its re
 (`fit`): every subset of at most MAX_PARENTS of the candidates, through their Gram matrix (never a
 product larger than the candidates' count). The best single relative leaves r1^2 = min_i ||X - Y_i||^2;
 the best subset of two or more leaves r2^2; at least two members must carry MIN_SHARE of the weight.
-- Interpolating merges (linear, SLERP, soups) are explained exactly: r2^2 < INTERPOLATION_RATIO r1^2
-  (measured 0.0-0.002). The ratio must be that strict because the middle of a chain (P -> X -> C) is
+- Interpolating merges (linear, SLERP, soups) are explained exactly: r2^2 < INTERPOLATION_RATIO s1^2
+  (measured 0.0-0.002), s1^2 = min_i min_a ||X - a Y_i||^2 the best single relative *rescaled*
+  (`_scaled_single`: a run shrunk by weight decay is no merge of the relatives that share its direction). The ratio must be that strict because the middle of a chain (P -> X -> C) is
   "between" its parent and child too: X ~ (P + C) / 2 leaves half of r1^2 (0.5-0.63 on the zoo).
 - Masked merges (TIES trims each task vector to its largest entries, DARE drops entries at random):
   where every task vector was dropped the merged entry IS the base's, bit for bit; a fine-tune's or a
@@ -74,7 +75,7 @@ WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0
 class MergeFit:
     parents: tuple[tuple[str, float], ...]  # (repo_id, weight), heaviest first; () when not a merge
     single: str  # the best single relative
-    ratio: float  # r2^2 / r1^2 of the best combination (1.0: it adds nothing)
+    ratio: float  # r2^2 of the best combination / that of the best rescaled single (1.0: it adds nothing)
     base: str = ""  # a masked merge's base (TIES / DARE): the relative its untouched entries equal
 
     @property
@@ -153,11 +154,21 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_S
     if r1 <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
         return MergeFit((), ids[best], 1.0)
     r2, subset, coef = _best_subset(g, b, xx, r1, 2)
-    found = MergeFit(_parents(ids, subset, coef, min_share), ids[best], r2 / r1)
+    found = MergeFit(_parents(ids, subset, coef, min_share), ids[best], r2 / max(_scaled_single(g, b, xx), 1e-300))
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
     masked = _masked(x, candidates, names, (g, b, xx), r1, min_share)
     return masked if masked is not None else MergeFit((), ids[best], found.ratio)
+
+
+def _scaled_single(g: np.ndarray, b: np.ndarray, xx: float) -> float:
+    """min_i min_a ||X - a Y_i||^2: the best single relative *rescaled*, what an interpolating merge must
+    beat. A rescaling is no merge: weight decay shrinks a long high-lr run towards 0 (wild-conv-s1's drifted
+    0.72 from its root), and two siblings then "explained" it with weights summing to ~0.4 at r2 / r1 < 0.1
+    against the unscaled singles; against the rescaled parent the same fit leaves ~1. A linear / SLERP
+    merge is not a rescaled parent, so its ratio barely moves (relations zoos: every merge still found)."""
+    diag = np.diag(g)
+    return float(min((xx - b[i] ** 2 / diag[i]) if diag[i] > 0 else xx for i in range(len(b))))
 
 
 def fit_prefix(arrays: Arrays, names: Sequence[str]) -> dict[str, np.ndarray]:
