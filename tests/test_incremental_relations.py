@@ -109,3 +109,24 @@ def test_the_cast_test_reads_the_common_rows_and_refuses_an_upcast() -> None:
     assert cast_dtype(copy, source) == ""  # the copy is no source of the wider model
     assert cast_dtype(copy, {"w": copy["w"].copy()}) == ""  # values that already fit: an upcast, no cast
     assert cast_dtype(source, {"w": copy["w"][:, :3]}) == ""  # other columns: not comparable
+
+
+def test_heads_are_not_cut_to_the_jobs_fewest_rows() -> None:
+    """A pair's heads distance must not depend on the other nominees of the job: a shorter classifier of a
+    third model once cut the new model's, and a re-save of the root read nearer than the root itself."""
+    from indexer.incremental.exact import ModelView, heads_distance
+    from indexer.incremental.index import _aligned
+
+    rng = np.random.default_rng(1)
+    body = rng.standard_normal((8, 8)).astype(np.float32)
+
+    def view(rid: str, **heads: np.ndarray) -> ModelView:
+        return ModelView(rid, {"enc.0.attention.output.dense.weight": body, **heads}, {}, {}, None, ())
+
+    new = view("new", **{"classifier.weight": rng.standard_normal((10, 8)).astype(np.float32)})
+    root = view("root")
+    alone = heads_distance(new.arrays, root.arrays)
+    short = view("other", **{"classifier.weight": rng.standard_normal((4, 8)).astype(np.float32)})
+    cut_new, (cut_root, _) = _aligned(new, [root, short])
+    assert cut_new.arrays["classifier.weight"].shape == (10, 8)
+    assert heads_distance(cut_new.arrays, cut_root.arrays) == alone

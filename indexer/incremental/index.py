@@ -843,7 +843,11 @@ def _aligned(new: ModelView, others: Sequence[ModelView]) -> tuple[ModelView, li
     """The new model and its nominees cut to the rows they all hold of each tensor. Blocks start at row 0
     and a plan depends on the item size, so a model read in another dtype (an F32 source beside a
     quantized copy planned as BF16, a BF16 sibling) holds a row prefix of the same block: compare the
-    common prefix. Nominees that share no tensor with the new model at all are left out (logged)."""
+    common prefix. Nominees that share no tensor with the new model at all are left out (logged). Heads
+    are never cut: they only break ties (`heads_distance`), pair by pair, and a head whose class count
+    differs is another head; cut to the job's fewest rows, a head's distance to one nominee depended on
+    which other nominees came along (wild-bert-s1, order 1: two children of a root hung under its
+    re-save, whose heads read nearer only because a third model's classifier was shorter)."""
     def trail(a: np.ndarray) -> tuple[int, ...]:
         return tuple(np.shape(a)[1:])
 
@@ -852,7 +856,7 @@ def _aligned(new: ModelView, others: Sequence[ModelView]) -> tuple[ModelView, li
         logger.info("%s: %d nominee(s) share no tensor with it; not compared", new.repo_id, len(others) - len(kept))
     rows = {n: min([np.shape(a)[0], *(np.shape(o.arrays[n])[0] for o in kept
                                       if n in o.arrays and trail(o.arrays[n]) == trail(a))])
-            for n, a in new.arrays.items() if np.ndim(a) >= 1}
+            for n, a in new.arrays.items() if np.ndim(a) >= 1 and not is_head(n)}
     if all(np.shape(a)[0] == rows[n] for n, a in new.arrays.items() if n in rows) and all(
             np.shape(o.arrays[n])[0] == rows[n] for o in kept for n in rows if n in o.arrays
             and trail(o.arrays[n]) == trail(new.arrays[n])):
