@@ -95,12 +95,14 @@ class Timers(Counter):  # type: ignore[type-arg]
 
 
 def _timed(timers: Timers, key: str, fn: Callable[..., object]) -> Callable[..., object]:
+    """Wall seconds under `key`, and this process's CPU seconds (all its threads) under "cpu " + key."""
     def wrapper(*args: object, **kwargs: object) -> object:
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             return fn(*args, **kwargs)
         finally:
             timers[key] += time.perf_counter() - t
+            timers["cpu " + key] += time.process_time() - c
     return wrapper
 
 
@@ -134,6 +136,7 @@ def instrument(timers: Timers) -> Iterator[None]:
         (HubSource, "model_info", "model_info calls", _counted), (crawl_module, "hub_refetch", "", _refetches),
         (crawl_module, "decode", "decode", _timed), (index_module, "measure_many", "exact step", _timed),
         (lineage, "add_many", "lineage step", _timed), (lineage, "flush", "writes", _timed),
+        (lineage, "_merges", "merge step", _timed), (index_module, "_prepare", "sketch", _timed),
         (Store, "append", "writes", _timed), (crawl_module._CacheWriter, "drain", "writes", _timed),
     ]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _, _ in targets][::-1]  # restored last first
@@ -203,16 +206,20 @@ def _summary(mode: str, outcomes: list, seconds: float, timers: Timers | None,  
         row["re-reads/model"] = timers["re-reads"] / max(n, 1)
         row["all resolver/model"] = timers["all resolver calls"] / max(n, 1)
         row["all cdn/model"] = timers["all CDN calls"] / max(n, 1)
-        row["shares"] = _shares(timers, seconds)
+        row["shares"] = _shares(timers, seconds, cpu[0], n)
     return row
 
 
-def _shares(timers: Timers, wall: float) -> dict[str, float]:
-    exact = timers["exact step"]
-    shares = {"network": timers["network"], "decode": timers["decode"], "exact step": exact,
-              "rest of lineage": timers["lineage step"] - exact, "writes": timers["writes"]}
-    shares["other (listing, plan, headers, client)"] = wall - sum(shares.values())
-    return {k: v / wall for k, v in shares.items()}
+def _shares(timers: Timers, wall: float, cpu: float, n: int) -> dict[str, tuple[float, float]]:
+    """part -> (share of the wall time, crawler CPU seconds a model)."""
+    def parts(prefix: str, total: float) -> dict[str, float]:
+        t = {k: timers[prefix + k] for k in ("network", "decode", "sketch", "exact step", "merge step", "lineage step",
+                                              "writes")}
+        t["rest of lineage"] = t.pop("lineage step") - t["sketch"] - t["exact step"] - t["merge step"]
+        t["other (listing, plan, headers, client)"] = total - sum(t.values())
+        return t
+    walls, cpus = parts("", wall), parts("cpu ", cpu)
+    return {k: (walls[k] / wall, cpus[k] / max(n, 1)) for k in walls}
 
 
 def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter) -> dict[str, object]:
@@ -288,12 +295,14 @@ def calls_table(row: dict[str, object]) -> str:
 
 
 def share_table(row: dict[str, object]) -> str:
-    shares: dict[str, float] = row["shares"]  # type: ignore[assignment]
-    # The timers nest: the lineage step re-reads evicted nominees' blocks over the network, so "network"
-    # and "rest of lineage" overlap and "other" (the wall time left) can come out negative.
-    head = "| part of the one-process crawl (network includes re-reads inside the lineage step) | share of wall time |"
-    lines = [head, "|---|---|"]
-    lines += [f"| {k} | {100 * v:.1f} % |" for k, v in shares.items()]
+    shares: dict[str, tuple[float, float]] = row["shares"]  # type: ignore[assignment]
+    # The timers nest: the lineage step (its merge step above all) re-reads evicted nominees' blocks over
+    # the network, so "network" and the lineage parts overlap and "other" (what is left) can come out
+    # negative. CPU is this process's, all threads (the cache writer's too), while the part ran.
+    head = ("| part of the one-process crawl (network includes re-reads inside the lineage step) | share of wall "
+            "time | crawler CPU s/model |")
+    lines = [head, "|---|---|---|"]
+    lines += [f"| {k} | {100 * w:.1f} % | {c:.3f} |" for k, (w, c) in shares.items()]
     return "\n".join(lines)
 
 
