@@ -11,8 +11,9 @@ seconds first, and large files are a 302 to the signed CDN URL, as on huggingfac
 
 Two runs, each on a fresh store: one process, then `--workers` Dask worker processes for the fetches
 (`indexer.distributed`, as `index crawl --workers N`). In the one-process run, timers around our own
-functions split the wall time: network (every HTTP exchange of HubSource, latency included), decode
-(BF16 -> float32), exact step (`measure_many`), the rest of the lineage step (nominees, forest), writes
+functions split the wall time and the crawler's CPU: network (every HTTP exchange of HubSource, latency
+included), decode (BF16 -> float32), sketch (`_prepare`), exact step (`measure_many` and the second hop's
+`measure`), merge step (`_merges`), the rest of the lineage step (nominees, forest, relations), writes
 (Parquet parts, cache drains, lineage flush); "other" is listing, planning, headers and the client.
 Calls per model are counted by the crawler per host (`Outcome.resolver_calls`, `.cdn_calls`); API calls
 are the model_info calls plus the listing pages (1,000 models a page). Those count a model's own reads;
@@ -135,6 +136,7 @@ def instrument(timers: Timers) -> Iterator[None]:
         (HubSource, "_exchange", "network", _timed), (HubSource, "_exchange", "", _by_host),
         (HubSource, "model_info", "model_info calls", _counted), (crawl_module, "hub_refetch", "", _refetches),
         (crawl_module, "decode", "decode", _timed), (index_module, "measure_many", "exact step", _timed),
+        (index_module, "measure", "exact step", _timed),  # the second hop's pairs (it calls exact.measure_many)
         (lineage, "add_many", "lineage step", _timed), (lineage, "flush", "writes", _timed),
         (lineage, "_merges", "merge step", _timed), (index_module, "_prepare", "sketch", _timed),
         (Store, "append", "writes", _timed), (crawl_module._CacheWriter, "drain", "writes", _timed),
