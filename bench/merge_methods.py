@@ -1,0 +1,106 @@
+"""Held-out merge methods: merges made by mergekit methods the merge test was not built on, next to the
+relations zoo's own merges, recovered in batch and scored per merge.
+
+    .venv/bin/python bench/merge_methods.py --zoo /work/zoo/relations --out /tmp/relx
+
+The relations zoo (indexer.zoo.relations) holds linear, SLERP, TIES and DARE-TIES merges, the four methods
+`indexer.relations.merges` was designed and checked on. This copies the zoo to OUT and adds, with
+mergekit's own `run_merge` (CPU, float32), merges by seven more recipes of its fine-tunes, uploaded after
+everything else (so every earlier merge is in their pools, as on the Hub, where merges of the same
+parents pile up): task arithmetic, breadcrumbs-TIES, DELLA, model stock (three models over the base), DARE
+linear, a three-model linear merge and NuSLERP. Then `index recover OUT` and, per merge, the recovered
+relation and parents against the true ones; the `index eval` summary last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from indexer.evaluate import evaluate, read_relations_csv, read_truth_csv, render_report
+from indexer.lineage import recover as rec
+from indexer.lineage.methods import Options
+
+ORG = "rel"
+# (name, mergekit method, models, base, weights, parameters): none of these methods is in the zoo's recipe
+RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | None, dict[str, float]], ...] = (
+    ("a-task-arith", "task_arithmetic", ("a-ft1", "a-ft2"), "base-a", (0.7, 0.5), {}),
+    ("a-breadcrumbs", "breadcrumbs_ties", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.8, "gamma": 0.05}),
+    ("a-della", "della", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.6, "epsilon": 0.1}),
+    ("a-model-stock", "model_stock", ("a-ft1", "a-ft2", "a-ft1-ft"), "base-a", None, {}),
+    ("b-dare-linear", "dare_linear", ("b-ft1", "b-ft2"), "base-b", (0.5, 0.5), {"density": 0.7}),
+    ("a-linear3", "linear", ("a-ft1", "a-ft2", "a-ft1-ft"), None, (0.4, 0.3, 0.3), {}),
+    ("b-nuslerp", "nuslerp", ("b-ft1", "b-ft2"), None, (0.6, 0.4), {}),
+)
+
+
+def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str | None,
+          weights: tuple[float, ...] | None, params: dict[str, float]) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
+    entries: list[dict[str, Any]] = []
+    for i, m in enumerate(models):
+        p = ({"weight": weights[i]} if weights is not None else {}) | params
+        entries.append({"model": str(rel / m), **({"parameters": p} if p else {})})
+    doc: dict[str, Any] = {"merge_method": method, "dtype": "float32", "models": entries}
+    if base is not None:
+        doc["base_model"] = str(rel / base)
+    tmp, out = rel.parent / f".{name}", rel / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    run_merge(MergeConfiguration.model_validate(doc), str(tmp),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, random_seed=0, quiet=True))
+    out.mkdir()
+    for f in sorted(tmp.iterdir()):
+        if f.suffix in (".json", ".safetensors"):
+            shutil.move(str(f), out / f.name)
+    shutil.rmtree(tmp)
+
+
+def build(zoo: Path, out: Path) -> None:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(zoo, out)
+    hub = json.loads((out / "hub.json").read_text())
+    with (out / "truth.csv").open("a", newline="") as f:
+        w = csv.writer(f)
+        for i, (name, method, models, base, weights, params) in enumerate(RECIPES):
+            merge(out / ORG, name, method, models, base, weights, params)
+            hub["repos"][f"{ORG}/{name}"] = {"createdAt": f"2024-01-02T{i:02d}:00:00.000Z"}
+            w.writerow([f"{ORG}/{name}", ";".join(f"{ORG}/{m}" for m in models), "merge"])
+    (out / "hub.json").write_text(json.dumps(hub))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, required=True, help="a relations zoo (index zoo make DIR --preset relations)")
+    ap.add_argument("--out", type=Path, required=True, help="where the extended copy is written (replaced)")
+    args = ap.parse_args()
+    build(args.zoo, args.out)
+    forest = rec.recover(args.out, Options())
+    truth = read_relations_csv(args.out / "truth.csv")
+    rows = {r.repo_id: r for r in forest.rows}
+    methods = {f"{ORG}/{name}": method for name, method, *_ in RECIPES}
+    print("| merge | method | recovered relation | recovered parents | parent set right |")
+    print("|---|---|---|---|---|")
+    for child, (parents, relation) in sorted(truth.items()):
+        if relation != "merge":
+            continue
+        row = rows[child]
+        got = [p for p, _ in row.parents] if row.relation == "merge" else [row.parent]
+        method = methods.get(child, "zoo recipe")
+        shown = ", ".join(f"{p} {w:.2f}" for p, w in row.parents) if row.relation == "merge" else row.parent
+        print(f"| {child} | {method} | {row.relation} | {shown} | {set(got) == set(parents)} |")
+    print()
+    print(render_report(evaluate(forest, read_truth_csv(args.out / "truth.csv"), truth)))
+
+
+if __name__ == "__main__":
+    main()
