@@ -171,7 +171,7 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json") -> Ad
 
 
 def _strip(name: str) -> str:
-    return name[len(PREFIX):] if name.startswith(PREFIX) else name
+    return name.removeprefix(PREFIX)
 
 
 def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
@@ -241,8 +241,8 @@ def _update(config: AdapterConfig, weight: str, a: np.ndarray, b: np.ndarray, *,
 def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, LoraUpdate]:
     """Every LoRA update of the adapter, keyed by the base weight it updates (sorted)."""
     if config.use_dora:
-        raise AdapterError(config.base_model, "DoRA adapters rescale the merged weight by the base's column "
-                           "norms: their update is not s * B @ A and needs the base weights")
+        raise AdapterError("adapter_config.json", "use_dora: DoRA adapters rescale the merged weight by the "
+                           "base's column norms: their update is not s * B @ A and needs the base weights")
     updates = {}
     for weight, (a_name, b_name) in lora_pairs(tensors).items():
         embedding = "lora_embedding_" in a_name

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from errors import BadInputError
+from errors import AdapterError, BadInputError
 from indexer.crawl import classify, header_shapes, read_model
 from indexer.incremental.index import (
     DEFAULT_EXPAND,
@@ -126,7 +126,12 @@ def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int =
                 logger.warning("%s: %s", repo_id, failed[repo_id])
                 continue
             if isinstance(arrival, AdapterArrival):
-                _, details = index.add_adapter(arrival)
+                try:
+                    _, details = index.add_adapter(arrival)
+                except AdapterError as exc:  # updates it cannot use (DoRA): recorded, as the crawl does
+                    failed[repo_id] = classify(exc)[1]
+                    logger.warning("%s: %s", repo_id, failed[repo_id])
+                    continue
                 adapters[repo_id] = int(details.get("chain_compared", 0))  # type: ignore[call-overload]
             else:
                 arrivals.append(index.add_many([arrival])[0])

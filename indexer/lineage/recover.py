@@ -33,9 +33,16 @@ from typing import Literal
 import numpy as np
 from scipy.stats import norm
 
-from errors import BadInputError, ModelGraphError, RecoveryError, UnsupportedModelError
+from errors import (
+    AdapterError,
+    BadInputError,
+    ModelGraphError,
+    RecoveryError,
+    UnsupportedModelError,
+)
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
+from indexer.readers import lora_arrays
 from indexer.relations.batch import (
     AdapterRepo,
     Placed,
@@ -48,6 +55,7 @@ from indexer.relations.batch import (
 )
 from indexer.relations.merges import merge_row_parents
 from indexer.sources import local_declared_bases
+from sketches.adapter import lora_updates
 from sketches.distances import l2_distance
 from sketches.layers import (
     Scheme,
@@ -448,7 +456,16 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
     for rid in sorted(shapes):
         if rid in home:
             family_shapes.setdefault(home[rid], {}).update(shapes[rid])
-    placed |= place_adapters(adapters, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes)
+    usable = []
+    for a in adapters:  # an adapter whose updates cannot be read (DoRA) is one failed row, as in the crawl
+        try:
+            lora_updates(a.read.config, lora_arrays(a.arrays))
+            usable.append(a)
+        except AdapterError as exc:  # the crawl's own one-line reason (imported here: a cycle at module level)
+            from indexer.crawl import classify
+
+            rows[a.repo_id] = _failed(a.repo_id, "", options.method, classify(exc)[1])
+    placed |= place_adapters(usable, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes)
     rows |= _placed_rows(placed, rows, options)
     return Forest(tuple(replace(r, bytes_read=spent.get(r.repo_id, 0)) for _, r in sorted(rows.items())), forest.notes)
 
