@@ -355,7 +355,7 @@ def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], originals:
     most, shape = max(len(c.rows) for c in chunks), arrays[0].shape
     # buffers reused by every chunk: no fresh pages to fault in
     out = (torch.empty((most, *shape), device=dev), torch.empty((most, *shape), dtype=torch.float64, device=dev))
-    filters = _Filters.of(sources) if tails and len(shape) == 4 else None
+    filters = _Filters.of(sources.tensors) if tails and len(shape) == 4 else None
     for chunk in chunks:
         _gram_chunk(sums, name, sources, own, chunk, out=out, tails=tails, filters=filters)
 
@@ -412,24 +412,21 @@ class _Filters:
     counts: torch.Tensor  # (n,) on the host
 
     @classmethod
-    def of(cls, sources: _Sources) -> _Filters:
-        stack = torch.stack([t.reshape(t.shape[0], -1) for t in sources.tensors])
+    def of(cls, tensors: Sequence[torch.Tensor]) -> _Filters:
+        stack = torch.stack([t.reshape(t.shape[0], -1) for t in tensors])
         return cls(unit_filters(stack), filter_count(stack).cpu())
 
 
 def _filter_tail(sums: _Sums, filters: _Filters, chunk: _Chunk) -> None:
-    """The tail of each pair's unit-filter difference in a conv layer, and the scale it is divided by."""
+    """The tail of each pair's unit-filter difference in a conv layer, and the scale it is divided by (both
+    kernels, "gram" and "svd", call this: conv layers are small, one eigensolve each)."""
     diff = filters.units[chunk.left] - filters.units[chunk.right]
     skip = tail_start(diff.shape[1:])
     if skip > 0:
         sums.layer_tail[chunk.slots] = tail_from_spectrum(spectrum(gram(diff)), min(diff.shape[1:]) - skip)
-        _filter_scale(sums, chunk, filters.counts)
-
-
-def _filter_scale(sums: _Sums, chunk: _Chunk, counts: torch.Tensor) -> None:
-    """RMS of the two models' unit-filter norms per pair (indexer.lineage.methods.spectral_tail_distance)."""
-    left, right = counts.cpu()[chunk.left.cpu()], counts.cpu()[chunk.right.cpu()]
-    sums.tail_scale[chunk.slots] = torch.sqrt((left**2 + right**2) / 2.0)
+        # the scale: RMS of the two models' unit-filter norms (indexer.lineage.methods.spectral_tail_distance)
+        left, right = filters.counts[chunk.left.cpu()], filters.counts[chunk.right.cpu()]
+        sums.tail_scale[chunk.slots] = torch.sqrt((left**2 + right**2) / 2.0)
 
 
 # Relatedness units per model and layer (sketches.gram.units), kept while the array they were computed
@@ -467,10 +464,7 @@ def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, ta
     if diff.ndim >= 3 and not is_head(name):
         _regime(sums, chunk.rows, name, diff)
         if tails and diff.ndim == 5:  # conv kernels: the tail of the unit filters' difference
-            kernels = stack.reshape(*stack.shape[:2], -1)
-            unit = unit_filters(kernels)
-            _tail(sums, chunk.slots, unit[chunk.left] - unit[chunk.right])
-            _filter_scale(sums, chunk, filter_count(kernels))
+            _filter_tail(sums, _Filters.of(list(stack.unbind())), chunk)
         elif tails:
             _tail(sums, chunk.slots, diff)
 

@@ -421,12 +421,10 @@ class LineageIndex:
         for pair in pairs:
             if not pair.related or pair.relative > CAST_RELATIVE:
                 continue
-            other = self._arrays.get(pair.other)
-            if other is None:
-                view = self._with_arrays(state, pair.other)
-                other = view.arrays if view is not None else None
-            if other is None:
+            view = self._with_arrays(state, pair.other)  # memory first, then the cache or a re-read
+            if view is None:
                 continue
+            other = view.arrays
             if cast_dtype(other, mine.arrays):
                 found.append((pair.other, mine.repo_id))
             elif cast_dtype(mine.arrays, other):
