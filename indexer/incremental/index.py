@@ -71,7 +71,7 @@ from indexer.relations.adapters import (
     verdict_details,
 )
 from indexer.relations.merges import fit, merge_row_parents
-from indexer.relations.pool import PairStats, identical, merge_pool, pair_stats
+from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
 from indexer.relations.rules import (
     LEAF_PENALTY,
     within_quantization_error,
@@ -177,7 +177,8 @@ class _Family:
     # the merge pool rule's statistic of each related pair ((a, rev a, b, rev b), a < b), measured once with
     # both models' arrays at hand (indexer.relations.pool.pair_stats); a new revision is a new key
     pair_stats: dict[tuple[str, str, str, str], PairStats | None] = field(default_factory=dict)
-    pools: dict[str, tuple[tuple[str, str], ...]] = field(default_factory=dict)  # model -> last pool fitted (id, rev)
+    # model -> last pool fitted ((id, rev, its merge parents when a known merge), ...)
+    pools: dict[str, tuple[tuple[str, str, tuple[str, ...]], ...]] = field(default_factory=dict)
     # (source, copy) pairs where the copy is the source cast to F16 / BF16, bit for bit (batch mother's
     # `_cast_sources`; indexer.lineage.methods.cast_dtype): the edge source -> copy is `quantized`
     casts: set[tuple[str, str]] = field(default_factory=set)
@@ -755,16 +756,35 @@ class LineageIndex:
         `indexer.relations.pool.merge_pool` draws from every related model measured so far (the rule batch
         applies to a tree), and fitted again whenever that pool changes, the result replacing the last one:
         once every model has arrived, each has been fitted over the pool of its whole related set, in any
-        arrival order. At most k + 1 fits per arrival, each over at most MERGE_CANDIDATES + 1 models."""
+        arrival order. A change of a model's merge status refits the models after it (`fit_order`) that
+        had it among their relatives or in their pool: their fits read its status. At most k + 1 fits per
+        arrival, each over at most MERGE_CANDIDATES + 1 models and the parents of the merges among them,
+        and a refit per model a changed status reaches."""
         if new.repo_id in state.quant:
             return
         others = sorted({q.other for q in related} - set(state.quant))
         for other in others:  # the arrival's arrays are at hand now: measure its pairs once
             self._pair_stats(state, other, new.repo_id, new)
-        self._fit_merge(state, new.repo_id, new)
+        changed = [new.repo_id] if self._fit_merge(state, new.repo_id, new) else []
         for other in others:
             if self._fit_merge(state, other):
                 self._pending["edges"] += self._edge_rows(state, [other])
+                changed.append(other)
+        while changed:
+            m = changed.pop(0)
+            for y in self._readers_of(state, m):
+                if self._fit_merge(state, y):
+                    self._pending["edges"] += self._edge_rows(state, [y])
+                    changed.append(y)
+
+    def _readers_of(self, state: _Family, m: str) -> list[str]:
+        """The models whose fit reads m's merge status: after m in `fit_order`, with m among their measured
+        relatives or in their last pool."""
+        after = fit_order(state.views[m].created, m)
+        near = set(state.forest._out.get(m, {})) | set(state.forest._in.get(m, {}))
+        near |= {y for y, key in state.pools.items() if any(r == m for r, *_ in key)}
+        return sorted(y for y in near if y in state.views and y not in state.quant
+                      and fit_order(state.views[y].created, y) > after)
 
     def _pair_stats(self, state: _Family, a: str, b: str, view: ModelView | None = None) -> PairStats | None:
         """The pool statistic of the pair, measured on first use (`view`: b's, when at hand; after a restart
@@ -779,24 +799,32 @@ class LineageIndex:
         return state.pair_stats[key]
 
     def _fit_merge(self, state: _Family, repo_id: str, view: ModelView | None = None) -> bool:
-        """Fit a model over its pool (`_merges`) when the pool changed; record it as a merge or as none;
-        True when its merge parents changed. The pool leaves out relatives uploaded after it, which also
-        keeps a merge's own parents from being read as merges of it: a TIES merge shares bit-equal entries
-        with its parents as much as with its base."""
+        """Fit a model over its pool (`_merges`) when the pool or the merge status of a member changed;
+        record it as a merge or as none; True when its merge parents changed. The pool leaves out relatives
+        uploaded after it, which also keeps a merge's own parents from being read as merges of it: a TIES
+        merge shares bit-equal entries with its parents as much as with its base. A known merge's parents
+        are its relatives too (batch has them in the tree), measured now when never compared with it."""
+        created = view.created if view is not None else state.views[repo_id].created
+        mine = fit_order(created, repo_id)
+        known = {m: [p for p, _ in links] for m, links in state.merges.items()
+                 if m in state.views and fit_order(state.views[m].created, m) < mine}
         relatives = {}
         for other in sorted(state.forest._in.get(repo_id, {})):
             if other not in state.quant and (found := self._pair_stats(state, repo_id, other, view)) is not None:
                 relatives[other] = (state.views[other].created, found)
-        created = view.created if view is not None else state.views[repo_id].created
-        pool = merge_pool(created, relatives, lambda a, b: self._identical(state, a, b))
-        key = tuple((r, state.revisions.get(r, "")) for r in pool)
+        for other in sorted({p for r in relatives for p in merge_parents_of(r, known)} - set(relatives) - {repo_id}):
+            if other in state.views and other not in state.quant and (found := self._pair_stats(state, repo_id, other, view)) is not None:
+                relatives[other] = (state.views[other].created, found)
+        pool = merge_pool(created, relatives, lambda a, b: self._identical(state, a, b), known)
+        key = tuple((r, state.revisions.get(r, ""), tuple(known.get(r, ()))) for r in pool)
         if state.pools.get(repo_id) == key:
             return False  # the same pool fits the same way
         x = view if view is not None else self._with_arrays(state, repo_id)
         views = {r: v for r in pool if (v := self._with_arrays(state, r)) is not None}
         if x is None or len(views) < len(pool):
             return False  # unreadable now: fitted again when its pool next changes
-        found = fit(x.arrays, {r: v.arrays for r, v in views.items()}) if len(views) >= 2 else None
+        found = (fit(x.arrays, {r: v.arrays for r, v in views.items()}, merges=[r for r in pool if r in known])
+                 if len(views) >= 2 else None)
         state.pools[repo_id] = key
         before = state.merges.pop(repo_id, None)
         if found is not None and found.is_merge:

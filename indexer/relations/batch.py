@@ -56,7 +56,7 @@ from indexer.relations.adapters import (
     total_norm,
 )
 from indexer.relations.merges import fit
-from indexer.relations.pool import tree_pools
+from indexer.relations.pool import fit_order, pair_table, tree_pool
 from indexer.relations.rules import (
     LEAF_PENALTY,
     within_quantization_error,
@@ -199,13 +199,16 @@ def place_quantized(copies: Sequence[QuantCopy], views: Mapping[str, ModelView],
 
 def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
                 created: Mapping[str, float | None]) -> dict[str, tuple[tuple[str, float], ...]]:
-    """merge -> its parents with weights, over each tree (module docstring)."""
+    """merge -> its parents with weights, over each tree (module docstring), fitted in `fit_order`: each
+    fit knows which of its earlier relatives are merges themselves."""
     found: dict[str, tuple[tuple[str, float], ...]] = {}
     for tree in trees:
-        pools = tree_pools(tree, arrays, created)
-        for x in sorted(tree):
-            pool = pools[x]
-            result = fit(arrays[x], {r: arrays[r] for r in pool}) if len(pool) >= 2 else None
+        stats = pair_table(tree, arrays)
+        for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):
+            known = {m: [p for p, _ in links] for m, links in found.items()}
+            pool = tree_pool(x, tree, stats, arrays, created, known)
+            result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges=[r for r in pool if r in known])
+                      if len(pool) >= 2 else None)
             if result is not None and result.is_merge:
                 found[x] = result.parents
     return found

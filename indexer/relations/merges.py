@@ -26,6 +26,15 @@ the best subset of two or more leaves r2^2; at least two members must carry MIN_
   siblings' task vectors (their common part is the missing parent's). What masking guarantees and
   they lack: every entry the model changed is changed by one of its merge parents (`uncovered_share`
   at most UNCOVERED_MAX).
+Merges of merges: merges of the same parents pile up on the Hub, and a re-merge of P lies nearer an
+earlier merge M of P than P itself (it is a combination of P, and so is M). Against M, a re-merge's
+masking noise or nonlinearity (NuSLERP, DELLA) looks like an update of M's own, and {M, one of P}
+explains it as well as P does. So a model is first explained by its candidates that are not known
+merges (`fit(merges=...)`, statuses settled earlier in upload order), with the pool holding each
+merge's parents (`indexer.relations.pool.merge_pool`), and by a merge among its candidates only when
+those cannot; the interpolation is still judged against every candidate, merges included, so a
+fine-tune of M (an update outside P's span) stays M's child. Held-out mergekit recipes: merge parent set
+0.55 -> 0.91 (bench/merge_methods.py).
 A quantized copy adds white noise (r2 ~ r1, no bit-equal entries); a duplicate leaves nothing (r1 = 0).
 The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first
 (to WEIGHT_DIGITS decimals; equal weights by id).
@@ -35,10 +44,11 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import stats
 
 MAX_PARENTS = 3
 INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothing (measured 0.0-0.002)
@@ -56,7 +66,12 @@ MAX_FIT_VALUES = 1 << 20
 # 0.55-0.80, under MASKED_RATIO) with weights summing to ~1e-2: 13 false merges among 80 virtual 7B models
 # (bench/crawl_rate.py, 2026-11-30). Below this sum the fit is not a merge.
 MIN_WEIGHT_SUM = 0.25
-MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: TIES 0.25, DARE 0.16, fine-tunes 0
+# A TIES / DARE-style merge of k models at density d leaves about (1 - d)^k of a changed layer's entries at
+# the base's value, bit for bit: TIES 0.25 and DARE 0.16 in the relations zoo, breadcrumbs-TIES at density
+# 0.8 over 2 models 0.04 (bench/merge_methods.py). A float32 fine-tune or a chain shares 0.00 with any
+# relative; BF16 relatives of large models share 10-70 % without any masking, which `rounding_flips` and
+# `uncovered_share` (below) turn away, not this share. So this is only "some entries kept bit for bit".
+MASK_EQUAL = 0.01
 # A masked merge over a base moves only entries that some parent's task vector moves: where every parent
 # holds the base's value bit for bit, each task vector is 0 and TIES / DARE / task arithmetic write the
 # base's value back, exactly (`uncovered_share`; 0 on every TIES and DARE merge of the four relations
@@ -67,6 +82,7 @@ MASK_EQUAL = 0.05  # share of a changed layer's entries bit-equal to the base: T
 # 2026-11-30), with 2 - 500 standard deviations *fewer* uncovered entries than independence predicts, even
 # per BF16 exponent -- so "more overlap than chance" would call them merges; this exact test does not.
 UNCOVERED_MAX = 1e-5  # 10x under the smallest non-merge share measured
+SUBSET_ALPHA = 1e-3  # a larger merge-parent subset must beat the smaller by more than chance at this level
 MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
 WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0.01: see `_parents`
 
@@ -116,14 +132,37 @@ def _residual(g: np.ndarray, b: np.ndarray, xx: float, subset: tuple[int, ...]) 
     return max(xx - 2 * float(coef @ bs) + float(coef @ gs @ coef), 0.0), coef
 
 
-def _best_subset(g: np.ndarray, b: np.ndarray, xx: float, r1: float, smallest: int) -> tuple[float, tuple[int, ...], np.ndarray]:
+def _best_subset(g: np.ndarray, b: np.ndarray, xx: float, r1: float, n: int) -> tuple[float, tuple[int, ...], np.ndarray]:
+    """The least-squares subset of 2 to MAX_PARENTS candidates: the best of each size, a larger size taken
+    only when its extra members lower the residual by more than chance (an F test at SUBSET_ALPHA over the
+    n fitted values). Any relative lowers a least-squares residual a little -- a fine-tune of an earlier
+    merge of the same parents took a third seat beside a DARE merge's two, and with it the test's
+    baseline -- and an unrelated one by about r2 / n, which the test leaves out."""
     top: tuple[float, tuple[int, ...], np.ndarray] = (math.inf, (), np.zeros(0))
-    for size in range(smallest, min(MAX_PARENTS, len(b)) + 1):
+    for size in range(2, min(MAX_PARENTS, len(b)) + 1):
+        best: tuple[float, tuple[int, ...], np.ndarray] = (math.inf, (), np.zeros(0))
         for subset in itertools.combinations(range(len(b)), size):
             r2, coef = _residual(g, b, xx, subset)
-            if r2 < top[0] - 1e-12 * r1:  # strictly better: smaller subsets win ties (deterministic order)
-                top = (r2, subset, coef)
+            if r2 < best[0] - 1e-12 * r1:  # strictly better: the first in order wins ties (deterministic)
+                best = (r2, subset, coef)
+        if not top[1] or _significant(top[0], best[0], len(top[1]), size, n, r1):
+            top = best
     return top
+
+
+def _values(x: Arrays, names: Sequence[str]) -> int:
+    return sum(int(np.size(x[n])) for n in names)
+
+
+def _significant(r_small: float, r_big: float, p_small: int, p_big: int, n: int, r1: float) -> bool:
+    """Do p_big - p_small more regressors lower the residual r_small to r_big by more than chance?"""
+    gain = r_small - r_big
+    if gain <= 1e-12 * r1:
+        return False
+    if r_big <= 1e-12 * r1 or n <= p_big:
+        return True  # exact: nothing left for chance to explain
+    f = (gain / (p_big - p_small)) / (r_big / (n - p_big))
+    return bool(f > stats.f.isf(SUBSET_ALPHA, p_big - p_small, n - p_big))
 
 
 def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_share: float) -> tuple[tuple[str, float], ...]:
@@ -140,25 +179,55 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
     return tuple(sorted(((r, round(w / norm, WEIGHT_DIGITS)) for r, w in kept), key=lambda p: (-p[1], p[0])))
 
 
-def fit(x: Arrays, candidates: Mapping[str, Arrays], *, min_share: float = MIN_SHARE) -> MergeFit | None:
-    """The module docstring's test; None with fewer than two candidates or no common block."""
+def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] = (),
+        min_share: float = MIN_SHARE) -> MergeFit | None:
+    """The module docstring's test; None with fewer than two candidates or no common block. `merges`: the
+    candidates known to be merges themselves (fitted earlier in upload order): X is first explained by
+    the others alone, and by a merge among its candidates only when they cannot (`_explain`)."""
     ids = sorted(candidates)
     names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
     if len(ids) < 2 or not names:
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
-    g, b, xx = gram(x, candidates, names)
-    singles = [xx - 2 * b[i] + g[i, i] for i in range(len(ids))]  # ||X - Y_i||^2: Y_i as is, no rescaling
+    products = gram(x, candidates, names)
+    g, b, xx = products
+    singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
     best = int(np.argmin(singles))
-    r1 = max(singles[best], 0.0)
-    if r1 <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
+    if singles[best] <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
         return MergeFit((), ids[best], 1.0)
-    r2, subset, coef = _best_subset(g, b, xx, r1, 2)
-    found = MergeFit(_parents(ids, subset, coef, min_share), ids[best], r2 / max(_scaled_single(g, b, xx), 1e-300))
+    # over every candidate, merges included: a fine-tune of a merge M is nearest M, and M's parents
+    # explain it no better than M does (its own update is outside their span), so it stays M's child
+    scaled = max(_scaled_single(g, b, xx), 1e-300)
+    originals = tuple(i for i, r in enumerate(ids) if r not in merges)
+    if 2 <= len(originals) < len(ids):
+        found = _explain(x, candidates, names, products, originals, scaled, min_share, ids[best])
+        if found.is_merge:
+            return found
+    return _explain(x, candidates, names, products, tuple(range(len(ids))), scaled, min_share, ids[best])
+
+
+def _explain(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
+             products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], scaled: float,
+             min_share: float, single: str) -> MergeFit:
+    """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `gram` over all
+    of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
+    else a masked merge over one of them judged against the nearest of them. Merges of merges: when a
+    merge M of the parents P is among the candidates, a re-merge of P lies near M -- nearer than any of
+    P (relations zoo: breadcrumbs-TIES 8.1 from a linear merge of its parents, 27-31 from them) -- so
+    against M the masking noise of the re-merge looks like an update of M's own; the masked test over
+    P alone (`fit`'s first pass) is judged against P's nearest. A fine-tune of M shares no bit-equal
+    entries with a base in float32, and in BF16 its sub-resolution flips where M kept the base are
+    entries none of P moved (`uncovered_share`), so it does not pass as a masked merge of P."""
+    ids = sorted(candidates)
+    g, b, xx = products
+    pick = list(members)
+    r1 = float(min(xx - 2 * b[i] + g[i, i] for i in members))
+    r2, subset, coef = _best_subset(g[np.ix_(pick, pick)], b[pick], xx, r1, _values(x, names))
+    found = MergeFit(_parents([ids[i] for i in members], subset, coef, min_share), single, r2 / scaled)
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
-    masked = _masked(x, candidates, names, (g, b, xx), r1, min_share)
-    return masked if masked is not None else MergeFit((), ids[best], found.ratio)
+    masked = _masked(x, candidates, names, products, members, min_share)
+    return masked if masked is not None else MergeFit((), single, found.ratio)
 
 
 def _scaled_single(g: np.ndarray, b: np.ndarray, xx: float) -> float:
@@ -211,20 +280,29 @@ def uncovered_share(x: Arrays, base: Arrays, parents: Sequence[Arrays], names: S
 
 
 def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
-            products: tuple[np.ndarray, np.ndarray, float], r1: float, min_share: float) -> MergeFit | None:
-    """TIES / DARE: over each relative whose values the model keeps bit for bit in MASK_EQUAL of a changed
-    layer's entries, fit the task vector x - base on the others' (the base's weight is 1 - sum w_i). The
-    task vectors' products come from `fit`'s own (`products`, over the sorted candidates), not from a
-    product per base: those took 60 % of a 7B crawl's merge step (0.04 s a base, 6 bases a fit)."""
+            products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], min_share: float) -> MergeFit | None:
+    """TIES / DARE: over each of `members` whose values the model keeps bit for bit in MASK_EQUAL of a
+    changed layer's entries, fit the task vector x - base on the other members' (the base's weight is
+    1 - sum w_i), judged against the nearest of the fit's own models (base and parents): a relative
+    outside the fit may sit nearer -- an earlier merge of the same parents, or a fine-tune of one
+    (bench/merge_methods.py: a DELLA merge 61 from a task-arithmetic merge of its parents, 88 from them)
+    -- without being any explanation of the bit-equal entries. A fine-tune shares none of those in
+    float32; in BF16 `rounding_flips` and `uncovered_share` turn away what masking did not make.
+    The task vectors' products come from `fit`'s own (`products`, over the sorted candidates), not from
+    a product per base: those took 60 % of a 7B crawl's merge step (0.04 s a base, 6 bases a fit)."""
     ids = sorted(candidates)
+    g0, b0, xx0 = products
+    singles = {i: max(xx0 - 2 * b0[i] + g0[i, i], 0.0) for i in members}
     best: MergeFit | None = None
-    for k, base in enumerate(ids):
-        if equal_share(x, candidates[base], names) < MASK_EQUAL or len(ids) < 3:
+    for k in members:
+        base = ids[k]
+        if len(members) < 3 or equal_share(x, candidates[base], names) < MASK_EQUAL:
             continue
-        g, b, xx = _based(*products, k)
-        others = [r for r in ids if r != base]
-        r2, subset, coef = _best_subset(g, b, xx, r1, 2)
-        fit_ = MergeFit(_parents(others, subset, coef, min_share), base, r2 / r1, base)
+        others = [i for i in members if i != k]
+        g, b, xx = _based(*products, k, others)
+        r2, subset, coef = _best_subset(g, b, xx, singles[k], _values(x, names))
+        r1 = max(min([singles[k]] + [singles[others[i]] for i in subset]), 1e-300)
+        fit_ = MergeFit(_parents([ids[i] for i in others], subset, coef, min_share), base, r2 / r1, base)
         if (fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio)
                 and not rounding_flips(x, candidates[base], names)
                 and uncovered_share(x, candidates[base], [candidates[p] for p, _ in fit_.parents], names) <= UNCOVERED_MAX):
@@ -232,12 +310,12 @@ def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
     return best
 
 
-def _based(g: np.ndarray, b: np.ndarray, xx: float, k: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """`gram`'s (G, b, ||x||^2) of the task vectors over candidate k, from the plain ones:
-    <Y_i - Y_k, Y_j - Y_k> = G_ij - G_ik - G_jk + G_kk, <Y_i - Y_k, x - Y_k> = b_i - G_ik - b_k + G_kk.
+def _based(g: np.ndarray, b: np.ndarray, xx: float, k: int, keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
+    """`gram`'s (G, b, ||x||^2) of the task vectors of candidates `keep` over candidate k, from the plain
+    ones: <Y_i - Y_k, Y_j - Y_k> = G_ij - G_ik - G_jk + G_kk, <Y_i - Y_k, x - Y_k> = b_i - G_ik - b_k + G_kk.
     float64 over <= 2^20 values: rounding ~1e-13 of ||W||^2, against task vectors of >= 1e-6 of it (a
     sub-resolution BF16 update) -- far inside what the ratios and 0.01 weights resolve."""
-    keep = [i for i in range(len(b)) if i != k]
+    keep = list(keep)
     col = g[keep, k]
     gk = g[np.ix_(keep, keep)] - col[:, None] - col[None, :] + g[k, k]
     return gk, b[keep] - col - b[k] + g[k, k], float(xx - 2 * b[k] + g[k, k])

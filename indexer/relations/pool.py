@@ -61,50 +61,83 @@ def pair_stats(a: Arrays, b: Arrays) -> PairStats | None:
     return PairStats(d2, equal_share(pa, pb, names), identical(a, b))
 
 
+def fit_order(created: float | None, repo_id: str) -> tuple[bool, float, str]:
+    """The order models are fitted in, on both paths: upload time, then id (models without a time after
+    the timed ones, by id). A relative's merge status counts in x's fit only when it comes before x in
+    this order, so that every status a fit uses was settled before it, whatever the arrival order."""
+    return (created is None, created or 0.0, repo_id)
+
+
+def merge_parents_of(r: str, merges: Mapping[str, Sequence[str]]) -> list[str]:
+    """A known merge's parents, and theirs when they are merges too (first seen first); [] for a model
+    that is no known merge."""
+    out: list[str] = []
+    todo = list(merges.get(r, ()))
+    while todo:
+        p = todo.pop(0)
+        if p not in out and p != r:
+            out.append(p)
+            todo += merges.get(p, ())
+    return out
+
+
 def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None, PairStats]],
-               same: Callable[[str, str], bool]) -> list[str]:
+               same: Callable[[str, str], bool], merges: Mapping[str, Sequence[str]] | None = None) -> list[str]:
     """The relatives x is fitted over (module docstring). `relatives`: repo_id -> (upload time, its
     PairStats with x); `same(a, b)`: are two relatives bit-identical (asked only of relatives at exactly
-    the same distance from x, which every re-upload of a relative is)."""
+    the same distance from x, which every re-upload of a relative is); `merges`: the relatives known to be
+    merges (fitted before x, `fit_order`) -> their merge parents."""
+    merges = merges or {}
     scored = sorted((s.d2, r, s.share) for r, (t, s) in relatives.items()
                     if not s.same and (created is None or t is None or t <= created))
+    where = {r: d2 for d2, r, _ in scored}
     pool: list[str] = []
     taken: dict[float, list[str]] = {}  # d2 -> the relatives taken at that distance
 
-    def copy_of_taken(d2: float, r: str) -> bool:
-        return any(same(p, r) for p in taken.get(d2, ()))
+    def take(d2: float, r: str) -> bool:
+        if r in pool or any(same(p, r) for p in taken.get(d2, ())):
+            return False
+        pool.append(r)
+        taken.setdefault(d2, []).append(r)
+        return True
 
+    counted = 0
     for d2, r, _ in scored:
-        if len(pool) == MERGE_CANDIDATES:
+        if counted == MERGE_CANDIDATES:
             break
-        if not copy_of_taken(d2, r):
-            pool.append(r)
-            taken.setdefault(d2, []).append(r)
+        if take(d2, r):
+            counted += 1
+            # a merge's parents join it, uncounted: merges of the same parents pile up near a re-merge of
+            # them (relations zoo + held-out recipes: the 5 nearest of a DELLA merge were 4 earlier merges
+            # and one parent) and would leave no room for the parents it is made of
+            for p in merge_parents_of(r, merges):
+                if p in where:
+                    take(where[p], p)
     bases = sorted((-share, r, d2) for d2, r, share in scored if r not in pool and share >= MASK_EQUAL)
     for _, r, d2 in bases:
-        if not copy_of_taken(d2, r):  # a TIES merge shares bit-equal entries with its parents too
-            pool.append(r)
+        if take(d2, r):  # a TIES merge shares bit-equal entries with its parents too
             break
     return pool
 
 
-def tree_pools(tree: Sequence[str], arrays: Mapping[str, Arrays], created: Mapping[str, float | None]
-               ) -> dict[str, list[str]]:
-    """Every tree member's pool over the rest of the tree (the batch side): each pair measured once."""
+def pair_table(members: Sequence[str], arrays: Mapping[str, Arrays]) -> dict[tuple[str, str], PairStats]:
+    """Every pair of a tree measured once ((a, b), a < b); pairs that share no block are left out."""
     stats: dict[tuple[str, str], PairStats] = {}
-    members = sorted(tree)
-    for i, a in enumerate(members):
-        for b in members[i + 1:]:
+    ordered = sorted(members)
+    for i, a in enumerate(ordered):
+        for b in ordered[i + 1:]:
             found = pair_stats(arrays[a], arrays[b])
             if found is not None:
                 stats[(a, b)] = found
+    return stats
 
-    def same(a: str, b: str) -> bool:
-        return identical(arrays[a], arrays[b])
 
-    pools = {}
-    for x in members:
-        relatives = {o: (created.get(o), stats[(min(x, o), max(x, o))]) for o in members
-                     if o != x and (min(x, o), max(x, o)) in stats}
-        pools[x] = merge_pool(created.get(x), relatives, same)
-    return pools
+def tree_pool(x: str, members: Sequence[str], stats: Mapping[tuple[str, str], PairStats],
+              arrays: Mapping[str, Arrays], created: Mapping[str, float | None],
+              merges: Mapping[str, Sequence[str]]) -> list[str]:
+    """x's pool over the rest of its tree (the batch side), with the merges found so far before x."""
+    relatives = {o: (created.get(o), stats[(min(x, o), max(x, o))]) for o in members
+                 if o != x and (min(x, o), max(x, o)) in stats}
+    mine = fit_order(created.get(x), x)
+    known = {m: ps for m, ps in merges.items() if fit_order(created.get(m), m) < mine}
+    return merge_pool(created.get(x), relatives, lambda a, b: identical(arrays[a], arrays[b]), known)
