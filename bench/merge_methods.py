@@ -8,7 +8,7 @@ The relations zoo (indexer.zoo.relations) holds linear, SLERP, TIES and DARE-TIE
 mergekit's own `run_merge` (CPU, float32), merges by seven more recipes of its fine-tunes, uploaded after
 everything else (so every earlier merge is in their pools, as on the Hub, where merges of the same
 parents pile up): task arithmetic, breadcrumbs-TIES, DELLA, model stock (three models over the base), DARE
-linear, a three-model linear merge and NuSLERP. Then `index recover OUT` and, per merge, the recovered
+linear, a three-model linear merge, NuSLERP and a SLERP whose t varies by layer and module (mergekit's README example). Then `index recover OUT` and, per merge, the recovered
 relation and parents against the true ones; the `index eval` summary last.
 """
 
@@ -30,7 +30,7 @@ from indexer.lineage.methods import Options
 
 ORG = "rel"
 # (name, mergekit method, models, base, weights, parameters): none of these methods is in the zoo's recipe
-RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | None, dict[str, float]], ...] = (
+RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | None, dict[str, Any]], ...] = (
     ("a-task-arith", "task_arithmetic", ("a-ft1", "a-ft2"), "base-a", (0.7, 0.5), {}),
     ("a-breadcrumbs", "breadcrumbs_ties", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.8, "gamma": 0.05}),
     ("a-della", "della", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.6, "epsilon": 0.1}),
@@ -38,19 +38,26 @@ RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | 
     ("b-dare-linear", "dare_linear", ("b-ft1", "b-ft2"), "base-b", (0.5, 0.5), {"density": 0.7}),
     ("a-linear3", "linear", ("a-ft1", "a-ft2", "a-ft1-ft"), None, (0.4, 0.3, 0.3), {}),
     ("b-nuslerp", "nuslerp", ("b-ft1", "b-ft2"), None, (0.6, 0.4), {}),
+    # mergekit's README example, copied by thousands of Hub merges: t per layer, attention and MLP opposed
+    ("a-slerp-grad", "slerp", ("a-ft1", "a-ft2"), "a-ft1", None,
+     {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+            {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}),
 )
 
 
 def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str | None,
-          weights: tuple[float, ...] | None, params: dict[str, float]) -> None:
+          weights: tuple[float, ...] | None, params: dict[str, Any]) -> None:
     from mergekit.config import MergeConfiguration
     from mergekit.merge import MergeOptions, run_merge
 
     entries: list[dict[str, Any]] = []
+    per_model = {k: v for k, v in params.items() if k != "t"}  # "t": SLERP's interpolation, for the whole merge
     for i, m in enumerate(models):
-        p = ({"weight": weights[i]} if weights is not None else {}) | params
+        p = ({"weight": weights[i]} if weights is not None else {}) | per_model
         entries.append({"model": str(rel / m), **({"parameters": p} if p else {})})
     doc: dict[str, Any] = {"merge_method": method, "dtype": "float32", "models": entries}
+    if "t" in params:
+        doc["parameters"] = {"t": params["t"]}
     if base is not None:
         doc["base_model"] = str(rel / base)
     tmp, out = rel.parent / f".{name}", rel / name

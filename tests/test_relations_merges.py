@@ -3,6 +3,8 @@ weights; fine-tunes, quantized copies and duplicates are not merges."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 
@@ -160,3 +162,42 @@ def test_real_mergekit_masked_merges_in_bf16_stay_merges(tmp_path, method: str) 
     got = fit(models["merged"], {m: models[m] for m in ("base", "a", "b")})
     assert got is not None and got.is_merge and got.base == "base", got
     assert {p for p, _ in got.parents} == {"a", "b"}
+
+
+def layered(seed: int = 0, layers: int = 6) -> dict[str, dict[str, np.ndarray]]:
+    """A base of `layers` attention and MLP blocks; two fine-tunes; a chain P -> X -> C whose two steps
+    moved different layers (the first the lower half, the second the upper half, each a little of the
+    rest)."""
+    rng = np.random.default_rng(seed)
+    base = {f"layers.{i}.{m}.weight": rng.standard_t(4, (32, 32)).astype(np.float32)
+            for i in range(layers) for m in ("self_attn.q_proj", "mlp.up_proj")}
+
+    def tune(src: dict[str, np.ndarray], scale: Callable[[int], float]) -> dict[str, np.ndarray]:
+        return {n: a + scale(int(n.split(".")[1])) * rng.standard_normal(a.shape).astype(np.float32)
+                for n, a in src.items()}
+
+    x = tune(base, lambda i: 0.2 if i < layers // 2 else 0.02)
+    return {"base": base, "a": tune(base, lambda i: 0.2), "b": tune(base, lambda i: 0.2), "x": x,
+            "c": tune(x, lambda i: 0.02 if i < layers // 2 else 0.2)}
+
+
+def test_a_slerp_with_t_by_layer_is_a_merge_of_its_two_parents() -> None:
+    """mergekit's README SLERP: t from 0 to 1 across the layers, attention and MLP opposed. One weight per
+    parent explains it by about half; a weight per block, exactly."""
+    m = layered()
+    t_attn = np.linspace(0.0, 1.0, 6)
+    merged = {n: ((1 - t) * m["a"][n] + t * m["b"][n]).astype(np.float32)
+              for n in m["base"] for i in [int(n.split(".")[1])]
+              for t in [t_attn[i] if "self_attn" in n else 1 - t_attn[i]]}
+    got = fit(merged, {k: m[k] for k in ("base", "a", "b", "x")})
+    assert got is not None and got.is_merge, got
+    assert [p for p, _ in got.parents] == ["a", "b"] and got.parents[0][1] == pytest.approx(0.5, abs=0.02)
+
+
+def test_a_chain_middle_whose_steps_moved_different_layers_is_no_merge() -> None:
+    """X's own step moved the lower layers, its child's the upper: block by block X is its parent or its
+    child, but not in the blocks both steps moved; X (or a re-upload of it, whose pool holds the child)
+    is no merge of its parent and child."""
+    m = layered(1)
+    got = fit(m["x"], {k: m[k] for k in ("base", "a", "c")})
+    assert got is not None and not got.is_merge, got
