@@ -215,8 +215,9 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     originals = tuple(i for i, r in enumerate(ids) if r not in merges)
     groups = [originals, tuple(range(len(ids)))] if 2 <= len(originals) < len(ids) else [tuple(range(len(ids)))]
     last = MergeFit((), ids[best], 1.0)
+    shares: dict[str, float] = {}  # equal_share with x, measured once a fit (both groups ask)
     for members in groups:
-        last = _explain(x, candidates, names, products, members, scaled, min_share, ids[best])
+        last = _explain(x, candidates, names, products, members, scaled, min_share, ids[best], shares)
         if last.is_merge:
             return last
         per_block = _per_block(blocks, members, ids, min_share, ids[best])
@@ -280,7 +281,7 @@ def _block_residual(gs: np.ndarray, bs: np.ndarray, xxs: np.ndarray, subset: tup
 
 def _explain(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
              products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], scaled: float,
-             min_share: float, single: str) -> MergeFit:
+             min_share: float, single: str, shares: dict[str, float]) -> MergeFit:
     """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `gram` over all
     of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
     else a masked merge over one of them judged against the nearest of them. Merges of merges: when a
@@ -299,7 +300,7 @@ def _explain(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
     found = MergeFit(_parents([ids[i] for i in members], subset, coef, min_share), single, r2 / scaled)
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
-    masked = _masked(x, candidates, names, products, members, min_share)
+    masked = _masked(x, candidates, names, products, members, min_share, shares)
     return masked if masked is not None else MergeFit((), single, found.ratio)
 
 
@@ -353,7 +354,8 @@ def uncovered_share(x: Arrays, base: Arrays, parents: Sequence[Arrays], names: S
 
 
 def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
-            products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], min_share: float) -> MergeFit | None:
+            products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], min_share: float,
+            shares: dict[str, float]) -> MergeFit | None:
     """TIES / DARE: over each of `members` whose values the model keeps bit for bit in MASK_EQUAL of a
     changed layer's entries, fit the task vector x - base on the other members' (the base's weight is
     1 - sum w_i), judged against the nearest of the fit's own models (base and parents): a relative
@@ -369,7 +371,11 @@ def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
     best: MergeFit | None = None
     for k in members:
         base = ids[k]
-        if len(members) < 3 or equal_share(x, candidates[base], names) < MASK_EQUAL:
+        if len(members) < 3:
+            break
+        if base not in shares:
+            shares[base] = equal_share(x, candidates[base], names)
+        if shares[base] < MASK_EQUAL:
             continue
         others = [i for i in members if i != k]
         g, b, xx = _based(*products, k, others)

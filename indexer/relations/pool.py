@@ -10,6 +10,9 @@ pair on the fit's own value prefix, `indexer.relations.merges.fit_prefix`):
 2. Relatives bit-identical to x are left out (a duplicate, not a parent).
 3. The MERGE_CANDIDATES nearest in squared L2 (ties by id), skipping a re-upload of one already taken:
    the same column twice in the least-squares fit adds nothing and would push a real candidate out.
+   A known merge taken brings its merge parents (and theirs) along, uncounted, while the pool is under
+   2 x MERGE_CANDIDATES: merges of the same parents pile up near a re-merge of them and would leave no
+   room for the parents (`indexer.relations.merges`, merges of merges).
 4. Then the relative sharing the most bit-equal entries with x (MASK_EQUAL or more; ties by id) that
    is neither taken nor a re-upload of one taken (a TIES merge shares bit-equal entries with its
    parents as much as with its base: where one parent's entry alone is kept, the merge holds it): a TIES / DARE merge is told by its base, which need not be among the nearest
@@ -111,7 +114,7 @@ def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None
             # them (relations zoo + held-out recipes: the 5 nearest of a DELLA merge were 4 earlier merges
             # and one parent) and would leave no room for the parents it is made of
             for p in merge_parents_of(r, merges):
-                if p in where:
+                if p in where and len(pool) < 2 * MERGE_CANDIDATES:  # bounded: fits grow with C(pool, 3)
                     take(where[p], p)
     bases = sorted((-share, r, d2) for d2, r, share in scored if r not in pool and share >= MASK_EQUAL)
     for _, r, d2 in bases:
