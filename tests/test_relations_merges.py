@@ -120,10 +120,10 @@ def test_a_sub_resolution_child_is_no_masked_merge_of_its_siblings() -> None:
     assert got is not None and not got.is_merge and got.single == "p", got
 
 
-@pytest.mark.parametrize("method", ["ties", "dare_ties"])
-def test_real_mergekit_masked_merges_in_bf16_stay_merges(tmp_path, method: str) -> None:  # type: ignore[no-untyped-def]
-    """mergekit's TIES and DARE-TIES over a BF16 base: every entry the merge changed is changed by one of
-    its parents (uncovered share exactly 0), and the fit finds both parents."""
+def mergekit_bf16(tmp_path, step: float, doc: dict, base: str | None = "base") -> dict[str, dict[str, np.ndarray]]:  # type: ignore[no-untyped-def,type-arg]
+    """A tiny BF16 llama base, two BF16 fine-tunes a and b (every matrix moved by `step` x its std,
+    Gaussian) and mergekit's merge of them by `doc` (its models filled in, and `base` as its base model),
+    read back as the index compares."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("mergekit")
     from mergekit.config import MergeConfiguration
@@ -143,11 +143,10 @@ def test_real_mergekit_masked_merges_in_bf16_stay_merges(tmp_path, method: str) 
         with torch.no_grad():
             for p in model.parameters():
                 if p.ndim == 2:
-                    p.add_((0.2 * p.float().std() * torch.randn(p.shape, generator=gen)).to(p.dtype))
+                    p.add_((step * p.float().std() * torch.randn(p.shape, generator=gen)).to(p.dtype))
         model.save_pretrained(tmp_path / name)
-    doc = {"merge_method": method, "base_model": str(tmp_path / "base"), "dtype": "bfloat16",
-           "parameters": {"normalize": True},
-           "models": [{"model": str(tmp_path / m), "parameters": {"weight": 0.5, "density": 0.5}} for m in ("a", "b")]}
+    doc = doc | {"dtype": "bfloat16", **({"base_model": str(tmp_path / base)} if base else {}),
+                 "models": [{"model": str(tmp_path / m), **m_params} for m, m_params in zip("ab", doc["models"], strict=True)]}
     run_merge(MergeConfiguration.model_validate(doc), str(tmp_path / "merged"),
               MergeOptions(copy_tokenizer=False, write_model_card=False, random_seed=0, quiet=True))
 
@@ -156,12 +155,33 @@ def test_real_mergekit_masked_merges_in_bf16_stay_merges(tmp_path, method: str) 
             state = LlamaForCausalLM.from_pretrained(tmp_path / name, torch_dtype=torch.float32).state_dict()
         return compared_arrays({n: t.numpy() for n, t in state.items()})
 
-    models = {m: read(m) for m in ("base", "a", "b", "merged")}
+    return {m: read(m) for m in ("base", "a", "b", "merged")}
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties"])
+def test_real_mergekit_masked_merges_in_bf16_stay_merges(tmp_path, method: str) -> None:  # type: ignore[no-untyped-def]
+    """mergekit's TIES and DARE-TIES over a BF16 base: every entry the merge changed is changed by one of
+    its parents (uncovered share exactly 0), and the fit finds both parents."""
+    weights = {"parameters": {"weight": 0.5, "density": 0.5}}
+    models = mergekit_bf16(tmp_path, 0.2, {"merge_method": method, "parameters": {"normalize": True},
+                                           "models": [weights, weights]})
     names = sorted(models["merged"])
     assert uncovered_share(models["merged"], models["base"], [models["a"], models["b"]], names) == 0.0
     got = fit(models["merged"], {m: models[m] for m in ("base", "a", "b")})
     assert got is not None and got.is_merge and got.base == "base", got
     assert {p for p, _ in got.parents} == {"a", "b"}
+
+
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_real_mergekit_bf16_merges_of_fine_tunes_a_bf16_step_apart_are_found(tmp_path, method: str) -> None:  # type: ignore[no-untyped-def]
+    """mergekit's linear and SLERP merges saved in BF16, of BF16 fine-tunes that moved 3e-3 of each
+    weight's std (about half a BF16 step): the merge's own rounding is most of what its parents leave
+    unexplained, and only the combination rounded to BF16 tells it from a fine-tune."""
+    doc = ({"merge_method": "linear", "models": [{"parameters": {"weight": 0.6}}, {"parameters": {"weight": 0.4}}]}
+           if method == "linear" else {"merge_method": "slerp", "parameters": {"t": 0.4}, "models": [{}, {}]})
+    models = mergekit_bf16(tmp_path, 3e-3, doc, None if method == "linear" else "a")
+    got = fit(models["merged"], {m: models[m] for m in ("base", "a", "b")})
+    assert got is not None and got.is_merge and {p for p, _ in got.parents} == {"a", "b"}, got
 
 
 def layered(seed: int = 0, layers: int = 6) -> dict[str, dict[str, np.ndarray]]:
@@ -201,3 +221,29 @@ def test_a_chain_middle_whose_steps_moved_different_layers_is_no_merge() -> None
     m = layered(1)
     got = fit(m["x"], {k: m[k] for k in ("base", "a", "c")})
     assert got is not None and not got.is_merge, got
+
+
+def bf16(a: np.ndarray) -> np.ndarray:
+    """float32 rounded to BF16 (nearest even), as float32."""
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000)).view(np.float32)
+
+
+@pytest.mark.parametrize("drift", [1e-2, 3e-3])
+def test_a_bf16_merge_of_fine_tunes_near_bf16_resolution_is_found_and_their_children_are_not(drift: float) -> None:
+    """A BF16 linear merge of BF16 fine-tunes whose updates are 0.5-2 BF16 steps: the saved merge's
+    rounding is a residual no weights remove (0.08 / 0.40 of the best single's at these drifts); judged
+    with the combination rounded to BF16 as the merge was, it is found. A fine-tune's own update is not
+    rounding: a child stays no merge."""
+    rng = np.random.default_rng(0)
+    base = {f"l{i}": bf16(0.02 * rng.standard_normal((128, 128))) for i in range(4)}
+
+    def tune(src: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return {n: bf16(a + drift * 0.02 * rng.standard_normal(a.shape)) for n, a in src.items()}
+
+    models = {"base": base, "a": tune(base), "b": tune(base), "c": tune(base)}
+    merged = {n: bf16(0.6 * models["a"][n] + 0.4 * models["b"][n]) for n in base}
+    got = fit(merged, models)
+    assert got is not None and got.is_merge and {p for p, _ in got.parents} == {"a", "b"}, got
+    child = fit(tune(models["a"]), models)
+    assert child is not None and not child.is_merge, child

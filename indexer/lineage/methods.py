@@ -687,8 +687,8 @@ def cast_dtype(source: Mapping[str, np.ndarray], copy: Mapping[str, np.ndarray])
     if any(a is None for a, _ in pairs):
         return ""
     for dtype in ("BF16", "F16"):
-        if all(np.array_equal(_cast(a, dtype), b) for a, b in pairs) and not all(
-                np.array_equal(_cast(a, dtype), a) for a, _ in pairs):
+        if all(np.array_equal(cast_to(a, dtype), b) for a, b in pairs) and not all(
+                np.array_equal(cast_to(a, dtype), a) for a, _ in pairs):
             return dtype
     return ""
 
@@ -703,10 +703,10 @@ def _common_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray | None, np.nd
 
 def _fits(family: Family, i: int, dtype: str) -> bool:
     """Every compared value of model i is exactly representable in `dtype`."""
-    return all(np.array_equal(_cast(layer[i], dtype), layer[i]) for layer in family.layers.values())
+    return all(np.array_equal(cast_to(layer[i], dtype), layer[i]) for layer in family.layers.values())
 
 
-def _cast(values: np.ndarray, dtype: str) -> np.ndarray:
+def cast_to(values: np.ndarray, dtype: str) -> np.ndarray:
     narrow = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
     return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32)).to(narrow).to(torch.float32).numpy()
 
@@ -718,7 +718,7 @@ def _extras_cast_equal(family: Family, source: int, copy: int) -> bool:
         return True
     a, b = family.extras[source], family.extras[copy]
     return a.keys() == b.keys() and all(
-        a[n].shape == b[n].shape and np.array_equal(_cast(a[n], family.dtypes[copy]), b[n]) for n in a)
+        a[n].shape == b[n].shape and np.array_equal(cast_to(a[n], family.dtypes[copy]), b[n]) for n in a)
 
 
 def _dispatch(family: Family, options: Options) -> Lineage:

@@ -45,10 +45,12 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy import stats
+
+from indexer.lineage.methods import cast_to
 
 MAX_PARENTS = 3
 INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothing (measured 0.0-0.002)
@@ -203,6 +205,7 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
     blocks = block_gram(x, candidates, names)
+    stored = _Stored(x, candidates, ids, names, _dtypes(x, names))
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
@@ -217,17 +220,17 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     last = MergeFit((), ids[best], 1.0)
     shares: dict[str, float] = {}  # equal_share with x, measured once a fit (both groups ask)
     for members in groups:
-        last = _explain(x, candidates, names, products, members, scaled, min_share, ids[best], shares)
+        last = _explain(stored, products, members, scaled, min_share, ids[best], shares)
         if last.is_merge:
             return last
-        per_block = _per_block(blocks, members, ids, min_share, ids[best])
+        per_block = _per_block(stored, blocks, members, min_share, ids[best])
         if per_block.is_merge:
             return per_block
     return last
 
 
-def _per_block(blocks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], members: tuple[int, ...],
-               ids: Sequence[str], min_share: float, single: str) -> MergeFit:
+def _per_block(stored: _Stored, blocks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+               members: tuple[int, ...], min_share: float, single: str) -> MergeFit:
     """An interpolation with a weight per model *per block*: mergekit's SLERP with t by layer and module
     (its README's example, t from 0 to 1 across the layers, attention and MLP opposed, copied by thousands
     of Hub merges) is its parents block by block, one global weight each explains it by no more than
@@ -240,30 +243,33 @@ def _per_block(blocks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray], me
     pick = list(members)
     gm, bm = gs[:, pick][:, :, pick], bs[:, pick]
     diag = np.einsum("lii->li", gs)
-    scaled = float(min(np.sum(np.where(diag[:, i] > 0, xxs - bs[:, i] ** 2 / np.maximum(diag[:, i], 1e-300), xxs))
-                       for i in range(len(ids))))
+    scaled_all = np.where(diag > 0, xxs[:, None] - bs ** 2 / np.maximum(diag, 1e-300), xxs[:, None])  # (L, m)
     r1 = float(min(np.sum(xxs - 2 * bs[:, i] + diag[:, i]) for i in pick))
     r2, subset, coef = _best_subset(lambda sub: _block_residual(gm, bm, xxs, sub)[:2], len(pick), r1,
                                     int(sizes.sum()), df=len(sizes))
-    ratio = r2 / max(scaled, 1e-300)
-    if not subset or ratio >= INTERPOLATION_RATIO or _worst_block(gm, bm, xxs, subset, gs, bs) >= INTERPOLATION_RATIO:
+    if not subset:
+        return MergeFit((), single, 1.0)
+    model = int(np.argmin(scaled_all.sum(0)))  # the best single model, rescaled block by block
+    per_block, alone, nearest = _block_residual(gm, bm, xxs, subset)[2], scaled_all[:, model], np.min(scaled_all, axis=1)
+    parents = _parents([stored.ids[i] for i in pick], subset, (sizes @ coef) / sizes.sum(), min_share)
+    if len(parents) >= 2 and stored.narrow:  # judged on the combinations rounded as the model was stored
+        full = np.zeros((len(sizes), len(stored.ids)))
+        full[:, [pick[i] for i in subset]] = coef
+        per_block = stored.residuals(full)
+        alone = stored.residuals(_scales(bs, diag, np.full(len(sizes), model)))
+        nearest = stored.residuals(_scales(bs, diag, np.argmin(scaled_all, axis=1)))
+    ratio = float(per_block.sum()) / max(float(alone.sum()), 1e-300)
+    if ratio >= INTERPOLATION_RATIO or _worst_block(per_block, nearest, xxs) >= INTERPOLATION_RATIO:
         return MergeFit((), single, ratio)
-    parents = _parents([ids[i] for i in pick], subset, (sizes @ coef) / sizes.sum(), min_share)
     return MergeFit(parents, single, ratio)
 
 
-def _worst_block(gm: np.ndarray, bm: np.ndarray, xxs: np.ndarray, subset: tuple[int, ...], gs: np.ndarray,
-                 bs: np.ndarray) -> float:
-    """The largest per-block ratio of the subset's residual to the block's best rescaled single: a merge
-    with weights by block is explained in *every* block (gradient SLERP: each block is its parents'
-    interpolation), while a chain's middle X (P -> X -> C, a duplicate of X in its pool) is explained
-    only in the blocks that one of its two steps dominates -- with one weight per block, relations zoo
-    a-ft1-copy read 0.06 in all, half a block where both steps moved it alike."""
-    per_block = _block_residual(gm, bm, xxs, subset)[2]
-    diag = np.einsum("lii->li", gs)
-    scaled = np.min(np.where(diag > 0, xxs[:, None] - bs ** 2 / np.maximum(diag, 1e-300), xxs[:, None]), axis=1)
-    moved = scaled > 1e-12 * np.maximum(xxs, 1e-300)  # a block equal to a candidate's, rescaled: explained
-    return float(np.max(per_block[moved] / scaled[moved])) if moved.any() else 0.0
+def _scales(bs: np.ndarray, diag: np.ndarray, which: np.ndarray) -> np.ndarray:
+    """(L, candidates) coefficients: in each block l, candidate which[l] alone, rescaled to fit best."""
+    rows = np.arange(len(which))
+    coef = np.zeros_like(bs)
+    coef[rows, which] = bs[rows, which] / np.maximum(diag[rows, which], 1e-300)
+    return coef
 
 
 def _block_residual(gs: np.ndarray, bs: np.ndarray, xxs: np.ndarray, subset: tuple[int, ...]
@@ -279,9 +285,67 @@ def _block_residual(gs: np.ndarray, bs: np.ndarray, xxs: np.ndarray, subset: tup
     return float(r2.sum()), coef, r2
 
 
-def _explain(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
-             products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], scaled: float,
-             min_share: float, single: str, shares: dict[str, float]) -> MergeFit:
+def _worst_block(per_block: np.ndarray, singles: np.ndarray, xxs: np.ndarray) -> float:
+    """The largest per-block ratio of the subset's residual to the block's best rescaled single: a merge
+    with weights by block is explained in *every* block (gradient SLERP: each block is its parents'
+    interpolation), while a chain's middle X (P -> X -> C, a duplicate of X in its pool) is explained
+    only in the blocks that one of its two steps dominates -- with one weight per block, relations zoo
+    a-ft1-copy read 0.06 in all, half a block where both steps moved it alike."""
+    moved = singles > 1e-12 * np.maximum(xxs, 1e-300)  # a block equal to a candidate's, rescaled: explained
+    return float(np.max(per_block[moved] / singles[moved])) if moved.any() else 0.0
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """What a fit reads of the values themselves: the model's and its candidates' fit prefixes (ids sorted)
+    and the dtype each of the model's blocks was stored in ("BF16", "F16", or "" for float32), as its
+    values tell (`_dtypes`)."""
+
+    x: Arrays
+    candidates: Mapping[str, Arrays]
+    ids: Sequence[str]
+    names: Sequence[str]
+    dtypes: tuple[str, ...]
+
+    @property
+    def narrow(self) -> bool:
+        return any(self.dtypes)
+
+    def residuals(self, coef: np.ndarray) -> np.ndarray:
+        """Per block, ||x_l - cast(sum_i coef[l, i] Y_il)||^2: the combination (coef: (L, candidates))
+        rounded to the block's dtype, as a merge computed in float32 and saved in it is. A BF16 merge is
+        its parents' combination only up to that rounding: a linear merge of fine-tunes that moved 1e-2 of
+        a weight's size read 0.08 against its best single, of 3e-3 0.40 (tests/test_relations_merges.py),
+        while rounded alike both read ~0; a fine-tune's own update is not undone by rounding."""
+        out = []
+        for block, name in enumerate(self.names):
+            mix = np.zeros(np.size(self.x[name]), dtype=np.float64)
+            for i in np.flatnonzero(coef[block]):
+                mix += coef[block, i] * np.asarray(self.candidates[self.ids[i]][name], dtype=np.float64).ravel()
+            if self.dtypes[block]:
+                mix = cast_to(mix, self.dtypes[block]).astype(np.float64).ravel()
+            left = np.asarray(self.x[name], dtype=np.float64).ravel() - mix
+            out.append(float(left @ left))
+        return np.array(out)
+
+
+def _dtypes(x: Arrays, names: Sequence[str]) -> tuple[str, ...]:
+    """Each block's storage dtype, read off its values: BF16 when every value's low 16 bits are 0 (an F16
+    value has them so with chance 1/8 each), else F16 when every value is one, else "" (float32)."""
+    out = []
+    for name in names:
+        v = np.ascontiguousarray(x[name], dtype=np.float32).ravel()
+        if not np.any(v.view(np.uint32) & np.uint32(0xFFFF)):
+            out.append("BF16")
+        elif np.array_equal(v.astype(np.float16).astype(np.float32), v):
+            out.append("F16")
+        else:
+            out.append("")
+    return tuple(out)
+
+
+def _explain(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...],
+             scaled: float, min_share: float, single: str, shares: dict[str, float]) -> MergeFit:
     """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `gram` over all
     of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
     else a masked merge over one of them judged against the nearest of them. Merges of merges: when a
@@ -291,17 +355,34 @@ def _explain(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
     P alone (`fit`'s first pass) is judged against P's nearest. A fine-tune of M shares no bit-equal
     entries with a base in float32, and in BF16 its sub-resolution flips where M kept the base are
     entries none of P moved (`uncovered_share`), so it does not pass as a masked merge of P."""
-    ids = sorted(candidates)
+    x, candidates, names, ids = stored.x, stored.candidates, stored.names, stored.ids
     g, b, xx = products
     pick = list(members)
     r1 = float(min(xx - 2 * b[i] + g[i, i] for i in members))
     gm, bm = g[np.ix_(pick, pick)], b[pick]
     r2, subset, coef = _best_subset(lambda sub: _residual(gm, bm, xx, sub), len(pick), r1, _values(x, names))
     found = MergeFit(_parents([ids[i] for i in members], subset, coef, min_share), single, r2 / scaled)
+    if found.is_merge and found.ratio >= INTERPOLATION_RATIO and stored.narrow:
+        found = replace(found, ratio=_rounded_ratio(stored, products, [pick[i] for i in subset], coef))
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
     masked = _masked(x, candidates, names, products, members, min_share, shares)
     return masked if masked is not None else MergeFit((), single, found.ratio)
+
+
+def _rounded_ratio(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], chosen: Sequence[int],
+                   coef: np.ndarray) -> float:
+    """`_explain`'s ratio with the combination and the best rescaled single each rounded to the model's
+    own dtype (`_Stored.residuals`)."""
+    g, b, _ = products
+    blocks = len(stored.names)
+    mix, alone = np.zeros((blocks, len(stored.ids))), np.zeros((blocks, len(stored.ids)))
+    mix[:, list(chosen)] = coef
+    diag = np.diag(g)
+    near = int(np.argmax(np.where(diag > 0, b ** 2 / np.maximum(diag, 1e-300), 0.0)))  # `_scaled_single`'s
+    alone[:, near] = b[near] / max(diag[near], 1e-300)
+    single = float(stored.residuals(alone).sum())
+    return float(stored.residuals(mix).sum()) / single if single > 0 else 1.0
 
 
 def _scaled_single(g: np.ndarray, b: np.ndarray, xx: float) -> float:
