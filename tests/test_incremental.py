@@ -400,3 +400,29 @@ def test_keep_arrays_off_writes_nothing_to_the_cache(tmp_path: Path, models: lis
             for i, (rid, _, arrays, created) in enumerate(models[:4]):
                 index.add(rid, REV.format(i), FAMILY, arrays, created)
         assert (Counting.puts > 0) == keep
+
+
+def test_the_second_hop_reaches_a_far_drifted_model_one_step_beyond_the_relatives(tmp_path: Path) -> None:
+    """Regression (wild-conv-s2, order 0): a long high-lr fine-tune, equally far by sketch from its whole
+    family, arrives first and becomes the root above the next arrival; its parent arrives last, and its
+    k nominees and their forest neighbours miss it. The hop's own neighbours, with budget left, reach it:
+    it is compared with its parent and placed under it (before: under a sibling)."""
+    rng = np.random.default_rng(1)
+    root = {f"enc.{b}.attention.output.dense.weight": rng.standard_t(4, (48, 48)).astype(np.float32) for b in range(3)}
+
+    def tune(src: dict[str, np.ndarray], step: float) -> dict[str, np.ndarray]:
+        return {n: (a + step * rng.standard_normal(a.shape)).astype(np.float32) for n, a in src.items()}
+
+    far = tune(root, 1.2)
+    kids = [tune(root, 0.15) for _ in range(8)]
+    models = {"org/long": far, **{f"org/kid{i}": k for i, k in enumerate(kids)}, "org/grand": tune(kids[0], 0.05),
+              "org/root": root}
+    uploaded = ["org/root", "org/long", *(f"org/kid{i}" for i in range(8)), "org/grand"]
+    created = {r: datetime(2024, 1, 1, tzinfo=UTC) + timedelta(hours=i) for i, r in enumerate(uploaded)}
+    order = ["org/long", "org/kid0", "org/grand", *(f"org/kid{i}" for i in range(1, 8)), "org/root"]
+    with LineageIndex.open(tmp_path, k=6, device="cpu", expand=4) as index:
+        results = [index.add(r, "local:0", FAMILY, models[r], created[r]) for r in order]
+        assert max(r.exact for r in results) <= 6
+        assert index.parents(FAMILY)["org/long"] == "org/root"
+    last = results[-1]
+    assert "org/long" not in last.nominees and "org/long" in last.second_hop

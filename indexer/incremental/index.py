@@ -365,7 +365,8 @@ class LineageIndex:
     def _second_hop(self, state: _Family, sketch: Sketch, nominees: Sequence[str], pairs: Sequence[object]) -> list[str]:
         """Up to `expand` forest parents/children of the related compared nominees, not yet compared
         (nominees ranked below the first k - expand included), the most weakly placed first: roots, then
-        by the weight of their current parent edge, heaviest first; then nearest sketch, then id.
+        by the weight of their current parent edge, heaviest first; then nearest sketch, then id. With
+        budget left, the parents and children of those, in the same order.
 
         Why weakest first: the pair this hop exists for is a child that arrived before its parent and
         whose update is large (a big LoRA), so it ranks past k among the parent's sketch neighbours and
@@ -386,7 +387,16 @@ class LineageIndex:
             parent = forest.parent(r)
             return forest.weight(parent, r) if parent else math.inf
 
-        return sorted(hop, key=lambda r: (-placed(r), near.get(r, len(near)), r))[: self.expand]  # deterministic
+        def rank(rs: set[str]) -> list[str]:  # deterministic
+            return sorted(rs, key=lambda r: (-placed(r), near.get(r, len(near)), r))
+
+        chosen = rank(hop)[: self.expand]
+        # budget left: the hop's own parents and children. A far-drifted model that arrived before its
+        # parent is a root, or hangs under a cousin, one step beyond the parent's relatives (wild-conv-s2,
+        # order 0: the long high-lr run, equally far by sketch from its whole family, was the root above a
+        # cousin the parent's hop held, and was never compared with its parent)
+        further = {n for r in chosen for n in (forest.parent(r), *(c for c in forest._out[r] if forest.parent(c) == r))}
+        return chosen + rank(further - seen - set(chosen) - {""})[: self.expand - len(chosen)]
 
     def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]
                ) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
