@@ -8,11 +8,12 @@ pair on the fit's own value prefix, `indexer.relations.merges.fit_prefix`):
 1. Relatives uploaded after x are left out (a merge is made of existing models: the parent came first
    in 99.73 % of documented pairs); a missing time keeps the relative.
 2. Relatives bit-identical to x are left out (a duplicate, not a parent).
-3. The MERGE_CANDIDATES nearest in squared L2 (ties by id), skipping a re-upload of one already taken:
-   the same column twice in the least-squares fit adds nothing and would push a real candidate out.
-   A known merge taken brings its merge parents (and theirs) along, uncounted, while the pool is under
-   2 x MERGE_CANDIDATES: merges of the same parents pile up near a re-merge of them and would leave no
-   room for the parents (`indexer.relations.merges`, merges of merges).
+3. The nearest in squared L2 (ties by id) until MERGE_CANDIDATES that are no known merges are taken,
+   skipping a re-upload of one already taken: the same column twice in the least-squares fit adds
+   nothing and would push a real candidate out. A known merge is taken uncounted and brings its merge
+   parents (and theirs) along, uncounted, all while the pool is under 2 x MERGE_CANDIDATES: merges of
+   the same parents pile up near a re-merge of them and would leave no room for the models it is made
+   of (`indexer.relations.merges`, merges of merges).
 4. Then the relative sharing the most bit-equal entries with x (MASK_EQUAL or more; ties by id) that
    is neither taken nor a re-upload of one taken (a TIES merge shares bit-equal entries with its
    parents as much as with its base: where one parent's entry alone is kept, the merge holds it): a TIES / DARE merge is told by its base, which need not be among the nearest
@@ -106,13 +107,13 @@ def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None
 
     counted = 0
     for d2, r, _ in scored:
-        if counted == MERGE_CANDIDATES:
+        if counted == MERGE_CANDIDATES or len(pool) >= 2 * MERGE_CANDIDATES:
             break
         if take(d2, r):
-            counted += 1
-            # a merge's parents join it, uncounted: merges of the same parents pile up near a re-merge of
+            counted += r not in merges
+            # a merge and its parents join uncounted: merges of the same parents pile up near a re-merge of
             # them (relations zoo + held-out recipes: the 5 nearest of a DELLA merge were 4 earlier merges
-            # and one parent) and would leave no room for the parents it is made of
+            # and one parent) and would leave no room for the models it is made of
             for p in merge_parents_of(r, merges):
                 if p in where and len(pool) < 2 * MERGE_CANDIDATES:  # bounded: fits grow with C(pool, 3)
                     take(where[p], p)
