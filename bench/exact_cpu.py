@@ -1,7 +1,8 @@
-"""The exact step on the CPU: the Gram kernel (method "gram") against the previous SVD kernel ("svd").
+"""The exact step on the CPU: the Gram kernel (method "gram") against a reference kernel: the previous SVD
+kernel ("svd", the default) or the Gram kernel before float32 tails and related-only spectra ("gram64").
 
     .venv/bin/python bench/exact_cpu.py [--threads 2] [--layers 8] [--models 32] [--pairs 64] [--seed 0]
-    .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...]
+    .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...] [--reference gram64]
 
 Synthetic (default): bench/gpu_exact.py's 7B-shaped models (the blocks read plan `--plan` selects, full-rank
 steps and merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the first `--layers` blocks;
@@ -9,11 +10,12 @@ steps and merged LoRAs, short lists of 16: 14 relatives and 2 strangers) on the 
 every model of each folder against `--nominees` others of its family (a seeded choice; one job per model),
 the tensors the incremental index would compare (`indexer.incremental.index._prepare`).
 
-Both methods run back to back on the same jobs, svd first, after a one-job warm-up each; wall and CPU
-(process) seconds are printed with the load average, because the box is shared. Then, pair by pair:
-decisions that differ (`exact.decisions`: related, low-rank tier, identical, direction; must be 0) and
-the largest relative differences of the stored distance, the relative L2, the relatedness score and the
-kurtosis sums. Prints markdown (copy it to bench/RESULTS.md).
+Both methods run back to back on the same jobs, the reference first, after a one-job warm-up each; wall and
+CPU (process) seconds are printed with the load average, because the box is shared. Then, pair by pair:
+decisions that differ (`exact.decisions`: related, low-rank tier, identical, direction; must be 0), jobs
+whose related nominees come out in another order by distance (must be 0), and the largest relative
+differences of the related pairs' stored distance, relative L2, relatedness score and kurtosis sums.
+Prints markdown (copy it to bench/RESULTS.md).
 """
 
 from __future__ import annotations
