@@ -42,9 +42,10 @@ from sketches.distances import _one_thread_on_cpu
 from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, projection
 
 
-def gram(diffs: torch.Tensor) -> torch.Tensor:
-    """(p, M, N) -> (p, s, s) float64 Gram of each matrix on its short side, s = min(M, N)."""
-    d = diffs.to(torch.float64)
+def gram(diffs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """(p, M, N) -> (p, s, s) Gram of each matrix on its short side, s = min(M, N), in `dtype` (float32:
+    only for a spectral tail, indexer.incremental.exact's SINGLE_TAIL_NORMS; the rank test needs float64)."""
+    d = diffs.to(dtype)
     return d @ d.mT if d.shape[1] <= d.shape[2] else d.mT @ d
 
 
@@ -54,7 +55,7 @@ def spectrum(grams: torch.Tensor) -> torch.Tensor:
     Small batched eigensolvers: one thread is faster on a shared CPU (sketches.distances), and on CUDA
     the host is faster too (64 x 64 float64: 0.44 ms a matrix on an H100, 0.18 ms on its CPU), so the
     Gram products stay on the device and only the (p, s, s) matrices travel, once per layer chunk."""
-    host = grams.cpu()
+    host = grams.cpu().to(torch.float64)  # a float32 Gram too: the solver adds no float32 rounding of its own
     with _one_thread_on_cpu(host):
         return torch.linalg.eigvalsh(host)
 

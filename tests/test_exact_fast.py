@@ -1,10 +1,13 @@
 """The Gram kernel of the exact step (method "gram", sketches.gram) against the SVD kernel it replaced
-(method "svd"): the same decisions pair by pair, and distances within the bounds its docstrings derive.
+(method "svd") and its own float64 form ("gram64"): the same decisions pair by pair, and distances within
+the bounds its docstrings derive.
 
-Bounds: relatedness z and spectral tails come from the same float64 products in another order (1e-12);
-per-layer L2 distances are float32 sums of squares (ATen's cascade sum, 1e-7 at most on these sizes)
-where the SVD path summed in float64, so `relative`, `median_relative` and the no-tail distances move by
-at most 1e-6; ranks, cliffs, identity and the kurtosis direction must be equal."""
+Bounds: relatedness z comes from the same float64 products in another order (1e-12); spectral tails too,
+or from a float32 Gram (indexer.incremental.exact.SINGLE_TAIL_NORMS: 4e-8 at most measured); per-layer L2
+distances are float32 sums of squares (ATen's cascade sum, 1e-7 at most on these sizes) where the SVD
+path summed in float64, so `relative`, `median_relative` and the distances move by at most 1e-6; ranks,
+cliffs, identity and the kurtosis direction must be equal. An unrelated pair's distance is not compared:
+"gram" measures no spectra for it (no edge reads them, exact._related_rows)."""
 
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def _assert_same_decisions(new: list[list[PairMeasure]], old: list[list[PairMeas
             assert decisions(g) == decisions(s), (g, s)
             assert (g.ku_new, g.ku_other) == (s.ku_new, s.ku_other)  # the same direction layers, summed alike
             assert _close(g.score, s.score, EXACT), (g.score, s.score)
-            for field in ("distance", "relative", "median_relative", "heads"):
+            for field in ("distance", "relative", "median_relative", "heads")[0 if s.related else 1:]:
                 assert _close(getattr(g, field), getattr(s, field), REL), (field, g, s)
     return pairs
 
@@ -64,6 +67,29 @@ def _both(jobs: list[tuple[ModelView, list[ModelView]]], **kwargs: object) -> in
 def test_same_decisions_on_the_batch_zoo() -> None:
     """Both regimes, strangers, a head of another vocabulary, a missing layer, a wider family."""
     assert _both(_jobs(_zoo())) == 21
+
+
+def test_float32_tails_keep_float64_decisions_and_distances() -> None:
+    """"gram" (float32 tails for pairs whose regime is decided) against "gram64" (every Gram in float64)."""
+    jobs = _jobs(_zoo())
+    assert _assert_same_decisions(measure_many(jobs, device="cpu"), measure_many(jobs, device="cpu", method="gram64")) == 21
+
+
+def test_an_unrelated_pair_gets_no_spectra_and_the_l2n_tier() -> None:
+    """No regime (full-rank, the tail tier's gap) and no tail: its tier is the sum over the dense layers of
+    ||a - b|| / rms(||a||, ||b||) (exact._pair's no-tail case)."""
+    jobs = _jobs(_zoo())
+    strangers = 0
+    for (new, others), out in zip(jobs, measure_many(jobs, device="cpu"), strict=True):
+        dense = exact.dense_layers(new.arrays, exact._plan([(new, others)])[0].names)  # the job's layers
+        for other, pair in zip(others, out, strict=True):
+            if pair.related:
+                continue
+            strangers += 1
+            want = sum(float(np.linalg.norm(new.arrays[n].astype(np.float64) - other.arrays[n]))
+                       / math.sqrt((new.norms[n] ** 2 + other.norms[n] ** 2) / 2) for n in dense)
+            assert not pair.low_rank and math.isclose(pair.tier_distance, want, rel_tol=1e-6), (pair, want)
+    assert strangers > 0  # the zoo has unrelated pairs
 
 
 def test_same_decisions_whatever_the_chunking() -> None:
@@ -164,7 +190,7 @@ def test_cached_units_give_the_same_numbers_and_die_with_their_array() -> None:
 
 
 def test_unknown_method_says_what_to_do() -> None:
-    with pytest.raises(BadInputError, match="use one of gram, svd"):
+    with pytest.raises(BadInputError, match="use one of gram, gram64, svd"):
         measure_many(_jobs(_zoo()), device="cpu", method="qr")  # type: ignore[arg-type]
 
 

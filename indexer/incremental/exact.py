@@ -62,6 +62,13 @@ on the float32 difference) is unchanged and the new value is the more exact one,
 an index built with the SVD kernel holds such pairs 1/summed-full-rank off, far below the rank gaps
 that separate candidates. `method="svd"` keeps the previous kernel as the reference. Speed:
 bench/RESULTS.md ("The exact step on the CPU").
+
+Two savings since (issue 14 part 4; `method="gram64"` keeps the kernel before them as their reference):
+- two passes: every pair's z first (per-model units, cheap), then the spectra of the *related* pairs only
+  (`_related_rows`): no edge reads an unrelated pair's regime or tail, and in a crawl a model's first
+  nominees are strangers until its relatives arrive;
+- the tail of a pair whose regime is decided from a float32 Gram (SINGLE_TAIL_NORMS).
+Related pairs keep every decision and their distances to 1e-7 (bench/RESULTS.md, session 6).
 """
 
 from __future__ import annotations
@@ -69,7 +76,7 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -211,12 +218,24 @@ CPU_CHUNK_BYTES = 16 << 20
 # one, load average 10); the SVD path's eigensolvers already ran on one thread for the same reason.
 SOURCE_BYTES_PER_ELEMENT = 4  # float32
 
+# Method "gram": the tail of a pair whose regime is already decided (`_open`) comes from a float32 Gram, half
+# the flops of the float64 one and no float64 copy (0.36 against 0.89 ms a 64 x 4096 block on this box).
+# The tail is a distance, not a threshold test: a float32 Gram moves its eigenvalues by at most ~sqrt(N) x
+# eps32 x lambda_max (4e-6 of it for N = 4096), and the tails, sums of many eigenvalues, move far less:
+# distances by 6e-11 (7B blocks) to 4e-8 (small-ft) relative against all-float64 ("gram64"), no decision
+# and no order of a job's related nominees changed (bench/exact_cpu.py, bench/RESULTS.md session 6). The
+# rank test keeps float64: its tolerance is 2.4e-7 of lambda_max (sketches.gram), under that rounding.
+# Only where a pair's layer norm is in SINGLE_TAIL_NORMS: no square underflows (4096 x 1e-38 against
+# >= 1e-16) or overflows float32.
+SINGLE_TAIL_NORMS = (1e-8, 1e18)
+
 Job = tuple[ModelView, Sequence[ModelView]]
-# "gram": one float64 Gram spectrum per (pair, layer) for the rank test and the tail, relatedness units
-# projected once per model (sketches.gram). "svd": the previous kernel (a float32 SVD for the rank test,
+# "gram": one Gram spectrum per (pair, layer) for the rank test and the tail, relatedness units projected
+# once per model (sketches.gram), float32 tails (SINGLE_TAIL_NORMS). "gram64": every Gram in float64 (the
+# kernel before the float32 tails), their reference. "svd": the previous kernel (a float32 SVD for the rank test,
 # both sides projected for every pair), kept as the reference the tests and bench/exact_cpu.py compare to.
-Method = Literal["gram", "svd"]
-METHODS: tuple[Method, ...] = ("gram", "svd")
+Method = Literal["gram", "gram64", "svd"]
+METHODS: tuple[Method, ...] = ("gram", "gram64", "svd")
 
 
 @dataclass(frozen=True)
@@ -291,10 +310,35 @@ def measure_many(jobs: Sequence[Job], *, device: Device = "auto", max_bytes: int
     # tails only where a job's full-rank distance reads them: on a 7B plan the dense layers are a quarter
     # of the blocks read, and a tail is an eigen-decomposition per pair and block
     dense = {n for job in plan for n in dense_layers(job.new.arrays, job.names)}
-    for name in sorted({n for job in plan for n in job.names}):  # sorted: each pair sees its layers in order
+    names = sorted({n for job in plan for n in job.names})  # sorted: each pair sees its layers in order
+    related = None
+    if method != "svd":  # first every pair's relatedness: method "gram" takes spectra of related pairs only
+        for name in names:
+            for pairs in _layer_pairs(plan, name):
+                _relatedness_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes)
+        related = _related_rows(plan, sums) if method == "gram" else None
+    for name in names:
         for pairs in _layer_pairs(plan, name):
-            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes, tails=name in dense, method=method)
+            _measure_layer(sums, name, pairs, dev=dev, max_bytes=max_bytes, tails=name in dense, method=method,
+                           related=related)
     return [_job_measures(job, sums) for job in plan]
+
+
+def _related_rows(plan: Sequence[_Job], sums: _Sums) -> torch.Tensor:
+    """Each pair's relatedness test (as `_pair` reads it) from the per-layer z's of the first pass.
+
+    Method "gram" measures the regime and tail of related pairs only: an unrelated pair is never a
+    candidate edge (indexer.incremental.index reads `related` first: edges, casts, merges, second hop), so
+    its spectra were work for nothing, and a crawl has many (a model's first nominees are strangers
+    until its relatives have arrived). Such a pair keeps its distances and z; it reads full-rank (no
+    moved layer counted) with the l2n tier (no tail)."""
+    out = torch.zeros(sum(len(j.others) for j in plan), dtype=torch.bool)
+    for job in plan:
+        width = len(job.names)
+        for i in range(len(job.others)):
+            at = job.dist_first + i * width
+            out[job.first + i] = combine(sums.layer_z[at:at + width].numpy()).related
+    return out
 
 
 def _plan(jobs: Sequence[Job]) -> list[_Job]:
@@ -326,38 +370,56 @@ def _layer_pairs(plan: Sequence[_Job], name: str) -> list[_Pairs]:
     return [by_shape[shape] for shape in sorted(by_shape)]
 
 
-def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int, tails: bool,
-                   method: Method) -> None:
+def _groups(pairs: _Pairs, name: str, *, dev: torch.device, max_bytes: int, method: Method
+            ) -> Iterator[tuple[list[np.ndarray], list[ModelView], list[_Chunk]]]:
+    """The layer's source groups (`_source_groups`): their models' float32 arrays, the models, and the
+    chunks of pairs that keep one step within `max_bytes`."""
     shape = tuple(np.shape(pairs.left[0].arrays[name]))
     elements = max(1, math.prod(shape))
     most_sources = max(2, max_bytes // 2 // (SOURCE_BYTES_PER_ELEMENT * elements))
     per_chunk = max(1, max_bytes // 2 // (PAIR_BYTES_PER_ELEMENT * elements))
-    if method == "gram" and dev.type == "cpu":  # cache-sized chunks (CPU_CHUNK_BYTES)
+    if method != "svd" and dev.type == "cpu":  # cache-sized chunks (CPU_CHUNK_BYTES)
         per_chunk = max(1, min(per_chunk, CPU_CHUNK_BYTES // (8 * elements)))
     for lo, hi, views in _source_groups(pairs, most_sources):
         arrays = [np.asarray(v.arrays[name], dtype=np.float32) for v in views]
         where = {id(v): i for i, v in enumerate(views)}
-        chunks = [_chunk(pairs, where, start, min(hi, start + per_chunk), dev) for start in range(lo, hi, per_chunk)]
+        yield arrays, views, [_chunk(pairs, where, start, min(hi, start + per_chunk), dev)
+                              for start in range(lo, hi, per_chunk)]
+
+
+def _relatedness_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int) -> None:
+    """The Gram kernels' first pass: each pair's z in this layer, from its models' units."""
+    for arrays, views, chunks in _groups(pairs, name, dev=dev, max_bytes=max_bytes, method="gram"):
+        with _one_thread_on_cpu(torch.empty(0, device=dev)):  # see CPU_THREADS
+            own = _own_units([v.arrays[name] for v in views], arrays, dev)
+            for chunk in chunks if own is not None else ():
+                sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
+
+
+def _measure_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.device, max_bytes: int, tails: bool,
+                   method: Method, related: torch.Tensor | None) -> None:
+    for arrays, _, chunks in _groups(pairs, name, dev=dev, max_bytes=max_bytes, method=method):
         if method == "svd":
             stack = _stack(arrays, dev)
             for chunk in chunks:
                 _svd_chunk(sums, name, stack, chunk, tails=tails)
             continue
         with _one_thread_on_cpu(torch.empty(0, device=dev)):  # see CPU_THREADS
-            _gram_group(sums, name, arrays, [v.arrays[name] for v in views], chunks, dev=dev, tails=tails)
+            _gram_group(sums, name, arrays, chunks, dev=dev, tails=tails, single=method == "gram", related=related)
 
 
-def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], originals: Sequence[np.ndarray],
-                chunks: Sequence[_Chunk], *, dev: torch.device, tails: bool) -> None:
-    """Method "gram" on one group of models (`_source_groups`) and its chunks of pairs."""
+def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], chunks: Sequence[_Chunk], *,
+                dev: torch.device, tails: bool, single: bool, related: torch.Tensor | None) -> None:
+    """The Gram kernels' second pass on one group of models (`_source_groups`) and its chunks of pairs;
+    `related`: the pairs whose spectra are measured (None: all)."""
     sources = _Sources.of(arrays, dev)
-    own = _own_units(originals, sources)
     most, shape = max(len(c.rows) for c in chunks), arrays[0].shape
     # buffers reused by every chunk: no fresh pages to fault in
     out = (torch.empty((most, *shape), device=dev), torch.empty((most, *shape), dtype=torch.float64, device=dev))
     filters = _Filters.of(sources.tensors) if tails and len(shape) == 4 else None
     for chunk in chunks:
-        _gram_chunk(sums, name, sources, own, chunk, out=out, tails=tails, filters=filters)
+        need = torch.ones(len(chunk.rows), dtype=torch.bool) if related is None else related[chunk.rows]
+        _gram_chunk(sums, name, sources, chunk, out=out, tails=tails, single=single, filters=filters, need=need)
 
 
 def _chunk(pairs: _Pairs, where: Mapping[int, int], start: int, stop: int, dev: torch.device) -> _Chunk:
@@ -374,6 +436,11 @@ class _Chunk:
     right: torch.Tensor
     rows: torch.Tensor  # on the host
     slots: torch.Tensor
+
+    def only(self, keep: torch.Tensor) -> _Chunk:
+        """The pairs `keep` (a host mask) of this chunk."""
+        on = keep.to(self.left.device)
+        return _Chunk(self.left[on], self.right[on], self.rows[keep], self.slots[keep])
 
 
 @dataclass(frozen=True)
@@ -442,16 +509,18 @@ def forget_units() -> None:
     _UNITS.clear()
 
 
-def _own_units(arrays: Sequence[np.ndarray], sources: _Sources) -> torch.Tensor | None:
-    """(n, m, c) relatedness units of the group's models, from the cache or computed together."""
-    if not usable_for_relatedness(sources.tensors[0]):
+def _own_units(originals: Sequence[np.ndarray], arrays: Sequence[np.ndarray], dev: torch.device
+               ) -> torch.Tensor | None:
+    """(n, m, c) relatedness units of the group's models (`arrays`: the `originals` in float32), from the
+    cache or computed together on `dev` (only the missing ones travel there)."""
+    if not usable_for_relatedness(torch.as_tensor(arrays[0])):
         return None
-    keys = [(id(array), str(tensor.device)) for array, tensor in zip(arrays, sources.tensors, strict=True)]
+    keys = [(id(array), str(dev)) for array in originals]
     missing = [i for i, key in enumerate(keys) if key not in _UNITS]
     if missing:
-        for i, u in zip(missing, units([sources.tensors[i] for i in missing]), strict=True):
+        for i, u in zip(missing, units([torch.as_tensor(arrays[i]).to(dev) for i in missing]), strict=True):
             _UNITS[keys[i]] = u
-            weakref.finalize(arrays[i], _UNITS.pop, keys[i], None)
+            weakref.finalize(originals[i], _UNITS.pop, keys[i], None)
     return torch.stack([_UNITS[key] for key in keys])
 
 
@@ -469,22 +538,22 @@ def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, ta
             _tail(sums, chunk.slots, diff)
 
 
-def _gram_chunk(sums: _Sums, name: str, sources: _Sources, own: torch.Tensor | None, chunk: _Chunk, *,
-                out: tuple[torch.Tensor, torch.Tensor], tails: bool, filters: _Filters | None = None) -> None:
-    """Method "gram": the distance from the difference, z from the per-model units, and one Gram spectrum
-    per pair answering both the rank test and the tail (sketches.gram); a conv layer's tail from a second
+def _gram_chunk(sums: _Sums, name: str, sources: _Sources, chunk: _Chunk, *,
+                out: tuple[torch.Tensor, torch.Tensor], tails: bool, single: bool, need: torch.Tensor,
+                filters: _Filters | None = None) -> None:
+    """The Gram kernels' second pass: the distance from the difference, and for the pairs `need`s one Gram
+    spectrum answering both the rank test and the tail (sketches.gram); a conv layer's tail from a second
     spectrum, of its unit filters' difference (`filters`). `out`: float32 and float64 buffers of at least
     the chunk's size."""
     diff = sources.differences(chunk, out[0])
     dist = _norms(diff.reshape(diff.shape[0], -1))
     sums.layer_dist[chunk.slots] = dist
-    if own is not None:
-        sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
-    if diff.ndim >= 3:
+    if diff.ndim >= 3 and need.any():
         mats = diff.reshape(diff.shape[0], diff.shape[1], -1)
-        _spectra(sums, name, mats, chunk, moved=dist > 0, tails=tails and filters is None, out=out[1])
-    if filters is not None:
-        _filter_tail(sums, filters, chunk)
+        _spectra(sums, name, mats, chunk, dist=dist, tails=tails and filters is None, out=out[1], single=single,
+                 need=need)
+    if filters is not None and need.any():
+        _filter_tail(sums, filters, chunk.only(need))
 
 
 def _norms(flat: torch.Tensor) -> torch.Tensor:
@@ -503,25 +572,38 @@ def _norms(flat: torch.Tensor) -> torch.Tensor:
     return dist
 
 
-def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, moved: torch.Tensor, tails: bool,
-             out: torch.Tensor) -> None:
-    """Gram spectra of the pairs that need one: every pair for the tail of a dense layer, else the pairs
-    whose regime is still open (`_open`). `out`: a float64 buffer of at least the chunk's size."""
-    regime = _open(sums, chunk.rows, moved)
+def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, dist: torch.Tensor, tails: bool,
+             out: torch.Tensor, single: bool, need: torch.Tensor) -> None:
+    """Gram spectra of the pairs that need one (of the pairs `need`): every pair for the tail of a dense
+    layer, else the pairs whose regime is still open (`_open`). `out`: a float64 buffer of at least the
+    chunk's size. `single`: the tails of pairs whose regime is decided from a float32 Gram
+    (SINGLE_TAIL_NORMS)."""
+    regime = _open(sums, chunk.rows, dist > 0) & need
     skip = tail_start(mats.shape[1:])
     tailed = tails and skip > 0  # thinner than TAIL_SKIP_FRACTION: no tail (`_tail`)
-    local = torch.arange(len(regime)) if tailed else torch.nonzero(regime).flatten()
+    keep = min(mats.shape[1:]) - skip
+    quick = need & ~regime & (dist >= SINGLE_TAIL_NORMS[0]) & (dist <= SINGLE_TAIL_NORMS[1]) & (tailed and single)
+    if quick.any():
+        fast = torch.nonzero(quick).flatten()
+        eig = spectrum(gram(_rows(mats, fast), torch.float32))
+        sums.layer_tail[chunk.slots[fast]] = tail_from_spectrum(eig, keep)
+    local = torch.nonzero(need & ~quick if tailed else regime).flatten()
     if len(local) == 0:
         return
     wide = out[: len(local)].reshape(len(local), *mats.shape[1:])
-    wide.copy_(mats if len(local) == len(regime) else mats[local.to(mats.device)])  # exact: float32 in float64
+    wide.copy_(_rows(mats, local))  # exact: float32 in float64
     eig = spectrum(gram(wide))  # ascending, on the host
     if tailed:
-        sums.layer_tail[chunk.slots] = tail_from_spectrum(eig, min(mats.shape[1:]) - skip)
+        sums.layer_tail[chunk.slots[local]] = tail_from_spectrum(eig, keep)
     decide = regime[local]
     if decide.any():
         ranks, gaps = rank_gaps_of(singular_values(eig[decide]), max(mats.shape[1:]))
         _count_regime(sums, chunk.rows[local[decide]], name, ranks, gaps, min(mats.shape[1:]))
+
+
+def _rows(mats: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
+    """The pairs `local` (host indexes) of a chunk's matrices; no copy when that is all of them."""
+    return mats if len(local) == len(mats) else mats[local.to(mats.device)]
 
 
 def _open(sums: _Sums, rows: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
