@@ -35,6 +35,10 @@ merge's parents (`indexer.relations.pool.merge_pool`), and by a merge among its 
 those cannot; the interpolation is still judged against every candidate, merges included, so a
 fine-tune of M (an update outside P's span) stays M's child. Held-out mergekit recipes: merge parent set
 0.55 -> 0.91 (bench/merge_methods.py).
+Weights by tensor, last (`_per_block`): mergekit's SLERP with t by layer and module is its parents tensor
+by tensor with other weights in each; every moved tensor must then be explained on its own. BF16 / F16
+merges (`_Stored`): a merge is saved rounded to its dtype, so a candidate interpolation is judged again
+with the combination and the best single rounded alike, as the merge was.
 A quantized copy adds white noise (r2 ~ r1, no bit-equal entries); a duplicate leaves nothing (r1 = 0).
 The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first
 (to WEIGHT_DIGITS decimals; equal weights by id).
