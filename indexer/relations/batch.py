@@ -202,15 +202,16 @@ def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
     """merge -> its parents with weights, over each tree (module docstring), fitted in `fit_order`: each
     fit knows which of its earlier relatives are merges themselves."""
     found: dict[str, tuple[tuple[str, float], ...]] = {}
+    known: dict[str, list[str]] = {}  # merge -> its parents' ids, as the pool and the fit read them
     for tree in trees:
         stats = pair_table(tree, arrays)
         for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):
-            known = {m: [p for p, _ in links] for m, links in found.items()}
             pool = tree_pool(x, tree, stats, arrays, created, known)
             result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges=[r for r in pool if r in known])
                       if len(pool) >= 2 else None)
             if result is not None and result.is_merge:
                 found[x] = result.parents
+                known[x] = [p for p, _ in result.parents]
     return found
 
 

@@ -50,6 +50,7 @@ import itertools
 import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import numpy as np
 from scipy import stats
@@ -108,17 +109,12 @@ class MergeFit:
 Arrays = Mapping[str, np.ndarray]
 
 
-def gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float]:
-    """(G, b, ||x||^2) over the blocks `names`: G_ij = <Y_i, Y_j>, b_i = <Y_i, x>, in float64, candidates
-    in sorted order (the task vectors' over a base follow: `_based`): the sums of `block_gram`'s."""
-    gs, bs, xxs, _ = block_gram(x, candidates, names)
-    return gs.sum(0), bs.sum(0), float(xxs.sum())
-
-
 def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str]
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """`gram`'s products per block: G (L, m, m), b (L, m), ||x_l||^2 (L,) and each block's value count (L,),
-    float64. A product per block costs what one product over all blocks does (64 blocks of a 2^20-value 7B
+    """The least-squares products per block, float64, candidates in sorted order: G (L, m, m) with
+    G_ij = <Y_i, Y_j>, b (L, m) with b_i = <Y_i, x>, ||x_l||^2 (L,) and each block's value count (L,);
+    summed over the blocks they are the whole fit's (G, b, ||x||^2), the task vectors' over a base follow
+    from those (`_based`). A product per block costs what one product over all blocks does (64 blocks of a 2^20-value 7B
     fit prefix, 8 candidates: 7.5 ms either way on the 2-core box, 2026-11-30; once 7 ms *a block*, with
     BLAS threads waiting for cores that other work held)."""
     ids = sorted(candidates)
@@ -209,7 +205,7 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
     blocks = block_gram(x, candidates, names)
-    stored = _Stored(x, candidates, ids, names, _dtypes(x, names))
+    stored = _Stored(x, candidates, ids, names)
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
@@ -309,7 +305,11 @@ class _Stored:
     candidates: Mapping[str, Arrays]
     ids: Sequence[str]
     names: Sequence[str]
-    dtypes: tuple[str, ...]
+
+    @cached_property
+    def dtypes(self) -> tuple[str, ...]:
+        """Read when a fit needs it only: a candidate interpolation that missed (`_dtypes`)."""
+        return _dtypes(self.x, self.names)
 
     @property
     def narrow(self) -> bool:
@@ -350,8 +350,8 @@ def _dtypes(x: Arrays, names: Sequence[str]) -> tuple[str, ...]:
 
 def _explain(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...],
              scaled: float, min_share: float, single: str, shares: dict[str, float]) -> MergeFit:
-    """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `gram` over all
-    of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
+    """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `block_gram` summed,
+    over all of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
     else a masked merge over one of them judged against the nearest of them. Merges of merges: when a
     merge M of the parents P is among the candidates, a re-merge of P lies near M -- nearer than any of
     P (relations zoo: breadcrumbs-TIES 8.1 from a linear merge of its parents, 27-31 from them) -- so
@@ -359,18 +359,17 @@ def _explain(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], me
     P alone (`fit`'s first pass) is judged against P's nearest. A fine-tune of M shares no bit-equal
     entries with a base in float32, and in BF16 its sub-resolution flips where M kept the base are
     entries none of P moved (`uncovered_share`), so it does not pass as a masked merge of P."""
-    x, candidates, names, ids = stored.x, stored.candidates, stored.names, stored.ids
     g, b, xx = products
     pick = list(members)
     r1 = float(min(xx - 2 * b[i] + g[i, i] for i in members))
     gm, bm = g[np.ix_(pick, pick)], b[pick]
-    r2, subset, coef = _best_subset(lambda sub: _residual(gm, bm, xx, sub), len(pick), r1, _values(x, names))
-    found = MergeFit(_parents([ids[i] for i in members], subset, coef, min_share), single, r2 / scaled)
+    r2, subset, coef = _best_subset(lambda sub: _residual(gm, bm, xx, sub), len(pick), r1, _values(stored.x, stored.names))
+    found = MergeFit(_parents([stored.ids[i] for i in members], subset, coef, min_share), single, r2 / scaled)
     if found.is_merge and found.ratio >= INTERPOLATION_RATIO and stored.narrow:
         found = replace(found, ratio=_rounded_ratio(stored, products, [pick[i] for i in subset], coef))
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
-    masked = _masked(x, candidates, names, products, members, min_share, shares)
+    masked = _masked(stored, products, members, min_share, shares)
     return masked if masked is not None else MergeFit((), single, found.ratio)
 
 
@@ -378,13 +377,12 @@ def _rounded_ratio(stored: _Stored, products: tuple[np.ndarray, np.ndarray, floa
                    coef: np.ndarray) -> float:
     """`_explain`'s ratio with the combination and the best rescaled single each rounded to the model's
     own dtype (`_Stored.residuals`)."""
-    g, b, _ = products
+    g, b, xx = products
     blocks = len(stored.names)
     mix, alone = np.zeros((blocks, len(stored.ids))), np.zeros((blocks, len(stored.ids)))
     mix[:, list(chosen)] = coef
-    diag = np.diag(g)
-    near = int(np.argmax(np.where(diag > 0, b ** 2 / np.maximum(diag, 1e-300), 0.0)))  # `_scaled_single`'s
-    alone[:, near] = b[near] / max(diag[near], 1e-300)
+    near = _nearest_rescaled(g, b, xx)[0]
+    alone[:, near] = b[near] / max(g[near, near], 1e-300)
     single = float(stored.residuals(alone).sum())
     return float(stored.residuals(mix).sum()) / single if single > 0 else 1.0
 
@@ -395,8 +393,15 @@ def _scaled_single(g: np.ndarray, b: np.ndarray, xx: float) -> float:
     0.72 from its root), and two siblings then "explained" it with weights summing to ~0.4 at r2 / r1 < 0.1
     against the unscaled singles; against the rescaled parent the same fit leaves ~1. A linear / SLERP
     merge is not a rescaled parent, so its ratio barely moves (relations zoos: every merge still found)."""
+    return _nearest_rescaled(g, b, xx)[1]
+
+
+def _nearest_rescaled(g: np.ndarray, b: np.ndarray, xx: float) -> tuple[int, float]:
+    """The candidate whose best rescaling leaves X the least, and what it leaves."""
     diag = np.diag(g)
-    return float(min((xx - b[i] ** 2 / diag[i]) if diag[i] > 0 else xx for i in range(len(b))))
+    left = [(xx - b[i] ** 2 / diag[i]) if diag[i] > 0 else xx for i in range(len(b))]
+    near = int(np.argmin(left))
+    return near, float(left[near])
 
 
 def fit_prefix(arrays: Arrays, names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -438,9 +443,8 @@ def uncovered_share(x: Arrays, base: Arrays, parents: Sequence[Arrays], names: S
     return uncovered / changed if changed else 0.0
 
 
-def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
-            products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...], min_share: float,
-            shares: dict[str, float]) -> MergeFit | None:
+def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...],
+            min_share: float, shares: dict[str, float]) -> MergeFit | None:
     """TIES / DARE: over each of `members` whose values the model keeps bit for bit in MASK_EQUAL of a
     changed layer's entries, fit the task vector x - base on the other members' (the base's weight is
     1 - sum w_i), judged against the nearest of the fit's own models (base and parents): a relative
@@ -450,7 +454,7 @@ def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
     float32; in BF16 `rounding_flips` and `uncovered_share` turn away what masking did not make.
     The task vectors' products come from `fit`'s own (`products`, over the sorted candidates), not from
     a product per base: those took 60 % of a 7B crawl's merge step (0.04 s a base, 6 bases a fit)."""
-    ids = sorted(candidates)
+    x, candidates, names, ids = stored.x, stored.candidates, stored.names, stored.ids
     g0, b0, xx0 = products
     singles = {i: max(xx0 - 2 * b0[i] + g0[i, i], 0.0) for i in members}
     best: MergeFit | None = None
@@ -475,7 +479,7 @@ def _masked(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str],
 
 
 def _based(g: np.ndarray, b: np.ndarray, xx: float, k: int, keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
-    """`gram`'s (G, b, ||x||^2) of the task vectors of candidates `keep` over candidate k, from the plain
+    """(G, b, ||x||^2) of the task vectors of candidates `keep` over candidate k, from the plain
     ones: <Y_i - Y_k, Y_j - Y_k> = G_ij - G_ik - G_jk + G_kk, <Y_i - Y_k, x - Y_k> = b_i - G_ik - b_k + G_kk.
     float64 over <= 2^20 values: rounding ~1e-13 of ||W||^2, against task vectors of >= 1e-6 of it (a
     sub-resolution BF16 update) -- far inside what the ratios and 0.01 weights resolve."""
