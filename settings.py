@@ -35,7 +35,7 @@ class Settings:
     byte_budget: int  # INDEX_BYTE_BUDGET_MIB: tensor bytes read per model
     debug: bool  # INDEX_DEBUG: print tracebacks
     cron: str = DEFAULT_CRON  # INDEX_CRON: when `index serve` crawls (five crontab fields, UTC)
-    cache_bytes: int = 1 << 30  # INDEX_CACHE_MIB: bound of the on-disk tensor cache (misses are re-read)
+    cache_bytes: int = 4 << 30  # INDEX_CACHE_MIB: bound of the on-disk tensor cache (misses are re-read)
 
 
 def load_settings() -> Settings:
@@ -49,5 +49,5 @@ def load_settings() -> Settings:
         byte_budget=_int_env("INDEX_BYTE_BUDGET_MIB", DEFAULT_BUDGET_MIB) * 1024 * 1024,
         debug=os.environ.get("INDEX_DEBUG", "") not in ("", "0"),
         cron=os.environ.get("INDEX_CRON") or DEFAULT_CRON,
-        cache_bytes=_int_env("INDEX_CACHE_MIB", 1024) * 1024 * 1024,
+        cache_bytes=_int_env("INDEX_CACHE_MIB", 4096) * 1024 * 1024,
     )

@@ -28,7 +28,7 @@ the crawler's BLAS / OpenMP pools and torch's at N threads (threadpoolctl, torch
 busy box their idle threads spin on cores that the emulator and the other processes want.
 
     .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2]
-        [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers] [--threads N]
+        [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers] [--threads N] [--report-every 120]
 
 Prints markdown tables (copy them to bench/RESULTS.md).
 """
@@ -41,6 +41,7 @@ import os
 import platform
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -152,6 +153,40 @@ def instrument(timers: Timers) -> Iterator[None]:
             setattr(owner, name, fn)
 
 
+@contextmanager
+def progress(mode: str, meter: CpuMeter, every: float, timers: Timers | None) -> Iterator[None]:
+    """Print a line every `every` seconds while a run goes (models through the lineage step, rate, CPU):
+    a 1,000-model run takes an hour or more, and a run stopped early still leaves its figures."""
+    seen = Counter()  # type: ignore[var-annotated]
+    add_many = index_module.LineageIndex.add_many
+
+    def counted(self: object, arrivals: list) -> object:  # type: ignore[type-arg]
+        seen["models"] += len(arrivals)
+        return add_many(self, arrivals)  # type: ignore[arg-type]
+
+    stop = threading.Event()
+    started = time.perf_counter()
+
+    def report() -> None:
+        while not stop.wait(every):
+            n, wall = seen["models"], time.perf_counter() - started
+            crawler, emulator = meter.read()
+            extra = f", re-reads {timers['re-reads']}" if timers is not None else ""
+            print(f"[progress] {mode}: {n} models in {wall:.0f} s ({n / wall:.3f} models/s), crawler CPU "
+                  f"{crawler / max(n, 1):.2f} s/model, emulator CPU {emulator / max(n, 1):.2f} s/model{extra}, "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
+
+    index_module.LineageIndex.add_many = counted  # type: ignore[method-assign,assignment]
+    thread = threading.Thread(target=report, name="progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        index_module.LineageIndex.add_many = add_many  # type: ignore[method-assign]
+
+
 class CpuMeter:
     """CPU seconds (user + system) of the crawler -- this process and the processes it started, e.g. Dask
     workers -- and of the emulator process, apart. `emulator`: the pid of `index hub serve`."""
@@ -224,10 +259,10 @@ def _shares(timers: Timers, wall: float, cpu: float, n: int) -> dict[str, tuple[
     return {k: (walls[k] / wall, cpus[k] / max(n, 1)) for k in walls}
 
 
-def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter) -> dict[str, object]:
+def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter, every: float) -> dict[str, object]:
     timers = Timers()
     with tempfile.TemporaryDirectory() as home:
-        with instrument(timers):
+        with instrument(timers), progress("1 process", meter, every, timers):
             meter.start()
             t = time.perf_counter()
             report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
@@ -238,7 +273,8 @@ def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter) ->
     return row
 
 
-def run_workers(url: str, budget: int, workers: int, truth: dict[str, str], meter: CpuMeter) -> dict[str, object]:
+def run_workers(url: str, budget: int, workers: int, truth: dict[str, str], meter: CpuMeter,
+                every: float) -> dict[str, object]:
     options = CrawlOptions(endpoint=url, budget=budget, progress=False)
     with tempfile.TemporaryDirectory() as home:
         with connect(ClusterSpec(workers=workers, processes=True)) as client:
@@ -247,7 +283,8 @@ def run_workers(url: str, budget: int, workers: int, truth: dict[str, str], mete
                           window=2 * workers)
             meter.start()
             t = time.perf_counter()
-            report = crawl_via(Path(home), options, hub=hub)
+            with progress(f"{workers} Dask workers", meter, every, None):
+                report = crawl_via(Path(home), options, hub=hub)
             seconds = time.perf_counter() - t
             cpu = meter.read()  # while the workers still run
         row = _summary(f"{workers} Dask workers", list(report.outcomes), seconds, None, cpu)
@@ -336,6 +373,7 @@ def main() -> None:
     parser.add_argument("--modes", default="single,workers")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="cap the crawler's BLAS/OpenMP/torch threads")
+    parser.add_argument("--report-every", type=float, default=120.0, help="seconds between progress lines")
     args = parser.parse_args()
     if args.threads is not None:
         import torch
@@ -353,10 +391,10 @@ def main() -> None:
         with emulator_process(Path(empty), args=serve_args) as url:
             meter = CpuMeter(emulator_pid())
             if "single" in args.modes:
-                rows.append(run_single(url, budget, truth, meter))
+                rows.append(run_single(url, budget, truth, meter, args.report_every))
                 print(rate_table(rows[-1:]), flush=True)  # each mode as soon as it is done: runs are long
             if "workers" in args.modes:
-                rows.append(run_workers(url, budget, args.workers, truth, meter))
+                rows.append(run_workers(url, budget, args.workers, truth, meter, args.report_every))
                 print(rate_table(rows[-1:]), flush=True)
     print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
     print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "

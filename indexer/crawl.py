@@ -70,7 +70,7 @@ from indexer.readers import (
     saved_shapes,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable
+from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
@@ -246,8 +246,13 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
 def read_planned(sources: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]], plan: ReadPlan) -> dict[str, np.ndarray]:
     """Read the plan's coalesced ranges and decode each block; NaN/Inf raises a 'non-finite' error."""
     arrays: dict[str, np.ndarray] = {}
-    for rng in coalesce(plan, where):
-        raw = sources[rng.file].read(rng.start, rng.end)
+    ranges = coalesce(plan, where)
+    raws: dict[int, bytes] = {}
+    for file in dict.fromkeys(r.file for r in ranges):  # files in plan order; a file's ranges in parallel
+        mine = [i for i, r in enumerate(ranges) if r.file == file]
+        raws.update(zip(mine, read_spans(sources[file], [(ranges[i].start, ranges[i].end) for i in mine]), strict=True))
+    for i, rng in enumerate(ranges):
+        raw = raws[i]
         for piece in rng.pieces:
             info = where[piece.tensor][1]
             shape = (piece.rows[1] - piece.rows[0], *info.shape[1:])

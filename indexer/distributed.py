@@ -39,7 +39,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -49,7 +49,7 @@ from typing import Any
 from errors import BadInputError, ClusterError, CrawlStopped, HubError, ModelGraphError, NoIndexError, TransientHubError
 from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, read_model
 from indexer.retry import RetryPolicy, with_retries
-from indexer.sources import HubSource, ModelEntry, RepoFiles, SortKey
+from indexer.sources import HubSource, ModelEntry, RepoFiles, SortKey, read_spans
 from settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -156,6 +156,13 @@ class _RecordingSource:
         self.bytes_read += len(data)
         return data
 
+    def read_many(self, spans: Sequence[tuple[int, int]]) -> list[bytes]:
+        """The spans read in parallel (`read_spans`), recorded one key per span for the replay."""
+        keys = [("read", self._path, start, end) for start, end in spans]
+        data = self._recorder.call_many(keys, lambda: read_spans(self._inner, spans))
+        self.bytes_read += sum(len(d) for d in data)
+        return data
+
 
 class _Recorder:
     """A RepoFiles around a HubRepo that keeps every answer (and error) it gives."""
@@ -177,6 +184,22 @@ class _Recorder:
         kept = result.size if key[0] == "open" else result
         self.calls[key] = Call(kept, None, self.inner.bytes_read - before_bytes, self.inner.requests - before_requests)
         return result
+
+    def call_many(self, keys: Sequence[CallKey], do: Callable[[], list[bytes]]) -> list[bytes]:
+        """Reads made together (in parallel): each key keeps its bytes; the group's byte and request counts
+        go to its first key, so the replay's sums are the network's. An error is recorded at the first key
+        (the replay, reading the keys in order, raises it there)."""
+        before_bytes, before_requests = self.inner.bytes_read, self.inner.requests
+        try:
+            results = do()
+        except Exception as exc:
+            self.calls[keys[0]] = Call(None, _Portable.of(exc), self.inner.bytes_read - before_bytes,
+                                       self.inner.requests - before_requests)
+            raise
+        costs = [(self.inner.bytes_read - before_bytes, self.inner.requests - before_requests)] + [(0, 0)] * len(keys)
+        for key, result, (nbytes, requests) in zip(keys, results, costs, strict=False):
+            self.calls[key] = Call(result, None, nbytes, requests)
+        return results
 
     def open(self, path: str) -> _RecordingSource:
         inner = self.call(("open", path, 0, 0), lambda: self.inner.open(path))

@@ -1,8 +1,8 @@
 """A bounded on-disk cache of selected tensor blocks, so a re-run of lineage need not re-read the Hub.
 
-Key: (repo_id, revision, tensor name, row block). File: `<root>/<h[:2]>/<h>.npy` where h is the
-blake2b-128 hex of the JSON-encoded key; the content is a plain `.npy` (numpy's format v1/v2 header +
-C-order data), written temp + fsync + rename and read with `np.load(allow_pickle=False)`: object
+Key: (repo_id, revision, tensor name, row block). File: `<root>/<h[:2]>/<h>[.bf16|.f16].npy` where h is
+the blake2b-128 hex of the JSON-encoded key; the content is a plain `.npy` (numpy's format v1/v2 header +
+C-order data; a float32 block that is exactly BF16 or F16 is kept in that width, see ENCODINGS), written temp + fsync + rename and read with `np.load(allow_pickle=False)`: object
 arrays are refused on the way in and can never be unpickled on the way out.
 
 Eviction: least recently used, by file size, whenever the total exceeds `max_bytes`. Recency lives
@@ -29,7 +29,7 @@ from store.atomic import TMP_PREFIX, atomic_open
 logger = logging.getLogger(__name__)
 
 CACHE_DIR = "cache"
-DEFAULT_MAX_BYTES = 1 << 30  # 1 GiB: ~ 64 models at the default 16 MiB byte budget per model
+DEFAULT_MAX_BYTES = 4 << 30  # 4 GiB: ~ 256 BF16 models at the default 16 MiB byte budget per model
 
 CacheKey = tuple[str, str, str, int]  # (repo_id, revision, tensor name, row block)
 
@@ -38,6 +38,37 @@ def _digest(key: CacheKey) -> str:
     repo_id, revision, tensor, block = key
     raw = json.dumps([repo_id, revision, tensor, int(block)], separators=(",", ":"))
     return hashlib.blake2b(raw.encode("utf-8"), digest_size=16).hexdigest()
+
+
+# A float32 block decoded from BF16 (the Hub's usual dtype) or F16 is kept in that dtype, at half the bytes:
+# the same cache then holds twice the models, and the crawl reads evicted nominees again half as often
+# (bench/crawl_rate.py). The encoding is in the file name; plain `.npy` files (every earlier version's)
+# read as before.
+BF16 = ".bf16"  # the float32's upper 16 bits as uint16: exact when its lower 16 are zero
+F16 = ".f16"  # float16: exact when the round trip is
+ENCODINGS = ("", BF16, F16)
+
+
+def _encoded(array: np.ndarray) -> tuple[str, np.ndarray]:
+    if array.dtype != np.float32 or array.size == 0:
+        return "", array
+    bits = array.view(np.uint32)
+    if not (bits & 0xFFFF).any():
+        return BF16, (bits >> 16).astype(np.uint16)
+    half = array.astype(np.float16)
+    if np.array_equal(half.astype(np.float32), array):  # NaN never reaches the cache (decode refuses it)
+        return F16, half
+    return "", array
+
+
+def _decoded(stored: np.ndarray, encoding: str) -> np.ndarray:
+    if encoding == BF16 and stored.dtype == np.uint16:
+        return (stored.astype(np.uint32) << 16).view(np.float32)
+    if encoding == F16 and stored.dtype == np.float16:
+        return stored.astype(np.float32)
+    if encoding:
+        raise ValueError(f"a {encoding} cache file holds {stored.dtype}")
+    return stored
 
 
 class TensorCache:
@@ -64,9 +95,16 @@ class TensorCache:
             self._clock = max(self._clock, mtime)
         self._evict()
 
-    def _path(self, key: CacheKey) -> Path:
+    def _path(self, key: CacheKey, encoding: str = "") -> Path:
         digest = _digest(key)
-        return self.root / digest[:2] / f"{digest}.npy"
+        return self.root / digest[:2] / f"{digest}{encoding}.npy"
+
+    def _stored(self, key: CacheKey) -> tuple[Path, str] | None:
+        """The key's file and its encoding, when cached."""
+        for encoding in ENCODINGS:
+            if (path := self._path(key, encoding)) in self._entries:
+                return path, encoding
+        return None
 
     def _touch(self, path: Path) -> None:
         # A strictly increasing mtime keeps the order exact even when two hits share a clock tick.
@@ -82,14 +120,14 @@ class TensorCache:
         return len(self._entries)
 
     def __contains__(self, key: object) -> bool:
-        return isinstance(key, tuple) and self._path(key) in self._entries  # type: ignore[arg-type]
+        return isinstance(key, tuple) and self._stored(key) is not None  # type: ignore[arg-type]
 
     def get(self, key: CacheKey) -> np.ndarray | None:
-        path = self._path(key)
-        if path not in self._entries:
+        if (stored := self._stored(key)) is None:
             return None
+        path, encoding = stored
         try:
-            array = np.load(path, allow_pickle=False)
+            array = _decoded(np.load(path, allow_pickle=False), encoding)
         except (OSError, ValueError, EOFError) as exc:
             logger.warning("dropping unreadable cache file %s (%s)", path, exc)
             path.unlink(missing_ok=True)
@@ -106,10 +144,14 @@ class TensorCache:
         if array.nbytes > self.max_bytes:
             logger.debug("not caching %s: %d bytes exceed the %d-byte cache", key, array.nbytes, self.max_bytes)
             return False
-        path = self._path(key)
+        if (old := self._stored(key)) is not None:  # re-put under another encoding: one file per key
+            old[0].unlink(missing_ok=True)
+            del self._entries[old[0]]
+        encoding, stored = _encoded(np.ascontiguousarray(array))
+        path = self._path(key, encoding)
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_open(path) as fh:
-            np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+            np.save(fh, stored, allow_pickle=False)
         self._entries[path] = path.stat().st_size
         self._touch(path)
         self._evict()

@@ -18,12 +18,12 @@ from huggingface_hub import HfApi, hf_hub_download
 from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url
 from safetensors.numpy import save_file
 
-from errors import BadInputError, HubError
+from errors import BadInputError, HubError, SafetensorsError
 from indexer.crawl import CrawlOptions, crawl
 from indexer.hub_emulator import HubEmulator, emulator_process
 from indexer.hub_emulator.emulator import parse_virtual_spec
 from indexer.retry import RetryPolicy
-from indexer.sources import HubSource, SignedUrls, signed_url_expiry
+from indexer.sources import HubSource, SignedUrls, read_spans, signed_url_expiry
 
 TOKEN = "hf_test_NeverLeavesTheHub_0123456789"
 FAST = RetryPolicy(sleep=lambda s: None)
@@ -206,6 +206,38 @@ def test_crawler_range_reads_cross_the_redirect(emu: HubEmulator, hub_root: Path
     assert repo.read_small("config.json", limit=1000) == b'{"model_type": "llama"}'  # small: from the Hub, 200
     assert (repo.calls.resolver, repo.calls.cdn) == (2, 4)
     _no_token_anywhere(emu, caplog)
+
+
+def test_a_files_range_reads_run_in_parallel_and_count_as_one_by_one(hub_root: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    data = (hub_root / "acme/child" / FILE).read_bytes()
+    spans = [(100_000 + 50_000 * i, 100_000 + 50_000 * i + 4096) for i in range(16)]
+    with HubEmulator(hub_root, token=TOKEN, latency=0.3) as emu:
+        hub = HubSource(emu.url, token=TOKEN, policy=FAST, concurrency=8)
+        repo = hub.repo(hub.model_info("acme/child"))
+        source = repo.open(FILE)
+        started = time.perf_counter()
+        assert read_spans(source, spans) == [data[a:b] for a, b in spans]
+        seconds = time.perf_counter() - started
+        # 16 reads at 0.3 s one after another would take 4.8 s; 8 at a time, two rounds
+        assert seconds < 2.4, seconds
+        assert (repo.calls.resolver, repo.calls.cdn) == (1, 17) and repo.bytes_read == 100_000 + 16 * 4096
+        assert len(_cdn(emu)) == 17
+        _no_token_anywhere(emu, caplog)
+
+
+def test_a_failed_read_among_parallel_ones_is_retried_or_raised_in_order(emu: HubEmulator, hub_root: Path) -> None:
+    data = (hub_root / "acme/base" / FILE).read_bytes()
+    hub = HubSource(emu.url, token=TOKEN, policy=FAST, concurrency=4)
+    source = hub.repo(hub.model_info("acme/base")).open(FILE)
+    emu.faults.add("503", f"/acme/base/resolve/*/{FILE}", count=2)  # on the CDN: retried through the kept URL
+    spans = [(200_000 + 1000 * i, 200_000 + 1000 * i + 100) for i in range(6)]
+    assert source.read_many(spans) == [data[a:b] for a, b in spans]
+    with pytest.raises(SafetensorsError, match="outside the file"):  # the first bad span, in order, is raised
+        source.read_many([(0, 8), (len(data), len(data) + 8), (len(data) + 8, len(data) + 9)])
+    with pytest.raises(BadInputError, match="concurrency"):
+        HubSource(emu.url, token=None, concurrency=0)
 
 
 def test_expired_url_is_resolved_again(hub_root: Path) -> None:

@@ -14,7 +14,8 @@ SHA = "f" * 40
 
 
 def _block(i: int, n: int = 256) -> np.ndarray:
-    return np.full(n, i, dtype=np.float32)  # 1 KiB of data + a 128-byte .npy header
+    # 1 KiB of data + a 128-byte .npy header (i + 1/3 is neither BF16 nor F16: kept as float32)
+    return np.full(n, i + 1 / 3, dtype=np.float32)
 
 
 def test_put_then_get_round_trips_and_a_miss_is_none(tmp_path: Path) -> None:
@@ -81,3 +82,34 @@ def test_leftover_temp_files_are_removed_on_open(tmp_path: Path) -> None:
     junk.write_bytes(b"\x93NUMPY half")
     cache = TensorCache(tmp_path)
     assert not junk.exists() and len(cache) == 0
+
+
+def test_bf16_and_f16_blocks_are_kept_at_half_the_bytes_and_read_back_exactly(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    f32 = rng.normal(0, 0.02, (64, 256)).astype(np.float32)
+    from_bf16 = (f32.view(np.uint32) & 0xFFFF0000).view(np.float32)  # what decoding a BF16 tensor gives
+    from_f16 = f32.astype(np.float16).astype(np.float32)
+    cache = TensorCache(tmp_path)
+    for i, array in enumerate([f32, from_bf16, from_f16]):
+        assert cache.put(("org/a", SHA, "w", i), array)
+        got = cache.get(("org/a", SHA, "w", i))
+        assert got is not None and got.dtype == np.float32 and got.shape == array.shape
+        np.testing.assert_array_equal(got, array)
+        assert ("org/a", SHA, "w", i) in cache
+    sizes = sorted(p.stat().st_size for p in tmp_path.rglob("*.npy"))
+    assert sorted(p.name.split(".", 1)[1] for p in tmp_path.rglob("*.npy")) == ["bf16.npy", "f16.npy", "npy"]
+    assert sizes[0] < 0.6 * sizes[2] and sizes[1] < 0.6 * sizes[2]  # 2 bytes a weight against 4
+    assert cache.put(("org/a", SHA, "w", 1), f32)  # the same key again, not BF16 now: one file for it
+    np.testing.assert_array_equal(cache.get(("org/a", SHA, "w", 1)), f32)
+    assert len(cache) == 3 and len(list(tmp_path.rglob("*.npy"))) == 3
+    assert len(TensorCache(tmp_path)) == 3  # the encodings survive a restart
+
+
+def test_a_cache_file_whose_content_does_not_match_its_encoding_is_dropped(tmp_path: Path) -> None:
+    cache = TensorCache(tmp_path)
+    key = ("org/a", SHA, "w", 0)
+    cache.put(key, (np.ones(8, dtype=np.float32)))  # 1.0 is exact in BF16
+    (path,) = tmp_path.rglob("*.bf16.npy")
+    np.save(path, np.ones(8, dtype=np.float64))  # not what a .bf16 file holds
+    again = TensorCache(tmp_path)
+    assert again.get(key) is None and key not in again and not path.exists()
