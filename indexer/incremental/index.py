@@ -70,7 +70,7 @@ from indexer.relations.adapters import (
     total_norm,
     verdict_details,
 )
-from indexer.relations.merges import fit, merge_row_parents
+from indexer.relations.merges import PairProducts, fit, merge_row_parents
 from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
 from indexer.relations.rules import (
     LEAF_PENALTY,
@@ -207,6 +207,7 @@ class LineageIndex:
         self._registry = FamilyRegistry(store.home)
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
+        self._products = PairProducts()  # the merge fits' products, by (repo, revision) pair
         self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
         self._dirty: set[str] = set()
         self._since_flush = 0
@@ -833,7 +834,9 @@ class LineageIndex:
         views = {r: v for r in pool if (v := self._with_arrays(state, r)) is not None}
         if x is None or len(views) < len(pool):
             return False  # unreadable now: fitted again when its pool next changes
-        found = (fit(x.arrays, {r: v.arrays for r, v in views.items()}, merges=[r for r in pool if r in known])
+        tags = {r: (r, state.revisions.get(r, "")) for r in views}
+        found = (fit(x.arrays, {r: v.arrays for r, v in views.items()}, merges=[r for r in pool if r in known],
+                     products=self._products, tags=tags, x_tag=(repo_id, state.revisions.get(repo_id, "")))
                  if len(views) >= 2 else None)
         state.pools[repo_id] = key
         before = state.merges.pop(repo_id, None)

@@ -48,7 +48,8 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
 
@@ -109,24 +110,69 @@ class MergeFit:
 Arrays = Mapping[str, np.ndarray]
 
 
-def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str]
-               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+class PairProducts:
+    """Per-block float64 dot products <A_l, B_l> of two models' fit prefixes, kept between fits. The index
+    fits a model again whenever its pool changes, and batch fits every model of a tree over an
+    overlapping pool, so most of a fit's pairs were multiplied before: only a new member's are computed
+    (bench/crawl_rate.py, 30 virtual 7B models: 171 fits of 5.7 models each, 39 ms a fit in products).
+    A key names the arrays it stands for (the index's: repo and revision); least recently used dropped
+    first past `most` pairs."""
+
+    def __init__(self, most: int = 16_384) -> None:
+        self._kept: OrderedDict[tuple[Hashable, Hashable, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple object per name list
+        self._most = most
+
+    def get(self, a: Hashable, b: Hashable, names: tuple[str, ...], compute: Callable[[], np.ndarray]) -> np.ndarray:
+        key = (a, b, self._names.setdefault(names, names))
+        hit = self._kept.get(key)
+        if hit is None:
+            hit = self._kept[key] = compute()
+            while len(self._kept) > self._most:
+                self._kept.popitem(last=False)
+        self._kept.move_to_end(key)
+        return hit
+
+
+def _dots(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], names: Sequence[str]) -> np.ndarray:
+    """<a_l, b_l> per block in float64, one pair at a time: the same bits whichever pool the pair is in
+    (a product over a stack of candidates may sum in another order). numpy's own multiply and pairwise
+    sum, not BLAS: OpenBLAS spreads a dot product over threads that wait for cores the crawl's other
+    work holds (38 ms a pair on a busy 2-core box against 0.5 ms on one thread)."""
+    return np.array([float(np.multiply(a[n], b[n]).sum()) for n in names])
+
+
+def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], *,
+               products: PairProducts | None = None, tags: Mapping[str, Hashable] | None = None,
+               x_tag: Hashable = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The least-squares products per block, float64, candidates in sorted order: G (L, m, m) with
     G_ij = <Y_i, Y_j>, b (L, m) with b_i = <Y_i, x>, ||x_l||^2 (L,) and each block's value count (L,);
     summed over the blocks they are the whole fit's (G, b, ||x||^2), the task vectors' over a base follow
-    from those (`_based`). A product per block costs what one product over all blocks does (64 blocks of a 2^20-value 7B
-    fit prefix, 8 candidates: 7.5 ms either way on the 2-core box, 2026-11-30; once 7 ms *a block*, with
-    BLAS threads waiting for cores that other work held)."""
+    from those (`_based`). With `products` (and `tags`: candidate id -> its key, `x_tag`: x's) a pair
+    multiplied by an earlier fit is not multiplied again."""
     ids = sorted(candidates)
-    gs, bs, xxs, sizes = [], [], [], []
-    for name in names:
-        xv = np.asarray(x[name], dtype=np.float64).ravel()
-        ys = np.stack([np.asarray(candidates[i][name], dtype=np.float64).ravel() for i in ids])
-        gs.append(ys @ ys.T)
-        bs.append(ys @ xv)
-        xxs.append(float(xv @ xv))
-        sizes.append(xv.size)
-    return np.stack(gs), np.stack(bs), np.array(xxs), np.array(sizes)
+    arrays = {**{i: candidates[i] for i in ids}, "": x}  # "" cannot be a repo id
+    wide: dict[str, dict[str, np.ndarray]] = {}
+
+    def f64(i: str) -> dict[str, np.ndarray]:
+        if i not in wide:
+            wide[i] = {n: np.asarray(arrays[i][n], dtype=np.float64).ravel() for n in names}
+        return wide[i]
+
+    def pair(i: str, j: str) -> np.ndarray:
+        i, j = sorted((i, j))
+        if products is None or tags is None or x_tag is None:
+            return _dots(f64(i), f64(j), names)
+        key = {**tags, "": x_tag}
+        return products.get(key[i], key[j], tuple(names), lambda: _dots(f64(i), f64(j), names))
+
+    m = len(ids)
+    g = np.zeros((len(names), m, m))
+    for a in range(m):
+        for c in range(a, m):
+            g[:, a, c] = g[:, c, a] = pair(ids[a], ids[c])
+    b = np.stack([pair(i, "") for i in ids], axis=1) if ids else np.zeros((len(names), 0))
+    return g, b, pair("", ""), np.array([np.size(x[n]) for n in names])
 
 
 def equal_share(x: Arrays, y: Arrays, names: Sequence[str]) -> float:
@@ -195,16 +241,18 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
 
 
 def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] = (),
-        min_share: float = MIN_SHARE) -> MergeFit | None:
+        min_share: float = MIN_SHARE, products: PairProducts | None = None,
+        tags: Mapping[str, Hashable] | None = None, x_tag: Hashable = None) -> MergeFit | None:
     """The module docstring's test; None with fewer than two candidates or no common block. `merges`: the
     candidates known to be merges themselves (fitted earlier in upload order): X is first explained by
-    the others alone, and by a merge among its candidates only when they cannot (`_explain`)."""
+    the others alone, and by a merge among its candidates only when they cannot (`_explain`).
+    `products`, `tags`, `x_tag`: products kept between fits (`block_gram`)."""
     ids = sorted(candidates)
     names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
     if len(ids) < 2 or not names:
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
-    blocks = block_gram(x, candidates, names)
+    blocks = block_gram(x, candidates, names, products=products, tags=tags, x_tag=x_tag)
     stored = _Stored(x, candidates, ids, names)
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
@@ -329,7 +377,7 @@ class _Stored:
             if self.dtypes[block]:
                 mix = cast_to(mix, self.dtypes[block]).astype(np.float64).ravel()
             left = np.asarray(self.x[name], dtype=np.float64).ravel() - mix
-            out.append(float(left @ left))
+            out.append(float(np.square(left).sum()))  # not BLAS: see _dots
         return np.array(out)
 
 
