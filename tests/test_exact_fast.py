@@ -189,6 +189,34 @@ def test_cached_units_give_the_same_numbers_and_die_with_their_array() -> None:
     assert len(exact._UNITS) == held  # freed with the arrays: no id of a dead array stays a key
 
 
+def test_units_kept_by_content_outlive_their_arrays_and_a_cut_block_is_another_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The index names its views' content (repo, revision): a nominee reloaded from the disk cache (new
+    array objects) reuses its units; a view cut to fewer rows (`index._aligned`) gets its own."""
+    jobs = _jobs(_zoo(seed=2))
+    forget_units()
+    computed: list[int] = []
+    real = exact.units
+    monkeypatch.setattr(exact, "units", lambda layers: computed.append(len(layers)) or real(layers))
+
+    def keyed(view: ModelView, rows: int | None = None) -> ModelView:
+        arrays = {n: (a[:rows] if rows else a).copy() for n, a in view.arrays.items()}  # new objects every time
+        return ModelView(view.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,
+                         content=("index", view.repo_id, "rev"))
+
+    new, others = jobs[0]
+    first = measure(keyed(new), [keyed(o) for o in others], device="cpu")
+    cold = sum(computed)
+    assert cold > 0 and not exact._UNITS and len(exact._KEPT) == cold
+    again = measure(keyed(new), [keyed(o) for o in others], device="cpu")
+    assert again == first and sum(computed) == cold  # nothing projected again
+    assert again == measure(new, others, device="cpu")  # the same numbers as by identity
+    rows = min(np.shape(a)[0] for a in new.arrays.values() if np.ndim(a) == 2) - 1
+    measure(keyed(new, rows), [keyed(o, rows) for o in others], device="cpu")
+    assert sum(computed) > cold  # fewer rows: other units, computed
+    forget_units()
+    assert not exact._KEPT and exact._kept_bytes == 0
+
+
 def test_unknown_method_says_what_to_do() -> None:
     with pytest.raises(BadInputError, match="use one of gram, gram64, svd"):
         measure_many(_jobs(_zoo()), device="cpu", method="qr")  # type: ignore[arg-type]

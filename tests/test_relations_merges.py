@@ -247,3 +247,30 @@ def test_a_bf16_merge_of_fine_tunes_near_bf16_resolution_is_found_and_their_chil
     assert got is not None and got.is_merge and {p for p, _ in got.parents} == {"a", "b"}, got
     child = fit(tune(models["a"]), models)
     assert child is not None and not child.is_merge, child
+
+
+def test_a_pair_cache_gives_every_fit_the_numbers_it_would_compute_and_computes_each_pair_once() -> None:
+    """PairCache: products and masked-merge verdicts kept between fits by tag give the same fits as
+    computing them afresh, whichever model is the fit's x; a pair's products are computed once."""
+    from indexer.relations import merges as m
+
+    rng = np.random.default_rng(5)
+    base = {f"l{i}": rng.normal(0, 0.02, (16, 32)).astype(np.float32) for i in range(3)}
+    tune = {r: {n: a + rng.normal(0, 0.002, a.shape).astype(np.float32) for n, a in base.items()} for r in "abc"}
+    merged = {n: 0.5 * tune["a"][n] + 0.5 * tune["b"][n] for n in base}
+    models = {"base": base, **tune, "merge": merged}
+    cache = m.PairCache()
+    calls: list[int] = []
+    real = m._dots
+    kept = {}
+    try:
+        m._dots = lambda a, b, names: calls.append(1) or real(a, b, names)  # type: ignore[assignment]
+        for x in models:
+            pool = {r: v for r, v in models.items() if r != x}
+            kept[x] = m.fit(models[x], pool, products=cache, tags={r: r for r in pool}, x_tag=x)
+    finally:
+        m._dots = real  # type: ignore[assignment]
+    for x in models:  # afresh, no cache: the same fits
+        assert kept[x] == m.fit(models[x], {r: v for r, v in models.items() if r != x})
+    assert len(calls) == 5 * 6 // 2  # each of the 10 pairs and 5 squares once, over 5 fits
+    assert kept["merge"] is not None and kept["merge"].parents == (("a", 0.5), ("b", 0.5))

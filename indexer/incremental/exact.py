@@ -76,7 +76,8 @@ from __future__ import annotations
 import logging
 import math
 import weakref
-from collections.abc import Iterator, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -157,6 +158,10 @@ class ModelView:
     norms: Mapping[str, float]
     created: float | None
     direction_layers: tuple[str, ...]
+    # What names the arrays' content, for per-model work kept after the arrays are freed (the index's
+    # (repo_id, revision): a nominee's arrays come back from the disk cache as new objects); None: the
+    # arrays' own identity, while they live
+    content: Hashable = None
 
 
 @dataclass(frozen=True)
@@ -391,7 +396,7 @@ def _relatedness_layer(sums: _Sums, name: str, pairs: _Pairs, *, dev: torch.devi
     """The Gram kernels' first pass: each pair's z in this layer, from its models' units."""
     for arrays, views, chunks in _groups(pairs, name, dev=dev, max_bytes=max_bytes, method="gram"):
         with _one_thread_on_cpu(torch.empty(0, device=dev)):  # see CPU_THREADS
-            own = _own_units([v.arrays[name] for v in views], arrays, dev)
+            own = _own_units(views, name, arrays, dev)
             for chunk in chunks if own is not None else ():
                 sums.layer_z[chunk.slots] = permutation_z(own[chunk.left], own[chunk.right]).cpu()
 
@@ -502,26 +507,64 @@ def _filter_tail(sums: _Sums, filters: _Filters, chunk: _Chunk) -> None:
 # units are computed once, not once per arrival that nominates it. Arrays are never modified in place
 # (decoded weights). Units are 1/16 of the block they summarise (64 x 128 float64 of 64 x 4096 float32).
 _UNITS: dict[tuple[int, str], torch.Tensor] = {}
+# ... and by content (ModelView.content) for the index's views, least recently used out past KEPT_UNITS_BYTES:
+# a crawl holds 32 7B models' arrays in memory, the rest come back from the disk cache as new arrays, and
+# recomputing their units was 35 of 120 s of a 120-model virtual 7B crawl (bench/crawl_rate.py, cProfile)
+KEPT_UNITS_BYTES = 512 << 20  # 256 7B models at the default read (2 MiB of units each)
+_KEPT: OrderedDict[tuple[Hashable, str, tuple[int, ...], str], torch.Tensor] = OrderedDict()
+_kept_bytes = 0
 
 
 def forget_units() -> None:
     """Drop every cached relatedness unit (benchmarks: time the cold case)."""
+    global _kept_bytes
     _UNITS.clear()
+    _KEPT.clear()
+    _kept_bytes = 0
 
 
-def _own_units(originals: Sequence[np.ndarray], arrays: Sequence[np.ndarray], dev: torch.device
+def _own_units(views: Sequence[ModelView], name: str, arrays: Sequence[np.ndarray], dev: torch.device
                ) -> torch.Tensor | None:
-    """(n, m, c) relatedness units of the group's models (`arrays`: the `originals` in float32), from the
-    cache or computed together on `dev` (only the missing ones travel there)."""
+    """(n, m, c) relatedness units of the group's models' layer `name` (`arrays`: theirs in float32),
+    from the caches or computed together on `dev` (only the missing ones travel there)."""
     if not usable_for_relatedness(torch.as_tensor(arrays[0])):
         return None
-    keys = [(id(array), str(dev)) for array in originals]
-    missing = [i for i, key in enumerate(keys) if key not in _UNITS]
+    found: list[torch.Tensor | None] = [_units_of(v, name, dev) for v in views]
+    missing = [i for i, u in enumerate(found) if u is None]
     if missing:
         for i, u in zip(missing, units([torch.as_tensor(arrays[i]).to(dev) for i in missing]), strict=True):
-            _UNITS[keys[i]] = u
-            weakref.finalize(originals[i], _UNITS.pop, keys[i], None)
-    return torch.stack([_UNITS[key] for key in keys])
+            _keep_units(views[i], name, dev, u)
+            found[i] = u
+    return torch.stack(found)  # type: ignore[arg-type]
+
+
+def _units_of(view: ModelView, name: str, dev: torch.device) -> torch.Tensor | None:
+    if view.content is None:
+        return _UNITS.get((id(view.arrays[name]), str(dev)))
+    hit = _KEPT.get(key := _kept_key(view, name, dev))
+    if hit is not None:
+        _KEPT.move_to_end(key)
+    return hit
+
+
+def _kept_key(view: ModelView, name: str, dev: torch.device) -> tuple[Hashable, str, tuple[int, ...], str]:
+    """The shape too: `index._aligned` cuts a view's blocks to the rows every model of a job holds."""
+    return view.content, name, tuple(np.shape(view.arrays[name])), str(dev)
+
+
+def _keep_units(view: ModelView, name: str, dev: torch.device, u: torch.Tensor) -> None:
+    global _kept_bytes
+    if view.content is None:
+        key = (id(view.arrays[name]), str(dev))
+        _UNITS[key] = u
+        weakref.finalize(view.arrays[name], _UNITS.pop, key, None)
+        return
+    old = _KEPT.pop(kept := _kept_key(view, name, dev), None)
+    _kept_bytes += u.numel() * u.element_size() - (old.numel() * old.element_size() if old is not None else 0)
+    _KEPT[kept] = u
+    while _kept_bytes > KEPT_UNITS_BYTES and len(_KEPT) > 1:
+        _, dropped = _KEPT.popitem(last=False)
+        _kept_bytes -= dropped.numel() * dropped.element_size()
 
 
 def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, tails: bool) -> None:

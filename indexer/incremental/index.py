@@ -29,8 +29,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -70,7 +71,7 @@ from indexer.relations.adapters import (
     total_norm,
     verdict_details,
 )
-from indexer.relations.merges import PairProducts, fit, merge_row_parents
+from indexer.relations.merges import PairCache, fit, merge_row_parents
 from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
 from indexer.relations.rules import (
     LEAF_PENALTY,
@@ -146,12 +147,13 @@ class _Pending:
     first: list[str] = field(default_factory=list)  # the nominees compared before the second hop
 
 
-def _prepare(index: int, arrival: Arrival, dim: int, seed: int) -> _Pending:
+def _prepare(index: int, arrival: Arrival, dim: int, seed: int, content: Hashable = None) -> _Pending:
     sketch = sketch_model(arrival.arrays, family=arrival.family, dim=dim, seed=seed)  # 1.
     view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at)
     arrays = {n: arrival.arrays[n] for n in sketch.layer_names}
     arrays |= {n: a for n, a in arrival.arrays.items() if is_head(n)}  # heads break ties of identical bodies
-    mine = ModelView(arrival.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)
+    mine = ModelView(arrival.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,
+                     content=content)
     return _Pending(index, arrival, sketch, view, mine)
 
 
@@ -207,7 +209,8 @@ class LineageIndex:
         self._registry = FamilyRegistry(store.home)
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
-        self._products = PairProducts()  # the merge fits' products, by (repo, revision) pair
+        self._products = PairCache()  # the merge fits' products, by (repo, revision) pair
+        self._token = uuid.uuid4().hex  # names this index's views' content for the exact step's caches
         self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
         self._dirty: set[str] = set()
         self._since_flush = 0
@@ -301,7 +304,7 @@ class LineageIndex:
                 continue
             if arrival.repo_id in state.views:
                 self._forget(state, arrival.repo_id)
-            chunk.append(_prepare(i, arrival, self.dim, self.seed))
+            chunk.append(_prepare(i, arrival, self.dim, self.seed, self._content(arrival.repo_id, arrival.revision)))
         self._place_all(chunk, results)
         return results  # type: ignore[return-value]
 
@@ -498,7 +501,13 @@ class LineageIndex:
             if arrays is None:
                 self.not_compared += 1
                 return None
-        return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers)  # type: ignore[arg-type]
+        return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,  # type: ignore[arg-type]
+                         content=self._content(repo_id, state.revisions[repo_id]))
+
+    def _content(self, repo_id: str, revision: str) -> tuple[str, str, str]:
+        """A view's content key (ModelView.content): this index's (a token of its own: two indexes may read
+        one repo at different budgets), the repo and its revision."""
+        return (self._token, repo_id, revision)
 
     def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
         """The nominee's selected tensors from the on-disk cache, else read again by range (the cache is

@@ -55,7 +55,7 @@ from indexer.relations.adapters import (
     resolve_base,
     total_norm,
 )
-from indexer.relations.merges import PairProducts, fit
+from indexer.relations.merges import PairCache, fit
 from indexer.relations.pool import fit_order, pair_table, tree_pool
 from indexer.relations.rules import (
     LEAF_PENALTY,
@@ -203,7 +203,7 @@ def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
     fit knows which of its earlier relatives are merges themselves."""
     found: dict[str, tuple[tuple[str, float], ...]] = {}
     known: dict[str, list[str]] = {}  # merge -> its parents' ids, as the pool and the fit read them
-    products = PairProducts()  # pools overlap: a pair is multiplied once
+    products = PairCache()  # pools overlap: a pair is multiplied once
     for tree in trees:
         stats = pair_table(tree, arrays)
         for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):

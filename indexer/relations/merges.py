@@ -52,6 +52,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 from scipy import stats
@@ -110,27 +111,28 @@ class MergeFit:
 Arrays = Mapping[str, np.ndarray]
 
 
-class PairProducts:
-    """Per-block float64 dot products <A_l, B_l> of two models' fit prefixes, kept between fits. The index
-    fits a model again whenever its pool changes, and batch fits every model of a tree over an
-    overlapping pool, so most of a fit's pairs were multiplied before: only a new member's are computed
-    (bench/crawl_rate.py, 30 virtual 7B models: 171 fits of 5.7 models each, 39 ms a fit in products).
-    A key names the arrays it stands for (the index's: repo and revision); least recently used dropped
-    first past `most` pairs."""
+class PairCache:
+    """What fits learn about pairs of models, kept between fits: the per-block float64 dot products
+    <A_l, B_l> of their fit prefixes (`block_gram`), and a model's masked-merge verdicts over a base
+    (`equal_share`, `rounding_flips`). The index fits a model again whenever its pool changes, and batch
+    fits every model of a tree over an overlapping pool, so most of a fit's pairs were seen before: only
+    a new member's are computed (bench/crawl_rate.py, 30 virtual 7B models: 171 fits of 5.7 models each,
+    39 ms a fit in products). A key names the arrays it stands for (the index's: repo and revision);
+    least recently used dropped first past `most` entries."""
 
     def __init__(self, most: int = 16_384) -> None:
-        self._kept: OrderedDict[tuple[Hashable, Hashable, tuple[str, ...]], np.ndarray] = OrderedDict()
+        self._kept: OrderedDict[tuple[Hashable, Hashable, tuple[str, ...]], Any] = OrderedDict()
         self._names: dict[tuple[str, ...], tuple[str, ...]] = {}  # one tuple object per name list
         self._most = most
 
-    def get(self, a: Hashable, b: Hashable, names: tuple[str, ...], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    def get(self, a: Hashable, b: Hashable, names: tuple[str, ...], compute: Callable[[], Any]) -> Any:
         key = (a, b, self._names.setdefault(names, names))
-        hit = self._kept.get(key)
-        if hit is None:
-            hit = self._kept[key] = compute()
-            while len(self._kept) > self._most:
-                self._kept.popitem(last=False)
-        self._kept.move_to_end(key)
+        if key in self._kept:
+            self._kept.move_to_end(key)
+            return self._kept[key]
+        hit = self._kept[key] = compute()
+        while len(self._kept) > self._most:
+            self._kept.popitem(last=False)
         return hit
 
 
@@ -143,7 +145,7 @@ def _dots(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], names: Seque
 
 
 def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], *,
-               products: PairProducts | None = None, tags: Mapping[str, Hashable] | None = None,
+               products: PairCache | None = None, tags: Mapping[str, Hashable] | None = None,
                x_tag: Hashable = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The least-squares products per block, float64, candidates in sorted order: G (L, m, m) with
     G_ij = <Y_i, Y_j>, b (L, m) with b_i = <Y_i, x>, ||x_l||^2 (L,) and each block's value count (L,);
@@ -159,12 +161,13 @@ def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str]
             wide[i] = {n: np.asarray(arrays[i][n], dtype=np.float64).ravel() for n in names}
         return wide[i]
 
+    key = {**(tags or {}), "": x_tag}
+
     def pair(i: str, j: str) -> np.ndarray:
-        i, j = sorted((i, j))
         if products is None or tags is None or x_tag is None:
             return _dots(f64(i), f64(j), names)
-        key = {**tags, "": x_tag}
-        return products.get(key[i], key[j], tuple(names), lambda: _dots(f64(i), f64(j), names))
+        first, second = sorted((key[i], key[j]), key=repr)  # one key per pair, whichever is the fit's x
+        return products.get(("dots", first), second, tuple(names), lambda: _dots(f64(i), f64(j), names))
 
     m = len(ids)
     g = np.zeros((len(names), m, m))
@@ -241,7 +244,7 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
 
 
 def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] = (),
-        min_share: float = MIN_SHARE, products: PairProducts | None = None,
+        min_share: float = MIN_SHARE, products: PairCache | None = None,
         tags: Mapping[str, Hashable] | None = None, x_tag: Hashable = None) -> MergeFit | None:
     """The module docstring's test; None with fewer than two candidates or no common block. `merges`: the
     candidates known to be merges themselves (fitted earlier in upload order): X is first explained by
@@ -253,7 +256,7 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
     blocks = block_gram(x, candidates, names, products=products, tags=tags, x_tag=x_tag)
-    stored = _Stored(x, candidates, ids, names)
+    stored = _Stored(x, candidates, ids, names, products, tags, x_tag)
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
@@ -353,6 +356,15 @@ class _Stored:
     candidates: Mapping[str, Arrays]
     ids: Sequence[str]
     names: Sequence[str]
+    cache: PairCache | None = None  # with `tags` and `x_tag`: verdicts kept between fits
+    tags: Mapping[str, Hashable] | None = None
+    x_tag: Hashable = None
+
+    def about(self, kind: str, base: str, compute: Callable[[], Any]) -> Any:
+        """A verdict on x over the candidate `base` (`kind` names it), from the cache when one is kept."""
+        if self.cache is None or self.tags is None or self.x_tag is None:
+            return compute()
+        return self.cache.get((kind, self.x_tag), self.tags[base], tuple(self.names), compute)
 
     @cached_property
     def dtypes(self) -> tuple[str, ...]:
@@ -511,7 +523,7 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         if len(members) < 3:
             break
         if base not in shares:
-            shares[base] = equal_share(x, candidates[base], names)
+            shares[base] = stored.about("equal share", base, lambda: equal_share(x, candidates[base], names))  # noqa: B023
         if shares[base] < MASK_EQUAL:
             continue
         others = [i for i in members if i != k]
@@ -520,7 +532,7 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         r1 = max(min([singles[k]] + [singles[others[i]] for i in subset]), 1e-300)
         fit_ = MergeFit(_parents([ids[i] for i in others], subset, coef, min_share), base, r2 / r1, base)
         if (fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio)
-                and not rounding_flips(x, candidates[base], names)
+                and not stored.about("rounding flips", base, lambda: rounding_flips(x, candidates[base], names))  # noqa: B023
                 and uncovered_share(x, candidates[base], [candidates[p] for p, _ in fit_.parents], names) <= UNCOVERED_MAX):
             best = fit_
     return best
