@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -78,6 +79,9 @@ class TensorCache:
         self.root = Path(root)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[Path, int] = OrderedDict()  # oldest first -> size in bytes
+        self._total = 0  # bytes of the entries
+        # the crawl puts on its cache-writer thread while the lineage step gets: the books under a lock
+        self._lock = threading.RLock()
         self._clock = 0
         self._scan()
 
@@ -92,6 +96,7 @@ class TensorCache:
                 found.append((st.st_mtime_ns, path.name, path, st.st_size))
         for mtime, _, path, size in sorted(found):
             self._entries[path] = size
+            self._total += size
             self._clock = max(self._clock, mtime)
         self._evict()
 
@@ -114,7 +119,7 @@ class TensorCache:
 
     @property
     def total_bytes(self) -> int:
-        return sum(self._entries.values())
+        return self._total  # kept as entries come and go: a sum per put grew with the cache (32 blocks a 7B model)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -123,17 +128,22 @@ class TensorCache:
         return isinstance(key, tuple) and self._stored(key) is not None  # type: ignore[arg-type]
 
     def get(self, key: CacheKey) -> np.ndarray | None:
-        if (stored := self._stored(key)) is None:
+        with self._lock:
+            stored = self._stored(key)
+        if stored is None:
             return None
         path, encoding = stored
         try:
             array = _decoded(np.load(path, allow_pickle=False), encoding)
         except (OSError, ValueError, EOFError) as exc:
             logger.warning("dropping unreadable cache file %s (%s)", path, exc)
-            path.unlink(missing_ok=True)
-            del self._entries[path]
+            with self._lock:
+                path.unlink(missing_ok=True)
+                self._total -= self._entries.pop(path, 0)
             return None
-        self._touch(path)
+        with self._lock:
+            if path in self._entries:  # not evicted meanwhile
+                self._touch(path)
         return array
 
     def put(self, key: CacheKey, array: np.ndarray) -> bool:
@@ -144,28 +154,31 @@ class TensorCache:
         if array.nbytes > self.max_bytes:
             logger.debug("not caching %s: %d bytes exceed the %d-byte cache", key, array.nbytes, self.max_bytes)
             return False
-        if (old := self._stored(key)) is not None:  # re-put under another encoding: one file per key
-            old[0].unlink(missing_ok=True)
-            del self._entries[old[0]]
         encoding, stored = _encoded(np.ascontiguousarray(array))
         path = self._path(key, encoding)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(path) as fh:
-            np.save(fh, stored, allow_pickle=False)
-        self._entries[path] = path.stat().st_size
-        self._touch(path)
-        self._evict()
-        return path in self._entries
+        with self._lock:
+            if (old := self._stored(key)) is not None:  # put again (maybe in another encoding): one file a key
+                old[0].unlink(missing_ok=True)
+                self._total -= self._entries.pop(old[0])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_open(path) as fh:
+                np.save(fh, stored, allow_pickle=False)
+            self._entries[path] = path.stat().st_size
+            self._total += self._entries[path]
+            self._touch(path)
+            self._evict()
+            return path in self._entries
 
     def _evict(self) -> None:
-        total = self.total_bytes
-        while total > self.max_bytes and self._entries:
+        while self._total > self.max_bytes and self._entries:
             path, size = self._entries.popitem(last=False)  # least recently used
             path.unlink(missing_ok=True)
-            total -= size
+            self._total -= size
             logger.debug("evicted %s (%d bytes)", path.name, size)
 
     def clear(self) -> None:
-        for path in list(self._entries):
-            path.unlink(missing_ok=True)
-        self._entries.clear()
+        with self._lock:
+            for path in list(self._entries):
+                path.unlink(missing_ok=True)
+            self._entries.clear()
+            self._total = 0
