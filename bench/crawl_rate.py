@@ -338,8 +338,10 @@ def share_table(row: dict[str, object]) -> str:
     # The timers nest: the lineage step (its merge step above all) re-reads evicted nominees' blocks over
     # the network, so "network" and the lineage parts overlap and "other" (what is left) can come out
     # negative. CPU is this process's, all threads (the cache writer's too), while the part ran.
-    head = ("| part of the one-process crawl (network includes re-reads inside the lineage step) | share of wall "
-            "time | crawler CPU s/model |")
+    # A model's range reads run in parallel (HubSource.in_parallel): "network" sums the wall time of every
+    # exchange, so it exceeds the time the crawl waited, and "other" goes negative by as much.
+    head = ("| part of the one-process crawl (network: every exchange's wall time summed over the parallel reads, "
+            "re-reads inside the lineage step included) | share of wall time | crawler CPU s/model |")
     lines = [head, "|---|---|---|"]
     lines += [f"| {k} | {100 * w:.1f} % | {c:.3f} |" for k, (w, c) in shares.items()]
     return "\n".join(lines)
