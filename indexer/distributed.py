@@ -196,9 +196,9 @@ class _Recorder:
             self.calls[keys[0]] = Call(None, _Portable.of(exc), self.inner.bytes_read - before_bytes,
                                        self.inner.requests - before_requests)
             raise
-        costs = [(self.inner.bytes_read - before_bytes, self.inner.requests - before_requests)] + [(0, 0)] * len(keys)
-        for key, result, (nbytes, requests) in zip(keys, results, costs, strict=False):
-            self.calls[key] = Call(result, None, nbytes, requests)
+        for i, (key, result) in enumerate(zip(keys, results, strict=True)):
+            spent = (self.inner.bytes_read - before_bytes, self.inner.requests - before_requests) if i == 0 else (0, 0)
+            self.calls[key] = Call(result, None, *spent)
         return results
 
     def open(self, path: str) -> _RecordingSource:

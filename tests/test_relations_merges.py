@@ -267,7 +267,7 @@ def test_a_pair_cache_gives_every_fit_the_numbers_it_would_compute_and_computes_
         m._dots = lambda a, b, names: calls.append(1) or real(a, b, names)  # type: ignore[assignment]
         for x in models:
             pool = {r: v for r, v in models.items() if r != x}
-            kept[x] = m.fit(models[x], pool, products=cache, tags={r: r for r in pool}, x_tag=x)
+            kept[x] = m.fit(models[x], pool, cache=cache, keys={r: r for r in pool}, x_key=x)
     finally:
         m._dots = real  # type: ignore[assignment]
     for x in models:  # afresh, no cache: the same fits

@@ -209,8 +209,8 @@ class LineageIndex:
         self._registry = FamilyRegistry(store.home)
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
-        self._products = PairCache()  # the merge fits' products, by (repo, revision) pair
-        self._token = uuid.uuid4().hex  # names this index's views' content for the exact step's caches
+        self._pair_cache = PairCache()  # what merge fits learn about pairs, by `_content`
+        self._token = uuid.uuid4().hex  # this index's part of `_content`
         self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
         self._dirty: set[str] = set()
         self._since_flush = 0
@@ -505,8 +505,9 @@ class LineageIndex:
                          content=self._content(repo_id, state.revisions[repo_id]))
 
     def _content(self, repo_id: str, revision: str) -> tuple[str, str, str]:
-        """A view's content key (ModelView.content): this index's (a token of its own: two indexes may read
-        one repo at different budgets), the repo and its revision."""
+        """What names a model's arrays for the caches that outlive them (ModelView.content, the merge fits'
+        PairCache): this index's token (two indexes may read one repo at different budgets), the repo and
+        its revision."""
         return (self._token, repo_id, revision)
 
     def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
@@ -843,9 +844,9 @@ class LineageIndex:
         views = {r: v for r in pool if (v := self._with_arrays(state, r)) is not None}
         if x is None or len(views) < len(pool):
             return False  # unreadable now: fitted again when its pool next changes
-        tags = {r: (r, state.revisions.get(r, "")) for r in views}
+        keys = {r: self._content(r, state.revisions.get(r, "")) for r in [*views, repo_id]}
         found = (fit(x.arrays, {r: v.arrays for r, v in views.items()}, merges=[r for r in pool if r in known],
-                     products=self._products, tags=tags, x_tag=(repo_id, state.revisions.get(repo_id, "")))
+                     cache=self._pair_cache, keys=keys, x_key=keys[repo_id])
                  if len(views) >= 2 else None)
         state.pools[repo_id] = key
         before = state.merges.pop(repo_id, None)

@@ -203,13 +203,13 @@ def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
     fit knows which of its earlier relatives are merges themselves."""
     found: dict[str, tuple[tuple[str, float], ...]] = {}
     known: dict[str, list[str]] = {}  # merge -> its parents' ids, as the pool and the fit read them
-    products = PairCache()  # pools overlap: a pair is multiplied once
+    cache = PairCache()  # pools overlap: a pair is multiplied once
     for tree in trees:
         stats = pair_table(tree, arrays)
         for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):
             pool = tree_pool(x, tree, stats, arrays, created, known)
             result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges=[r for r in pool if r in known],
-                          products=products, tags={r: r for r in pool}, x_tag=x)
+                          cache=cache, keys={r: r for r in pool}, x_key=x)
                       if len(pool) >= 2 else None)
             if result is not None and result.is_merge:
                 found[x] = result.parents

@@ -144,15 +144,32 @@ def _dots(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], names: Seque
     return np.array([float(np.multiply(a[n], b[n]).sum()) for n in names])
 
 
-def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str], *,
-               products: PairCache | None = None, tags: Mapping[str, Hashable] | None = None,
-               x_tag: Hashable = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The least-squares products per block, float64, candidates in sorted order: G (L, m, m) with
-    G_ij = <Y_i, Y_j>, b (L, m) with b_i = <Y_i, x>, ||x_l||^2 (L,) and each block's value count (L,);
-    summed over the blocks they are the whole fit's (G, b, ||x||^2), the task vectors' over a base follow
-    from those (`_based`). With `products` (and `tags`: candidate id -> its key, `x_tag`: x's) a pair
-    multiplied by an earlier fit is not multiplied again."""
-    ids = sorted(candidates)
+@dataclass(frozen=True)
+class _Keyed:
+    """A fit's view of a PairCache: its models' keys (x's at ""), over its block names."""
+
+    cache: PairCache
+    keys: Mapping[str, Hashable]
+    names: tuple[str, ...]
+
+    def pair(self, kind: str, i: str, j: str, compute: Callable[[], Any]) -> Any:
+        """A symmetric quantity of models i and j: one entry whichever is the fit's x."""
+        first, second = sorted((self.keys[i], self.keys[j]), key=repr)
+        return self.cache.get((kind, first), second, self.names, compute)
+
+    def about(self, kind: str, base: str, compute: Callable[[], Any]) -> Any:
+        """A verdict on x over the candidate `base`."""
+        return self.cache.get((kind, self.keys[""]), self.keys[base], self.names, compute)
+
+
+def block_gram(x: Arrays, candidates: Mapping[str, Arrays], keyed: _Keyed
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The least-squares products per block over `keyed.names`, float64, candidates in sorted order:
+    G (L, m, m) with G_ij = <Y_i, Y_j>, b (L, m) with b_i = <Y_i, x>, ||x_l||^2 (L,) and each block's
+    value count (L,); summed over the blocks they are the whole fit's (G, b, ||x||^2), the task vectors'
+    over a base follow from those (`_based`). A pair multiplied by an earlier fit sharing `keyed.cache`
+    is not multiplied again."""
+    ids, names = sorted(candidates), keyed.names
     arrays = {**{i: candidates[i] for i in ids}, "": x}  # "" cannot be a repo id
     wide: dict[str, dict[str, np.ndarray]] = {}
 
@@ -161,13 +178,8 @@ def block_gram(x: Arrays, candidates: Mapping[str, Arrays], names: Sequence[str]
             wide[i] = {n: np.asarray(arrays[i][n], dtype=np.float64).ravel() for n in names}
         return wide[i]
 
-    key = {**(tags or {}), "": x_tag}
-
     def pair(i: str, j: str) -> np.ndarray:
-        if products is None or tags is None or x_tag is None:
-            return _dots(f64(i), f64(j), names)
-        first, second = sorted((key[i], key[j]), key=repr)  # one key per pair, whichever is the fit's x
-        return products.get(("dots", first), second, tuple(names), lambda: _dots(f64(i), f64(j), names))
+        return keyed.pair("dots", i, j, lambda: _dots(f64(i), f64(j), names))
 
     m = len(ids)
     g = np.zeros((len(names), m, m))
@@ -244,19 +256,23 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
 
 
 def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] = (),
-        min_share: float = MIN_SHARE, products: PairCache | None = None,
-        tags: Mapping[str, Hashable] | None = None, x_tag: Hashable = None) -> MergeFit | None:
+        min_share: float = MIN_SHARE, cache: PairCache | None = None,
+        keys: Mapping[str, Hashable] | None = None, x_key: Hashable = None) -> MergeFit | None:
     """The module docstring's test; None with fewer than two candidates or no common block. `merges`: the
     candidates known to be merges themselves (fitted earlier in upload order): X is first explained by
     the others alone, and by a merge among its candidates only when they cannot (`_explain`).
-    `products`, `tags`, `x_tag`: products kept between fits (`block_gram`)."""
+    `cache`: what fits learn about pairs, kept between them; `keys` (candidate id -> what names its arrays)
+    and `x_key` (x's) address it. Without them the fit keeps its own for its two groups."""
     ids = sorted(candidates)
     names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
     if len(ids) < 2 or not names:
         return None
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
-    blocks = block_gram(x, candidates, names, products=products, tags=tags, x_tag=x_tag)
-    stored = _Stored(x, candidates, ids, names, products, tags, x_tag)
+    if cache is None or keys is None or x_key is None:
+        cache, keys, x_key = PairCache(), {r: ("candidate", r) for r in ids}, ("x",)
+    keyed = _Keyed(cache, {**{r: keys[r] for r in ids}, "": x_key}, tuple(names))
+    blocks = block_gram(x, candidates, keyed)
+    stored = _Stored(x, candidates, ids, names, keyed)
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
@@ -269,9 +285,8 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     originals = tuple(i for i, r in enumerate(ids) if r not in merges)
     groups = [originals, tuple(range(len(ids)))] if 2 <= len(originals) < len(ids) else [tuple(range(len(ids)))]
     last = MergeFit((), ids[best], 1.0)
-    shares: dict[str, float] = {}  # equal_share with x, measured once a fit (both groups ask)
     for members in groups:
-        last = _explain(stored, products, members, scaled, min_share, ids[best], shares)
+        last = _explain(stored, products, members, scaled, min_share, ids[best])
         if last.is_merge:
             return last
         per_block = _per_block(stored, blocks, members, min_share, ids[best])
@@ -356,15 +371,7 @@ class _Stored:
     candidates: Mapping[str, Arrays]
     ids: Sequence[str]
     names: Sequence[str]
-    cache: PairCache | None = None  # with `tags` and `x_tag`: verdicts kept between fits
-    tags: Mapping[str, Hashable] | None = None
-    x_tag: Hashable = None
-
-    def about(self, kind: str, base: str, compute: Callable[[], Any]) -> Any:
-        """A verdict on x over the candidate `base` (`kind` names it), from the cache when one is kept."""
-        if self.cache is None or self.tags is None or self.x_tag is None:
-            return compute()
-        return self.cache.get((kind, self.x_tag), self.tags[base], tuple(self.names), compute)
+    keyed: _Keyed  # x's verdicts over each base, measured once (both groups of a fit ask, later fits too)
 
     @cached_property
     def dtypes(self) -> tuple[str, ...]:
@@ -409,7 +416,7 @@ def _dtypes(x: Arrays, names: Sequence[str]) -> tuple[str, ...]:
 
 
 def _explain(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...],
-             scaled: float, min_share: float, single: str, shares: dict[str, float]) -> MergeFit:
+             scaled: float, min_share: float, single: str) -> MergeFit:
     """X as a merge of the candidates `members` (indices into the sorted ids; `products`: `block_gram` summed,
     over all of them): an interpolation judged against `scaled` (the best rescaled single of every candidate),
     else a masked merge over one of them judged against the nearest of them. Merges of merges: when a
@@ -429,7 +436,7 @@ def _explain(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], me
         found = replace(found, ratio=_rounded_ratio(stored, products, [pick[i] for i in subset], coef))
     if found.is_merge and found.ratio < INTERPOLATION_RATIO:
         return found
-    masked = _masked(stored, products, members, min_share, shares)
+    masked = _masked(stored, products, members, min_share)
     return masked if masked is not None else MergeFit((), single, found.ratio)
 
 
@@ -504,7 +511,7 @@ def uncovered_share(x: Arrays, base: Arrays, parents: Sequence[Arrays], names: S
 
 
 def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], members: tuple[int, ...],
-            min_share: float, shares: dict[str, float]) -> MergeFit | None:
+            min_share: float) -> MergeFit | None:
     """TIES / DARE: over each of `members` whose values the model keeps bit for bit in MASK_EQUAL of a
     changed layer's entries, fit the task vector x - base on the other members' (the base's weight is
     1 - sum w_i), judged against the nearest of the fit's own models (base and parents): a relative
@@ -522,9 +529,7 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         base = ids[k]
         if len(members) < 3:
             break
-        if base not in shares:
-            shares[base] = stored.about("equal share", base, lambda: equal_share(x, candidates[base], names))  # noqa: B023
-        if shares[base] < MASK_EQUAL:
+        if stored.keyed.about("equal share", base, lambda: equal_share(x, candidates[base], names)) < MASK_EQUAL:  # noqa: B023
             continue
         others = [i for i in members if i != k]
         g, b, xx = _based(*products, k, others)
@@ -532,7 +537,7 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         r1 = max(min([singles[k]] + [singles[others[i]] for i in subset]), 1e-300)
         fit_ = MergeFit(_parents([ids[i] for i in others], subset, coef, min_share), base, r2 / r1, base)
         if (fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio)
-                and not stored.about("rounding flips", base, lambda: rounding_flips(x, candidates[base], names))  # noqa: B023
+                and not stored.keyed.about("rounding flips", base, lambda: rounding_flips(x, candidates[base], names))  # noqa: B023
                 and uncovered_share(x, candidates[base], [candidates[p] for p, _ in fit_.parents], names) <= UNCOVERED_MAX):
             best = fit_
     return best
