@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from errors import ModelGraphError
-from settings import load_settings
+from settings import DEFAULT_PREFETCH, load_settings
 
 
 def _emit_json(obj: object) -> None:
@@ -271,11 +271,13 @@ def _print_crawl(summary: dict) -> None:
               help="Fetch and decode on a local Dask cluster of N worker processes (this process writes).")
 @click.option("--dask", "dask", default=None, metavar="ADDRESS",
               help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
+@click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
+              help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
-          budget_mib: int | None, device: str, workers: int | None, dask: str | None, home: Path | None,
-          as_json: bool) -> None:
+          budget_mib: int | None, device: str, workers: int | None, dask: str | None, prefetch: int,
+          home: Path | None, as_json: bool) -> None:
     """Index the models created since the last crawl, newest first, from a few MiB of range reads each.
 
     Per model: the safetensors headers, then at most the byte budget of planned tensor rows. Adapter-only,
@@ -290,7 +292,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
-        device=device, cache_bytes=settings.cache_bytes,
+        device=device, cache_bytes=settings.cache_bytes, prefetch=prefetch,
     )
     cluster = _cluster(workers, dask, 10.0)
     if cluster is None:

@@ -25,6 +25,9 @@ def _int_env(name: str, default: int) -> int:
 
 
 DEFAULT_BUDGET_MIB = 16  # tensor MiB read per model (plan v3, issue 14; 64 before)
+# Threads reading the next models while the crawl runs the lineage step (indexer.distributed.ThreadHub): 2
+# keep it fed at 50 ms a round trip (bench/crawl_rate.py); 0 reads each model when the crawl reaches it.
+DEFAULT_PREFETCH = 2
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ measured sizes), so the lineage step (nominees, exact re-rank, forest) runs as i
 emulator runs in its own process (`index hub serve --latency S`): every Hub and CDN request waits S
 seconds first, and large files are a 302 to the signed CDN URL, as on huggingface.co.
 
-Two runs, each on a fresh store: one process, then `--workers` Dask worker processes for the fetches
-(`indexer.distributed`, as `index crawl --workers N`). In the one-process run, timers around our own
+Runs, each on a fresh store: one process for each `--prefetch` value (threads reading the next models
+while the lineage step runs, `index crawl --prefetch N`; 0: none), then `--workers` Dask worker processes
+for the fetches (`indexer.distributed`, as `index crawl --workers N`). In the one-process runs, timers around our own
 functions split the wall time and the crawler's CPU: network (every HTTP exchange of HubSource, latency
 included), decode (BF16 -> float32), sketch (`_prepare`), exact step (`measure_many` and the second hop's
 `measure`), merge step (`_merges`), the rest of the lineage step (nominees, forest, relations), writes
@@ -27,7 +28,7 @@ crawler alone could reach on one core: the figure to hold against the Hub's limi
 the crawler's BLAS / OpenMP pools and torch's at N threads (threadpoolctl, torch.set_num_threads): on a
 busy box their idle threads spin on cores that the emulator and the other processes want.
 
-    .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2]
+    .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2] [--prefetch 0,2]
         [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers] [--threads N] [--report-every 120]
 
 Prints markdown tables (copy them to bench/RESULTS.md).
@@ -60,6 +61,7 @@ import indexer.crawl as crawl_module
 import indexer.incremental.index as index_module
 from indexer.crawl import CrawlOptions, crawl
 from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via
+from settings import DEFAULT_PREFETCH
 from indexer.hub_emulator import emulator_process
 from indexer.sources import HubSource, origin
 from store.query import export_forest
@@ -97,14 +99,17 @@ class Timers(Counter):  # type: ignore[type-arg]
 
 
 def _timed(timers: Timers, key: str, fn: Callable[..., object]) -> Callable[..., object]:
-    """Wall seconds under `key`, and this process's CPU seconds (all its threads) under "cpu " + key."""
+    """Wall seconds under `key`, and the CPU seconds of the thread that ran it under "cpu " + key: the
+    fetch threads and the parallel range reads run beside the lineage step, so the process's CPU over
+    an interval would count their work in whatever part the crawl's thread was in. Library threads (BLAS,
+    OpenMP) are not counted in a part; they land in "other"."""
     def wrapper(*args: object, **kwargs: object) -> object:
-        t, c = time.perf_counter(), time.process_time()
+        t, c = time.perf_counter(), time.thread_time()
         try:
             return fn(*args, **kwargs)
         finally:
             timers[key] += time.perf_counter() - t
-            timers["cpu " + key] += time.process_time() - c
+            timers["cpu " + key] += time.thread_time() - c
     return wrapper
 
 
@@ -259,16 +264,18 @@ def _shares(timers: Timers, wall: float, cpu: float, n: int) -> dict[str, tuple[
     return {k: (walls[k] / wall, cpus[k] / max(n, 1)) for k in walls}
 
 
-def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter, every: float) -> dict[str, object]:
+def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter, every: float,
+               prefetch: int) -> dict[str, object]:
     timers = Timers()
+    mode = f"1 process, prefetch {prefetch}"
     with tempfile.TemporaryDirectory() as home:
-        with instrument(timers), progress("1 process", meter, every, timers):
+        with instrument(timers), progress(mode, meter, every, timers):
             meter.start()
             t = time.perf_counter()
-            report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False))
+            report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False, prefetch=prefetch))
             seconds = time.perf_counter() - t
             cpu = meter.read()
-        row = _summary("1 process", list(report.outcomes), seconds, timers, cpu)
+        row = _summary(mode, list(report.outcomes), seconds, timers, cpu)
         row.update(_accuracy(Path(home), truth))
     return row
 
@@ -336,12 +343,13 @@ def calls_table(row: dict[str, object]) -> str:
 def share_table(row: dict[str, object]) -> str:
     shares: dict[str, tuple[float, float]] = row["shares"]  # type: ignore[assignment]
     # The timers nest: the lineage step (its merge step above all) re-reads evicted nominees' blocks over
-    # the network, so "network" and the lineage parts overlap and "other" (what is left) can come out
-    # negative. CPU is this process's, all threads (the cache writer's too), while the part ran.
-    # A model's range reads run in parallel (HubSource.in_parallel): "network" sums the wall time of every
-    # exchange, so it exceeds the time the crawl waited, and "other" goes negative by as much.
+    # the network, so "network" and the lineage parts overlap. A part's CPU is that of the thread that ran
+    # it (`_timed`); "other" is the process's CPU less the parts: listing, planning, headers, replays, the
+    # cache writer and library threads. Range reads and prefetches run in parallel: "network" sums the wall
+    # time of every exchange, so its wall share exceeds what the crawl waited, and other's wall share goes
+    # negative by as much.
     head = ("| part of the one-process crawl (network: every exchange's wall time summed over the parallel reads, "
-            "re-reads inside the lineage step included) | share of wall time | crawler CPU s/model |")
+            "re-reads inside the lineage step included) | share of wall time | crawler CPU s/model (its thread's) |")
     lines = [head, "|---|---|---|"]
     lines += [f"| {k} | {100 * w:.1f} % | {c:.3f} |" for k, (w, c) in shares.items()]
     return "\n".join(lines)
@@ -376,6 +384,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="cap the crawler's BLAS/OpenMP/torch threads")
     parser.add_argument("--report-every", type=float, default=120.0, help="seconds between progress lines")
+    parser.add_argument("--prefetch", type=lambda v: [int(x) for x in v.split(",")], default=[DEFAULT_PREFETCH],
+                        help="one-process runs, one per value: threads reading ahead (0: none; default: the crawl's)")
     args = parser.parse_args()
     if args.threads is not None:
         import torch
@@ -392,8 +402,8 @@ def main() -> None:
         serve_args = [a for spec in virtual for a in ("--virtual", spec)] + ["--latency", str(args.latency)]
         with emulator_process(Path(empty), args=serve_args) as url:
             meter = CpuMeter(emulator_pid())
-            if "single" in args.modes:
-                rows.append(run_single(url, budget, truth, meter, args.report_every))
+            for prefetch in (args.prefetch if "single" in args.modes else ()):
+                rows.append(run_single(url, budget, truth, meter, args.report_every, prefetch))
                 print(rate_table(rows[-1:]), flush=True)  # each mode as soon as it is done: runs are long
             if "workers" in args.modes:
                 rows.append(run_workers(url, budget, args.workers, truth, meter, args.report_every))
@@ -406,9 +416,10 @@ def main() -> None:
           f"{args.threads or 'library defaults'}\n")
     print(rate_table(rows) + "\n")
     single = next((r for r in rows if "shares" in r), None)
+    for row in (r for r in rows if "shares" in r):
+        print(f"{row['mode']}:\n\n" + share_table(row) + "\n")
+        print(calls_table(row) + "\n")
     if single is not None:
-        print(share_table(single) + "\n")
-        print(calls_table(single) + "\n")
         rates = [(str(r["mode"]), float(r["models/s"])) for r in rows]  # type: ignore[arg-type]
         rates.append(("crawler alone per CPU-second", 1 / max(float(single["crawler CPU/model"]), 1e-9)))  # type: ignore[arg-type]
         print(limits_table(single, rates))

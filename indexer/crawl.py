@@ -70,13 +70,14 @@ from indexer.readers import (
     saved_shapes,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
+from indexer.sources import Calls, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
+from settings import DEFAULT_PREFETCH
 from store.tables import Store, open_store, read_table
 
 logger = logging.getLogger(__name__)
@@ -438,7 +439,7 @@ class Indexer:
         plan_bytes = total - header_bytes if status == "indexed" else 0
         self._queue(entry, family=family, status=status, reason=reason, bytes_read=total,
                     weights_format=weights_format, details=details)
-        calls = repo.calls if isinstance(repo, HubRepo) else Calls()  # per host: the crawl rate's "calls per model"
+        calls = getattr(repo, "calls", None) or Calls()  # per host (a Hub read or its replay): the crawl rate's "calls per model"
         return Outcome(entry.repo_id, entry.revision, status, reason, family, total, header_bytes, plan_bytes,
                        model_bytes, repo.requests, time.perf_counter() - started, calls.resolver, calls.cdn)
 
@@ -569,6 +570,7 @@ class CrawlOptions:
     k: int = DEFAULT_K  # parent nominees per arriving model
     device: str = "auto"  # exact distances: auto uses CUDA when present
     cache_bytes: int = DEFAULT_CACHE_BYTES  # the on-disk tensor cache's bound (misses are read again by range)
+    prefetch: int = DEFAULT_PREFETCH  # threads reading ahead (DEFAULT_PREFETCH); 0: none
 
 
 # Entries of the models indexed this run, by (repo_id, revision), for the lineage step's re-reads of evicted
@@ -824,15 +826,30 @@ def hub_refetch(hub: HubSource, *, budget: int, have_token: bool,
     return refetch
 
 
+def default_hub(home: Path, options: CrawlOptions, stop: Any = None) -> HubSource:
+    """The crawl's Hub: reading `options.prefetch` models ahead on threads (distributed.ThreadHub), or none."""
+    if options.prefetch < 0:
+        raise BadInputError("--prefetch", f"must be 0 or more, got {options.prefetch}")
+    if options.prefetch == 0:
+        from indexer.distributed import StoppableHub
+
+        return StoppableHub(options.endpoint, token=options.token, policy=options.policy, stop=stop)
+    from indexer.distributed import ThreadHub, _Known  # distributed imports this module
+
+    return ThreadHub(options, known=_Known.read(home, have_token=options.token is not None),
+                     threads=options.prefetch, stop=stop)
+
+
 def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = None,
           hub: HubSource | None = None) -> CrawlReport:
     """Crawl `options.endpoint` into the store at `home` (see the module docstring)."""
     if options.limit is not None and options.limit < 0:
         raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
     started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
+    owned = hub is None
     if hub is None:
         reachable(options.endpoint, token=options.token, policy=options.policy)  # before the store is touched
-        hub = HubSource(options.endpoint, token=options.token, policy=options.policy)
+        hub = default_hub(home, options)
     cursors: dict[str, str] = {}
     with open_store(home) as store:
         cache = TensorCache(store.home / CACHE_DIR, max_bytes=options.cache_bytes)  # one bound: crawl + lineage
@@ -850,6 +867,8 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
                     _crawl_one(run, store, filters, run_id, cursors)
             finally:
                 indexer.close()  # rows of finished models survive a crash; marks did not move
+                if owned and hasattr(hub, "close"):
+                    hub.close()
     return CrawlReport(tuple(run.outcomes), run.seen, run.unchanged, time.perf_counter() - started, cursors)
 
 

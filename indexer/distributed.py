@@ -40,16 +40,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from errors import BadInputError, ClusterError, CrawlStopped, HubError, ModelGraphError, NoIndexError, TransientHubError
+from errors import BadInputError, ClusterError, CrawlStopped, ModelGraphError, NoIndexError, TransientHubError
 from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, read_model
-from indexer.retry import RetryPolicy, with_retries
-from indexer.sources import HubSource, ModelEntry, RepoFiles, SortKey, read_spans
+from indexer.retry import RetryPolicy
+from indexer.sources import Calls, HubSource, ModelEntry, RepoFiles, SortKey, read_spans
 from settings import load_settings
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,8 @@ class Fetched:
     names: Mapping[str, str]  # file -> the source's name (error messages quote it)
     seconds: float
     worker: str
+    resolver_calls: int = 0  # the fetch's requests by host (sources.Calls), for the crawl's per-model counts
+    cdn_calls: int = 0
 
 
 class _RecordingSource:
@@ -226,13 +229,21 @@ def _worker_hub(endpoint: str, policy: RetryPolicy) -> HubSource:
 
 def fetch_model(entry: ModelEntry, *, endpoint: str, policy: RetryPolicy, budget: int, have_token: bool) -> Fetched:
     """Steps 1-4 of the crawl for one model, on a worker; every read recorded for the client to replay."""
+    return record_model(_worker_hub(endpoint, policy), entry, budget=budget, have_token=have_token,
+                        worker=_worker_name())
+
+
+def record_model(hub: HubSource, entry: ModelEntry, *, budget: int, have_token: bool, worker: str = "local") -> Fetched:
+    """`read_model` of one model through `hub`, every read recorded (a Dask worker's or a prefetch thread's)."""
     started = time.perf_counter()
-    recorder = _Recorder(_worker_hub(endpoint, policy).repo(entry))
+    repo = HubSource.repo(hub, entry)  # the plain read: a prefetching hub's own repo() would wait on itself
+    recorder = _Recorder(repo)
     try:
         read_model(recorder, budget=budget, have_token=have_token)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 -- recorded in `calls` or re-derived by the client's replay; classified there
         pass
-    return Fetched(entry, dict(recorder.calls), dict(recorder.names), time.perf_counter() - started, _worker_name())
+    return Fetched(entry, dict(recorder.calls), dict(recorder.names), time.perf_counter() - started, worker,
+                   repo.calls.resolver, repo.calls.cdn)
 
 
 def _worker_name() -> str:
@@ -266,6 +277,7 @@ class ReplayRepo:
         self.entry = fetched.entry
         self._bytes = 0
         self._requests = 0
+        self.calls = Calls(fetched.resolver_calls, fetched.cdn_calls)  # what the fetch cost, by host
 
     def replay(self, key: CallKey) -> Any:
         call = self.fetched.calls.get(key)
@@ -358,16 +370,15 @@ def _done(record: Any, *, have_token: bool) -> bool:
     return bool(record.status == "indexed" or (record.status == "skipped" and not retry_gated))
 
 
-class DaskHub(StoppableHub):
-    """The listing, with the next `window` models' fetches running on the cluster; `repo()` waits for one."""
+class PrefetchHub(StoppableHub):
+    """The listing, with the next `window` models' fetches (`record_model`) running ahead of the one the
+    crawl is at; `repo()` waits for one and hands the crawl its replay. Subclasses say where fetches run."""
 
-    def __init__(self, options: CrawlOptions, *, client: Any, known: _Known, window: int,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(self, options: CrawlOptions, *, known: _Known, window: int, stop: threading.Event | None = None) -> None:
         super().__init__(options.endpoint, token=options.token, policy=options.policy, stop=stop)
-        self.options, self.client, self.known, self.window = options, client, known, window
+        self.options, self.known, self.window = options, known, window
         self._futures: dict[tuple[str, str], Any] = {}
         self.taken = 0  # repo() calls: models the crawl fetched
-        self.by_worker: dict[str, int] = {}
 
     def list_models(self, *, sort: SortKey, filters: tuple[str, ...] | list[str] = ()) -> Iterator[ModelEntry]:
         ahead: deque[ModelEntry] = deque()
@@ -395,17 +406,73 @@ class DaskHub(StoppableHub):
             return
         self._futures[key] = self._submit(entry)
 
+    def repo(self, entry: ModelEntry) -> RepoFiles:  # type: ignore[override]
+        self.taken += 1
+        key = (entry.repo_id, entry.revision)
+        # not prefetched again in this run: the lastModified pass lists it too, and Indexer.is_done passes
+        # over it then (one that failed is fetched on demand if the crawl asks for it again)
+        self.known.done.add(key)
+        future = self._futures.pop(key, None) or self._submit(entry)
+        return self._replay(entry, future)
+
+    def _submit(self, entry: ModelEntry) -> Any:
+        raise NotImplementedError
+
+    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
+        raise NotImplementedError
+
+
+class ThreadHub(PrefetchHub):
+    """Prefetch in this process: `threads` threads each read one model ahead (its range reads in parallel,
+    `HubSource.in_parallel`) while the crawl's thread runs the lineage step on the models before it.
+
+    Why: one process otherwise alternates between waiting on the network (a 7B model's headers and 34
+    range reads: 0.68 s at 50 ms a round trip) and the lineage step (about as long), using one core at a
+    time (bench/crawl_rate.py). The fetch threads hold the GIL little (sockets, numpy decoding), so the two
+    overlap. The crawl still applies models in listing order through the same `read_model` (the replay),
+    so the store is what the crawl without prefetch writes."""
+
+    def __init__(self, options: CrawlOptions, *, known: _Known, threads: int, stop: threading.Event | None = None) -> None:
+        if threads < 1:
+            raise BadInputError("prefetch", f"must be at least 1 thread, got {threads}")
+        super().__init__(options, known=known, window=WINDOW_PER_THREAD * threads, stop=stop)
+        self.threads = threads
+        self._fetchers: ThreadPoolExecutor | None = None
+
+    def _submit(self, entry: ModelEntry) -> Any:
+        if self._fetchers is None:
+            self._fetchers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="prefetch")
+        return self._fetchers.submit(record_model, self, entry, budget=self.options.budget,
+                                     have_token=self.options.token is not None)
+
+    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
+        return ReplayRepo(future.result())  # record_model catches read errors: they come back in the recording
+
+    def close(self) -> None:
+        """Stop the fetch threads (a fetch still running finishes its reads; nothing waits for it)."""
+        if self._fetchers is not None:
+            self._fetchers.shutdown(wait=False, cancel_futures=True)
+            self._fetchers = None
+
+
+class DaskHub(PrefetchHub):
+    """Prefetch on a Dask cluster: the next `window` models' fetches run on its workers."""
+
+    def __init__(self, options: CrawlOptions, *, client: Any, known: _Known, window: int,
+                 stop: threading.Event | None = None) -> None:
+        super().__init__(options, known=known, window=window, stop=stop)
+        self.client = client
+        self.by_worker: dict[str, int] = {}
+
     def _submit(self, entry: ModelEntry) -> Any:
         return self.client.submit(fetch_model, entry, endpoint=self.endpoint, policy=self.options.policy,
                                   budget=self.options.budget, have_token=self.options.token is not None,
                                   pure=False)
 
-    def repo(self, entry: ModelEntry) -> RepoFiles:  # type: ignore[override]
+    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 
-        self.taken += 1
-        future = self._futures.pop((entry.repo_id, entry.revision), None) or self._submit(entry)
         try:
             fetched: Fetched = future.result()
         except KilledWorker as exc:
@@ -452,5 +519,5 @@ def crawl_distributed(home: Path, options: CrawlOptions, *, cluster: ClusterSpec
     return report
 
 
-__all__ = ["CallKey", "ClusterError", "ClusterSpec", "CrawlStopped", "DaskHub", "Fetched", "ReplayRepo",
-           "StoppableHub", "connect", "crawl_distributed", "crawl_via", "fetch_model"]
+__all__ = ["CallKey", "ClusterError", "ClusterSpec", "CrawlStopped", "DaskHub", "Fetched", "PrefetchHub", "ReplayRepo",
+           "StoppableHub", "ThreadHub", "connect", "crawl_distributed", "crawl_via", "fetch_model", "record_model"]

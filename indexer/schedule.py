@@ -30,9 +30,9 @@ from types import FrameType
 from typing import Any
 
 from errors import BadInputError, ModelGraphError, StoreLockedError
-from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed
+from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, default_hub
 from errors import CrawlStopped
-from indexer.distributed import ClusterSpec, StoppableHub, crawl_distributed, crawl_via
+from indexer.distributed import ClusterSpec, crawl_distributed, crawl_via
 from indexer.sources import reachable
 from settings import DEFAULT_CRON
 from store.lock import WriteLock
@@ -72,8 +72,12 @@ def run_cycle(home: Path, options: ServeOptions, *, stop: threading.Event | None
     reachable(crawl.endpoint, token=crawl.token, policy=crawl.policy)  # 1. before the store is touched
     if options.cluster is not None:
         return crawl_distributed(home, crawl, cluster=options.cluster, on_indexed=on_indexed, stop=stop)
-    hub = StoppableHub(crawl.endpoint, token=crawl.token, policy=crawl.policy, stop=stop)
-    return crawl_via(home, crawl, hub=hub, on_indexed=on_indexed)
+    hub = default_hub(home, crawl, stop=stop)
+    try:
+        return crawl_via(home, crawl, hub=hub, on_indexed=on_indexed)
+    finally:
+        if hasattr(hub, "close"):
+            hub.close()
 
 
 def _log_run(status: str, started: float, **fields: Any) -> None:

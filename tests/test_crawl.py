@@ -383,3 +383,79 @@ def test_a_model_listed_by_both_passes_is_counted_once(emu: HubEmulator, hub_roo
     assert first["indexed"] == 3 and first["seen"] == 3 and first["unchanged"] == 0
     again = crawl(home, _options(emu)).as_dict()
     assert again["indexed"] == 0 and again["seen"] == again["unchanged"] <= 3
+
+
+def _rows(home: Path) -> list[tuple[object, ...]]:
+    return sorted((r.repo_id, r.revision, r.family, r.status, r.reason, r.bytes_read)
+                  for r in read_records(home, "models"))  # type: ignore[union-attr]
+
+
+def _edges(home: Path) -> list[tuple[object, ...]]:
+    from store.tables import read_table
+
+    return sorted((e["repo_id"], e["parent"], e["relation"])
+                  for e in read_table(home, "edges", columns=["repo_id", "parent", "relation"]).to_pylist())
+
+
+def test_prefetching_threads_write_what_the_crawl_without_them_writes(emu: HubEmulator, hub_root: Path,
+                                                                     tmp_path: Path) -> None:
+    """`--prefetch` reads models ahead on threads and replays them in listing order: the same rows, bytes,
+    calls per host and lineage as reading each model when the crawl reaches it; nothing is read twice."""
+    base = _weights(1)
+    _repo(hub_root, "acme/base", 1, base)
+    for i in range(2, 8):
+        _repo(hub_root, f"acme/ft{i}", i, {n: a + 0.001 * (i + 1) * _weights(i)[n] for n, a in base.items()})
+    _sharded(hub_root, "acme/sharded", 8, _weights(9))
+    _repo(hub_root, "acme/broken", 9, files={"model.safetensors": struct.pack("<Q", 1 << 40)})
+    reports, homes = {}, {}
+    for prefetch in (0, 2, 5):
+        emu.clear_requests()
+        homes[prefetch] = tmp_path / f"home{prefetch}"
+        reports[prefetch] = crawl(homes[prefetch], _options(emu, prefetch=prefetch))
+        sent = sum(r.bytes_sent for r in emu.requests() if "/resolve/" in r.path)
+        assert sent == reports[prefetch].as_dict()["bytes_read_total"]  # every byte read once, by one model
+    plain = reports[0]
+    assert plain.as_dict()["indexed"] == 8 and plain.as_dict()["skipped"] == {"header-invalid": 1}
+    assert sum(parent == "acme/base" for _, parent, _ in _edges(homes[0])) >= 1  # lineage ran: a tree to compare
+    for prefetch in (2, 5):
+        assert _rows(homes[prefetch]) == _rows(homes[0])
+        assert _edges(homes[prefetch]) == _edges(homes[0])
+        ahead = {o.repo_id: (o.status, o.reason, o.bytes_read, o.resolver_calls, o.cdn_calls) for o in reports[prefetch].outcomes}
+        assert ahead == {o.repo_id: (o.status, o.reason, o.bytes_read, o.resolver_calls, o.cdn_calls) for o in plain.outcomes}
+
+
+def test_prefetch_reads_the_next_model_while_the_lineage_step_runs(emu: HubEmulator, hub_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """While the hook of the newest model runs, the next one (listed after it) is already being read."""
+    import time
+
+    for i in range(1, 4):
+        _repo(hub_root, f"acme/m{i}", i, _weights(i))
+    overlapped: list[bool] = []
+
+    def hook(model: IndexedModel) -> None:
+        if model.entry.repo_id != "acme/m3":  # newest first: m3 is the first model the crawl applies
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not _fetched(emu, "acme/m2"):
+            time.sleep(0.01)
+        overlapped.append(bool(_fetched(emu, "acme/m2")))
+
+    crawl(tmp_path / "home", _options(emu, prefetch=1), on_indexed=hook)
+    assert overlapped == [True]
+
+
+def test_prefetch_never_reads_past_the_limit(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
+    for i in range(1, 6):
+        _repo(hub_root, f"acme/m{i}", i, _weights(i))
+    report = crawl(tmp_path / "home", _options(emu, prefetch=3, limit=2)).as_dict()
+    assert report["indexed"] == 2
+    assert {r.path.split("/resolve/")[0] for r in emu.requests() if "/resolve/" in r.path} == {"/acme/m5", "/acme/m4"}
+
+
+def test_a_negative_prefetch_is_refused(emu: HubEmulator, tmp_path: Path) -> None:
+    from errors import BadInputError
+
+    with pytest.raises(BadInputError, match="prefetch"):
+        crawl(tmp_path / "home", _options(emu, prefetch=-1))
+    assert not (tmp_path / "home").exists()
