@@ -1,5 +1,6 @@
 """The exact step on the CPU: the Gram kernel (method "gram") against a reference kernel: the previous SVD
-kernel ("svd", the default) or the Gram kernel before float32 tails and related-only spectra ("gram64").
+kernel ("svd", the default), the Gram kernel before float32 tails and related-only spectra ("gram64"), or
+the Gram kernel with torch's matrix products for its Gram matrices instead of BLAS syrk ("matmul").
 
     .venv/bin/python bench/exact_cpu.py [--threads 2] [--layers 8] [--models 32] [--pairs 64] [--seed 0]
     .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...] [--reference gram64]
@@ -25,7 +26,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,7 @@ from indexer.incremental.exact import (
     forget_units,
     measure_many,
 )
+from sketches import gram as gram_module
 from sketches.plan import PLAN_V2, PLAN_V3
 
 Job = tuple[ModelView, list[ModelView]]
@@ -88,14 +91,29 @@ def zoo_jobs(folder: Path, nominees: int, seed: int) -> tuple[str, list[Job]]:
             [j for j in jobs if j[1]])
 
 
-def timed(jobs: Sequence[Job], method: Method, *, cold: bool) -> tuple[float, float, list[list[PairMeasure]]]:
-    """One `measure_many` call after a one-job warm-up; `cold`: no model's relatedness units cached."""
-    measure_many(jobs[:1], device="cpu", method=method)  # warm-up (thread pools)
-    if cold:
-        forget_units()
-    wall, cpu = time.perf_counter(), time.process_time()
-    out = measure_many(jobs, device="cpu", method=method)
+def timed(jobs: Sequence[Job], method: str, *, cold: bool) -> tuple[float, float, list[list[PairMeasure]]]:
+    """One `measure_many` call after a one-job warm-up; `cold`: no model's relatedness units cached.
+    "matmul": method gram with the Gram matrices from torch's matrix product instead of BLAS syrk
+    (sketches.gram._syrk), the kernel before session 8."""
+    with _products(method == "matmul"):
+        kernel: Method = "gram" if method == "matmul" else method  # type: ignore[assignment]
+        measure_many(jobs[:1], device="cpu", method=kernel)  # warm-up (thread pools)
+        if cold:
+            forget_units()
+        wall, cpu = time.perf_counter(), time.process_time()
+        out = measure_many(jobs, device="cpu", method=kernel)
     return time.perf_counter() - wall, time.process_time() - cpu, out
+
+
+@contextmanager
+def _products(matmul: bool) -> Iterator[None]:
+    saved = dict(gram_module._SYRK)
+    if matmul:
+        gram_module._SYRK.clear()  # gram() then takes torch's product on every device
+    try:
+        yield
+    finally:
+        gram_module._SYRK.update(saved)
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -176,8 +194,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each method")
     parser.add_argument("--nominees", type=int, default=16, help="zoo mode: others compared with each model")
     parser.add_argument("--zoo", type=Path, action="append", default=[], help="zoo folders instead of synthetic")
-    parser.add_argument("--reference", choices=("svd", "gram64"), default="svd",
-                        help="the kernel gram is timed and compared against: svd, or gram64 (float64 tails)")
+    parser.add_argument("--reference", choices=("svd", "gram64", "matmul"), default="svd",
+                        help="the kernel gram is timed and compared against: svd, gram64 (float64 tails), or "
+                             "matmul (gram with torch's products for the Gram matrices, not syrk)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for zoo in args.zoo:
