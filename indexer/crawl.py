@@ -34,6 +34,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +71,7 @@ from indexer.readers import (
     saved_shapes,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import Calls, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
+from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
@@ -340,6 +341,33 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial)
 
 
+class ReadAhead:
+    """A model's `read_model` started ahead of the crawl (distributed.ThreadHub): the RepoFiles it reads
+    through (bytes and calls counted there) and the future of its read; `read()` returns it or raises its
+    error, which `Indexer.index_model` classifies as if it had read the model itself."""
+
+    def __init__(self, repo: HubRepo, future: Future[ModelRead]) -> None:
+        self.entry, self._repo, self._future = repo.entry, repo, future
+
+    def read(self) -> ModelRead:
+        return self._future.result()
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._repo.bytes_read
+
+    @property
+    def requests(self) -> int:
+        return self._repo.requests
+
+    @property
+    def calls(self) -> Calls:
+        return self._repo.calls
+
+
 def classify(exc: Exception) -> tuple[Status, str]:
     """An exception from `read_model` -> (status, "<code>: <detail>")."""
     if isinstance(exc, _Skip):
@@ -422,7 +450,8 @@ class Indexer:
         family, plan_bytes, header_bytes, model_bytes = "", 0, 0, 0
         weights_format, details = "", "{}"
         try:
-            read = read_model(repo, budget=self.budget, have_token=self.have_token)
+            read = repo.read() if isinstance(repo, ReadAhead) else read_model(repo, budget=self.budget,
+                                                                               have_token=self.have_token)
             family, header_bytes = read.family, read.header_bytes
             model_bytes = read.plan.model_bytes
             placed = self._keep(entry, read)

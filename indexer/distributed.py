@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from errors import BadInputError, ClusterError, CrawlStopped, ModelGraphError, NoIndexError, TransientHubError
-from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, read_model
+from indexer.crawl import CrawlOptions, CrawlReport, OnIndexed, ReadAhead, read_model
 from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubSource, ModelEntry, RepoFiles, SortKey, read_spans
 from settings import load_settings
@@ -229,20 +229,14 @@ def _worker_hub(endpoint: str, policy: RetryPolicy) -> HubSource:
 
 def fetch_model(entry: ModelEntry, *, endpoint: str, policy: RetryPolicy, budget: int, have_token: bool) -> Fetched:
     """Steps 1-4 of the crawl for one model, on a worker; every read recorded for the client to replay."""
-    return record_model(_worker_hub(endpoint, policy), entry, budget=budget, have_token=have_token,
-                        worker=_worker_name())
-
-
-def record_model(hub: HubSource, entry: ModelEntry, *, budget: int, have_token: bool, worker: str = "local") -> Fetched:
-    """`read_model` of one model through `hub`, every read recorded (a Dask worker's or a prefetch thread's)."""
     started = time.perf_counter()
-    repo = HubSource.repo(hub, entry)  # the plain read: a prefetching hub's own repo() would wait on itself
+    repo = _worker_hub(endpoint, policy).repo(entry)
     recorder = _Recorder(repo)
     try:
         read_model(recorder, budget=budget, have_token=have_token)  # type: ignore[arg-type]
     except Exception:  # noqa: BLE001 -- recorded in `calls` or re-derived by the client's replay; classified there
         pass
-    return Fetched(entry, dict(recorder.calls), dict(recorder.names), time.perf_counter() - started, worker,
+    return Fetched(entry, dict(recorder.calls), dict(recorder.names), time.perf_counter() - started, _worker_name(),
                    repo.calls.resolver, repo.calls.cdn)
 
 
@@ -423,14 +417,16 @@ class PrefetchHub(StoppableHub):
 
 
 class ThreadHub(PrefetchHub):
-    """Prefetch in this process: `threads` threads each read one model ahead (its range reads in parallel,
-    `HubSource.in_parallel`) while the crawl's thread runs the lineage step on the models before it.
+    """Prefetch in this process: `threads` threads each read one model ahead (`read_model`, its range reads
+    in parallel, `HubSource.in_parallel`) while the crawl's thread runs the lineage step on the models
+    before it; `repo()` hands the crawl a `ReadAhead` holding the finished read (or its error).
 
     Why: one process otherwise alternates between waiting on the network (a 7B model's headers and 34
     range reads: 0.68 s at 50 ms a round trip) and the lineage step (about as long), using one core at a
     time (bench/crawl_rate.py). The fetch threads hold the GIL little (sockets, numpy decoding), so the two
-    overlap. The crawl still applies models in listing order through the same `read_model` (the replay),
-    so the store is what the crawl without prefetch writes."""
+    overlap. The crawl still applies models in listing order, with the very read it would have made, so
+    the store is what the crawl without prefetch writes. No recording and replay as for Dask workers:
+    the read is in this process's memory already."""
 
     def __init__(self, options: CrawlOptions, *, known: _Known, threads: int, stop: threading.Event | None = None) -> None:
         if threads < 1:
@@ -442,11 +438,12 @@ class ThreadHub(PrefetchHub):
     def _submit(self, entry: ModelEntry) -> Any:
         if self._fetchers is None:
             self._fetchers = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="prefetch")
-        return self._fetchers.submit(record_model, self, entry, budget=self.options.budget,
-                                     have_token=self.options.token is not None)
+        repo = HubSource.repo(self, entry)  # the plain read: this hub's own repo() hands out read-aheads
+        return ReadAhead(repo, self._fetchers.submit(read_model, repo, budget=self.options.budget,
+                                                      have_token=self.options.token is not None))
 
     def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
-        return ReplayRepo(future.result())  # record_model catches read errors: they come back in the recording
+        return future  # type: ignore[no-any-return]  # a ReadAhead: Indexer.index_model takes its read
 
     def close(self) -> None:
         """Stop the fetch threads (a fetch still running finishes its reads; nothing waits for it)."""
@@ -520,4 +517,4 @@ def crawl_distributed(home: Path, options: CrawlOptions, *, cluster: ClusterSpec
 
 
 __all__ = ["CallKey", "ClusterError", "ClusterSpec", "CrawlStopped", "DaskHub", "Fetched", "PrefetchHub", "ReplayRepo",
-           "StoppableHub", "ThreadHub", "connect", "crawl_distributed", "crawl_via", "fetch_model", "record_model"]
+           "StoppableHub", "ThreadHub", "connect", "crawl_distributed", "crawl_via", "fetch_model"]

@@ -399,7 +399,7 @@ def _edges(home: Path) -> list[tuple[object, ...]]:
 
 def test_prefetching_threads_write_what_the_crawl_without_them_writes(emu: HubEmulator, hub_root: Path,
                                                                      tmp_path: Path) -> None:
-    """`--prefetch` reads models ahead on threads and replays them in listing order: the same rows, bytes,
+    """`--prefetch` reads models ahead on threads and applies them in listing order: the same rows, bytes,
     calls per host and lineage as reading each model when the crawl reaches it; nothing is read twice."""
     base = _weights(1)
     _repo(hub_root, "acme/base", 1, base)
