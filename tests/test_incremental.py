@@ -362,7 +362,8 @@ def test_nominees_evicted_from_memory_and_cache_are_read_again(tmp_path: Path, m
 
     for source, home in ((refetch, "again"), (None, "none")):
         cache = TensorCache(tmp_path / home / "cache", max_bytes=1)  # nothing fits: every nominee is a miss
-        with LineageIndex.open(tmp_path / home, device="cpu", cache=cache, array_bytes=1, refetch=source) as index:
+        with LineageIndex.open(tmp_path / home, device="cpu", cache=cache, array_bytes=1, recall_bytes=0,
+                               refetch=source) as index:
             for i in order:
                 index.add(models[i][0], REV.format(i), FAMILY, models[i][2], models[i][3])
             if source is None:
@@ -370,6 +371,37 @@ def test_nominees_evicted_from_memory_and_cache_are_read_again(tmp_path: Path, m
             else:
                 assert index.not_compared == 0 and asked
                 assert index.parents(FAMILY) == normal
+
+
+def test_older_models_read_back_are_kept_a_while_and_change_nothing(tmp_path: Path, models: list) -> None:
+    """Arrays read back from the cache (or the network) for one arrival serve its next reads too: the same
+    parents and edges as reading them back every time, with fewer reads; past `recall_bytes`, least
+    recently used out."""
+    from store.cache import TensorCache
+
+    order = [int(i) for i in np.random.default_rng(5).permutation(len(models))]
+    by_id = {rid: arrays for rid, _, arrays, _ in models}
+    one = sum(np.asarray(a, dtype=np.float32).nbytes for a in models[0][2].values())
+    reads: dict[int, list[str]] = {}
+    edges = {}
+    for recall in (0, 2 * one, 1 << 30):
+        asked: list[str] = []
+
+        def refetch(repo_id: str, revision: str, asked: list[str] = asked) -> dict:
+            asked.append(repo_id)
+            return by_id[repo_id]
+
+        home = tmp_path / f"recall{recall}"
+        cache = TensorCache(home / "cache", max_bytes=1)  # every read-back goes to the network
+        with LineageIndex.open(home, device="cpu", cache=cache, array_bytes=1, recall_bytes=recall,
+                               refetch=refetch) as index:
+            for i in order:
+                index.add(models[i][0], REV.format(i), FAMILY, models[i][2], models[i][3])
+            assert index._recall_held <= max(recall, 0)
+        reads[recall] = asked
+        edges[recall] = sorted((e.repo_id, e.parent, e.relation) for e in read_records(home, "edges"))
+    assert edges[0] == edges[2 * one] == edges[1 << 30]
+    assert len(reads[1 << 30]) == len(set(reads[0])) < len(reads[2 * one]) < len(reads[0])
 
 
 def test_edge_rows_report_the_measured_pair_distance(tmp_path: Path, models: list) -> None:

@@ -102,6 +102,8 @@ DEFAULT_EXPAND = 8
 # distance is below 2^-8 too; pairs farther apart than twice that are not read for the cast test.
 CAST_RELATIVE = 2.0**-7
 DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
+DEFAULT_RECALL_BYTES = 768 << 20  # older models' arrays read back from the cache, kept a while (`_recalled`):
+# one arrival's working set, its nominees and merge pool, about 20 7B models at the default read
 # LEAF_PENALTY, MERGE_CANDIDATES and the `quantized` label's bound: indexer.relations.rules (shared with batch)
 
 
@@ -191,7 +193,8 @@ class LineageIndex:
 
     def __init__(self, store: Store, *, k: int = DEFAULT_K, device: Device = "auto", penalty: float = DEFAULT_PENALTY,
                  dim: int = DEFAULT_DIM, seed: int = 0, flush_every: int = 1, cache: TensorCache | None = None,
-                 array_bytes: int = DEFAULT_ARRAY_BYTES, expand: int = DEFAULT_EXPAND,
+                 array_bytes: int = DEFAULT_ARRAY_BYTES, recall_bytes: int = DEFAULT_RECALL_BYTES,
+                 expand: int = DEFAULT_EXPAND,
                  refetch: Refetch | None = None, keep_arrays: bool = True,
                  base_shapes: BaseShapes | None = None) -> None:
         if k < 1:
@@ -209,6 +212,8 @@ class LineageIndex:
         self._registry = FamilyRegistry(store.home)
         self._arrays: OrderedDict[str, Mapping[str, np.ndarray]] = OrderedDict()
         self._array_bytes, self._held = array_bytes, 0
+        self._recall: OrderedDict[tuple[str, str], Mapping[str, np.ndarray]] = OrderedDict()  # `_recalled`
+        self._recall_bytes, self._recall_held = recall_bytes, 0
         self._pair_cache = PairCache()  # what merge fits learn about pairs, by `_content`
         self._token = uuid.uuid4().hex  # this index's part of `_content`
         self._pending: dict[str, list[object]] = {"sketches": [], "candidates": [], "edges": []}
@@ -492,17 +497,41 @@ class LineageIndex:
         view = state.views[repo_id]
         arrays = self._arrays.get(repo_id)
         if arrays is None:
-            # from the disk cache or the network, and not held in memory afterwards: memory keeps the latest
-            # arrivals (first in, first out), the disk cache (least recently used out) also the older ones read
-            # since. Holding re-read ones in memory too, least recently used out, made both hold the same
+            # from the disk cache or the network, and not held with the latest arrivals: that memory keeps
+            # them first in, first out, the disk cache (least recently used out) also the older ones read
+            # since. Holding re-read ones there too, least recently used out, made both hold the same
             # models: 63 nominees read again over the network in 80 virtual 7B models instead of 27
-            # (bench/crawl_rate.py, bench/RESULTS.md)
-            arrays = self._cached_or_refetched(repo_id, state.revisions[repo_id], tuple(view.norms))
+            # (bench/crawl_rate.py, bench/RESULTS.md). A second, smaller memory keeps them a while (`_recalled`)
+            arrays = self._recalled(repo_id, state.revisions[repo_id], tuple(view.norms))
             if arrays is None:
                 self.not_compared += 1
                 return None
         return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,  # type: ignore[arg-type]
                          content=self._content(repo_id, state.revisions[repo_id]))
+
+    def _recalled(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
+        """An older model's arrays from the disk cache or the network, kept a while in a second, bounded
+        memory (least recently used out past `recall_bytes`), apart from the latest arrivals.
+
+        Why: one arrival reads the same older relatives many times -- its exact step's nominees, the cast
+        test, then each merge fit over its pool and its relatives' refits (about 7 fits of up to 17 models).
+        From the disk cache that was 4 ms of loading and decoding a 7B model each time; on 1,000 virtual 7B
+        models in interleaved families the merge step and the rest of the lineage step went from 0.15 to
+        0.29 CPU s a model as arrivals' relatives left the recent-arrivals memory (bench/crawl_rate.py).
+        The values are the cache's, so nothing compared changes."""
+        key = (repo_id, revision)
+        if (arrays := self._recall.get(key)) is not None:
+            self._recall.move_to_end(key)
+            return arrays
+        arrays = self._cached_or_refetched(repo_id, revision, names)
+        if arrays is None:
+            return None
+        self._recall[key] = arrays
+        self._recall_held += sum(np.asarray(a).nbytes for a in arrays.values())
+        while self._recall_held > self._recall_bytes and self._recall:
+            _, old = self._recall.popitem(last=False)
+            self._recall_held -= sum(np.asarray(a).nbytes for a in old.values())
+        return arrays
 
     def _content(self, repo_id: str, revision: str) -> tuple[str, str, str]:
         """What names a model's arrays for the caches that outlive them (ModelView.content, the merge fits'
