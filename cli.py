@@ -647,6 +647,8 @@ def _serve_log() -> None:
               help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
 @click.option("--dask-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the Dask scheduler before giving up.")
+@click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
+              help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the lineage step's exact distances run; auto uses CUDA when torch sees a GPU.")
 @click.option("--misfire-grace", type=click.IntRange(min=1), default=6 * 3600, show_default=True,
@@ -654,7 +656,8 @@ def _serve_log() -> None:
 @_store_option
 def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, archs: tuple[str, ...],
           library: str | None, limit: int | None, since: str | None, budget_mib: int | None, workers: int | None,
-          dask: str | None, dask_timeout: float, device: str, misfire_grace: int, home: Path | None) -> None:
+          dask: str | None, dask_timeout: float, prefetch: int, device: str, misfire_grace: int,
+          home: Path | None) -> None:
     """Crawl on a schedule (the nightly job), or once with --once; the options are `index crawl`'s.
 
     Each run logs one JSON line on stderr (status ok / stopped / locked / error, and the crawl summary).
@@ -669,7 +672,7 @@ def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, arc
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=False, device=device,
-        cache_bytes=settings.cache_bytes,
+        cache_bytes=settings.cache_bytes, prefetch=prefetch,
     )
     _serve_log()
     run(home or settings.home, ServeOptions(

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -855,7 +856,7 @@ def hub_refetch(hub: HubSource, *, budget: int, have_token: bool,
     return refetch
 
 
-def default_hub(home: Path, options: CrawlOptions, stop: Any = None) -> HubSource:
+def default_hub(home: Path, options: CrawlOptions, stop: threading.Event | None = None) -> HubSource:
     """The crawl's Hub: reading `options.prefetch` models ahead on threads (distributed.ThreadHub), or none."""
     if options.prefetch < 0:
         raise BadInputError("--prefetch", f"must be 0 or more, got {options.prefetch}")

@@ -288,6 +288,24 @@ def test_cli_crawl_json(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> Non
     assert (summary["seen"], summary["indexed"], summary["skipped"]) == (2, 1, {"pickle-only": 1})
 
 
+def test_cli_prefetch_option(emu: HubEmulator, hub_root: Path, tmp_path: Path) -> None:
+    """`index crawl --prefetch N` crawls the same models whatever N; a negative N is a usage error."""
+    from cli import index
+
+    for i in range(1, 4):
+        _repo(hub_root, f"acme/m{i}", i, _weights(i))
+    runs = {}
+    for prefetch in ("0", "3"):
+        result = CliRunner().invoke(index, ["crawl", "--endpoint", emu.url, "--home", str(tmp_path / prefetch),
+                                            "--prefetch", prefetch, "--json"])
+        assert result.exit_code == 0, result.output
+        runs[prefetch] = json.loads(result.stdout)
+        assert _rows(tmp_path / prefetch) and runs[prefetch]["indexed"] == 3
+    assert _rows(tmp_path / "0") == _rows(tmp_path / "3")
+    bad = CliRunner().invoke(index, ["crawl", "--endpoint", emu.url, "--home", str(tmp_path / "bad"), "--prefetch", "-1"])
+    assert bad.exit_code == 2 and "--prefetch" in bad.output and not (tmp_path / "bad").exists()
+
+
 def test_add_local_folders(tmp_path: Path) -> None:
     zoo = tmp_path / "zoo"
     zoo.mkdir()

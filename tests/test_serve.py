@@ -67,6 +67,15 @@ def _resolved(emu: HubEmulator) -> set[str]:
     return {r.path.split("/resolve/")[0].lstrip("/") for r in emu.requests() if "/resolve/" in r.path}
 
 
+def test_once_without_prefetch_writes_the_same_rows(emu: HubEmulator, tmp_path: Path) -> None:
+    rows = {}
+    for prefetch in ("0", "3"):
+        done = _run("serve", "--once", "--prefetch", prefetch, "--endpoint", emu.url, "--home", str(tmp_path / prefetch))
+        assert done.returncode == 0, done.stderr
+        rows[prefetch] = sorted((r.repo_id, r.status, r.bytes_read) for r in read_records(tmp_path / prefetch, "models"))
+    assert len(rows["0"]) == N_MODELS and rows["0"] == rows["3"]
+
+
 def test_once_crawls_and_logs_one_json_summary(emu: HubEmulator, tmp_path: Path) -> None:
     home = tmp_path / "home"
     done = _run("serve", "--once", "--endpoint", emu.url, "--home", str(home))
