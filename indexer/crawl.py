@@ -897,7 +897,7 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
                     _crawl_one(run, store, filters, run_id, cursors)
             finally:
                 indexer.close()  # rows of finished models survive a crash; marks did not move
-                if owned and hasattr(hub, "close"):
+                if owned:
                     hub.close()
     return CrawlReport(tuple(run.outcomes), run.seen, run.unchanged, time.perf_counter() - started, cursors)
 

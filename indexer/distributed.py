@@ -365,8 +365,9 @@ def _done(record: Any, *, have_token: bool) -> bool:
 
 
 class PrefetchHub(StoppableHub):
-    """The listing, with the next `window` models' fetches (`record_model`) running ahead of the one the
-    crawl is at; `repo()` waits for one and hands the crawl its replay. Subclasses say where fetches run."""
+    """The listing, with the next `window` models' fetches running ahead of the one the crawl is at;
+    `repo()` hands the crawl what one fetch gave (`_take`). Subclasses say where fetches run and what
+    they give: a read in this process (`ThreadHub`), a recording to replay (`DaskHub`)."""
 
     def __init__(self, options: CrawlOptions, *, known: _Known, window: int, stop: threading.Event | None = None) -> None:
         super().__init__(options.endpoint, token=options.token, policy=options.policy, stop=stop)
@@ -407,12 +408,12 @@ class PrefetchHub(StoppableHub):
         # over it then (one that failed is fetched on demand if the crawl asks for it again)
         self.known.done.add(key)
         future = self._futures.pop(key, None) or self._submit(entry)
-        return self._replay(entry, future)
+        return self._take(entry, future)
 
     def _submit(self, entry: ModelEntry) -> Any:
         raise NotImplementedError
 
-    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
+    def _take(self, entry: ModelEntry, future: Any) -> RepoFiles:
         raise NotImplementedError
 
 
@@ -442,7 +443,7 @@ class ThreadHub(PrefetchHub):
         return ReadAhead(repo, self._fetchers.submit(read_model, repo, budget=self.options.budget,
                                                       have_token=self.options.token is not None))
 
-    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
+    def _take(self, entry: ModelEntry, future: Any) -> RepoFiles:
         return future  # type: ignore[no-any-return]  # a ReadAhead: Indexer.index_model takes its read
 
     def close(self) -> None:
@@ -450,6 +451,7 @@ class ThreadHub(PrefetchHub):
         if self._fetchers is not None:
             self._fetchers.shutdown(wait=False, cancel_futures=True)
             self._fetchers = None
+        super().close()
 
 
 class DaskHub(PrefetchHub):
@@ -466,7 +468,7 @@ class DaskHub(PrefetchHub):
                                   budget=self.options.budget, have_token=self.options.token is not None,
                                   pure=False)
 
-    def _replay(self, entry: ModelEntry, future: Any) -> RepoFiles:
+    def _take(self, entry: ModelEntry, future: Any) -> RepoFiles:
         from distributed.client import FutureCancelledError
         from distributed.scheduler import KilledWorker
 

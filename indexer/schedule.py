@@ -76,8 +76,7 @@ def run_cycle(home: Path, options: ServeOptions, *, stop: threading.Event | None
     try:
         return crawl_via(home, crawl, hub=hub, on_indexed=on_indexed)
     finally:
-        if hasattr(hub, "close"):
-            hub.close()
+        hub.close()
 
 
 def _log_run(status: str, started: float, **fields: Any) -> None:

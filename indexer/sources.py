@@ -308,6 +308,13 @@ class HubSource:
         futures = [self._pool.submit(job) for job in jobs]
         return [f.result() for f in futures]
 
+    def close(self) -> None:
+        """Stop the range-read threads (`in_parallel`); a later read starts them again."""
+        with self._pool_lock:
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+                self._pool = None
+
     def list_models(self, *, sort: SortKey, filters: Sequence[str] = ()) -> Iterator[ModelEntry]:
         """Newest first (by `sort`); pages are fetched lazily, so stopping early fetches no more."""
         import httpx2

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
 
 import torch
 
@@ -52,7 +54,14 @@ def gram(diffs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tenso
 
 
 _SYRK = {torch.float32: "ssyrk", torch.float64: "dsyrk"}
-_BLAS: list[object] = []  # a threadpoolctl controller, built on first use (it inspects the loaded libraries)
+
+
+@lru_cache(maxsize=1)
+def _blas() -> Any:
+    """A threadpoolctl controller, built once (it inspects the loaded libraries: 1 ms; a limit then 10 us)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
 
 
 def _syrk(d: torch.Tensor) -> torch.Tensor:
@@ -65,16 +74,12 @@ def _syrk(d: torch.Tensor) -> torch.Tensor:
     its own call, so a pair's Gram has the same bits in any batch (tests/test_exact_batch.py)."""
     from scipy.linalg import blas
 
-    if not _BLAS:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS.append(ThreadpoolController())
     syrk = getattr(blas, _SYRK[d.dtype])
     wide = d.shape[1] <= d.shape[2]
     arrays = d.numpy()
     side = min(d.shape[1:])
     out = torch.empty((len(d), side, side), dtype=d.dtype)
-    with _BLAS[0].limit(limits=1, user_api="blas"):  # type: ignore[attr-defined]
+    with _blas().limit(limits=1, user_api="blas"):
         for slot, x in zip(out.numpy(), arrays, strict=True):
             # x.T is Fortran-ordered: syrk reads it in place. trans=1: (x.T)^T x.T = x x^T; trans=0: x^T x
             slot[...] = syrk(1.0, x.T, trans=1 if wide else 0, lower=1)
