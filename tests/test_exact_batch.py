@@ -129,6 +129,25 @@ def test_a_job_alone_and_among_others_agree(zoo: list[ModelView]) -> None:
         _assert_same([together[i]], measure_many([job], device="cpu"))
 
 
+def test_strangers_skipped_keep_every_related_pair(zoo: list[ModelView]) -> None:
+    """`strangers=False` (the index's call): related pairs bit for bit as before, whatever chunking;
+    unrelated pairs keep their test and heads, with NaN distances (never differenced)."""
+    jobs = _jobs(zoo)
+    for budget in (40_000, 1 << 30):
+        full, lean = measure_many(jobs, device="cpu", max_bytes=budget), \
+            measure_many(jobs, device="cpu", max_bytes=budget, strangers=False)
+        seen = {True: 0, False: 0}
+        for a_job, b_job in zip(full, lean, strict=True):
+            for a, b in zip(a_job, b_job, strict=True):
+                seen[a.related] += 1
+                if a.related:
+                    assert a == b
+                else:
+                    assert (b.other, b.related, b.score, b.heads, b.identical) == (a.other, False, a.score, a.heads, False)
+                    assert math.isnan(b.relative) and math.isnan(b.median_relative) and math.isnan(b.tier_distance)
+        assert seen[True] >= 10 and seen[False] >= 3  # both kinds were compared
+
+
 def test_layer_set_is_common_to_all_nominees(zoo: list[ModelView]) -> None:
     """A nominee without layers.1.k_proj removes that layer from every pair of its job (as `measure` always
     did), which changes the other pairs' distances."""

@@ -319,7 +319,7 @@ class LineageIndex:
         self._nominate(chunk)  # 2.
         batch = {p.mine.repo_id: p for p in chunk}
         jobs = [_aligned(p.mine, self._views(self.family(p.arrival.family), p.first, batch)) for p in chunk]
-        for p, pairs in zip(chunk, measure_many(jobs, device=self.device), strict=True):  # 3. (first part)
+        for p, pairs in zip(chunk, measure_many(jobs, device=self.device, strangers=False), strict=True):  # 3. (first part)
             results[p.index] = self._place(p, pairs)
 
     def _nominate(self, chunk: Sequence[_Pending]) -> None:
@@ -341,7 +341,8 @@ class LineageIndex:
         repo_id, family = arrival.repo_id, arrival.family
         hop = self._second_hop(state, p.sketch, p.first, pairs)[: self.k - len(p.first)]
         rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
-        pairs = pairs + measure(*_aligned(p.mine, self._views(state, hop + rest)), device=self.device)  # pair-local: batching changes nothing
+        pairs = pairs + measure(*_aligned(p.mine, self._views(state, hop + rest)), device=self.device,  # pair-local: batching changes nothing
+                                strangers=False)  # unrelated pairs are read for their test only (`_edges`)
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
