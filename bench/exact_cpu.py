@@ -1,6 +1,7 @@
 """The exact step on the CPU: the Gram kernel (method "gram") against a reference kernel: the previous SVD
-kernel ("svd", the default), the Gram kernel before float32 tails and related-only spectra ("gram64"), or
-the Gram kernel with torch's matrix products for its Gram matrices instead of BLAS syrk ("matmul").
+kernel ("svd", the default), the Gram kernel before float32 tails and related-only spectra ("gram64"),
+the Gram kernel with torch's matrix products for its Gram matrices instead of BLAS syrk ("matmul"), or
+the Gram kernel with its relatedness units projected in float64 ("units64", before session 9).
 
     .venv/bin/python bench/exact_cpu.py [--threads 2] [--layers 8] [--models 32] [--pairs 64] [--seed 0]
     .venv/bin/python bench/exact_cpu.py --zoo /work/zoo/vthr-ft [--zoo ...] [--reference gram64]
@@ -49,6 +50,7 @@ from indexer.incremental.exact import (
     measure_many,
 )
 from sketches import gram as gram_module
+from sketches import relatedness as relatedness_module
 from sketches.plan import PLAN_V2, PLAN_V3
 
 Job = tuple[ModelView, list[ModelView]]
@@ -95,8 +97,8 @@ def timed(jobs: Sequence[Job], method: str, *, cold: bool) -> tuple[float, float
     """One `measure_many` call after a one-job warm-up; `cold`: no model's relatedness units cached.
     "matmul": method gram with the Gram matrices from torch's matrix product instead of BLAS syrk
     (sketches.gram._syrk), the kernel before session 8."""
-    with _products(method == "matmul"):
-        kernel: Method = "gram" if method == "matmul" else method  # type: ignore[assignment]
+    with _products(method == "matmul"), _float64_units(method == "units64"):
+        kernel: Method = "gram" if method in ("matmul", "units64") else method  # type: ignore[assignment]
         measure_many(jobs[:1], device="cpu", method=kernel)  # warm-up (thread pools)
         if cold:
             forget_units()
@@ -114,6 +116,30 @@ def _products(matmul: bool) -> Iterator[None]:
         yield
     finally:
         gram_module._SYRK.update(saved)
+
+
+@contextmanager
+def _float64_units(wide: bool) -> Iterator[None]:
+    """Method "units64": relatedness units projected in float64 (the definition before session 9; now
+    sketches.relatedness.unit_rows projects wide layers in float32). Units cached by either are dropped
+    on the way in and out, so neither kernel reads the other's."""
+    saved = relatedness_module.unit_rows
+    if wide:
+        relatedness_module.unit_rows = gram_module.unit_rows = _unit_rows64  # type: ignore[assignment]
+        forget_units()
+    try:
+        yield
+    finally:
+        if wide:
+            relatedness_module.unit_rows = gram_module.unit_rows = saved  # type: ignore[assignment]
+            forget_units()
+
+
+def _unit_rows64(layer: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
+    m = min(int(layer.shape[0]), relatedness_module.MAX_ROWS)
+    mat = layer[:m].reshape(m, -1).to(torch.float64)
+    mat = mat - mat.mean()
+    return mat @ relatedness_module.projection(mat.shape[1]) if mat.shape[1] > relatedness_module.MAX_COLS else mat
 
 
 def rel_diff(a: float, b: float) -> float:
@@ -194,9 +220,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="alternating runs of each method")
     parser.add_argument("--nominees", type=int, default=16, help="zoo mode: others compared with each model")
     parser.add_argument("--zoo", type=Path, action="append", default=[], help="zoo folders instead of synthetic")
-    parser.add_argument("--reference", choices=("svd", "gram64", "matmul"), default="svd",
-                        help="the kernel gram is timed and compared against: svd, gram64 (float64 tails), or "
-                             "matmul (gram with torch's products for the Gram matrices, not syrk)")
+    parser.add_argument("--reference", choices=("svd", "gram64", "matmul", "units64"), default="svd",
+                        help="the kernel gram is timed and compared against: svd, gram64 (float64 tails), "
+                             "matmul (gram with torch's products for the Gram matrices, not syrk), or units64 "
+                             "(gram with the relatedness units projected in float64, before session 9)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     for zoo in args.zoo:

@@ -26,7 +26,7 @@ On the bench zoos (bench/exact_cpu.py) one rank of one layer differed, the Gram'
 SVD's (indexer.incremental.exact's docstring); no cliff decision did.
 
 Relatedness (sketches.relatedness): z of trace(U_A U_B^T) needs the units U = (A - mean A) P of each
-model (its first MAX_ROWS rows, projected to MAX_COLS columns by the fixed Gaussian P). U is per model:
+model (its first MAX_ROWS rows, projected to MAX_COLS columns by the fixed Gaussian P, `unit_rows`). U is per model:
 `units` computes it once per model and layer, where the SVD path projected both sides again for every
 pair (two (64 x 4096) x (4096 x 128) float64 products a pair and layer: 80 % of that path's flops).
 """
@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from sketches.distances import _one_thread_on_cpu
-from sketches.relatedness import MAX_COLS, MAX_ROWS, MIN_ROWS, projection
+from sketches.relatedness import MAX_ROWS, MIN_ROWS, unit_rows
 
 
 def gram(diffs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -114,26 +114,13 @@ def usable_for_relatedness(layer: torch.Tensor) -> bool:
 
 
 def units(layers: Sequence[torch.Tensor]) -> torch.Tensor:
-    """n models' float32 layers (rows, ...) -> (n, m, min(cols, MAX_COLS)) float64 relatedness units: the
-    first m = min(rows, MAX_ROWS) rows less their mean, projected when wider than MAX_COLS.
-
-    The same numbers as the SVD path's per-pair projection (to 1e-14), one product per model instead of
-    one per pair and side. (A - mean) P is computed as A P - mean x colsum(P), through one reused float64
-    buffer: a fresh float64 copy and a centred copy per model cost as much as the product on a busy box."""
+    """n models' float32 layers (rows, ...) -> (n, m, min(cols, MAX_COLS)) float64 relatedness units
+    (`sketches.relatedness.unit_rows`: the first m = min(rows, MAX_ROWS) rows less their mean, projected
+    when wider than MAX_COLS), one product per model instead of one per pair and side, through one
+    reused scratch buffer."""
     rows = min(int(layers[0].shape[0]), MAX_ROWS)
-    cols = math.prod(layers[0].shape[1:])
-    dev = layers[0].device
-    proj = projection(cols).to(dev) if cols > MAX_COLS else None
-    out = torch.empty((len(layers), rows, min(cols, MAX_COLS)), dtype=torch.float64, device=dev)
-    buf = torch.empty((rows, cols), dtype=torch.float64, device=dev)
-    for slot, layer in zip(out, layers, strict=True):
-        buf.copy_(layer[:rows].reshape(rows, cols))
-        mean = buf.mean()
-        if proj is None:
-            torch.sub(buf, mean, out=slot)
-        else:
-            torch.mm(buf, proj, out=slot).sub_(mean * proj.sum(dim=0))
-    return out
+    scratch = torch.empty(rows * math.prod(layers[0].shape[1:]), dtype=torch.float32, device=layers[0].device)
+    return torch.stack([unit_rows(layer, scratch) for layer in layers])
 
 
 def unit_filters(kernels: torch.Tensor) -> torch.Tensor:

@@ -105,14 +105,7 @@ from sketches.gram import (
     usable_for_relatedness,
 )
 from sketches.layers import is_head, select_layers
-from sketches.relatedness import (
-    MAX_COLS,
-    MAX_ROWS,
-    MIN_ROWS,
-    combine,
-    permutation_z,
-    projection,
-)
+from sketches.relatedness import MIN_ROWS, combine, permutation_z
 
 logger = logging.getLogger(__name__)
 
@@ -702,18 +695,11 @@ def _source_groups(pairs: _Pairs, most: int) -> list[tuple[int, int, list[ModelV
 
 
 def _relatedness(sums: _Sums, slots: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """Each pair's permutation z in this layer (sketches.relatedness), on its first MAX_ROWS rows."""
+    """Each pair's permutation z in this layer (sketches.relatedness), on its first MAX_ROWS rows: both
+    sides' units again for every pair, as this reference kernel always did."""
     if a.ndim < 3 or a.shape[1] < MIN_ROWS:
         return
-    m = min(a.shape[1], MAX_ROWS)
-    ua = a[:, :m].reshape(a.shape[0], m, -1).double()
-    ub = b[:, :m].reshape(b.shape[0], m, -1).double()
-    ua = ua - ua.mean(dim=(1, 2), keepdim=True)
-    ub = ub - ub.mean(dim=(1, 2), keepdim=True)
-    if ua.shape[2] > MAX_COLS:  # the same fixed projection as the batch test (sketches.relatedness)
-        proj = projection(ua.shape[2]).to(ua.device)
-        ua, ub = ua @ proj, ub @ proj
-    sums.layer_z[slots] = permutation_z(ua, ub).cpu()
+    sums.layer_z[slots] = permutation_z(units(list(a)), units(list(b))).cpu()
 
 
 def _regime(sums: _Sums, rows: torch.Tensor, name: str, diff: torch.Tensor) -> None:

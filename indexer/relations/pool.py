@@ -61,8 +61,14 @@ def pair_stats(a: Arrays, b: Arrays) -> PairStats | None:
     if not names:
         return None
     pa, pb = fit_prefix(a, names), fit_prefix(b, names)
-    d2 = sum(float(np.sum((np.asarray(pa[n], np.float64) - np.asarray(pb[n], np.float64)) ** 2)) for n in names)
-    return PairStats(d2, equal_share(pa, pb, names), identical(a, b))
+    return PairStats(sum(_squared_distance(pa[n], pb[n]) for n in names), equal_share(pa, pb, names), identical(a, b))
+
+
+def _squared_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||a - b||^2 in float64: the difference cast on the fly (no float64 copy of either side), squared in
+    place, summed pairwise -- the same bits as squaring the float64 copies' difference."""
+    diff = np.subtract(a, b, dtype=np.float64)
+    return float(np.square(diff, out=diff).sum())
 
 
 def fit_order(created: float | None, repo_id: str) -> tuple[bool, float, str]:
