@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 
 from errors import ModelGraphError
-from settings import DEFAULT_PREFETCH, load_settings
+from settings import DEFAULT_PREFETCH, DEFAULT_THREADS, load_settings
 
 
 def _emit_json(obj: object) -> None:
@@ -273,10 +273,12 @@ def _print_crawl(summary: dict) -> None:
               help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
 @click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
               help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
+@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
+              help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels are small.")
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
-          budget_mib: int | None, device: str, workers: int | None, dask: str | None, prefetch: int,
+          budget_mib: int | None, device: str, workers: int | None, dask: str | None, prefetch: int, threads: int,
           home: Path | None, as_json: bool) -> None:
     """Index the models created since the last crawl, newest first, from a few MiB of range reads each.
 
@@ -292,7 +294,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
-        device=device, cache_bytes=settings.cache_bytes, prefetch=prefetch,
+        device=device, cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads,
     )
     cluster = _cluster(workers, dask, 10.0)
     if cluster is None:
@@ -649,6 +651,8 @@ def _serve_log() -> None:
               help="Seconds to wait for the Dask scheduler before giving up.")
 @click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
               help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
+@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
+              help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels are small.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the lineage step's exact distances run; auto uses CUDA when torch sees a GPU.")
 @click.option("--misfire-grace", type=click.IntRange(min=1), default=6 * 3600, show_default=True,
@@ -656,7 +660,7 @@ def _serve_log() -> None:
 @_store_option
 def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, archs: tuple[str, ...],
           library: str | None, limit: int | None, since: str | None, budget_mib: int | None, workers: int | None,
-          dask: str | None, dask_timeout: float, prefetch: int, device: str, misfire_grace: int,
+          dask: str | None, dask_timeout: float, prefetch: int, threads: int, device: str, misfire_grace: int,
           home: Path | None) -> None:
     """Crawl on a schedule (the nightly job), or once with --once; the options are `index crawl`'s.
 
@@ -672,7 +676,7 @@ def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, arc
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=False, device=device,
-        cache_bytes=settings.cache_bytes, prefetch=prefetch,
+        cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads,
     )
     _serve_log()
     run(home or settings.home, ServeOptions(

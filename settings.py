@@ -28,6 +28,12 @@ DEFAULT_BUDGET_MIB = 16  # tensor MiB read per model (plan v3, issue 14; 64 befo
 # Threads reading the next models while the crawl runs the lineage step (indexer.distributed.ThreadHub): 2
 # keep it fed at 50 ms a round trip (bench/crawl_rate.py); 0 reads each model when the crawl reaches it.
 DEFAULT_PREFETCH = 2
+# Threads of the numeric libraries (torch's intra-op pool, BLAS, OpenMP) while the crawl runs: 1. Its kernels
+# are small (a 64 x 4096 block at a time) and already run on one thread each (sketches.gram, exact step);
+# the parallelism is the fetch threads and the processes. With the libraries' default pools (one thread a
+# core) their idle workers spin between the sketch's and the merge step's operations: 0.05 of 0.54 crawler
+# CPU s a model on 200 virtual 7B models, 2-core box (bench/crawl_rate.py, session 9).
+DEFAULT_THREADS = 1
 
 
 @dataclass(frozen=True)

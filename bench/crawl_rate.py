@@ -24,9 +24,9 @@ every exchange with the Hub and the CDN too, re-reads included: the figures the 
 CPU. The emulator generates the virtual weights on the same cores, which the real Hub does not cost us,
 so the crawler's CPU (this process, plus the Dask worker processes in the workers run) and the emulator
 process's CPU are measured apart (psutil, user + system). "models per crawler CPU-second" is the rate the
-crawler alone could reach on one core: the figure to hold against the Hub's limits. `--threads N` caps
-the crawler's BLAS / OpenMP pools and torch's at N threads (threadpoolctl, torch.set_num_threads): on a
-busy box their idle threads spin on cores that the emulator and the other processes want.
+crawler alone could reach on one core: the figure to hold against the Hub's limits. `--threads N` is the
+crawl's own option (`index crawl --threads`, default settings.DEFAULT_THREADS = 1): torch's, BLAS's and
+OpenMP's pools at N threads in the crawling process (the Dask workers keep their defaults).
 
     .venv/bin/python bench/crawl_rate.py [--n 1000] [--family-size 20] [--latency 0.05] [--workers 2] [--prefetch 0,2]
         [--budget-mib 16] [--layout llama-2-7b] [--modes single,workers] [--threads N] [--report-every 120]
@@ -61,7 +61,7 @@ import indexer.crawl as crawl_module
 import indexer.incremental.index as index_module
 from indexer.crawl import CrawlOptions, crawl
 from indexer.distributed import ClusterSpec, DaskHub, _Known, connect, crawl_via
-from settings import DEFAULT_PREFETCH
+from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from indexer.hub_emulator import emulator_process
 from indexer.sources import HubSource, origin
 from store.query import export_forest
@@ -265,14 +265,15 @@ def _shares(timers: Timers, wall: float, cpu: float, n: int) -> dict[str, tuple[
 
 
 def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter, every: float,
-               prefetch: int) -> dict[str, object]:
+               prefetch: int, threads: int) -> dict[str, object]:
     timers = Timers()
     mode = f"1 process, prefetch {prefetch}"
     with tempfile.TemporaryDirectory() as home:
         with instrument(timers), progress(mode, meter, every, timers):
             meter.start()
             t = time.perf_counter()
-            report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False, prefetch=prefetch))
+            report = crawl(Path(home), CrawlOptions(endpoint=url, budget=budget, progress=False, prefetch=prefetch,
+                                                        threads=threads))
             seconds = time.perf_counter() - t
             cpu = meter.read()
         row = _summary(mode, list(report.outcomes), seconds, timers, cpu)
@@ -281,8 +282,8 @@ def run_single(url: str, budget: int, truth: dict[str, str], meter: CpuMeter, ev
 
 
 def run_workers(url: str, budget: int, workers: int, truth: dict[str, str], meter: CpuMeter,
-                every: float) -> dict[str, object]:
-    options = CrawlOptions(endpoint=url, budget=budget, progress=False)
+                every: float, threads: int) -> dict[str, object]:
+    options = CrawlOptions(endpoint=url, budget=budget, progress=False, threads=threads)
     with tempfile.TemporaryDirectory() as home:
         with connect(ClusterSpec(workers=workers, processes=True)) as client:
             client.wait_for_workers(workers)
@@ -382,17 +383,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--modes", default="single,workers")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None, help="cap the crawler's BLAS/OpenMP/torch threads")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                        help="the crawl's numeric-library threads (index crawl --threads; default: the crawl's)")
     parser.add_argument("--report-every", type=float, default=120.0, help="seconds between progress lines")
     parser.add_argument("--prefetch", type=lambda v: [int(x) for x in v.split(",")], default=[DEFAULT_PREFETCH],
                         help="one-process runs, one per value: threads reading ahead (0: none; default: the crawl's)")
     args = parser.parse_args()
-    if args.threads is not None:
-        import torch
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(limits=args.threads)  # numpy's BLAS and OpenMP, for the rest of the process
-        torch.set_num_threads(args.threads)
     budget = int(args.budget_mib * MIB) if args.budget_mib else CrawlOptions(endpoint="").budget
     family = members(args.n, args.family_size, args.seed)
     virtual = [_spec(m, args.layout) for m in family]
@@ -403,17 +399,17 @@ def main() -> None:
         with emulator_process(Path(empty), args=serve_args) as url:
             meter = CpuMeter(emulator_pid())
             for prefetch in (args.prefetch if "single" in args.modes else ()):
-                rows.append(run_single(url, budget, truth, meter, args.report_every, prefetch))
+                rows.append(run_single(url, budget, truth, meter, args.report_every, prefetch, args.threads))
                 print(rate_table(rows[-1:]), flush=True)  # each mode as soon as it is done: runs are long
             if "workers" in args.modes:
-                rows.append(run_workers(url, budget, args.workers, truth, meter, args.report_every))
+                rows.append(run_workers(url, budget, args.workers, truth, meter, args.report_every, args.threads))
                 print(rate_table(rows[-1:]), flush=True)
     print(f"command: bench/crawl_rate.py {' '.join(sys.argv[1:])}")
     print(f"machine: {platform.platform()}; {os.cpu_count()} CPUs ({len(os.sched_getaffinity(0))} usable); "
           f"load average {os.getloadavg()[0]:.1f} at the end")
     print(f"{args.n} virtual {args.layout} models in families of {args.family_size}; budget {budget / MIB:g} MiB; "
-          f"{args.latency * 1000:.0f} ms added to every Hub and CDN request; crawler threads: "
-          f"{args.threads or 'library defaults'}\n")
+          f"{args.latency * 1000:.0f} ms added to every Hub and CDN request; the crawl's numeric-library "
+          f"threads: {args.threads}\n")
     print(rate_table(rows) + "\n")
     single = next((r for r in rows if "shares" in r), None)
     for row in (r for r in rows if "shares" in r):

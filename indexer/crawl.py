@@ -79,7 +79,7 @@ from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
-from settings import DEFAULT_PREFETCH
+from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from store.tables import Store, open_store, read_table
 
 logger = logging.getLogger(__name__)
@@ -601,6 +601,7 @@ class CrawlOptions:
     device: str = "auto"  # exact distances: auto uses CUDA when present
     cache_bytes: int = DEFAULT_CACHE_BYTES  # the on-disk tensor cache's bound (misses are read again by range)
     prefetch: int = DEFAULT_PREFETCH  # threads reading ahead (DEFAULT_PREFETCH); 0: none
+    threads: int = DEFAULT_THREADS  # the numeric libraries' threads during the crawl (DEFAULT_THREADS)
 
 
 # Entries of the models indexed this run, by (repo_id, revision), for the lineage step's re-reads of evicted
@@ -875,6 +876,15 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
     """Crawl `options.endpoint` into the store at `home` (see the module docstring)."""
     if options.limit is not None and options.limit < 0:
         raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
+    if options.threads < 1:
+        raise BadInputError("--threads", f"must be 1 or more, got {options.threads}")
+    from sketches.distances import library_threads  # torch: loaded when a crawl runs, not when the CLI starts
+
+    with library_threads(options.threads):
+        return _crawl(home, options, on_indexed=on_indexed, hub=hub)
+
+
+def _crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None, hub: HubSource | None) -> CrawlReport:
     started, run_id = time.perf_counter(), uuid.uuid4().hex[:12]
     owned = hub is None
     if hub is None:

@@ -197,6 +197,21 @@ def _pairs(n: int) -> list[tuple[int, int]]:
 
 
 @contextmanager
+def library_threads(n: int) -> Iterator[None]:
+    """Run the block with torch's intra-op pool and every BLAS / OpenMP pool (threadpoolctl) at `n` threads;
+    the previous sizes come back after it (settings.DEFAULT_THREADS says why the crawl asks for 1)."""
+    from threadpoolctl import threadpool_limits
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=n):
+            yield
+    finally:
+        torch.set_num_threads(old)
+
+
+@contextmanager
 def _one_thread_on_cpu(tensor: torch.Tensor) -> Iterator[None]:
     """Small batched SVDs on the CPU run one thread: with the default pool, a 21 x 128 x 128 batch took
     1.56 s on the 2-core box while other jobs ran, against 0.057 s on one thread (spinning workers)."""

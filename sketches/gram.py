@@ -38,18 +38,21 @@ from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
 
 from sketches.distances import _one_thread_on_cpu
 from sketches.relatedness import MAX_ROWS, MIN_ROWS, unit_rows
 
 
-def gram(diffs: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def gram(diffs: torch.Tensor, dtype: torch.dtype = torch.float64, which: torch.Tensor | None = None) -> torch.Tensor:
     """(p, M, N) -> (p, s, s) Gram of each matrix on its short side, s = min(M, N), in `dtype` (float32:
-    only for a spectral tail, indexer.incremental.exact's SINGLE_TAIL_NORMS; the rank test needs float64)."""
-    d = diffs.to(dtype)
-    if d.device.type == "cpu" and len(d) and d.dtype in _SYRK:
-        return _syrk(d)
+    only for a spectral tail, indexer.incremental.exact's SINGLE_TAIL_NORMS; the rank test needs float64).
+    `which`: the matrices to take (host indexes; None: all). On the CPU they are read where they are, each
+    converted to `dtype` on its own: no gathered copy of the chunk, no float64 copy of it."""
+    if diffs.device.type == "cpu" and dtype in _SYRK and diffs.dtype in _SYRK:
+        return _syrk(diffs, dtype, range(len(diffs)) if which is None else which.tolist())
+    d = (diffs if which is None or len(which) == len(diffs) else diffs[which.to(diffs.device)]).to(dtype)
     return d @ d.mT if d.shape[1] <= d.shape[2] else d.mT @ d
 
 
@@ -64,26 +67,35 @@ def _blas() -> Any:
     return ThreadpoolController()
 
 
-def _syrk(d: torch.Tensor) -> torch.Tensor:
+def _syrk(d: torch.Tensor, dtype: torch.dtype, which: Sequence[int]) -> torch.Tensor:
     """`gram` on the CPU by BLAS syrk, one matrix at a time on one BLAS thread, lower triangle mirrored.
 
     Why: a Gram matrix is symmetric, and syrk computes one triangle where a matrix product computes both.
     On a 64 x 4096 block (the crawler's 7B value blocks): 0.27 ms in float32 and 0.53 ms in float64 a
     matrix, against 0.39 / 0.82-0.97 ms for torch's product on one thread (2-core dev box). The Gram
     products of the related pairs are most of the exact step's CPU (bench/crawl_rate.py). Each matrix is
-    its own call, so a pair's Gram has the same bits in any batch (tests/test_exact_batch.py)."""
+    its own call, so a pair's Gram has the same bits in any batch (tests/test_exact_batch.py). A matrix
+    of another dtype is converted into one reused buffer first (exact: float32 in float64), which stays
+    in cache for the product."""
     from scipy.linalg import blas
 
-    syrk = getattr(blas, _SYRK[d.dtype])
+    syrk = getattr(blas, _SYRK[dtype])
     wide = d.shape[1] <= d.shape[2]
     arrays = d.numpy()
     side = min(d.shape[1:])
-    out = torch.empty((len(d), side, side), dtype=d.dtype)
+    out = torch.empty((len(which), side, side), dtype=dtype)
+    cast = np.empty(d.shape[1:], dtype=out.numpy().dtype) if d.dtype != dtype else None
     with _blas().limit(limits=1, user_api="blas"):
-        for slot, x in zip(out.numpy(), arrays, strict=True):
+        for slot, i in zip(out.numpy(), which, strict=True):
+            x = arrays[i] if cast is None else _cast_into(cast, arrays[i])
             # x.T is Fortran-ordered: syrk reads it in place. trans=1: (x.T)^T x.T = x x^T; trans=0: x^T x
             slot[...] = syrk(1.0, x.T, trans=1 if wide else 0, lower=1)
     return torch.tril(out) + torch.tril(out, -1).mT
+
+
+def _cast_into(buffer: np.ndarray, x: np.ndarray) -> np.ndarray:
+    np.copyto(buffer, x, casting="unsafe")  # float32 -> float64: exact
+    return buffer
 
 
 def spectrum(grams: torch.Tensor) -> torch.Tensor:

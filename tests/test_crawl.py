@@ -477,3 +477,27 @@ def test_a_negative_prefetch_is_refused(emu: HubEmulator, tmp_path: Path) -> Non
     with pytest.raises(BadInputError, match="prefetch"):
         crawl(tmp_path / "home", _options(emu, prefetch=-1))
     assert not (tmp_path / "home").exists()
+
+
+def test_the_crawl_runs_its_arithmetic_at_the_threads_asked_and_gives_them_back(emu: HubEmulator, hub_root: Path,
+                                                                             tmp_path: Path) -> None:
+    """`--threads N` (default 1): torch's pool is N wide while the lineage step runs, and as before after the
+    crawl; the rows do not depend on N; 0 is refused before the store is touched (the CLI: a usage error)."""
+    import torch
+
+    from cli import index
+    from errors import BadInputError
+
+    for i in range(1, 4):
+        _repo(hub_root, f"acme/m{i}", i, _weights(i))
+    before, seen = torch.get_num_threads(), []
+    for n in (1, 2):
+        crawl(tmp_path / f"t{n}", _options(emu, threads=n), on_indexed=lambda _m: seen.append(torch.get_num_threads()))
+        assert torch.get_num_threads() == before
+    assert seen == [1, 1, 1, 2, 2, 2]
+    assert _rows(tmp_path / "t1") == _rows(tmp_path / "t2")
+    with pytest.raises(BadInputError, match="--threads"):
+        crawl(tmp_path / "bad", _options(emu, threads=0))
+    assert not (tmp_path / "bad").exists()
+    bad = CliRunner().invoke(index, ["crawl", "--endpoint", emu.url, "--home", str(tmp_path / "cli"), "--threads", "0"])
+    assert bad.exit_code == 2 and "--threads" in bad.output and not (tmp_path / "cli").exists()

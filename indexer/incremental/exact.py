@@ -432,8 +432,7 @@ def _gram_group(sums: _Sums, name: str, arrays: Sequence[np.ndarray], chunks: Se
     `related`: the pairs whose spectra are measured (None: all)."""
     sources = _Sources.of(arrays, dev)
     most, shape = max(len(c.rows) for c in chunks), arrays[0].shape
-    # buffers reused by every chunk: no fresh pages to fault in
-    out = (torch.empty((most, *shape), device=dev), torch.empty((most, *shape), dtype=torch.float64, device=dev))
+    out = torch.empty((most, *shape), device=dev)  # reused by every chunk: no fresh pages to fault in
     filters = _Filters.of(sources.tensors) if tails and len(shape) == 4 else None
     for chunk in chunks:
         need = torch.ones(len(chunk.rows), dtype=torch.bool) if related is None else related[chunk.rows]
@@ -595,19 +594,18 @@ def _svd_chunk(sums: _Sums, name: str, stack: torch.Tensor, chunk: _Chunk, *, ta
 
 
 def _gram_chunk(sums: _Sums, name: str, sources: _Sources, chunk: _Chunk, *,
-                out: tuple[torch.Tensor, torch.Tensor], tails: bool, single: bool, need: torch.Tensor,
+                out: torch.Tensor, tails: bool, single: bool, need: torch.Tensor,
                 filters: _Filters | None = None) -> None:
     """The Gram kernels' second pass: the distance from the difference, and for the pairs `need`s one Gram
     spectrum answering both the rank test and the tail (sketches.gram); a conv layer's tail from a second
-    spectrum, of its unit filters' difference (`filters`). `out`: float32 and float64 buffers of at least
-    the chunk's size."""
-    diff = sources.differences(chunk, out[0])
+    spectrum, of its unit filters' difference (`filters`). `out`: a float32 buffer of at least the chunk's
+    size."""
+    diff = sources.differences(chunk, out)
     dist = _norms(diff.reshape(diff.shape[0], -1))
     sums.layer_dist[chunk.slots] = dist
     if diff.ndim >= 3 and need.any():
         mats = diff.reshape(diff.shape[0], diff.shape[1], -1)
-        _spectra(sums, name, mats, chunk, dist=dist, tails=tails and filters is None, out=out[1], single=single,
-                 need=need)
+        _spectra(sums, name, mats, chunk, dist=dist, tails=tails and filters is None, single=single, need=need)
     if filters is not None and need.any():
         _filter_tail(sums, filters, chunk.only(need))
 
@@ -629,11 +627,10 @@ def _norms(flat: torch.Tensor) -> torch.Tensor:
 
 
 def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, dist: torch.Tensor, tails: bool,
-             out: torch.Tensor, single: bool, need: torch.Tensor) -> None:
+             single: bool, need: torch.Tensor) -> None:
     """Gram spectra of the pairs that need one (of the pairs `need`): every pair for the tail of a dense
-    layer, else the pairs whose regime is still open (`_open`). `out`: a float64 buffer of at least the
-    chunk's size. `single`: the tails of pairs whose regime is decided from a float32 Gram
-    (SINGLE_TAIL_NORMS)."""
+    layer, else the pairs whose regime is still open (`_open`). `single`: the tails of pairs whose regime
+    is decided from a float32 Gram (SINGLE_TAIL_NORMS)."""
     regime = _open(sums, chunk.rows, dist > 0) & need
     skip = tail_start(mats.shape[1:])
     tailed = tails and skip > 0  # thinner than TAIL_SKIP_FRACTION: no tail (`_tail`)
@@ -641,25 +638,18 @@ def _spectra(sums: _Sums, name: str, mats: torch.Tensor, chunk: _Chunk, *, dist:
     quick = need & ~regime & (dist >= SINGLE_TAIL_NORMS[0]) & (dist <= SINGLE_TAIL_NORMS[1]) & (tailed and single)
     if quick.any():
         fast = torch.nonzero(quick).flatten()
-        eig = spectrum(gram(_rows(mats, fast), torch.float32))
+        eig = spectrum(gram(mats, torch.float32, fast))
         sums.layer_tail[chunk.slots[fast]] = tail_from_spectrum(eig, keep)
     local = torch.nonzero(need & ~quick if tailed else regime).flatten()
     if len(local) == 0:
         return
-    wide = out[: len(local)].reshape(len(local), *mats.shape[1:])
-    wide.copy_(_rows(mats, local))  # exact: float32 in float64
-    eig = spectrum(gram(wide))  # ascending, on the host
+    eig = spectrum(gram(mats, torch.float64, local))  # float32 differences in float64 (exact), ascending, on the host
     if tailed:
         sums.layer_tail[chunk.slots[local]] = tail_from_spectrum(eig, keep)
     decide = regime[local]
     if decide.any():
         ranks, gaps = rank_gaps_of(singular_values(eig[decide]), max(mats.shape[1:]))
         _count_regime(sums, chunk.rows[local[decide]], name, ranks, gaps, min(mats.shape[1:]))
-
-
-def _rows(mats: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    """The pairs `local` (host indexes) of a chunk's matrices; no copy when that is all of them."""
-    return mats if len(local) == len(mats) else mats[local.to(mats.device)]
 
 
 def _open(sums: _Sums, rows: torch.Tensor, moved: torch.Tensor) -> torch.Tensor:
