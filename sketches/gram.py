@@ -34,7 +34,9 @@ pair (two (64 x 4096) x (4096 x 128) float64 products a pair and layer: 80 % of 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from typing import Any
 
@@ -103,10 +105,43 @@ def spectrum(grams: torch.Tensor) -> torch.Tensor:
 
     Small batched eigensolvers: one thread is faster on a shared CPU (sketches.distances), and on CUDA
     the host is faster too (64 x 64 float64: 0.44 ms a matrix on an H100, 0.18 ms on its CPU), so the
-    Gram products stay on the device and only the (p, s, s) matrices travel, once per layer chunk."""
+    Gram products stay on the device and only the (p, s, s) matrices travel, once per layer chunk.
+    Grams from a GPU are solved on all the host's cores (`host_spectra`): while the device works the
+    host's cores are idle, and one core's eigensolves would bound the GPU path (issue 14: 10,000
+    7B-shaped pairs need ~10^5-10^6 of them). On the CPU path one thread, as before: the crawl's
+    parallelism is its fetch threads and processes."""
     host = grams.cpu().to(torch.float64)  # a float32 Gram too: the solver adds no float32 rounding of its own
+    if grams.device.type != "cpu":
+        return host_spectra(host, host_threads())
     with _one_thread_on_cpu(host):
         return torch.linalg.eigvalsh(host)
+
+
+HOST_SOLVES_PER_THREAD = 32  # below this many matrices a thread's hand-off costs more than it saves
+
+
+def host_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def host_spectra(host: torch.Tensor, threads: int) -> torch.Tensor:
+    """`torch.linalg.eigvalsh` of a host batch split over up to `threads` threads (torch releases the GIL in
+    the solver), each solve on one thread as in `spectrum`: every matrix is its own LAPACK call, so the
+    eigenvalues have the same bits however the batch is split (tests/test_exact_fast.py)."""
+    parts = max(1, min(threads, len(host) // HOST_SOLVES_PER_THREAD))
+    with _one_thread_on_cpu(host):
+        if parts == 1:
+            return torch.linalg.eigvalsh(host)
+        out = torch.empty(host.shape[:-1], dtype=host.dtype)
+        pieces = list(zip(torch.tensor_split(host, parts), torch.tensor_split(out, parts), strict=True))
+        list(_solver_pool(parts).map(lambda piece: torch.linalg.eigvalsh(piece[0], out=piece[1]), pieces))
+        return out
+
+
+@lru_cache(maxsize=8)
+def _solver_pool(threads: int) -> ThreadPoolExecutor:
+    """One pool per width, kept for the process (a GPU crawl solves a chunk's spectra every layer)."""
+    return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="eigvalsh")
 
 
 def singular_values(eig: torch.Tensor) -> torch.Tensor:

@@ -34,8 +34,8 @@ from indexer.incremental.folder import read_repo
 from indexer.incremental.index import DEFAULT_DIM, Arrival, _prepare
 from indexer.lineage.recover import discover_repos
 from sketches.distances import rank_gaps, rank_gaps_of
-from sketches.gram import gram, singular_values, spectrum, units
-from sketches.relatedness import as_units
+from sketches.gram import gram, host_spectra, singular_values, spectrum, units
+from sketches.relatedness import as_units, permutation_z, projection
 
 REL = 1e-6  # relative L2 distances: float32 cascade sums of squares (module docstring)
 EXACT = 1e-12  # products of the same float64 numbers in another order
@@ -169,6 +169,31 @@ def test_units_equal_the_per_pair_projection() -> None:
             want = as_units(layer.numpy())
             assert want is not None
             torch.testing.assert_close(u, want, rtol=1e-12, atol=1e-14 * float(want.abs().max()))
+
+
+def test_float32_units_stay_within_their_rounding_of_the_float64_projection() -> None:
+    """A wide layer's units are centred and projected in float32 (sketches.relatedness.unit_rows): against
+    the float64 projection they differ by the product's rounding (~sqrt(cols) eps32 of the entries' scale),
+    and a pair's z by about as much relative -- far inside what relatives (tens) and the test (4.75) need."""
+    rng = np.random.default_rng(4)
+    parent = rng.normal(0.01, 0.02, (64, 4096)).astype(np.float32)
+    child = (parent + rng.normal(0, 0.01, parent.shape)).astype(np.float32)
+    got = units([torch.as_tensor(parent), torch.as_tensor(child)])
+    wide = [torch.as_tensor(a[:64].astype(np.float64)) for a in (parent, child)]
+    want = torch.stack([(w - w.mean()) @ projection(4096) for w in wide])
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-5
+    z_got, z_want = permutation_z(got[:1], got[1:]), permutation_z(want[:1], want[1:])
+    assert float(z_want[0]) > 20 and abs(float(z_got[0] / z_want[0]) - 1) < 1e-6
+
+
+def test_host_spectra_split_over_threads_give_the_same_bits() -> None:
+    """A GPU's Gram matrices are solved on the host's cores (sketches.gram.host_spectra): every matrix is its own
+    LAPACK call, so any split over threads gives the single call's eigenvalues bit for bit."""
+    g = torch.as_tensor(np.random.default_rng(5).normal(0, 1, (300, 64, 64)))
+    g = g @ g.mT
+    want = torch.linalg.eigvalsh(g)
+    for threads in (1, 2, 3, 8):
+        assert torch.equal(host_spectra(g, threads), want)
 
 
 def test_cached_units_give_the_same_numbers_and_die_with_their_array() -> None:
