@@ -68,7 +68,9 @@ Two savings since (issue 14 part 4; `method="gram64"` keeps the kernel before th
   (`_related_rows`): no edge reads an unrelated pair's regime or tail, and in a crawl a model's first
   nominees are strangers until its relatives arrive;
 - the tail of a pair whose regime is decided from a float32 Gram (SINGLE_TAIL_NORMS).
-Related pairs keep every decision and their distances to 1e-7 (bench/RESULTS.md, session 6).
+Related pairs keep every decision and their distances to 1e-7 (bench/RESULTS.md, session 6). Since session 9
+the index does not difference the unrelated pairs at all (`measure_many(strangers=False)`: their distances
+are NaN), and a chunk's Gram matrices are read in place (sketches.gram.gram's `which`), bit for bit the same.
 """
 
 from __future__ import annotations
