@@ -326,16 +326,20 @@ def _per_block(stored: _Stored, blocks: tuple[np.ndarray, np.ndarray, np.ndarray
     if not subset:
         return MergeFit((), single, 1.0)
     model = int(np.argmin(scaled_all.sum(0)))  # the best single model, rescaled block by block
-    per_block, alone, nearest = _block_residual(gm, bm, xxs, subset)[2], scaled_all[:, model], np.min(scaled_all, axis=1)
+    per_block, alone = _block_residual(gm, bm, xxs, subset)[2], scaled_all[:, model]
     parents = _parents([stored.ids[i] for i in pick], subset, (sizes @ coef) / sizes.sum(), min_share)
-    if len(parents) >= 2 and stored.narrow:  # judged on the combinations rounded as the model was stored
+    rounded = len(parents) >= 2 and stored.narrow  # judged on the combinations rounded as the model was stored
+    if rounded:
         full = np.zeros((len(sizes), len(stored.ids)))
         full[:, [pick[i] for i in subset]] = coef
         per_block = stored.residuals(full)
         alone = stored.residuals(_scales(bs, diag, np.full(len(sizes), model)))
-        nearest = stored.residuals(_scales(bs, diag, np.argmin(scaled_all, axis=1)))
     ratio = float(per_block.sum()) / max(float(alone.sum()), 1e-300)
-    if ratio >= INTERPOLATION_RATIO or _worst_block(per_block, nearest, xxs) >= INTERPOLATION_RATIO:
+    if ratio >= INTERPOLATION_RATIO:  # decided: the nearest single per block (a third residual pass) is not read
+        return MergeFit((), single, ratio)
+    nearest = (stored.residuals(_scales(bs, diag, np.argmin(scaled_all, axis=1))) if rounded
+               else np.min(scaled_all, axis=1))
+    if _worst_block(per_block, nearest, xxs) >= INTERPOLATION_RATIO:
         return MergeFit((), single, ratio)
     return MergeFit(parents, single, ratio)
 
