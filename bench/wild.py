@@ -151,6 +151,8 @@ def main() -> None:
     ap.add_argument("zoos", nargs="+", type=Path)
     ap.add_argument("--results", type=Path, default=None, help="append the tables to this markdown file")
     ap.add_argument("--refit", action="store_true")
+    ap.add_argument("--misses", action="store_true", help="also list mother's wrong edges, with the true parent "
+                    "of the parent each got (a sibling taken for the parent reads that model's own true parent)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     runs: list[Run] = []
@@ -158,6 +160,7 @@ def main() -> None:
     calib: list[tuple[float, bool, float]] = []
     pairs: list[tuple[float, bool, bool]] = []
     cross_total = cross_missed = 0
+    misses: list[str] = []
     for zoo in args.zoos:
         truth = read_truth_csv(zoo / "truth.csv")
         tags = phenomena(zoo)
@@ -186,6 +189,11 @@ def main() -> None:
                     ok = got.get(row.repo_id) == true_parent
                     slot[0 if timed else 2] += ok
                     slot[1 if timed else 3] += 1
+                    if not ok:
+                        wrong = got.get(row.repo_id) or ""
+                        misses.append(f"| {zoo.name} | {'times' if timed else 'no times'} | {row.repo_id} | "
+                                      f"{tags.get(row.repo_id) or '-'} | {true_parent or '(root)'} | {wrong or '(root)'} | "
+                                      f"{(truth.get(wrong) or '(root)') if wrong else '-'} |")
                     if row.parent and not math.isnan(row.confidence):
                         calib.append((row.confidence, row.parent == true_parent, row.margin, timed))
         runs.append(naive(zoo, truth))
@@ -194,6 +202,9 @@ def main() -> None:
         cross_total += cross
         cross_missed += cross_rel
     print(render(runs, per_phen, pairs, (cross_total, cross_missed), calib, args))
+    if args.misses:
+        print("\n| zoo | run | model | phenomenon | true parent | got | true parent of got |\n|---|---|---|---|---|---|---|")
+        print("\n".join(misses))
 
 
 def render(runs: list[Run], per_phen: dict, pairs: list, cross: tuple[int, int], calib: list, args: argparse.Namespace) -> str:
