@@ -209,8 +209,9 @@ def dense_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) -> tupl
 # block (64 x 4096, 1 MiB in float32) next to up to 512 stacked models.
 DEFAULT_MAX_BYTES = 1 << 30
 PAIR_BYTES_PER_ELEMENT = 24
-# Method "gram" on the CPU: chunks of at most 16 MiB of float64 differences (8 pairs of 7B blocks), so that
-# a chunk stays in the 32 MiB L3 cache between the passes that read it (norm, Gram).
+# Method "gram" on the CPU: chunks of at most CPU_CHUNK_BYTES / 8 bytes an element (8 pairs of 7B blocks: 8 MiB
+# of float32 differences since session 9, which converts each matrix into one reused float64 buffer instead
+# of the chunk), so that a chunk stays in the 32 MiB L3 cache between the passes that read it (norm, Gram).
 CPU_CHUNK_BYTES = 16 << 20
 # CPU_THREADS: method "gram" runs its layer work on one thread (sketches.distances._one_thread_on_cpu). Its
 # products are small (a 64 x 4096 block at a time) and on the shared 2-core box a second MKL/OpenMP thread
