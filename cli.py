@@ -247,6 +247,16 @@ def _store_option(func):  # type: ignore[no-untyped-def]
     )(func)
 
 
+def _crawl_threads_options(func):  # type: ignore[no-untyped-def]
+    # --prefetch and --threads, the same for `index crawl` and `index serve`
+    func = click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
+                        help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels "
+                             "are small.")(func)
+    return click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
+                        help="Without a cluster: threads reading the next models while this one's lineage runs "
+                             "(0: none).")(func)
+
+
 def _print_crawl(summary: dict) -> None:
     for key in ("seen", "indexed", "unchanged", "bytes_read_total", "bytes_read_max_per_model", "seconds"):
         click.echo(f"{key.replace('_', ' ') + ':':<26}{summary[key]:>16,}")
@@ -271,10 +281,7 @@ def _print_crawl(summary: dict) -> None:
               help="Fetch and decode on a local Dask cluster of N worker processes (this process writes).")
 @click.option("--dask", "dask", default=None, metavar="ADDRESS",
               help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
-@click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
-              help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
-@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
-              help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels are small.")
+@_crawl_threads_options
 @_store_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
@@ -649,10 +656,7 @@ def _serve_log() -> None:
               help="Fetch and decode on the Dask cluster whose scheduler is ADDRESS (e.g. tcp://host:8786).")
 @click.option("--dask-timeout", type=float, default=10.0, show_default=True,
               help="Seconds to wait for the Dask scheduler before giving up.")
-@click.option("--prefetch", type=click.IntRange(min=0), default=DEFAULT_PREFETCH, show_default=True,
-              help="Without a cluster: threads reading the next models while this one's lineage runs (0: none).")
-@click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
-              help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels are small.")
+@_crawl_threads_options
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where the lineage step's exact distances run; auto uses CUDA when torch sees a GPU.")
 @click.option("--misfire-grace", type=click.IntRange(min=1), default=6 * 3600, show_default=True,

@@ -202,11 +202,17 @@ def library_threads(n: int) -> Iterator[None]:
     the previous sizes come back after it (settings.DEFAULT_THREADS says why the crawl asks for 1)."""
     from threadpoolctl import threadpool_limits
 
+    with _torch_threads(n), threadpool_limits(limits=n):
+        yield
+
+
+@contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op pool at `n` threads for the block, its previous size after."""
     old = torch.get_num_threads()
     torch.set_num_threads(n)
     try:
-        with threadpool_limits(limits=n):
-            yield
+        yield
     finally:
         torch.set_num_threads(old)
 
@@ -218,12 +224,8 @@ def _one_thread_on_cpu(tensor: torch.Tensor) -> Iterator[None]:
     if tensor.device.type != "cpu":
         yield
         return
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with _torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def _svdvals(diffs: torch.Tensor) -> torch.Tensor:

@@ -112,16 +112,12 @@ def spectrum(grams: torch.Tensor) -> torch.Tensor:
     parallelism is its fetch threads and processes."""
     host = grams.cpu().to(torch.float64)  # a float32 Gram too: the solver adds no float32 rounding of its own
     if grams.device.type != "cpu":
-        return host_spectra(host, host_threads())
+        return host_spectra(host, len(os.sched_getaffinity(0)))
     with _one_thread_on_cpu(host):
         return torch.linalg.eigvalsh(host)
 
 
 HOST_SOLVES_PER_THREAD = 32  # below this many matrices a thread's hand-off costs more than it saves
-
-
-def host_threads() -> int:
-    return len(os.sched_getaffinity(0))
 
 
 def host_spectra(host: torch.Tensor, threads: int) -> torch.Tensor:
