@@ -29,7 +29,17 @@ from sketches.gguf import declared_base_models, hf_names, read_hf_tensor
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
-from sketches.packed import PackedModule, QuantScheme, bnb_quant_state, detect_scheme, native, packed_modules, part_rows, plain_tensors
+from sketches.packed import (
+    PackedModule,
+    QuantScheme,
+    bnb_quant_state,
+    detect_scheme,
+    mlx_anchors,
+    native,
+    packed_modules,
+    part_rows,
+    plain_tensors,
+)
 from sketches.packed import dequantize as dequantize_packed
 from sketches.packed import predicted_relative_error as packed_error
 from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_order
@@ -228,11 +238,12 @@ def _hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
 
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
     """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`)."""
-    return any(n.endswith(QUANT_MARKERS) or t.dtype in ("F8_E4M3", "F8_E5M2") for n, t in tensors.items())
+    return (any(n.endswith(QUANT_MARKERS) or t.dtype in ("F8_E4M3", "F8_E5M2") for n, t in tensors.items())
+            or bool(mlx_anchors(tensors)))
 
 
 WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",
-                   "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors"}
+                   "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors", "mlx": "mlx"}
 
 
 def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],
@@ -251,7 +262,7 @@ def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[s
     family = family_key(shapes)
     plan = plan_reads(virtual, family=family, budget=budget)
     by_norm = {normalise_name(w): m for w, m in modules.items()}
-    arrays, kept, spent = {}, [], 0
+    arrays, kept, spent, errors = {}, [], 0, []
     for block in plan.blocks:
         rows = None if block.whole else block.rows
         module = by_norm.get(block.tensor)
@@ -263,12 +274,15 @@ def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[s
         spent += cost
         if module is not None:
             arrays[block.tensor] = read.module(module, scheme, rows)
+            errors.append((arrays[block.tensor].size, packed_error(module.scheme or scheme)))
         else:
             arrays[block.tensor] = read.plain(plain[block.tensor], rows)
         _finite(block.tensor, arrays[block.tensor])
         kept.append(block)
     plan = replace(plan, blocks=tuple(kept))
-    quant = QuantInfo(scheme.name, packed_error(scheme))
+    # modules differ in bits only in an MLX mixed recipe: then the RMS over the modules read
+    mixed = len({e for _, e in errors}) > 1
+    quant = QuantInfo(scheme.name, _rms(errors) if mixed else packed_error(scheme))
     details = {"scheme": scheme.name, "predicted_error": quant.predicted_error, "modules": len(modules),
                "group_size": scheme.group_size}
     return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details), WEIGHTS_FORMATS[scheme.method]

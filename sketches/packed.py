@@ -1,4 +1,4 @@
-"""Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors.
+"""Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX.
 
 Pure: arrays in (the checkpoint's tensors, as `native` decodes their bytes), float32 out, shaped like
 the Hugging Face Linear weight they replace: (out, in). Which scheme a checkpoint uses is read from its
@@ -32,9 +32,18 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 <p>.weight_scale (out, groups) or (out, 1); <p>.weight_zero_point packed along dim 0 (asym.);
                 <p>.weight_g_idx (act-order).  "int-quantized": <p>.weight int8 + weight_scale (+ zero point).
                 "float-quantized": the fp8 layout above.
+    mlx         <p>.weight U32 (out, in*bits/32)      codes as one little-endian bit stream per row (as
+                                                      compressed-tensors', unsigned), bits 1-8
+                <p>.scales (out, in/group), <p>.biases (out, in/group), in the model's float dtype:
+                "affine" (mlx-lm's default, group 64, 4 bits)   W[o, i] = scales[o, g] * code[o, i] + biases[o, g]
+                "mxfp4" / "nvfp4": FP4 E2M1 codes, no biases; scales U8: E8M0 (2**(s - 127), group 32) /
+                F8 E4M3 (group 16).  "mxfp8": F8 E4M3 codes, E8M0 scales, group 32.
+                config.json's "quantization" {group_size, bits, mode} holds the defaults, and per module
+                path ("model.layers.0.mlp.down_proj": {group_size, bits}) mlx-lm's mixed-precision recipes.
+                Embeddings are quantized like Linears; stacked experts (3-D) are refused.
 
 Row reads. A plan reads the first rows of W. Where a scheme stores W row-major by output (bnb, fp8,
-compressed-tensors) `part_rows` says which rows of each stored tensor hold W's rows [r0, r1), and
+compressed-tensors, mlx) `part_rows` says which rows of each stored tensor hold W's rows [r0, r1), and
 `dequantize(..., rows=(r0, r1))` decodes from just those. GPTQ and AWQ pack codes or groups across
 output rows, so they are read whole (a 4-bit qweight is a quarter of the F16 weight's bytes).
 """
@@ -46,7 +55,7 @@ import logging
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -70,11 +79,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int"]
+Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "mlx"]
+MlxMode = Literal["affine", "mxfp4", "mxfp8", "nvfp4"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # logical column held by nibble j of a word
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding logical column k
 DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3 / HF FineGrainedFP8 weight_block_size [128, 128]
+# MLX (mlx.core.quantize): each mode's bits and group size; affine takes any group of 32/64/128 and 1-8 bits
+MLX_MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
+    "affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)),
+    "nvfp4": ((4,), (16,))}
+FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
 # RMS relative error of each scheme on N(0, 1) data, ||W_hat - W|| / ||W||, measured once with the
 # round-to-nearest reference packers of tests/test_packed.py (test_relative_error_table re-measures:
@@ -93,6 +108,17 @@ PACKED_RELATIVE_ERROR: dict[str, float] = {
     "ct-pack-4bit": 1.18e-1,  # symmetric, group 128
     "ct-pack-8bit": 6.5e-3,
     "ct-int-8bit": 7.9e-3,  # per-channel
+    # MLX affine at mlx-lm's default group 64 (min / max per group, codes unsigned): real mlx.core.quantize
+    # gives the same codes as the reference packer (tests/test_packed.py checks it where mlx installs)
+    "mlx-2bit": 4.11e-1,
+    "mlx-3bit": 1.96e-1,
+    "mlx-4bit": 9.43e-2,
+    "mlx-5bit": 4.42e-2,
+    "mlx-6bit": 2.22e-2,
+    "mlx-8bit": 5.58e-3,
+    "mlx-mxfp4": 1.18e-1,  # E2M1 codes, power-of-two scale per 32
+    "mlx-mxfp8": 2.67e-2,
+    "mlx-nvfp4": 9.56e-2,  # E2M1 codes, E4M3 scale per 16
 }
 
 
@@ -113,10 +139,14 @@ class QuantScheme:
     group_size: int | None = None  # input columns per scale; None: per output row, or found from shapes
     zero_offset: int = 0  # added to stored zero points (GPTQ v1: 1)
     block: tuple[int, int] | None = None  # fp8 block-wise scales: rows x columns per scale
+    mode: MlxMode = "affine"  # mlx only
+    overrides: tuple[tuple[str, int, int], ...] = ()  # mlx only: (module path, bits, group) of mixed recipes
 
     @property
     def name(self) -> str:
-        """gptq-4bit, awq-4bit, fp8-8bit, ct-pack-4bit ...; the bnb methods carry their width already."""
+        """gptq-4bit, awq-4bit, fp8-8bit, ct-pack-4bit, mlx-4bit, mlx-mxfp4 ...; bnb carries its width already."""
+        if self.method == "mlx" and self.mode != "affine":
+            return f"mlx-{self.mode}"
         return self.method if self.method.startswith("bnb-") else f"{self.method}-{self.bits}bit"
 
 
@@ -127,6 +157,7 @@ class PackedModule:
     weight: str  # "<prefix>.weight"
     parts: dict[str, str]  # role -> tensor name: qweight/qzeros/scales/g_idx, weight/SCB/absmax/..., ...
     shape: tuple[int, int] | None  # (out, in) when the stored shapes tell it (bnb 4-bit: the JSON does)
+    scheme: QuantScheme | None = None  # its own bits / group when they differ from the checkpoint's (mlx mixed)
 
 
 def _error(thing: str, reason: str) -> QuantizedWeightsError:
@@ -277,10 +308,104 @@ def detect_scheme(tensors: Mapping[str, _Tensor], config: Mapping[str, Any] | No
     """The quantization scheme of a checkpoint, or None for plain float weights.
 
     `config` is config.json (or its `quantization_config`); it decides when present, the tensors
-    otherwise. An unsupported method or layout raises QuantizedWeightsError saying which.
+    otherwise. MLX weights need config.json's "quantization": their group size and bits are stored
+    nowhere else. An unsupported method or layout raises QuantizedWeightsError saying which.
     """
     scheme = _from_config(_quant_config(config))
+    if scheme is None and mlx_anchors(tensors):
+        return _mlx_from_config(config)
     return scheme if scheme is not None else _from_tensors(tensors)
+
+
+# --- MLX ------------------------------------------------------------------------------------------------
+
+
+def mlx_anchors(tensors: Mapping[str, _Tensor]) -> list[str]:
+    """The `<p>.scales` of every MLX-quantized module: a U32 `<p>.weight` beside it (sorted)."""
+    out = []
+    for name in sorted(tensors):
+        if name.endswith(".scales"):
+            weight = tensors.get(name[: -len(".scales")] + ".weight")
+            if weight is not None and weight.dtype == "U32":
+                out.append(name)
+    return out
+
+
+def _mlx_error(reason: str) -> QuantizedWeightsError:
+    return _error("config.json quantization", reason)
+
+
+def _mlx_bits_group(q: Mapping[str, Any], mode: str, default: tuple[int, int], where: str) -> tuple[int, int]:
+    bits, group = q.get("bits", default[0]), q.get("group_size", default[1])
+    allowed_bits, allowed_groups = MLX_MODES[mode]
+    if type(bits) is not int or bits not in allowed_bits:
+        raise _mlx_error(f"{where}bits {bits!r:.20} is not one of {allowed_bits} for mode {mode!r}")
+    if type(group) is not int or group not in allowed_groups:
+        raise _mlx_error(f"{where}group_size {group!r:.20} is not one of {allowed_groups} for mode {mode!r}")
+    return bits, group
+
+
+def _mlx_from_config(config: Mapping[str, Any] | None) -> QuantScheme:
+    """mlx-lm's config.json "quantization" (or its copy as a quantization_config without quant_method):
+    {group_size, bits, mode?, "<module path>": {group_size, bits} | false, ...}."""
+    q = (config or {}).get("quantization", (config or {}).get("quantization_config"))
+    if q is None:
+        raise _mlx_error("MLX-quantized weights (U32 .weight beside .scales) but config.json has no 'quantization' "
+                         "(group_size, bits): the codes cannot be read without them")
+    if not isinstance(q, Mapping):
+        raise _mlx_error(f"must be a JSON object, got {type(q).__name__}")
+    mode = q.get("mode", "affine")
+    if mode not in MLX_MODES:
+        raise _mlx_error(f"MLX mode {mode!r:.40} is not supported ({', '.join(MLX_MODES)})")
+    first = MLX_MODES[mode]
+    bits, group = _mlx_bits_group(q, mode, (4 if mode == "affine" else first[0][0], 64 if mode == "affine" else first[1][0]), "")
+    overrides = []
+    for path, value in sorted(q.items()):
+        if path in ("bits", "group_size", "mode", "quant_method") or value is False:
+            continue  # False: the module is stored in floats
+        if not isinstance(value, Mapping):
+            raise _mlx_error(f"entry {path!r:.80} must be an object or false, got {value!r:.40}")
+        if value.get("mode", mode) != mode:
+            raise _mlx_error(f"entry {path!r:.80} mixes mode {value.get('mode')!r:.20} into a {mode!r} checkpoint")
+        overrides.append((path, *_mlx_bits_group(value, mode, (bits, group), f"entry {path!r:.80}: ")))
+    return QuantScheme("mlx", bits, group, mode=mode, overrides=tuple(overrides))
+
+
+def _mlx_module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) -> PackedModule:
+    prefix = anchor[: -len(".scales")]
+    parts = {role: prefix + suffix for role, suffix in (("weight", ".weight"), ("scales", ".scales"),
+                                                          ("biases", ".biases")) if prefix + suffix in tensors}
+    if scheme.mode == "affine" and "biases" not in parts:
+        raise _error(anchor, f"mlx affine module {prefix!r} lacks .biases")
+    own = next(((b, g) for path, b, g in scheme.overrides if path == prefix), None)
+    module_scheme = replace(scheme, bits=own[0], group_size=own[1], overrides=()) if own else None
+    bits, group = (module_scheme or scheme).bits, (module_scheme or scheme).group_size or 64
+    w, sc = tuple(tensors[parts["weight"]].shape), tuple(tensors[parts["scales"]].shape)
+    if len(w) != 2 or len(sc) != 2 or sc[0] != w[0]:
+        raise _error(anchor, f"mlx module {prefix!r}: weight {list(w)} and scales {list(sc)} are not (out, words) "
+                             "and (out, groups) (stacked experts are not supported)")
+    n_in = sc[1] * group
+    if w[1] * 32 != n_in * bits:
+        raise _error(anchor, f"mlx module {prefix!r}: {w[1]} words a row do not hold {n_in} codes of {bits} bits "
+                             f"(group {group}: config.json's quantization does not describe this tensor)")
+    return PackedModule(prefix + ".weight", dict(sorted(parts.items())), (w[0], n_in), module_scheme)
+
+
+def _mlx(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme) -> np.ndarray:
+    own = module.scheme or scheme
+    bits, group = own.bits, own.group_size or 64
+    scales = _need(arrays, module, "scales")
+    n_in = scales.shape[1] * group
+    codes = _bitstream(_need(arrays, module, "weight"), bits, n_in, thing=module.weight)
+    g = np.arange(n_in) // group
+    if own.mode == "affine":
+        biases = _f32(_need(arrays, module, "biases"))
+        return codes.astype(np.float32) * _f32(scales)[:, g] + biases[:, g]
+    values = FP4_E2M1[codes] if bits == 4 else decode(codes.tobytes(), "F8_E4M3", codes.shape, name=module.weight)
+    raw = np.asarray(scales).astype(np.uint8)
+    scale = (np.ldexp(np.float32(1), raw.astype(np.int32) - 127) if own.mode.startswith("mx")
+             else decode(raw.tobytes(), "F8_E4M3", raw.shape, name=module.weight))
+    return values * scale.astype(np.float32)[:, g]
 
 
 # --- modules ----------------------------------------------------------------------------------------
@@ -309,6 +434,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
 
 
 def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
+    if scheme.method == "mlx":
+        return mlx_anchors(tensors)
     suffix = _PARTS[scheme.method][0]
     found = sorted(n for n in tensors if n.endswith(suffix))
     if scheme.method == "fp8":  # weights stored in float8; the unquantized ones (norms, heads) are not modules
@@ -319,6 +446,8 @@ def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
 
 
 def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) -> PackedModule:
+    if scheme.method == "mlx":
+        return _mlx_module(tensors, scheme, anchor)
     suffix, roles, required = _PARTS[scheme.method]
     prefix = anchor[: -len(suffix)]
     parts = {role: prefix + s for role, s in roles.items() if prefix + s in tensors}
@@ -408,11 +537,11 @@ def _codes_along_cols(words: np.ndarray, bits: int, order: tuple[int, ...] | Non
     return ((u[:, :, None] >> shifts) & ((1 << bits) - 1)).astype(np.uint8).reshape(u.shape[0], -1)
 
 
-def _bitstream(words: np.ndarray, bits: int, count: int) -> np.ndarray:
+def _bitstream(words: np.ndarray, bits: int, count: int, *, thing: str = "weight_packed") -> np.ndarray:
     """Each row of words as one little-endian bit stream of `bits`-wide codes; the first `count` of a row."""
     u = np.ascontiguousarray(_unsigned(words)).astype("<u4")
-    if u.shape[1] * 32 < count * bits:
-        raise _error("weight_packed", f"{u.shape[1]} words a row cannot hold {count} codes of {bits} bits")
+    if u.ndim != 2 or u.shape[1] * 32 < count * bits:
+        raise _error(thing, f"{u.shape[-1]} words a row cannot hold {count} codes of {bits} bits")
     if bits in (4, 8):  # whole nibbles / bytes: no bit unpacking
         if bits == 8:
             return u.view(np.uint8)[:, :count].copy()
@@ -612,6 +741,8 @@ def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Q
             return _fp8(module, arrays, scheme, first)
         if scheme.method == "ct-int":
             return _ct_int(module, arrays, scheme, first)
+        if scheme.method == "mlx":
+            return _mlx(module, arrays, scheme)
         return _ct_pack(module, arrays, scheme, rows)
     except (ValueError, IndexError, TypeError) as exc:  # shapes that broadcast nowhere: a bad checkpoint
         raise _error(module.weight, f"{scheme.method} tensors are inconsistent ({exc})") from None
@@ -640,7 +771,7 @@ def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], 
         raise _error(module.weight, f"rows [{r0}, {r1}) outside its {out} rows")
     if scheme.method == "bnb-4bit":
         return _bnb_rows(module, (r0, r1), n_in, quant_state or {}, spans)
-    for role in ("weight", "SCB", "weight_packed"):
+    for role in ("weight", "SCB", "weight_packed", "scales", "biases"):  # mlx: scales and biases are per row too
         if role in module.parts:
             spans[role] = (r0, r1)
     for role in ("scale", "scale_inv", "weight_scale"):

@@ -1,4 +1,5 @@
-"""Packed quantized checkpoints: GPTQ, AWQ, bitsandbytes int8 / 4-bit, FP8, compressed-tensors.
+"""Packed quantized checkpoints: GPTQ, AWQ, bitsandbytes int8 / 4-bit, FP8, compressed-tensors (MLX:
+tests/test_mlx.py, with mlx's own quantizer).
 
 No GPTQ / AWQ packer installs and runs on this CPU-only machine (gptqmodel and AutoAWQ build CUDA
 kernels), so the packers below follow the layouts the module docstring documents (AutoGPTQ / gptqmodel
@@ -539,7 +540,8 @@ def test_relative_error_table() -> None:
         "ct-pack-8bit": (pack_ct(w, bits=8), QuantScheme("ct-pack", 8)),
         "ct-int-8bit": (pack_ct_int(w), QuantScheme("ct-int", 8)),
     }
-    assert sorted(cases) == sorted(PACKED_RELATIVE_ERROR)
+    # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py)
+    assert sorted(cases) == sorted(k for k in PACKED_RELATIVE_ERROR if not k.startswith("mlx-"))
     for name, (parts, scheme) in cases.items():
         assert measure(parts, scheme) == pytest.approx(predicted_relative_error(scheme), rel=0.05), name
     with pytest.raises(QuantizedWeightsError, match="no predicted error"):

@@ -12,6 +12,11 @@
   the output columns and stored minus one, fp16 scales per group of input rows, g_idx), with
   round-to-nearest codes (what GPTQ starts from; its error-feedback pass needs calibration data) and the
   `quantization_config` transformers writes into config.json. Layout as in tests/test_packed.py's packer.
+- MLX: mlx's own quantizer (`mlx.core.quantize`, the one `mlx_lm.convert -q` runs) and writer
+  (`mlx.core.save_safetensors`, metadata format "mlx"), as mlx-lm lays a quantized model out: every Linear
+  and Embedding whose rows split into groups (projections, embed_tokens, lm_head) as U32 codes + scales +
+  biases in F16, norms in F16, config.json's "quantization" (and its copy as "quantization_config") with
+  the defaults and, for a mixed recipe, per-module entries. An optional extra (mlx[cpu] on Linux).
 """
 
 from __future__ import annotations
@@ -247,6 +252,35 @@ def optional_quantizers() -> str:
     except Exception as exc:  # noqa: BLE001 -- an optional extra: any import failure means "not here"
         return f"{type(exc).__name__}: {exc}"
     return ""
+
+
+def write_mlx(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *, bits: int = 4,
+              group_size: int = 64, mode: str = "affine", module_bits: Mapping[str, int] | None = None) -> Path:
+    """An MLX-quantized checkpoint written by mlx itself (see the module docstring). `module_bits`: module
+    path -> bits of a mixed recipe (mlx-lm's mixed_3_6 and friends keep some layers at more bits)."""
+    import mlx.core as mx
+
+    module_bits = dict(module_bits or {})
+    tensors: dict[str, Any] = {}
+    quantization: dict[str, Any] = {"group_size": group_size, "bits": bits}
+    if mode != "affine":
+        quantization["mode"] = mode
+    for name, w in sorted(state.items()):
+        array = mx.array(np.asarray(w, dtype=np.float32)).astype(mx.float16)  # mlx-lm casts, then quantizes
+        prefix = name[: -len(".weight")]
+        if not name.endswith(".weight") or np.ndim(w) != 2 or np.shape(w)[-1] % group_size:
+            tensors[name] = array
+            continue
+        own = module_bits.get(prefix, bits)
+        if own != bits:
+            quantization[prefix] = {"group_size": group_size, "bits": own}
+        parts = mx.quantize(array, group_size=group_size, bits=own, mode=mode)
+        tensors |= dict(zip((name, f"{prefix}.scales", f"{prefix}.biases"), parts, strict=False))
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), tensors, metadata={"format": "mlx"})
+    doc = {**config, "quantization": quantization, "quantization_config": quantization}
+    (folder / "config.json").write_text(json.dumps(doc, indent=1))
+    return folder
 
 
 def _projections(state: Mapping[str, np.ndarray]) -> list[str]:
