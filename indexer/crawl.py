@@ -75,7 +75,15 @@ from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
-from sketches.safetensors import MAX_HEADER_BYTES, ByteSource, SafetensorsHeader, TensorInfo, decode, read_header
+from sketches.safetensors import (
+    MAX_HEADER_BYTES,
+    ByteSource,
+    SafetensorsHeader,
+    TensorInfo,
+    choose_files,
+    decode,
+    read_header,
+)
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
@@ -230,6 +238,9 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
         files = tuple(sorted(set(weight_map.values())))
     sources = {f: repo.open(f) for f in files}
     headers: dict[str, SafetensorsHeader] = {f: read_header(s) for f, s in sources.items()}
+    if weight_map is None and len(files) > 1:  # variants of one model (x and x.fp16) are not read twice
+        kept = choose_files(headers)
+        sources, headers = {f: sources[f] for f in kept}, {f: headers[f] for f in kept}
     where: dict[str, tuple[str, TensorInfo]] = {}
     for file, header in sorted(headers.items()):
         for info in header.tensors:

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -400,12 +400,17 @@ class RepoWeights:
         self, root: str, files: tuple[str, ...], *, weight_map: dict[str, str] | None = None
     ) -> None:
         self.root = root
-        self.files = files
         self._sources = {f: FileSource(os.path.join(root, f)) for f in files}
         try:
             self.headers: dict[str, SafetensorsHeader] = {
                 f: read_header(s) for f, s in self._sources.items()
             }
+            if weight_map is None and len(files) > 1:  # variants of one model are not read twice
+                files = choose_files(self.headers)
+                for dropped in set(self._sources) - set(files):
+                    self._sources.pop(dropped).close()
+                    del self.headers[dropped]
+            self.files = files
             self._where = self._locate(weight_map)
         except BaseException:
             self.close()
@@ -499,6 +504,40 @@ def _read_index(index_path: Path) -> dict[str, str]:
         if not (folder / shard).is_file():
             raise SafetensorsError(thing, f"shard {shard!r} is listed but missing from {folder}")
     return weight_map
+
+
+# Precision of a file's values, most precise first: of two variants of one model, the closer to its source.
+_PRECISION = ("F64", "F32", "BF16", "F16", "F8_E4M3", "F8_E5M2")
+
+
+def _precision(header: SafetensorsHeader) -> int:
+    """Rank (0 best) of the dtype holding most of the file's bytes."""
+    by_dtype: dict[str, int] = {}
+    for info in header.tensors:
+        by_dtype[info.dtype] = by_dtype.get(info.dtype, 0) + info.nbytes
+    main = max(by_dtype, key=lambda d: (by_dtype[d], d)) if by_dtype else ""
+    return _PRECISION.index(main) if main in _PRECISION else len(_PRECISION)
+
+
+def choose_files(headers: Mapping[str, SafetensorsHeader]) -> tuple[str, ...]:
+    """The files of an unindexed multi-file repo that make one model.
+
+    Files that share no tensor name are parts of one model (a Flux transformer beside its autoencoder);
+    files that share names are variants of it (`x.safetensors` beside `x.fp16.safetensors`, an SD
+    `v1-5-pruned` beside `v1-5-pruned-emaonly`): reading both would hold two values for one name. Take
+    the most precise file (then the one with more tensors, then the first by name), then every other
+    file that shares no name with those taken; the variants left out are logged."""
+    order = sorted(headers, key=lambda f: (_precision(headers[f]), -len(headers[f].tensors), f))
+    taken: list[str] = []
+    names: set[str] = set()
+    for file in order:
+        mine = set(headers[file].names())
+        if names & mine:
+            logger.info("%s: a variant of %s (same tensor names), not read", file, ", ".join(taken))
+            continue
+        taken.append(file)
+        names |= mine
+    return tuple(sorted(taken))
 
 
 def _folder_files(folder: Path) -> tuple[str, ...]:

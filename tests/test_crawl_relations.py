@@ -259,3 +259,19 @@ def test_linear_and_ties_merges_get_both_parents_with_weights_and_fine_tunes_sta
         assert edges[ft].relation == "finetune", (ft, edges[ft])  # type: ignore[attr-defined]
     report = query_model(home, "m/linear")
     assert report.relation_agrees_with_declared is True and len(report.parents) == 2
+
+
+def test_variant_files_of_one_model_are_read_once_over_http(emu: HubEmulator, hub: Hub, tmp_path: Path) -> None:
+    """A repo holding `x.safetensors` and `x.fp16.safetensors` (ControlNets, SD checkpoints) is one model:
+    the F32 file is read, the F16 variant left out, where reading both would refuse the repo."""
+    base = llama_state(1)
+    child = tuned(base, 2)
+    hub.repo("m/base", 1, weights=base)
+    folder = hub.repo("m/child", 2)
+    save_file(child, str(folder / "diffusion_pytorch_model.safetensors"))
+    save_file({n: a.astype(np.float16) for n, a in child.items()}, str(folder / "diffusion_pytorch_model.fp16.safetensors"))
+    home = tmp_path / "home"
+    report = crawl(home, _options(emu)).as_dict()
+    assert report["indexed"] == 2 and not report["failed"], report
+    edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    assert edges["m/child"].parent == "m/base" and edges["m/child"].relation == "finetune"  # type: ignore[attr-defined]

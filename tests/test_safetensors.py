@@ -24,6 +24,7 @@ from sketches.safetensors import (
     CallableSource,
     FileSource,
     TensorInfo,
+    choose_files,
     decode,
     open_local_repo,
     parse_header,
@@ -574,11 +575,23 @@ def test_folder_prefers_model_safetensors(tmp_path: Path) -> None:
     assert open_local_repo(tmp_path).files == ("model.safetensors",)
 
 
-def test_same_tensor_in_two_files_is_refused(tmp_path: Path) -> None:
-    safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "a.safetensors"))
-    safetensors.torch.save_file({"w": torch.ones(2)}, str(tmp_path / "b.safetensors"))
-    with pytest.raises(SafetensorsError, match="'w' is in both a.safetensors and b.safetensors"):
-        open_local_repo(tmp_path)
+def test_files_sharing_names_are_variants_and_the_most_precise_is_read(tmp_path: Path) -> None:
+    """x.safetensors beside x.fp16.safetensors (ControlNets, SD checkpoints): one model, read once; a file
+    sharing no name with it (an autoencoder beside a transformer) is a part of the same model."""
+    safetensors.torch.save_file({"w": torch.ones(2, dtype=torch.float16), "x": torch.ones(2, dtype=torch.float16)},
+                                str(tmp_path / "a.fp16.safetensors"))
+    safetensors.torch.save_file({"w": torch.full((2,), 2.0), "x": torch.ones(2)}, str(tmp_path / "b.safetensors"))
+    safetensors.torch.save_file({"w": torch.full((2,), 3.0)}, str(tmp_path / "c-emaonly.safetensors"))
+    safetensors.torch.save_file({"vae.w": torch.ones(3)}, str(tmp_path / "d-ae.safetensors"))
+    with open_local_repo(tmp_path) as repo:
+        assert repo.files == ("b.safetensors", "d-ae.safetensors") and repo.read("w").tolist() == [2.0, 2.0]
+    headers = {}
+    for name in ("a.fp16.safetensors", "c-emaonly.safetensors"):
+        with FileSource(tmp_path / name) as src:
+            headers[name] = read_header(src)
+    assert choose_files(headers) == ("c-emaonly.safetensors",)  # F32 before F16, whatever the tensor count
+    same = {"one.safetensors": headers["a.fp16.safetensors"], "two.safetensors": headers["a.fp16.safetensors"]}
+    assert choose_files(same) == ("one.safetensors",)  # same precision and count: the first by name
 
 
 def test_pickle_only_folder_is_unsupported(tmp_path: Path) -> None:
