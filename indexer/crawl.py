@@ -76,12 +76,14 @@ from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, Re
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
+    COMPONENT_INDEX,
     MAX_HEADER_BYTES,
     ByteSource,
     SafetensorsHeader,
     TensorInfo,
     choose_files,
     decode,
+    denoiser_folder,
     read_header,
 )
 from store.cache import CACHE_DIR, TensorCache
@@ -200,6 +202,12 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     weights = tuple(f for f in top if f.endswith(".safetensors"))
     if weights:
         return weights
+    denoiser = denoiser_folder(entry.files)
+    if denoiser is not None:  # a diffusers pipeline: its denoiser's shard index, else its files
+        if f"{denoiser}/{COMPONENT_INDEX}" in entry.files:
+            return (f"{denoiser}/{COMPONENT_INDEX}",)
+        return tuple(sorted(f for f in entry.files if f.startswith(f"{denoiser}/") and f.count("/") == 1
+                            and f.endswith(".safetensors")))
     gguf_file = choose_gguf(top)
     if gguf_file is not None:
         return (gguf_file,)  # a GGUF repo (no safetensors; usually no config.json either)
@@ -212,7 +220,8 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
 # --- step 2: headers ---------------------------------------------------------------------------------
 
 
-def _weight_map(thing: str, raw: bytes, files: Sequence[str]) -> dict[str, str]:
+def _weight_map(thing: str, raw: bytes, files: Sequence[str], folder: str = "") -> dict[str, str]:
+    """tensor -> shard path of a shard index (paths relative to the repo: under `folder` for a component's)."""
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -222,6 +231,7 @@ def _weight_map(thing: str, raw: bytes, files: Sequence[str]) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise SafetensorsError(thing, "weight_map must be a non-empty object of tensor name -> shard file name")
+    weight_map = {k: f"{folder}/{v}" if folder else v for k, v in weight_map.items()}
     missing = sorted(set(weight_map.values()) - set(files))
     if missing:
         raise SafetensorsError(thing, f"shard {missing[0]!r} is listed but not in the repo")
@@ -232,9 +242,10 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
     """(sources by file, tensor -> (file, info)) for the layout's files, headers validated."""
     weight_map = None
     files = layout
-    if layout == (INDEX_FILE,):
-        thing = f"{repo.entry.repo_id}/{INDEX_FILE}"
-        weight_map = _weight_map(thing, repo.read_small(INDEX_FILE, limit=MAX_HEADER_BYTES), repo.entry.files)
+    if len(layout) == 1 and layout[0].endswith(".safetensors.index.json"):  # the repo's, or a component's
+        thing = f"{repo.entry.repo_id}/{layout[0]}"
+        folder = layout[0].rpartition("/")[0]
+        weight_map = _weight_map(thing, repo.read_small(layout[0], limit=MAX_HEADER_BYTES), repo.entry.files, folder)
         files = tuple(sorted(set(weight_map.values())))
     sources = {f: repo.open(f) for f in files}
     headers: dict[str, SafetensorsHeader] = {f: read_header(s) for f, s in sources.items()}

@@ -23,7 +23,7 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -57,6 +57,13 @@ MAX_HEADER_BYTES: int = 100 * 1024 * 1024
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+# A diffusers pipeline (model_index.json at the top, one folder per component) is indexed by its denoiser:
+# the component a fine-tune, a DreamBooth run or a merge changes (the text encoders and the autoencoder
+# are most often the base's, bit for bit). In this order: SD 1.x / 2.x / XL, then SD3 / Flux / PixArt,
+# then Wuerstchen / Kandinsky's prior and decoder.
+PIPELINE_INDEX = "model_index.json"
+DENOISERS = ("unet", "transformer", "prior", "decoder")
+COMPONENT_INDEX = "diffusion_pytorch_model.safetensors.index.json"  # a component's shard index
 # Weights we recognise but refuse to load: unpickling runs arbitrary code.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -540,6 +547,20 @@ def choose_files(headers: Mapping[str, SafetensorsHeader]) -> tuple[str, ...]:
     return tuple(sorted(taken))
 
 
+def denoiser_folder(files: Iterable[str]) -> str | None:
+    """The denoiser folder of a diffusers pipeline (DENOISERS) given a repo's file paths; None when the
+    repo is not a pipeline (no top-level model_index.json) or none of those folders holds safetensors."""
+    present = set(files)
+    if PIPELINE_INDEX not in present:
+        return None
+    for name in DENOISERS:
+        if any(f.startswith(f"{name}/") and f.count("/") == 1 and f.endswith(".safetensors") for f in present):
+            return name
+        if f"{name}/{COMPONENT_INDEX}" in present:
+            return name
+    return None
+
+
 def _folder_files(folder: Path) -> tuple[str, ...]:
     if (folder / SINGLE_FILE).is_file():
         return (SINGLE_FILE,)
@@ -574,6 +595,13 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
         return RepoWeights(str(p.parent), (p.name,))
     if not (p / SINGLE_FILE).is_file() and (p / INDEX_FILE).is_file():
         return _open_sharded(p / INDEX_FILE)
+    if not any(f.suffix == ".safetensors" for f in p.iterdir() if f.is_file()):
+        listing = [f.relative_to(p).as_posix() for f in p.glob("*") if f.is_file()]
+        listing += [f.relative_to(p).as_posix() for f in p.glob("*/*") if f.is_file()]
+        denoiser = denoiser_folder(listing)
+        if denoiser is not None:  # a diffusers pipeline: its denoiser, sharded or not
+            index = p / denoiser / COMPONENT_INDEX
+            return _open_sharded(index) if index.is_file() else RepoWeights(str(p / denoiser), _folder_files(p / denoiser))
     return RepoWeights(str(p), _folder_files(p))
 
 

@@ -1,7 +1,8 @@
 """Recover the forest of a local folder of model repos: load, group by family, run a method, report rows.
 
 Folder layout: any directory under DIR that holds `*.safetensors` (or a sharded index), a top-level
-`*.gguf` or an `adapter_config.json` is one repo, its id the relative path (`org/name`). `DIR/hub.json` ({"version": 1, "repos": {id: {"createdAt": ...}}}),
+`*.gguf` or an `adapter_config.json` is one repo, its id the relative path (`org/name`); so is a diffusers
+pipeline (`model_index.json`), read through its denoiser folder as the crawl reads it. `DIR/hub.json` ({"version": 1, "repos": {id: {"createdAt": ...}}}),
 when present, gives each repo's upload time. Model cards (README.md) are never opened here: the declared
 `base_model` is for `indexer.evaluate` only.
 
@@ -65,7 +66,7 @@ from sketches.layers import (
     select_layers,
     wrapper_depth,
 )
-from sketches.safetensors import open_local_repo
+from sketches.safetensors import PIPELINE_INDEX, denoiser_folder, open_local_repo
 from sketches.stats import model_stats
 
 logger = logging.getLogger(__name__)
@@ -133,6 +134,14 @@ def _is_repo(folder: Path) -> bool:
     return any(f.suffix in (".safetensors", ".gguf") or f.name in REPO_MARKERS for f in folder.iterdir() if f.is_file())
 
 
+def _is_pipeline(folder: Path) -> bool:
+    """A diffusers pipeline folder: one repo, read through its denoiser (sketches.safetensors.denoiser_folder)."""
+    if not (folder / PIPELINE_INDEX).is_file():
+        return False
+    listing = [f.relative_to(folder).as_posix() for f in (*folder.glob("*"), *folder.glob("*/*")) if f.is_file()]
+    return denoiser_folder(listing) is not None
+
+
 def _special(folder: Path) -> bool:
     """An adapter or GGUF repo (the crawl's triage, `indexer.crawl.weight_layout`): read by the crawl's reader."""
     from indexer.crawl import ADAPTER_FILES, INDEX_FILE, SINGLE_FILE
@@ -140,7 +149,7 @@ def _special(folder: Path) -> bool:
     top = {f.name for f in folder.iterdir() if f.is_file()}
     if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
         return True
-    return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top
+    return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top and not _is_pipeline(folder)
 
 
 def discover_repos(root: Path) -> list[tuple[str, Path]]:
@@ -156,7 +165,9 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
         seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # deterministic, skip .git etc.
         path = Path(folder)
-        if _is_repo(path):
+        if _is_pipeline(path):
+            dirs[:] = []  # its components are read as one model, not as repos of their own
+        if _is_repo(path) or _is_pipeline(path):
             rel = path.relative_to(root).as_posix()
             found.append((rel if rel != "." else path.name, path))
     if not found:

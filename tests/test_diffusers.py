@@ -1,0 +1,86 @@
+"""Diffusers pipelines (model_index.json + one folder per component) are one model each, read through
+their denoiser (`unet/`, `transformer/`): in the crawl over HTTP and in `index recover`, with the same rows.
+
+The components are written by diffusers itself (`save_pretrained`: its file names, fp16 variants and
+shard index); a fine-tune changes the UNet and keeps the base's autoencoder bit for bit, as DreamBooth
+runs on the Hub do.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from test_crawl_relations import Hub, _options, emu, hub  # noqa: F401
+
+from indexer.crawl import crawl
+from indexer.hub_emulator import HubEmulator
+from indexer.lineage.methods import Options
+from indexer.lineage.recover import discover_repos, recover
+from store.tables import read_records
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+UNET = {"sample_size": 8, "in_channels": 4, "out_channels": 4, "layers_per_block": 1, "block_out_channels": (32, 64),
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+        "cross_attention_dim": 32, "attention_head_dim": 8, "norm_num_groups": 8}
+
+
+def _unet(seed: int, *, from_unet=None, step: float = 0.05):  # noqa: ANN001, ANN202
+    torch.manual_seed(seed)
+    unet = diffusers.UNet2DConditionModel(**UNET)
+    if from_unet is not None:  # a fine-tune: the base's weights moved by a small update
+        unet.load_state_dict(from_unet.state_dict())
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in unet.parameters():
+                if p.ndim >= 2:
+                    p.add_(step * p.std() * torch.randn(p.shape, generator=gen))
+    return unet
+
+
+def _pipeline(folder: Path, unet, vae, *, variant: bool = False, shard: str | None = None) -> None:  # noqa: ANN001
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusionPipeline", "_diffusers_version": diffusers.__version__,
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"]}))
+    unet.save_pretrained(folder / "unet", **({"max_shard_size": shard} if shard else {}))
+    if variant:  # the fp16 variant beside the full weights, as most SD repos carry
+        unet.half().save_pretrained(folder / "unet", variant="fp16")
+        unet.float()
+    vae.save_pretrained(folder / "vae")
+
+
+@pytest.fixture()
+def sd_hub(hub: Hub) -> Hub:  # noqa: F811
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8)
+    base = _unet(1)
+    _pipeline(hub.root / "sd/base", base, vae, variant=True)
+    _pipeline(hub.root / "lab/dreambooth", _unet(2, from_unet=base), vae)
+    _pipeline(hub.root / "lab/sharded-ft", _unet(3, from_unet=base), vae, shard="200KB")
+    _pipeline(hub.root / "other/scratch", _unet(4), vae)
+    for month, repo in enumerate(("sd/base", "lab/dreambooth", "lab/sharded-ft", "other/scratch"), start=1):
+        hub.repo(repo, month)
+    return hub
+
+
+def test_a_pipeline_is_one_repo_read_through_its_unet(sd_hub: Hub) -> None:
+    assert [r for r, _ in discover_repos(sd_hub.root)] == ["lab/dreambooth", "lab/sharded-ft", "other/scratch", "sd/base"]
+    assert (sd_hub.root / "lab/sharded-ft/unet/diffusion_pytorch_model.safetensors.index.json").is_file()
+    forest = recover(sd_hub.root, Options(device="cpu"))
+    assert not forest.failures()
+    rows = {r.repo_id: r for r in forest.rows}
+    assert rows["lab/dreambooth"].parent == "sd/base" and rows["lab/sharded-ft"].parent == "sd/base"
+    assert rows["sd/base"].parent == "" and rows["other/scratch"].parent == ""
+
+
+def test_pipelines_over_http_get_the_rows_of_the_folder(emu: HubEmulator, sd_hub: Hub, tmp_path: Path) -> None:  # noqa: F811
+    home = tmp_path / "home"
+    report = crawl(home, _options(emu)).as_dict()
+    assert report["indexed"] == 4 and not report["failed"], report
+    edges = {e.repo_id: e.parent for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    batch = {r.repo_id: r.parent for r in recover(sd_hub.root, Options(device="cpu")).rows}
+    assert edges == batch and edges["lab/sharded-ft"] == "sd/base", (edges, batch)
