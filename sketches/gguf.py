@@ -120,6 +120,23 @@ QUANT_RELATIVE_ERROR: dict[str, float] = {
     "Q4_0": 8.6e-2,
     "Q3_K": 1.5e-1,
     "Q2_K": 3.0e-1,
+    # i-quants, ggml's quantizer too; IQ1_S, IQ2_XXS and IQ2_XS need an importance matrix: measured with a
+    # uniform one (real ones weigh columns by activations and trade some RMS error for it). llama-quantize
+    # writes IQ4_NL for rows that are not whole 256-value super-blocks in Q2_K / Q3_K files (Qwen2's 896).
+    "IQ4_NL": 7.6e-2,
+    "IQ4_XS": 7.7e-2,
+    "IQ3_S": 1.67e-1,
+    "IQ3_XXS": 2.14e-1,
+    "IQ2_S": 2.65e-1,
+    "IQ2_XS": 3.0e-1,
+    "IQ2_XXS": 3.44e-1,
+    "IQ1_S": 4.86e-1,
+    "IQ1_M": 5.83e-1,
+    "MXFP4": 1.15e-1,  # FP4 E2M1, a power-of-two scale per 32 (gpt-oss)
+    "NVFP4": 9.5e-2,  # FP4 E2M1, an F8 scale per 16
+    # ternary types hold BitNet-style models trained ternary; from float weights they lose most of them
+    "TQ1_0": 8.08e-1,
+    "TQ2_0": 8.08e-1,
 }
 
 

@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from errors import GGUFError
-from indexer.zoo.quantize import ggml_quantize, quantize_blocks
+from indexer.zoo.quantize import _ggml, ggml_quantize, quantize_blocks
 from sketches.gguf import (
     QUANT_RELATIVE_ERROR,
     ArraySummary,
@@ -214,8 +214,32 @@ def test_relative_error_table() -> None:
         kind = gguf.GGMLQuantizationType[qtype]
         measured = rel(gguf.quants.dequantize(quantize(x, qtype), kind), x)
         assert measured == pytest.approx(QUANT_RELATIVE_ERROR[qtype], rel=0.05), qtype
+    for qtype in I_QUANTS:  # ggml's quantizer; a uniform importance matrix where one is required
+        kind = gguf.GGMLQuantizationType[qtype]
+        assert _ggml().ggml_quantize_requires_imatrix(int(kind)) == (qtype in NEED_IMATRIX)
+        importance = np.ones(4096) if qtype in NEED_IMATRIX else None
+        measured = rel(gguf.quants.dequantize(ggml_quantize(x, qtype, importance=importance), kind), x)
+        assert measured == pytest.approx(QUANT_RELATIVE_ERROR[qtype], rel=0.05), qtype
     with pytest.raises(GGUFError, match="no predicted error"):
-        predicted_relative_error("IQ1_S")
+        predicted_relative_error("Q8_K")  # ggml's intermediate type, never stored in a file
+
+
+I_QUANTS = ["IQ4_NL", "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_S", "IQ1_M", "MXFP4", "NVFP4",
+            "TQ1_0", "TQ2_0"]
+NEED_IMATRIX = {"IQ2_XXS", "IQ2_XS", "IQ1_S"}
+
+
+@pytest.mark.parametrize("qtype", I_QUANTS)
+def test_i_quants_decode_through_our_reader_within_their_error(qtype: str) -> None:
+    """The types llama-quantize writes beside the K-quants (IQ4_XS / IQ3_S repos, IQ4_NL rows in Q2_K and
+    Q3_K files): ggml's blocks of weight-like rows, decoded by our reader exactly as by gguf.quants."""
+    x = (np.random.default_rng(5).standard_t(4, (3, 1024)) * 0.02).astype(np.float32)
+    blocks = ggml_quantize(x, qtype, importance=np.ones(1024) if qtype in NEED_IMATRIX else None)
+    ours = dequantize(blocks.tobytes(), qtype, x.shape)
+    np.testing.assert_array_equal(ours, gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType[qtype]))
+    assert 0 < rel(ours, x) <= 1.5 * predicted_relative_error(qtype) or qtype.startswith("TQ")
+    with pytest.raises(ValueError, match="needs an importance matrix"):
+        ggml_quantize(x, "IQ2_XXS")
 
 
 @pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])

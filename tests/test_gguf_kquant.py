@@ -97,6 +97,27 @@ def test_narrow_rows_fall_back_as_llama_quantize_does(tmp_path: Path) -> None:
             assert set(read_header(src).qtypes()) == {"F32", fallback}, qtype
 
 
+def test_q3_k_file_with_iq4_nl_rows_is_a_quantized_child(tmp_path: Path) -> None:
+    """Rows of 64 values in a Q3_K file are IQ4_NL, as llama-quantize writes them for Qwen2's 896-wide rows:
+    read, within its predicted error, and placed under the model it copies (once refused: no error known)."""
+    from test_crawl_relations import tuned
+
+    from safetensors.numpy import save_file
+
+    base, other = llama_state(1), llama_state(2)
+    for repo, state in (("m/base", base), ("m/other", other), ("m/child", tuned(base, 3))):
+        (tmp_path / repo).mkdir(parents=True)
+        save_file(state, str(tmp_path / repo / "model.safetensors"))
+    (tmp_path / "q/child-Q3_K-GGUF").mkdir(parents=True)
+    path = write_llama_gguf(tmp_path / "q/child-Q3_K-GGUF/child-Q3_K.gguf", tuned(base, 3), "Q3_K", heads=4, kv_heads=2)
+    with FileSource(path) as src:
+        assert set(read_header(src).qtypes()) == {"F32", "IQ4_NL"}
+    forest = recover(tmp_path, Options(device="cpu"))
+    assert not forest.failures()
+    row = next(r for r in forest.rows if r.repo_id == "q/child-Q3_K-GGUF")
+    assert (row.parent, row.relation) == ("m/child", "quantized"), row
+
+
 @pytest.fixture(scope="module")
 def kquant_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A base, two fine-tunes, an unrelated model, and a K-quant copy of three of them (uploaded last)."""

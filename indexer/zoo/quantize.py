@@ -69,7 +69,7 @@ K_FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1"
 # general.file_type of each file type we write ("Q4_K_M" is a mixture: _tensor_qtype)
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
               "Q4_0": "MOSTLY_Q4_0", "Q4_K": "MOSTLY_Q4_K_S", "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_S",
-              "Q6_K": "MOSTLY_Q6_K"}
+              "Q6_K": "MOSTLY_Q6_K", "Q3_K": "MOSTLY_Q3_K_S", "Q2_K": "MOSTLY_Q2_K"}
 
 
 @cache
@@ -88,23 +88,29 @@ def _ggml() -> Any:
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
     lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]  # the IQ types' grids, built once per type
     return lib
 
 
-def ggml_quantize(array: np.ndarray, qtype: str) -> np.ndarray:
+def ggml_quantize(array: np.ndarray, qtype: str, *, importance: np.ndarray | None = None) -> np.ndarray:
     """float32 rows (last dim whole blocks) -> ggml's blocks of `qtype` as uint8, shaped like
-    gguf.quants.quantize's output. No importance matrix: what `llama-quantize` writes without --imatrix."""
+    gguf.quants.quantize's output. Without `importance` (one weight per column: llama-quantize's
+    --imatrix) what `llama-quantize` writes without one; IQ1_S, IQ2_XXS and IQ2_XS refuse to go without."""
     kind = gguf.GGMLQuantizationType[qtype]
     lib = _ggml()
-    if lib.ggml_quantize_requires_imatrix(int(kind)):
+    if importance is None and lib.ggml_quantize_requires_imatrix(int(kind)):
         raise ValueError(f"{qtype} needs an importance matrix; use a K-quant or a legacy type")
     x = np.ascontiguousarray(array, dtype=np.float32)
     n_per_row = x.shape[-1]
     if n_per_row % gguf.GGML_QUANT_SIZES[kind][0]:
         raise ValueError(f"{qtype}: rows of {n_per_row} values are not whole blocks")
+    weights = None if importance is None else np.ascontiguousarray(importance, dtype=np.float32).reshape(n_per_row)
+    lib.ggml_quantize_init(int(kind))
     rows = x.size // n_per_row if n_per_row else 0
     out = np.empty((*x.shape[:-1], lib.ggml_row_size(int(kind), n_per_row)), dtype=np.uint8)
-    written = lib.ggml_quantize_chunk(int(kind), x.ctypes.data, out.ctypes.data, 0, rows, n_per_row, None)
+    written = lib.ggml_quantize_chunk(int(kind), x.ctypes.data, out.ctypes.data, 0, rows, n_per_row,
+                                      None if weights is None else weights.ctypes.data)
     assert written == out.nbytes, (written, out.nbytes)  # ggml's row size and ours agree
     return out
 
