@@ -39,6 +39,7 @@ from sketches.packed import (
     packed_modules,
     part_rows,
     plain_tensors,
+    unsupported_format,
 )
 from sketches.packed import dequantize as dequantize_packed
 from sketches.packed import predicted_relative_error as packed_error
@@ -239,7 +240,7 @@ def _hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
     """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`)."""
     return (any(n.endswith(QUANT_MARKERS) or t.dtype in ("F8_E4M3", "F8_E5M2") for n, t in tensors.items())
-            or bool(mlx_anchors(tensors)))
+            or bool(mlx_anchors(tensors)) or unsupported_format(tensors) is not None)
 
 
 WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",

@@ -270,8 +270,29 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
                  "(pack-quantized, int-quantized, float-quantized, naive-quantized)")
 
 
+# Packed formats we do not decode, told by a tensor-name suffix: refused by name, never read as if their
+# few float tensors (norms, scales, embeddings) were the model.
+UNSUPPORTED_MARKERS: dict[str, str] = {
+    ".q_weight": "EXL2 (exllamav2)", ".trellis": "EXL3 (exllamav3)", ".codebooks": "AQLM",
+    ".weight._data": "optimum-quanto", ".W_q": "HQQ", ".Qidxs": "QuIP#",
+}
+
+
+def unsupported_format(tensors: Mapping[str, _Tensor]) -> str | None:
+    """The name of an unsupported packed format the tensor names show, or None."""
+    for name in sorted(tensors):
+        for suffix, fmt in UNSUPPORTED_MARKERS.items():
+            if name.endswith(suffix):
+                return fmt
+    return None
+
+
 def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
     names = sorted(tensors)
+    fmt = unsupported_format(tensors)
+    if fmt is not None:
+        raise _error("weights", f"{fmt} quantized weights are not supported (supported: GPTQ, AWQ, bitsandbytes, "
+                                "FP8, compressed-tensors, MLX, GGUF)")
     qweights = [n for n in names if n.endswith(".qweight")]
     if qweights:
         return _gptq_or_awq(tensors, qweights[0])

@@ -546,3 +546,22 @@ def test_relative_error_table() -> None:
         assert measure(parts, scheme) == pytest.approx(predicted_relative_error(scheme), rel=0.05), name
     with pytest.raises(QuantizedWeightsError, match="no predicted error"):
         predicted_relative_error(QuantScheme("awq", 8))
+
+
+@pytest.mark.parametrize("names,fmt", [
+    ({"model.layers.0.self_attn.q_proj.q_weight": np.zeros((8, 64), np.int32),
+      "model.layers.0.self_attn.q_proj.q_scale_max": np.ones(64, np.float16)}, "EXL2"),
+    ({"model.layers.0.mlp.up_proj.weight._data": np.zeros((64, 64), np.int8),
+      "model.layers.0.mlp.up_proj.weight._scale": np.ones((64, 1), np.float32)}, "optimum-quanto"),
+    ({"model.layers.0.mlp.up_proj.codes": np.zeros((64, 8, 1), np.int16),
+      "model.layers.0.mlp.up_proj.codebooks": np.zeros((1, 256, 1, 8), np.float16)}, "AQLM"),
+])
+def test_unsupported_packed_formats_are_refused_by_name(tmp_path: Path, names: dict, fmt: str) -> None:
+    """A format we do not decode is refused naming it, not read as if its norms and scales were the model."""
+    from indexer.readers import looks_packed
+
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file({**names, "model.norm.weight": np.ones(64, np.float16)}, path)
+    assert looks_packed(_infos(path))
+    with pytest.raises(QuantizedWeightsError, match=f"{fmt}.* quantized weights are not supported"):
+        detect_scheme(_infos(path), {"architectures": ["LlamaForCausalLM"]})
