@@ -536,12 +536,33 @@ def _zoo_root(folder: Path) -> Path | None:
     return root if (root / "hub.json").is_file() else None
 
 
+def hf_cache_repo_id(folder: Path) -> str | None:
+    """`org/name` of a snapshot folder in a huggingface_hub cache (`models--org--name/snapshots/<sha>`),
+    else None. The cache spells `/` as `--`, which the Hub forbids inside names."""
+    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+        return None
+    parts = folder.parent.parent.name.split("--")[1:]
+    return "/".join(parts) if parts and all(parts) else None
+
+
+def hf_cache_snapshot(repo_dir: Path) -> Path | None:
+    """The snapshot a cached repo's `refs/main` names, else its latest-modified snapshot, else None."""
+    snapshots = repo_dir / "snapshots"
+    ref = repo_dir / "refs" / "main"
+    if ref.is_file() and (snapshots / ref.read_text().strip()).is_dir():
+        return snapshots / ref.read_text().strip()
+    found = sorted((p for p in snapshots.iterdir() if p.is_dir()), key=lambda p: (p.stat().st_mtime, p.name)) \
+        if snapshots.is_dir() else []
+    return found[-1] if found else None
+
+
 def local_repo_id(folder: Path) -> str:
-    """`org/name` inside a zoo root (a folder whose hub.json lists repos), else `local/<folder name>`."""
+    """`org/name` inside a zoo root (a folder whose hub.json lists repos) or a huggingface_hub cache
+    snapshot, else `local/<folder name>`."""
     root = _zoo_root(folder)
     if root is not None:
         return folder.relative_to(root).as_posix()
-    return f"local/{folder.name}"
+    return hf_cache_repo_id(folder) or f"local/{folder.name}"
 
 
 def local_created_at(folder: Path, repo_id: str | None = None) -> datetime | None:

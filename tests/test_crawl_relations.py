@@ -275,3 +275,31 @@ def test_variant_files_of_one_model_are_read_once_over_http(emu: HubEmulator, hu
     assert report["indexed"] == 2 and not report["failed"], report
     edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
     assert edges["m/child"].parent == "m/base" and edges["m/child"].relation == "finetune"  # type: ignore[attr-defined]
+
+
+def test_a_huggingface_hub_cache_is_recovered_under_the_repo_ids(emu: HubEmulator, hub: Hub, tmp_path: Path) -> None:
+    """`index recover ~/.cache/huggingface/hub`: the real client's cache (models--org--name/snapshots/<sha>,
+    files linked to blobs) is read as org/name, one snapshot each (refs/main's), with the crawl's rows."""
+    from huggingface_hub import snapshot_download
+
+    from indexer.lineage.methods import Options
+    from indexer.lineage.recover import discover_repos, recover
+
+    base = llama_state(1)
+    hub.repo("meta/base", 1, weights=base)
+    hub.repo("lab/child", 2, weights=tuned(base, 3))
+    hub.repo("lab/grandchild", 3, weights=tuned(tuned(base, 3), 4, step=0.1))
+    hub.repo("other/scratch", 4, weights=llama_state(2))
+    cache = tmp_path / "cache"
+    for repo in ("meta/base", "lab/child", "lab/grandchild", "other/scratch"):
+        snapshot_download(repo, cache_dir=cache, endpoint=emu.url, token=False)
+    stale = cache / "models--lab--child" / "snapshots" / ("0" * 40)  # an older snapshot left in the cache
+    stale.mkdir()
+    save_file(llama_state(9), str(stale / "model.safetensors"))
+    assert [r for r, _ in discover_repos(cache)] == ["lab/child", "lab/grandchild", "meta/base", "other/scratch"]
+    (cache / "hub.json").write_bytes((hub.root / "hub.json").read_bytes())  # upload times: the cache has none
+    rows = {r.repo_id: r.parent for r in recover(cache, Options(device="cpu")).rows}
+    home = tmp_path / "home"
+    crawl(home, _options(emu))
+    crawled = {e.repo_id: e.parent for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    assert rows == crawled and rows["lab/grandchild"] == "lab/child" and rows["lab/child"] == "meta/base", (rows, crawled)

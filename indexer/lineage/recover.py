@@ -55,7 +55,7 @@ from indexer.relations.batch import (
     place_quantized,
 )
 from indexer.relations.merges import merge_row_parents
-from indexer.sources import local_declared_bases
+from indexer.sources import hf_cache_repo_id, hf_cache_snapshot, local_declared_bases
 from sketches.adapter import lora_updates
 from sketches.distances import l2_distance
 from sketches.layers import (
@@ -163,12 +163,21 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             dirs[:] = []
             continue
         seen.add(real)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # deterministic, skip .git etc.
+        # deterministic; skip .git etc. and a huggingface_hub cache's datasets and spaces
+        dirs[:] = sorted(d for d in dirs if not d.startswith((".", "datasets--", "spaces--")))
         path = Path(folder)
+        if path.name.startswith("models--") and (path / "snapshots").is_dir():
+            chosen = hf_cache_snapshot(path)  # a huggingface_hub cache: the snapshot refs/main names, only
+            dirs[:] = ["snapshots"] if chosen is not None else []
+            continue
+        if path.name == "snapshots" and path.parent.name.startswith("models--"):
+            chosen = hf_cache_snapshot(path.parent)
+            dirs[:] = [chosen.name] if chosen is not None else []
+            continue
         if _is_pipeline(path):
             dirs[:] = []  # its components are read as one model, not as repos of their own
         if _is_repo(path) or _is_pipeline(path):
-            rel = path.relative_to(root).as_posix()
+            rel = hf_cache_repo_id(path) or path.relative_to(root).as_posix()
             found.append((rel if rel != "." else path.name, path))
     if not found:
         raise BadInputError(str(root), "no safetensors, GGUF or adapter weights found in any folder under it")
