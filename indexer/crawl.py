@@ -199,15 +199,17 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
         return (INDEX_FILE,)
     if SINGLE_FILE in top:
         return (SINGLE_FILE,)
-    weights = tuple(f for f in top if f.endswith(".safetensors"))
-    if weights:
-        return weights
     denoiser = denoiser_folder(entry.files)
     if denoiser is not None:  # a diffusers pipeline: its denoiser's shard index, else its files
+        # before top-level files: SD 1.5 / SDXL base repos carry a single-file checkpoint (original
+        # LDM names) beside the pipeline, and their diffusers-format fine-tunes hold the pipeline's names
         if f"{denoiser}/{COMPONENT_INDEX}" in entry.files:
             return (f"{denoiser}/{COMPONENT_INDEX}",)
         return tuple(sorted(f for f in entry.files if f.startswith(f"{denoiser}/") and f.count("/") == 1
                             and f.endswith(".safetensors")))
+    weights = tuple(f for f in top if f.endswith(".safetensors"))
+    if weights:
+        return weights
     gguf_file = choose_gguf(top)
     if gguf_file is not None:
         return (gguf_file,)  # a GGUF repo (no safetensors; usually no config.json either)

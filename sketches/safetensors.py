@@ -561,6 +561,14 @@ def denoiser_folder(files: Iterable[str]) -> str | None:
     return None
 
 
+def local_denoiser(folder: Path) -> str | None:
+    """`denoiser_folder` of a local folder (its files and its subfolders' files)."""
+    if not (folder / PIPELINE_INDEX).is_file():
+        return None
+    return denoiser_folder(f.relative_to(folder).as_posix() for f in (*folder.glob("*"), *folder.glob("*/*"))
+                           if f.is_file())
+
+
 def _folder_files(folder: Path) -> tuple[str, ...]:
     if (folder / SINGLE_FILE).is_file():
         return (SINGLE_FILE,)
@@ -580,7 +588,8 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
     """Open a .safetensors file, a sharded index file, or a repo folder; reads and validates headers only.
 
     A folder resolves, in this order, to model.safetensors, else the shards of
-    model.safetensors.index.json, else every *.safetensors file in it (sorted).
+    model.safetensors.index.json, else a diffusers pipeline's denoiser (`denoiser_folder`), else every
+    *.safetensors file in it (sorted; variants of one model: `choose_files`).
     """
     p = Path(path)
     if not p.exists():
@@ -595,11 +604,9 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
         return RepoWeights(str(p.parent), (p.name,))
     if not (p / SINGLE_FILE).is_file() and (p / INDEX_FILE).is_file():
         return _open_sharded(p / INDEX_FILE)
-    if not any(f.suffix == ".safetensors" for f in p.iterdir() if f.is_file()):
-        listing = [f.relative_to(p).as_posix() for f in p.glob("*") if f.is_file()]
-        listing += [f.relative_to(p).as_posix() for f in p.glob("*/*") if f.is_file()]
-        denoiser = denoiser_folder(listing)
-        if denoiser is not None:  # a diffusers pipeline: its denoiser, sharded or not
+    if not (p / SINGLE_FILE).is_file():
+        denoiser = local_denoiser(p)
+        if denoiser is not None:  # a diffusers pipeline: its denoiser (not a single-file checkpoint beside it)
             index = p / denoiser / COMPONENT_INDEX
             return _open_sharded(index) if index.is_file() else RepoWeights(str(p / denoiser), _folder_files(p / denoiser))
     return RepoWeights(str(p), _folder_files(p))

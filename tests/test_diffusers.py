@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from safetensors.torch import save_file
 from test_crawl_relations import Hub, _options, emu, hub  # noqa: F401
 
 from indexer.crawl import crawl
@@ -59,6 +60,11 @@ def sd_hub(hub: Hub) -> Hub:  # noqa: F811
     vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8)
     base = _unet(1)
     _pipeline(hub.root / "sd/base", base, vae, variant=True)
+    # SD 1.5 / SDXL base repos also carry a single-file checkpoint under the original LDM names (here: the
+    # UNet's tensors under model.diffusion_model., not a full conversion): the pipeline is what is read,
+    # since the diffusers-format fine-tunes hold the pipeline's names
+    save_file({f"model.diffusion_model.{n}": t.contiguous() for n, t in base.state_dict().items()},
+              str(hub.root / "sd/base/v1-5-pruned-emaonly.safetensors"))
     _pipeline(hub.root / "lab/dreambooth", _unet(2, from_unet=base), vae)
     _pipeline(hub.root / "lab/sharded-ft", _unet(3, from_unet=base), vae, shard="200KB")
     _pipeline(hub.root / "other/scratch", _unet(4), vae)

@@ -66,7 +66,7 @@ from sketches.layers import (
     select_layers,
     wrapper_depth,
 )
-from sketches.safetensors import PIPELINE_INDEX, denoiser_folder, open_local_repo
+from sketches.safetensors import local_denoiser, open_local_repo
 from sketches.stats import model_stats
 
 logger = logging.getLogger(__name__)
@@ -136,10 +136,7 @@ def _is_repo(folder: Path) -> bool:
 
 def _is_pipeline(folder: Path) -> bool:
     """A diffusers pipeline folder: one repo, read through its denoiser (sketches.safetensors.denoiser_folder)."""
-    if not (folder / PIPELINE_INDEX).is_file():
-        return False
-    listing = [f.relative_to(folder).as_posix() for f in (*folder.glob("*"), *folder.glob("*/*")) if f.is_file()]
-    return denoiser_folder(listing) is not None
+    return local_denoiser(folder) is not None
 
 
 def _special(folder: Path) -> bool:
