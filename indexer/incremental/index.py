@@ -75,6 +75,7 @@ from indexer.relations.merges import PairCache, fit, merge_row_parents
 from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
 from indexer.relations.rules import (
     LEAF_PENALTY,
+    copy_relative,
     within_quantization_error,
 )
 from sketches.adapter import LoraUpdate, check_compatibility, lora_updates
@@ -347,7 +348,7 @@ class LineageIndex:
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
         casts = self._casts(state, p.mine, pairs)  # before the edges: a cast copy is no parent
-        candidates, rows, relative = self._edges(family, p.view, state, pairs)  # 4.
+        candidates, rows, relative = self._edges(family, p.view, state, pairs, p.mine.arrays)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
         self._remember(repo_id, p.mine.arrays)
@@ -408,8 +409,18 @@ class LineageIndex:
         further = {n for r in chosen for n in (forest.parent(r), *(c for c in forest._out[r] if forest.parent(c) == r))}
         return chosen + rank(further - seen - set(chosen) - {""})[: self.expand - len(chosen)]
 
-    def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object]
-               ) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
+    def _copy_relative(self, state: _Family, repo_id: str, mine: Mapping[str, np.ndarray], other: str,
+                       plain: float) -> float:
+        """indexer.relations.rules.copy_relative of a pair with a quantized side: the other side's arrays are
+        recalled (memory, else the cache) only when the plain distance is over the smaller predicted error."""
+        predicted = min(state.quant[r].predicted_error for r in (repo_id, other) if r in state.quant)
+        if within_quantization_error(plain, predicted):
+            return plain
+        held = self._with_arrays(state, other)
+        return copy_relative(plain, mine, held.arrays, predicted) if held is not None else plain
+
+    def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object],
+               mine: Mapping[str, np.ndarray]) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
         candidates, rows, relative = [], [], {}
         copies = {copy for _, copy in state.casts}
         for pair in sorted(pairs, key=lambda p: p.other):  # type: ignore[attr-defined]
@@ -422,8 +433,8 @@ class LineageIndex:
             # known by now counts as one (batch sets casts aside as leaves whatever the upload times say).
             w_in += LEAF_PENALTY if other.repo_id in state.quant or other.repo_id in copies else 0.0
             w_out += LEAF_PENALTY if view.repo_id in state.quant or view.repo_id in copies else 0.0
-            if other.repo_id in state.quant or view.repo_id in state.quant:
-                rel = float(pair.relative)  # type: ignore[attr-defined]
+            if other.repo_id in state.quant or view.repo_id in state.quant:  # the copy's label is judged on it
+                rel = self._copy_relative(state, view.repo_id, mine, other.repo_id, float(pair.relative))  # type: ignore[attr-defined]
                 relative[other.repo_id] = rel
                 state.relative[(other.repo_id, view.repo_id)] = state.relative[(view.repo_id, other.repo_id)] = rel
             candidates += [Candidate(other.repo_id, view.repo_id, w_in), Candidate(view.repo_id, other.repo_id, w_out)]

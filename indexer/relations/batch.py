@@ -59,6 +59,7 @@ from indexer.relations.merges import PairCache, fit
 from indexer.relations.pool import fit_order, pair_table, tree_pool
 from indexer.relations.rules import (
     LEAF_PENALTY,
+    copy_relative,
     within_quantization_error,
 )
 from sketches.adapter import (
@@ -188,7 +189,10 @@ def place_quantized(copies: Sequence[QuantCopy], views: Mapping[str, ModelView],
             continue
         pair, margin = found
         timed = copy.created is not None and created[pair.other] is not None
-        out[copy.repo_id] = Placed(copy.repo_id, pair.other, quantized_label(pair.relative, copy.quant),
+        other = views.get(pair.other) or own[pair.other]
+        predicted = min([copy.quant.predicted_error] + [c.quant.predicted_error for c in copies if c.repo_id == pair.other])
+        relative = copy_relative(pair.relative, own[copy.repo_id].arrays, other.arrays, predicted)
+        out[copy.repo_id] = Placed(copy.repo_id, pair.other, quantized_label(relative, copy.quant),
                                    distance=pair.tier_distance, confidence=calibrated(margin, timed=timed),
                                    parents=((pair.other, 1.0),), family=copy.family)
     return out

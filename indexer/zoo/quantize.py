@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -248,6 +248,78 @@ def write_gptq(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[st
 # Neither library is a runtime dependency: the `quant` extra (`pip install -e '.[quant]'`, which `make
 # test` installs) brings them; both run on CPU (bitsandbytes >= 0.45 has a CPU backend, compressed-tensors
 # is plain torch). The relations zoo adds these copies only when both import (`optional_quantizers`).
+
+
+# --- AWQ ----------------------------------------------------------------------------------------------------
+
+
+def _awq_scale(rng: np.random.Generator, weights: Sequence[np.ndarray], spread: float) -> np.ndarray:
+    """AWQ's per-input-channel scale s = x_mean^a / w_mean^(1 - a) at a = 0.5, normalised by sqrt(max * min)
+    (AutoAWQ's _search_best_scale at one grid point), over the matrices that read those channels. The
+    activation means are drawn (log-normal, `spread`): this zoo has no calibration text to run."""
+    w_mean = np.mean([np.abs(w).mean(axis=0) / np.abs(w).max() for w in weights], axis=0)
+    x_mean = np.exp(rng.normal(0.0, spread, w_mean.shape[0]))
+    s = np.sqrt(x_mean) / np.sqrt(np.maximum(w_mean, 1e-4))
+    return (s / np.sqrt(s.max() * s.min())).astype(np.float32)
+
+
+def awq_fold(state: Mapping[str, np.ndarray], *, seed: int, spread: float = 1.0) -> dict[str, np.ndarray]:
+    """A Llama state with AWQ's scales folded in, as AutoAWQ's apply_scale leaves it before packing:
+    input_layernorm / s, q, k, v columns * s; post_attention_layernorm / s, gate, up columns * s; up rows / s,
+    down columns * s; v rows / s, o columns * s where their widths agree (no grouped-query attention)."""
+    rng = np.random.default_rng(seed)
+    out = {n: np.asarray(a, np.float32).copy() for n, a in state.items()}
+    blocks = sorted({n.split(".")[2] for n in out if n.startswith("model.layers.")}, key=int)
+
+    def fold(prev: str, rows: bool, users: Sequence[str]) -> None:
+        s = _awq_scale(rng, [out[u] for u in users], spread)
+        out[prev] = out[prev] / (s[:, None] if rows else s)
+        for u in users:
+            out[u] = out[u] * s
+    for b in blocks:
+        p = f"model.layers.{b}."
+        fold(p + "input_layernorm.weight", False, [p + f"self_attn.{m}_proj.weight" for m in "qkv"])
+        if out[p + "self_attn.v_proj.weight"].shape[0] == out[p + "self_attn.o_proj.weight"].shape[1]:
+            fold(p + "self_attn.v_proj.weight", True, [p + "self_attn.o_proj.weight"])
+        fold(p + "post_attention_layernorm.weight", False, [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"])
+        fold(p + "mlp.up_proj.weight", True, [p + "mlp.down_proj.weight"])
+    return out
+
+
+def pack_awq(w: np.ndarray, *, group: int = 32) -> dict[str, np.ndarray]:
+    """One Linear weight (out, in) -> AutoAWQ's GEMM layout: 4-bit codes packed along the output columns
+    in its nibble order (sketches.packed.AWQ_ORDER), zero points likewise, F16 scales per input group."""
+    from sketches.packed import AWQ_ORDER
+
+    out, n_in = w.shape
+    codes, scale, zero = _rtn(w.reshape(out, n_in // group, group), 4)
+    codes = codes.reshape(out, n_in).T  # (in, out)
+
+    def words(c: np.ndarray) -> np.ndarray:
+        c = c.reshape(c.shape[0], -1, 8)[..., list(AWQ_ORDER)]
+        packed = sum((c[..., j].astype(np.uint64) << np.uint64(4 * j)) for j in range(8))
+        return packed.astype(np.uint32).view(np.int32)
+    return {"qweight": words(codes), "qzeros": words(zero.T), "scales": scale.T.astype(np.float16)}
+
+
+def write_awq(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *, group: int = 32,
+              fold_seed: int | None = None, spread: float = 1.0) -> Path:
+    """An AWQ (GEMM, 4-bit) checkpoint folder: with `fold_seed`, AWQ's scales folded in first (`awq_fold`);
+    the projections packed with round-to-nearest codes (AutoAWQ also clips each group's range, not done
+    here), the rest in F16, config.json with AutoAWQ's quantization_config."""
+    if fold_seed is not None:
+        state = awq_fold(state, seed=fold_seed, spread=spread)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, np.ndarray] = {}
+    for name, w in sorted(state.items()):
+        if name.endswith("_proj.weight") and w.ndim == 2 and w.shape[1] % group == 0 and w.shape[0] % 8 == 0:
+            tensors |= {f"{name[: -len('.weight')]}.{k}": a for k, a in pack_awq(np.asarray(w, np.float32), group=group).items()}
+        else:
+            tensors[name] = np.asarray(w, dtype=np.float16)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(folder / "model.safetensors"))
+    quant = {"quant_method": "awq", "bits": 4, "group_size": group, "version": "gemm", "zero_point": True}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
 
 
 def optional_quantizers() -> str:
