@@ -1,0 +1,114 @@
+"""Quantized formats the relations zoo does not hold: MLX (mlx-lm's layout, by mlx itself), AWQ with
+AutoAWQ's scales folded in, GGUF files whose rows fall back to IQ4_NL. Each full-precision model of the
+relations zoo gets one copy per format, uploaded after everything else; then batch recovery, per format:
+is the copy under its source, and labelled `quantized`?
+
+    .venv/bin/python bench/formats.py --zoo /work/zoo/relations --out /tmp/fmt
+    .venv/bin/python bench/incremental.py --zoo /tmp/fmt --orders 1      # the crawl's index on the same folder
+
+Copies (`FORMATS`): MLX affine 4-bit group 64 (mlx-lm's default), 8-bit group 64, 3-bit group 32 with
+down_proj and lm_head at 6 bits (a mixed recipe), MXFP4 and NVFP4; AWQ GEMM 4-bit group 32 with no
+scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.quantize.awq_fold`); GGUF
+Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
+them as IQ4_NL. Without mlx installed the MLX rows are left out (said on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safetensors.numpy import load_file
+
+from indexer.evaluate import read_relations_csv
+from indexer.lineage import recover as rec
+from indexer.lineage.methods import Options
+from indexer.zoo.quantize import write_awq, write_llama_gguf, write_mlx
+
+ORG = "rel"
+SOURCES = ("base-a", "a-ft1", "a-ft2", "a-ft1-ft", "base-b", "b-ft1", "b-ft2")
+Writer = Callable[[Path, dict[str, Any], dict[str, Any], int], None]
+FORMATS: dict[str, Writer] = {
+    "mlx-4bit": lambda f, s, c, i: write_mlx(f, s, c),
+    "mlx-8bit": lambda f, s, c, i: write_mlx(f, s, c, bits=8),
+    "mlx-3bit-mixed": lambda f, s, c, i: write_mlx(f, s, c, bits=3, group_size=32, module_bits={
+        **{f"model.layers.{b}.mlp.down_proj": 6 for b in range(c["num_hidden_layers"])}, "lm_head": 6}),
+    "mlx-mxfp4": lambda f, s, c, i: write_mlx(f, s, c, group_size=32, mode="mxfp4"),
+    "mlx-nvfp4": lambda f, s, c, i: write_mlx(f, s, c, group_size=16, mode="nvfp4"),
+    "awq": lambda f, s, c, i: write_awq(f, s, c),
+    "awq-folded": lambda f, s, c, i: write_awq(f, s, c, fold_seed=i, spread=1.0),
+    "gguf-q3k": lambda f, s, c, i: (f.mkdir(parents=True, exist_ok=True),
+                                    write_llama_gguf(f / "model-Q3_K.gguf", s, "Q3_K", heads=c["num_attention_heads"],
+                                                     kv_heads=c["num_key_value_heads"])),
+}
+
+
+def _mlx_missing() -> str:
+    try:
+        import mlx.core  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 -- an optional extra: any import failure means "not here"
+        return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def build(zoo: Path, out: Path) -> list[str]:
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.copytree(zoo, out)
+    hub = json.loads((out / "hub.json").read_text())
+    missing = _mlx_missing()
+    if missing:
+        print(f"mlx does not import ({missing}): no MLX copies", file=sys.stderr)
+    made = []
+    with (out / "truth.csv").open("a", newline="") as f:
+        w = csv.writer(f)
+        for i, (fmt, write) in enumerate((k, v) for k, v in FORMATS.items() if not (missing and k.startswith("mlx"))):
+            for j, source in enumerate(SOURCES):
+                folder = out / ORG / source
+                state = {n: a for n, a in load_file(str(folder / "model.safetensors")).items()}
+                config = json.loads((folder / "config.json").read_text())
+                name = f"{ORG}/{source}-{fmt}"
+                write(out / name, state, config, 100 * i + j)
+                hub["repos"][name] = {"createdAt": f"2024-01-03T{i:02d}:{j:02d}:00.000Z"}
+                w.writerow([name, f"{ORG}/{source}", "quantized"])
+                made.append(name)
+    (out / "hub.json").write_text(json.dumps(hub))
+    return made
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--zoo", type=Path, required=True, help="a relations zoo (index zoo make DIR --preset relations)")
+    ap.add_argument("--out", type=Path, required=True, help="where the extended copy is written (replaced)")
+    args = ap.parse_args()
+    made = build(args.zoo, args.out)
+    forest = rec.recover(args.out, Options())
+    truth = read_relations_csv(args.out / "truth.csv")
+    rows = {r.repo_id: r for r in forest.rows}
+    print("| format | copies | under their source | labelled quantized | failed |")
+    print("|---|---|---|---|---|")
+    for fmt in FORMATS:
+        mine = [m for m in made if m.endswith(f"-{fmt}")]
+        if not mine:
+            continue
+        under = sum(rows[m].parent == truth[m][0][0] for m in mine)
+        label = sum(rows[m].relation == "quantized" for m in mine)
+        failed = sum(rows[m].status != "ok" for m in mine)
+        print(f"| {fmt} | {len(mine)} | {under}/{len(mine)} | {label}/{len(mine)} | {failed} |")
+    others = [c for c in truth if c not in made and truth[c][1] != "merge"]
+    kept = sum(rows[c].parent == (truth[c][0][0] if truth[c][0] else "") for c in others)
+    print(f"\nthe zoo's own repos (merges aside): {kept}/{len(others)} parents as in truth.csv")
+    for m in made:
+        if rows[m].status != "ok":
+            print(f"{m}: {rows[m].reason}")
+
+
+if __name__ == "__main__":
+    main()
