@@ -8,7 +8,8 @@ is the copy under its source, and labelled `quantized`?
 
 Copies (`FORMATS`): MLX affine 4-bit group 64 (mlx-lm's default), 8-bit group 64, 3-bit group 32 with
 down_proj and lm_head at 6 bits (a mixed recipe), MXFP4 and NVFP4; AWQ GEMM 4-bit group 32 with no
-scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.quantize.awq_fold`); GGUF
+scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.quantize.awq_fold`);
+compressed-tensors NVFP4, MXFP4 and MXFP8 by its own compressors; GGUF
 Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
 them as IQ4_NL. Without mlx installed the MLX rows are left out (said on stderr).
 """
@@ -31,7 +32,7 @@ from safetensors.numpy import load_file
 from indexer.evaluate import read_relations_csv
 from indexer.lineage import recover as rec
 from indexer.lineage.methods import Options
-from indexer.zoo.quantize import write_awq, write_llama_gguf, write_mlx
+from indexer.zoo.quantize import write_awq, write_llama_gguf, write_microscaled, write_mlx
 
 ORG = "rel"
 SOURCES = ("base-a", "a-ft1", "a-ft2", "a-ft1-ft", "base-b", "b-ft1", "b-ft2")
@@ -45,6 +46,9 @@ FORMATS: dict[str, Writer] = {
     "mlx-nvfp4": lambda f, s, c, i: write_mlx(f, s, c, group_size=16, mode="nvfp4"),
     "awq": lambda f, s, c, i: write_awq(f, s, c),
     "awq-folded": lambda f, s, c, i: write_awq(f, s, c, fold_seed=i, spread=1.0),
+    "ct-nvfp4": lambda f, s, c, i: write_microscaled(f, s, c, fmt="nvfp4"),
+    "ct-mxfp4": lambda f, s, c, i: write_microscaled(f, s, c, fmt="mxfp4"),
+    "ct-mxfp8": lambda f, s, c, i: write_microscaled(f, s, c, fmt="mxfp8"),
     "gguf-q3k": lambda f, s, c, i: (f.mkdir(parents=True, exist_ok=True),
                                     write_llama_gguf(f / "model-Q3_K.gguf", s, "Q3_K", heads=c["num_attention_heads"],
                                                      kv_heads=c["num_key_value_heads"])),

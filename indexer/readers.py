@@ -244,7 +244,8 @@ def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
 
 
 WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",
-                   "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors", "mlx": "mlx"}
+                   "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors", "ct-fp4": "compressed-tensors",
+                   "mlx": "mlx"}
 
 
 def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],

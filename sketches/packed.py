@@ -31,7 +31,10 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 little-endian bit stream per row, stored as value + 2**(bits-1); <p>.weight_shape (2,);
                 <p>.weight_scale (out, groups) or (out, 1); <p>.weight_zero_point packed along dim 0 (asym.);
                 <p>.weight_g_idx (act-order).  "int-quantized": <p>.weight int8 + weight_scale (+ zero point).
-                "float-quantized": the fp8 layout above.
+                "float-quantized": the fp8 layout above; "mxfp8-quantized": fp8 with U8 E8M0 scales (2**(s - 127)) per 32.
+    ct-fp4      compressed-tensors "nvfp4-pack-quantized" / "mxfp4-pack-quantized": <p>.weight_packed U8 (out, in/2),
+                two FP4 E2M1 codes a byte, the first in the LOW nibble (bit 3 the sign); <p>.weight_scale per
+                group: F8_E4M3 per 16 divided by the F32 <p>.weight_global_scale (nvfp4), or U8 E8M0 per 32 (mxfp4).
     mlx         <p>.weight U32 (out, in*bits/32)      codes as one little-endian bit stream per row (as
                                                       compressed-tensors', unsigned), bits 1-8
                 <p>.scales (out, in/group), <p>.biases (out, in/group), in the model's float dtype:
@@ -79,7 +82,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "mlx"]
+Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "ct-fp4", "mlx"]
 MlxMode = Literal["affine", "mxfp4", "mxfp8", "nvfp4"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # logical column held by nibble j of a word
@@ -108,6 +111,10 @@ PACKED_RELATIVE_ERROR: dict[str, float] = {
     "ct-pack-4bit": 1.18e-1,  # symmetric, group 128
     "ct-pack-8bit": 6.5e-3,
     "ct-int-8bit": 7.9e-3,  # per-channel
+    # compressed-tensors' own NVFP4 / MXFP4 / MXFP8 compressors (tests/test_packed.py measures with them)
+    "ct-fp4-nvfp4": 9.77e-2,  # E2M1, an F8 scale per 16 under a per-tensor global scale
+    "ct-fp4-mxfp4": 1.12e-1,  # E2M1, a power-of-two scale per 32 (mlx-mxfp4 above: 1.18e-1, its own scale rule)
+    "fp8-mxfp8": 2.65e-2,  # E4M3, a power-of-two scale per 32
     # MLX affine at mlx-lm's default group 64 (min / max per group, codes unsigned): real mlx.core.quantize
     # gives the same codes as the reference packer (tests/test_packed.py checks it where mlx installs)
     "mlx-2bit": 4.11e-1,
@@ -139,14 +146,14 @@ class QuantScheme:
     group_size: int | None = None  # input columns per scale; None: per output row, or found from shapes
     zero_offset: int = 0  # added to stored zero points (GPTQ v1: 1)
     block: tuple[int, int] | None = None  # fp8 block-wise scales: rows x columns per scale
-    mode: MlxMode = "affine"  # mlx only
+    mode: MlxMode = "affine"  # mlx; ct-fp4 (nvfp4 / mxfp4) and fp8 (mxfp8: E8M0 scales) name their microscaling
     overrides: tuple[tuple[str, int, int], ...] = ()  # mlx only: (module path, bits, group) of mixed recipes
 
     @property
     def name(self) -> str:
         """gptq-4bit, awq-4bit, fp8-8bit, ct-pack-4bit, mlx-4bit, mlx-mxfp4 ...; bnb carries its width already."""
-        if self.method == "mlx" and self.mode != "affine":
-            return f"mlx-{self.mode}"
+        if self.mode != "affine":
+            return f"{self.method}-{self.mode}"
         return self.method if self.method.startswith("bnb-") else f"{self.method}-{self.bits}bit"
 
 
@@ -266,8 +273,14 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
         return QuantScheme("ct-int", _bits(bits, (8,), "int-quantized"), group, block=block)
     if fmt in ("float-quantized", "naive-quantized"):
         return QuantScheme("fp8", _bits(bits, (8,), "float-quantized"), group, block=block)
+    if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        mode = "nvfp4" if fmt.startswith("nv") else "mxfp4"
+        return QuantScheme("ct-fp4", _bits(bits, (4,), fmt), group or (16 if mode == "nvfp4" else 32), mode=mode)
+    if fmt == "mxfp8-quantized":
+        return QuantScheme("fp8", _bits(bits, (8,), fmt), group or 32, mode="mxfp8")
     raise _error("quantization_config", f"compressed-tensors format {fmt!r} is not supported "
-                 "(pack-quantized, int-quantized, float-quantized, naive-quantized)")
+                 "(pack-quantized, int-quantized, float-quantized, naive-quantized, nvfp4-pack-quantized, "
+                 "mxfp4-pack-quantized, mxfp8-quantized)")
 
 
 # Packed formats we do not decode, told by a tensor-name suffix: refused by name, never read as if their
@@ -300,13 +313,18 @@ def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
         return QuantScheme("bnb-int8", 8)
     if any(re.search(r"\.weight\.quant_state\.bitsandbytes__(nf4|fp4)$", n) for n in names):
         return QuantScheme("bnb-4bit", 4)
-    if any(n.endswith(".weight_packed") for n in names):
+    packed = [n for n in names if n.endswith(".weight_packed")]
+    if packed and tensors[packed[0]].dtype == "U8":  # FP4 codes two a byte: NVFP4 has a global scale
+        nv = any(n.endswith(".weight_global_scale") for n in names)
+        return QuantScheme("ct-fp4", 4, 16 if nv else 32, mode="nvfp4" if nv else "mxfp4")
+    if packed:
         return QuantScheme("ct-pack", 4)  # the real bit width comes from weight_shape at decode time
     for n in names:
         if n.endswith((".weight_scale", ".weight_scale_inv")):
             weight = tensors.get(n.rsplit(".", 1)[0] + ".weight")
             if weight is not None and weight.dtype in ("F8_E4M3", "F8_E5M2"):
-                return QuantScheme("fp8", 8)
+                mx = tensors[n].dtype == "U8"  # E8M0 exponents: MXFP8
+                return QuantScheme("fp8", 8, 32 if mx else None, mode="mxfp8" if mx else "affine")
             if weight is not None and weight.dtype == "I8":
                 return QuantScheme("ct-int", 8)
     return None
@@ -451,6 +469,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
     "ct-int": (".weight", {"weight": ".weight", "weight_scale": ".weight_scale",
                            "weight_zero_point": ".weight_zero_point"},
                ("weight", "weight_scale")),
+    "ct-fp4": (".weight_packed", {"weight_packed": ".weight_packed", "weight_scale": ".weight_scale",
+                                  "weight_global_scale": ".weight_global_scale"}, ("weight_packed", "weight_scale")),
 }
 
 
@@ -463,6 +483,8 @@ def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
         return [n for n in found if tensors[n].dtype in ("F8_E4M3", "F8_E5M2")]
     if scheme.method == "ct-int":
         return [n for n in found if tensors[n].dtype == "I8"]
+    if scheme.method in ("ct-fp4", "ct-pack"):  # FP4 codes are bytes, pack-quantized words int32
+        return [n for n in found if (tensors[n].dtype == "U8") == (scheme.method == "ct-fp4")]
     return found
 
 
@@ -479,6 +501,8 @@ def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) ->
         missing.append(".weight_scale or .weight_scale_inv")
     if scheme.method == "bnb-4bit" and "quant_state" not in parts:
         missing.append(".weight.quant_state.bitsandbytes__nf4 (or __fp4)")
+    if scheme.method == "ct-fp4" and scheme.mode == "nvfp4" and "weight_global_scale" not in parts:
+        missing.append(".weight_global_scale")
     if missing:
         raise _error(anchor, f"{scheme.method} module {prefix!r} lacks {', '.join(missing)}")
     return PackedModule(prefix + ".weight", dict(sorted(parts.items())), _shape(tensors, scheme, parts))
@@ -495,6 +519,9 @@ def _shape(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[s
     if scheme.method in ("bnb-int8", "fp8", "ct-int"):
         dims = shape("weight")
         return (dims[0], dims[1]) if len(dims) == 2 else None
+    if scheme.method == "ct-fp4":
+        dims = shape("weight_packed")
+        return (dims[0], 2 * dims[1]) if len(dims) == 2 else None
     return None  # bnb-4bit: in the JSON blob; ct-pack: in the weight_shape tensor
 
 
@@ -692,11 +719,18 @@ def _expand_scale(scale: np.ndarray, shape: tuple[int, int], block: tuple[int, i
     return full
 
 
+def _e8m0(exponents: np.ndarray) -> np.ndarray:
+    """MX scales: U8 biased exponents, 2 ** (e - 127)."""
+    return np.ldexp(np.float32(1), np.asarray(exponents).astype(np.int32) - 127).astype(np.float32)
+
+
 def _fp8(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, first_row: int) -> np.ndarray:
     weight = _f32(_need(arrays, module, "weight"))
     scale = arrays.get("scale", arrays.get("scale_inv"))
     if scale is None or weight.ndim != 2:
         raise _error(module.weight, "an fp8 weight needs a 2-D weight and weight_scale or weight_scale_inv")
+    if scheme.mode == "mxfp8":
+        scale = _e8m0(scale)
     return weight * _expand_scale(scale, weight.shape, scheme.block, first_row, module.weight)
 
 
@@ -734,6 +768,18 @@ def _ct_pack(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Qua
     return (q - zero) * scale[:, g]
 
 
+def _ct_fp4(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme) -> np.ndarray:
+    packed = np.asarray(_need(arrays, module, "weight_packed"))
+    if packed.dtype != np.uint8 or packed.ndim != 2:
+        raise _error(module.weight, f"FP4 codes must be a 2-D U8 tensor, got {packed.dtype} {packed.shape}")
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)  # low nibble first
+    raw = _need(arrays, module, "weight_scale")
+    scale = _e8m0(raw) if scheme.mode == "mxfp4" else _f32(raw) / _f32(_need(arrays, module, "weight_global_scale")).reshape(-1)[0]
+    scale = scale.reshape(-1, 1) if scale.ndim < 2 else scale
+    g = _groups(codes.shape[1], scale.shape[1], None, module.weight)
+    return FP4_E2M1[codes] * scale[:, g]
+
+
 def _ct_bits(packed: np.ndarray, n_in: int) -> int:
     """pack-quantized without a config: the bit width the row's word count implies (ceil(in*bits/32))."""
     for bits in (4, 8, 2, 3, 5, 6, 7, 1):
@@ -764,6 +810,8 @@ def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Q
             return _ct_int(module, arrays, scheme, first)
         if scheme.method == "mlx":
             return _mlx(module, arrays, scheme)
+        if scheme.method == "ct-fp4":
+            return _ct_fp4(module, arrays, scheme)
         return _ct_pack(module, arrays, scheme, rows)
     except (ValueError, IndexError, TypeError) as exc:  # shapes that broadcast nowhere: a bad checkpoint
         raise _error(module.weight, f"{scheme.method} tensors are inconsistent ({exc})") from None
@@ -786,7 +834,7 @@ def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], 
             raise _error(module.weight, "bnb 4-bit row ranges need the parsed quant_state (bnb_quant_state)")
         out, n_in = quant_state["shape"]
     else:
-        anchor = "weight_packed" if scheme.method == "ct-pack" else "weight"
+        anchor = "weight_packed" if scheme.method in ("ct-pack", "ct-fp4") else "weight"
         out, n_in = shapes[anchor][0], 0
     if not 0 <= r0 <= r1 <= out:
         raise _error(module.weight, f"rows [{r0}, {r1}) outside its {out} rows")

@@ -442,8 +442,8 @@ def test_plain_checkpoint_has_no_scheme(tmp_path: Path) -> None:
     ({"quant_method": "gptq", "bits": 3}, "GPTQ with 3 bits is not supported"),
     ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
     ({"quant_method": "bitsandbytes"}, "neither load_in_4bit nor load_in_8bit"),
-    ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
-      "config_groups": {"g": {"weights": {"num_bits": 4}}}}, "format 'nvfp4-pack-quantized' is not supported"),
+    ({"quant_method": "compressed-tensors", "format": "mxfp6-pack-quantized",
+      "config_groups": {"g": {"weights": {"num_bits": 6}}}}, "format 'mxfp6-pack-quantized' is not supported"),
     ({"quant_method": "compressed-tensors"}, "no config_groups"),
     ({"quant_method": "gptq", "bits": "4"}, "bits must be a whole number"),
 ])
@@ -540,8 +540,10 @@ def test_relative_error_table() -> None:
         "ct-pack-8bit": (pack_ct(w, bits=8), QuantScheme("ct-pack", 8)),
         "ct-int-8bit": (pack_ct_int(w), QuantScheme("ct-int", 8)),
     }
-    # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py)
-    assert sorted(cases) == sorted(k for k in PACKED_RELATIVE_ERROR if not k.startswith("mlx-"))
+    # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py), the microscaled compressed-tensors
+    # rows with its compressors (test_microscaled_relative_errors_are_the_compressors)
+    assert sorted(cases) == sorted(k for k in PACKED_RELATIVE_ERROR
+                                   if not k.startswith(("mlx-", "ct-fp4-")) and k != "fp8-mxfp8")
     for name, (parts, scheme) in cases.items():
         assert measure(parts, scheme) == pytest.approx(predicted_relative_error(scheme), rel=0.05), name
     with pytest.raises(QuantizedWeightsError, match="no predicted error"):
@@ -565,3 +567,47 @@ def test_unsupported_packed_formats_are_refused_by_name(tmp_path: Path, names: d
     assert looks_packed(_infos(path))
     with pytest.raises(QuantizedWeightsError, match=f"{fmt}.* quantized weights are not supported"):
         detect_scheme(_infos(path), {"architectures": ["LlamaForCausalLM"]})
+
+
+# --- compressed-tensors' microscaled formats, by its own compressors -------------------------------------------
+
+
+def ct_microscaled(w: np.ndarray, fmt: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """One module by compressed-tensors' NVFP4 / MXFP4 / MXFP8 compressor (indexer.zoo.quantize.ct_microscaled),
+    as numpy (float8 as its bytes), and the compressor's own decompression of it (float32)."""
+    pytest.importorskip("compressed_tensors")
+    from indexer.zoo.quantize import ct_microscaled as compress
+
+    packed, scheme, compressor = compress(torch.from_numpy(w), fmt)
+    back = compressor.decompress(dict(packed), scheme)["weight"].float().numpy()
+    return {k: (v.view(torch.uint8) if v.dtype == torch.float8_e4m3fn else v).numpy() for k, v in packed.items()}, back
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_compressed_tensors_microscaled_formats_match_its_compressors(tmp_path: Path, fmt: str) -> None:
+    parts, reference = ct_microscaled(W, fmt)
+    path = checkpoint(tmp_path, {"model.layers.0.mlp.up_proj": parts})
+    f8 = [n for n, a in parts.items() if a.dtype == np.uint8 and (n == "weight" or (fmt == "nvfp4" and n == "weight_scale"))]
+    if f8:
+        _relabel(path, [f"model.layers.0.mlp.up_proj.{n}" for n in f8], "F8_E4M3")
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": f"{fmt}-pack-quantized"
+                                      if fmt != "mxfp8" else "mxfp8-quantized",
+                                      "config_groups": {"g": {"weights": {"num_bits": 8 if fmt == "mxfp8" else 4,
+                                                                          "type": "float"}}}}}
+    for told in (config, None):  # with its config, and from the tensors alone
+        scheme, got = load(path, told)
+        assert scheme.name == {"nvfp4": "ct-fp4-nvfp4", "mxfp4": "ct-fp4-mxfp4", "mxfp8": "fp8-mxfp8"}[fmt]
+        # the compressor decodes in bfloat16 (its unpacked dtype); we decode in float32
+        np.testing.assert_allclose(got["model.layers.0.mlp.up_proj.weight"], reference, rtol=2**-8, atol=1e-30)
+        _, part = load(path, told, rows=(9, 40))
+        np.testing.assert_array_equal(part["model.layers.0.mlp.up_proj.weight"], got["model.layers.0.mlp.up_proj.weight"][9:40])
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "mxfp4", "mxfp8"])
+def test_microscaled_relative_errors_are_the_compressors(fmt: str) -> None:
+    """PACKED_RELATIVE_ERROR's ct-fp4 / fp8-mxfp8 rows: the compressors' error on N(0, 1) data (256 x 1024, seed 0)."""
+    w = gaussian(256, 1024)
+    _, back = ct_microscaled(w, fmt)
+    scheme = {"nvfp4": QuantScheme("ct-fp4", 4, 16, mode="nvfp4"), "mxfp4": QuantScheme("ct-fp4", 4, 32, mode="mxfp4"),
+              "mxfp8": QuantScheme("fp8", 8, 32, mode="mxfp8")}[fmt]
+    assert rel(back, w) == pytest.approx(predicted_relative_error(scheme), rel=0.05)

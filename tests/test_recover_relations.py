@@ -231,11 +231,12 @@ def test_eval_scores_relations_from_the_zoo_truth(zoo: Path, tmp_path: Path) -> 
 
 
 def test_bitsandbytes_and_fp8_copies_by_the_real_libraries_are_quantized_children(tmp_path: Path) -> None:
-    """bitsandbytes' own Linear8bitLt / Linear4bit state dicts and compressed-tensors' FP8 compressor (an
+    """bitsandbytes' own Linear8bitLt / Linear4bit state dicts and compressed-tensors' FP8, NVFP4, MXFP4 and
+    MXFP8 compressors (an
     optional extra: skipped where they are not installed), read back by the crawl's packed reader."""
     pytest.importorskip("bitsandbytes")
     pytest.importorskip("compressed_tensors")
-    from indexer.zoo.quantize import write_bnb, write_fp8
+    from indexer.zoo.quantize import write_bnb, write_fp8, write_microscaled
 
     hub = Hub(tmp_path / "hub")
     hub.root.mkdir()
@@ -246,11 +247,16 @@ def test_bitsandbytes_and_fp8_copies_by_the_real_libraries_are_quantized_childre
     write_bnb(hub.root / "q/child-bnb-8bit", child, LLAMA_CONFIG, kind="int8")
     write_bnb(hub.root / "q/child-bnb-nf4", child, LLAMA_CONFIG, kind="nf4")
     write_fp8(hub.root / "q/base-FP8", base, LLAMA_CONFIG)
-    for month, repo in enumerate(("q/child-bnb-8bit", "q/child-bnb-nf4", "q/base-FP8"), start=3):
+    write_microscaled(hub.root / "q/child-NVFP4", child, LLAMA_CONFIG, fmt="nvfp4")
+    write_microscaled(hub.root / "q/base-MXFP4", base, LLAMA_CONFIG, fmt="mxfp4")
+    write_microscaled(hub.root / "q/child-MXFP8", child, LLAMA_CONFIG, fmt="mxfp8")
+    copies = (("q/child-bnb-8bit", "m/child"), ("q/child-bnb-nf4", "m/child"), ("q/base-FP8", "m/base"),
+              ("q/child-NVFP4", "m/child"), ("q/base-MXFP4", "m/base"), ("q/child-MXFP8", "m/child"))
+    for month, (repo, _) in enumerate(copies, start=3):
         hub.repo(repo, month)
     forest = recover(hub.root, Options(device="cpu"))
     assert not forest.failures()
-    for copy, source in (("q/child-bnb-8bit", "m/child"), ("q/child-bnb-nf4", "m/child"), ("q/base-FP8", "m/base")):
+    for copy, source in copies:
         assert _row(forest, copy)[:2] == (source, "quantized"), (copy, _row(forest, copy))
 
 

@@ -448,6 +448,64 @@ def write_fp8(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
     return folder
 
 
+MICROSCALED = {"nvfp4": "nvfp4-pack-quantized", "mxfp4": "mxfp4-pack-quantized", "mxfp8": "mxfp8-quantized"}
+
+
+def ct_microscaled(weight: Any, fmt: str) -> tuple[dict[str, Any], Any, Any]:
+    """One Linear weight (float32 torch) through compressed-tensors' own NVFP4 / MXFP4 / MXFP8 compressor (its
+    CPU path): (the compressed state dict, the QuantizationScheme, the compressor class). Scales from its
+    calculate_qparams over groups of 16 (nvfp4, under generate_gparam's global scale) or 32 (mx, E8M0)."""
+    from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
+    from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
+    from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
+    import torch
+
+    bits, group, compressor = {"nvfp4": (4, 16, NVFP4PackedCompressor), "mxfp4": (4, 32, MXFP4PackedCompressor),
+                               "mxfp8": (8, 32, MXFP8QuantizationCompressor)}[fmt]
+    strategy = QuantizationStrategy.TENSOR_GROUP if fmt == "nvfp4" else QuantizationStrategy.GROUP
+    args = QuantizationArgs(num_bits=bits, type="float", strategy=strategy, group_size=group, symmetric=True,
+                            **({} if fmt == "nvfp4" else {"scale_dtype": torch.uint8}))
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
+    gs = generate_gparam(weight.min(), weight.max()) if fmt == "nvfp4" else None
+    g = weight.reshape(weight.shape[0], -1, group)
+    scale, zero = calculate_qparams(g.amin(-1), g.amax(-1), args, global_scale=gs)
+    state = {"weight": weight, "weight_scale": scale, "weight_zero_point": zero}
+    if gs is not None:
+        state["weight_global_scale"] = gs
+    return dict(compressor.compress(state, scheme)), scheme, compressor
+
+
+def write_microscaled(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *,
+                      fmt: str = "nvfp4") -> Path:
+    """A compressed-tensors NVFP4 / MXFP4 / MXFP8 checkpoint (`ct_microscaled` per projection, the rest in
+    F16), config.json with the quantization_config llm-compressor writes for it."""
+    import torch
+
+    f8: set[str] = set()
+
+    def quantize(prefix: str, weight: Any) -> dict[str, np.ndarray]:
+        packed, _, _ = ct_microscaled(weight, fmt)
+        out = {}
+        for key, value in packed.items():
+            if value.dtype == torch.float8_e4m3fn:  # numpy has no float8: bytes, viewed back when saved
+                f8.add(f"{prefix}.{key}")
+                value = value.view(torch.uint8)
+            out[f"{prefix}.{key}"] = value.numpy()
+        return out
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = _each_projection(state, quantize)
+    _save_f8(folder / "model.safetensors", tensors, f8)
+    weights = {"num_bits": 8 if fmt == "mxfp8" else 4, "type": "float", "symmetric": True,
+               "group_size": 16 if fmt == "nvfp4" else 32, "strategy": "tensor_group" if fmt == "nvfp4" else "group"}
+    quant = {"quant_method": "compressed-tensors", "format": MICROSCALED[fmt], "quantization_status": "compressed",
+             "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights}}, "ignore": ["lm_head"]}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
+
+
 def _save_f8(path: Path, tensors: Mapping[str, np.ndarray], f8: set[str]) -> None:
     """safetensors through torch (numpy has no float8): the F8 tensors' bytes viewed back as float8_e4m3fn."""
     import torch
