@@ -89,3 +89,46 @@ def test_a_renamed_resave_without_buffers_is_the_same_model(tiny_ft_zoo: Path, t
     save_file(renamed, str(out / "model.safetensors"))
     result = compare(load_local(tiny_ft_zoo / child), load_local(out))
     assert result.comparable and result.identical and result.direction == "duplicate"
+
+
+def test_quantized_copies_are_read_dequantized_and_judged_as_copies(tmp_path: Path) -> None:
+    """An auditor's commonest question: is this GGUF / GPTQ / AWQ file derived from our model? Local quantized
+    folders are read by the crawl's reader; the copy within its scheme's error is the child, `quantized`."""
+    from test_crawl_relations import HEADS, KV_HEADS, LLAMA_CONFIG, llama_state, tuned
+
+    from indexer.zoo.quantize import write_awq, write_gptq, write_llama_gguf
+
+    base = llama_state(1)
+    child = tuned(base, 2)
+    for name, state in (("base", base), ("child", child)):
+        (tmp_path / name).mkdir()
+        save_file(state, str(tmp_path / name / "model.safetensors"))
+    (tmp_path / "gguf").mkdir()
+    write_llama_gguf(tmp_path / "gguf" / "child-Q8_0.gguf", child, "Q8_0", heads=HEADS, kv_heads=KV_HEADS)
+    write_gptq(tmp_path / "gptq", child, LLAMA_CONFIG, bits=4, group=32)
+    write_awq(tmp_path / "awq", child, LLAMA_CONFIG, fold_seed=3, spread=1.0)  # AutoAWQ's scales folded in
+    for copy, scheme in (("gguf", "gguf-Q8_0"), ("gptq", "gptq-4bit"), ("awq", "awq-4bit")):
+        c = compare(load_local(tmp_path / "child"), load_local(tmp_path / copy))
+        assert (c.related, c.direction, c.quantized, c.scheme) == (True, "A -> B", "B", scheme), (copy, c)
+        assert c.copy_distance <= c.copy_limit
+    # an 8-bit copy of the fine-tune against the base: related, but beyond Q8_0's error (4-bit errors are as
+    # large as this fine-tune's drift, 0.3: there the copy reads as one of the base's, or of a close fine-tune)
+    beyond = compare(load_local(tmp_path / "gguf"), load_local(tmp_path / "base"))
+    assert beyond.related and beyond.quantized == "A" and beyond.copy_distance > beyond.copy_limit
+    assert "quantized copy" not in beyond.direction_why
+    result = CliRunner().invoke(index, ["compare", str(tmp_path / "child"), str(tmp_path / "awq")])
+    assert result.exit_code == 0 and "B is a quantized copy (awq-4bit) of A" in result.output
+
+
+def test_an_adapter_is_refused_in_one_line(tmp_path: Path) -> None:
+    from test_crawl_relations import lora_config
+
+    (tmp_path / "lora").mkdir()
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": np.ones((4, 32), np.float32),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": np.ones((32, 4), np.float32)},
+              str(tmp_path / "lora" / "adapter_model.safetensors"))
+    (tmp_path / "lora" / "adapter_config.json").write_text(json.dumps(lora_config("acme/base")))
+    (tmp_path / "other").mkdir()
+    save_file({"model.layers.0.self_attn.q_proj.weight": np.ones((32, 32), np.float32)}, str(tmp_path / "other" / "model.safetensors"))
+    result = CliRunner().invoke(index, ["compare", str(tmp_path / "other"), str(tmp_path / "lora")])
+    assert result.exit_code == 1 and "a PEFT adapter, not a model: compare its base model" in str(result.exception)

@@ -3,16 +3,21 @@
 Steps:
     1. Load each side: a local repo folder (every learned float tensor, whole) or a Hub repo read by range
        with the crawl's plan (its headers, then at most the byte budget of planned rows; heads are not in
-       the plan, so they are reported as not read). Names normalised (sketches.layers).
+       the plan, so they are reported as not read). Names normalised (sketches.layers). A quantized copy
+       (GGUF, GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX) is read by the crawl's reader and
+       dequantized, locally too; an adapter repo is refused (compare its base).
     2. Comparable: the two cores overlap by at least CORE_SHARE (sketches.layers.core_overlap); else the
        answer is "not comparable" and nothing else is computed.
     3. Related: the row-permutation test on the shared body layers (sketches.relatedness): Z, p-value.
     4. Distance: the spectral-tail distance on the shared dense layers (the pair rule's full-rank tier)
        and the relative L2 over all shared layers.
-    5. Direction: bit-identical -> duplicate (the earlier upload is the original); else the earlier
-       upload is the parent when both times are known and differ; else kurtosis (specialisation lowers
-       it: the model with the lower summed excess kurtosis of its output projections is the child), which
-       is a weak cue (a coin flip on our full fine-tuning zoo) and is labelled so.
+    5. Direction: bit-identical -> duplicate (the earlier upload is the original); else, when exactly one
+       side is a quantized copy, that side is the child if it is within its scheme's predicted error of
+       the other (indexer.relations.rules.copy_relative: AWQ's folded scales fitted away): "quantized";
+       else the earlier upload is the parent when both times are known and differ; else kurtosis
+       (specialisation lowers it: the model with the lower summed excess kurtosis of its output
+       projections is the child), which is a weak cue (a coin flip on our full fine-tuning zoo) and is
+       labelled so.
     6. Heads: every head tensor both have, with its two shapes, whether they match, and their distance.
 """
 
@@ -29,11 +34,15 @@ import numpy as np
 
 from errors import BadInputError, RepoNotFoundError
 from indexer.lineage.methods import spectral_tail_distance
+from indexer.readers import QuantInfo
+from indexer.relations.rules import QUANT_FLOOR, QUANT_MULTIPLE, copy_relative, within_quantization_error
+from indexer.sources import LocalRepo, local_created_at
 from sketches.layers import CORE_SHARE, canonical_tensors, core_overlap, is_head, select_layers
 from sketches.relatedness import relate
-from indexer.sources import local_created_at
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
+
+WHOLE = 1 << 60  # a local quantized copy is read whole, as `index recover` reads it
 
 
 @dataclass(frozen=True)
@@ -45,6 +54,7 @@ class Side:
     arrays: dict[str, np.ndarray]  # the tensors actually read
     created: datetime | None
     source: str  # "local" or the endpoint
+    quant: QuantInfo | None = None  # a quantized copy: its scheme and predicted error
 
 
 @dataclass(frozen=True)
@@ -72,10 +82,14 @@ class Comparison:
     relative_l2: float = math.nan
     identical: bool = False
     heads: tuple[HeadMatch, ...] = field(default=())
+    quantized: str = ""  # "A" or "B": the side that is a quantized copy ("" when neither or both)
+    scheme: str = ""  # its scheme (gguf-Q4_K, awq-4bit, mlx-4bit ...)
+    copy_distance: float = math.nan  # the relative distance its label is judged on (scales fitted)
+    copy_limit: float = math.nan  # QUANT_MULTIPLE x the scheme's predicted error + QUANT_FLOOR
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("score", "p_value", "tail_distance", "relative_l2"):
+        for key in ("score", "p_value", "tail_distance", "relative_l2", "copy_distance", "copy_limit"):
             if isinstance(out[key], float) and not math.isfinite(out[key]):
                 out[key] = None if math.isnan(out[key]) else ("inf" if out[key] > 0 else "-inf")
         return out
@@ -85,12 +99,38 @@ class Comparison:
 
 
 def load_local(folder: Path) -> Side:
+    from indexer.lineage.recover import _special
+    from indexer.readers import looks_packed
+
+    if _special(folder):  # GGUF (or an adapter, refused there)
+        return _load_with_reader(folder)
+    with open_local_repo(folder) as weights:
+        packed = looks_packed(weights.tensors())
+    if packed:
+        return _load_with_reader(folder)
     with open_local_repo(folder) as weights:
         infos = weights.tensors()
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}
         arrays = {n: np.asarray(weights.read(stored[n]), dtype=np.float32) for n in sorted(stored)}
     return Side(str(folder), shapes, arrays, local_created_at(folder), "local")
+
+
+def _load_with_reader(folder: Path) -> Side:
+    """A GGUF or packed quantized folder through the crawl's reader, dequantized whole."""
+    from indexer.crawl import read_model
+
+    repo = LocalRepo(folder)
+    try:
+        read = read_model(repo, budget=WHOLE, have_token=True)
+    finally:
+        repo.close()
+    if read.adapter is not None:
+        raise BadInputError(str(folder), "a PEFT adapter, not a model: compare its base model (its "
+                                         "adapter_config.json names it)")
+    shapes = {n: tuple(info.shape) for n, info in read.tensors.items()}
+    return Side(str(folder), shapes, {n: np.asarray(a, np.float32) for n, a in read.arrays.items()},
+                local_created_at(folder), "local", read.quant)
 
 
 def load_hub(repo_id: str, *, endpoint: str, token: str | None, budget: int) -> Side:
@@ -100,8 +140,11 @@ def load_hub(repo_id: str, *, endpoint: str, token: str | None, budget: int) -> 
     hub = HubSource(endpoint, token=token)
     entry = hub.model_info(repo_id)
     read = read_model(hub.repo(entry), budget=budget, have_token=token is not None)
+    if read.adapter is not None:
+        raise BadInputError(repo_id, "a PEFT adapter, not a model: compare its base model (its adapter_config.json names it)")
     shapes = {n: tuple(info.shape) for n, info in read.tensors.items()}
-    return Side(repo_id, shapes, {n: np.asarray(a, np.float32) for n, a in read.arrays.items()}, entry.created_at, endpoint)
+    return Side(repo_id, shapes, {n: np.asarray(a, np.float32) for n, a in read.arrays.items()}, entry.created_at,
+                endpoint, read.quant)
 
 
 def load_side(spec: str, *, endpoint: str, token: str | None, budget: int) -> Side:
@@ -132,10 +175,33 @@ def compare(a: Side, b: Side) -> Comparison:
     test = relate([a.arrays[n] for n in body], [b.arrays[n] for n in body])
     tail, rel = _distances(a, b, body)
     identical = _identical(a, b)
-    direction, why = _direction(a, b, body, identical) if test.related or identical else (
-        "none", "not related: there is no lineage to orient")
+    copy = _copy(a, b, body, rel)
+    if copy is not None and copy[2] and test.related and not identical:
+        side = copy[0]
+        direction = "A -> B" if side == "B" else "B -> A"
+        other = "A" if side == "B" else "B"
+        why = (f"{side} is a quantized copy ({copy[1]}) of {other}, or of a fine-tune of {other} closer than its "
+               f"rounding: within its scheme's predicted error (distance {copy[3]:.3g} <= {copy[4]:.3g}); "
+               "quantized models are leaves (99.4 % on the Hub)")
+    elif test.related or identical:
+        direction, why = _direction(a, b, body, identical)
+    else:
+        direction, why = "none", "not related: there is no lineage to orient"
+    side, scheme, _, distance, limit = copy if copy is not None else ("", "", False, math.nan, math.nan)
     return Comparison(a.name, b.name, True, overlap, tuple(body), test.related, test.score, test.p_value,
-                      direction, why, tail, rel, identical, _heads(a, b))
+                      direction, why, tail, rel, identical, _heads(a, b), side, scheme, distance, limit)
+
+
+def _copy(a: Side, b: Side, body: list[str], rel: float) -> tuple[str, str, bool, float, float] | None:
+    """(side, scheme, within its error, the distance judged, the limit) when exactly one side is a
+    quantized copy, else None."""
+    if (a.quant is None) == (b.quant is None):
+        return None
+    side, quant = ("A", a.quant) if a.quant is not None else ("B", b.quant)
+    assert quant is not None
+    distance = copy_relative(rel, {n: a.arrays[n] for n in body}, {n: b.arrays[n] for n in body}, quant.predicted_error)
+    limit = QUANT_MULTIPLE * quant.predicted_error + QUANT_FLOOR
+    return side, quant.scheme, within_quantization_error(distance, quant.predicted_error), distance, limit
 
 
 def _distances(a: Side, b: Side, body: list[str]) -> tuple[float, float]:
@@ -204,6 +270,10 @@ def render(c: Comparison) -> str:
         f"distance: spectral tail {c.tail_distance:.4g}, relative L2 {c.relative_l2:.4g}"
         + (" (bit-identical)" if c.identical else ""),
     ]
+    if c.quantized:
+        lines.append(f"quantized: {c.quantized} is quantized ({c.scheme}); distance {c.copy_distance:.3g} against the "
+                     f"{c.copy_limit:.3g} its scheme allows ({'within' if c.copy_distance <= c.copy_limit else 'beyond'}"
+                     " it: " + ("a quantized copy" if c.copy_distance <= c.copy_limit else "a fine-tune of a quantized copy, or of a relative") + ")")
     heads = [f"{h.name} {list(h.shape_a)} vs {list(h.shape_b)}: "
              + ("same shape" + (f", relative distance {h.relative_distance:.3g}" if h.relative_distance is not None else ", not read")
                 if h.match else "different shapes")
