@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from indexer.incremental.arborescence import edmonds
-from indexer.incremental.exact import DEFAULT_PENALTY, ModelView, measure, penalty_count
+from indexer.incremental.exact import DEFAULT_PENALTY, PAIR_RULE, ModelView, measure, penalty_count
 from indexer.incremental.forest import Candidate, IncrementalForest
 from indexer.incremental.index import Arrival, LineageIndex
 from store.tables import read_records
@@ -341,7 +341,7 @@ def test_an_index_built_under_another_pair_rule_is_refused(tmp_path: Path, model
     with Store.open(tmp_path) as store:
         store.append("sketches", [SketchRecord(old.repo_id, old.revision, old.family, old.sketch_version, old.vector,
                                                old.kurtosis, old.norms, old.layer_names, _json.dumps(stats))])
-    with pytest.raises(StoreError, match=f"family '{FAMILY}'.*pair rule \\[1, 4\\]"):
+    with pytest.raises(StoreError, match=f"family '{FAMILY}'.*pair rule \\[1, {PAIR_RULE}\\]"):
         with LineageIndex.open(tmp_path, device="cpu") as index:
             index.add(models[2][0], REV.format(2), FAMILY, models[2][2], models[2][3])
     assert len(read_records(tmp_path, "sketches")) == 2  # nothing lost

@@ -115,9 +115,12 @@ logger = logging.getLogger(__name__)
 # sketch; an index built under another rule is refused (indexer.incremental.index._check_pair_rule).
 # 1: session 1, full-rank tier = l2n; 2: full-rank tier = the spectral tail; 3: related by the
 # permutation test, names normalised, ties to the earlier parent; 4: a conv kernel's tail is taken on its
-# unit filters (sketches.gram.unit_filters), the same in batch `mother`. A rule-3 index is refused like
-# any other (a family's stored rows do not say whether it has conv kernels: its tensors may be evicted).
-PAIR_RULE = 4
+# unit filters (sketches.gram.unit_filters), the same in batch `mother`; 5: an edge out of a quantized copy
+# costs LEAF_PENALTY = 1000 (was 10: lexicographic now, as batch), and a copy's stored `relative` is judged
+# with its row / column scales fitted (indexer.relations.rules.copy_relative). A rule-3 or -4 index is
+# refused like any other (a family's stored rows do not say whether it has conv kernels: its tensors may
+# be evicted).
+PAIR_RULE = 5
 
 
 DEFAULT_PENALTY = 0.4  # log units per unit of T: the kurtosis cue, a factor 1.5 (~ mother's 0.3 x mean(D))

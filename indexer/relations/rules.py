@@ -2,10 +2,13 @@
 and the batch recovery (indexer.relations.batch) import them from here, so that the two cannot drift.
 
 Quantized copies:
-- LEAF_PENALTY (log units, on every candidate edge out of a quantized copy): a factor e^10 on the
-  distance, more than any gap between a real parent and a sibling, so a quantized copy is a parent only
-  when no full-precision model relates to the child (Hub: quantized models are leaves in 99.41 % of
-  documented edges).
+- LEAF_PENALTY (log units, on every candidate edge out of a quantized copy): more than the whole spread of
+  candidate weights (two tiers TIER_GAP = 100 apart, each log distances from log 1e-12 to log 1e3, plus
+  the direction and tie terms), so a quantized copy is a parent only when no full-precision model
+  relates to the child -- batch's rule, lexicographic (Hub: quantized models are leaves in 99.41 % of
+  documented edges). It was 10 (a factor e^10 on the distance) until pair rule 5: then a second copy
+  with the same rounding as an earlier one (two tools writing one format, a re-uploaded GGUF: 10^-7
+  apart) hung under that copy, 25 log units nearer than under its source (bench/formats.py: 6 of 77).
 - QUANT_MULTIPLE: the `quantized` label holds while the copy's relative distance to its parent is within
   3x the scheme's predicted RMS error (sketches.gguf / sketches.packed measured them on Gaussian data;
   heavier-tailed real weights raise absmax-scaled errors by up to ~1.5x), plus QUANT_FLOOR for F16/BF16
@@ -32,7 +35,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-LEAF_PENALTY = 10.0
+LEAF_PENALTY = 1000.0
 QUANT_MULTIPLE = 3.0
 QUANT_FLOOR = 1e-3
 MERGE_CANDIDATES = 5
