@@ -252,8 +252,24 @@ def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
         return QuantScheme("fp8", 8, block=tuple(block) if isinstance(block, list) and len(block) == 2 else None)
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
+    if method in ("auto-round", "intel/auto-round"):
+        return _auto_round(qc)
     raise _error("quantization_config", f"quant_method {method!r} is not supported "
-                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors)")
+                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, auto-round)")
+
+
+def _auto_round(qc: Mapping[str, Any]) -> QuantScheme:
+    """AutoRound (Intel) exports in AutoGPTQ's or AutoAWQ's layout, says `packing_format` (vLLM reads them
+    with its GPTQ / AWQ kernels alike); its own native packing is not read."""
+    fmt = str(qc.get("packing_format", "auto_round:auto_gptq")).lower()
+    group = _int(qc, "group_size", 128)
+    if fmt.endswith("auto_gptq"):
+        return QuantScheme("gptq", _bits(_int(qc, "bits", 4), (2, 4, 8), "AutoRound (GPTQ layout)"),
+                           None if group <= 0 else group, zero_offset=1)
+    if fmt.endswith("auto_awq"):
+        return QuantScheme("awq", _bits(_int(qc, "bits", 4), (4,), "AutoRound (AWQ layout)"), None if group <= 0 else group)
+    raise _error("quantization_config", f"AutoRound packing_format {fmt!r} is not supported "
+                 "(auto_round:auto_gptq, auto_round:auto_awq)")
 
 
 def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
@@ -506,7 +522,22 @@ def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) ->
         missing.append(".weight_global_scale")
     if missing:
         raise _error(anchor, f"{scheme.method} module {prefix!r} lacks {', '.join(missing)}")
-    return PackedModule(prefix + ".weight", dict(sorted(parts.items())), _shape(tensors, scheme, parts))
+    own = _gptq_module_bits(tensors, scheme, parts, anchor) if scheme.method == "gptq" else None
+    return PackedModule(prefix + ".weight", dict(sorted(parts.items())), _shape(tensors, own or scheme, parts), own)
+
+
+def _gptq_module_bits(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[str, str],
+                      anchor: str) -> QuantScheme | None:
+    """A GPTQ module's own width when it is not the checkpoint's (gptqmodel's `dynamic`, AutoRound's
+    extra_config: some layers at 8 bits): its qzeros pack `out` zero points into out * bits / 32 words.
+    Reading it at the checkpoint's width would decode garbage without an error."""
+    zeros, scales = tensors[parts["qzeros"]].shape, tensors[parts["scales"]].shape
+    if len(zeros) != 2 or len(scales) != 2 or not zeros[1]:
+        return None
+    bits = next((b for b in (2, 4, 8) if _ceil(scales[1] * b, 32) == zeros[1]), None)
+    if bits is None:
+        raise _error(anchor, f"qzeros {list(zeros)} fit no bit width for {scales[1]} outputs (2, 4 or 8 bits)")
+    return replace(scheme, bits=bits) if bits != scheme.bits else None
 
 
 def _shape(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[str, str]) -> tuple[int, int] | None:
@@ -628,6 +659,7 @@ def _groups(n_in: int, n_groups: int, g_idx: np.ndarray | None, thing: str) -> n
 
 
 def _gptq(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme) -> np.ndarray:
+    scheme = module.scheme or scheme
     codes = _codes_along_rows(_need(arrays, module, "qweight"), scheme.bits)  # (in', out)
     scales = _f32(_need(arrays, module, "scales"))
     n_out = scales.shape[1]

@@ -611,3 +611,28 @@ def test_microscaled_relative_errors_are_the_compressors(fmt: str) -> None:
     scheme = {"nvfp4": QuantScheme("ct-fp4", 4, 16, mode="nvfp4"), "mxfp4": QuantScheme("ct-fp4", 4, 32, mode="mxfp4"),
               "mxfp8": QuantScheme("fp8", 8, 32, mode="mxfp8")}[fmt]
     assert rel(back, w) == pytest.approx(predicted_relative_error(scheme), rel=0.05)
+
+
+def test_gptq_module_at_another_width_than_the_config_is_read_at_its_own(tmp_path: Path) -> None:
+    """gptqmodel's `dynamic` and AutoRound's extra_config keep some layers at 8 bits in a 4-bit checkpoint:
+    each module's qzeros width tells its own (read at the checkpoint's, it decoded garbage without an error)."""
+    four, eight = pack_gptq(W, bits=4, group=64), pack_gptq(W, bits=8, group=64)
+    path = checkpoint(tmp_path, {"model.layers.0.mlp.up_proj": four, "model.layers.0.mlp.down_proj": eight})
+    config = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 64}}
+    scheme, got = load(path, config)
+    assert scheme.bits == 4
+    assert rel(got["model.layers.0.mlp.up_proj.weight"], W) < 0.13 and rel(got["model.layers.0.mlp.down_proj.weight"], W) < 0.01
+    modules = packed_modules(_infos(path), scheme)
+    assert modules["model.layers.0.mlp.down_proj.weight"].scheme.bits == 8 and modules["model.layers.0.mlp.down_proj.weight"].shape == W.shape
+
+
+@pytest.mark.parametrize("fmt,method", [("auto_round:auto_gptq", "gptq"), ("auto_round:auto_awq", "awq")])
+def test_auto_round_exports_read_in_their_packing_layout(tmp_path: Path, fmt: str, method: str) -> None:
+    parts = pack_gptq(W, bits=4, group=64) if method == "gptq" else pack_awq(W, group=64)
+    path = checkpoint(tmp_path, {"m": parts})
+    config = {"quantization_config": {"quant_method": "intel/auto-round", "packing_format": fmt, "bits": 4,
+                                      "group_size": 64, "sym": False}}
+    scheme, got = load(path, config)
+    assert scheme.method == method and rel(got["m.weight"], W) < 0.13
+    with pytest.raises(QuantizedWeightsError, match="AutoRound packing_format 'auto_round' is not supported"):
+        detect_scheme(_infos(path), {"quantization_config": {**config["quantization_config"], "packing_format": "auto_round"}})
