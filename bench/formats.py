@@ -87,11 +87,45 @@ def build(zoo: Path, out: Path) -> list[str]:
     return made
 
 
+def fold_table(zoo: Path) -> None:
+    """Plain against folded relative distance (indexer.relations.rules.folded_relative) of a-ft1's matrices
+    to: AWQ-folded copies of itself (scales only, no rounding), perturbations of it, an unrelated model."""
+    import math
+
+    import numpy as np
+
+    from indexer.relations.rules import folded_relative
+    from indexer.zoo.quantize import awq_fold
+
+    def mats(state: dict[str, Any]) -> dict[str, Any]:
+        return {n: a for n, a in state.items() if np.ndim(a) == 2 and ".layers." in n}
+
+    def plain(a: dict[str, Any], b: dict[str, Any]) -> float:
+        num = sum(float(np.square(a[n] - b[n]).sum()) for n in a)
+        return math.sqrt(num / sum(float(np.square(a[n]).sum() + np.square(b[n]).sum()) / 2 for n in a))
+
+    src = {n: a for n, a in load_file(str(zoo / ORG / "a-ft1" / "model.safetensors")).items()}
+    rng = np.random.default_rng(0)
+    rows = [(f"AWQ scales folded, activation spread e^N(0, {s})", mats(awq_fold(src, seed=1, spread=s)))
+            for s in (0.5, 1.0, 2.0)]
+    rows += [(f"perturbed, step {step} (a fine-tune's size)", {n: (a + step * a.std() * rng.standard_normal(a.shape)).astype(np.float32)
+                                                              for n, a in mats(src).items()}) for step in (0.01, 0.05, 0.3)]
+    rows.append(("unrelated (rel/base-b)", mats(load_file(str(zoo / ORG / "base-b" / "model.safetensors")))))
+    print("| a-ft1 against | plain relative L2 | after fitting row / column scales |")
+    print("|---|---|---|")
+    for name, other in rows:
+        print(f"| {name} | {plain(other, mats(src)):.4f} | {folded_relative(other, mats(src)):.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--zoo", type=Path, required=True, help="a relations zoo (index zoo make DIR --preset relations)")
     ap.add_argument("--out", type=Path, required=True, help="where the extended copy is written (replaced)")
+    ap.add_argument("--fold-table", action="store_true", help="also print the plain / folded distance table")
     args = ap.parse_args()
+    if args.fold_table:
+        fold_table(args.zoo)
+        print()
     made = build(args.zoo, args.out)
     forest = rec.recover(args.out, Options())
     truth = read_relations_csv(args.out / "truth.csv")
