@@ -55,6 +55,9 @@ def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 def _gguf_name(hf: str) -> str | None:
     parts = hf.split(".")
+    if hf.endswith("_proj.bias"):  # qwen2's q / k / v biases, beside their weights
+        weight = _gguf_name(hf[: -len(".bias")] + ".weight")
+        return weight[: -len(".weight")] + ".bias" if weight else None
     if hf.startswith("model.layers.") and len(parts) > 3:
         key = ".".join(parts[:2] + ["{b}"] + parts[3:])
         return LLAMA_NAMES[key].format(b=parts[2]) if key in LLAMA_NAMES else None
@@ -154,14 +157,15 @@ def _stored(array: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantiz
 
 
 def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, heads: int, kv_heads: int,
-                     base_model: str | None = None) -> Path:
+                     base_model: str | None = None, arch: str = "llama") -> Path:
     """A llama GGUF of an HF state dict (float32 numpy), quantized to `qtype` (a block type, or the file type
-    Q4_K_M), as llama.cpp writes it."""
+    Q4_K_M), as llama.cpp writes it. `arch` "qwen2": convert_hf_to_gguf.py's Qwen2Model, the same names plus
+    the q / k / v biases, and no rotary permutation of q and k."""
     layers = 1 + max(int(n.split(".")[2]) for n in state if n.startswith("model.layers."))
-    writer = gguf.GGUFWriter(path, "llama")
-    writer.add_uint32("llama.block_count", layers)
-    writer.add_uint32("llama.attention.head_count", heads)
-    writer.add_uint32("llama.attention.head_count_kv", kv_heads)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_uint32(f"{arch}.block_count", layers)
+    writer.add_uint32(f"{arch}.attention.head_count", heads)
+    writer.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
     file_type = FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")
     if file_type not in gguf.LlamaFileType.__members__:
         raise ValueError(f"no llama.cpp file type for {qtype!r} (known: {', '.join(sorted(FILE_TYPES))})")
@@ -174,9 +178,9 @@ def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
         if target is None:
             continue
         w = np.asarray(state[name], dtype=np.float32)
-        if name.endswith("q_proj.weight"):
+        if arch == "llama" and name.endswith("q_proj.weight"):
             w = hf_permute(w, heads)
-        elif name.endswith("k_proj.weight"):
+        elif arch == "llama" and name.endswith("k_proj.weight"):
             w = hf_permute(w, kv_heads)
         data, raw = _stored(w, _tensor_qtype(target, qtype, layers))
         writer.add_tensor(target, data, raw_dtype=raw)
