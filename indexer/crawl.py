@@ -366,6 +366,16 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial)
 
 
+def read_folder(folder: Path, *, budget: int) -> tuple[ModelRead, ModelEntry]:
+    """`read_model` of a local repo folder (indexer.sources.LocalRepo), its files closed after; and the
+    folder's entry (local revision, upload time from a zoo's hub.json)."""
+    repo = LocalRepo(folder)
+    try:
+        return read_model(repo, budget=budget, have_token=True), repo.entry
+    finally:
+        repo.close()
+
+
 class ReadAhead:
     """A model's `read_model` started ahead of the crawl (distributed.ThreadHub): the RepoFiles it reads
     through (bytes and calls counted there) and the future of its read; `read()` returns it or raises its

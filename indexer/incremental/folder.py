@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import AdapterError, BadInputError
-from indexer.crawl import classify, header_shapes, read_model
+from indexer.crawl import classify, header_shapes, read_folder
 from indexer.incremental.index import (
     DEFAULT_EXPAND,
     DEFAULT_K,
@@ -66,14 +66,10 @@ def arrival_order(repos: Sequence[tuple[str, Path]], times: dict[str, float], or
 def read_local(repo_id: str, path: Path, created_at: datetime | None = None) -> Arrival | AdapterArrival:
     """One local repo as the crawl hands it to the index: an adapter, else a model (a quantized copy
     dequantized, with its scheme and predicted error). Raises what `read_model` raises."""
-    repo = LocalRepo(path)
-    try:
-        read = read_model(repo, budget=WHOLE_MODEL, have_token=True)
-    finally:
-        repo.close()
+    read, entry = read_folder(path, budget=WHOLE_MODEL)
     if read.adapter is not None:
-        return AdapterArrival(repo_id, repo.entry.revision, created_at, read.adapter, read.arrays)
-    return Arrival(repo_id, repo.entry.revision, read.family, read.arrays, created_at, read.quant)
+        return AdapterArrival(repo_id, entry.revision, created_at, read.adapter, read.arrays)
+    return Arrival(repo_id, entry.revision, read.family, read.arrays, created_at, read.quant)
 
 
 def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:

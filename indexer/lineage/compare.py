@@ -36,7 +36,7 @@ from errors import BadInputError, RepoNotFoundError
 from indexer.lineage.methods import spectral_tail_distance
 from indexer.readers import QuantInfo
 from indexer.relations.rules import QUANT_FLOOR, QUANT_MULTIPLE, copy_relative, within_quantization_error
-from indexer.sources import LocalRepo, local_created_at
+from indexer.sources import local_created_at
 from sketches.layers import CORE_SHARE, canonical_tensors, core_overlap, is_head, select_layers
 from sketches.relatedness import relate
 from sketches.safetensors import open_local_repo
@@ -118,13 +118,9 @@ def load_local(folder: Path) -> Side:
 
 def _load_with_reader(folder: Path) -> Side:
     """A GGUF or packed quantized folder through the crawl's reader, dequantized whole."""
-    from indexer.crawl import read_model
+    from indexer.crawl import read_folder
 
-    repo = LocalRepo(folder)
-    try:
-        read = read_model(repo, budget=WHOLE, have_token=True)
-    finally:
-        repo.close()
+    read, _ = read_folder(folder, budget=WHOLE)
     if read.adapter is not None:
         raise BadInputError(str(folder), "a PEFT adapter, not a model: compare its base model (its "
                                          "adapter_config.json names it)")
