@@ -230,6 +230,12 @@ def read_gguf(source: ByteSource, *, budget: int) -> QuantizedRead:
     details = {"scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6), "qtypes": qtypes,
                "architecture": header.architecture, "file": source.name.rsplit("/", 1)[-1],
                "declared_bases": list(declared_base_models(header))}
+    split = header.metadata.get("split.count")
+    if type(split) is int and split > 1:  # gguf-split: this file holds only its share of the tensors
+        details["split"] = {"file": int(header.metadata.get("split.no", 0)) + 1, "of": split,  # type: ignore[call-overload]
+                            "tensors_here": len(header.tensors)}
+        logger.info("%s: shard %s of a %d-file GGUF; only its tensors are compared", source.name,
+                    details["split"]["file"], split)
     return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details, header_bytes)
 
 

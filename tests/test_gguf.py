@@ -498,3 +498,16 @@ def test_mutated_files_raise_only_gguf_errors(data: st.DataObject) -> None:
             read_tensor(rec.source, info)
         except GGUFError:
             pass
+
+
+def test_a_gguf_split_shard_says_it_holds_part_of_the_model(tmp_path: Path) -> None:
+    """gguf-split's shard 1 of 3 holds only its tensors: it is read, and its details say so (never a silent part)."""
+    from indexer.readers import read_gguf
+
+    x = gaussian(64, 64)
+    path = write_gguf(tmp_path / "m-00001-of-00003.gguf", "llama",
+                      {"blk.0.attn_q.weight": (x, "F32"), "blk.0.attn_v.weight": (x, "F32")},
+                      meta={"llama.block_count": 3, "llama.attention.head_count": 4, "split.no": 0, "split.count": 3})
+    with FileSource(path) as src:
+        read = read_gguf(src, budget=1 << 30)
+    assert read.details["split"] == {"file": 1, "of": 3, "tensors_here": 2}
