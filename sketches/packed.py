@@ -300,17 +300,21 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
                  "mxfp4-pack-quantized, mxfp8-quantized)")
 
 
-# Packed formats we do not decode, told by a tensor-name suffix: refused by name, never read as if their
-# few float tensors (norms, scales, embeddings) were the model.
+# Packed formats we do not decode, told by an integer tensor's name suffix (their packed codes): refused by
+# name, never read as if their few float tensors (norms, scales, embeddings) were the model. Integer only,
+# so that a float parameter that happens to end so is never taken for one.
 UNSUPPORTED_MARKERS: dict[str, str] = {
-    ".q_weight": "EXL2 (exllamav2)", ".trellis": "EXL3 (exllamav3)", ".codebooks": "AQLM",
+    ".q_weight": "EXL2 (exllamav2)", ".trellis": "EXL3 (exllamav3)", ".codes": "AQLM",
     ".weight._data": "optimum-quanto", ".W_q": "HQQ", ".Qidxs": "QuIP#",
 }
+_INTEGER_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
 
 def unsupported_format(tensors: Mapping[str, _Tensor]) -> str | None:
     """The name of an unsupported packed format the tensor names show, or None."""
     for name in sorted(tensors):
+        if tensors[name].dtype not in _INTEGER_DTYPES:
+            continue
         for suffix, fmt in UNSUPPORTED_MARKERS.items():
             if name.endswith(suffix):
                 return fmt

@@ -569,6 +569,14 @@ def test_unsupported_packed_formats_are_refused_by_name(tmp_path: Path, names: d
         detect_scheme(_infos(path), {"architectures": ["LlamaForCausalLM"]})
 
 
+def test_a_float_tensor_named_like_a_packed_code_is_just_a_weight(tmp_path: Path) -> None:
+    from indexer.readers import looks_packed
+
+    path = tmp_path / "model.safetensors"
+    safetensors.numpy.save_file({"attn.q_weight": W, "vq.codes": W[:4]}, path)
+    assert not looks_packed(_infos(path)) and detect_scheme(_infos(path)) is None
+
+
 # --- compressed-tensors' microscaled formats, by its own compressors -------------------------------------------
 
 
