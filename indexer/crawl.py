@@ -185,8 +185,26 @@ class _Skip(UnsupportedModelError):
 # --- step 1: triage from the file list ---------------------------------------------------------------
 
 
+_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.safetensors$")
+
+
+def shard_set(files: Sequence[str]) -> tuple[str, ...] | None:
+    """The top-level safetensors files when they are exactly one complete shard set (`x-00001-of-00003`,
+    `-00002-`, `-00003-`, nothing else), else None."""
+    weights = sorted(f for f in files if "/" not in f and f.endswith(".safetensors"))
+    found = [_SHARD.match(f) for f in weights]
+    if not weights or not all(found):
+        return None
+    stems = {(m.group("stem"), int(m.group("n"))) for m in found if m}
+    indices = sorted(int(m.group("i")) for m in found if m)
+    if len(stems) != 1 or indices != list(range(1, next(iter(stems))[1] + 1)):
+        return None
+    return tuple(weights)
+
+
 def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
-    """The safetensors files to read (an index file first when sharded), or raise _Skip with the reason."""
+    """The safetensors files to read (a complete shard set itself, else its index file first), or raise
+    _Skip with the reason."""
     top = sorted(f for f in entry.files if "/" not in f)
     if entry.gated and not have_token:
         raise _Skip(entry.repo_id, "gated: gated repo and no token (set HF_TOKEN after accepting its terms)")
@@ -196,7 +214,10 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
         raise _Skip(entry.repo_id, "adapter: adapter_config.json without adapter_model.safetensors "
                                    "(a pickled adapter_model.bin is never read)")
     if INDEX_FILE in top:
-        return (INDEX_FILE,)
+        # every shard's header is read anyway, and together they name every tensor: the index would only
+        # cost a resolver call (3 -> 2 for a two-shard 7B, the Hub's rate limit binding). Kept when the
+        # top-level files are not exactly one complete `-0000i-of-0000N` set (a stale shard, a second set).
+        return shard_set(top) or (INDEX_FILE,)
     if SINGLE_FILE in top:
         return (SINGLE_FILE,)
     denoiser = denoiser_folder(entry.files)
@@ -251,7 +272,7 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
         files = tuple(sorted(set(weight_map.values())))
     sources = {f: repo.open(f) for f in files}
     headers: dict[str, SafetensorsHeader] = {f: read_header(s) for f, s in sources.items()}
-    if weight_map is None and len(files) > 1:  # variants of one model (x and x.fp16) are not read twice
+    if weight_map is None and len(files) > 1 and shard_set(files) is None:  # variants (x, x.fp16): read once
         kept = choose_files(headers)
         sources, headers = {f: sources[f] for f in kept}, {f: headers[f] for f in kept}
     where: dict[str, tuple[str, TensorInfo]] = {}

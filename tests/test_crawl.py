@@ -162,8 +162,28 @@ def test_sharded_model_is_read_exactly(emu: HubEmulator, hub_root: Path, tmp_pat
     by_name = {normalise_name(n): w for n, w in weights.items()}  # the crawl compares normalised names
     for name, array in model.arrays.items():
         np.testing.assert_array_equal(array, by_name[name])
-    index_reads = [r for r in emu.requests() if r.path.endswith("model.safetensors.index.json")]
-    assert len(index_reads) == 1
+    # a complete shard set: its headers name every tensor, so the index is not fetched (a resolver call saved)
+    assert not [r for r in emu.requests() if r.path.endswith("model.safetensors.index.json")]
+
+
+def test_an_incomplete_or_mixed_shard_set_is_read_through_its_index(emu: HubEmulator, hub_root: Path,
+                                                                    tmp_path: Path) -> None:
+    """A stray safetensors file beside the shards (a leftover of an older upload) is no shard of the set: the
+    index says which tensors are the model's, and it is fetched."""
+    weights = _weights(3, layers=3, width=24)
+    _sharded(hub_root, "acme/sharded", 3, weights)
+    save_file({"old.weight": np.ones((4, 4), np.float32)}, str(hub_root / "acme/sharded/model-00001-of-00003.safetensors"))
+    seen: list[IndexedModel] = []
+    report = crawl(tmp_path / "home", _options(emu), on_indexed=seen.append).as_dict()
+    assert report["indexed"] == 1 and "old.weight" not in seen[0].arrays
+    assert len([r for r in emu.requests() if r.path.endswith("model.safetensors.index.json")]) == 1
+    from indexer.crawl import shard_set
+
+    assert shard_set(["a-00001-of-00002.safetensors", "a-00002-of-00002.safetensors", "config.json"]) == (
+        "a-00001-of-00002.safetensors", "a-00002-of-00002.safetensors")
+    for files in (["a-00001-of-00002.safetensors"], ["a-00001-of-00002.safetensors", "a-00002-of-00002.safetensors",
+                                                       "b.safetensors"], ["a-00001-of-00001.safetensors", "b-00001-of-00001.safetensors"]):
+        assert shard_set(files) is None, files
 
 
 def _padded_file(path: Path, header_total: int, values: np.ndarray) -> None:
