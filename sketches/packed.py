@@ -92,6 +92,7 @@ DEFAULT_FP8_BLOCK = 128  # DeepSeek-V3 / HF FineGrainedFP8 weight_block_size [12
 MLX_MODES: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {
     "affine": ((1, 2, 3, 4, 5, 6, 8), (32, 64, 128)), "mxfp4": ((4,), (32,)), "mxfp8": ((8,), (32,)),
     "nvfp4": ((4,), (16,))}
+MLX_DEFAULTS = {"affine": (4, 64), "mxfp4": (4, 32), "mxfp8": (8, 32), "nvfp4": (4, 16)}  # (bits, group)
 FP4_E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=np.float32)
 
 # RMS relative error of each scheme on N(0, 1) data, ||W_hat - W|| / ||W||, measured once with the
@@ -115,8 +116,8 @@ PACKED_RELATIVE_ERROR: dict[str, float] = {
     "ct-fp4-nvfp4": 9.77e-2,  # E2M1, an F8 scale per 16 under a per-tensor global scale
     "ct-fp4-mxfp4": 1.12e-1,  # E2M1, a power-of-two scale per 32 (mlx-mxfp4 above: 1.18e-1, its own scale rule)
     "fp8-mxfp8": 2.65e-2,  # E4M3, a power-of-two scale per 32
-    # MLX affine at mlx-lm's default group 64 (min / max per group, codes unsigned): real mlx.core.quantize
-    # gives the same codes as the reference packer (tests/test_packed.py checks it where mlx installs)
+    # MLX affine at mlx-lm's default group 64 (min / max per group, codes unsigned), its modes at their
+    # fixed groups: measured with mlx.core.quantize itself (tests/test_mlx.py, where mlx installs)
     "mlx-1bit": 1.66,  # min / max of a group as the two codes: more error than signal on N(0, 1)
     "mlx-2bit": 4.11e-1,
     "mlx-3bit": 1.96e-1,
@@ -417,8 +418,7 @@ def _mlx_from_config(config: Mapping[str, Any] | None) -> QuantScheme:
     mode = q.get("mode", "affine")
     if mode not in MLX_MODES:
         raise _mlx_error(f"MLX mode {mode!r:.40} is not supported ({', '.join(MLX_MODES)})")
-    first = MLX_MODES[mode]
-    bits, group = _mlx_bits_group(q, mode, (4 if mode == "affine" else first[0][0], 64 if mode == "affine" else first[1][0]), "")
+    bits, group = _mlx_bits_group(q, mode, MLX_DEFAULTS[mode], "")
     overrides = []
     for path, value in sorted(q.items()):
         if path in ("bits", "group_size", "mode", "quant_method") or value is False:
@@ -461,11 +461,7 @@ def _mlx(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantSc
     if own.mode == "affine":
         biases = _f32(_need(arrays, module, "biases"))
         return codes.astype(np.float32) * _f32(scales)[:, g] + biases[:, g]
-    values = FP4_E2M1[codes] if bits == 4 else decode(codes.tobytes(), "F8_E4M3", codes.shape, name=module.weight)
-    raw = np.asarray(scales).astype(np.uint8)
-    scale = (np.ldexp(np.float32(1), raw.astype(np.int32) - 127) if own.mode.startswith("mx")
-             else decode(raw.tobytes(), "F8_E4M3", raw.shape, name=module.weight))
-    return values * scale.astype(np.float32)[:, g]
+    return _microscaled(codes, np.asarray(scales).astype(np.uint8), own.mode, bits, module.weight)
 
 
 # --- modules ----------------------------------------------------------------------------------------
@@ -810,11 +806,25 @@ def _ct_fp4(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Quan
     if packed.dtype != np.uint8 or packed.ndim != 2:
         raise _error(module.weight, f"FP4 codes must be a 2-D U8 tensor, got {packed.dtype} {packed.shape}")
     codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)  # low nibble first
-    raw = _need(arrays, module, "weight_scale")
-    scale = _e8m0(raw) if scheme.mode == "mxfp4" else _f32(raw) / _f32(_need(arrays, module, "weight_global_scale")).reshape(-1)[0]
+    glob = _f32(_need(arrays, module, "weight_global_scale")).reshape(-1)[0] if scheme.mode == "nvfp4" else None
+    return _microscaled(codes, _need(arrays, module, "weight_scale"), scheme.mode, 4, module.weight, glob)
+
+
+def _microscaled(codes: np.ndarray, raw_scale: np.ndarray, mode: str, bits: int, thing: str,
+                 global_scale: np.floating | None = None) -> np.ndarray:
+    """MX / NV codes (FP4 E2M1 at 4 bits, F8 E4M3 at 8) times their group's scale: E8M0 exponents (mx modes),
+    else F8 E4M3 (its U8 bytes, or already decoded), divided by the per-tensor global scale when there is one.
+    MLX's modes and compressed-tensors' NVFP4 / MXFP4 alike; groups from the scale's width."""
+    values = FP4_E2M1[codes] if bits == 4 else decode(codes.tobytes(), "F8_E4M3", codes.shape, name=thing)
+    raw = np.asarray(raw_scale)
+    if mode.startswith("mx"):
+        scale = _e8m0(raw)
+    else:
+        scale = decode(raw.tobytes(), "F8_E4M3", raw.shape, name=thing) if raw.dtype == np.uint8 else _f32(raw)
+    if global_scale is not None:
+        scale = scale / global_scale
     scale = scale.reshape(-1, 1) if scale.ndim < 2 else scale
-    g = _groups(codes.shape[1], scale.shape[1], None, module.weight)
-    return FP4_E2M1[codes] * scale[:, g]
+    return values * scale.astype(np.float32)[:, _groups(codes.shape[1], scale.shape[1], None, thing)]
 
 
 def _ct_bits(packed: np.ndarray, n_in: int) -> int:
