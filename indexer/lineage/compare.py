@@ -105,11 +105,9 @@ def load_local(folder: Path) -> Side:
     if _special(folder):  # GGUF (or an adapter, refused there)
         return _load_with_reader(folder)
     with open_local_repo(folder) as weights:
-        packed = looks_packed(weights.tensors())
-    if packed:
-        return _load_with_reader(folder)
-    with open_local_repo(folder) as weights:
         infos = weights.tensors()
+        if looks_packed(infos):  # a packed quantized copy: the crawl's reader dequantizes it
+            return _load_with_reader(folder)
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}
         arrays = {n: np.asarray(weights.read(stored[n]), dtype=np.float32) for n in sorted(stored)}
