@@ -171,9 +171,10 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             chosen = hf_cache_snapshot(path.parent)
             dirs[:] = [chosen.name] if chosen is not None else []
             continue
-        if _is_pipeline(path):
+        pipeline = _is_pipeline(path)
+        if pipeline:
             dirs[:] = []  # its components are read as one model, not as repos of their own
-        if _is_repo(path) or _is_pipeline(path):
+        if pipeline or _is_repo(path):
             rel = hf_cache_repo_id(path) or path.relative_to(root).as_posix()
             found.append((rel if rel != "." else path.name, path))
     if not found:
