@@ -74,7 +74,7 @@ from indexer.readers import (
 from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
 from sketches.layers import canonical_tensors, family_key
-from sketches.plan import ReadPlan, coalesce, plan_reads
+from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
     COMPONENT_INDEX,
     MAX_HEADER_BYTES,
@@ -794,12 +794,9 @@ LINEAGE_BATCH = 8  # arrivals placed together: one FAISS search per family, one 
 LINEAGE_BATCH_BYTES = 1 << 30  # ... or fewer, once their float32 tensors reach this (a 7B model: 128 MiB)
 
 
-BaseShapes = Callable[[str], Mapping[str, tuple[int, ...]] | None]
-
-
 def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
                  refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None,
-                 base_shapes: BaseShapes | None = None) -> tuple[OnIndexed, Callable[[], None]]:
+                 bases: BaseReader | None = None) -> tuple[OnIndexed, Callable[[], None]]:
     """The sketch -> nominate -> exact re-rank -> MDST update step, as the crawl's hook and flush.
 
     The hook collects arrivals and places them `LINEAGE_BATCH` at a time (`LineageIndex.add_many`: the
@@ -810,7 +807,7 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
 
     lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache,  # flushed with the models rows
                            refetch=refetch, keep_arrays=False,  # the Indexer caches every planned block
-                           base_shapes=base_shapes)
+                           bases=bases)
     waiting: list[Arrival] = []
 
     def place() -> None:
@@ -841,61 +838,118 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
 
 def _steps(store: Store, on_indexed: OnIndexed | None, *, k: int, device: str, cache: TensorCache,
            refetch: Callable[[str, str], Mapping[str, np.ndarray]] | None = None,
-           base_shapes: BaseShapes | None = None) -> tuple[OnIndexed, Callable[[], None] | None]:
+           bases: BaseReader | None = None) -> tuple[OnIndexed, Callable[[], None] | None]:
     if on_indexed is not None:  # a caller's own hook (tests, benchmarks): no lineage
         return on_indexed, None
-    return lineage_step(store, k=k, device=device, cache=cache, refetch=refetch, base_shapes=base_shapes)
+    return lineage_step(store, k=k, device=device, cache=cache, refetch=refetch, bases=bases)
 
 
 def header_shapes(repo: RepoFiles, *, have_token: bool) -> dict[str, tuple[int, ...]] | None:
     """Every tensor shape of a full model from its headers (normalised names); None for what has none."""
+    found = _float_headers(repo, have_token=have_token)
+    if found is None:
+        return None
+    _, where, stored = found
+    return {name: tuple(where[raw][1].shape) for name, raw in sorted(stored.items())}
+
+
+def _float_headers(repo: RepoFiles, *, have_token: bool
+                   ) -> tuple[dict[str, ByteSource], dict[str, tuple[str, TensorInfo]], dict[str, str]] | None:
+    """(sources, tensor -> (file, info), normalised name -> stored name) of a full model; None for an
+    adapter or what cannot be read as safetensors (logged)."""
     try:
         layout = weight_layout(repo.entry, have_token=have_token)
         if layout == ADAPTER_FILES:
             return None
-        _, where = read_headers(repo, layout)
+        sources, where = read_headers(repo, layout)
     except ModelGraphError as exc:
         logger.info("%s: no header shapes (%s)", repo.entry.repo_id, exc)
         return None
-    stored = canonical_tensors({name: info for name, (_, info) in where.items()})
-    return {name: tuple(where[raw][1].shape) for name, raw in sorted(stored.items())}
+    return sources, where, canonical_tensors({name: info for name, (_, info) in where.items()})
 
 
-def _memo(shapes_of: Callable[[str], dict[str, tuple[int, ...]] | None]) -> BaseShapes:
-    """One header read per base per run: a popular base has thousands of adapters."""
-    seen: dict[str, dict[str, tuple[int, ...]] | None] = {}
+def first_rows(repo: RepoFiles, wanted: Mapping[str, int], *, have_token: bool) -> dict[str, np.ndarray] | None:
+    """The first rows of the named tensors (normalised names -> row count), by range; only float tensors
+    stored as such (a packed quantized base has none to give). None when the model has no readable headers."""
+    found = _float_headers(repo, have_token=have_token)
+    if found is None:
+        return None
+    sources, where, stored = found
+    blocks = []
+    for name, count in sorted(wanted.items()):
+        raw = stored.get(name)
+        if raw is None or not where[raw][1].shape:
+            continue
+        info = where[raw][1]
+        rows = min(count, info.shape[0])
+        blocks.append(BlockRead(raw, (0, rows), rows * info.row_bytes, rows == info.shape[0]))
+    if not blocks:
+        return {}
+    plan = ReadPlan("base rows", sum(b.nbytes for b in blocks), tuple(sorted(blocks, key=lambda b: b.tensor)),
+                    len(blocks), sum(i.nbytes for _, i in where.values()))
+    arrays = read_planned(sources, where, plan)
+    by_raw = {raw: name for name, raw in stored.items()}
+    return {by_raw[raw]: a for raw, a in arrays.items()}
 
-    def shapes(repo_id: str) -> dict[str, tuple[int, ...]] | None:
-        if repo_id not in seen:
-            seen[repo_id] = shapes_of(repo_id)
-        return seen[repo_id]
 
-    return shapes
+class BaseReader:
+    """An adapter's declared base, read from where the adapter came from (the Hub by range, or the folders
+    given): its header shapes, for the verdict, and the first rows of a few tensors, which a DoRA
+    adapter's magnitudes are tested against (`indexer.relations.adapters.with_magnitudes`). `open_repo`
+    answers a repo id with its files, or None when there is no such repo; `close`: close what it opened
+    after each read (not when it hands out repos the crawl also reads). Headers are read once per base
+    per run (a popular base has thousands of adapters); rows once per (base, tensors asked)."""
+
+    def __init__(self, open_repo: Callable[[str], RepoFiles | None], *, have_token: bool, close: bool = True) -> None:
+        self._open, self._have_token, self._close = open_repo, have_token, close
+        self._shapes: dict[str, dict[str, tuple[int, ...]] | None] = {}
+        self._rows: dict[tuple[str, tuple[tuple[str, int], ...]], dict[str, np.ndarray] | None] = {}
+
+    def shapes(self, repo_id: str) -> dict[str, tuple[int, ...]] | None:
+        if repo_id not in self._shapes:
+            self._shapes[repo_id] = self._with_repo(repo_id, lambda repo: header_shapes(repo, have_token=self._have_token))
+        return self._shapes[repo_id]
+
+    def rows(self, repo_id: str, wanted: Mapping[str, int]) -> dict[str, np.ndarray] | None:
+        key = (repo_id, tuple(sorted(wanted.items())))
+        if key not in self._rows:
+            self._rows[key] = self._with_repo(repo_id, lambda repo: first_rows(repo, wanted, have_token=self._have_token))
+        return self._rows[key]
+
+    def _with_repo(self, repo_id: str, read: Callable[[RepoFiles], Any]) -> Any:
+        repo = self._open(repo_id)
+        if repo is None:
+            return None
+        try:
+            return read(repo)
+        finally:
+            if self._close and isinstance(repo, LocalRepo):
+                repo.close()
 
 
-def hub_base_shapes(hub: HubSource, *, have_token: bool) -> BaseShapes:
-    """An adapter's base's shapes read from the Hub by range (its headers: ~100 kB, 1-2 requests)."""
+def hub_bases(hub: HubSource, *, have_token: bool) -> BaseReader:
+    """Adapters' bases read from the Hub by range (headers: ~100 kB, 1-2 requests; DoRA rows: ~2 MiB)."""
 
-    def shapes_of(repo_id: str) -> dict[str, tuple[int, ...]] | None:
+    def open_repo(repo_id: str) -> RepoFiles | None:
         try:
             entry = hub.model_info(repo_id)
         except HubError as exc:
             logger.info("base %s: not on the Hub (%s)", repo_id, exc.reason)
             return None
-        return header_shapes(HubSource.repo(hub, entry), have_token=have_token)
+        return HubSource.repo(hub, entry)
 
-    return _memo(shapes_of)
+    return BaseReader(open_repo, have_token=have_token, close=False)
 
 
-def local_base_shapes(repos: Sequence[LocalRepo]) -> BaseShapes:
-    """An adapter's base's shapes from the folders given to `index add` (by their repo ids)."""
+def local_bases(folders: Mapping[str, Path]) -> BaseReader:
+    """Adapters' bases among the folders given (repo id -> folder: batch recovery, bench folders)."""
+    return BaseReader(lambda repo_id: LocalRepo(folders[repo_id]) if repo_id in folders else None, have_token=True)
+
+
+def _given_bases(repos: Sequence[LocalRepo]) -> BaseReader:
+    """`index add`: the bases among the repos given, as already opened (their revision hashed once)."""
     by_id = {r.entry.repo_id: r for r in repos}
-
-    def shapes_of(repo_id: str) -> dict[str, tuple[int, ...]] | None:
-        repo = by_id.get(repo_id)
-        return header_shapes(repo, have_token=True) if repo is not None else None
-
-    return _memo(shapes_of)
+    return BaseReader(by_id.get, have_token=True, close=False)
 
 
 def hub_refetch(hub: HubSource, *, budget: int, have_token: bool,
@@ -951,7 +1005,7 @@ def _crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None, h
         recent = _Recent()
         refetch = hub_refetch(hub, budget=options.budget, have_token=options.token is not None, recent=recent)
         hook, on_flush = _steps(store, on_indexed, k=options.k, device=options.device, cache=cache, refetch=refetch,
-                                base_shapes=hub_base_shapes(hub, have_token=options.token is not None))
+                                bases=hub_bases(hub, have_token=options.token is not None))
         indexer = Indexer(store, options.budget, options.token is not None, hook, options.batch, cache=cache,
                           on_flush=on_flush)
         run = _Run(indexer, hub, options, recent=recent)
@@ -980,7 +1034,7 @@ def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnI
     repos = [LocalRepo(Path(p)) for p in paths]  # bad paths fail here, before the store is touched
     with open_store(home) as store:
         cache = TensorCache(store.home / CACHE_DIR)  # one cache (one size bound) for the crawl and lineage
-        hook, on_flush = _steps(store, on_indexed, k=k, device=device, cache=cache, base_shapes=local_base_shapes(repos))
+        hook, on_flush = _steps(store, on_indexed, k=k, device=device, cache=cache, bases=_given_bases(repos))
         indexer = Indexer(store, budget, True, hook, cache=cache, on_flush=on_flush)
         with _progress(progress) as bar:  # type: ignore[attr-defined]
             try:

@@ -6,8 +6,9 @@ Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
     1. the config, one small GET (`sketches.adapter.parse_adapter_config`: not JSON, no base -> AdapterError,
        a recorded failure with one line of reason);
     2. the adapter's safetensors header (one 100,000-byte range read, as for any model);
-    3. the LoRA factors, whole, pair by pair (A with its B: a half pair is useless), layers spread over
-       depth (`sketches.plan.spread_order`) until the byte budget is spent; a real 7B LoRA at r = 16 on
+    3. the LoRA factors, whole, pair by pair (A with its B, and a DoRA pair's magnitudes: a half pair is
+       useless), layers spread over depth (`sketches.plan.spread_order`) until the byte budget is
+       spent; a real 7B LoRA at r = 16 on
        q/v is 8 MiB of factors, so a 16 MiB budget (the default) reads all of them. Full copies saved with
        `modules_to_save` are never read: their shapes (from the header) are enough to check them against
        the base, and a saved LM head is 250 MiB.
@@ -24,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from errors import AdapterError, ModelGraphError, QuantizedWeightsError, UnsupportedModelError
-from sketches.adapter import MAX_CONFIG_BYTES, AdapterConfig, lora_pairs, parse_adapter_config, saved_modules
+from sketches.adapter import (
+    MAX_CONFIG_BYTES,
+    AdapterConfig,
+    lora_magnitudes,
+    lora_pairs,
+    parse_adapter_config,
+    saved_modules,
+)
 from sketches.gguf import declared_base_models, hf_names, read_hf_tensor
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
@@ -107,13 +115,15 @@ def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str
     pairs = lora_pairs(tensors)  # AdapterError on an A without its B
     if not pairs:
         raise AdapterError(f"{repo_id}/{ADAPTER_WEIGHTS}", "holds no lora_A / lora_B pair")
+    magnitudes = lora_magnitudes(tensors)  # DoRA: read with their pair, which needs them
     blocks, used = [], 0
     for weight in _pair_order(pairs):
-        a, b = (tensors[n] for n in pairs[weight])
-        if used + a.nbytes + b.nbytes > budget:
+        parts = [tensors[n] for n in pairs[weight]] + ([tensors[magnitudes[weight]]] if weight in magnitudes else [])
+        size = sum(t.nbytes for t in parts)
+        if used + size > budget:
             break  # a prefix of the order, as the plain plan: smaller budgets read a subset
-        blocks += [BlockRead(t.name, (0, t.shape[0] if t.shape else 1), t.nbytes, True) for t in (a, b)]
-        used += a.nbytes + b.nbytes
+        blocks += [BlockRead(t.name, (0, t.shape[0] if t.shape else 1), t.nbytes, True) for t in parts]
+        used += size
     if not blocks:
         raise AdapterError(f"{repo_id}/{ADAPTER_WEIGHTS}", f"a budget of {budget} bytes cannot hold one LoRA pair")
     model_bytes = sum(t.nbytes for t in tensors.values())

@@ -8,12 +8,20 @@ Repo layout (PEFT `save_pretrained`):
     adapter_model.safetensors  base_model.model.<module>.lora_A.weight  (r, in)      [".default" in old saves]
                                base_model.model.<module>.lora_B.weight  (out, r)
                                base_model.model.<module>.lora_embedding_A / _B      (r, vocab) / (dim, r)
+                               base_model.model.<module>.lora_magnitude_vector      (out,) DoRA only
                                base_model.model.<module>.weight / .bias             a modules_to_save copy
 
 The update of `<module>.weight` is s * B @ A with s = alpha / r (use_rslora: alpha / sqrt(r)); r and
 alpha per module from rank_pattern / alpha_pattern (a pattern matches a module path ending in it, as
 PEFT's `get_pattern_key`). It is stored transposed, (B @ A).T, for fan_in_fan_out layers (GPT-2's
 Conv1D) and embeddings; conv LoRA is B (out, r, 1, 1) after A (r, in, kh, kw), a product over r too.
+
+DoRA (use_dora) writes each updated weight as m * (W + s B A) / ||W + s B A|| by output row: a magnitude m
+per row, which PEFT starts at the base's row norms ||W_i||, over the direction of the LoRA-updated weight.
+Its s B A is what changes the direction, and it is the update the distances below use (two DoRA runs of
+one base both start at m = ||W_i||, so m tells a continued run no better than B A does). m itself is a
+fingerprint of the base (`magnitude_fit`): it follows the base's row norms up to what training moved it,
+which no unrelated model's rows do.
 
 Distances never form B @ A (out x in): with r1, r2 << out, in every quantity is an r x r product.
     ||s1 B1 A1 - s2 B2 A2||_F^2 = s1^2 <B1'B1, A1A1'> + s2^2 <B2'B2, A2A2'> - 2 s1 s2 <B1'B2, A1A2'>
@@ -29,7 +37,7 @@ import logging
 import math
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -42,7 +50,10 @@ __all__ = [
     "Compatibility",
     "LoraUpdate",
     "check_compatibility",
+    "magnitude_fit",
     "difference_singular_values",
+    "MagnitudeFit",
+    "lora_magnitudes",
     "lora_pairs",
     "lora_updates",
     "parse_adapter_config",
@@ -59,6 +70,8 @@ MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are ~1 KB
 PREFIX = "base_model.model."
 # <module>.lora_A[.default].weight, <module>.lora_embedding_A[.default]
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+# <module>.lora_magnitude_vector (PEFT >= 0.12 strips `.default.weight`; older saves kept `.default`)
+_MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
 
 # --- config -----------------------------------------------------------------------------------------
@@ -191,6 +204,16 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
     return pairs
 
 
+def lora_magnitudes(names: Iterable[str]) -> dict[str, str]:
+    """Base weight name -> its DoRA magnitude tensor (sorted); {} for a plain LoRA adapter."""
+    found = {}
+    for name in sorted(names):
+        m = _MAGNITUDE.match(name)
+        if m is not None:
+            found[_strip(m.group("module")) + ".weight"] = name
+    return found
+
+
 def saved_modules(names: Iterable[str]) -> dict[str, str]:
     """Base tensor name -> adapter tensor name for the full copies an adapter saves (modules_to_save)."""
     saved = {}
@@ -212,6 +235,7 @@ class LoraUpdate:
     scale: float
     transposed: bool  # the base stores (B @ A).T: fan_in_fan_out layers and embeddings
     weight_shape: tuple[int, ...]  # the shape of the base tensor the update adds to
+    magnitude: np.ndarray | None = None  # DoRA: the merged weight's norm per output row (float64); else None
     rank: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -239,15 +263,38 @@ def _update(config: AdapterConfig, weight: str, a: np.ndarray, b: np.ndarray, *,
 
 
 def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, LoraUpdate]:
-    """Every LoRA update of the adapter, keyed by the base weight it updates (sorted)."""
-    if config.use_dora:
-        raise AdapterError("adapter_config.json", "use_dora: DoRA adapters rescale the merged weight by the "
-                           "base's column norms: their update is not s * B @ A and needs the base weights")
+    """Every LoRA update of the adapter, keyed by the base weight it updates (sorted); a DoRA adapter's
+    carry their magnitudes. Raises AdapterError for a DoRA pair without its magnitude (or one of the wrong
+    length), and for magnitudes in an adapter whose config does not say use_dora (PEFT would drop them,
+    and the updates would not be the ones trained)."""
+    magnitudes = lora_magnitudes(tensors)
+    if magnitudes and not config.use_dora:
+        raise AdapterError(next(iter(magnitudes.values())), "a DoRA magnitude in an adapter whose config does "
+                           "not set use_dora: its updates are not what was trained")
     updates = {}
     for weight, (a_name, b_name) in lora_pairs(tensors).items():
         embedding = "lora_embedding_" in a_name
-        updates[weight] = _update(config, weight, tensors[a_name], tensors[b_name], embedding=embedding)
+        update = _update(config, weight, tensors[a_name], tensors[b_name], embedding=embedding)
+        if config.use_dora:
+            update = _with_magnitude(update, magnitudes, tensors, embedding=embedding)
+        updates[weight] = update
     return updates
+
+
+def _with_magnitude(update: LoraUpdate, magnitudes: Mapping[str, str], tensors: Mapping[str, np.ndarray], *,
+                    embedding: bool) -> LoraUpdate:
+    """The update with its DoRA magnitude: one value per output row (PEFT's norm is over dim 1 of the
+    weight in (out, in) layout; an embedding's rows are its vocabulary entries)."""
+    name = magnitudes.get(update.weight)
+    if name is None:
+        raise AdapterError(update.weight, "use_dora is set, but the adapter holds no lora_magnitude_vector for it")
+    values = np.asarray(tensors[name], dtype=np.float64).reshape(-1)
+    rows = update.a.shape[1] if embedding else update.b.shape[0]
+    if values.size != rows:
+        raise AdapterError(name, f"{values.size} magnitudes for a weight of {rows} output rows")
+    if not np.all(np.isfinite(values)):
+        raise AdapterError(name, "magnitudes hold NaN or Inf")
+    return replace(update, magnitude=values)
 
 
 # --- norms and distances ------------------------------------------------------------------------------
@@ -366,3 +413,62 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
         reasons.append("the adapter holds no LoRA update and no saved module")
     verdict: Literal["compatible", "incompatible"] = "incompatible" if reasons else "compatible"
     return Compatibility(verdict, tuple(reasons), matched, tuple(same), tuple(new), names)
+
+
+# --- DoRA: the magnitudes against a base's rows ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MagnitudeFit:
+    """Do a DoRA adapter's magnitudes fit a base's rows? (`magnitude_fit`)"""
+
+    modules: int  # DoRA weights compared (the base rows read for them)
+    rows: int  # output rows compared, all modules
+    score: float  # the combined Z: ~N(0, 1) when the base is unrelated to the one trained on
+    p_value: float  # one-sided, P(N(0, 1) > score)
+    related: bool  # p_value < sketches.relatedness.ALPHA
+    median_relative_error: float  # median over rows of |m_i - ||W_i|| | / ||W_i||
+
+    def details(self) -> dict[str, object]:
+        return {"modules": self.modules, "rows": self.rows, "score": round(self.score, 3),
+                "p_value": float(f"{self.p_value:.3g}"), "related": self.related,
+                "median_relative_error": float(f"{self.median_relative_error:.3g}")}
+
+
+def magnitude_fit(updates: Mapping[str, LoraUpdate], base: Mapping[str, np.ndarray],
+                  names: Mapping[str, str] | None = None) -> MagnitudeFit | None:
+    """Test a DoRA adapter's magnitudes against a base's rows; None when no DoRA weight has base rows.
+
+    `base`: the base's tensors by name, whole or their first rows (a budgeted read: row i of a block is the
+    weight's row i); `names`: adapter weight -> the base's name (`Compatibility.base_names`). Per weight,
+    the magnitudes m_i of the rows read are set against the base's row norms n_i = ||W_i||, where PEFT
+    starts them (B = 0 at init). Not against ||W_i + s (B A)_i||: the adapter's own update would then
+    stand on both sides, and a long run's large s B A made an unrelated base's norms "fit" as well (Z 6.8
+    on tests/test_dora.py's zoo). The statistic is the relatedness test's (`sketches.relatedness`): under
+    "the base is not the model trained on" the rows are exchangeable between m and n, and the permutation
+    statistic sum m_i n_i is z = r sqrt(k - 1) from N(0, 1) (r: their correlation over k rows); weights' z
+    are combined by their median, as layers are there. On the trained-on base, or a relative of it, m
+    follows the norms row by row as long as training moved m by less than the norms differ between rows;
+    the relative error says how far it moved. Skipped: transposed layouts (fan_in_fan_out, embeddings:
+    the rows read are not output rows), rows of another width than the update's, fewer than MIN_ROWS rows."""
+    from sketches.relatedness import MIN_ROWS, combine  # torch: only when a DoRA adapter is tested
+
+    zs, errors, modules = [], [], 0
+    for weight, u in sorted(updates.items()):
+        block = base.get((names or {}).get(weight, weight))
+        if u.magnitude is None or u.transposed or block is None or np.ndim(block) < 2:
+            continue
+        rows = np.asarray(block, dtype=np.float64).reshape(np.shape(block)[0], -1)
+        k = rows.shape[0]
+        if rows.shape[1] != u.a.shape[1] or k > u.b.shape[0] or k < MIN_ROWS:
+            continue
+        started, m = np.linalg.norm(rows, axis=1), u.magnitude[:k]
+        modules += 1
+        errors.append(np.abs(m - started) / np.maximum(started, 1e-30))
+        if np.std(m) > 0 and np.std(started) > 0:
+            zs.append(float(np.corrcoef(m, started)[0, 1]) * math.sqrt(k - 1))
+    if not modules:
+        return None
+    test = combine(zs)
+    every = np.concatenate(errors)
+    return MagnitudeFit(modules, int(every.size), test.score, test.p_value, test.related, float(np.median(every)))

@@ -238,10 +238,24 @@ def test_config_fields_and_regex_targets() -> None:
     assert patterned.modules_to_save == ()
 
 
-def test_dora_updates_are_refused() -> None:
-    config = parse_adapter_config(json.dumps({**CONFIG, "use_dora": True}).encode())
-    with pytest.raises(AdapterError, match="DoRA"):
-        lora_updates(config, {})
+def test_dora_pairs_need_their_magnitudes() -> None:
+    """A DoRA pair without its magnitude, magnitudes of the wrong length or not finite, and magnitudes in an
+    adapter that does not say use_dora are each refused, naming the tensor."""
+    dora = parse_adapter_config(json.dumps({**CONFIG, "use_dora": True}).encode())
+    pair = {"base_model.model.q.lora_A.weight": np.ones((2, 4)), "base_model.model.q.lora_B.weight": np.ones((3, 2))}
+    with pytest.raises(AdapterError, match="no lora_magnitude_vector") as info:
+        lora_updates(dora, pair)
+    assert info.value.thing == "q.weight"
+    magnitude = "base_model.model.q.lora_magnitude_vector"
+    with pytest.raises(AdapterError, match="4 magnitudes for a weight of 3 output rows"):
+        lora_updates(dora, pair | {magnitude: np.ones(4)})
+    with pytest.raises(AdapterError, match="NaN or Inf"):
+        lora_updates(dora, pair | {magnitude: np.array([1.0, np.nan, 1.0])})
+    with pytest.raises(AdapterError, match="does not set use_dora") as info:
+        lora_updates(parse_adapter_config(json.dumps(CONFIG).encode()), pair | {magnitude: np.ones(3)})
+    assert info.value.thing == magnitude
+    found = lora_updates(dora, pair | {magnitude + ".default.weight": np.arange(3.0)})  # an older PEFT's name
+    assert found["q.weight"].magnitude.tolist() == [0.0, 1.0, 2.0]
 
 
 def test_factors_that_do_not_multiply() -> None:

@@ -86,7 +86,7 @@ TRUTH = {  # child -> (parents, relation)
 }
 BAD = {"q/truncated-GGUF": "truncated", "q/unknown-type-GGUF": "unknown quantization type 99",
        "q/past-end-GGUF": "past the end of the file", "l/not-json": "not valid JSON", "l/no-base": "names no base",
-       "l/dora": "DoRA adapters rescale"}
+       "l/dora": "no lora_magnitude_vector"}
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     hub.repo("l/lora-ext", 12, adapter=lora(13), config=lora_config("meta/not-here"))
     hub.repo("l/not-json", 12, adapter=lora(14), config=b"{not json")
     hub.repo("l/no-base", 12, adapter=lora(15), config={"peft_type": "LORA", "r": 4})
-    hub.repo("l/dora", 12, adapter=lora(16), config={**lora_config("m/base"), "use_dora": True})  # refused, alone
+    hub.repo("l/dora", 12, adapter=lora(16), config={**lora_config("m/base"), "use_dora": True})  # no magnitudes: refused
     bad = hub.repo("q/truncated-GGUF", 12)
     write_llama_gguf(bad / "model-Q8_0.gguf", a, "Q8_0", heads=HEADS, kv_heads=KV_HEADS)
     (bad / "model-Q8_0.gguf").write_bytes((bad / "model-Q8_0.gguf").read_bytes()[:200])

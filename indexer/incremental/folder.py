@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from errors import AdapterError, BadInputError
-from indexer.crawl import classify, header_shapes, read_folder
+from indexer.crawl import classify, local_bases, read_folder
 from indexer.incremental.index import (
     DEFAULT_EXPAND,
     DEFAULT_K,
@@ -35,7 +35,6 @@ from indexer.incremental.index import (
 )
 from indexer.incremental.satellites import AdapterArrival
 from indexer.lineage.recover import WHOLE_MODEL, discover_repos, upload_times
-from indexer.sources import LocalRepo
 from store.schema import EdgeRecord
 from store.tables import read_records
 
@@ -80,23 +79,6 @@ def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:
     return arrival.family, arrival.revision, dict(arrival.arrays)
 
 
-def local_base_shapes(repos: Mapping[str, Path]) -> Callable[[str], Shapes | None]:
-    """An adapter's base's header shapes, when the base is one of the folder's repos (for its verdict);
-    one header read per base (a popular base has many adapters)."""
-    seen: dict[str, Shapes | None] = {}
-
-    def shapes(repo_id: str) -> Shapes | None:
-        if repo_id not in seen:
-            seen[repo_id] = None
-            if repo_id in repos:
-                repo = LocalRepo(repos[repo_id])
-                try:
-                    seen[repo_id] = header_shapes(repo, have_token=True)
-                finally:
-                    repo.close()
-        return seen[repo_id]
-
-    return shapes
 
 
 def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int = DEFAULT_K, device: str = "auto",
@@ -112,7 +94,7 @@ def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int =
     adapters: dict[str, int] = {}
     failed: dict[str, str] = {}
     with LineageIndex.open(Path(home), k=k, device=device, flush_every=flush_every, expand=expand,  # type: ignore[arg-type]
-                           base_shapes=local_base_shapes(dict(found)), **extra) as index:
+                           bases=local_bases(dict(found)), **extra) as index:
         for repo_id, path in repos:
             created = datetime.fromtimestamp(times[repo_id], UTC) if repo_id in times else None
             try:
@@ -124,7 +106,7 @@ def ingest_folder(home: Path, folder: Path, *, order: Order = "upload", k: int =
             if isinstance(arrival, AdapterArrival):
                 try:
                     _, details = index.add_adapter(arrival)
-                except AdapterError as exc:  # updates it cannot use (DoRA): recorded, as the crawl does
+                except AdapterError as exc:  # updates it cannot use: recorded, as the crawl does
                     failed[repo_id] = classify(exc)[1]
                     logger.warning("%s: %s", repo_id, failed[repo_id])
                     continue

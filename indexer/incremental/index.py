@@ -62,6 +62,7 @@ from indexer.lineage.methods import cast_dtype
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
+    Bases,
     Peer,
     chain_ratio,
     earlier,
@@ -69,7 +70,9 @@ from indexer.relations.adapters import (
     nearest_peers,
     resolve_base,
     total_norm,
+    magnitude_rows,
     verdict_details,
+    with_magnitudes,
 )
 from indexer.relations.merges import PairCache, fit, merge_row_parents
 from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
@@ -78,7 +81,7 @@ from indexer.relations.rules import (
     copy_relative,
     within_quantization_error,
 )
-from sketches.adapter import LoraUpdate, check_compatibility, lora_updates
+from sketches.adapter import Compatibility, LoraUpdate, check_compatibility, lora_updates
 from sketches.distances import Device
 from sketches.layers import is_head, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
@@ -122,7 +125,6 @@ class ArrivalResult:
 
 
 Refetch = Callable[[str, str], Mapping[str, np.ndarray]]  # (repo_id, revision) -> selected tensors, float32
-BaseShapes = Callable[[str], Mapping[str, tuple[int, ...]] | None]  # repo id -> its tensor shapes (header), or None
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ class LineageIndex:
                  array_bytes: int = DEFAULT_ARRAY_BYTES, recall_bytes: int = DEFAULT_RECALL_BYTES,
                  expand: int = DEFAULT_EXPAND,
                  refetch: Refetch | None = None, keep_arrays: bool = True,
-                 base_shapes: BaseShapes | None = None) -> None:
+                 bases: Bases | None = None) -> None:
         if k < 1:
             raise BadInputError("k", f"must be at least 1 nominee, got {k}")
         self.store, self.k, self.device, self.penalty = store, k, device, penalty
@@ -221,7 +223,7 @@ class LineageIndex:
         self._dirty: set[str] = set()
         self._since_flush = 0
         self.exact_total = 0
-        self.base_shapes = base_shapes  # an adapter's base header (crawl: by range from the Hub), for its verdict
+        self.bases = bases  # an adapter's base (crawl: by range from the Hub): its header and DoRA rows, for its verdict
         self._sats: dict[str, Satellite] | None = None  # loaded on first use (_satellites)
         self._updates: OrderedDict[str, Mapping[str, LoraUpdate]] = OrderedDict()  # adapters' factors, bounded
         self._update_bytes = 0
@@ -639,13 +641,16 @@ class LineageIndex:
     def add_adapter(self, arrival: AdapterArrival) -> tuple[str, dict[str, object]]:
         """Place one adapter (module docstring); returns (its family, details for its models row)."""
         sats, read = self._satellites(), arrival.adapter
-        updates = lora_updates(read.config, lora_arrays(arrival.arrays))  # AdapterError (DoRA): a recorded failure
+        updates = lora_updates(read.config, lora_arrays(arrival.arrays))  # AdapterError: a recorded failure
         declared = read.config.base_model.strip()
         anchor = resolve_base(declared, self._home_of)
         name = anchor or declared
         family = self._home_families()[anchor] if anchor else family_by_shapes(updates, read.saved, self._registry.families)
         shapes, source = self._shapes_for(name, family)
         compat = check_compatibility(updates, read.saved, shapes) if shapes is not None else None
+        magnitudes = None
+        if compat is not None:
+            compat, magnitudes = with_magnitudes(compat, updates, self._base_rows(name, compat, updates))
         norm = total_norm(updates)
         created = arrival.created_at.timestamp() if arrival.created_at is not None else None
         parent, ratio, touched = self._chain(arrival.repo_id, name, created, norm, updates)
@@ -662,7 +667,7 @@ class LineageIndex:
             self.flush()
         # where it hangs (base, external or not, chain parent) is the edges row's: it moves as models arrive
         details: dict[str, object] = {"update_norm": round(norm, 6), "chain_compared": touched}
-        return family, details | verdict_details(compat, source=source)
+        return family, details | verdict_details(compat, source=source, magnitudes=magnitudes)
 
     def _chain(self, repo_id: str, anchor: str, created: float | None, norm: float,
                updates: Mapping[str, LoraUpdate]) -> tuple[str, float, int]:
@@ -715,12 +720,24 @@ class LineageIndex:
         matches = sorted(r for r in homes if r.lower() == lowered)
         return matches[0] if matches else None
 
+    def _base_rows(self, name: str, compat: Compatibility, updates: Mapping[str, LoraUpdate]) -> Mapping[str, np.ndarray] | None:
+        """The first rows of the base weights a DoRA adapter's magnitudes are tested against, read from
+        where the base is (indexed or not: the same rows whichever arrives first), or None."""
+        wanted = magnitude_rows(updates, compat)
+        if not wanted or self.bases is None:
+            return None
+        try:
+            return self.bases.rows(name, wanted)
+        except Exception as exc:  # noqa: BLE001 -- an unreadable base leaves the verdict to its shapes
+            logger.warning("base %s: rows for the DoRA test not read (%s)", name, exc)
+            return None
+
     def _shapes_for(self, name: str, family: str) -> tuple[Mapping[str, tuple[int, ...]] | None, str]:
         """The base's tensor shapes: its header (crawl) when readable, else its family's shapes."""
         shapes = None
-        if self.base_shapes is not None:
+        if self.bases is not None:
             try:
-                shapes = self.base_shapes(name)
+                shapes = self.bases.shapes(name)
             except Exception as exc:  # noqa: BLE001 -- an unreadable base leaves the verdict to the family
                 logger.warning("base %s: header not read (%s)", name, exc)
         if shapes is not None:

@@ -398,7 +398,7 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     if not families and not copies and not adapters:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
     forest = _solve(families, failed, options) if families else Forest(tuple(failed))
-    return _with_relations(forest, families, keys, copies, adapters, options, spent)
+    return _with_relations(forest, families, keys, copies, adapters, options, spent, dict(repos))
 
 
 def group_families(loaded: Sequence[_Loaded]) -> dict[str, list[_Loaded]]:
@@ -459,8 +459,9 @@ def _member_arrays(family: Family, i: int) -> dict[str, np.ndarray]:
 
 def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys: Mapping[str, str],
                     copies: Sequence[QuantCopy], adapters: Sequence[AdapterRepo], options: Options,
-                    spent: Mapping[str, int]) -> Forest:
-    """Step 6 (the module docstring); every row gets its bytes read."""
+                    spent: Mapping[str, int], folders: Mapping[str, Path]) -> Forest:
+    """Step 6 (the module docstring); every row gets its bytes read. `folders`: repo id -> folder, where a
+    DoRA adapter's base rows are read from (as `index add` reads them)."""
     rows = {r.repo_id: r for r in forest.rows}
     arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
     created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
@@ -475,7 +476,7 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
         if rid in home:
             family_shapes.setdefault(home[rid], {}).update(shapes[rid])
     usable = []
-    for a in adapters:  # an adapter whose updates cannot be read (DoRA) is one failed row, as in the crawl
+    for a in adapters:  # an adapter whose updates cannot be read is one failed row, as in the crawl
         try:
             lora_updates(a.read.config, lora_arrays(a.arrays))
             usable.append(a)
@@ -483,7 +484,10 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
             from indexer.crawl import classify
 
             rows[a.repo_id] = _failed(a.repo_id, "", options.method, classify(exc)[1])
-    placed |= place_adapters(usable, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes)
+    from indexer.crawl import local_bases  # the crawl's readers: a cycle at module level
+
+    placed |= place_adapters(usable, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes,
+                             local_bases(folders))
     rows |= _placed_rows(placed, rows, options)
     return Forest(tuple(replace(r, bytes_read=spent.get(r.repo_id, 0)) for _, r in sorted(rows.items())), forest.notes)
 

@@ -22,7 +22,8 @@ every parent with its weight.
 Adapters: the declared base is resolved among the folder's models (`indexer.relations.adapters.
 resolve_base`: exact id, any case, the tail of a local path), else kept as an external parent by name;
 the family is the base's, else the one whose shapes the LoRA updates fit; the verdict checks the updates
-(and `modules_to_save`) against the base's header shapes. Chains: the parent is the related adapter of
+(and `modules_to_save`) against the base's header shapes, and a DoRA adapter's magnitudes against the
+base's rows (`indexer.relations.adapters.with_magnitudes`). Chains: the parent is the related adapter of
 the same base (update ratio < CHAIN_RATIO) uploaded before it (`earlier`) with the smallest ratio, which
 is where the incremental's `_chain` leaves every adapter once all have arrived (it compares the k
 nearest in update norm; a base with more than k adapters may differ).
@@ -48,12 +49,15 @@ from indexer.lineage.confidence import calibrated
 from indexer.readers import AdapterRead, QuantInfo, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
+    Bases,
     Peer,
     chain_ratio,
     earlier,
     family_by_shapes,
+    magnitude_rows,
     resolve_base,
     total_norm,
+    with_magnitudes,
 )
 from indexer.relations.merges import PairCache, fit
 from indexer.relations.pool import fit_order, pair_table, tree_pool
@@ -225,9 +229,10 @@ def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
 
 
 def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[str, Shapes]],
-                   families: Mapping[str, Shapes]) -> dict[str, Placed]:
+                   families: Mapping[str, Shapes], bases: Bases | None = None) -> dict[str, Placed]:
     """Every adapter under its base or the adapter it continues (module docstring). `models`: every placed
-    model of the folder -> (family, header shapes); `families`: family -> shapes (for unresolved bases)."""
+    model of the folder -> (family, header shapes); `families`: family -> shapes (for unresolved bases);
+    `bases`: where a DoRA adapter's base rows are read from (`magnitude_rows`, `with_magnitudes`)."""
     lowered: dict[str, str] = {}
     for r in sorted(models, reverse=True):  # the smallest id wins a case-insensitive clash, as the index's
         lowered[r.lower()] = r
@@ -244,6 +249,9 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         family = models[anchor][0] if anchor else family_by_shapes(updates[a.repo_id], a.read.saved, families)
         shapes = models[anchor][1] if anchor else families.get(family)
         compat = check_compatibility(updates[a.repo_id], a.read.saved, shapes) if shapes is not None else None
+        if compat is not None and anchor is not None and bases is not None:
+            wanted = magnitude_rows(updates[a.repo_id], compat)
+            compat, _ = with_magnitudes(compat, updates[a.repo_id], bases.rows(anchor, wanted) if wanted else None)
         first[a.repo_id] = (anchor or declared, anchor is None, family, compat)
     return {a.repo_id: _chain_place(a, first, updates, adapters) for a in adapters}
 
