@@ -50,6 +50,7 @@ __all__ = [
     "Compatibility",
     "LoraUpdate",
     "check_compatibility",
+    "exchangeable_rows",
     "magnitude_fit",
     "difference_singular_values",
     "MagnitudeFit",
@@ -418,6 +419,19 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
 # --- DoRA: the magnitudes against a base's rows ------------------------------------------------------
 
 
+# Query and key projections: under rotary position embeddings row i of a head is tied to a fixed rotation
+# frequency, and rows of one frequency keep alike norms in independently trained models, so their rows are
+# not exchangeable between unrelated models (bench/dora.py: unrelated pre-trained bases read a median Z of
+# 2.9 with them in, 0.x without). Left out by name, RoPE or not: value, output and MLP rows remain.
+_POSITIONAL_ROWS = re.compile(r"(?:^|\.)(?:q|k|q_proj|k_proj|query|key|qkv|qkv_proj|query_key_value|wqkv|Wqkv|"
+                              r"c_attn|q_lin|k_lin|in_proj|to_q|to_k)\.weight$")
+
+
+def exchangeable_rows(weight: str) -> bool:
+    """May the rows of this weight be permuted under the magnitude test's null? (Not a query / key.)"""
+    return _POSITIONAL_ROWS.search(weight) is None
+
+
 @dataclass(frozen=True)
 class MagnitudeFit:
     """Do a DoRA adapter's magnitudes fit a base's rows? (`magnitude_fit`)"""
@@ -450,13 +464,14 @@ def magnitude_fit(updates: Mapping[str, LoraUpdate], base: Mapping[str, np.ndarr
     are combined by their median, as layers are there. On the trained-on base, or a relative of it, m
     follows the norms row by row as long as training moved m by less than the norms differ between rows;
     the relative error says how far it moved. Skipped: transposed layouts (fan_in_fan_out, embeddings:
-    the rows read are not output rows), rows of another width than the update's, fewer than MIN_ROWS rows."""
+    the rows read are not output rows), rows of another width than the update's, fewer than MIN_ROWS rows,
+    and query / key projections (`exchangeable_rows`)."""
     from sketches.relatedness import MIN_ROWS, combine  # torch: only when a DoRA adapter is tested
 
     zs, errors, modules = [], [], 0
     for weight, u in sorted(updates.items()):
         block = base.get((names or {}).get(weight, weight))
-        if u.magnitude is None or u.transposed or block is None or np.ndim(block) < 2:
+        if u.magnitude is None or u.transposed or block is None or np.ndim(block) < 2 or not exchangeable_rows(weight):
             continue
         rows = np.asarray(block, dtype=np.float64).reshape(np.shape(block)[0], -1)
         k = rows.shape[0]

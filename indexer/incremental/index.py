@@ -64,6 +64,7 @@ from indexer.relations.adapters import (
     CHAIN_RATIO,
     Bases,
     Peer,
+    base_confidence,
     chain_ratio,
     earlier,
     family_by_shapes,
@@ -648,13 +649,11 @@ class LineageIndex:
         family = self._home_families()[anchor] if anchor else family_by_shapes(updates, read.saved, self._registry.families)
         shapes, source = self._shapes_for(name, family)
         compat = check_compatibility(updates, read.saved, shapes) if shapes is not None else None
-        magnitudes = None
-        if compat is not None:
-            compat, magnitudes = with_magnitudes(compat, updates, self._base_rows(name, compat, updates))
+        magnitudes = with_magnitudes(compat, updates, self._base_rows(name, compat, updates)) if compat else None
         norm = total_norm(updates)
         created = arrival.created_at.timestamp() if arrival.created_at is not None else None
         parent, ratio, touched = self._chain(arrival.repo_id, name, created, norm, updates)
-        confidence = {"compatible": 1.0, "incompatible": 0.0}.get(compat.verdict, 0.5) if compat else 0.5
+        confidence = base_confidence(compat, magnitudes)
         if parent != name:
             confidence = 1.0 - ratio / CHAIN_RATIO
         sats[arrival.repo_id] = Satellite(arrival.repo_id, arrival.revision, family, name, anchor is None, parent,

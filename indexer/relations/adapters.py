@@ -16,8 +16,10 @@ DoRA. A DoRA adapter's magnitudes are the row norms of the weight it was trained
 MAGNITUDE_WEIGHTS of the declared base's DoRA-updated weights, spread over depth (`magnitude_rows`),
 read from where the base is (the crawl: the Hub, by range, ~2 MiB for a 7B; `index add` and batch: the
 folders given), whether or not the base is indexed yet: the verdict does not depend on arrival order.
-Magnitudes that test unrelated to those rows, by a test that had the rows to tell (`decisive`), make the
-verdict incompatible: the adapter was trained on another model of that shape. Chains use s B A, as LoRA's.
+Magnitudes that test unrelated to those rows, by a test that had the rows to tell (`decisive`), halve the
+edge's confidence (`base_confidence`) and say so in the verdict's details, but do not make it incompatible:
+the adapter may have been trained on another model of that shape, or trained long enough to move its
+magnitudes farther than the base's rows differ. Chains use s B A, as LoRA's.
 
 Chains. Two adapters of one base whose updates U, V satisfy
     ratio = sum_l ||U_l - V_l||^2 / sum_l (||U_l||^2 + ||V_l||^2)  <  CHAIN_RATIO
@@ -35,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -45,6 +47,7 @@ from sketches.adapter import (
     LoraUpdate,
     MagnitudeFit,
     check_compatibility,
+    exchangeable_rows,
     magnitude_fit,
     update_distance,
     update_norm,
@@ -96,7 +99,8 @@ def magnitude_rows(updates: Mapping[str, LoraUpdate], compat: Compatibility) -> 
     """The base's weights (its names) and rows a DoRA test reads (module docstring); {} for plain LoRA."""
     from sketches.plan import _layer, spread_order  # the plan's notion of a layer and its order over depth
 
-    dora = sorted(w for w, u in updates.items() if u.magnitude is not None and not u.transposed and w in compat.base_names)
+    dora = sorted(w for w, u in updates.items() if u.magnitude is not None and not u.transposed
+                  and w in compat.base_names and exchangeable_rows(w))
     layers = sorted({_layer(w) for w in dora})
     rank = {layers[pos]: i for i, pos in enumerate(spread_order(len(layers)))}
     chosen = sorted(dora, key=lambda w: (rank.get(_layer(w), len(layers)), w))[:MAGNITUDE_WEIGHTS]
@@ -104,17 +108,27 @@ def magnitude_rows(updates: Mapping[str, LoraUpdate], compat: Compatibility) -> 
 
 
 def with_magnitudes(compat: Compatibility, updates: Mapping[str, LoraUpdate],
-                    base_rows: Mapping[str, object] | None) -> tuple[Compatibility, MagnitudeFit | None]:
-    """The verdict, with a DoRA adapter's magnitudes tested against the base's rows `magnitude_rows`
-    asked for, when they could be read (module docstring)."""
+                    base_rows: Mapping[str, object] | None) -> MagnitudeFit | None:
+    """A DoRA adapter's magnitudes tested against the base's rows `magnitude_rows` asked for, when they
+    could be read; None for a plain LoRA adapter or without rows (module docstring)."""
     if not base_rows or not any(u.magnitude is not None for u in updates.values()):
-        return compat, None
-    fit = magnitude_fit(updates, base_rows, compat.base_names)  # type: ignore[arg-type]
-    if fit is None or fit.related or not decisive(fit):
-        return compat, fit
-    reason = (f"DoRA magnitudes do not fit the base's row norms (Z {fit.score:.2f}, p {fit.p_value:.2g}, "
-              f"{fit.modules} weights): trained on another model")
-    return replace(compat, verdict="incompatible", reasons=(*compat.reasons, reason)), fit
+        return None
+    return magnitude_fit(updates, base_rows, compat.base_names)  # type: ignore[arg-type]
+
+
+def base_confidence(compat: Compatibility | None, magnitudes: MagnitudeFit | None) -> float:
+    """How sure the edge to the declared base is: 1 when the adapter fits the base's shapes (and a DoRA
+    adapter's magnitudes do not contradict it), 0 when it does not fit them, 0.5 without the base's shapes
+    or when the magnitudes, tested with the rows to tell, do not follow the base's rows: trained on another
+    model, or moved by a long run farther than the rows' norms differ (bench/dora.py: the trained-on base
+    is lost past ~15 % drift), which they cannot tell apart."""
+    if compat is None:
+        return 0.5
+    if compat.verdict == "incompatible":
+        return 0.0
+    if magnitudes is not None and not magnitudes.related and decisive(magnitudes):
+        return 0.5
+    return 1.0
 
 
 def verdict_details(compat: Compatibility | None, *, source: str, magnitudes: MagnitudeFit | None = None) -> dict[str, object]:
@@ -123,7 +137,7 @@ def verdict_details(compat: Compatibility | None, *, source: str, magnitudes: Ma
         return {"verdict": "unknown", "verdict_from": "no base shapes (base neither indexed nor readable)"}
     out: dict[str, object] = {"verdict": compat.verdict, "verdict_from": source, "matched": compat.matched}
     if magnitudes is not None:
-        out["dora_magnitudes"] = magnitudes.details()
+        out["dora_magnitudes"] = magnitudes.details() | {"decisive": decisive(magnitudes)}
     if compat.reasons:
         out["reasons"] = list(compat.reasons[:3])
     if compat.saved_match or compat.saved_new:  # modules_to_save: the full copies checked against the base

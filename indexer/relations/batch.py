@@ -51,6 +51,7 @@ from indexer.relations.adapters import (
     CHAIN_RATIO,
     Bases,
     Peer,
+    base_confidence,
     chain_ratio,
     earlier,
     family_by_shapes,
@@ -241,7 +242,7 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         return name if name in models else lowered.get(name.lower())
 
     updates: dict[str, dict[str, LoraUpdate]] = {}
-    first: dict[str, tuple[str, bool, str, Compatibility | None]] = {}
+    first: dict[str, tuple[str, bool, str, Compatibility | None, float]] = {}
     for a in sorted(adapters, key=lambda a: a.repo_id):
         updates[a.repo_id] = lora_updates(a.read.config, lora_arrays(a.arrays))
         declared = a.read.config.base_model.strip()
@@ -249,16 +250,17 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         family = models[anchor][0] if anchor else family_by_shapes(updates[a.repo_id], a.read.saved, families)
         shapes = models[anchor][1] if anchor else families.get(family)
         compat = check_compatibility(updates[a.repo_id], a.read.saved, shapes) if shapes is not None else None
+        magnitudes = None
         if compat is not None and anchor is not None and bases is not None:
             wanted = magnitude_rows(updates[a.repo_id], compat)
-            compat, _ = with_magnitudes(compat, updates[a.repo_id], bases.rows(anchor, wanted) if wanted else None)
-        first[a.repo_id] = (anchor or declared, anchor is None, family, compat)
+            magnitudes = with_magnitudes(compat, updates[a.repo_id], bases.rows(anchor, wanted) if wanted else None)
+        first[a.repo_id] = (anchor or declared, anchor is None, family, compat, base_confidence(compat, magnitudes))
     return {a.repo_id: _chain_place(a, first, updates, adapters) for a in adapters}
 
 
-def _chain_place(a: AdapterRepo, first: Mapping[str, tuple[str, bool, str, Compatibility | None]],
+def _chain_place(a: AdapterRepo, first: Mapping[str, tuple[str, bool, str, Compatibility | None, float]],
                  updates: Mapping[str, Mapping[str, LoraUpdate]], adapters: Sequence[AdapterRepo]) -> Placed:
-    anchor, external, family, compat = first[a.repo_id]
+    anchor, external, family, compat, confidence = first[a.repo_id]
     me = Peer(a.repo_id, a.created, total_norm(updates[a.repo_id]))
     best: tuple[float, str] | None = None
     for b in adapters:
@@ -272,5 +274,4 @@ def _chain_place(a: AdapterRepo, first: Mapping[str, tuple[str, bool, str, Compa
     if best is not None:
         return Placed(a.repo_id, best[1], "adapter", best[0], 1.0 - best[0] / CHAIN_RATIO, ((best[1], 1.0),),
                       anchor, external, family, verdict)
-    confidence = {"compatible": 1.0, "incompatible": 0.0}.get(verdict, 0.5)
     return Placed(a.repo_id, anchor, "adapter", math.nan, confidence, ((anchor, 1.0),), anchor, external, family, verdict)
