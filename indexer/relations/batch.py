@@ -248,7 +248,9 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         declared = a.read.config.base_model.strip()
         anchor = resolve_base(declared, known)
         family = models[anchor][0] if anchor else family_by_shapes(updates[a.repo_id], a.read.saved, families)
-        shapes = models[anchor][1] if anchor else families.get(family)
+        # the base's header, the shapes the index checks against, else those of the arrays batch read
+        header = bases.shapes(anchor) if anchor and bases is not None else None
+        shapes = header or (models[anchor][1] if anchor else families.get(family))
         compat = check_compatibility(updates[a.repo_id], a.read.saved, shapes) if shapes is not None else None
         magnitudes = None
         if compat is not None and anchor is not None and bases is not None:
