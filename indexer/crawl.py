@@ -65,6 +65,7 @@ from indexer.readers import (
     adapter_details,
     choose_gguf,
     looks_packed,
+    loose_config,
     plan_adapter,
     read_adapter_config,
     read_gguf,
@@ -73,6 +74,7 @@ from indexer.readers import (
 )
 from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
+from sketches.adapter import lora_pairs, loose_layout
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -332,6 +334,22 @@ def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
                      AdapterRead(config, saved, pairs, read, details))
 
 
+def read_loose_adapter(repo: RepoFiles, sources: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],
+                       layout: str, *, budget: int) -> ModelRead:
+    """A LoRA file without a config (`sketches.adapter.loose_layout`): its base from the model card, its
+    factor pairs (and alphas) within the budget; no saved modules."""
+    header_bytes = repo.bytes_read
+    tensors = {name: info for name, (_, info) in where.items()}
+    files = sorted({f for f, _ in where.values()})
+    config = loose_config(tensors, layout, repo.entry.declared_base_model, thing=f"{repo.entry.repo_id}/{files[0]}")
+    plan, pairs = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id, layout=layout, file=files[0])
+    arrays = read_planned(sources, where, plan)
+    read = sum(1 for b in plan.blocks if b.tensor in {a for a, _ in lora_pairs(tensors, layout).values()})
+    details = adapter_details(config, {}, pairs, read) | {"base_from": "model card"}
+    return ModelRead("", plan, tensors, arrays, header_bytes, "adapter", details,
+                     AdapterRead(config, {}, pairs, read, details))
+
+
 def _quantized(read: QuantizedRead, header_bytes: int, weights_format: str) -> ModelRead:
     tensors = {n: TensorInfo(n, "BF16", s, 0, 2 * math.prod(s)) for n, s in read.shapes.items()}  # as planned
     return ModelRead(read.family, read.plan, tensors, read.arrays, header_bytes, weights_format, read.details,
@@ -366,6 +384,9 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         return read_gguf_model(repo, layout[0], budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
+    lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)
+    if lora_layout is not None:
+        return read_loose_adapter(repo, sources, where, lora_layout, budget=budget)
     if looks_packed({name: info for name, (_, info) in where.items()}):
         quant, weights_format = read_packed(sources, where, _config(repo), budget=budget)
         return _quantized(quant, header_bytes, weights_format)

@@ -28,6 +28,7 @@ from errors import AdapterError, ModelGraphError, QuantizedWeightsError, Unsuppo
 from sketches.adapter import (
     MAX_CONFIG_BYTES,
     AdapterConfig,
+    lora_alphas,
     lora_magnitudes,
     lora_pairs,
     parse_adapter_config,
@@ -79,7 +80,8 @@ def adapter_details(config: AdapterConfig, saved: Mapping[str, tuple[int, ...]],
             "target_modules": targets, "modules_to_save": sorted(config.modules_to_save),
             "saved_tensors": len(saved), "lora_pairs": pairs, "lora_pairs_read": read,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "fan_in_fan_out": config.fan_in_fan_out,
-            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern)}
+            "rank_pattern": dict(config.rank_pattern), "alpha_pattern": dict(config.alpha_pattern),
+            "layout": config.layout}
 
 
 def config_from_details(details: Mapping[str, Any]) -> AdapterConfig:
@@ -92,7 +94,8 @@ def config_from_details(details: Mapping[str, Any]) -> AdapterConfig:
         modules_to_save=tuple(details.get("modules_to_save") or ()), use_rslora=bool(details.get("use_rslora")),
         fan_in_fan_out=bool(details.get("fan_in_fan_out")), use_dora=bool(details.get("use_dora")),
         rank_pattern=tuple((k, int(v)) for k, v in (details.get("rank_pattern") or {}).items()),
-        alpha_pattern=tuple((k, float(v)) for k, v in (details.get("alpha_pattern") or {}).items()))
+        alpha_pattern=tuple((k, float(v)) for k, v in (details.get("alpha_pattern") or {}).items()),
+        layout=str(details.get("layout") or "peft"))
 
 
 def read_adapter_config(read_small: Any, repo_id: str) -> AdapterConfig:
@@ -110,24 +113,40 @@ def _pair_order(pairs: Mapping[str, tuple[str, str]]) -> list[str]:
     return sorted(pairs, key=lambda w: (rank.get(_layer(w), len(layers)), w))
 
 
-def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str) -> tuple[ReadPlan, int]:
+def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str, layout: str = "peft",
+                 file: str = ADAPTER_WEIGHTS) -> tuple[ReadPlan, int]:
     """Step 3's plan: whole LoRA factor pairs within `budget`; (plan, pairs in the file)."""
-    pairs = lora_pairs(tensors)  # AdapterError on an A without its B
+    pairs = lora_pairs(tensors, layout)  # AdapterError on an A without its B
     if not pairs:
-        raise AdapterError(f"{repo_id}/{ADAPTER_WEIGHTS}", "holds no lora_A / lora_B pair")
-    magnitudes = lora_magnitudes(tensors)  # DoRA: read with their pair, which needs them
+        raise AdapterError(f"{repo_id}/{file}", "holds no lora_A / lora_B pair")
+    # read with their pair, which needs them: DoRA's magnitudes, a loose LoRA file's alphas
+    extras = [lora_magnitudes(tensors), lora_alphas(tensors, layout)]
     blocks, used = [], 0
     for weight in _pair_order(pairs):
-        parts = [tensors[n] for n in pairs[weight]] + ([tensors[magnitudes[weight]]] if weight in magnitudes else [])
+        parts = [tensors[n] for n in pairs[weight]] + [tensors[e[weight]] for e in extras if weight in e]
         size = sum(t.nbytes for t in parts)
         if used + size > budget:
             break  # a prefix of the order, as the plain plan: smaller budgets read a subset
         blocks += [BlockRead(t.name, (0, t.shape[0] if t.shape else 1), t.nbytes, True) for t in parts]
         used += size
     if not blocks:
-        raise AdapterError(f"{repo_id}/{ADAPTER_WEIGHTS}", f"a budget of {budget} bytes cannot hold one LoRA pair")
+        raise AdapterError(f"{repo_id}/{file}", f"a budget of {budget} bytes cannot hold one LoRA pair")
     model_bytes = sum(t.nbytes for t in tensors.values())
     return ReadPlan(ADAPTER_FAMILY, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), 2 * len(pairs), model_bytes), len(pairs)
+
+
+def loose_config(tensors: Mapping[str, TensorInfo], layout: str, declared: str, *, thing: str) -> AdapterConfig:
+    """The config a LoRA file without adapter_config.json implies: its layout, s = 1 where no module has an
+    `.alpha` (diffusers' default: lora_alpha = r), and the base its model card names (the first of several).
+    A file whose card names no base cannot be placed: AdapterError."""
+    base = declared.split(";")[0].strip()
+    if not base:
+        raise AdapterError(thing, f"a {layout} LoRA file without adapter_config.json, and its model card names no "
+                                  "base_model: its base cannot be known")
+    pairs = lora_pairs(tensors, layout)
+    rank = max((tensors[a].shape[0] for a, _ in pairs.values()), default=1)
+    return AdapterConfig(base_model=base, peft_type="LORA", r=rank, lora_alpha=float(rank), target_modules=(),
+                         layout=layout)
 
 
 def saved_shapes(tensors: Mapping[str, TensorInfo]) -> dict[str, tuple[int, ...]]:

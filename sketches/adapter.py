@@ -23,6 +23,15 @@ one base both start at m = ||W_i||, so m tells a continued run no better than B 
 fingerprint of the base (`magnitude_fit`): it follows the base's row norms up to what training moved it,
 which no unrelated model's rows do.
 
+LoRA files without an adapter_config.json (`loose_layout`), the Hub's Stable Diffusion / Flux LoRAs:
+    diffusers   unet.<module>.lora.down.weight / .lora.up.weight (its older saves), or
+                unet.<module>.lora_A.weight / .lora_B.weight (transformer.<module> for DiT pipelines)
+    kohya       lora_unet_<module with _ for .>.lora_down.weight / .lora_up.weight / .alpha (a 0-d tensor)
+down is A, up is B; a module's `.alpha` tensor sets s = alpha / r (kohya's and diffusers' network_alphas),
+else s = 1. Their base is named only by the model card (`base_model`). Text-encoder updates (text_encoder.,
+lora_te*_) are left out: the base's text encoder is never read, only its denoiser. LyCORIS files (LoHa,
+LoKr, OFT) are refused by name.
+
 Distances never form B @ A (out x in): with r1, r2 << out, in every quantity is an r x r product.
     ||s1 B1 A1 - s2 B2 A2||_F^2 = s1^2 <B1'B1, A1A1'> + s2^2 <B2'B2, A2A2'> - 2 s1 s2 <B1'B2, A1A2'>
     (<X, Y> = sum of X * Y: the Gram matrices are r x r), and the singular values of the difference
@@ -54,8 +63,10 @@ __all__ = [
     "magnitude_fit",
     "difference_singular_values",
     "MagnitudeFit",
+    "lora_alphas",
     "lora_magnitudes",
     "lora_pairs",
+    "loose_layout",
     "lora_updates",
     "parse_adapter_config",
     "saved_modules",
@@ -71,6 +82,13 @@ MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are ~1 KB
 PREFIX = "base_model.model."
 # <module>.lora_A[.default].weight, <module>.lora_embedding_A[.default]
 _LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
+# loose LoRA files (no adapter_config.json): diffusers' lora.down / lora.up and lora_A / lora_B, kohya's
+# lora_down / lora_up, each module's optional .alpha
+_LOOSE = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<ab>[AB])|lora[._](?P<du>down|up))\.weight$")
+_ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
+_DENOISER = ("unet.", "transformer.", "lora_unet_", "lora_transformer_")
+_TEXT_ENCODER = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_LYCORIS = re.compile(r"\.(?:hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|oft_blocks|oft_diag|dora_scale)$")
 # <module>.lora_magnitude_vector (PEFT >= 0.12 strips `.default.weight`; older saves kept `.default`)
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
@@ -91,6 +109,7 @@ class AdapterConfig:
     use_dora: bool = False
     rank_pattern: tuple[tuple[str, int], ...] = ()  # (pattern, r) in file order: the first match wins
     alpha_pattern: tuple[tuple[str, float], ...] = ()
+    layout: str = "peft"  # "peft" (adapter_config.json), or a LoRA file without one: "diffusers", "kohya"
 
     def rank_for(self, module: str) -> int:
         return int(_pattern_value(self.rank_pattern, module, self.r))
@@ -188,14 +207,14 @@ def _strip(name: str) -> str:
     return name.removeprefix(PREFIX)
 
 
-def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Base weight name -> (lora_A tensor, lora_B tensor), sorted; an A without its B raises."""
+def lora_pairs(names: Iterable[str], layout: str = "peft") -> dict[str, tuple[str, str]]:
+    """Base weight name -> (lora_A tensor, lora_B tensor), sorted; an A without its B raises. `layout`:
+    the config's (a LoRA file without a config: `loose_layout`)."""
     halves: dict[str, dict[str, str]] = {}
     for name in sorted(names):
-        m = _LORA.match(name)
-        if m is None:
-            continue
-        halves.setdefault(_strip(m.group("module")) + ".weight", {})[m.group("ab")] = name
+        found = _factor(name, layout)
+        if found is not None:
+            halves.setdefault(found[0], {})[found[1]] = name
     pairs = {}
     for weight, ab in sorted(halves.items()):
         if set(ab) != {"A", "B"}:
@@ -203,6 +222,58 @@ def lora_pairs(names: Iterable[str]) -> dict[str, tuple[str, str]]:
             raise AdapterError(have, f"lora_{next(iter(ab))} without its lora_{'B' if 'A' in ab else 'A'}")
         pairs[weight] = (ab["A"], ab["B"])
     return pairs
+
+
+def _factor(name: str, layout: str) -> tuple[str, str] | None:
+    """(base weight, "A" or "B") of a factor tensor's name, or None (not a factor; a text-encoder one)."""
+    if layout == "peft":
+        m = _LORA.match(name)
+        return (_strip(m.group("module")) + ".weight", m.group("ab")) if m is not None else None
+    m = _LOOSE.match(name)
+    if m is None:
+        return None
+    module = _denoiser_module(m.group("module"))
+    half = m.group("ab") or {"down": "A", "up": "B"}[m.group("du")]
+    return (module + ".weight", half) if module is not None else None
+
+
+def _denoiser_module(module: str) -> str | None:
+    """A loose LoRA's module under the denoiser's own names (kohya's stay flattened, `_` for `.`: resolved
+    against the base by `check_compatibility`); None for a text-encoder module."""
+    if module.startswith(_TEXT_ENCODER):
+        return None
+    for prefix in _DENOISER:
+        if module.startswith(prefix):
+            return module.removeprefix(prefix)
+    return module
+
+
+def lora_alphas(names: Iterable[str], layout: str) -> dict[str, str]:
+    """Base weight name -> its `.alpha` tensor (loose layouts; {} for PEFT's, whose config holds alpha)."""
+    if layout == "peft":
+        return {}
+    found = {}
+    for name in sorted(names):
+        m = _ALPHA.match(name)
+        module = _denoiser_module(m.group("module")) if m is not None else None
+        if module is not None:
+            found[module + ".weight"] = name
+    return found
+
+
+def loose_layout(names: Iterable[str]) -> str | None:
+    """"kohya" or "diffusers" when the tensors are a LoRA file's and nothing else (factors, alphas), else
+    None (a model). A LyCORIS file, or kohya's DoRA (dora_scale), raises AdapterError naming a tensor."""
+    names = sorted(names)
+    if not names:
+        return None
+    for name in names:
+        if _LYCORIS.search(name):
+            raise AdapterError(name, "a LyCORIS adapter (LoHa / LoKr / OFT / DoRA scale): only LoRA factors are read")
+    if not all(_LOOSE.match(n) or _ALPHA.match(n) for n in names) or not any(_LOOSE.match(n) for n in names):
+        return None
+    kohya = any(n.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in n for n in names)
+    return "kohya" if kohya else "diffusers"
 
 
 def lora_magnitudes(names: Iterable[str]) -> dict[str, str]:
@@ -272,14 +343,24 @@ def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> di
     if magnitudes and not config.use_dora:
         raise AdapterError(next(iter(magnitudes.values())), "a DoRA magnitude in an adapter whose config does "
                            "not set use_dora: its updates are not what was trained")
+    alphas = lora_alphas(tensors, config.layout)
     updates = {}
-    for weight, (a_name, b_name) in lora_pairs(tensors).items():
+    for weight, (a_name, b_name) in lora_pairs(tensors, config.layout).items():
         embedding = "lora_embedding_" in a_name
         update = _update(config, weight, tensors[a_name], tensors[b_name], embedding=embedding)
         if config.use_dora:
             update = _with_magnitude(update, magnitudes, tensors, embedding=embedding)
+        if weight in alphas:
+            update = replace(update, scale=_alpha(alphas[weight], tensors) / update.rank)
         updates[weight] = update
     return updates
+
+
+def _alpha(name: str, tensors: Mapping[str, np.ndarray]) -> float:
+    values = np.asarray(tensors[name], dtype=np.float64).reshape(-1)
+    if values.size != 1 or not math.isfinite(values[0]) or values[0] <= 0:
+        raise AdapterError(name, f"alpha must be one positive number, got {values[:3].tolist()}")
+    return float(values[0])
 
 
 def _with_magnitude(update: LoraUpdate, magnitudes: Mapping[str, str], tensors: Mapping[str, np.ndarray], *,
@@ -365,19 +446,29 @@ class Compatibility:
 
 
 def _resolver(base_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
-    """Normalised name -> the base's own name, for names that resolve to one tensor only."""
+    """Normalised name, and flattened name (`_flat`), -> the base's own name, for names that resolve to
+    one tensor only."""
     seen: dict[str, list[str]] = {}
     for name in sorted(base_shapes):
         seen.setdefault(normalise_name(name), []).append(name)
+        flat = _flat(normalise_name(name))
+        if flat != normalise_name(name):
+            seen.setdefault(flat, []).append(name)
     return {norm: names[0] for norm, names in seen.items() if len(names) == 1}
+
+
+def _flat(name: str) -> str:
+    """kohya's module naming: `down_blocks.0.attn1.to_q.weight` -> `down_blocks_0_attn1_to_q.weight`."""
+    return name.removesuffix(".weight").replace(".", "_") + ".weight"
 
 
 def _resolve(name: str, base_shapes: Mapping[str, tuple[int, ...]], normalised: Mapping[str, str]) -> str | None:
     """The base's name for a tensor the adapter refers to: exact, else by normalised name (task-model
-    prefixes like `model.`, `bert.`, `transformer.` differ between a base checkpoint and its task model)."""
+    prefixes like `model.`, `bert.`, `transformer.` differ between a base checkpoint and its task model),
+    else by flattened name (a kohya LoRA's; unique matches only)."""
     if name in base_shapes:
         return name
-    return normalised.get(normalise_name(name))
+    return normalised.get(normalise_name(name)) or normalised.get(_flat(name))
 
 
 def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, tuple[int, ...]],

@@ -65,6 +65,7 @@ from indexer.relations.adapters import (
     Bases,
     Peer,
     base_confidence,
+    base_verdict,
     chain_ratio,
     earlier,
     family_by_shapes,
@@ -82,7 +83,7 @@ from indexer.relations.rules import (
     copy_relative,
     within_quantization_error,
 )
-from sketches.adapter import Compatibility, LoraUpdate, check_compatibility, lora_updates
+from sketches.adapter import Compatibility, LoraUpdate, lora_updates
 from sketches.distances import Device
 from sketches.layers import is_head, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
@@ -648,7 +649,7 @@ class LineageIndex:
         name = anchor or declared
         family = self._home_families()[anchor] if anchor else family_by_shapes(updates, read.saved, self._registry.families)
         shapes, source = self._shapes_for(name, family)
-        compat = check_compatibility(updates, read.saved, shapes) if shapes is not None else None
+        compat = base_verdict(updates, read.saved, shapes, layout=read.config.layout)
         magnitudes = with_magnitudes(compat, updates, self._base_rows(name, compat, updates)) if compat else None
         norm = total_norm(updates)
         created = arrival.created_at.timestamp() if arrival.created_at is not None else None

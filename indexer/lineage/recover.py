@@ -205,15 +205,16 @@ def _failed(repo_id: str, family: str, method: str, reason: str) -> ForestRow:
 def _headers(repos: Sequence[tuple[str, Path]], method: str,
              packed: list[tuple[str, Path]] | None = None) -> tuple[list[_Loaded], list[ForestRow]]:
     """Headers of plain safetensors repos; with `packed`, quantized ones (indexer.readers.looks_packed)
-    go there instead, for the crawl's reader."""
+    and LoRA files without a config (sketches.adapter.loose_layout) go there instead, for the crawl's reader."""
     from indexer.readers import looks_packed
+    from sketches.adapter import loose_layout
 
     loaded, failed = [], []
     for repo_id, path in repos:
         try:
             with open_local_repo(path) as weights:
                 infos = weights.tensors()
-            if packed is not None and looks_packed(infos):
+            if packed is not None and (looks_packed(infos) or loose_layout(infos)):  # loose: a LoRA file
                 packed.append((repo_id, path))
                 continue
             stored = canonical_tensors(infos)

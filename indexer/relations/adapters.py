@@ -76,6 +76,20 @@ def resolve_base(declared: str, known: Callable[[str], str | None]) -> str | Non
     return found
 
 
+def base_verdict(updates: Mapping[str, LoraUpdate], saved: Shapes, shapes: Shapes | None, *,
+                 layout: str = "peft") -> Compatibility | None:
+    """The shapes check against the base (`check_compatibility`), or None (unknown) without the base's
+    shapes -- or when a LoRA file without a config names none of the base's tensors: kohya's SDXL files
+    name the original checkpoint's modules (input_blocks_4_1_...), the base repo holds diffusers' names,
+    and that is another naming scheme, not evidence against the base."""
+    if shapes is None:
+        return None
+    compat = check_compatibility(updates, saved, shapes)
+    if layout != "peft" and compat.matched == 0 and not compat.base_names:
+        return None
+    return compat
+
+
 def family_by_shapes(updates: Mapping[str, LoraUpdate], saved: Shapes, families: Mapping[str, Shapes]) -> str:
     """The family whose shapes the adapter fits, most matched tensors first (ties: the smallest key); ""."""
     best, best_matched = "", 0
@@ -134,7 +148,8 @@ def base_confidence(compat: Compatibility | None, magnitudes: MagnitudeFit | Non
 def verdict_details(compat: Compatibility | None, *, source: str, magnitudes: MagnitudeFit | None = None) -> dict[str, object]:
     """The models row's verdict fields: compatible / incompatible (with up to 3 reasons) / unknown."""
     if compat is None:
-        return {"verdict": "unknown", "verdict_from": "no base shapes (base neither indexed nor readable)"}
+        return {"verdict": "unknown", "verdict_from": "no base shapes (base neither indexed nor readable), or a "
+                                                      "LoRA file naming none of the base's tensors (another naming scheme)"}
     out: dict[str, object] = {"verdict": compat.verdict, "verdict_from": source, "matched": compat.matched}
     if magnitudes is not None:
         out["dora_magnitudes"] = magnitudes.details() | {"decisive": decisive(magnitudes)}

@@ -52,6 +52,7 @@ from indexer.relations.adapters import (
     Bases,
     Peer,
     base_confidence,
+    base_verdict,
     chain_ratio,
     earlier,
     family_by_shapes,
@@ -70,7 +71,6 @@ from indexer.relations.rules import (
 from sketches.adapter import (
     Compatibility,
     LoraUpdate,
-    check_compatibility,
     lora_updates,
 )
 from sketches.layers import is_head, select_layers
@@ -251,7 +251,7 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         # the base's header, the shapes the index checks against, else those of the arrays batch read
         header = bases.shapes(anchor) if anchor and bases is not None else None
         shapes = header or (models[anchor][1] if anchor else families.get(family))
-        compat = check_compatibility(updates[a.repo_id], a.read.saved, shapes) if shapes is not None else None
+        compat = base_verdict(updates[a.repo_id], a.read.saved, shapes, layout=a.read.config.layout)
         magnitudes = None
         if compat is not None and anchor is not None and bases is not None:
             wanted = magnitude_rows(updates[a.repo_id], compat)
