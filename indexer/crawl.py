@@ -74,7 +74,7 @@ from indexer.readers import (
 )
 from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
-from sketches.adapter import lora_pairs, loose_layout
+from sketches.adapter import loose_layout
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -325,10 +325,9 @@ def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
     sources, where = read_headers(repo, (ADAPTER_WEIGHTS,))
     header_bytes = repo.bytes_read
     tensors = {name: info for name, (_, info) in where.items()}
-    plan, pairs = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id)
+    plan, pairs, read = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id)
     arrays = read_planned(sources, where, plan)
     saved = saved_shapes(tensors)
-    read = len(plan.blocks) // 2
     details = adapter_details(config, saved, pairs, read)
     return ModelRead("", plan, tensors, arrays, header_bytes, "adapter", details,
                      AdapterRead(config, saved, pairs, read, details))
@@ -342,9 +341,8 @@ def read_loose_adapter(repo: RepoFiles, sources: Mapping[str, ByteSource], where
     tensors = {name: info for name, (_, info) in where.items()}
     files = sorted({f for f, _ in where.values()})
     config = loose_config(tensors, layout, repo.entry.declared_base_model, thing=f"{repo.entry.repo_id}/{files[0]}")
-    plan, pairs = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id, layout=layout, file=files[0])
+    plan, pairs, read = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id, layout=layout, file=files[0])
     arrays = read_planned(sources, where, plan)
-    read = sum(1 for b in plan.blocks if b.tensor in {a for a, _ in lora_pairs(tensors, layout).values()})
     details = adapter_details(config, {}, pairs, read) | {"base_from": "model card"}
     return ModelRead("", plan, tensors, arrays, header_bytes, "adapter", details,
                      AdapterRead(config, {}, pairs, read, details))

@@ -30,7 +30,7 @@ from sketches.adapter import (
     AdapterConfig,
     lora_alphas,
     lora_magnitudes,
-    lora_pairs,
+    factor_sets,
     parse_adapter_config,
     saved_modules,
 )
@@ -76,7 +76,7 @@ class AdapterRead:
 def adapter_details(config: AdapterConfig, saved: Mapping[str, tuple[int, ...]], pairs: int, read: int) -> dict[str, Any]:
     """The models row's `details` for an adapter (JSON-ready, deterministic)."""
     targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
-    return {"base_model": config.base_model, "r": config.r, "lora_alpha": config.lora_alpha,
+    return {"base_model": config.base_model, "peft_type": config.peft_type, "r": config.r, "lora_alpha": config.lora_alpha,
             "target_modules": targets, "modules_to_save": sorted(config.modules_to_save),
             "saved_tensors": len(saved), "lora_pairs": pairs, "lora_pairs_read": read,
             "use_rslora": config.use_rslora, "use_dora": config.use_dora, "fan_in_fan_out": config.fan_in_fan_out,
@@ -88,7 +88,8 @@ def config_from_details(details: Mapping[str, Any]) -> AdapterConfig:
     """The AdapterConfig an adapter's `details` recorded (what its updates' scales need), for a restart."""
     targets = details.get("target_modules") or ()
     return AdapterConfig(
-        base_model=str(details.get("base_model", "")), peft_type="LORA", r=int(details.get("r", 8)),
+        base_model=str(details.get("base_model", "")), peft_type=str(details.get("peft_type") or "LORA"),
+        r=int(details.get("r", 8)),
         lora_alpha=float(details.get("lora_alpha", 8)),
         target_modules=targets if isinstance(targets, str) else tuple(targets),
         modules_to_save=tuple(details.get("modules_to_save") or ()), use_rslora=bool(details.get("use_rslora")),
@@ -104,7 +105,7 @@ def read_adapter_config(read_small: Any, repo_id: str) -> AdapterConfig:
     return parse_adapter_config(raw, name=f"{repo_id}/{ADAPTER_CONFIG}")
 
 
-def _pair_order(pairs: Mapping[str, tuple[str, str]]) -> list[str]:
+def _pair_order(pairs: Mapping[str, object]) -> list[str]:
     """Base weights in step 3's order: layers spread over depth, then by name (deterministic)."""
     from sketches.plan import _layer  # the plan's own notion of a tensor's layer index
 
@@ -114,25 +115,27 @@ def _pair_order(pairs: Mapping[str, tuple[str, str]]) -> list[str]:
 
 
 def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str, layout: str = "peft",
-                 file: str = ADAPTER_WEIGHTS) -> tuple[ReadPlan, int]:
-    """Step 3's plan: whole LoRA factor pairs within `budget`; (plan, pairs in the file)."""
-    pairs = lora_pairs(tensors, layout)  # AdapterError on an A without its B
-    if not pairs:
-        raise AdapterError(f"{repo_id}/{file}", "holds no lora_A / lora_B pair")
-    # read with their pair, which needs them: DoRA's magnitudes, a loose LoRA file's alphas
+                 file: str = ADAPTER_WEIGHTS) -> tuple[ReadPlan, int, int]:
+    """Step 3's plan: each updated weight's factors whole, within `budget`; (plan, updated weights in the
+    file, of which the plan reads)."""
+    sets = factor_sets(tensors, layout)  # AdapterError on an incomplete set (an A without its B)
+    if not sets:
+        raise AdapterError(f"{repo_id}/{file}", "holds no LoRA, LoHa or LoKr factors")
+    # read with their factors, which need them: DoRA's magnitudes, a loose adapter file's alphas
     extras = [lora_magnitudes(tensors), lora_alphas(tensors, layout)]
-    blocks, used = [], 0
-    for weight in _pair_order(pairs):
-        parts = [tensors[n] for n in pairs[weight]] + [tensors[e[weight]] for e in extras if weight in e]
+    blocks, used, read = [], 0, 0
+    for weight in _pair_order(sets):
+        parts = [tensors[n] for n in sets[weight].names] + [tensors[e[weight]] for e in extras if weight in e]
         size = sum(t.nbytes for t in parts)
         if used + size > budget:
             break  # a prefix of the order, as the plain plan: smaller budgets read a subset
         blocks += [BlockRead(t.name, (0, t.shape[0] if t.shape else 1), t.nbytes, True) for t in parts]
-        used += size
+        used, read = used + size, read + 1
     if not blocks:
         raise AdapterError(f"{repo_id}/{file}", f"a budget of {budget} bytes cannot hold one LoRA pair")
     model_bytes = sum(t.nbytes for t in tensors.values())
-    return ReadPlan(ADAPTER_FAMILY, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), 2 * len(pairs), model_bytes), len(pairs)
+    count = sum(len(f.parts) for f in sets.values())
+    return ReadPlan(ADAPTER_FAMILY, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), count, model_bytes), len(sets), read
 
 
 def loose_config(tensors: Mapping[str, TensorInfo], layout: str, declared: str, *, thing: str) -> AdapterConfig:
@@ -143,8 +146,8 @@ def loose_config(tensors: Mapping[str, TensorInfo], layout: str, declared: str, 
     if not base:
         raise AdapterError(thing, f"a {layout} LoRA file without adapter_config.json, and its model card names no "
                                   "base_model: its base cannot be known")
-    pairs = lora_pairs(tensors, layout)
-    rank = max((tensors[a].shape[0] for a, _ in pairs.values()), default=1)
+    sets = factor_sets(tensors, layout)
+    rank = max((tensors[f.parts["A"]].shape[0] for f in sets.values() if "A" in f.parts), default=1)
     return AdapterConfig(base_model=base, peft_type="LORA", r=rank, lora_alpha=float(rank), target_modules=(),
                          layout=layout)
 

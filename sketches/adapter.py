@@ -1,4 +1,5 @@
-"""PEFT LoRA adapters: their config, their updates as low-rank factors, and distances between updates.
+"""PEFT adapters (LoRA, DoRA, AdaLoRA, LoHa, LoKr) and LoRA / LyCORIS files: their config, their updates as
+low-rank factors, and distances between updates.
 
 Repo layout (PEFT `save_pretrained`):
 
@@ -29,8 +30,16 @@ LoRA files without an adapter_config.json (`loose_layout`), the Hub's Stable Dif
     kohya       lora_unet_<module with _ for .>.lora_down.weight / .lora_up.weight / .alpha (a 0-d tensor)
 down is A, up is B; a module's `.alpha` tensor sets s = alpha / r (kohya's and diffusers' network_alphas),
 else s = 1. Their base is named only by the model card (`base_model`). Text-encoder updates (text_encoder.,
-lora_te*_) are left out: the base's text encoder is never read, only its denoiser. LyCORIS files (LoHa,
-LoKr, OFT) are refused by name.
+lora_te*_) are left out: the base's text encoder is never read, only its denoiser. LyCORIS files name
+LoHa / LoKr factors as kohya names LoRA's (lora_unet_<module>.hada_w1_a, .lokr_w1, ...); their Tucker
+cores (conv), OFT / BOFT and kohya's DoRA scale are refused by name.
+
+The other low-rank kinds are written as factors s * B @ A too, so that every distance below holds for them
+(`lora_updates`; each checked against PEFT's merge_and_unload in tests/test_adapter.py):
+    AdaLoRA     B diag(E) A (lora_E: its singular values), s = lora_alpha / r
+    LoHa        (W1a W1b) * (W2a W2b) elementwise = (W1a . W2a)(W1b * W2b), `.` and `*` the row- and
+                column-wise Kronecker products: rank r1 r2
+    LoKr        kron(W1, W2) = kron(U1, U2) kron(V1, V2), each W whole (U = W, V = I) or U V
 
 Distances never form B @ A (out x in): with r1, r2 << out, in every quantity is an r x r product.
     ||s1 B1 A1 - s2 B2 A2||_F^2 = s1^2 <B1'B1, A1A1'> + s2^2 <B2'B2, A2A2'> - 2 s1 s2 <B1'B2, A1A2'>
@@ -65,7 +74,8 @@ __all__ = [
     "MagnitudeFit",
     "lora_alphas",
     "lora_magnitudes",
-    "lora_pairs",
+    "Factors",
+    "factor_sets",
     "loose_layout",
     "lora_updates",
     "parse_adapter_config",
@@ -79,16 +89,22 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are ~1 KB
+PEFT_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR")  # the updates `lora_updates` can write as s * B @ A
 PREFIX = "base_model.model."
-# <module>.lora_A[.default].weight, <module>.lora_embedding_A[.default]
-_LORA = re.compile(r"^(?P<module>.+)\.lora_(?P<kind>embedding_)?(?P<ab>[AB])(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
-# loose LoRA files (no adapter_config.json): diffusers' lora.down / lora.up and lora_A / lora_B, kohya's
-# lora_down / lora_up, each module's optional .alpha
-_LOOSE = re.compile(r"^(?P<module>.+?)\.(?:lora_(?P<ab>[AB])|lora[._](?P<du>down|up))\.weight$")
+# A factor tensor: <module>.<role>[.<adapter name>][.weight]. Roles: LoRA's A / B (PEFT's lora_A / lora_B,
+# lora_embedding_A / _B, AdaLoRA's lora_E; diffusers' lora.down / lora.up; kohya's lora_down / lora_up),
+# LoHa's four Hadamard factors, LoKr's two Kronecker factors, each whole or as a low-rank product.
+_ROLES = {"lora_A": "A", "lora_B": "B", "lora_embedding_A": "A", "lora_embedding_B": "B", "lora_E": "E",
+          "lora_down": "A", "lora_up": "B", "lora.down": "A", "lora.up": "B",
+          "hada_w1_a": "w1a", "hada_w1_b": "w1b", "hada_w2_a": "w2a", "hada_w2_b": "w2b",
+          "lokr_w1": "k1", "lokr_w1_a": "k1a", "lokr_w1_b": "k1b", "lokr_w2": "k2", "lokr_w2_a": "k2a", "lokr_w2_b": "k2b"}
+_FACTOR = re.compile(r"^(?P<module>.+)\.(?P<role>" + "|".join(re.escape(r) for r in sorted(_ROLES, key=len, reverse=True))
+                     + r")(?:\.(?!bias$)(?P<adapter>[^.]+))?(?:\.weight)?$")  # PEFT's lora_bias is no factor
 _ALPHA = re.compile(r"^(?P<module>.+)\.alpha$")
 _DENOISER = ("unet.", "transformer.", "lora_unet_", "lora_transformer_")
 _TEXT_ENCODER = ("text_encoder.", "text_encoder_2.", "text_encoder_3.", "lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
-_LYCORIS = re.compile(r"\.(?:hada_w[12]_[ab]|hada_t[12]|lokr_w[12](?:_[ab])?|lokr_t2|oft_blocks|oft_diag|dora_scale)$")
+# what no update here is made of: LoHa / LoKr Tucker cores (conv), OFT / BOFT rotations, kohya's DoRA scale
+_UNREAD = re.compile(r"\.(?:hada_t[12]|lokr_t2|oft_blocks|oft_diag|oft_r|boft_R|boft_s|dora_scale)(?:\.[^.]+)?$")
 # <module>.lora_magnitude_vector (PEFT >= 0.12 strips `.default.weight`; older saves kept `.default`)
 _MAGNITUDE = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.(?P<adapter>[^.]+))?(?:\.weight)?$")
 
@@ -181,15 +197,18 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json") -> Ad
     if not isinstance(base, str) or not base.strip():
         raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty)")
     peft_type = str(obj.get("peft_type", "LORA")).upper()
-    if peft_type != "LORA":
-        raise AdapterError(name, f"peft_type {peft_type!r} is not supported (only LORA)")
+    if peft_type not in PEFT_TYPES:
+        raise AdapterError(name, f"peft_type {peft_type!r} is not supported (only {', '.join(PEFT_TYPES)})")
     targets = obj.get("target_modules") or []
     target_modules = targets if isinstance(targets, str) else _strings(name, obj, "target_modules")
+    alpha_key = "alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha"
+    if peft_type == "ADALORA":  # its rank_pattern is a mask per module; the saved factors have the ranks
+        obj = {k: v for k, v in obj.items() if k != "rank_pattern"}
     return AdapterConfig(
         base_model=base.strip(),
         peft_type=peft_type,
         r=int(_positive(name, obj, "r", 8, whole=True)),
-        lora_alpha=float(_positive(name, obj, "lora_alpha", 8, whole=False)),
+        lora_alpha=float(_positive(name, obj, alpha_key, 8, whole=False)),
         target_modules=target_modules,
         modules_to_save=_strings(name, obj, "modules_to_save"),
         use_rslora=bool(obj.get("use_rslora", False)),
@@ -207,34 +226,49 @@ def _strip(name: str) -> str:
     return name.removeprefix(PREFIX)
 
 
-def lora_pairs(names: Iterable[str], layout: str = "peft") -> dict[str, tuple[str, str]]:
-    """Base weight name -> (lora_A tensor, lora_B tensor), sorted; an A without its B raises. `layout`:
-    the config's (a LoRA file without a config: `loose_layout`)."""
-    halves: dict[str, dict[str, str]] = {}
+@dataclass(frozen=True)
+class Factors:
+    """The factor tensors of one updated weight: role -> tensor name (`_ROLES`)."""
+
+    kind: str  # "lora" (A, B; AdaLoRA's E too), "loha", "lokr"
+    parts: Mapping[str, str]
+    embedding: bool = False  # PEFT's lora_embedding_A / _B: the update is stored transposed
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.parts.values()))
+
+
+_NEEDED = {"lora": ({"A", "B"},), "loha": ({"w1a", "w1b", "w2a", "w2b"},),
+           "lokr": ({"k1", "k2"}, {"k1", "k2a", "k2b"}, {"k1a", "k1b", "k2"}, {"k1a", "k1b", "k2a", "k2b"})}
+
+
+def factor_sets(names: Iterable[str], layout: str = "peft") -> dict[str, Factors]:
+    """Base weight name -> its factors, sorted; an incomplete set (an A without its B, three of LoHa's
+    four) raises naming a tensor. `layout`: the config's (a LoRA file without a config: `loose_layout`)."""
+    roles: dict[str, dict[str, str]] = {}
     for name in sorted(names):
         found = _factor(name, layout)
         if found is not None:
-            halves.setdefault(found[0], {})[found[1]] = name
-    pairs = {}
-    for weight, ab in sorted(halves.items()):
-        if set(ab) != {"A", "B"}:
-            have = next(iter(ab.values()))
-            raise AdapterError(have, f"lora_{next(iter(ab))} without its lora_{'B' if 'A' in ab else 'A'}")
-        pairs[weight] = (ab["A"], ab["B"])
-    return pairs
+            roles.setdefault(found[0], {})[found[1]] = name
+    sets = {}
+    for weight, parts in sorted(roles.items()):
+        kind = "loha" if "w1a" in parts or "w2a" in parts or "w1b" in parts or "w2b" in parts else (
+            "lokr" if any(r.startswith("k") for r in parts) else "lora")
+        usable = set(parts) - {"E"}
+        if not any(usable == need for need in _NEEDED[kind]):
+            raise AdapterError(next(iter(parts.values())), f"an incomplete {kind} factor set ({', '.join(sorted(parts))})")
+        sets[weight] = Factors(kind, dict(parts), any("lora_embedding_" in n for n in parts.values()))
+    return sets
 
 
 def _factor(name: str, layout: str) -> tuple[str, str] | None:
-    """(base weight, "A" or "B") of a factor tensor's name, or None (not a factor; a text-encoder one)."""
-    if layout == "peft":
-        m = _LORA.match(name)
-        return (_strip(m.group("module")) + ".weight", m.group("ab")) if m is not None else None
-    m = _LOOSE.match(name)
+    """(base weight, role) of a factor tensor's name, or None (not a factor; a text-encoder one)."""
+    m = _FACTOR.match(name)
     if m is None:
         return None
-    module = _denoiser_module(m.group("module"))
-    half = m.group("ab") or {"down": "A", "up": "B"}[m.group("du")]
-    return (module + ".weight", half) if module is not None else None
+    module = _strip(m.group("module")) if layout == "peft" else _denoiser_module(m.group("module"))
+    return (module + ".weight", _ROLES[m.group("role")]) if module is not None else None
 
 
 def _denoiser_module(module: str) -> str | None:
@@ -262,17 +296,20 @@ def lora_alphas(names: Iterable[str], layout: str) -> dict[str, str]:
 
 
 def loose_layout(names: Iterable[str]) -> str | None:
-    """"kohya" or "diffusers" when the tensors are a LoRA file's and nothing else (factors, alphas), else
-    None (a model). A LyCORIS file, or kohya's DoRA (dora_scale), raises AdapterError naming a tensor."""
+    """"kohya" or "diffusers" when the tensors are an adapter file's and nothing else (factors, alphas),
+    else None (a model). A tensor no update here is made of (a Tucker core, OFT, kohya's DoRA scale)
+    raises AdapterError naming it."""
     names = sorted(names)
     if not names:
         return None
     for name in names:
-        if _LYCORIS.search(name):
-            raise AdapterError(name, "a LyCORIS adapter (LoHa / LoKr / OFT / DoRA scale): only LoRA factors are read")
-    if not all(_LOOSE.match(n) or _ALPHA.match(n) for n in names) or not any(_LOOSE.match(n) for n in names):
+        if _UNREAD.search(name):
+            raise AdapterError(name, "an adapter tensor no update is read from (LoHa / LoKr Tucker core, OFT, "
+                                     "DoRA scale): only LoRA, LoHa and LoKr factors are")
+    if not all(_FACTOR.match(n) or _ALPHA.match(n) for n in names) or not any(_FACTOR.match(n) for n in names):
         return None
-    kohya = any(n.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in n for n in names)
+    kohya = any(n.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in n
+                or ".hada_" in n or ".lokr_" in n for n in names)
     return "kohya" if kohya else "diffusers"
 
 
@@ -290,7 +327,7 @@ def saved_modules(names: Iterable[str]) -> dict[str, str]:
     """Base tensor name -> adapter tensor name for the full copies an adapter saves (modules_to_save)."""
     saved = {}
     for name in sorted(names):
-        if ".lora_" in name:  # LoRA factors, their biases (lora_bias), DoRA magnitudes
+        if ".lora_" in name or _FACTOR.match(name) or _UNREAD.search(name):  # factors, lora_bias, DoRA magnitudes
             continue
         base = _strip(name).replace(".modules_to_save.default.", ".")
         saved[base] = name
@@ -334,26 +371,87 @@ def _update(config: AdapterConfig, weight: str, a: np.ndarray, b: np.ndarray, *,
     return LoraUpdate(weight, a_mat, b_mat, config.scale_for(module), transposed, shape)
 
 
+# LoHa's and LoKr's updates are kept as low-rank factors too (`_loha`, `_lokr`), of r1 r2 columns; past
+# this many the r x r products of the distances stop being small (a LoKr whose two Kronecker factors are
+# both whole is a whole matrix): such an update is refused.
+MAX_FACTOR_RANK = 1024
+
+
 def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, LoraUpdate]:
-    """Every LoRA update of the adapter, keyed by the base weight it updates (sorted); a DoRA adapter's
-    carry their magnitudes. Raises AdapterError for a DoRA pair without its magnitude (or one of the wrong
-    length), and for magnitudes in an adapter whose config does not say use_dora (PEFT would drop them,
-    and the updates would not be the ones trained)."""
+    """Every update of the adapter as low-rank factors s * B @ A, keyed by the base weight it updates
+    (sorted); a DoRA adapter's carry their magnitudes. Raises AdapterError for a DoRA pair without its
+    magnitude (or one of the wrong length), and for magnitudes in an adapter whose config does not say
+    use_dora (PEFT would drop them, and the updates would not be the ones trained)."""
     magnitudes = lora_magnitudes(tensors)
     if magnitudes and not config.use_dora:
         raise AdapterError(next(iter(magnitudes.values())), "a DoRA magnitude in an adapter whose config does "
                            "not set use_dora: its updates are not what was trained")
     alphas = lora_alphas(tensors, config.layout)
     updates = {}
-    for weight, (a_name, b_name) in lora_pairs(tensors, config.layout).items():
-        embedding = "lora_embedding_" in a_name
-        update = _update(config, weight, tensors[a_name], tensors[b_name], embedding=embedding)
+    for weight, factors in factor_sets(tensors, config.layout).items():
+        parts = {role: np.asarray(tensors[name], dtype=np.float64) for role, name in factors.parts.items()}
+        builder = {"lora": _lora, "loha": _loha, "lokr": _lokr}[factors.kind]
+        update, alpha_rank = builder(config, weight, parts, embedding=factors.embedding)
+        if update.rank > MAX_FACTOR_RANK:
+            raise AdapterError(weight, f"a {factors.kind} update of rank {update.rank} (over {MAX_FACTOR_RANK}): "
+                                       "too large to compare as factors")
         if config.use_dora:
-            update = _with_magnitude(update, magnitudes, tensors, embedding=embedding)
-        if weight in alphas:
-            update = replace(update, scale=_alpha(alphas[weight], tensors) / update.rank)
+            update = _with_magnitude(update, magnitudes, tensors, embedding=factors.embedding)
+        if weight in alphas:  # a file's own alpha per module: s = alpha / r (LyCORIS: 1 with no rank at all)
+            update = replace(update, scale=_alpha(alphas[weight], tensors) / alpha_rank if alpha_rank else 1.0)
         updates[weight] = update
     return updates
+
+
+def _lora(config: AdapterConfig, weight: str, parts: Mapping[str, np.ndarray], *, embedding: bool) -> tuple[LoraUpdate, int]:
+    """s B A; AdaLoRA: s B diag(E) A with s = lora_alpha / r, PEFT's scaling over its `ranknum` (the rank
+    it loads the saved factors at)."""
+    a = parts["A"]
+    if "E" in parts:
+        e = parts["E"].reshape(-1)
+        if e.size != a.shape[0]:
+            raise AdapterError(weight, f"AdaLoRA lora_E of {e.size} values for rank {a.shape[0]}")
+        a = a * e.reshape(-1, *([1] * (a.ndim - 1)))
+    update = _update(config, weight, a, parts["B"], embedding=embedding)
+    if config.peft_type == "ADALORA":
+        update = replace(update, scale=config.alpha_for(weight.removesuffix(".weight")) / (update.rank + 1e-5))
+    return update, update.rank
+
+
+def _loha(config: AdapterConfig, weight: str, parts: Mapping[str, np.ndarray], **_: bool) -> tuple[LoraUpdate, int]:
+    """(W1a W1b) * (W2a W2b) elementwise, as factors: (X Y) * (Z W) = (X . Z)(Y * W), with . the row-wise
+    and * the column-wise Kronecker product (rank r1 r2); s = alpha / r, r LoHa's own rank."""
+    w1a, w1b, w2a, w2b = (parts[r].reshape(parts[r].shape[0], -1) for r in ("w1a", "w1b", "w2a", "w2b"))
+    if w1a.shape[0] != w2a.shape[0] or w1b.shape[1] != w2b.shape[1] or w1a.shape[1] != w1b.shape[0] \
+            or w2a.shape[1] != w2b.shape[0]:
+        raise AdapterError(weight, f"LoHa factors {w1a.shape} {w1b.shape} {w2a.shape} {w2b.shape} do not multiply")
+    b = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    a = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    shape = (b.shape[0], a.shape[1])
+    return LoraUpdate(weight, a, b, config.scale_for(weight.removesuffix(".weight")), False, shape), w1b.shape[0]
+
+
+def _lokr(config: AdapterConfig, weight: str, parts: Mapping[str, np.ndarray], **_: bool) -> tuple[LoraUpdate, int]:
+    """kron(W1, W2), each whole or a low-rank product U V: kron(U1 V1, U2 V2) = kron(U1, U2) kron(V1, V2),
+    a whole factor being itself times an identity. A conv's W2 is (out, in, kh, kw): flattened, kron keeps
+    the layout. s = alpha / r (PEFT's, decomposed or not); a LyCORIS file's alpha over the decomposed
+    factor's rank, 1 when none is (LyCORIS then sets alpha = r)."""
+    u1, v1 = _kron_halves(parts, "k1")
+    u2, v2 = _kron_halves(parts, "k2")
+    b, a = np.kron(u1, u2), np.kron(v1, v2)
+    kernel = parts["k2"].shape[2:] if "k2" in parts else ()
+    shape = (b.shape[0], a.shape[1] // max(math.prod(kernel), 1), *kernel) if kernel else (b.shape[0], a.shape[1])
+    rank = parts["k2a"].shape[1] if "k2a" in parts else parts["k1a"].shape[1] if "k1a" in parts else 0
+    return LoraUpdate(weight, a, b, config.scale_for(weight.removesuffix(".weight")), False, shape), rank
+
+
+def _kron_halves(parts: Mapping[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(U, V) with U V the Kronecker factor `key` (k1 / k2): its two halves, or itself and an identity."""
+    if key in parts:
+        whole = parts[key].reshape(parts[key].shape[0], -1)
+        return whole, np.eye(whole.shape[1])
+    u, v = parts[key + "a"], parts[key + "b"]
+    return u.reshape(u.shape[0], -1), v.reshape(v.shape[0], -1)
 
 
 def _alpha(name: str, tensors: Mapping[str, np.ndarray]) -> float:
@@ -471,6 +569,13 @@ def _resolve(name: str, base_shapes: Mapping[str, tuple[int, ...]], normalised: 
     return normalised.get(normalise_name(name)) or normalised.get(_flat(name))
 
 
+def _same_shape(update: tuple[int, ...], base: tuple[int, ...]) -> bool:
+    """Equal, or a conv kernel's update kept flattened (LoHa: (out, in kh kw) for (out, in, kh, kw))."""
+    if update == base:
+        return True
+    return len(update) == 2 and len(base) == 4 and update == (base[0], math.prod(base[1:]))
+
+
 def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, tuple[int, ...]],
                         base_shapes: Mapping[str, tuple[int, ...]]) -> Compatibility:
     """Does the adapter fit a base with these tensor shapes ({name: shape})?
@@ -488,7 +593,7 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
             reasons.append(f"{weight}: not in the base")
             continue
         names[weight] = base
-        if tuple(base_shapes[base]) != update.weight_shape:
+        if not _same_shape(update.weight_shape, tuple(base_shapes[base])):
             reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
         else:
             matched += 1

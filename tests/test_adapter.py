@@ -11,7 +11,7 @@ import safetensors.numpy
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from peft import LoraConfig, get_peft_model
+from peft import AdaLoraConfig, LoHaConfig, LoKrConfig, LoraConfig, get_peft_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from errors import AdapterError
@@ -19,7 +19,7 @@ from sketches.adapter import (
     AdapterConfig,
     check_compatibility,
     difference_singular_values,
-    lora_pairs,
+    factor_sets,
     lora_updates,
     parse_adapter_config,
     saved_modules,
@@ -198,11 +198,13 @@ def test_names_with_and_without_default() -> None:
              "base_model.model.b.lora_A.weight", "base_model.model.b.lora_B.weight",
              "base_model.model.e.lora_embedding_A", "base_model.model.e.lora_embedding_B",
              "base_model.model.b.lora_B.bias", "base_model.model.head.modules_to_save.default.weight"]
-    assert lora_pairs(names) == {"a.weight": (names[0], names[1]), "b.weight": (names[2], names[3]),
-                                 "e.weight": (names[4], names[5])}
+    sets = factor_sets(names)
+    assert {w: (f.kind, f.parts["A"], f.parts["B"], f.embedding) for w, f in sets.items()} == {
+        "a.weight": ("lora", names[0], names[1], False), "b.weight": ("lora", names[2], names[3], False),
+        "e.weight": ("lora", names[4], names[5], True)}
     assert saved_modules(names) == {"head.weight": names[7]}
-    with pytest.raises(AdapterError, match="lora_A without its lora_B"):
-        lora_pairs(["base_model.model.x.lora_A.weight"])
+    with pytest.raises(AdapterError, match=r"incomplete lora factor set \(A\)"):
+        factor_sets(["base_model.model.x.lora_A.weight"])
 
 
 CONFIG = {"base_model_name_or_path": "meta/base", "peft_type": "LORA", "r": 8, "lora_alpha": 16,
@@ -288,3 +290,54 @@ def test_random_json_configs_raise_only_adapter_errors(fields: dict) -> None:
         return
     assert config.r > 0 and config.lora_alpha > 0 and config.base_model
     config.scale_for("model.layers.0.q_proj")
+
+
+class _ConvNet(torch.nn.Module):
+    """A conv layer and a linear one: LoHa / LoKr keep a conv kernel's update flattened, or as a 4-D W2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(4, 8, 3)
+        self.fc = torch.nn.Linear(8, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.conv(x).mean(dim=(2, 3)))
+
+
+KINDS = {  # the PEFT types whose updates are low-rank factors besides LoRA, each as PEFT writes it
+    "adalora": lambda: AdaLoraConfig(init_r=6, target_r=4, lora_alpha=12, target_modules=["q_proj", "v_proj"], total_step=10),
+    "loha": lambda: LoHaConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lokr": lambda: LoKrConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]),
+    "lokr-both": lambda: LoKrConfig(r=2, alpha=3, decompose_both=True, decompose_factor=4, target_modules=["q_proj", "down_proj"]),
+    "loha-conv": lambda: LoHaConfig(r=3, alpha=6, target_modules=["conv", "fc"]),
+    "lokr-conv": lambda: LoKrConfig(r=2, alpha=4, target_modules=["conv", "fc"]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_other_low_rank_peft_types_equal_peft_merged_minus_base(tmp_path: Path, kind: str) -> None:
+    """AdaLoRA (B diag(E) A), LoHa (a Hadamard product of two low-rank products) and LoKr (a Kronecker
+    product), saved by PEFT, read as low-rank factors whose product is PEFT's merged weight minus the
+    base. Before, each was refused ("only LORA")."""
+    model = _ConvNet() if kind.endswith("conv") else tiny_llama()
+    base = state(model)
+    peft_model = get_peft_model(model, KINDS[kind]())
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B / W2 start at zero (no update): random factors, as training would leave
+        for name, param in peft_model.named_parameters():
+            if any(k in name for k in ("lora_", "hada_", "lokr_")):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
+    peft_model.save_pretrained(tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": BASE}))
+    merged = state(peft_model.merge_and_unload())
+    config, tensors = read_adapter(tmp_path)
+    updates = lora_updates(config, tensors)
+    changed = sorted(k for k in base if not np.array_equal(base[k], merged[k]))
+    assert sorted(updates) == changed
+    for weight, update in updates.items():
+        delta = (merged[weight] - base[weight]).reshape(update.weight_shape)
+        np.testing.assert_allclose(update.dense(), delta, rtol=1e-4, atol=1e-5, err_msg=weight)
+    verdict = check_compatibility(updates, {}, {k: v.shape for k, v in base.items()})
+    assert verdict.verdict == "compatible" and verdict.matched == len(updates)

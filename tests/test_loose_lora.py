@@ -65,6 +65,29 @@ def _kohya_file(folder: Path, state: dict, name: str, *, alpha_times: float = 1.
     save_file(kohya, str(folder / f"{name}.safetensors"))
 
 
+def _lycoris_loha(folder: Path, seed: int) -> None:
+    """A LoHa in LyCORIS's file layout (lora_unet_<module>.hada_w1_a ... and .alpha): PEFT's LoHa factors of
+    the base UNet under kohya's flattened names (the lycoris package is not a dependency)."""
+    from peft.utils import get_peft_model_state_dict
+
+    unet = _unet(1)
+    torch.manual_seed(seed)
+    unet.add_adapter(peft.LoHaConfig(r=4, alpha=4, target_modules=TARGETS))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in unet.named_parameters():
+            if "hada_" in name:
+                p.normal_(0, 0.1, generator=gen)
+    out = {}
+    for name, t in get_peft_model_state_dict(unet).items():
+        module, _, role = name.rpartition(".")
+        flat = "lora_unet_" + module.replace(".", "_")
+        out[f"{flat}.{role}"] = t.contiguous()
+        out[f"{flat}.alpha"] = torch.tensor(4.0)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(folder / "loha.safetensors"))
+
+
 @pytest.fixture()
 def lora_hub(sd_hub: Hub) -> Hub:  # noqa: F811
     first = _peft_state(20)
@@ -80,18 +103,21 @@ def lora_hub(sd_hub: Hub) -> Hub:  # noqa: F811
     save_file({n.replace("lora_unet_down_blocks_", "lora_unet_input_blocks_").replace("lora_unet_up_blocks_", "lora_unet_output_blocks_")
                .replace("lora_unet_mid_block_", "lora_unet_middle_block_"): t
                for n, t in load_file(str(ldm)).items()}, str(ldm))
-    bad = sd_hub.root / "l/loha"
+    _lycoris_loha(sd_hub.root / "l/loha", 24)
+    bad = sd_hub.root / "l/tucker"
     bad.mkdir(parents=True)
-    save_file({"lora_unet_down_blocks_0_attn1_to_q.hada_w1_a": torch.zeros(4, 4),
-               "lora_unet_down_blocks_0_attn1_to_q.hada_w1_b": torch.zeros(4, 4)}, str(bad / "loha.safetensors"))
-    for month, repo in enumerate(("l/pixel-art", "l/watercolor", "l/watercolor-v2", "l/no-card", "l/loha", "l/ldm-names"), start=5):
+    save_file({"lora_unet_down_blocks_0_resnets_0_conv1.hada_t1": torch.zeros(4, 4, 3, 3),
+               "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 4)}, str(bad / "tucker.safetensors"))
+    for month, repo in enumerate(("l/pixel-art", "l/watercolor", "l/watercolor-v2", "l/no-card", "l/loha", "l/ldm-names",
+                                  "l/tucker"), start=5):
         sd_hub.repo(repo, month, card=None if repo == "l/no-card" else "base_model: sd/base")
     return sd_hub
 
 
 EXPECTED = {"l/pixel-art": ("sd/base", "adapter"), "l/watercolor": ("sd/base", "adapter"),
-            "l/watercolor-v2": ("l/watercolor", "adapter"), "l/ldm-names": ("sd/base", "adapter")}
-FAILED = {"l/no-card": "names no base_model", "l/loha": "LyCORIS"}
+            "l/watercolor-v2": ("l/watercolor", "adapter"), "l/ldm-names": ("sd/base", "adapter"),
+            "l/loha": ("sd/base", "adapter")}
+FAILED = {"l/no-card": "names no base_model", "l/tucker": "Tucker core"}
 
 
 def test_kohya_and_diffusers_files_give_peft_updates() -> None:
@@ -122,6 +148,7 @@ def test_lora_files_are_adapters_of_their_card_base_in_batch_and_over_http(lora_
         assert (rows[repo].parent, rows[repo].relation) == (parent, relation), repo
     assert rows["l/pixel-art"].confidence == 1.0 and rows["l/watercolor"].confidence == 1.0  # names fit the UNet
     assert rows["l/ldm-names"].confidence == 0.5  # none of its names is the UNet's: unknown, not incompatible
+    assert rows["l/loha"].confidence == 1.0
     assert rows["l/pixel-art"].family == rows["sd/base"].family
     failed = {r.repo_id: r.reason for r in forest.failures()}
     assert set(failed) == set(FAILED)
@@ -135,5 +162,5 @@ def test_lora_files_are_adapters_of_their_card_base_in_batch_and_over_http(lora_
         assert (e.parent, e.relation) == (rows[repo].parent, rows[repo].relation), repo
         assert e.confidence == pytest.approx(rows[repo].confidence), repo
     models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
-    assert models["l/watercolor"].weights_format == "adapter" and "LyCORIS" in models["l/loha"].reason
+    assert models["l/watercolor"].weights_format == "adapter" and "Tucker core" in models["l/tucker"].reason
     assert "names no base_model" in models["l/no-card"].reason
