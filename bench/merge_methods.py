@@ -42,6 +42,15 @@ RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | 
     ("a-slerp-grad", "slerp", ("a-ft1", "a-ft2"), "a-ft1", None,
      {"t": [{"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
             {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]}, {"value": 0.5}]}),
+    # session 11: mergekit 0.1.5's methods not tried before (held out: nothing was built on them)
+    ("a-karcher", "karcher", ("a-ft1", "a-ft2"), None, None, {}),
+    ("b-multislerp", "multislerp", ("b-ft1", "b-ft2"), None, (0.6, 0.4), {}),
+    ("a-sce", "sce", ("a-ft1", "a-ft2"), "base-a", None, {"select_topk": 0.5}),
+    ("a-ram", "ram", ("a-ft1", "a-ft2"), "base-a", None, {}),
+    ("b-della-linear", "della_linear", ("b-ft1", "b-ft2"), "base-b", (0.5, 0.5), {"density": 0.6, "epsilon": 0.1}),
+    ("a-breadcrumbs-plain", "breadcrumbs", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.8, "gamma": 0.05}),
+    ("b-arcee-fusion", "arcee_fusion", ("b-ft1", "b-ft2"), "b-ft1", None, {}),
+    ("a-nearswap", "nearswap", ("a-ft1", "a-ft2"), "a-ft1", None, {"t": 0.01}),
 )
 
 
@@ -51,13 +60,15 @@ def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str 
     from mergekit.merge import MergeOptions, run_merge
 
     entries: list[dict[str, Any]] = []
-    per_model = {k: v for k, v in params.items() if k != "t"}  # "t": SLERP's interpolation, for the whole merge
+    # SLERP's / NearSwap's t and SCE's select_topk are the whole merge's; the rest are each model's
+    whole = {k: v for k, v in params.items() if k in ("t", "select_topk")}
+    per_model = {k: v for k, v in params.items() if k not in whole}
     for i, m in enumerate(models):
         p = ({"weight": weights[i]} if weights is not None else {}) | per_model
         entries.append({"model": str(rel / m), **({"parameters": p} if p else {})})
     doc: dict[str, Any] = {"merge_method": method, "dtype": "float32", "models": entries}
-    if "t" in params:
-        doc["parameters"] = {"t": params["t"]}
+    if whole:
+        doc["parameters"] = whole
     if base is not None:
         doc["base_model"] = str(rel / base)
     tmp, out = rel.parent / f".{name}", rel / name

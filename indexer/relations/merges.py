@@ -39,6 +39,11 @@ Weights by tensor, last (`_per_block`): mergekit's SLERP with t by layer and mod
 by tensor with other weights in each; every moved tensor must then be explained on its own. BF16 / F16
 merges (`_Stored`): a merge is saved rounded to its dtype, so a candidate interpolation is judged again
 with the combination and the best single rounded alike, as the merge was.
+Selection merges (Arcee Fusion, NearSwap where it swaps): x holds one relative's values entry by entry and
+another's elsewhere, exactly (`_selected`): no weighted sum of them, so tested apart, last.
+Masked merges whose members tie (x - base spans one affine space whichever member is the base: SCE's
+base-a and a-ft1 read ratio 0.7559 both) take as the base the member with the smallest coefficient
+on the entries x holds of none of them (`_base_of`): the base is what the merge does not mix in.
 A quantized copy adds white noise (r2 ~ r1, no bit-equal entries); a duplicate leaves nothing (r1 = 0).
 The parents: members with a positive weight of at least MIN_SHARE, normalised to sum 1, heaviest first
 (to WEIGHT_DIGITS decimals; equal weights by id).
@@ -93,6 +98,13 @@ MASK_EQUAL = 0.01
 UNCOVERED_MAX = 1e-5  # 10x under the smallest non-merge share measured
 SUBSET_ALPHA = 1e-3  # a larger merge-parent subset must beat the smaller by more than chance at this level
 MIN_SHARE = 0.15  # a merge parent carries at least this share of the positive weight
+# Two masked fits whose ratios agree to this (relative) explain x by one affine span: the same members,
+# another of them taken as the base (`_base_of`)
+AFFINE_TIE = 1e-6
+# A selection merge (`_selected`): x holds, entry by entry, one of two relatives' values, all but this
+# share of its entries (float32 arithmetic may move a selected value by an ulp of the base's: compared
+# to 2^-20 of the larger magnitude)
+SELECTION_MISS = 1e-3
 WEIGHT_DIGITS = 2  # merge weights are reported (and their parents ordered) to 0.01: see `_parents`
 
 
@@ -300,7 +312,48 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
         per_block = _per_block(stored, blocks, members, min_share, ids[best])
         if per_block.is_merge:
             return per_block
+        selected = _selected(stored, members, ids[best])
+        if selected is not None:
+            return selected
     return last
+
+
+def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFit | None:
+    """A selection merge: x holds, entry by entry, the value of one relative or of another (Arcee Fusion
+    keeps its base's values but where another model's differ most; NearSwap takes the other's where they
+    are near). No least-squares fit sees it: x - base is the other's task vector masked, not scaled
+    (bench/merge_methods.py: Arcee Fusion read as a fine-tune, ratio 1.00). The test is exact: all but
+    SELECTION_MISS of x's entries are the base's bit for bit or the other's to 2^-20 of the larger value
+    of the three (float32's base + (other - base) rounds at that scale), and each holds at
+    least MASK_EQUAL of the entries where the two differ. A fine-tune's own entries are neither; a BF16
+    sub-resolution fine-tune of the base (its flips one BF16 step each: `rounding_flips`) is turned away.
+    The weights are the two shares of those entries (not held to MIN_SHARE: an exact share is no chance
+    fit). The base: the one holding more of them."""
+    wide = stored.wide
+    xs = np.concatenate([wide("")[n] for n in stored.names])
+    best: tuple[float, str, str, float] | None = None
+    for k, j in itertools.permutations(members, 2):
+        base, other = stored.ids[k], stored.ids[j]
+        ys_b = np.concatenate([wide(base)[n] for n in stored.names])
+        ys_o = np.concatenate([wide(other)[n] for n in stored.names])
+        from_base = xs == ys_b
+        share_base = float(from_base.mean())
+        if share_base < 0.5 or (best is not None and share_base <= best[0]):
+            continue  # the base holds most entries; each pair is tried once, the heavier side as the base
+        # base + (other - base) in float32 rounds at the scale of the larger of the two: an ulp of it
+        near = np.abs(xs - ys_o) <= 2.0 ** -20 * np.maximum(np.maximum(np.abs(xs), np.abs(ys_o)), np.abs(ys_b))
+        differ = ys_b != ys_o
+        if float(np.mean(~(from_base | near))) > SELECTION_MISS or not differ.any():
+            continue
+        taken = float(np.mean((near & ~from_base)[differ]))
+        if taken < MASK_EQUAL or stored.keyed.about("rounding flips", base, lambda: rounding_flips(stored.x, stored.candidates[base], stored.names)):  # noqa: B023
+            continue
+        best = (share_base, base, other, taken)
+    if best is None:
+        return None
+    _, base, other, taken = best
+    weights = sorted(((base, round(1.0 - taken, WEIGHT_DIGITS)), (other, round(taken, WEIGHT_DIGITS))), key=lambda p: (-p[1], p[0]))
+    return MergeFit(tuple(weights), single, 0.0, base)
 
 
 def _per_block(stored: _Stored, blocks: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
@@ -557,11 +610,37 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         r2, subset, coef = _best_subset(lambda sub: _residual(g, b, xx, sub), len(others), singles[k], _values(x, names))  # noqa: B023
         r1 = max(min([singles[k]] + [singles[others[i]] for i in subset]), 1e-300)
         fit_ = MergeFit(_parents([ids[i] for i in others], subset, coef, min_share), base, r2 / r1, base)
-        if (fit_.is_merge and fit_.ratio < MASKED_RATIO and (best is None or fit_.ratio < best.ratio)
+        if (fit_.is_merge and fit_.ratio < MASKED_RATIO
+                and (best is None or fit_.ratio <= best.ratio * (1 + AFFINE_TIE))
                 and not stored.keyed.about("rounding flips", base, lambda: rounding_flips(x, candidates[base], names))  # noqa: B023
                 and uncovered_share(x, candidates[base], [candidates[p] for p, _ in fit_.parents], names) <= UNCOVERED_MAX):
-            best = fit_
+            best = fit_ if best is None or fit_.ratio < best.ratio * (1 - AFFINE_TIE) else _base_of(stored, best, fit_)
     return best
+
+
+def _base_of(stored: _Stored, first: MergeFit, second: MergeFit) -> MergeFit:
+    """Two masked fits over different bases that explain x alike: with the same members, x - base is
+    fitted over the same affine span whichever member is the base. The base is the member the merge did
+    not mix in: on the entries x holds of none of its members (where task vectors were combined, not
+    dropped nor kept alone) its coefficient is ~0 -- SCE's base-a 0.00 there against 0.41 over all
+    entries, where its untouched half counts (bench/merge_methods.py). Else the first."""
+    members = sorted({first.base, second.base} | {p for p, _ in first.parents} | {p for p, _ in second.parents})
+    coef = _mixed_coefficients(stored, members)
+    if coef is None:
+        return first
+    weight = dict(zip(members, np.abs(coef), strict=True))
+    return second if weight[second.base] < weight[first.base] else first
+
+
+def _mixed_coefficients(stored: _Stored, members: Sequence[str]) -> np.ndarray | None:
+    """Least-squares coefficients of x over `members` on the entries x holds of none of them bit for bit."""
+    xs = np.concatenate([stored.wide("")[n] for n in stored.names])
+    ys = np.stack([np.concatenate([stored.wide(m)[n] for n in stored.names]) for m in members])
+    mixed = np.all(ys != xs[None, :], axis=0)
+    if int(mixed.sum()) <= 4 * len(members):
+        return None
+    coef, *_ = np.linalg.lstsq(ys[:, mixed].T, xs[mixed], rcond=None)
+    return coef
 
 
 def _based(g: np.ndarray, b: np.ndarray, xx: float, k: int, keep: Sequence[int]) -> tuple[np.ndarray, np.ndarray, float]:
