@@ -321,7 +321,7 @@ class _NonFinite(ModelGraphError):
 
 def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
     """Steps 2-4 for an adapter repo (indexer.readers): config, header, LoRA factor pairs within the budget."""
-    config = read_adapter_config(repo.read_small, repo.entry.repo_id)
+    config = read_adapter_config(repo.read_small, repo.entry.repo_id, repo.entry.declared_base_model)
     sources, where = read_headers(repo, (ADAPTER_WEIGHTS,))
     header_bytes = repo.bytes_read
     tensors = {name: info for name, (_, info) in where.items()}

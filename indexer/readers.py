@@ -99,10 +99,11 @@ def config_from_details(details: Mapping[str, Any]) -> AdapterConfig:
         layout=str(details.get("layout") or "peft"))
 
 
-def read_adapter_config(read_small: Any, repo_id: str) -> AdapterConfig:
-    """Step 1: the config, parsed and validated (AdapterError names the file)."""
+def read_adapter_config(read_small: Any, repo_id: str, card_base: str = "") -> AdapterConfig:
+    """Step 1: the config, parsed and validated (AdapterError names the file); `card_base`: the repo card's
+    base_model, for a config that names none or only a path on the trainer's disk."""
     raw = read_small(ADAPTER_CONFIG, limit=MAX_CONFIG_BYTES)
-    return parse_adapter_config(raw, name=f"{repo_id}/{ADAPTER_CONFIG}")
+    return parse_adapter_config(raw, name=f"{repo_id}/{ADAPTER_CONFIG}", card_base=card_base)
 
 
 def _pair_order(pairs: Mapping[str, object]) -> list[str]:

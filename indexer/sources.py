@@ -539,9 +539,16 @@ def _zoo_root(folder: Path) -> Path | None:
 def hf_cache_repo_id(folder: Path) -> str | None:
     """`org/name` of a snapshot folder in a huggingface_hub cache (`models--org--name/snapshots/<sha>`),
     else None. The cache spells `/` as `--`, which the Hub forbids inside names."""
-    if folder.parent.name != "snapshots" or not folder.parent.parent.name.startswith("models--"):
+    if folder.parent.name != "snapshots":
         return None
-    parts = folder.parent.parent.name.split("--")[1:]
+    return cache_folder_repo_id(folder.parent.parent.name)
+
+
+def cache_folder_repo_id(name: str) -> str | None:
+    """`org/name` of a cache folder's name (`models--org--name`), else None."""
+    if not name.startswith("models--"):
+        return None
+    parts = name.split("--")[1:]
     return "/".join(parts) if parts and all(parts) else None
 
 

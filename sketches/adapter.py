@@ -186,16 +186,23 @@ def _patterns(name: str, obj: Mapping[str, Any], key: str, *, whole: bool) -> tu
     return tuple((str(k), _positive(name, value, k, None, whole=whole)) for k in value)
 
 
-def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json") -> AdapterConfig:
+def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json", card_base: str = "") -> AdapterConfig:
     """Validate the bytes of adapter_config.json. Pure; every failure is an AdapterError naming `name`.
 
-    Refused: not JSON, no base model (`base_model_name_or_path` missing or empty: the adapter cannot be
-    placed), a non-LoRA PEFT type (LoHa, IA3, prompt tuning: no B @ A update), bad r or alpha.
+    Refused: not JSON, no base model (`base_model_name_or_path` missing or empty, and `card_base`, the
+    repo card's `base_model`, empty too: the adapter cannot be placed; the card's also stands in for a
+    path on the trainer's disk), a non-LoRA PEFT type (LoHa, IA3, prompt tuning: no B @ A update), bad r or alpha.
     """
     obj = _load(raw, name)
     base = obj.get("base_model_name_or_path")
+    card = card_base.split(";")[0].strip()
+    if (not isinstance(base, str) or not base.strip()) and card:
+        base = card  # PEFT writes null for a base built from a config; the repo's card may still name it
+    elif isinstance(base, str) and card and _local_path(base):
+        base = card  # a path on the trainer's disk names nothing here; the card names the Hub repo
     if not isinstance(base, str) or not base.strip():
-        raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty)")
+        raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty, and no "
+                                 "base_model in the model card)")
     peft_type = str(obj.get("peft_type", "LORA")).upper()
     if peft_type not in PEFT_TYPES:
         raise AdapterError(name, f"peft_type {peft_type!r} is not supported (only {', '.join(PEFT_TYPES)})")
@@ -217,6 +224,12 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json") -> Ad
         rank_pattern=_patterns(name, obj, "rank_pattern", whole=True),
         alpha_pattern=_patterns(name, obj, "alpha_pattern", whole=False),
     )
+
+
+def _local_path(name: str) -> bool:
+    """A filesystem path rather than a Hub repo id (`org/name`)."""
+    name = name.strip()
+    return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or re.match(r"^[A-Za-z]:", name) is not None
 
 
 # --- tensors ----------------------------------------------------------------------------------------

@@ -232,6 +232,30 @@ def test_bad_configs_say_why(raw: bytes, reason: str) -> None:
     assert info.value.thing == "repo/adapter_config.json"
 
 
+def test_a_config_without_a_usable_base_takes_the_cards() -> None:
+    """PEFT writes null for a base built from a config, and a trainer's local path names nothing on the
+    Hub: the repo card's base_model (the first of several) stands in; a Hub id in the config wins."""
+    null = json.dumps({**CONFIG, "base_model_name_or_path": None}).encode()
+    assert parse_adapter_config(null, card_base="org/card;org/other").base_model == "org/card"
+    with pytest.raises(AdapterError, match="no base_model in the model card"):
+        parse_adapter_config(null)
+    for path in ("/content/drive/llama", "./out/base", "~/models/x", "C:\\models\\x", "a/b/c"):
+        local = json.dumps({**CONFIG, "base_model_name_or_path": path}).encode()
+        assert parse_adapter_config(local, card_base="org/card").base_model == "org/card", path
+        assert parse_adapter_config(local).base_model == path  # no card: the path, resolved as it can be
+    assert parse_adapter_config(json.dumps(CONFIG).encode(), card_base="org/card").base_model == "meta/base"
+
+
+def test_a_cache_path_resolves_to_its_repo() -> None:
+    from indexer.relations.adapters import resolve_base
+
+    known = {"meta-llama/Llama-2-7b-hf": "meta-llama/Llama-2-7b-hf"}.get
+    for path in ("/root/.cache/huggingface/hub/models--meta-llama--Llama-2-7b-hf/snapshots/0123abcd",
+                 "C:\\hf\\models--meta-llama--Llama-2-7b-hf\\snapshots\\0123abcd", "/data/meta-llama/Llama-2-7b-hf"):
+        assert resolve_base(path, known) == "meta-llama/Llama-2-7b-hf", path
+    assert resolve_base("/data/llama", known) is None
+
+
 def test_config_fields_and_regex_targets() -> None:
     config = parse_adapter_config(json.dumps({**CONFIG, "target_modules": ".*attn.*", "use_rslora": True}).encode())
     assert config.target_modules == ".*attn.*" and config.scale_for("x.q_proj") == pytest.approx(16 / np.sqrt(8))

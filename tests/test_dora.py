@@ -97,8 +97,17 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
             other_kind = get_peft_model(tiny_llama(1), config)
         train(other_kind, 14, lr=1e-3)
         save_adapter(other_kind, root / name, "m/base")
+    # PEFT writes base_model_name_or_path null for a base built from a config: the card names it
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        torch.manual_seed(15)
+        nameless = get_peft_model(tiny_llama(1), LoraConfig(r=4, target_modules=["v_proj"], lora_dropout=0.0))
+    train(nameless, 15, lr=1e-3)
+    nameless.save_pretrained(root / "l/card-base")
+    assert json.loads((root / "l/card-base/adapter_config.json").read_text())["base_model_name_or_path"] is None
+    (root / "l/card-base/README.md").write_text("---\nbase_model: m/base\nlibrary_name: peft\n---\n")
     created = {"m/base": 1, "m/other": 2, "m/base-ft": 3, "l/dora": 4, "l/dora-more": 5, "l/dora-liar": 6,
-               "l/lora-head": 7, "l/loha": 8, "l/lokr": 9}
+               "l/lora-head": 7, "l/loha": 8, "l/lokr": 9, "l/card-base": 10}
     (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
         r: {"createdAt": f"2024-{m:02d}-01T00:00:00.000Z"} for r, m in created.items()}}))
     return root
@@ -167,7 +176,8 @@ def test_dora_adapters_are_placed_chained_and_checked_in_batch_and_incremental(z
     # an update of the LM head is checked against the base's LM head in both
     assert batch["l/lora-head"] == ("m/base", "adapter", 1.0)
     assert batch["l/loha"] == ("m/base", "adapter", 1.0) and batch["l/lokr"] == ("m/base", "adapter", 1.0)
-    for repo in ("l/dora", "l/dora-more", "l/dora-liar", "l/lora-head", "l/loha", "l/lokr"):
+    assert batch["l/card-base"] == ("m/base", "adapter", 1.0)  # before: "names no base model", a failed row
+    for repo in ("l/dora", "l/dora-more", "l/dora-liar", "l/lora-head", "l/loha", "l/lokr", "l/card-base"):
         assert incremental[repo] == pytest.approx(batch[repo]), repo
     models = {m.repo_id: json.loads(m.details) for m in read_records(tmp_path / "home", "models")}  # type: ignore[attr-defined]
     liar = models["l/dora-liar"]["dora_magnitudes"]
@@ -187,7 +197,7 @@ def test_the_crawl_reads_the_base_rows_by_range_and_agrees_with_batch(zoo: Path,
     with HubEmulator(zoo) as emu:
         report = crawl(home, CrawlOptions(endpoint=emu.url, progress=False, policy=RetryPolicy(sleep=lambda s: None),
                                           device="cpu")).as_dict()
-    assert report["indexed"] == 9, report
+    assert report["indexed"] == 10, report
     edges = {e.repo_id: (e.parent, e.relation, e.confidence) for e in read_records(home, "edges")}  # type: ignore[attr-defined]
     assert edges["l/dora"] == ("m/base", "adapter", 1.0) and edges["l/dora-liar"] == ("m/other", "adapter", 0.5)
     assert edges["l/dora-more"][:2] == ("l/dora", "adapter")

@@ -2,8 +2,10 @@
 was trained further from which (adapter-to-adapter lineage from the LoRA updates alone).
 
 Base. The declared `base_model_name_or_path` names the parent; it is resolved to an indexed repo by its
-exact id, else case-insensitively (the Hub's ids are), else by the last two parts of a local path
-(`/home/me/models/org/name` was downloaded from `org/name`). Unresolved, it stays the parent by name
+exact id, else case-insensitively (the Hub's ids are), a huggingface_hub cache path by its
+`models--org--name` part, else by the last two parts of a local path (`/home/me/models/org/name` was
+downloaded from `org/name`). A config naming no base, or only a path that is neither, takes the repo
+card's `base_model` instead (`sketches.adapter.parse_adapter_config`). Unresolved, it stays the parent by name
 (an external parent): the adapter is placed under it and moves under the indexed repo when one with
 that id arrives.
 
@@ -36,12 +38,14 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from indexer.sources import cache_folder_repo_id
 from sketches.adapter import (
     Compatibility,
     LoraUpdate,
@@ -70,6 +74,9 @@ def resolve_base(declared: str, known: Callable[[str], str | None]) -> str | Non
     name = declared.strip().rstrip("/")
     if not name:
         return None
+    cached = [r for part in re.split(r"[/\\]", name) if (r := cache_folder_repo_id(part)) is not None]
+    if cached:  # .../models--org--name/snapshots/<sha>: downloaded from org/name
+        name = cached[0]
     found = known(name)
     if found is None and "/" in name and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
         found = known("/".join(name.split("/")[-2:]))  # a local path that ends in org/name
