@@ -420,7 +420,9 @@ def compare(a: str, b: str, endpoint: str | None, budget_mib: int | None, as_jso
     A and B are local repo folders or Hub repos (ORG/NAME, read by range like the crawl). Prints whether
     they are comparable (and on which shared layers), related or not (the permutation test's Z and
     p-value), the likely direction and why, their distance, and whether their heads match. Two models
-    that cannot be compared say so in one line and exit 0.
+    that cannot be compared say so in one line and exit 0. An adapter against a model: whether the
+    model's shapes take its updates, the base it declares, and for DoRA whether its magnitudes follow
+    the model's rows; two adapters: whether one is the other trained further.
     """
     from indexer.lineage.compare import compare as run, load_side, render
 

@@ -120,7 +120,8 @@ def test_quantized_copies_are_read_dequantized_and_judged_as_copies(tmp_path: Pa
     assert result.exit_code == 0 and "B is a quantized copy (awq-4bit) of A" in result.output
 
 
-def test_an_adapter_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_an_adapter_is_compared_as_an_adapter(tmp_path: Path) -> None:
+    """Before: refused ("compare its base model"). Now: whether the model's shapes take its updates."""
     from test_crawl_relations import lora_config
 
     (tmp_path / "lora").mkdir()
@@ -131,4 +132,9 @@ def test_an_adapter_is_refused_in_one_line(tmp_path: Path) -> None:
     (tmp_path / "other").mkdir()
     save_file({"model.layers.0.self_attn.q_proj.weight": np.ones((32, 32), np.float32)}, str(tmp_path / "other" / "model.safetensors"))
     result = CliRunner().invoke(index, ["compare", str(tmp_path / "other"), str(tmp_path / "lora")])
-    assert result.exit_code == 1 and "a PEFT adapter, not a model: compare its base model" in str(result.exception)
+    assert result.exit_code == 0, result.output
+    assert "adapter: B (declares base 'acme/base')" in result.output and "compatible, 1 of 1 updates fit" in result.output
+    assert "direction: A -> B" in result.output and "(it declares 'acme/base')" in result.output
+    save_file({"model.layers.0.self_attn.q_proj.weight": np.ones((16, 32), np.float32)}, str(tmp_path / "other" / "model.safetensors"))
+    result = CliRunner().invoke(index, ["compare", str(tmp_path / "other"), str(tmp_path / "lora"), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["verdict"] == "incompatible"

@@ -219,3 +219,24 @@ def test_confidence_in_the_declared_base() -> None:
     assert base_confidence(clashes, near) == 0.0 and base_confidence(None, None) == 0.5
     assert base_confidence(fits, far) == 0.5 and base_confidence(fits, thin) == 1.0
     assert base_confidence(fits, near) == 1.0 and base_confidence(fits, None) == 1.0
+
+
+def test_index_compare_answers_was_it_trained_on_this_model(zoo: Path) -> None:
+    """`index compare` on an adapter: against a model, the shapes and (DoRA) the magnitudes against its
+    rows; against another adapter, whether one is the other trained further."""
+    from indexer.lineage.compare import compare, load_local, render
+
+    def run(x: str, y: str):  # noqa: ANN202
+        return compare(load_local(zoo / x), load_local(zoo / y))
+
+    on_base = run("m/base", "l/dora")
+    assert (on_base.adapter, on_base.verdict, on_base.direction) == ("B", "compatible", "A -> B")
+    assert on_base.magnitudes["related"] and "follow its rows" in on_base.conclusion
+    liar = run("l/dora-liar", "m/other")  # declares m/other, trained on m/base
+    assert liar.verdict == "compatible" and not liar.magnitudes["related"] and liar.magnitudes["decisive"]
+    assert "do not follow" in render(liar) and liar.direction == "unknown"
+    assert run("l/dora-liar", "m/base").magnitudes["related"]  # the model it was trained on
+    more = run("l/dora-more", "l/dora")
+    assert more.kind == "adapter-adapter" and more.continued and more.direction == "B -> A"
+    independent = run("l/dora", "l/dora-liar")
+    assert not independent.continued and independent.chain_ratio > 0.9

@@ -5,7 +5,11 @@ Steps:
        with the crawl's plan (its headers, then at most the byte budget of planned rows; heads are not in
        the plan, so they are reported as not read). Names normalised (sketches.layers). A quantized copy
        (GGUF, GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX) is read by the crawl's reader and
-       dequantized, locally too; an adapter repo is refused (compare its base).
+       dequantized, locally too. An adapter (PEFT's, or a LoRA / LyCORIS file) is read by the crawl's
+       reader as its factors, and compared as an adapter (`compare_adapter`): against a model, "was it
+       trained on B?" -- B's shapes against its updates, its declared base, and a DoRA adapter's
+       magnitudes against B's rows (a permutation test); against another adapter, "is one the other
+       trained further?" -- the chain ratio of their updates (indexer.relations.adapters).
     2. Comparable: the two cores overlap by at least CORE_SHARE (sketches.layers.core_overlap); else the
        answer is "not comparable" and nothing else is computed.
     3. Related: the row-permutation test on the shared body layers (sketches.relatedness): Z, p-value.
@@ -34,9 +38,10 @@ import numpy as np
 
 from errors import BadInputError, RepoNotFoundError
 from indexer.lineage.methods import spectral_tail_distance
-from indexer.readers import QuantInfo
+from indexer.readers import AdapterRead, QuantInfo, lora_arrays
 from indexer.relations.rules import QUANT_FLOOR, QUANT_MULTIPLE, copy_relative, within_quantization_error
 from indexer.sources import local_created_at
+from sketches.adapter import loose_layout
 from sketches.layers import CORE_SHARE, canonical_tensors, core_overlap, is_head, select_layers
 from sketches.relatedness import relate
 from sketches.safetensors import open_local_repo
@@ -55,6 +60,7 @@ class Side:
     created: datetime | None
     source: str  # "local" or the endpoint
     quant: QuantInfo | None = None  # a quantized copy: its scheme and predicted error
+    adapter: AdapterRead | None = None  # an adapter: its config (arrays: its factors)
 
 
 @dataclass(frozen=True)
@@ -102,11 +108,11 @@ def load_local(folder: Path) -> Side:
     from indexer.lineage.recover import _special
     from indexer.readers import looks_packed
 
-    if _special(folder):  # GGUF (or an adapter, refused there)
+    if _special(folder):  # GGUF, or a PEFT adapter
         return _load_with_reader(folder)
     with open_local_repo(folder) as weights:
         infos = weights.tensors()
-        if looks_packed(infos):  # a packed quantized copy: the crawl's reader dequantizes it
+        if looks_packed(infos) or loose_layout(infos):  # a packed copy (dequantized), a LoRA file (its factors)
             return _load_with_reader(folder)
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}
@@ -119,12 +125,9 @@ def _load_with_reader(folder: Path) -> Side:
     from indexer.crawl import read_folder
 
     read, _ = read_folder(folder, budget=WHOLE)
-    if read.adapter is not None:
-        raise BadInputError(str(folder), "a PEFT adapter, not a model: compare its base model (its "
-                                         "adapter_config.json names it)")
     shapes = {n: tuple(info.shape) for n, info in read.tensors.items()}
     return Side(str(folder), shapes, {n: np.asarray(a, np.float32) for n, a in read.arrays.items()},
-                local_created_at(folder), "local", read.quant)
+                local_created_at(folder), "local", read.quant, read.adapter)
 
 
 def load_hub(repo_id: str, *, endpoint: str, token: str | None, budget: int) -> Side:
@@ -134,11 +137,9 @@ def load_hub(repo_id: str, *, endpoint: str, token: str | None, budget: int) -> 
     hub = HubSource(endpoint, token=token)
     entry = hub.model_info(repo_id)
     read = read_model(hub.repo(entry), budget=budget, have_token=token is not None)
-    if read.adapter is not None:
-        raise BadInputError(repo_id, "a PEFT adapter, not a model: compare its base model (its adapter_config.json names it)")
     shapes = {n: tuple(info.shape) for n, info in read.tensors.items()}
     return Side(repo_id, shapes, {n: np.asarray(a, np.float32) for n, a in read.arrays.items()}, entry.created_at,
-                endpoint, read.quant)
+                endpoint, read.quant, read.adapter)
 
 
 def load_side(spec: str, *, endpoint: str, token: str | None, budget: int) -> Side:
@@ -157,7 +158,9 @@ def load_side(spec: str, *, endpoint: str, token: str | None, budget: int) -> Si
 # --- 2-6. the comparison ---------------------------------------------------------------------------
 
 
-def compare(a: Side, b: Side) -> Comparison:
+def compare(a: Side, b: Side) -> Comparison | AdapterComparison:
+    if a.adapter is not None or b.adapter is not None:
+        return compare_adapter(a, b)
     overlap = core_overlap(a.shapes, b.shapes)
     if overlap < CORE_SHARE:
         return Comparison(a.name, b.name, False, overlap)
@@ -252,8 +255,10 @@ def _heads(a: Side, b: Side) -> tuple[HeadMatch, ...]:
     return tuple(out)
 
 
-def render(c: Comparison) -> str:
+def render(c: Comparison | AdapterComparison) -> str:
     """The comparison as a few readable lines."""
+    if isinstance(c, AdapterComparison):
+        return _render_adapter(c)
     if not c.comparable:
         return f"not comparable: {c.a} and {c.b} share {c.core_overlap:.0%} of their core (need {CORE_SHARE:.0%})"
     p = "< 1e-300" if c.p_value == 0 else f"{c.p_value:.3g}"
@@ -278,3 +283,106 @@ def render(c: Comparison) -> str:
 
 def side_summary(side: Side) -> Mapping[str, object]:
     return {"name": side.name, "tensors": len(side.shapes), "read": len(side.arrays), "source": side.source}
+
+
+# --- adapters ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AdapterComparison:
+    """`compare_adapter`'s answer: an adapter against a model, or two adapters."""
+
+    a: str
+    b: str
+    kind: str  # "adapter-model" (A or B the adapter) or "adapter-adapter"
+    adapter: str  # "A", "B" or "both"
+    declared_base: str  # what the adapter (A's, when both) names as its base
+    verdict: str = "unknown"  # adapter-model: compatible / incompatible with the model's shapes
+    matched: int = 0  # updated tensors found in the model with the update's shape
+    updates: int = 0  # updated tensors the adapter holds (that were read)
+    reasons: tuple[str, ...] = ()
+    magnitudes: dict[str, object] | None = None  # a DoRA adapter's magnitudes against the model's rows
+    chain_ratio: float = math.nan  # adapter-adapter: sum ||U - V||^2 / sum (||U||^2 + ||V||^2)
+    continued: bool = False  # ... below CHAIN_RATIO: one run trained further
+    direction: str = "unknown"
+    conclusion: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if not math.isfinite(self.chain_ratio):
+            out["chain_ratio"] = None
+        return out
+
+
+def compare_adapter(a: Side, b: Side) -> AdapterComparison:
+    """An adapter against a model (was it trained on B?) or against another adapter (is one the other
+    trained further?), from the indexer's own rules (indexer.relations.adapters)."""
+    from indexer.relations.adapters import (
+        CHAIN_RATIO,
+        Peer,
+        base_confidence,
+        base_verdict,
+        chain_ratio,
+        decisive,
+        earlier,
+        total_norm,
+        with_magnitudes,
+    )
+    from sketches.adapter import lora_updates
+
+    if a.adapter is not None and b.adapter is not None:
+        ua, ub = (lora_updates(s.adapter.config, lora_arrays(s.arrays)) for s in (a, b))  # type: ignore[union-attr]
+        ratio = chain_ratio(ua, ub)
+        continued = ratio is not None and ratio < CHAIN_RATIO
+        direction, conclusion = "none", "independent runs: their updates share nothing (ratio ~1)"
+        if ratio is None:
+            conclusion = "no updated tensor in common: not comparable"
+        elif continued:
+            pa = Peer(a.name, a.created.timestamp() if a.created else None, total_norm(ua))
+            pb = Peer(b.name, b.created.timestamp() if b.created else None, total_norm(ub))
+            direction = "A -> B" if earlier(pa, pb) else "B -> A"
+            why = "upload time" if pa.created is not None and pb.created is not None and pa.created != pb.created \
+                else "update norm (training further grows it)"
+            conclusion = f"one run trained further ({direction}, by {why})"
+        return AdapterComparison(a.name, b.name, "adapter-adapter", "both", a.adapter.config.base_model,
+                                 updates=len(set(ua) & set(ub)), chain_ratio=math.nan if ratio is None else ratio,
+                                 continued=continued, direction=direction, conclusion=conclusion)
+    side, ad, model = ("A", a, b) if a.adapter is not None else ("B", b, a)
+    assert ad.adapter is not None
+    updates = lora_updates(ad.adapter.config, lora_arrays(ad.arrays))
+    compat = base_verdict(updates, ad.adapter.saved, model.shapes, layout=ad.adapter.config.layout)
+    fit = with_magnitudes(compat, updates, model.arrays) if compat is not None else None
+    confidence = base_confidence(compat, fit)
+    declared = ad.adapter.config.base_model
+    names_it = model.name.lower().rstrip("/").endswith(declared.lower().rstrip("/"))
+    conclusion = {1.0: "fits: B's shapes take every update" if side == "A" else "fits: A's shapes take every update",
+                  0.0: "does not fit: an update has no tensor of its shape in the model",
+                  0.5: "unknown: the model's names are none of the adapter's"}[confidence]
+    if fit is not None and not fit.related and decisive(fit):
+        conclusion = ("shapes fit, but the DoRA magnitudes do not follow the model's rows: trained on another "
+                      "model of this shape, or moved far by a long run")
+    elif fit is not None and fit.related:
+        conclusion += "; the DoRA magnitudes follow its rows (trained on it or on a relative of it)"
+    return AdapterComparison(
+        a.name, b.name, "adapter-model", side, declared, compat.verdict if compat else "unknown",
+        compat.matched if compat else 0, len(updates), compat.reasons[:3] if compat else (),
+        None if fit is None else fit.details() | {"decisive": decisive(fit)},
+        direction=("A -> B" if side == "B" else "B -> A") if confidence == 1.0 else "unknown",
+        conclusion=conclusion + ("" if names_it else f" (it declares {declared!r})"))
+
+
+def _render_adapter(c: AdapterComparison) -> str:
+    if c.kind == "adapter-adapter":
+        ratio = "n/a" if math.isnan(c.chain_ratio) else f"{c.chain_ratio:.3g}"
+        return "\n".join([f"adapters: both (A declares {c.declared_base!r})",
+                          f"chain ratio: {ratio} over {c.updates} shared updates (a continued run < 0.5, independent ~1)",
+                          f"direction: {c.direction}", f"conclusion: {c.conclusion}"])
+    lines = [f"adapter: {c.adapter} (declares base {c.declared_base!r})",
+             f"shapes: {c.verdict}, {c.matched} of {c.updates} updates fit" + (f" ({'; '.join(c.reasons)})" if c.reasons else "")]
+    if c.magnitudes is not None:
+        m = c.magnitudes
+        lines.append(f"DoRA magnitudes: {'follow' if m['related'] else 'do not follow'} the model's rows "
+                     f"(Z = {m['score']}, p = {m['p_value']}, {m['modules']} weights, {m['rows']} rows"
+                     + ("" if m["decisive"] else "; too few rows to tell") + ")")
+    lines += [f"direction: {c.direction}", f"conclusion: {c.conclusion}"]
+    return "\n".join(lines)
