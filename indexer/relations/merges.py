@@ -329,26 +329,37 @@ def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFi
     sub-resolution fine-tune of the base (its flips one BF16 step each: `rounding_flips`) is turned away.
     The weights are the two shares of those entries (not held to MIN_SHARE: an exact share is no chance
     fit). The base: the one holding more of them."""
-    wide = stored.wide
-    xs = np.concatenate([wide("")[n] for n in stored.names])
+    wide, x, names = stored.wide, stored.x, stored.names
+    # the base keeps most entries bit for bit: the masked test's cached per-layer share (median over the
+    # layers where they differ) turns away nearly every pair before a value is compared
+    bases = [k for k in members if stored.keyed.about("equal share", stored.ids[k],
+                                                      lambda k=k: equal_share(x, stored.candidates[stored.ids[k]], names)) >= 0.5]
+    if not bases:
+        return None
+    xs = np.concatenate([wide("")[n] for n in names])
     best: tuple[float, str, str, float] | None = None
-    for k, j in itertools.permutations(members, 2):
-        base, other = stored.ids[k], stored.ids[j]
-        ys_b = np.concatenate([wide(base)[n] for n in stored.names])
-        ys_o = np.concatenate([wide(other)[n] for n in stored.names])
+    for k in bases:
+        base = stored.ids[k]
+        ys_b = np.concatenate([wide(base)[n] for n in names])
         from_base = xs == ys_b
         share_base = float(from_base.mean())
-        if share_base < 0.5 or (best is not None and share_base <= best[0]):
-            continue  # the base holds most entries; each pair is tried once, the heavier side as the base
-        # base + (other - base) in float32 rounds at the scale of the larger of the two: an ulp of it
-        near = np.abs(xs - ys_o) <= 2.0 ** -20 * np.maximum(np.maximum(np.abs(xs), np.abs(ys_o)), np.abs(ys_b))
-        differ = ys_b != ys_o
-        if float(np.mean(~(from_base | near))) > SELECTION_MISS or not differ.any():
+        if share_base < 0.5 or (best is not None and share_base <= best[0]) or stored.keyed.about(
+                "rounding flips", base, lambda base=base: rounding_flips(x, stored.candidates[base], names)):
             continue
-        taken = float(np.mean((near & ~from_base)[differ]))
-        if taken < MASK_EQUAL or stored.keyed.about("rounding flips", base, lambda: rounding_flips(stored.x, stored.candidates[base], stored.names)):  # noqa: B023
-            continue
-        best = (share_base, base, other, taken)
+        rest = ~from_base  # the entries the other must hold
+        for j in members:
+            if j == k:
+                continue
+            ys_o = np.concatenate([wide(stored.ids[j])[n] for n in names])
+            # base + (other - base) in float32 rounds at the scale of the larger of the two: an ulp of it
+            scale = np.maximum(np.maximum(np.abs(xs[rest]), np.abs(ys_o[rest])), np.abs(ys_b[rest]))
+            near = np.abs(xs[rest] - ys_o[rest]) <= 2.0 ** -20 * scale
+            differ = ys_b != ys_o
+            if float(np.sum(~near)) > SELECTION_MISS * xs.size or not differ.any():
+                continue
+            taken = float(np.sum(near & differ[rest])) / float(np.sum(differ))
+            if taken >= MASK_EQUAL and (best is None or share_base > best[0]):
+                best = (share_base, base, stored.ids[j], taken)
     if best is None:
         return None
     _, base, other, taken = best
