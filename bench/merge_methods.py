@@ -8,7 +8,9 @@ The relations zoo (indexer.zoo.relations) holds linear, SLERP, TIES and DARE-TIE
 mergekit's own `run_merge` (CPU, float32), merges by seven more recipes of its fine-tunes, uploaded after
 everything else (so every earlier merge is in their pools, as on the Hub, where merges of the same
 parents pile up): task arithmetic, breadcrumbs-TIES, DELLA, model stock (three models over the base), DARE
-linear, a three-model linear merge, NuSLERP and a SLERP whose t varies by layer and module (mergekit's README example). Then `index recover OUT` and, per merge, the recovered
+linear, a three-model linear merge, NuSLERP and a SLERP whose t varies by layer and module (mergekit's README
+example); then (session 11) Karcher, Multi-SLERP, SCE, RAM, DELLA linear, plain breadcrumbs, Arcee Fusion,
+NearSwap, and two passthrough frankenmerges (a layer swap, and a 3-layer stack). Then `index recover OUT` and, per merge, the recovered
 relation and parents against the true ones; the `index eval` summary last.
 """
 
@@ -51,14 +53,20 @@ RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | 
     ("a-breadcrumbs-plain", "breadcrumbs", ("a-ft1", "a-ft2"), "base-a", (0.5, 0.5), {"density": 0.8, "gamma": 0.05}),
     ("b-arcee-fusion", "arcee_fusion", ("b-ft1", "b-ft2"), "b-ft1", None, {}),
     ("a-nearswap", "nearswap", ("a-ft1", "a-ft2"), "a-ft1", None, {"t": 0.01}),
+    # passthrough (frankenmerges): layer 0 of one model, layer 1 of the other; then a 3-layer stack of
+    # a-ft1's two layers and a-ft2's second (the zoo's models have 2 layers: "slices" are layer ranges)
+    ("a-passthrough-swap", "passthrough", ("a-ft1", "a-ft2"), None, None, {"slices": [(0, 1), (1, 2)]}),
+    ("a-passthrough-up", "passthrough", ("a-ft1", "a-ft2"), None, None, {"slices": [(0, 2), (1, 2)]}),
 )
 
 
 def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str | None,
           weights: tuple[float, ...] | None, params: dict[str, Any]) -> None:
-    from mergekit.config import MergeConfiguration
-    from mergekit.merge import MergeOptions, run_merge
-
+    if method == "passthrough":  # one source per slice, in order
+        stack = {"merge_method": method, "dtype": "float32", "slices": [
+            {"sources": [{"model": str(rel / m), "layer_range": list(r)}]} for m, r in zip(models, params["slices"], strict=True)]}
+        _run(rel, name, stack)
+        return
     entries: list[dict[str, Any]] = []
     # SLERP's / NearSwap's t and SCE's select_topk are the whole merge's; the rest are each model's
     whole = {k: v for k, v in params.items() if k in ("t", "select_topk")}
@@ -71,6 +79,13 @@ def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str 
         doc["parameters"] = whole
     if base is not None:
         doc["base_model"] = str(rel / base)
+    _run(rel, name, doc)
+
+
+def _run(rel: Path, name: str, doc: dict[str, Any]) -> None:
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import MergeOptions, run_merge
+
     tmp, out = rel.parent / f".{name}", rel / name
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.rmtree(out, ignore_errors=True)

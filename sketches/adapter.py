@@ -313,13 +313,13 @@ def loose_layout(names: Iterable[str]) -> str | None:
     else None (a model). A tensor no update here is made of (a Tucker core, OFT, kohya's DoRA scale)
     raises AdapterError naming it."""
     names = sorted(names)
-    if not names:
-        return None
+    if not names or not all(_FACTOR.match(n) or _ALPHA.match(n) or _UNREAD.search(n) for n in names):
+        return None  # a model (a stray name of these shapes in one is no adapter file)
     for name in names:
         if _UNREAD.search(name):
             raise AdapterError(name, "an adapter tensor no update is read from (LoHa / LoKr Tucker core, OFT, "
                                      "DoRA scale): only LoRA, LoHa and LoKr factors are")
-    if not all(_FACTOR.match(n) or _ALPHA.match(n) for n in names) or not any(_FACTOR.match(n) for n in names):
+    if not any(_FACTOR.match(n) for n in names):
         return None
     kohya = any(n.startswith(("lora_unet_", "lora_te", "lora_transformer_")) or ".lora_down." in n
                 or ".hada_" in n or ".lokr_" in n for n in names)

@@ -138,6 +138,8 @@ def test_kohya_and_diffusers_files_give_peft_updates() -> None:
         flat = weight.removesuffix(".weight").replace(".", "_") + ".weight"
         np.testing.assert_allclose(from_kohya[flat].dense(), 2.0 * u.dense(), rtol=1e-6)  # alpha = 2 r
     assert loose_layout({"model.layers.0.q.weight": np.zeros(2)}) is None  # a model is not a LoRA file
+    # nor is one holding a name LyCORIS uses, beside its own
+    assert loose_layout({"model.layers.0.q.weight": np.zeros(2), "model.x.oft_r": np.zeros(2)}) is None
 
 
 def test_lora_files_are_adapters_of_their_card_base_in_batch_and_over_http(lora_hub: Hub, emu: HubEmulator,  # noqa: F811
