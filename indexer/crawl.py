@@ -336,10 +336,16 @@ def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
 def read_loose_adapter(repo: RepoFiles, sources: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],
                        layout: str, *, budget: int) -> ModelRead:
     """A LoRA file without a config (`sketches.adapter.loose_layout`): its base from the model card, its
-    factor pairs (and alphas) within the budget; no saved modules."""
+    factor pairs (and alphas) within the budget; no saved modules. Of several such files (the same
+    adapter in two layouts), the one with the most tensors."""
     header_bytes = repo.bytes_read
-    tensors = {name: info for name, (_, info) in where.items()}
     files = sorted({f for f, _ in where.values()})
+    if len(files) > 1:  # one adapter saved twice (diffusers' file beside its kohya conversion): read one
+        count = {f: sum(1 for g, _ in where.values() if g == f) for f in files}
+        files = [min(files, key=lambda f: (-count[f], f))]
+        where = {n: v for n, v in where.items() if v[0] == files[0]}
+        layout = loose_layout(where) or layout
+    tensors = {name: info for name, (_, info) in where.items()}
     config = loose_config(tensors, layout, repo.entry.declared_base_model, thing=f"{repo.entry.repo_id}/{files[0]}")
     plan, pairs, read = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id, layout=layout, file=files[0])
     arrays = read_planned(sources, where, plan)

@@ -7,6 +7,7 @@ related to each other: fine-tunes of one another."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +93,7 @@ def _lycoris_loha(folder: Path, seed: int) -> None:
 def lora_hub(sd_hub: Hub) -> Hub:  # noqa: F811
     first = _peft_state(20)
     _diffusers_file(sd_hub.root / "l/pixel-art", _peft_state(21))
+    _kohya_file(sd_hub.root / "l/pixel-art", _peft_state(21), "pixel_art_kohya")  # the same adapter, twice
     _kohya_file(sd_hub.root / "l/watercolor", first, "watercolor")
     _kohya_file(sd_hub.root / "l/watercolor-v2", _peft_state(20, start=first), "watercolor_v2")
     _kohya_file(sd_hub.root / "l/no-card", _peft_state(22), "style")
@@ -166,3 +168,7 @@ def test_lora_files_are_adapters_of_their_card_base_in_batch_and_over_http(lora_
     models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
     assert models["l/watercolor"].weights_format == "adapter" and "Tucker core" in models["l/tucker"].reason
     assert "names no base_model" in models["l/no-card"].reason
+    from safetensors.numpy import load_file as load_numpy
+
+    one_file = sum(n.endswith("lora.down.weight") for n in load_numpy(str(lora_hub.root / "l/pixel-art/pytorch_lora_weights.safetensors")))
+    assert json.loads(models["l/pixel-art"].details)["lora_pairs"] == one_file  # one of its two files read
