@@ -39,7 +39,9 @@ Weights by tensor, last (`_per_block`): mergekit's SLERP with t by layer and mod
 by tensor with other weights in each; every moved tensor must then be explained on its own. BF16 / F16
 merges (`_Stored`): a merge is saved rounded to its dtype, so a candidate interpolation is judged again
 with the combination and the best single rounded alike, as the merge was.
-Selection merges (Arcee Fusion, NearSwap where it swaps): x holds one relative's values entry by entry and
+Passthrough merges of another depth (frankenmerges): every tensor a copy of a source's, layers renumbered
+(`_stacked`, an exact test on content digests across layer indices), asked when x has layers no candidate
+has. Selection merges (Arcee Fusion, NearSwap where it swaps): x holds one relative's values entry by entry and
 another's elsewhere, exactly (`_selected`): no weighted sum of them, so tested apart, last.
 Masked merges whose members tie (x - base spans one affine space whichever member is the base: SCE's
 base-a and a-ft1 read ratio 0.7559 both) take as the base the member with the smallest coefficient
@@ -51,8 +53,10 @@ The parents: members with a positive weight of at least MIN_SHARE, normalised to
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -287,6 +291,7 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     names = sorted(n for n in x if all(n in c and np.shape(c[n]) == np.shape(x[n]) for c in candidates.values()))
     if len(ids) < 2 or not names:
         return None
+    whole = (x, candidates)  # a stack of other depth has layers no candidate has by name (`_stacked`)
     x, candidates = fit_prefix(x, names), {r: fit_prefix(c, names) for r, c in candidates.items()}
     if cache is None or keys is None or x_key is None:
         cache, keys, x_key = PairCache(), {r: ("candidate", r) for r in ids}, ("x",)
@@ -297,14 +302,16 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
     best = int(np.argmin(singles))
-    if singles[best] <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
-        return MergeFit((), ids[best], 1.0)
+    if singles[best] <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain, but layers of its own
+        return _stacked(*whole, names, ids[best]) or MergeFit((), ids[best], 1.0)
     # over every candidate, merges included: a fine-tune of a merge M is nearest M, and M's parents
     # explain it no better than M does (its own update is outside their span), so it stays M's child
     scaled = max(_scaled_single(g, b, xx), 1e-300)
     originals = tuple(i for i, r in enumerate(ids) if r not in merges)
     groups = [originals, tuple(range(len(ids)))] if 2 <= len(originals) < len(ids) else [tuple(range(len(ids)))]
     last = MergeFit((), ids[best], 1.0)
+    if (stacked := _stacked(*whole, names, ids[best])) is not None:
+        return stacked
     for members in groups:
         last = _explain(stored, products, members, scaled, min_share, ids[best])
         if last.is_merge:
@@ -316,6 +323,59 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
         if selected is not None:
             return selected
     return last
+
+
+def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str], single: str) -> MergeFit | None:
+    """A passthrough merge of another depth (mergekit's frankenmerges, depth up-scaling): x's layers are
+    copies of its sources' layers, renumbered, and some of its layer indices exist in no candidate, so no
+    fit over the common names sees the source of those (bench/merge_methods.py: a 3-layer stack of a-ft1's
+    two layers and a-ft2's second read as a fine-tune of a-ft1). Asked only when x holds layer tensors no
+    candidate has by name. Every compared tensor of x must be a bit-for-bit copy of some candidate's, at
+    its name or at another layer index of the same module and shape; then the sources, taken greedily
+    (the one copying the most tensors first), are the parents, weighted by the share of tensors each
+    gave. One source only (its own layers repeated or dropped) is no merge; a tensor copied from none (a
+    layer added and trained: a transfer-learning head) means no passthrough at all."""
+    own = [n for n in x if n not in common and _layer_template(n) is not None and np.ndim(x[n]) >= 2]
+    if not own:
+        return None
+    index: dict[tuple[str, tuple[int, ...], bytes], set[str]] = {}
+    for r, arrays in candidates.items():
+        for n, a in arrays.items():
+            if np.ndim(a) >= 2:
+                index.setdefault(_content_key(n, a), set()).add(r)
+    sources: dict[str, set[str]] = {}
+    for n, a in x.items():
+        if np.ndim(a) < 2:
+            continue
+        found = index.get(_content_key(n, a), set())
+        if not found:
+            return None
+        sources[n] = found
+    parents: dict[str, int] = {}
+    left = dict(sources)
+    while left:
+        top = max(sorted({r for found in left.values() for r in found}), key=lambda r: sum(r in f for f in left.values()))
+        parents[top] = sum(top in f for f in left.values())
+        left = {n: f for n, f in left.items() if top not in f}
+    if len(parents) < 2:
+        return None
+    total = sum(parents.values())
+    weights = sorted(((r, round(c / total, WEIGHT_DIGITS)) for r, c in parents.items()), key=lambda p: (-p[1], p[0]))
+    return MergeFit(tuple(weights), single, 0.0)
+
+
+_TEMPLATE_INDEX = re.compile(r"\.(\d+)\.")
+
+
+def _layer_template(name: str) -> str | None:
+    """The name with its layer index left out (`model.layers.{}.mlp.up_proj.weight`), None without one."""
+    return _TEMPLATE_INDEX.sub(".{}.", name, count=1) if _TEMPLATE_INDEX.search(name) else None
+
+
+def _content_key(name: str, a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
+    """(module, shape, digest of the float32 bytes): equal for a tensor copied to another layer index."""
+    values = np.ascontiguousarray(a, dtype=np.float32)
+    return _layer_template(name) or name, tuple(values.shape), hashlib.blake2b(values.tobytes(), digest_size=16).digest()
 
 
 def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFit | None:
