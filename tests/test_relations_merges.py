@@ -274,3 +274,30 @@ def test_a_pair_cache_gives_every_fit_the_numbers_it_would_compute_and_computes_
         assert kept[x] == m.fit(models[x], {r: v for r, v in models.items() if r != x})
     assert len(calls) == 5 * 6 // 2  # each of the 10 pairs and 5 squares once, over 5 fits
     assert kept["merge"] is not None and kept["merge"].parents == (("a", 0.5), ("b", 0.5))
+
+
+def _layered(seed: int, depth: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {f"model.layers.{i}.{m}.weight": rng.standard_t(4, (24, 24)).astype(np.float32)
+            for i in range(depth) for m in ("q", "up")}
+
+
+def test_a_passthrough_stack_of_another_depth_is_a_merge_of_its_sources() -> None:
+    """mergekit's passthrough, depth up-scaled: layers 0-1 of a, then a's layer 1 again and b's layer 1.
+    Its layers 2-3 are named in no candidate; every tensor is a copy of one, renumbered. One source
+    repeated is no merge; a layer trained from scratch among the copies is no passthrough."""
+    base = _layered(0, 2)
+    rng = np.random.default_rng(1)
+    a, b = ({n: w + 0.3 * rng.standard_normal(w.shape).astype(np.float32) for n, w in base.items()} for _ in range(2))
+    models = {"base": base, "a": a, "b": b}
+
+    def stack(*sources: tuple[dict[str, np.ndarray], int]) -> dict[str, np.ndarray]:
+        return {f"model.layers.{i}.{m}.weight": src[f"model.layers.{j}.{m}.weight"]
+                for i, (src, j) in enumerate(sources) for m in ("q", "up")}
+
+    got = fit(stack((a, 0), (a, 1), (a, 1), (b, 1)), models)
+    assert got is not None and got.is_merge and dict(got.parents) == {"a": 0.75, "b": 0.25}
+    same = fit(stack((a, 0), (a, 1), (a, 1)), models)  # its own layer repeated: a's, no merge
+    assert same is not None and not same.is_merge and same.single == "a"
+    trained = stack((a, 0), (a, 1), (b, 1)) | {"model.layers.3.q.weight": rng.standard_normal((24, 24)).astype(np.float32)}
+    assert not fit(trained, models).is_merge
