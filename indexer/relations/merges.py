@@ -335,7 +335,7 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
     (the one copying the most tensors first), are the parents, weighted by the share of tensors each
     gave. One source only (its own layers repeated or dropped) is no merge; a tensor copied from none (a
     layer added and trained: a transfer-learning head) means no passthrough at all."""
-    own = [n for n in x if n not in common and _layer_template(n) is not None and np.ndim(x[n]) >= 2]
+    own = [n for n in x if n not in common and layer_template(n) is not None and np.ndim(x[n]) >= 2]
     if not own:
         return None
     index: dict[tuple[str, tuple[int, ...], bytes], set[str]] = {}
@@ -367,7 +367,7 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
 _TEMPLATE_INDEX = re.compile(r"\.(\d+)\.")
 
 
-def _layer_template(name: str) -> str | None:
+def layer_template(name: str) -> str | None:
     """The name with its layer index left out (`model.layers.{}.mlp.up_proj.weight`), None without one."""
     return _TEMPLATE_INDEX.sub(".{}.", name, count=1) if _TEMPLATE_INDEX.search(name) else None
 
@@ -375,7 +375,7 @@ def _layer_template(name: str) -> str | None:
 def _content_key(name: str, a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     """(module, shape, digest of the float32 bytes): equal for a tensor copied to another layer index."""
     values = np.ascontiguousarray(a, dtype=np.float32)
-    return _layer_template(name) or name, tuple(values.shape), hashlib.blake2b(values.tobytes(), digest_size=16).digest()
+    return layer_template(name) or name, tuple(values.shape), hashlib.blake2b(values.tobytes(), digest_size=16).digest()
 
 
 def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFit | None:

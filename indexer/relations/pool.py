@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.relations.merges import MASK_EQUAL, equal_share, fit_prefix
+from indexer.relations.merges import MASK_EQUAL, equal_share, fit_prefix, layer_template
 from indexer.relations.rules import MERGE_CANDIDATES
 
 Arrays = Mapping[str, np.ndarray]
@@ -49,9 +49,18 @@ def common_blocks(a: Arrays, b: Arrays) -> list[str]:
 
 
 def identical(a: Arrays, b: Arrays) -> bool:
-    """Bit-identical in every common block (and at least one): stops at the first block that differs."""
+    """Bit-identical in every common block (and at least one), with the same layers: stops at the first
+    block that differs. A model holding layers the other lacks is no re-upload of it, however its common
+    blocks compare: a passthrough stack of another depth holds its first source's layers bit for bit
+    (`indexer.relations.merges._stacked` needs that source in its pool)."""
     names = common_blocks(a, b)
-    return bool(names) and all(np.array_equal(a[n], b[n]) for n in names)
+    if not names or _layers(a) != _layers(b):
+        return False
+    return all(np.array_equal(a[n], b[n]) for n in names)
+
+
+def _layers(arrays: Arrays) -> set[str]:
+    return {n for n in arrays if layer_template(n) is not None and np.ndim(arrays[n]) >= 2}
 
 
 def pair_stats(a: Arrays, b: Arrays) -> PairStats | None:
