@@ -57,6 +57,7 @@ from errors import (
 from errors import AdapterError, GGUFError, QuantizedWeightsError
 from indexer.readers import (
     ADAPTER_CONFIG,
+    ADAPTER_FAMILY,
     ADAPTER_WEIGHTS,
     AdapterRead,
     NonFiniteWeights,
@@ -74,7 +75,7 @@ from indexer.readers import (
 )
 from indexer.retry import RetryPolicy
 from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
-from sketches.adapter import loose_layout
+from sketches.adapter import has_factors, loose_layout
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -325,9 +326,13 @@ def read_adapter(repo: RepoFiles, *, budget: int) -> ModelRead:
     sources, where = read_headers(repo, (ADAPTER_WEIGHTS,))
     header_bytes = repo.bytes_read
     tensors = {name: info for name, (_, info) in where.items()}
-    plan, pairs, read = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id)
+    if has_factors(config):
+        plan, pairs, read = plan_adapter(tensors, budget=budget, repo_id=repo.entry.repo_id)
+        saved = saved_shapes(tensors)
+    else:  # IA3, prompt tuning, ...: the base it declares is all that is placed; full copies still checked
+        plan, pairs, read = ReadPlan(ADAPTER_FAMILY, budget, (), 0, sum(t.nbytes for t in tensors.values())), 0, 0
+        saved = saved_shapes({n: t for n, t in tensors.items() if ".modules_to_save." in n})
     arrays = read_planned(sources, where, plan)
-    saved = saved_shapes(tensors)
     details = adapter_details(config, saved, pairs, read)
     return ModelRead("", plan, tensors, arrays, header_bytes, "adapter", details,
                      AdapterRead(config, saved, pairs, read, details))

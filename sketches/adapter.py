@@ -90,6 +90,8 @@ logger = logging.getLogger(__name__)
 
 MAX_CONFIG_BYTES = 1024 * 1024  # real adapter_config.json files are ~1 KB
 PEFT_TYPES = ("LORA", "ADALORA", "LOHA", "LOKR")  # the updates `lora_updates` can write as s * B @ A
+# Any other PEFT type (IA3's scaling vectors, prompt / prefix tuning's virtual tokens, VeRA, OFT, ...) is
+# placed under the base it declares and nothing more: no update is read from it (`has_factors`).
 PREFIX = "base_model.model."
 # A factor tensor: <module>.<role>[.<adapter name>][.weight]. Roles: LoRA's A / B (PEFT's lora_A / lora_B,
 # lora_embedding_A / _B, AdaLoRA's lora_E; diffusers' lora.down / lora.up; kohya's lora_down / lora_up),
@@ -204,8 +206,8 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json", card_
         raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty, and no "
                                  "base_model in the model card)")
     peft_type = str(obj.get("peft_type", "LORA")).upper()
-    if peft_type not in PEFT_TYPES:
-        raise AdapterError(name, f"peft_type {peft_type!r} is not supported (only {', '.join(PEFT_TYPES)})")
+    if peft_type not in PEFT_TYPES and not re.fullmatch(r"[A-Z][A-Z0-9_]{1,40}", peft_type):
+        raise AdapterError(name, f"peft_type {peft_type!r} is not a PEFT type name")
     targets = obj.get("target_modules") or []
     target_modules = targets if isinstance(targets, str) else _strings(name, obj, "target_modules")
     alpha_key = "alpha" if peft_type in ("LOHA", "LOKR") else "lora_alpha"
@@ -390,11 +392,18 @@ def _update(config: AdapterConfig, weight: str, a: np.ndarray, b: np.ndarray, *,
 MAX_FACTOR_RANK = 1024
 
 
+def has_factors(config: AdapterConfig) -> bool:
+    """Are the adapter's updates low-rank factors `lora_updates` reads? (False: IA3, prompt tuning, ...)"""
+    return config.peft_type in PEFT_TYPES
+
+
 def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, LoraUpdate]:
     """Every update of the adapter as low-rank factors s * B @ A, keyed by the base weight it updates
     (sorted); a DoRA adapter's carry their magnitudes. Raises AdapterError for a DoRA pair without its
     magnitude (or one of the wrong length), and for magnitudes in an adapter whose config does not say
     use_dora (PEFT would drop them, and the updates would not be the ones trained)."""
+    if not has_factors(config):
+        return {}  # placed under its declared base only
     magnitudes = lora_magnitudes(tensors)
     if magnitudes and not config.use_dora:
         raise AdapterError(next(iter(magnitudes.values())), "a DoRA magnitude in an adapter whose config does "

@@ -221,7 +221,7 @@ CONFIG = {"base_model_name_or_path": "meta/base", "peft_type": "LORA", "r": 8, "
     (json.dumps({**CONFIG, "r": 0}).encode(), "r must be a positive whole number"),
     (json.dumps({**CONFIG, "r": 4.5}).encode(), "r must be a positive whole number"),
     (json.dumps({**CONFIG, "lora_alpha": "big"}).encode(), "lora_alpha must be a positive number"),
-    (json.dumps({**CONFIG, "peft_type": "IA3"}).encode(), "peft_type 'IA3' is not supported"),
+    (json.dumps({**CONFIG, "peft_type": "no such type!"}).encode(), "is not a PEFT type name"),
     (json.dumps({**CONFIG, "target_modules": [1]}).encode(), "target_modules must be a list"),
     (json.dumps({**CONFIG, "rank_pattern": {"v": -1}}).encode(), "v must be a positive whole number"),
     (b" " * (1024 * 1024 + 1), "over the 1048576-byte cap"),

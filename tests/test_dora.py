@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
-from peft import LoHaConfig, LoKrConfig, LoraConfig, PeftModel, get_peft_model
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, PeftModel, PromptTuningConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from indexer.crawl import add_local
@@ -106,8 +106,15 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     nameless.save_pretrained(root / "l/card-base")
     assert json.loads((root / "l/card-base/adapter_config.json").read_text())["base_model_name_or_path"] is None
     (root / "l/card-base/README.md").write_text("---\nbase_model: m/base\nlibrary_name: peft\n---\n")
+    # PEFT types whose updates are not low-rank factors: placed under the base they declare, nothing more
+    for name, config in (("l/ia3", IA3Config(target_modules=["v_proj", "down_proj"], feedforward_modules=["down_proj"])),
+                         ("l/prompt", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            torch.manual_seed(16)
+            save_adapter(get_peft_model(tiny_llama(1), config), root / name, "m/base")
     created = {"m/base": 1, "m/other": 2, "m/base-ft": 3, "l/dora": 4, "l/dora-more": 5, "l/dora-liar": 6,
-               "l/lora-head": 7, "l/loha": 8, "l/lokr": 9, "l/card-base": 10}
+               "l/lora-head": 7, "l/loha": 8, "l/lokr": 9, "l/card-base": 10, "l/ia3": 11, "l/prompt": 12}
     (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
         r: {"createdAt": f"2024-{m:02d}-01T00:00:00.000Z"} for r, m in created.items()}}))
     return root
@@ -177,7 +184,9 @@ def test_dora_adapters_are_placed_chained_and_checked_in_batch_and_incremental(z
     assert batch["l/lora-head"] == ("m/base", "adapter", 1.0)
     assert batch["l/loha"] == ("m/base", "adapter", 1.0) and batch["l/lokr"] == ("m/base", "adapter", 1.0)
     assert batch["l/card-base"] == ("m/base", "adapter", 1.0)  # before: "names no base model", a failed row
-    for repo in ("l/dora", "l/dora-more", "l/dora-liar", "l/lora-head", "l/loha", "l/lokr", "l/card-base"):
+    # IA3, prompt tuning: under the declared base, nothing read to check it by (before: failed rows)
+    assert batch["l/ia3"] == ("m/base", "adapter", 0.5) and batch["l/prompt"] == ("m/base", "adapter", 0.5)
+    for repo in ("l/dora", "l/dora-more", "l/dora-liar", "l/lora-head", "l/loha", "l/lokr", "l/card-base", "l/ia3", "l/prompt"):
         assert incremental[repo] == pytest.approx(batch[repo]), repo
     models = {m.repo_id: json.loads(m.details) for m in read_records(tmp_path / "home", "models")}  # type: ignore[attr-defined]
     liar = models["l/dora-liar"]["dora_magnitudes"]
@@ -197,7 +206,7 @@ def test_the_crawl_reads_the_base_rows_by_range_and_agrees_with_batch(zoo: Path,
     with HubEmulator(zoo) as emu:
         report = crawl(home, CrawlOptions(endpoint=emu.url, progress=False, policy=RetryPolicy(sleep=lambda s: None),
                                           device="cpu")).as_dict()
-    assert report["indexed"] == 10, report
+    assert report["indexed"] == 12, report
     edges = {e.repo_id: (e.parent, e.relation, e.confidence) for e in read_records(home, "edges")}  # type: ignore[attr-defined]
     assert edges["l/dora"] == ("m/base", "adapter", 1.0) and edges["l/dora-liar"] == ("m/other", "adapter", 0.5)
     assert edges["l/dora-more"][:2] == ("l/dora", "adapter")

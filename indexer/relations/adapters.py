@@ -86,10 +86,10 @@ def resolve_base(declared: str, known: Callable[[str], str | None]) -> str | Non
 def base_verdict(updates: Mapping[str, LoraUpdate], saved: Shapes, shapes: Shapes | None, *,
                  layout: str = "peft") -> Compatibility | None:
     """The shapes check against the base (`check_compatibility`), or None (unknown) without the base's
-    shapes -- or when a LoRA file without a config names none of the base's tensors: kohya's SDXL files
+    shapes, or with nothing to check (a PEFT type whose updates are not read, without saved modules), or when a LoRA file without a config names none of the base's tensors: kohya's SDXL files
     name the original checkpoint's modules (input_blocks_4_1_...), the base repo holds diffusers' names,
     and that is another naming scheme, not evidence against the base."""
-    if shapes is None:
+    if shapes is None or (not updates and not saved):  # nothing to check (IA3, prompt tuning, ...)
         return None
     compat = check_compatibility(updates, saved, shapes)
     if layout != "peft" and compat.matched == 0 and not compat.base_names:
