@@ -536,7 +536,12 @@ def _details_line(details: str) -> str:
         doc = json.loads(details)
     except ValueError:
         return ""
-    shown = {k: v for k, v in sorted(doc.items()) if v not in (None, False, "", [], {}) and len(str(v)) < 80}
+    flat = {}
+    for k, v in sorted(doc.items()):  # one level of nesting shown as key.sub (a DoRA test's figures)
+        flat |= {f"{k}.{sub}": w for sub, w in sorted(v.items())} if isinstance(v, dict) else {k: v}
+    # a nested False is a verdict (the DoRA test's related=False); a top-level one an unset option
+    shown = {k: v for k, v in flat.items() if (v not in (None, False, "", [], {}) or (v is False and "." in k))
+             and len(str(v)) < 80}
     return "  ".join(f"{k}={v}" for k, v in shown.items())
 
 

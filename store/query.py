@@ -297,7 +297,9 @@ def _report(con: duckdb.DuckDBPyConnection, repo_id: str) -> ModelReport:
     declared = m["declared_base_model"] or ""
     relation = _relation(e) if e else None
     return ModelReport(
-        repo_id=repo_id, revision=e["revision"] if e else m["revision"], family=m["family"] or "",
+        # the edge's family first, as `export` takes it: an adapter that arrived before its base has none
+        # in its models row, and joins the base's family when the base comes
+        repo_id=repo_id, revision=e["revision"] if e else m["revision"], family=(e or {}).get("family") or m["family"] or "",
         status=m["status"], reason=m["reason"] or "", source=m["source"] or "",
         created_at=m["created_at"], indexed_at=m["indexed_at"], in_forest=e is not None,
         cluster=e["cluster"] if e else None, root=e["root"] if e else None, depth=e["depth"] if e else None,

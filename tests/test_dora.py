@@ -193,6 +193,12 @@ def test_dora_adapters_are_placed_chained_and_checked_in_batch_and_incremental(z
     assert models["l/dora-liar"]["verdict"] == "compatible"  # its shapes fit: the magnitudes only cast doubt
     assert not liar["related"] and liar["decisive"] and models["l/dora"]["dora_magnitudes"]["related"]
     assert models["l/dora"]["use_dora"] is True
+    from cli import _details_line
+    from store.query import query_model
+
+    report = query_model(tmp_path / "home", "l/dora-liar")  # arrived before m/other: its models row has no family
+    assert report.family == query_model(tmp_path / "home", "m/other").family != ""
+    assert "dora_magnitudes.related=False" in _details_line(report.details)
 
 
 def test_the_crawl_reads_the_base_rows_by_range_and_agrees_with_batch(zoo: Path, tmp_path: Path) -> None:
