@@ -52,7 +52,7 @@ from sketches.packed import (
 )
 from sketches.packed import dequantize as dequantize_packed
 from sketches.packed import predicted_relative_error as packed_error
-from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_order
+from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_names
 from sketches.safetensors import ByteSource, TensorInfo, decode
 
 logger = logging.getLogger(__name__)
@@ -106,15 +106,6 @@ def read_adapter_config(read_small: Any, repo_id: str, card_base: str = "") -> A
     return parse_adapter_config(raw, name=f"{repo_id}/{ADAPTER_CONFIG}", card_base=card_base)
 
 
-def _pair_order(pairs: Mapping[str, object]) -> list[str]:
-    """Base weights in step 3's order: layers spread over depth, then by name (deterministic)."""
-    from sketches.plan import _layer  # the plan's own notion of a tensor's layer index
-
-    layers = sorted({_layer(w) for w in pairs if _layer(w) >= 0})
-    rank = {layers[pos]: i for i, pos in enumerate(spread_order(len(layers)))}
-    return sorted(pairs, key=lambda w: (rank.get(_layer(w), len(layers)), w))
-
-
 def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str, layout: str = "peft",
                  file: str = ADAPTER_WEIGHTS) -> tuple[ReadPlan, int, int]:
     """Step 3's plan: each updated weight's factors whole, within `budget`; (plan, updated weights in the
@@ -125,7 +116,7 @@ def plan_adapter(tensors: Mapping[str, TensorInfo], *, budget: int, repo_id: str
     # read with their factors, which need them: DoRA's magnitudes, a loose adapter file's alphas
     extras = [lora_magnitudes(tensors), lora_alphas(tensors, layout)]
     blocks, used, read = [], 0, 0
-    for weight in _pair_order(sets):
+    for weight in spread_names(sets):  # step 3's order: layers spread over depth, then by name
         parts = [tensors[n] for n in sets[weight].names] + [tensors[e[weight]] for e in extras if weight in e]
         size = sum(t.nbytes for t in parts)
         if used + size > budget:

@@ -76,6 +76,7 @@ __all__ = [
     "lora_magnitudes",
     "Factors",
     "factor_sets",
+    "local_path",
     "loose_layout",
     "lora_updates",
     "parse_adapter_config",
@@ -200,7 +201,7 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json", card_
     card = card_base.split(";")[0].strip()
     if (not isinstance(base, str) or not base.strip()) and card:
         base = card  # PEFT writes null for a base built from a config; the repo's card may still name it
-    elif isinstance(base, str) and card and _local_path(base):
+    elif isinstance(base, str) and card and local_path(base):
         base = card  # a path on the trainer's disk names nothing here; the card names the Hub repo
     if not isinstance(base, str) or not base.strip():
         raise AdapterError(name, "names no base model (base_model_name_or_path is missing or empty, and no "
@@ -228,7 +229,7 @@ def parse_adapter_config(raw: bytes, *, name: str = "adapter_config.json", card_
     )
 
 
-def _local_path(name: str) -> bool:
+def local_path(name: str) -> bool:
     """A filesystem path rather than a Hub repo id (`org/name`)."""
     name = name.strip()
     return name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1 or re.match(r"^[A-Za-z]:", name) is not None

@@ -37,14 +37,15 @@ from __future__ import annotations
 import math
 import re
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from errors import UnsupportedModelError
 from sketches.layers import is_head, is_task_head, select_layers
 from sketches.safetensors import TensorInfo
 
-__all__ = ["PLAN_V2", "PLAN_V3", "BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "plan_reads", "spread_order"]
+__all__ = ["PLAN_V2", "PLAN_V3", "BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "layer_template", "plan_reads",
+           "spread_names", "spread_order"]
 
 # 2: task heads read in the budget left over (step 5). 3: the budget counts BF16 elements (BF16, F16 and F32
 # relatives read the same rows); a budget below the smallest block reads what fits of the first tensor;
@@ -161,6 +162,12 @@ def _layer(name: str) -> int:
     return int(match.group(1)) if match else -1
 
 
+def layer_template(name: str) -> str | None:
+    """The name with its layer index left out (`model.layers.{}.mlp.up_proj.weight`), None without one:
+    one module at every depth (a passthrough merge copies layers to other indices)."""
+    return _LAYER_INDEX.sub(".{}.", name, count=1) if _LAYER_INDEX.search(name) else None
+
+
 def _body_matrices(tensors: Mapping[str, TensorInfo]) -> list[str]:
     return sorted(n for n, t in tensors.items() if len(t.shape) in (2, 4) and t.numel and not is_head(n))
 
@@ -186,8 +193,10 @@ def _candidates(tensors: Mapping[str, TensorInfo], elements: int, spec: PlanSpec
     return (attention or body), False
 
 
-def _priority(names: list[str]) -> list[str]:
-    """Step 4's order: layers spread over depth, then by name; tensors without a layer index last."""
+def spread_names(names: Iterable[str]) -> list[str]:
+    """Step 4's order: layers spread over depth, then by name; tensors without a layer index last (an
+    adapter's factors are read, and a DoRA test's base rows chosen, in the same order)."""
+    names = list(names)
     layers = sorted({_layer(n) for n in names if _layer(n) >= 0})
     rank = {layers[pos]: i for i, pos in enumerate(spread_order(len(layers)))}
     return sorted(names, key=lambda n: (rank.get(_layer(n), len(layers)), n))
@@ -217,9 +226,9 @@ def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int, s
         blocks = [BlockRead(n, (0, tensors[n].shape[0]), tensors[n].nbytes, True) for n in names]
         blocks += _head_blocks(tensors, elements - sum(tensors[n].numel for n in names))
         return ReadPlan(family, budget, tuple(sorted(blocks, key=lambda b: b.tensor)), len(names), model_bytes)
-    chosen, used = _body_blocks(tensors, _priority(names), elements, spec)
+    chosen, used = _body_blocks(tensors, spread_names(names), elements, spec)
     if not chosen:  # no row of a candidate fits: any body matrix whose row does (rows of 1M values, 1 MiB)
-        chosen, used = _body_blocks(tensors, _priority(_body_matrices(tensors)), elements, spec)
+        chosen, used = _body_blocks(tensors, spread_names(_body_matrices(tensors)), elements, spec)
     if not chosen:
         raise UnsupportedModelError(family, f"a budget of {budget} bytes cannot hold one row of any candidate tensor")
     chosen += _head_blocks(tensors, elements - used)

@@ -52,10 +52,12 @@ from sketches.adapter import (
     MagnitudeFit,
     check_compatibility,
     exchangeable_rows,
+    local_path,
     magnitude_fit,
     update_distance,
     update_norm,
 )
+from sketches.plan import spread_names
 from sketches.relatedness import Z_RELATED
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def resolve_base(declared: str, known: Callable[[str], str | None]) -> str | Non
     if cached:  # .../models--org--name/snapshots/<sha>: downloaded from org/name
         name = cached[0]
     found = known(name)
-    if found is None and "/" in name and (name.startswith(("/", ".", "~")) or name.count("/") > 1):
+    if found is None and "/" in name and local_path(name):
         found = known("/".join(name.split("/")[-2:]))  # a local path that ends in org/name
     return found
 
@@ -118,13 +120,9 @@ def decisive(fit: MagnitudeFit) -> bool:
 
 def magnitude_rows(updates: Mapping[str, LoraUpdate], compat: Compatibility) -> dict[str, int]:
     """The base's weights (its names) and rows a DoRA test reads (module docstring); {} for plain LoRA."""
-    from sketches.plan import _layer, spread_order  # the plan's notion of a layer and its order over depth
-
-    dora = sorted(w for w, u in updates.items() if u.magnitude is not None and not u.transposed
-                  and w in compat.base_names and exchangeable_rows(w))
-    layers = sorted({_layer(w) for w in dora})
-    rank = {layers[pos]: i for i, pos in enumerate(spread_order(len(layers)))}
-    chosen = sorted(dora, key=lambda w: (rank.get(_layer(w), len(layers)), w))[:MAGNITUDE_WEIGHTS]
+    dora = [w for w, u in updates.items() if u.magnitude is not None and not u.transposed
+            and w in compat.base_names and exchangeable_rows(w)]
+    chosen = spread_names(dora)[:MAGNITUDE_WEIGHTS]
     return {compat.base_names[w]: min(MAGNITUDE_ROWS, updates[w].b.shape[0]) for w in chosen}
 
 

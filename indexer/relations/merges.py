@@ -56,7 +56,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -67,6 +66,7 @@ import numpy as np
 from scipy import stats
 
 from indexer.lineage.methods import cast_to
+from sketches.plan import layer_template
 
 MAX_PARENTS = 3
 INTERPOLATION_RATIO = 0.1  # linear / SLERP: the combination leaves almost nothing (measured 0.0-0.002)
@@ -362,14 +362,6 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
     total = sum(parents.values())
     weights = sorted(((r, round(c / total, WEIGHT_DIGITS)) for r, c in parents.items()), key=lambda p: (-p[1], p[0]))
     return MergeFit(tuple(weights), single, 0.0)
-
-
-_TEMPLATE_INDEX = re.compile(r"\.(\d+)\.")
-
-
-def layer_template(name: str) -> str | None:
-    """The name with its layer index left out (`model.layers.{}.mlp.up_proj.weight`), None without one."""
-    return _TEMPLATE_INDEX.sub(".{}.", name, count=1) if _TEMPLATE_INDEX.search(name) else None
 
 
 def _content_key(name: str, a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:

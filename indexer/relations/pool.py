@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from indexer.relations.merges import MASK_EQUAL, equal_share, fit_prefix, layer_template
+from indexer.relations.merges import MASK_EQUAL, equal_share, fit_prefix
 from indexer.relations.rules import MERGE_CANDIDATES
+from sketches.plan import layer_template
 
 Arrays = Mapping[str, np.ndarray]
 
