@@ -65,6 +65,7 @@ from indexer.relations.adapters import (
     Bases,
     Peer,
     base_confidence,
+    base_magnitudes,
     base_verdict,
     chain_ratio,
     earlier,
@@ -72,9 +73,7 @@ from indexer.relations.adapters import (
     nearest_peers,
     resolve_base,
     total_norm,
-    magnitude_rows,
     verdict_details,
-    with_magnitudes,
 )
 from indexer.relations.merges import PairCache, fit, merge_row_parents
 from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
@@ -83,7 +82,7 @@ from indexer.relations.rules import (
     copy_relative,
     within_quantization_error,
 )
-from sketches.adapter import Compatibility, LoraUpdate, lora_updates
+from sketches.adapter import LoraUpdate, lora_updates
 from sketches.distances import Device
 from sketches.layers import is_head, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
@@ -650,7 +649,7 @@ class LineageIndex:
         family = self._home_families()[anchor] if anchor else family_by_shapes(updates, read.saved, self._registry.families)
         shapes, source = self._shapes_for(name, family)
         compat = base_verdict(updates, read.saved, shapes, layout=read.config.layout)
-        magnitudes = with_magnitudes(compat, updates, self._base_rows(name, compat, updates)) if compat else None
+        magnitudes = base_magnitudes(compat, updates, self.bases, name)
         norm = total_norm(updates)
         created = arrival.created_at.timestamp() if arrival.created_at is not None else None
         parent, ratio, touched = self._chain(arrival.repo_id, name, created, norm, updates)
@@ -719,18 +718,6 @@ class LineageIndex:
         lowered = repo_id.lower()
         matches = sorted(r for r in homes if r.lower() == lowered)
         return matches[0] if matches else None
-
-    def _base_rows(self, name: str, compat: Compatibility, updates: Mapping[str, LoraUpdate]) -> Mapping[str, np.ndarray] | None:
-        """The first rows of the base weights a DoRA adapter's magnitudes are tested against, read from
-        where the base is (indexed or not: the same rows whichever arrives first), or None."""
-        wanted = magnitude_rows(updates, compat)
-        if not wanted or self.bases is None:
-            return None
-        try:
-            return self.bases.rows(name, wanted)
-        except Exception as exc:  # noqa: BLE001 -- an unreadable base leaves the verdict to its shapes
-            logger.warning("base %s: rows for the DoRA test not read (%s)", name, exc)
-            return None
 
     def _shapes_for(self, name: str, family: str) -> tuple[Mapping[str, tuple[int, ...]] | None, str]:
         """The base's tensor shapes: its header (crawl) when readable, else its family's shapes."""

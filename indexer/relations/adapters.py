@@ -135,6 +135,22 @@ def with_magnitudes(compat: Compatibility, updates: Mapping[str, LoraUpdate],
     return magnitude_fit(updates, base_rows, compat.base_names)  # type: ignore[arg-type]
 
 
+def base_magnitudes(compat: Compatibility | None, updates: Mapping[str, LoraUpdate], bases: Bases | None,
+                    base: str) -> MagnitudeFit | None:
+    """A DoRA adapter's magnitudes tested against `base`'s rows, read from `bases` (`magnitude_rows`),
+    the same rows whichever arrives first; None for a plain LoRA, without shapes, or rows that could not
+    be read (logged: the verdict stays the shapes')."""
+    wanted = magnitude_rows(updates, compat) if compat is not None else {}
+    if not wanted or bases is None:
+        return None
+    try:
+        rows = bases.rows(base, wanted)
+    except Exception as exc:  # noqa: BLE001 -- an unreadable base leaves the verdict to its shapes
+        logger.warning("base %s: rows for the DoRA test not read (%s)", base, exc)
+        return None
+    return with_magnitudes(compat, updates, rows)  # type: ignore[arg-type]
+
+
 def base_confidence(compat: Compatibility | None, magnitudes: MagnitudeFit | None) -> float:
     """How sure the edge to the declared base is: 1 when the adapter fits the base's shapes (and a DoRA
     adapter's magnitudes do not contradict it), 0 when it does not fit them, 0.5 without the base's shapes

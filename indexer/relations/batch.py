@@ -23,7 +23,7 @@ Adapters: the declared base is resolved among the folder's models (`indexer.rela
 resolve_base`: exact id, any case, the tail of a local path), else kept as an external parent by name;
 the family is the base's, else the one whose shapes the LoRA updates fit; the verdict checks the updates
 (and `modules_to_save`) against the base's header shapes, and a DoRA adapter's magnitudes against the
-base's rows (`indexer.relations.adapters.with_magnitudes`). Chains: the parent is the related adapter of
+base's rows (`indexer.relations.adapters.base_magnitudes`). Chains: the parent is the related adapter of
 the same base (update ratio < CHAIN_RATIO) uploaded before it (`earlier`) with the smallest ratio, which
 is where the incremental's `_chain` leaves every adapter once all have arrived (it compares the k
 nearest in update norm; a base with more than k adapters may differ).
@@ -52,14 +52,13 @@ from indexer.relations.adapters import (
     Bases,
     Peer,
     base_confidence,
+    base_magnitudes,
     base_verdict,
     chain_ratio,
     earlier,
     family_by_shapes,
-    magnitude_rows,
     resolve_base,
     total_norm,
-    with_magnitudes,
 )
 from indexer.relations.merges import PairCache, fit
 from indexer.relations.pool import fit_order, pair_table, tree_pool
@@ -233,7 +232,7 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
                    families: Mapping[str, Shapes], bases: Bases | None = None) -> dict[str, Placed]:
     """Every adapter under its base or the adapter it continues (module docstring). `models`: every placed
     model of the folder -> (family, header shapes); `families`: family -> shapes (for unresolved bases);
-    `bases`: where a DoRA adapter's base rows are read from (`magnitude_rows`, `with_magnitudes`)."""
+    `bases`: where a DoRA adapter's base rows are read from (`base_magnitudes`)."""
     lowered: dict[str, str] = {}
     for r in sorted(models, reverse=True):  # the smallest id wins a case-insensitive clash, as the index's
         lowered[r.lower()] = r
@@ -252,10 +251,7 @@ def place_adapters(adapters: Sequence[AdapterRepo], models: Mapping[str, tuple[s
         header = bases.shapes(anchor) if anchor and bases is not None else None
         shapes = header or (models[anchor][1] if anchor else families.get(family))
         compat = base_verdict(updates[a.repo_id], a.read.saved, shapes, layout=a.read.config.layout)
-        magnitudes = None
-        if compat is not None and anchor is not None and bases is not None:
-            wanted = magnitude_rows(updates[a.repo_id], compat)
-            magnitudes = with_magnitudes(compat, updates[a.repo_id], bases.rows(anchor, wanted) if wanted else None)
+        magnitudes = base_magnitudes(compat, updates[a.repo_id], bases, anchor) if anchor else None
         first[a.repo_id] = (anchor or declared, anchor is None, family, compat, base_confidence(compat, magnitudes))
     return {a.repo_id: _chain_place(a, first, updates, adapters) for a in adapters}
 

@@ -207,11 +207,18 @@ class _Widened:
         self._arrays = {**candidates, "": x}  # "" cannot be a repo id
         self._names = names
         self._wide: dict[str, dict[str, np.ndarray]] = {}
+        self._flat: dict[str, np.ndarray] = {}
 
     def __call__(self, i: str) -> dict[str, np.ndarray]:
         if i not in self._wide:
             self._wide[i] = {n: np.asarray(self._arrays[i][n], dtype=np.float64).ravel() for n in self._names}
         return self._wide[i]
+
+    def flat(self, i: str) -> np.ndarray:
+        """Every block of model i end to end (the entry-wise tests: selection, a masked tie's base)."""
+        if i not in self._flat:
+            self._flat[i] = np.concatenate([self(i)[n] for n in self._names])
+        return self._flat[i]
 
 
 def equal_share(x: Arrays, y: Arrays, names: Sequence[str]) -> float:
@@ -388,11 +395,11 @@ def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFi
                                                       lambda k=k: equal_share(x, stored.candidates[stored.ids[k]], names)) >= 0.5]
     if not bases:
         return None
-    xs = np.concatenate([wide("")[n] for n in names])
+    xs = wide.flat("")
     best: tuple[float, str, str, float] | None = None
     for k in bases:
         base = stored.ids[k]
-        ys_b = np.concatenate([wide(base)[n] for n in names])
+        ys_b = wide.flat(base)
         from_base = xs == ys_b
         share_base = float(from_base.mean())
         if share_base < 0.5 or (best is not None and share_base <= best[0]) or stored.keyed.about(
@@ -402,7 +409,7 @@ def _selected(stored: _Stored, members: tuple[int, ...], single: str) -> MergeFi
         for j in members:
             if j == k:
                 continue
-            ys_o = np.concatenate([wide(stored.ids[j])[n] for n in names])
+            ys_o = wide.flat(stored.ids[j])
             # base + (other - base) in float32 rounds at the scale of the larger of the two: an ulp of it
             scale = np.maximum(np.maximum(np.abs(xs[rest]), np.abs(ys_o[rest])), np.abs(ys_b[rest]))
             near = np.abs(xs[rest] - ys_o[rest]) <= 2.0 ** -20 * scale
@@ -697,8 +704,8 @@ def _base_of(stored: _Stored, first: MergeFit, second: MergeFit) -> MergeFit:
 
 def _mixed_coefficients(stored: _Stored, members: Sequence[str]) -> np.ndarray | None:
     """Least-squares coefficients of x over `members` on the entries x holds of none of them bit for bit."""
-    xs = np.concatenate([stored.wide("")[n] for n in stored.names])
-    ys = np.stack([np.concatenate([stored.wide(m)[n] for n in stored.names]) for m in members])
+    xs = stored.wide.flat("")
+    ys = np.stack([stored.wide.flat(m) for m in members])
     mixed = np.all(ys != xs[None, :], axis=0)
     if int(mixed.sum()) <= 4 * len(members):
         return None
