@@ -30,7 +30,8 @@ LoRA files without an adapter_config.json (`loose_layout`), the Hub's Stable Dif
     kohya       lora_unet_<module with _ for .>.lora_down.weight / .lora_up.weight / .alpha (a 0-d tensor)
 down is A, up is B; a module's `.alpha` tensor sets s = alpha / r (kohya's and diffusers' network_alphas),
 else s = 1. Their base is named only by the model card (`base_model`). Text-encoder updates (text_encoder.,
-lora_te*_) are left out: the base's text encoder is never read, only its denoiser. LyCORIS files name
+lora_te*_) are left out: the base's text encoder is never read, only its denoiser. kohya's SDXL files name
+the UNet's original LDM modules (lora_unet_input_blocks_4_1_...): resolved through `sketches.ldm`. LyCORIS files name
 LoHa / LoKr factors as kohya names LoRA's (lora_unet_<module>.hada_w1_a, .lokr_w1, ...); their Tucker
 cores (conv), OFT / BOFT and kohya's DoRA scale are refused by name.
 
@@ -62,6 +63,7 @@ import numpy as np
 
 from errors import AdapterError
 from sketches.layers import normalise_name
+from sketches.ldm import ldm_names
 
 __all__ = [
     "AdapterConfig",
@@ -575,6 +577,9 @@ def _resolver(base_shapes: Mapping[str, tuple[int, ...]]) -> dict[str, str]:
         flat = _flat(normalise_name(name))
         if flat != normalise_name(name):
             seen.setdefault(flat, []).append(name)
+    own = {normalise_name(name): name for name in base_shapes}
+    for norm, ldm in ldm_names(own).items():  # kohya's SDXL LoRAs name a UNet's LDM modules, flattened
+        seen.setdefault(_flat(ldm), []).append(own[norm])
     return {norm: names[0] for norm, names in seen.items() if len(names) == 1}
 
 

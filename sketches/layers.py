@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from errors import UnsupportedModelError
+from sketches.ldm import unet_names
 
 logger = logging.getLogger(__name__)
 
@@ -164,12 +165,17 @@ def canonical_tensors(infos: Mapping[str, _HasDtype]) -> dict[str, str]:
     """{normalised name: stored name} of the learned float tensors (buffers and integers dropped).
 
     Two stored names that normalise alike (a file holding both `model.x` and `x`) keep the first in
-    sorted order, logged: the rest of the pipeline needs one tensor per name."""
+    sorted order, logged: the rest of the pipeline needs one tensor per name. A single-file Stable
+    Diffusion checkpoint is its UNet under diffusers' names (`sketches.ldm`), as a pipeline is its denoiser."""
+    unet = unet_names(infos)
+    if unet:
+        logger.info("a single-file SD checkpoint: its UNet's %d tensors compared under diffusers' names, "
+                    "the other %d (autoencoder, text encoders) not read", len(unet), len(infos) - len(unet))
     out: dict[str, str] = {}
-    for raw in sorted(infos):
+    for raw in sorted(unet or infos):
         if infos[raw].dtype not in FLOAT_DTYPES or is_buffer(raw):
             continue
-        name = normalise_name(raw)
+        name = normalise_name(unet.get(raw, raw))
         if name in out:
             logger.warning("%s and %s are both %s after normalising; keeping %s", out[name], raw, name, out[name])
             continue

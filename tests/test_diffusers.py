@@ -90,3 +90,49 @@ def test_pipelines_over_http_get_the_rows_of_the_folder(emu: HubEmulator, sd_hub
     edges = {e.repo_id: e.parent for e in read_records(home, "edges")}  # type: ignore[union-attr]
     batch = {r.repo_id: r.parent for r in recover(sd_hub.root, Options(device="cpu")).rows}
     assert edges == batch and edges["lab/sharded-ft"] == "sd/base", (edges, batch)
+
+
+def _single_file(path: Path, unet, vae, *, half: bool = True) -> None:  # noqa: ANN001
+    """A community single-file checkpoint: the UNet under its original LDM names beside the autoencoder
+    (first_stage_model.) and a text-encoder tensor (cond_stage_model.), in F16 as most are published."""
+    from sketches.ldm import LDM_UNET, ldm_names
+
+    ldm = ldm_names(unet.state_dict())
+    state = {LDM_UNET + ldm[n]: t for n, t in unet.state_dict().items()}
+    state |= {f"first_stage_model.{n}": t for n, t in vae.state_dict().items()}
+    state["cond_stage_model.transformer.text_model.final_layer_norm.weight"] = torch.ones(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({n: (t.half() if half else t).contiguous() for n, t in state.items()}, str(path))
+
+
+@pytest.fixture()
+def ldm_hub(sd_hub: Hub) -> Hub:
+    """Single-file fine-tunes among pipelines: one of the pipeline base (its F32 full file beside the F16
+    pruned one), and a pipeline fine-tuned from that single file."""
+    base = _unet(1)
+    vae = diffusers.AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, sample_size=8)
+    photoreal = _unet(5, from_unet=base)
+    _single_file(sd_hub.root / "civit/photoreal/photoreal_v1_pruned.safetensors", photoreal, vae)
+    _single_file(sd_hub.root / "civit/photoreal/photoreal_v1_full.safetensors", photoreal, vae, half=False)
+    _pipeline(sd_hub.root / "lab/photoreal-v2", _unet(6, from_unet=photoreal), vae)
+    _single_file(sd_hub.root / "civit/scratch-single/model_v1.safetensors", _unet(7), vae)
+    for month, repo in enumerate(("civit/photoreal", "lab/photoreal-v2", "civit/scratch-single"), start=5):
+        sd_hub.repo(repo, month)
+    return sd_hub
+
+
+LDM_EXPECTED = {"lab/dreambooth": "sd/base", "lab/sharded-ft": "sd/base", "civit/photoreal": "sd/base",
+                "lab/photoreal-v2": "civit/photoreal", "civit/scratch-single": "", "other/scratch": "", "sd/base": ""}
+
+
+def test_single_file_checkpoints_join_their_pipeline_family(ldm_hub: Hub, emu: HubEmulator, tmp_path: Path) -> None:  # noqa: F811
+    forest = recover(ldm_hub.root, Options(device="cpu"))
+    assert not forest.failures()
+    rows = {r.repo_id: r for r in forest.rows}
+    assert {r: rows[r].parent for r in LDM_EXPECTED} == LDM_EXPECTED
+    assert rows["civit/photoreal"].family == rows["sd/base"].family == rows["lab/photoreal-v2"].family
+    home = tmp_path / "home"
+    report = crawl(home, _options(emu)).as_dict()
+    assert report["indexed"] == len(LDM_EXPECTED) and not report["failed"], report
+    edges = {e.repo_id: e.parent for e in read_records(home, "edges")}  # type: ignore[union-attr]
+    assert edges == LDM_EXPECTED, edges

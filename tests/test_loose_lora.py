@@ -21,6 +21,7 @@ from indexer.hub_emulator import HubEmulator
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
 from sketches.adapter import AdapterConfig, lora_updates, loose_layout
+from sketches.ldm import ldm_names
 from store.tables import read_records
 
 torch = pytest.importorskip("torch")
@@ -89,6 +90,16 @@ def _lycoris_loha(folder: Path, seed: int) -> None:
     save_file(out, str(folder / "loha.safetensors"))
 
 
+def _flat_module(name: str) -> str:
+    return name.removesuffix(".weight").replace(".", "_")
+
+
+def _module_renamed(name: str, flat: dict[str, str]) -> str:
+    """A kohya name (lora_unet_<module>.<role>) with its module renamed by `flat`."""
+    module, _, role = name.removeprefix("lora_unet_").partition(".")
+    return f"lora_unet_{flat[module]}.{role}" if module in flat else name
+
+
 @pytest.fixture()
 def lora_hub(sd_hub: Hub) -> Hub:  # noqa: F811
     first = _peft_state(20)
@@ -102,23 +113,28 @@ def lora_hub(sd_hub: Hub) -> Hub:  # noqa: F811
     ldm = sd_hub.root / "l/ldm-names/ldm.safetensors"
     from safetensors.torch import load_file
 
+    flat = {_flat_module(n): _flat_module(old) for n, old in ldm_names(_unet(1).state_dict()).items()}
+    save_file({_module_renamed(n, flat): t for n, t in load_file(str(ldm)).items()}, str(ldm))
+    # names of no UNet layout at all: the adapter's base is unknown, not incompatible
+    _kohya_file(sd_hub.root / "l/odd-names", _peft_state(25), "odd")
+    odd = sd_hub.root / "l/odd-names/odd.safetensors"
     save_file({n.replace("lora_unet_down_blocks_", "lora_unet_input_blocks_").replace("lora_unet_up_blocks_", "lora_unet_output_blocks_")
                .replace("lora_unet_mid_block_", "lora_unet_middle_block_"): t
-               for n, t in load_file(str(ldm)).items()}, str(ldm))
+               for n, t in load_file(str(odd)).items()}, str(odd))
     _lycoris_loha(sd_hub.root / "l/loha", 24)
     bad = sd_hub.root / "l/tucker"
     bad.mkdir(parents=True)
     save_file({"lora_unet_down_blocks_0_resnets_0_conv1.hada_t1": torch.zeros(4, 4, 3, 3),
                "lora_unet_down_blocks_0_resnets_0_conv1.hada_w1_a": torch.zeros(4, 4)}, str(bad / "tucker.safetensors"))
     for month, repo in enumerate(("l/pixel-art", "l/watercolor", "l/watercolor-v2", "l/no-card", "l/loha", "l/ldm-names",
-                                  "l/tucker"), start=5):
+                                  "l/tucker", "l/odd-names"), start=5):
         sd_hub.repo(repo, month, card=None if repo == "l/no-card" else "base_model: sd/base")
     return sd_hub
 
 
 EXPECTED = {"l/pixel-art": ("sd/base", "adapter"), "l/watercolor": ("sd/base", "adapter"),
             "l/watercolor-v2": ("l/watercolor", "adapter"), "l/ldm-names": ("sd/base", "adapter"),
-            "l/loha": ("sd/base", "adapter")}
+            "l/loha": ("sd/base", "adapter"), "l/odd-names": ("sd/base", "adapter")}
 FAILED = {"l/no-card": "names no base_model", "l/tucker": "Tucker core"}
 
 
@@ -151,7 +167,8 @@ def test_lora_files_are_adapters_of_their_card_base_in_batch_and_over_http(lora_
     for repo, (parent, relation) in EXPECTED.items():
         assert (rows[repo].parent, rows[repo].relation) == (parent, relation), repo
     assert rows["l/pixel-art"].confidence == 1.0 and rows["l/watercolor"].confidence == 1.0  # names fit the UNet
-    assert rows["l/ldm-names"].confidence == 0.5  # none of its names is the UNet's: unknown, not incompatible
+    assert rows["l/ldm-names"].confidence == 1.0  # its LDM names resolve to the diffusers UNet's (sketches.ldm)
+    assert rows["l/odd-names"].confidence == 0.5  # none of its names is the UNet's: unknown, not incompatible
     assert rows["l/loha"].confidence == 1.0
     assert rows["l/pixel-art"].family == rows["sd/base"].family
     failed = {r.repo_id: r.reason for r in forest.failures()}
