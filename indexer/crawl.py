@@ -65,11 +65,13 @@ from indexer.readers import (
     QuantizedRead,
     adapter_details,
     choose_gguf,
+    gguf_candidates,
     looks_packed,
     loose_config,
     plan_adapter,
     read_adapter_config,
     read_gguf,
+    read_gguf_split,
     read_packed,
     saved_shapes,
 )
@@ -106,7 +108,8 @@ _SHA = re.compile(r"^[0-9a-f]{40}$")
 DEFAULT_K = 16  # nominees per arrival: recall@16 of the true parent was 1.0 on the small zoo
 DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the store compact every 64 models
 # Reason codes, the part of `reason` before the first ":" (the CLI's --json summary counts them).
-SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "unsupported-architecture", "header-invalid"]
+SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "gguf-incomplete", "unsupported-architecture",
+                   "header-invalid"]
 FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
                    "gguf-invalid", "quantized-invalid", "error"]
 CONFIG_FILE = "config.json"
@@ -234,9 +237,12 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     weights = tuple(f for f in top if f.endswith(".safetensors"))
     if weights:
         return weights
-    gguf_file = choose_gguf(top)
-    if gguf_file is not None:
-        return (gguf_file,)  # a GGUF repo (no safetensors; usually no config.json either)
+    gguf_files = choose_gguf(top)
+    if gguf_files is not None:
+        return gguf_files  # a GGUF repo (no safetensors; usually no config.json either): a file or a split set
+    missing = gguf_candidates(top)[1]
+    if missing:  # only incomplete gguf-split sets: a part of a model would never join its family
+        raise _Skip(entry.repo_id, f"gguf-incomplete: gguf-split set without {', '.join(missing[:3])}")
     pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
     if pickles:
         raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")
@@ -365,10 +371,13 @@ def _quantized(read: QuantizedRead, header_bytes: int, weights_format: str) -> M
                      quant=read.quant)
 
 
-def read_gguf_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
-    """A GGUF repo (indexer.readers.read_gguf): header by range, the planned rows dequantized."""
-    source = repo.open(file)
-    read = read_gguf(source, budget=budget)
+def read_gguf_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> ModelRead:
+    """A GGUF repo (indexer.readers.read_gguf): header by range, the planned rows dequantized; a gguf-split
+    set (several files) read as one model (indexer.readers.read_gguf_split)."""
+    if len(files) == 1:
+        read = read_gguf(repo.open(files[0]), budget=budget)
+    else:
+        read = read_gguf_split([repo.open(f) for f in files], budget=budget)
     return _quantized(read, read.header_bytes, "gguf")
 
 
@@ -390,7 +399,7 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     if layout == ADAPTER_FILES:
         return read_adapter(repo, budget=budget)
     if layout[0].endswith(".gguf"):
-        return read_gguf_model(repo, layout[0], budget=budget)
+        return read_gguf_model(repo, layout, budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)

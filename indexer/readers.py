@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -34,7 +35,7 @@ from sketches.adapter import (
     parse_adapter_config,
     saved_modules,
 )
-from sketches.gguf import declared_base_models, hf_names, read_hf_tensor
+from sketches.gguf import GGUFHeader, declared_base_models, hf_names, merge_split, read_hf_tensor
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
@@ -162,12 +163,15 @@ def lora_arrays(arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 # rows are read (GGUF: rows are whole quantization blocks; bnb / fp8 / compressed-tensors: the rows of each
 # stored part, `sketches.packed.part_rows`; GPTQ / AWQ pack across output rows and are read whole: a 4-bit
 # qweight is a quarter of the BF16 bytes) and dequantized to float32.
-# Which GGUF file of a repo: the most precise one (closest to its source), by the type in its name.
+# Which GGUF file of a repo: the most precise one (closest to its source), by the type in its name; a
+# complete gguf-split set counts as one file, read as one model (`read_gguf_split`).
 
 PLAN_DTYPE = "BF16"
 GGUF_PRECISION = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_K", "Q5_1", "Q5_0", "Q4_K_M",
                   "Q4_K_S", "Q4_K", "Q4_1", "Q4_0", "IQ4", "Q3_K", "IQ3", "Q2_K", "IQ2", "IQ1")
 GGUF_FIRST_READ = 100_000  # indexer.sources.PREFIX_BYTES
+# gguf-split shard names (llama.cpp's llama_split_path, gguf-py's SHARD_NAME_FORMAT: `%s-%05d-of-%05d.gguf`)
+_GGUF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv")
 
 
@@ -179,17 +183,46 @@ class QuantInfo:
     predicted_error: float
 
 
-def choose_gguf(files: Sequence[str]) -> str | None:
-    """The top-level .gguf file of highest precision (GGUF_PRECISION by name), else the first by name."""
+def gguf_candidates(files: Sequence[str]) -> tuple[list[tuple[str, ...]], list[str]]:
+    """(candidates, missing) among the top-level .gguf files: each single file as a 1-tuple and each complete
+    gguf-split set `<stem>-0000i-of-0000N.gguf` (i = 1..N) as its shards in order; and the shards that
+    incomplete sets lack, by name. Sorted: deterministic."""
     ggufs = sorted(f for f in files if "/" not in f and f.lower().endswith(".gguf"))
-    if not ggufs:
+    candidates: list[tuple[str, ...]] = []
+    sets: dict[tuple[str, int], dict[int, str]] = {}
+    for name in ggufs:
+        m = _GGUF_SHARD.match(name)
+        if m is None or not 1 <= int(m["i"]) <= int(m["n"]):
+            candidates.append((name,))
+        else:
+            sets.setdefault((m["stem"], int(m["n"])), {})[int(m["i"])] = name
+    missing = []
+    for (stem, n), shards in sorted(sets.items()):
+        absent = [_shard_name(stem, i, n) for i in range(1, n + 1) if i not in shards]
+        if absent:
+            missing += absent
+        else:
+            candidates.append(tuple(shards[i] for i in range(1, n + 1)))
+    return sorted(candidates), missing
+
+
+def choose_gguf(files: Sequence[str]) -> tuple[str, ...] | None:
+    """The GGUF candidate of highest precision (GGUF_PRECISION in the name, a split set's stem), else the
+    first by name: one file, or a complete gguf-split set's shards in order. None without a candidate."""
+    candidates, _ = gguf_candidates(files)
+    if not candidates:
         return None
 
-    def rank(name: str) -> tuple[int, str]:
-        upper = name.upper()
-        return next((i for i, tag in enumerate(GGUF_PRECISION) if tag in upper), len(GGUF_PRECISION)), name
+    def rank(candidate: tuple[str, ...]) -> tuple[int, tuple[str, ...]]:
+        m = _GGUF_SHARD.match(candidate[0]) if len(candidate) > 1 else None
+        upper = (m["stem"] if m else candidate[0]).upper()
+        return next((i for i, tag in enumerate(GGUF_PRECISION) if tag in upper), len(GGUF_PRECISION)), candidate
 
-    return min(ggufs, key=rank)
+    return min(candidates, key=rank)
+
+
+def _shard_name(stem: str, index: int, count: int) -> str:
+    return f"{stem}-{index:05d}-of-{count:05d}.gguf"  # gguf-split's and GGUFWriter's SHARD_NAME_FORMAT
 
 
 def _virtual(name: str, shape: tuple[int, ...]) -> TensorInfo:
@@ -235,31 +268,53 @@ def read_gguf(source: ByteSource, *, budget: int) -> QuantizedRead:
     # further request for its header, a Llama-3 one (7 MiB of tokenizer) grows x4 four times
     header = read_gguf_header(source, first_read=GGUF_FIRST_READ)
     header_bytes = source.bytes_read
-    names = {normalise_name(h.hf_name): h for h in hf_names(header).values()}
+    extra: dict[str, Any] = {}
+    split = header.metadata.get("split.count")
+    if type(split) is int and split > 1:  # a lone gguf-split shard (a whole set: read_gguf_split)
+        place = int(header.metadata.get("split.no", 0)) + 1  # type: ignore[call-overload]
+        extra["split"] = {"file": place, "of": split, "tensors_here": len(header.tensors)}
+        logger.info("%s: shard %d of a %d-file GGUF; only its tensors are compared", source.name, place, split)
+    return _read_gguf_blocks(header, {name: (source, header) for name in header.names()}, budget=budget,
+                             file=source.name.rsplit("/", 1)[-1], header_bytes=header_bytes, extra=extra)
+
+
+def read_gguf_split(sources: Sequence[ByteSource], *, budget: int) -> QuantizedRead:
+    """A complete gguf-split set (its shards in order) read as one model: every shard's header, checked to
+    be one set (`sketches.gguf.merge_split`), then `read_gguf`'s plan over all the tensors, each block
+    read from the shard that holds it."""
+    headers = [read_gguf_header(source, first_read=GGUF_FIRST_READ) for source in sources]
+    header_bytes = sum(source.bytes_read for source in sources)
+    view = merge_split(headers)
+    holder = {name: (source, header) for source, header in zip(sources, headers, strict=True)
+              for name in header.names()}
+    return _read_gguf_blocks(view, holder, budget=budget, file=sources[0].name.rsplit("/", 1)[-1],
+                             header_bytes=header_bytes, extra={"split": {"files": len(sources)}})
+
+
+def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, GGUFHeader]], *, budget: int,
+                      file: str, header_bytes: int, extra: Mapping[str, Any]) -> QuantizedRead:
+    """The read of a GGUF model given its header (a split set's merged view) and, per tensor, the source and
+    header that hold it; `extra` is added to its details."""
+    names = {normalise_name(h.hf_name): h for h in hf_names(view).values()}
     if not names:
-        raise UnsupportedModelError(source.name, f"GGUF architecture {header.architecture!r} has no Hugging Face "
-                                                 "name map in the gguf package")
-    shapes = {n: _hf_shape(header.get(h.gguf_name).shape, h.transposed) for n, h in sorted(names.items())}
+        raise UnsupportedModelError(view.name, f"GGUF architecture {view.architecture!r} has no Hugging Face "
+                                               "name map in the gguf package")
+    shapes = {n: _hf_shape(view.get(h.gguf_name).shape, h.transposed) for n, h in sorted(names.items())}
     family = family_key(shapes)
     plan = plan_reads({n: _virtual(n, s) for n, s in shapes.items()}, family=family, budget=budget)
     arrays, errors = {}, []
     for block in plan.blocks:
         hf = names[block.tensor]
+        source, header = holder[hf.gguf_name]
         array = read_hf_tensor(source, header, hf, rows=None if block.whole else block.rows)
         arrays[block.tensor] = _finite(block.tensor, array)
         errors.append((array.size, gguf_error(header.get(hf.gguf_name).qtype)))
-    qtypes = header.qtypes()
+    qtypes = view.qtypes()
     main = max(qtypes, key=lambda q: (qtypes[q], q))
     quant = QuantInfo(f"gguf-{main}", _rms(errors))
     details = {"scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6), "qtypes": qtypes,
-               "architecture": header.architecture, "file": source.name.rsplit("/", 1)[-1],
-               "declared_bases": list(declared_base_models(header))}
-    split = header.metadata.get("split.count")
-    if type(split) is int and split > 1:  # gguf-split: this file holds only its share of the tensors
-        details["split"] = {"file": int(header.metadata.get("split.no", 0)) + 1, "of": split,  # type: ignore[call-overload]
-                            "tensors_here": len(header.tensors)}
-        logger.info("%s: shard %s of a %d-file GGUF; only its tensors are compared", source.name,
-                    details["split"]["file"], split)
+               "architecture": view.architecture, "file": file,
+               "declared_bases": list(declared_base_models(view))} | dict(extra)
     return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details, header_bytes)
 
 

@@ -24,6 +24,12 @@ Blocks are dequantized by `gguf.quants.dequantize` (numpy). llama.cpp names are 
 names through `gguf.TensorNameMap`; llama's q/k rows, which llama.cpp's converter permutes (`permute` in
 convert_hf_to_gguf.py: within each head, interleaved rotary pairs), are put back in Hugging Face order;
 GPT-2's Conv1D weights, which the converter transposes, are transposed back.
+
+A gguf-split set (llama.cpp's `gguf-split`, `convert_hf_to_gguf.py --split-max-size`) is N files that are
+each a GGUF: every shard carries `split.no` (its 0-based place), `split.count` (N) and
+`split.tensors.count` (the set's tensors), the first also the model's metadata. `merge_split` checks that
+the headers make one model and gives one view of them (names, shapes); a tensor is read through the header
+and source of the shard that holds it.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -53,6 +59,7 @@ __all__ = [
     "declared_base_models",
     "dequantize",
     "hf_names",
+    "merge_split",
     "parse_header",
     "predicted_relative_error",
     "read_header",
@@ -413,7 +420,7 @@ def _place(thing: str, raw: list[tuple[str, tuple[int, ...], gguf.GGMLQuantizati
             )
         infos.append(GGUFTensorInfo(name, qtype.name, dims, begin, begin + nbytes))
     ordered = sorted((t for t in infos if t.nbytes), key=lambda t: (t.begin, t.name))
-    for prev, cur in zip(ordered, ordered[1:]):
+    for prev, cur in zip(ordered, ordered[1:], strict=False):
         if cur.begin < prev.end:
             raise GGUFError(thing, f"tensors {prev.name!r} and {cur.name!r} overlap")
     return sorted(infos, key=lambda t: t.name)  # deterministic
@@ -680,3 +687,47 @@ def declared_base_models(header: GGUFHeader) -> tuple[str, ...]:
         elif isinstance(name, str) and name:
             bases.append(f"{org}/{name}" if isinstance(org, str) and org else name)
     return tuple(bases)
+
+
+# --- gguf-split sets ------------------------------------------------------------------------------------
+
+SPLIT_NO, SPLIT_COUNT, SPLIT_TENSORS = "split.no", "split.count", "split.tensors.count"
+
+
+def merge_split(headers: Sequence[GGUFHeader]) -> GGUFHeader:
+    """One view of a gguf-split set, its shards' headers in file order: the first shard's metadata (the only
+    one with the model's: architecture, heads, tokenizer) and every shard's tensor infos, sorted by name.
+
+    The view is for names and shapes: each tensor's byte range is in its own shard's file, so read it with
+    that shard's header and source. Raises GGUFError naming the shard when the files are not one set: a
+    `split.count` other than the number of files, a `split.no` other than the shard's place, a tensor in two
+    shards, or fewer or more tensors than the first shard's `split.tensors.count`.
+    """
+    if not headers:
+        raise ValueError("merge_split needs the headers of at least one shard")
+    holder: dict[str, str] = {}
+    for index, header in enumerate(headers):
+        _check_place(header, index, len(headers))
+        for info in header.tensors:
+            if info.name in holder:
+                raise GGUFError(header.name, f"tensor {info.name!r} is also in {holder[info.name]}: "
+                                             "the shards are not one gguf-split set")
+            holder[info.name] = header.name
+    first = headers[0]
+    declared = first.metadata.get(SPLIT_TENSORS)
+    if type(declared) is int and declared != len(holder):
+        raise GGUFError(first.name, f"{SPLIT_TENSORS} is {declared} but the {len(headers)} shards hold "
+                                    f"{len(holder)} tensors (a shard from another set?)")
+    tensors = tuple(sorted((t for h in headers for t in h.tensors), key=lambda t: t.name))  # deterministic
+    return GGUFHeader(first.name, first.version, first.alignment, sum(h.data_start for h in headers),
+                      sum(h.file_size for h in headers), first.metadata, tensors)
+
+
+def _check_place(header: GGUFHeader, index: int, count: int) -> None:
+    """Shard `index` (0-based) of `count` says so in its own split KVs."""
+    of, no = header.metadata.get(SPLIT_COUNT), header.metadata.get(SPLIT_NO)
+    if type(of) is not int or of != count:
+        raise GGUFError(header.name, f"{SPLIT_COUNT} is {of!r} but the set has {count} files")
+    if type(no) is not int or no != index:
+        raise GGUFError(header.name, f"{SPLIT_NO} is {no!r} but this is file {index + 1} of {count} "
+                                     f"(expected {index})")

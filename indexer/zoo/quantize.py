@@ -157,12 +157,14 @@ def _stored(array: np.ndarray, qtype: str) -> tuple[np.ndarray, gguf.GGMLQuantiz
 
 
 def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, heads: int, kv_heads: int,
-                     base_model: str | None = None, arch: str = "llama") -> Path:
+                     base_model: str | None = None, arch: str = "llama", split_max_tensors: int = 0) -> Path:
     """A llama GGUF of an HF state dict (float32 numpy), quantized to `qtype` (a block type, or the file type
     Q4_K_M), as llama.cpp writes it. `arch` "qwen2": convert_hf_to_gguf.py's Qwen2Model, the same names plus
-    the q / k / v biases, and no rotary permutation of q and k."""
+    the q / k / v biases, and no rotary permutation of q and k. `split_max_tensors` > 0: a gguf-split set of
+    that many tensors a shard, which GGUFWriter names `<stem>-0000i-of-0000N.gguf` beside `path` (then
+    `path` itself is not written)."""
     layers = 1 + max(int(n.split(".")[2]) for n in state if n.startswith("model.layers."))
-    writer = gguf.GGUFWriter(path, arch)
+    writer = gguf.GGUFWriter(path, arch, split_max_tensors=split_max_tensors)
     writer.add_uint32(f"{arch}.block_count", layers)
     writer.add_uint32(f"{arch}.attention.head_count", heads)
     writer.add_uint32(f"{arch}.attention.head_count_kv", kv_heads)
