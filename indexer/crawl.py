@@ -3,7 +3,9 @@ range, and record every model (indexed, skipped or failed, with the reason) in t
 
 Per model (`index_model`, shared by `index crawl` and `index add`):
     1. Triage from the file list alone, nothing fetched: gated without a token, pickle-only and
-       safetensors-less repos are skipped here (pickles are never downloaded, never unpickled). Adapter
+       safetensors-less repos are skipped here (pickles are never downloaded, never unpickled), a pickle-only
+       Hub repo unless the conversion bot's safetensors PR is on its current commit (then read from that
+       PR: indexer.sources, "Pickle-only repos"), and a GGUF repo holding only incomplete split sets. Adapter
        repos (adapter_config.json + adapter_model.safetensors) go to `indexer.readers` (config, header,
        LoRA factors by range) and to the lineage step as adapters of their declared base.
     2. Headers: one 100,000-byte range read per safetensors file (sharded: model.safetensors.index.json
@@ -36,7 +38,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
@@ -76,7 +78,17 @@ from indexer.readers import (
     saved_shapes,
 )
 from indexer.retry import RetryPolicy
-from indexer.sources import Calls, HubRepo, HubSource, LocalRepo, ModelEntry, RepoFiles, reachable, read_spans
+from indexer.sources import (
+    CONVERSION_BOT,
+    Calls,
+    HubRepo,
+    HubSource,
+    LocalRepo,
+    ModelEntry,
+    RepoFiles,
+    reachable,
+    read_spans,
+)
 from sketches.adapter import has_factors, loose_layout
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
@@ -393,9 +405,25 @@ def _config(repo: RepoFiles) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) else None
 
 
+def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
+    """`weight_layout` of the repo; a pickle-only Hub repo with the conversion bot's safetensors PR on its
+    current commit is read from that PR (`HubRepo.convert`), else skipped as pickle-only."""
+    try:
+        return weight_layout(repo.entry, have_token=have_token)
+    except _Skip as skip:
+        convert = getattr(repo, "convert", None)
+        if not skip.reason.startswith("pickle-only") or convert is None:
+            raise
+        files = convert()
+        if files is None:
+            raise _Skip(repo.entry.repo_id, f"{skip.reason}; no open {CONVERSION_BOT} safetensors PR on its "
+                                            "current commit") from None
+        return weight_layout(replace(repo.entry, files=files), have_token=have_token)
+
+
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     """Steps 1-4 for one model (raises on skip or failure; `classify` turns that into a reason)."""
-    layout = weight_layout(repo.entry, have_token=have_token)
+    layout = repo_layout(repo, have_token=have_token)
     if layout == ADAPTER_FILES:
         return read_adapter(repo, budget=budget)
     if layout[0].endswith(".gguf"):
@@ -446,6 +474,10 @@ class ReadAhead:
 
     def read(self) -> ModelRead:
         return self._future.result()
+
+    @property
+    def weights_from(self) -> str:
+        return getattr(self._repo, "weights_from", "")
 
     def cancel(self) -> bool:
         return self._future.cancel()
@@ -552,7 +584,9 @@ class Indexer:
             placed = self._keep(entry, read)
             family = placed.family if placed is not None and placed.family is not None else family
             weights_format = read.weights_format
-            details = json.dumps({**read.details, **(placed.details if placed is not None else {})}, sort_keys=True)
+            converted = {"weights_from": repo.weights_from} if getattr(repo, "weights_from", "") else {}
+            details = json.dumps({**read.details, **(placed.details if placed is not None else {}), **converted},
+                                 sort_keys=True)
             status, reason = "indexed", ""
         except StoreError:
             raise  # the store is broken: stop, the cursor stays where it was
@@ -897,7 +931,7 @@ def _float_headers(repo: RepoFiles, *, have_token: bool
     """(sources, tensor -> (file, info), normalised name -> stored name) of a full model; None for an
     adapter or what cannot be read as safetensors (logged)."""
     try:
-        layout = weight_layout(repo.entry, have_token=have_token)
+        layout = repo_layout(repo, have_token=have_token)
         if layout == ADAPTER_FILES:
             return None
         sources, where = read_headers(repo, layout)
@@ -1093,5 +1127,5 @@ def add_local(home: Path, paths: Iterable[Path], *, budget: int, on_indexed: OnI
 
 
 __all__ = ["CrawlOptions", "CrawlReport", "IndexedModel", "Indexer", "OnIndexed", "Outcome", "add_local", "classify",
-           "crawl", "cursor_key", "no_sketch", "read_headers", "read_model", "read_planned",
+           "crawl", "cursor_key", "no_sketch", "read_headers", "read_model", "read_planned", "repo_layout",
            "weight_layout"]

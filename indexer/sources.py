@@ -21,6 +21,14 @@ Remote safetensors files are opened with one request:
        206's Content-Range tells the file size, so no HEAD request is needed.
     2. Only a header larger than that costs a second request, for the rest of it.
 Reads that fall inside the prefix are served from it: a model smaller than 100 kB costs one request.
+
+Pickle-only repos (most of the Hub before 2022: `pytorch_model.bin`) are never unpickled. Many carry an open
+pull request from the Hub's conversion bot, SFconvertbot ("Adding `safetensors` variant of this model"),
+which adds the same weights as safetensors on `refs/pr/<num>`. `HubSource.conversion` finds it as
+transformers' auto-conversion does (the bot's open PR of that title, whose parent commit is the repo's
+current one: a PR opened before the weights changed holds old weights), and the repo is then read at the
+PR's commit while it is recorded under its own. Three API calls per pickle-only repo (discussions,
+commits, info); nothing for any other repo.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ PREFIX_BYTES = 100_000  # what huggingface_hub's get_safetensors_metadata fetche
 LIST_EXPAND = ["createdAt", "sha", "config", "cardData", "baseModels", "siblings", "safetensors", "gated",
                "private", "library_name", "tags", "pipeline_tag", "lastModified"]
 SortKey = Literal["created_at", "last_modified"]
+CONVERSION_BOT = "SFconvertbot"
+CONVERSION_TITLE = "Adding `safetensors` variant of this model"  # transformers.safetensors_conversion's
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 _HASH_CHUNK = 8 * 1024 * 1024
 
@@ -342,11 +352,16 @@ class HubSource:
                             policy=self.policy)
 
     def _model_info_once(self, repo_id: str, revision: str | None) -> ModelEntry:
+        info = self._api_once(repo_id, lambda: self.api.model_info(repo_id, revision=revision, expand=LIST_EXPAND))  # type: ignore[arg-type]
+        return entry_from_info(info, source=self.endpoint)
+
+    def _api_once(self, repo_id: str, call: Callable[[], Any]) -> Any:
+        """One client call about `repo_id`, its HTTP failures turned into our errors (not retried here)."""
         import httpx2
         from huggingface_hub.errors import HfHubHTTPError
 
         try:
-            info = self.api.model_info(repo_id, revision=revision, expand=LIST_EXPAND)  # type: ignore[arg-type]
+            return call()
         except HfHubHTTPError as exc:
             if exc.response is None:
                 raise TransientHubError(repo_id, f"network: {exc}") from None
@@ -354,7 +369,27 @@ class HubSource:
             raise
         except httpx2.TransportError as exc:
             raise TransientHubError(repo_id, f"network: {type(exc).__name__}") from None
-        return entry_from_info(info, source=self.endpoint)
+
+    def _api(self, repo_id: str, what: str, call: Callable[[], Any]) -> Any:
+        return with_retries(lambda: self._api_once(repo_id, call), what=f"{repo_id} {what}", policy=self.policy)
+
+    def conversion(self, entry: ModelEntry) -> Conversion | None:
+        """The conversion bot's open safetensors PR of a pickle-only repo, when it sits on the repo's current
+        commit (module docstring); None when there is none. A stale one is logged."""
+        discussions = self._api(entry.repo_id, "discussions", lambda: list(self.api.get_repo_discussions(
+            entry.repo_id, author=CONVERSION_BOT, discussion_type="pull_request", discussion_status="open")))
+        for pr in discussions:
+            if pr.title != CONVERSION_TITLE or not pr.is_pull_request:
+                continue
+            commits = self._api(entry.repo_id, "commits", lambda ref=pr.git_reference: self.api.list_repo_commits(
+                entry.repo_id, revision=ref))
+            if len(commits) < 2 or commits[1].commit_id != entry.revision:
+                logger.info("%s: %s was opened on an older commit; its weights may not be this revision's",
+                            entry.repo_id, pr.git_reference)
+                continue
+            at_pr = self.model_info(entry.repo_id, revision=commits[0].commit_id)
+            return Conversion(pr.git_reference, commits[0].commit_id, at_pr.files)
+        return None
 
     def repo(self, entry: ModelEntry) -> HubRepo:
         return HubRepo(self, entry)
@@ -495,23 +530,44 @@ def read_spans(source: ByteSource, spans: Sequence[tuple[int, int]]) -> list[byt
     return list(many(spans)) if many is not None else [source.read(a, b) for a, b in spans]
 
 
+@dataclass(frozen=True)
+class Conversion:
+    """Where a pickle-only repo's weights are read as safetensors: a PR's ref, its commit, its files."""
+
+    ref: str
+    commit: str
+    files: tuple[str, ...]
+
+
 class HubRepo:
-    """RepoFiles over the Hub for one listed revision (files are addressed by its sha: immutable)."""
+    """RepoFiles over the Hub for one listed revision (files are addressed by its sha: immutable). After
+    `convert`, files are read at the conversion PR's commit; `entry` (what is recorded) stays the listed one."""
 
     def __init__(self, hub: HubSource, entry: ModelEntry) -> None:
         self._hub = hub
         self.entry = entry
+        self.revision = entry.revision  # the commit files are read at
+        self.weights_from = ""  # a conversion PR's ref, once read from it
         self._opened: list[RemoteFile] = []
         self._small_bytes = 0
         self.calls = Calls()  # this model's requests, every file and retry included
 
+    def convert(self) -> tuple[str, ...] | None:
+        """Read from the conversion bot's safetensors PR (HubSource.conversion) from now on: its file list, or
+        None when the repo has no such PR on its current commit."""
+        found = self._hub.conversion(self.entry)
+        if found is None:
+            return None
+        self.revision, self.weights_from = found.commit, found.ref
+        return found.files
+
     def open(self, path: str) -> ByteSource:
-        source = RemoteFile(self._hub, self.entry.repo_id, self.entry.revision, path, calls=self.calls)
+        source = RemoteFile(self._hub, self.entry.repo_id, self.revision, path, calls=self.calls)
         self._opened.append(source)
         return source
 
     def read_small(self, path: str, *, limit: int) -> bytes:
-        url = self._hub.url(self.entry.repo_id, self.entry.revision, path)
+        url = self._hub.url(self.entry.repo_id, self.revision, path)
         answer = self._hub.get(self.entry.repo_id, url, span=None, limit=limit + 1, calls=self.calls)
         self._small_bytes += len(answer.body)
         if len(answer.body) > limit:
@@ -570,6 +626,22 @@ def local_repo_id(folder: Path) -> str:
     if root is not None:
         return folder.relative_to(root).as_posix()
     return hf_cache_repo_id(folder) or f"local/{folder.name}"
+
+
+def local_conversion(folder: Path, repo_id: str) -> tuple[str, Path] | None:
+    """(ref, folder) of a zoo repo's conversion PR as the emulator serves it (hub.json `discussions`, files
+    in `.refs/pr/<num>/`), by HubSource.conversion's rule, newest first; None outside a zoo or without one."""
+    root = _zoo_root(folder)
+    if root is None:
+        return None
+    from indexer.hub_emulator.repos import PULL_REQUEST_DIR, load_hub_json
+
+    meta = load_hub_json(root / "hub.json").get(repo_id)
+    for pr in reversed(meta.discussions if meta is not None else ()):
+        if (pr.is_pull_request and pr.status == "open" and pr.author == CONVERSION_BOT and pr.title == CONVERSION_TITLE
+                and not pr.stale and (folder / PULL_REQUEST_DIR / str(pr.num)).is_dir()):
+            return pr.ref, folder / PULL_REQUEST_DIR / str(pr.num)
+    return None
 
 
 def local_created_at(folder: Path, repo_id: str | None = None) -> datetime | None:
@@ -640,14 +712,30 @@ class LocalRepo:
         )
         self._opened: list[FileSource] = []
         self._small_bytes = 0
+        self.weights_from = ""
+        self._overlay: Path | None = None  # a conversion PR's folder, laid over the repo's (`convert`)
+
+    def convert(self) -> tuple[str, ...] | None:
+        """HubRepo.convert for a zoo folder (`local_conversion`): the PR's files laid over the repo's."""
+        found = local_conversion(self.folder, self.entry.repo_id)
+        if found is None:
+            return None
+        self.weights_from, self._overlay = found
+        added = (p.relative_to(self._overlay).as_posix() for p in self._overlay.rglob("*") if p.is_file())
+        return tuple(sorted(set(self.entry.files) | set(added)))
+
+    def _path(self, path: str) -> Path:
+        if self._overlay is not None and (self._overlay / path).is_file():
+            return self._overlay / path
+        return self.folder / path
 
     def open(self, path: str) -> ByteSource:
-        source = FileSource(self.folder / path)
+        source = FileSource(self._path(path))
         self._opened.append(source)
         return source
 
     def read_small(self, path: str, *, limit: int) -> bytes:
-        target = self.folder / path
+        target = self._path(path)
         if target.stat().st_size > limit:
             raise SafetensorsError(str(target), f"over the {limit}-byte cap")
         data = target.read_bytes()

@@ -167,7 +167,8 @@ class _CdnHandler(_Handler):
 
     def _object(self, repo_id: str, commit: str, path: str) -> Reply:
         repo = self.server.emulator.source.get(repo_id)
-        blob = repo.files.get(path) if repo is not None and repo.sha == commit else None
+        view = repo.at(commit) if repo is not None else None  # main's commit, or a PR's
+        blob = view.files.get(path) if view is not None and view.sha == commit else None
         if blob is None:
             return _denied(404, "NoSuchKey", f"{repo_id}@{commit[:12]}/{path} is not stored (any more)")
         filename = path.rpartition("/")[2]

@@ -6,6 +6,13 @@
 `gated` is false, true (= "auto"), "auto" or "manual". A repo missing from hub.json gets createdAt from
 the oldest mtime of its files (adding a file later does not move it), lastModified from the newest.
 
+A repo's entry may also list its discussions and pull requests, as the Hub's discussions API gives them:
+    "discussions": [{"num": 1, "title": "Adding `safetensors` variant of this model", "author": "SFconvertbot",
+                     "status": "open", "isPullRequest": true, "createdAt": "...", "stale": false}]
+A pull request's revision `refs/pr/<num>` holds the repo's files with `DIR/<org>/<name>/.refs/pr/<num>/`
+laid over them (the Hub's PR ref is main plus the PR's commits). Its parent commit is main's current one,
+unless `stale` says main moved on after the PR was opened (then its parent is an older commit).
+
 The folder is rescanned on every request that needs it (a listing scans everything, a file request
 only its repo), so repos added or changed while serving show up at once. A repo's sha is the sha1 of
 its file list (path, size, and the content digest for small files, or size + mtime_ns + ctime_ns +
@@ -20,7 +27,7 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +40,30 @@ logger = logging.getLogger(__name__)
 
 HUB_JSON_VERSION = 1
 # Directories that are never repo content (git internals, the client's local-dir cache).
-_SKIP_DIRS = frozenset({".git", ".cache", ".huggingface", "__pycache__"})
+_SKIP_DIRS = frozenset({".git", ".cache", ".huggingface", "__pycache__", ".refs"})  # .refs: PR revisions
+PULL_REQUEST_DIR = ".refs/pr"
+_DISCUSSION_STATUS = ("open", "closed", "merged", "draft")
 # Files being written by someone else right now: never half-serve them.
 _SKIP_SUFFIXES = (".tmp", ".incomplete", ".lock", ".partial")
 
 Gated = Literal["auto", "manual", False]
+
+
+@dataclass(frozen=True)
+class Discussion:
+    """One discussion or pull request of a repo (hub.json `discussions`)."""
+
+    num: int
+    title: str
+    author: str
+    status: str = "open"
+    is_pull_request: bool = True
+    created_at: str | None = None
+    stale: bool = False  # a PR opened on an older commit of main
+
+    @property
+    def ref(self) -> str:
+        return f"refs/pr/{self.num}"
 
 
 @dataclass(frozen=True)
@@ -49,11 +75,14 @@ class RepoMeta:
     private: bool = False
     downloads: int = 0
     likes: int = 0
+    discussions: tuple[Discussion, ...] = ()
 
 
 @dataclass(frozen=True)
 class Repo:
-    """One repo as it is right now. `files` maps sorted relative posix paths to their contents."""
+    """One repo as it is right now. `files` maps sorted relative posix paths to their contents. `refs`
+    holds its pull requests' revisions (`refs/pr/<num>`), each a Repo with its discussion and the commit
+    it sits on."""
 
     repo_id: str
     files: Mapping[str, Blob]
@@ -61,10 +90,19 @@ class Repo:
     created_at: str
     last_modified: str
     meta: RepoMeta = field(default_factory=RepoMeta)
+    refs: Mapping[str, Repo] = field(default_factory=dict)
+    pull: Discussion | None = None  # a PR's revision: its discussion,
+    parent: str = ""  # and the commit it sits on
 
     @property
     def author(self) -> str:
         return self.repo_id.split("/", 1)[0]
+
+    def at(self, revision: str) -> Repo | None:
+        """The repo at `revision` ("main", its sha, a PR's `refs/pr/<num>` or that PR's sha); None if unknown."""
+        if revision in ("main", self.sha):
+            return self
+        return self.refs.get(revision) or next((r for r in self.refs.values() if r.sha == revision), None)
 
 
 def iso_ms(ns: int) -> str:
@@ -124,8 +162,30 @@ def load_hub_json(path: Path) -> dict[str, RepoMeta]:
             private=bool(raw.get("private", False)),
             downloads=int(raw.get("downloads", 0)),
             likes=int(raw.get("likes", 0)),
+            discussions=_parse_discussions(raw.get("discussions", []), where),
         )
     return metas
+
+
+def _parse_discussions(value: Any, where: str) -> tuple[Discussion, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, dict) for d in value):
+        raise BadInputError(where, "discussions must be a list of objects")
+    found = []
+    for raw in value:
+        num, title, author = raw.get("num"), raw.get("title"), raw.get("author")
+        status = raw.get("status", "open")
+        if type(num) is not int or num < 1 or not isinstance(title, str) or not isinstance(author, str) or not author:
+            raise BadInputError(where, f"a discussion needs num (an integer >= 1), title and author: {raw!r}")
+        if status not in _DISCUSSION_STATUS:
+            raise BadInputError(where, f"discussion {num}: status {status!r} is not one of {', '.join(_DISCUSSION_STATUS)}")
+        created = raw.get("createdAt")
+        found.append(Discussion(num, title, author, status, bool(raw.get("isPullRequest", True)),
+                                check_timestamp(created, thing=where) if created is not None else None,
+                                bool(raw.get("stale", False))))
+    nums = [d.num for d in found]
+    if len(set(nums)) != len(nums):
+        raise BadInputError(where, f"discussion numbers repeat: {sorted(nums)}")
+    return tuple(sorted(found, key=lambda d: d.num))
 
 
 def _walk_files(repo_dir: Path) -> list[tuple[str, os.stat_result, Path]]:
@@ -202,7 +262,9 @@ class RepoSource:
         mtimes = [st.st_mtime_ns for _, st, _ in walked]
         meta = metas.get(repo_id, RepoMeta())
         created = meta.created_at or iso_ms(min(mtimes))
-        return Repo(repo_id, files, repo_sha(repo_id, files), created, iso_ms(max(mtimes)), meta)
+        main = Repo(repo_id, files, repo_sha(repo_id, files), created, iso_ms(max(mtimes)), meta)
+        refs = {d.ref: _pull_request(main, d, repo_dir) for d in meta.discussions if d.is_pull_request}
+        return replace(main, refs=refs)
 
     def get(self, repo_id: str) -> Repo | None:
         """One repo, scanned now; None when it does not exist (or the id is malformed)."""
@@ -233,6 +295,18 @@ class RepoSource:
         for repo_id in virtual_ids:
             repos[repo_id] = self._virtual_repo(repo_id, metas)  # a virtual repo hides a folder of that name
         return [repos[k] for k in sorted(repos)]
+
+
+def _pull_request(main: Repo, discussion: Discussion, repo_dir: Path) -> Repo:
+    """A PR's revision: main's files with the PR folder's laid over them, on main's commit (or, when
+    `stale`, on an older one), its sha from both."""
+    added = {rel: DiskBlob(full, st.st_size, st.st_mtime_ns, is_lfs(rel, st.st_size), st.st_ctime_ns, st.st_ino)
+             for rel, st, full in _walk_files(repo_dir / PULL_REQUEST_DIR / str(discussion.num))}
+    files = dict(sorted({**main.files, **added}.items()))
+    parent = hashlib.sha1(f"before {main.sha}".encode()).hexdigest() if discussion.stale else main.sha
+    sha = hashlib.sha1(f"{parent}\n{discussion.ref}\n{repo_sha(main.repo_id, files)}".encode()).hexdigest()
+    changed = discussion.created_at or main.last_modified
+    return Repo(main.repo_id, files, sha, main.created_at, changed, main.meta, pull=discussion, parent=parent)
 
 
 def _subdirs(path: Path) -> list[Path]:

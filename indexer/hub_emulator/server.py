@@ -1,10 +1,12 @@
 """The HTTP server: the endpoints `huggingface_hub` (2.4) calls, answered the way huggingface.co answers.
 
-Routes (everything else is a plain 404):
+Routes (everything else is a plain 404; {rev} is main, a commit sha, or a PR's `refs/pr/<num>`, URL-encoded):
   GET       /api/models                                     list (sort, limit, expand, search, author, filter, cursor)
   GET       /api/models/{org}/{name}[/revision/{rev}]       model info (expand, blobs)
   GET       /api/models/{org}/{name}/tree/{rev}[/{path}]    file tree (recursive)
   GET       /api/models/{org}/{name}/safetensors-metadata/{index}   every shard header at once
+  GET       /api/models/{org}/{name}/discussions            discussions and PRs (type, status, author, p)
+  GET       /api/models/{org}/{name}/commits/{rev}          a revision's commits, newest first
   GET|HEAD  /{org}/{name}/resolve/{rev}/{path}              small files: the bytes (Range -> 206);
                                                             LFS files: 302 to a signed CDN URL (see cdn.py)
   GET       /_emulator/requests   DELETE /_emulator/requests   the request log (never faulted, never logged)
@@ -41,7 +43,7 @@ from errors import ModelGraphError
 from indexer.hub_emulator import info
 from indexer.hub_emulator.blobs import Blob, etag_of, git_blob_sha1, iter_chunks, lfs_pointer
 from indexer.hub_emulator.faults import CUTS, Fault
-from indexer.hub_emulator.repos import Repo
+from indexer.hub_emulator.repos import Discussion, Repo
 
 if TYPE_CHECKING:
     from indexer.hub_emulator.emulator import HubEmulator
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 1000  # the Hub's largest page for /api/models
+DISCUSSIONS_PAGE = 50  # the Hub's page of /discussions
 _PUBLIC_WHEN_GATED = frozenset({"README.md", ".gitattributes"})  # readable without accepting the gate
 _SORTS = {"createdAt": "created_at", "lastModified": "last_modified", "downloads": None, "likes": None,
           "trendingScore": None, "id": None}
@@ -303,6 +306,10 @@ class _Handler(BaseHTTPRequestHandler):
             return self._tree(repo_id, rest[3], "/".join(rest[4:]), params)
         if len(rest) >= 4 and rest[2] == "safetensors-metadata":
             return self._sharded_headers(repo_id, "/".join(rest[3:]))
+        if len(rest) == 3 and rest[2] == "discussions":
+            return self._discussions(repo_id, params)
+        if len(rest) == 4 and rest[2] == "commits":
+            return self._commits(repo_id, rest[3])
         return error_reply(404, "Not Found")
 
     # -- access ------------------------------------------------------------------------------------
@@ -324,13 +331,14 @@ class _Handler(BaseHTTPRequestHandler):
         repo = self.server.emulator.source.get(repo_id)
         if repo is None or (repo.meta.private and state != "ok"):
             return error_reply(401 if repo is not None else 404, "Repository not found", "RepoNotFound")
-        if rev not in ("main", repo.sha):
+        view = repo.at(rev)
+        if view is None:
             return error_reply(404, f"Invalid rev id: {rev}", "RevisionNotFound")
         if path is not None and repo.meta.gated and state != "ok" and path not in _PUBLIC_WHEN_GATED:
             message = (f"Access to model {repo_id} is restricted. You must have access to it and be "
                        "authenticated to access it. Please log in.")
             return error_reply(401, message, "GatedRepo")
-        return repo
+        return view
 
     # -- endpoints ---------------------------------------------------------------------------------
 
@@ -397,6 +405,35 @@ class _Handler(BaseHTTPRequestHandler):
         repos.sort(key=lambda r: r.repo_id)  # ties broken by id, ascending (deterministic)
         repos.sort(key=lambda r: _sort_key(r, sort), reverse=True)  # stable: newest / largest first
         return repos
+
+    def _discussions(self, repo_id: str, params: list[tuple[str, str]]) -> Reply:
+        """One page (DISCUSSIONS_PAGE) of a repo's discussions, newest first, as the Hub lists them."""
+        repo = self._open_repo(repo_id, "main")
+        if isinstance(repo, Reply):
+            return repo
+        get = dict(params).get
+        kind, status, author = get("type") or "all", get("status") or "all", get("author")
+        try:
+            page = int(get("p") or 0)
+        except ValueError:
+            return error_reply(400, f"Invalid page: {get('p')}")
+        found = [d for d in reversed(repo.meta.discussions)
+                 if (kind == "all" or (kind == "pull_request") == d.is_pull_request)
+                 and (status == "all" or d.status == status) and (author is None or d.author == author)]
+        start = page * DISCUSSIONS_PAGE
+        return json_reply(200, {"discussions": [_discussion_json(repo, d) for d in found[start:start + DISCUSSIONS_PAGE]],
+                                "count": len(found), "start": start,
+                                "numClosedDiscussions": sum(d.status != "open" for d in repo.meta.discussions)})
+
+    def _commits(self, repo_id: str, rev: str) -> Reply:
+        """A revision's commits, newest first: main is one upload commit; a PR is its commit on its parent."""
+        view = self._open_repo(repo_id, rev)
+        if isinstance(view, Reply):
+            return view
+        if view.pull is None:
+            return json_reply(200, [_commit_json(view.sha, "Upload folder", view.author, view.last_modified)])
+        return json_reply(200, [_commit_json(view.sha, view.pull.title, view.pull.author, view.last_modified),
+                                _commit_json(view.parent, "Upload folder", view.author, view.created_at)])
 
     def _base_url(self) -> str:
         host = self.headers.get("Host")
@@ -537,6 +574,16 @@ def _header_safe(value: str) -> str:
     """Header values echo request paths: no CR/LF (header injection), latin-1 only (http.server's rule)."""
     flat = value.replace("\r", " ").replace("\n", " ")
     return flat.encode("latin-1", "replace").decode("latin-1")
+
+
+def _discussion_json(repo: Repo, d: Discussion) -> dict[str, Any]:
+    return {"num": d.num, "title": d.title, "status": d.status, "isPullRequest": d.is_pull_request,
+            "createdAt": d.created_at or repo.last_modified, "author": {"name": d.author},
+            "repo": {"name": repo.repo_id, "type": "model"}, "pinned": False, "numComments": 1, "topReactions": []}
+
+
+def _commit_json(sha: str, title: str, author: str, date: str) -> dict[str, Any]:
+    return {"id": sha, "title": title, "message": "", "authors": [{"user": author}], "date": date}
 
 
 def _tree_file(path: str, blob: Blob) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from errors import (
     RecoveryError,
     UnsupportedModelError,
 )
+from indexer.hub_emulator.repos import PULL_REQUEST_DIR
 from indexer.lineage.cluster import ward_tree
 from indexer.lineage.methods import Family, Lineage, Options, recover_family
 from indexer.readers import lora_arrays
@@ -55,7 +56,7 @@ from indexer.relations.batch import (
     place_quantized,
 )
 from indexer.relations.merges import merge_row_parents
-from indexer.sources import hf_cache_repo_id, hf_cache_snapshot, local_declared_bases
+from indexer.sources import hf_cache_repo_id, hf_cache_snapshot, local_conversion, local_declared_bases
 from sketches.adapter import lora_updates
 from sketches.distances import l2_distance
 from sketches.layers import (
@@ -131,7 +132,19 @@ REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json")
 
 
 def _is_repo(folder: Path) -> bool:
-    return any(f.suffix in (".safetensors", ".gguf") or f.name in REPO_MARKERS for f in folder.iterdir() if f.is_file())
+    """Weights or an adapter at the top, or PR revisions (a pickle-only repo's conversion PR: the crawl's
+    reader decides, `indexer.crawl.repo_layout`)."""
+    return (any(f.suffix in (".safetensors", ".gguf") or f.name in REPO_MARKERS for f in folder.iterdir() if f.is_file())
+            or (folder / PULL_REQUEST_DIR).is_dir())
+
+
+def _weights_folder(folder: Path, repo_id: str) -> Path:
+    """Where a repo's safetensors are: a pickle-only zoo repo's conversion PR folder, as the crawl reads it
+    (indexer.sources.local_conversion), else the repo's own folder."""
+    if any(f.suffix == ".safetensors" for f in folder.iterdir()):
+        return folder
+    found = local_conversion(folder, repo_id)
+    return found[1] if found is not None else folder
 
 
 def _is_pipeline(folder: Path) -> bool:
@@ -176,7 +189,8 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             dirs[:] = []  # its components are read as one model, not as repos of their own
         if pipeline or _is_repo(path):
             rel = hf_cache_repo_id(path) or path.relative_to(root).as_posix()
-            found.append((rel if rel != "." else path.name, path))
+            repo_id = rel if rel != "." else path.name
+            found.append((repo_id, _weights_folder(path, repo_id)))
     if not found:
         raise BadInputError(str(root), "no safetensors, GGUF or adapter weights found in any folder under it")
     return sorted(found)
