@@ -11,7 +11,12 @@ down_proj and lm_head at 6 bits (a mixed recipe), MXFP4 and NVFP4; AWQ GEMM 4-bi
 scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.quantize.awq_fold`);
 compressed-tensors NVFP4, MXFP4 and MXFP8 by its own compressors; GGUF
 Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
-them as IQ4_NL. Without mlx installed the MLX rows are left out (said on stderr).
+them as IQ4_NL; and a GGUF Q8_0 gguf-split set of 4 tensors a shard (one model in many files). Without
+mlx installed the MLX rows are left out (said on stderr).
+
+Two of the zoo's own repos (`CONVERTED`) are turned into what most of the Hub before 2022 looks like: a
+pickle-only repo (junk `pytorch_model.bin`, never to be read) whose safetensors are only in the conversion
+bot's open PR (`.refs/pr/1/`, hub.json `discussions`): they must keep the parents truth.csv gives them.
 """
 
 from __future__ import annotations
@@ -52,7 +57,12 @@ FORMATS: dict[str, Writer] = {
     "gguf-q3k": lambda f, s, c, i: (f.mkdir(parents=True, exist_ok=True),
                                     write_llama_gguf(f / "model-Q3_K.gguf", s, "Q3_K", heads=c["num_attention_heads"],
                                                      kv_heads=c["num_key_value_heads"])),
+    "gguf-q8-split": lambda f, s, c, i: (f.mkdir(parents=True, exist_ok=True),
+                                         write_llama_gguf(f / "model-Q8_0.gguf", s, "Q8_0", heads=c["num_attention_heads"],
+                                                          kv_heads=c["num_key_value_heads"], split_max_tensors=4)),
 }
+CONVERTED = ("a-ft1", "b-ft2")
+BOT_PR = {"num": 1, "title": "Adding `safetensors` variant of this model", "author": "SFconvertbot"}
 
 
 def _mlx_missing() -> str:
@@ -83,6 +93,12 @@ def build(zoo: Path, out: Path) -> list[str]:
                 hub["repos"][name] = {"createdAt": f"2024-01-03T{i:02d}:{j:02d}:00.000Z"}
                 w.writerow([name, f"{ORG}/{source}", "quantized"])
                 made.append(name)
+    for source in CONVERTED:  # after the copies above, which read its model.safetensors
+        folder = out / ORG / source
+        (folder / ".refs/pr/1").mkdir(parents=True)
+        (folder / "model.safetensors").rename(folder / ".refs/pr/1/model.safetensors")
+        (folder / "pytorch_model.bin").write_bytes(b"\x80\x02 a pickle that must never be read")
+        hub["repos"][f"{ORG}/{source}"]["discussions"] = [BOT_PR]
     (out / "hub.json").write_text(json.dumps(hub))
     return made
 
@@ -143,6 +159,9 @@ def main() -> None:
     others = [c for c in truth if c not in made and truth[c][1] != "merge"]
     kept = sum(rows[c].parent == (truth[c][0][0] if truth[c][0] else "") for c in others)
     print(f"\nthe zoo's own repos (merges aside): {kept}/{len(others)} parents as in truth.csv")
+    converted = [f"{ORG}/{s}" for s in CONVERTED]
+    right = sum(rows[c].parent == (truth[c][0][0] if truth[c][0] else "") for c in converted)
+    print(f"of them pickle-only, read from the conversion bot's PR: {right}/{len(converted)}")
     for m in made:
         if rows[m].status != "ok":
             print(f"{m}: {rows[m].reason}")
