@@ -369,9 +369,11 @@ def _recovery_flags(fn: object) -> object:
         click.option("--seed", type=int, default=0, show_default=True, help="Seed (phylogeny's KMeans)."),
         click.option("--no-time", "no_time", is_flag=True,
                      help="Ignore hub.json upload times (as for the Hub's pre-2022 repos, which share one createdAt)."),
-        click.option("--orient", type=click.Choice(["center", "kurtosis"]), default="center", show_default=True,
-                     help="Direction of a tree without upload times: root the spanning tree at its centre, or the "
-                          "paper's kurtosis penalty."),
+        click.option("--orient", type=click.Choice(["center", "center-norm", "kurtosis"]), default="center",
+                     show_default=True,
+                     help="Direction of a tree without upload times: root the spanning tree at its centre, the "
+                          "centre moved up to one hop by the row-norm cue (an ablation), or the paper's kurtosis "
+                          "penalty."),
     ]):
         fn = deco(fn)  # type: ignore[operator]
     return fn

@@ -6,7 +6,8 @@ upload times; the relatedness test's error rates; the calibration of edge confid
 Each ZOO is a folder built by `index zoo make` (any preset: wild-conv, wild-bert, wild-gpt2, small, ...)
 with `truth.csv` (and, for wild presets, the phenomenon of each model in zoo.json). Per zoo it runs:
 - `mother` (ours) with upload times, and with every time hidden (the Hub's pre-2022 repos);
-- ablations: without times oriented by the paper's kurtosis penalty instead of the tree centre;
+- ablations: without times oriented by the paper's kurtosis penalty instead of the tree centre; and by
+  the centre moved up to one hop by the row-norm cue (`indexer.lineage.orient.norm_root`, not adopted);
 - the paper's method with K = the true number of trees (`mother-paper`), the Neural Phylogeny baseline,
   and the naive rule (each model's parent = the nearest earlier upload by relative L2, among models of
   its architecture family; needs times).
@@ -168,6 +169,7 @@ def main() -> None:
         configs = [("**mother** (ours), upload times", Options()),
                    ("**mother** (ours), no upload times", Options(use_time=False)),
                    ("mother, no times, kurtosis penalty (paper's cue)", Options(use_time=False, orient="kurtosis")),
+                   ("mother, no times, centre moved by the row-norm cue", Options(use_time=False, orient="center-norm")),
                    (f"mother-paper (K={k_true} given)", Options(method="mother-paper", trees=k_true)),
                    ("phylogeny (K unknown)", Options(method="phylogeny"))]
         for label, options in configs:

@@ -175,6 +175,12 @@ class _Recorder:
         self.entry: ModelEntry = inner.entry
         self.calls: dict[CallKey, Call] = {}
         self.names: dict[str, str] = {}
+        self.weights_from = ""
+
+    def convert(self) -> tuple[str, ...] | None:
+        """HubRepo.convert, recorded with where it left the reads (the PR's ref)."""
+        files, self.weights_from = self.call(("convert", "", 0, 0), lambda: (self.inner.convert(), self.inner.weights_from))
+        return files
 
     def call(self, key: CallKey, do: Callable[[], Any]) -> Any:
         before_bytes, before_requests = self.inner.bytes_read, self.inner.requests
@@ -272,6 +278,11 @@ class ReplayRepo:
         self._bytes = 0
         self._requests = 0
         self.calls = Calls(fetched.resolver_calls, fetched.cdn_calls)  # what the fetch cost, by host
+        self.weights_from = ""
+
+    def convert(self) -> tuple[str, ...] | None:
+        files, self.weights_from = self.replay(("convert", "", 0, 0))
+        return files  # type: ignore[no-any-return]
 
     def replay(self, key: CallKey) -> Any:
         call = self.fetched.calls.get(key)

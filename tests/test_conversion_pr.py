@@ -5,6 +5,7 @@ HTTP (indexer.sources.HubSource.conversion). Nothing pickled is ever fetched."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -86,9 +87,11 @@ def test_the_emulator_serves_discussions_commits_and_pr_revisions(old_hub: Path)
         assert stale[1].commit_id != api.model_info("lab/stale").sha
 
 
-def test_pickle_only_repos_are_read_from_the_bots_pr_on_their_current_commit(old_hub: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("prefetch", [0, 2])  # read in the crawl's thread, or ahead on threads (ReadAhead)
+def test_pickle_only_repos_are_read_from_the_bots_pr_on_their_current_commit(old_hub: Path, tmp_path: Path,
+                                                                              prefetch: int) -> None:
     with HubEmulator(old_hub) as emu:
-        report = crawl(tmp_path / "home", _options(emu)).as_dict()
+        report = crawl(tmp_path / "home", replace(_options(emu), prefetch=prefetch)).as_dict()
         requests = [r.path for r in emu.requests()]
         shas = {r: HfApi(endpoint=emu.url, token=False).model_info(r).sha for r in ("google/bert-old", "lab/bert-old-ft")}
     assert report["indexed"] == 2 and report["skipped"] == {"pickle-only": 3}, report

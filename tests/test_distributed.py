@@ -39,17 +39,18 @@ def _weights(seed: int, *, dtype: str = "float32") -> dict[str, np.ndarray]:
     return out
 
 
-def _repo(root: Path, repo_id: str, month: int, files: dict[str, object]) -> None:
+def _repo(root: Path, repo_id: str, month: int, files: dict[str, object], **meta: object) -> None:
     folder = root / repo_id
     folder.mkdir(parents=True)
     for name, content in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, dict):
             save_file(content, str(folder / name))
         else:
             (folder / name).write_bytes(content)  # type: ignore[arg-type]
     hub = root / "hub.json"
     doc = json.loads(hub.read_text()) if hub.exists() else {"version": 1, "repos": {}}
-    doc["repos"][repo_id] = {"createdAt": CREATED.format(m=month)}
+    doc["repos"][repo_id] = {"createdAt": CREATED.format(m=month), **meta}
     hub.write_text(json.dumps(doc))
 
 
@@ -59,6 +60,10 @@ def emu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HubEmulator]:
     for i in range(6):
         _repo(root, f"acme/m{i}", i + 1, {"model.safetensors": _weights(i, dtype="float16" if i % 2 else "float32")})
     _repo(root, "acme/pickled", 7, {"pytorch_model.bin": b"\x80\x04 never unpickled"})
+    # pickle-only, its safetensors in the conversion bot's PR: the worker reads the PR, the replay agrees
+    _repo(root, "acme/converted", 10, {"pytorch_model.bin": b"\x80\x04 never unpickled",
+                                       ".refs/pr/1/model.safetensors": _weights(10)},
+          discussions=[{"num": 1, "title": "Adding `safetensors` variant of this model", "author": "SFconvertbot"}])
     bad = _weights(9)
     for array in bad.values():
         array[:, 0] = np.nan  # every row: whichever rows the plan picks, the read sees a NaN
@@ -105,16 +110,18 @@ def test_distributed_crawl_writes_what_a_single_process_crawl_writes(emu: HubEmu
                                                                       tmp_path: Path) -> None:
     plain = crawl(tmp_path / "plain", _options(emu)).as_dict()
     report, hub = _distributed(tmp_path / "dask", _options(emu), client)
-    assert plain["indexed"] == 6 and plain["skipped"] and plain["failed"]  # the zoo has every outcome
+    assert plain["indexed"] == 7 and plain["skipped"] and plain["failed"]  # the zoo has every outcome
     for key in ("seen", "indexed", "unchanged", "skipped", "failed", "bytes_read_total", "bytes_read_max_per_model"):
         assert report[key] == plain[key], key
     for table in ("models", "sketches", "candidates", "edges", "crawl_state"):  # rows, lineage, cursors
         assert repr(_rows(tmp_path / "dask", table)) == repr(_rows(tmp_path / "plain", table)), table  # NaN == NaN
-    assert len(_rows(tmp_path / "dask", "edges")) == 6  # the lineage step ran: every indexed model is placed
+    assert len(_rows(tmp_path / "dask", "edges")) == 7  # the lineage step ran: every indexed model is placed
+    converted = next(r for r in _rows(tmp_path / "dask", "models") if r["repo_id"] == "acme/converted")
+    assert converted["status"] == "indexed" and json.loads(converted["details"])["weights_from"] == "refs/pr/1"
     cache = _cache(tmp_path / "dask")
     assert len(cache) >= 6 and cache == _cache(tmp_path / "plain")  # a block or more per indexed model
     # the fetches really ran on the cluster, on both workers (the pickle-only repo is triaged on a worker too)
-    assert sum(hub.by_worker.values()) == 9 and len(hub.by_worker) == 2
+    assert sum(hub.by_worker.values()) == 10 and len(hub.by_worker) == 2
     assert len({t["worker"] for t in hub.tasks}) == 2  # type: ignore[attr-defined]
 
 

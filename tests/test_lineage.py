@@ -368,3 +368,24 @@ def test_an_upcast_is_not_the_source_of_its_own_16_bit_values() -> None:
     half = _f16(rng.standard_normal((48, 48)).astype(np.float32))  # an F32 file holding F16 values
     family = _cast_family([half, half.copy()], ("F32", "F16"))
     assert _cast_sources(family) == [-1, -1]
+
+
+def test_norm_votes_and_the_one_hop_norm_root() -> None:
+    """The row-norm cue (an ablation, `Options(orient="center-norm")`): a sign test over rows, and a root
+    moved at most one hop from the centre to where the tree's edges shrink (or grow) the most consistently."""
+    import networkx as nx
+
+    from indexer.lineage.orient import norm_root, norm_votes
+
+    rng = np.random.default_rng(0)
+    root = rng.uniform(1.0, 2.0, 400)
+    near = root * 0.999  # a near-copy child: every row a little shorter (weight decay)
+    kids = [near * 0.99 * rng.uniform(0.999, 1.0, 400) for _ in range(3)]  # attached to the near-copy by the MST
+    votes = norm_votes([root, near, *kids])
+    assert votes[0, 1] == 1.0 and votes[1, 0] == -1.0 and np.allclose(votes, -votes.T)
+    same = norm_votes([root, root.copy()])
+    assert same[0, 1] == 0.0  # no row changed: no vote
+    star = nx.Graph([(1, 0), (1, 2), (1, 3), (1, 4)])  # the near-copy is the hop centre
+    assert norm_root(star, 1, votes) == 0  # every edge shrinks away from the true root
+    grow = norm_votes([root * 1.01, root, *(root * 0.99 for _ in range(3))])  # 0 grew from 1: no regime wins
+    assert norm_root(nx.Graph([(1, 0), (1, 2)]), 1, grow[:3, :3]) == 1  # one shrink, one grow: the centre stays

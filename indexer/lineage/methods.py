@@ -34,7 +34,7 @@ from errors import RecoveryError
 from indexer.lineage.cluster import related_groups, ward_labels
 from indexer.lineage.confidence import calibrated, edge_margins
 from indexer.lineage.mdst import minimum_arborescence
-from indexer.lineage.orient import centre_rooted_tree
+from indexer.lineage.orient import centre_rooted_tree, norm_votes
 from indexer.lineage.ties import (
     SNAKE_TAU,
     body_group_penalty,
@@ -108,7 +108,9 @@ class Options:
     auto_sign: bool = True  # kurtosis sign and weight per tree from its agreement with upload time (else +1, 1)
     # Direction of a tree with no upload time: "center" roots the undirected minimum spanning tree at its
     # centre (indexer.lineage.orient); "kurtosis" is the paper's penalty in the directed tree.
-    orient: Literal["center", "kurtosis"] = "center"
+    # "center-norm": the centre moved up to one hop by the row-norm cue (an ablation, not adopted: 481/510
+    # edges against the centre's 489 on the 13 zoos, bench/RESULTS.md session 12).
+    orient: Literal["center", "center-norm", "kurtosis"] = "center"
     include_1d: bool = False  # compare 1-D tensors (norms, biases) too
     dense_only: bool = True  # full-FT distance on the dense projections when the family has them
     lam: float = 0.3  # the paper's lambda
@@ -423,9 +425,10 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         # one upload time shared by all (the Hub dates every pre-2022-03-02 repo 2022-03-02T23:29:04Z) orders
         # nothing: such a tree is oriented from the weights, like one without times
         untimed = not options.use_time or len({family.created[int(i)] for i in idx} - {None}) < 2
-        if untimed and options.orient == "center" and options.kurtosis != "always":
+        if untimed and options.orient in ("center", "center-norm") and options.kurtosis != "always":
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
-            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx])
+            shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
+            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink)
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
@@ -490,6 +493,13 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
         tie = tie + body_group_penalty(groups, heads, created, sizes)
         why += f", {sum(len(g) for g in groups)} models in {len(groups)} bit-identical bod{'y' if len(groups) == 1 else 'ies'}"
     return tie, why
+
+
+def _row_norms(family: Family, idx: np.ndarray) -> list[np.ndarray]:
+    """Each member's row norms over the compared body layers (a conv kernel's rows: its output filters)."""
+    names = [n for n in family.selection.distance if not is_head(n) and family.layers[n].ndim >= 3]
+    return [np.concatenate([np.linalg.norm(family.layers[n][int(i)].reshape(family.layers[n].shape[1], -1), axis=1)
+                            for n in names]) if names else np.zeros(0) for i in idx]
 
 
 def _root_prior(family: Family, i: int) -> tuple[float, float]:

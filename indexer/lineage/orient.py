@@ -15,15 +15,19 @@ centre is its middle. Measured per zoo and phenomenon in bench/RESULTS.md (`benc
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import networkx as nx
 import numpy as np
 
 
-def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()) -> list[int]:
+def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = (),
+                       shrink: np.ndarray | None = None) -> list[int]:
     """parent[j] (-1 for the root) of the undirected MST of the symmetrised `cost`, rooted at its centre.
-    An undirected edge costs its costlier direction: the tie-breaks (indexer.lineage.ties) are asymmetric."""
+    An undirected edge costs its costlier direction: the tie-breaks (indexer.lineage.ties) are asymmetric.
+    `shrink` (antisymmetric votes, `norm_votes`): the root may move one hop from the centre to where the
+    tree's edges agree best with its norm regime (`norm_root`)."""
     n = cost.shape[0]
     if n == 1:
         return [-1]
@@ -36,7 +40,45 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
     tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
     finite = np.where(np.isfinite(sym), sym, 0.0)
     root = min(nx.center(tree), key=lambda c: (*(prior[c] if prior else ()), float(finite[c].sum()), c))
+    if shrink is not None:
+        root = norm_root(tree, root, shrink)
+    return _oriented(tree, root, n)
+
+
+def _oriented(tree: nx.Graph, root: int, n: int) -> list[int]:
     parent = [-1] * n
     for u, v in nx.bfs_edges(tree, root, sort_neighbors=sorted):
         parent[v] = u
     return parent
+
+
+def norm_root(tree: nx.Graph, centre: int, shrink: np.ndarray) -> int:
+    """The centre, or one of its neighbours when the tree's edges agree better with its norm regime rooted
+    there. The regime (+1: children shrink, weight decay on scale-free filters; -1: they grow, a random walk
+    adds its own norm) is the sign of the summed votes with the tree rooted at the centre; with no clear
+    regime (|sum| < 1 vote) the centre stays."""
+    def agreement(root: int) -> float:
+        parent = _oriented(tree, root, shrink.shape[0])
+        return float(sum(shrink[p, v] for v, p in enumerate(parent) if p >= 0))
+
+    at_centre = agreement(centre)
+    if abs(at_centre) < 1.0:
+        return centre
+    regime = 1.0 if at_centre > 0 else -1.0
+    best = max([centre, *sorted(tree.neighbors(centre))], key=lambda r: (regime * agreement(r), r == centre))
+    return best
+
+
+def norm_votes(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """votes[a, b] in [-1, 1]: how clearly b's rows are shorter than a's (a sign test over every row of the
+    compared body layers: z = (shorter - longer) / sqrt(rows), a vote of z / 3 capped at one; under no
+    systematic change z is ~N(0, 1)). `rows[i]`: model i's row norms, all layers concatenated."""
+    n = len(rows)
+    votes = np.zeros((n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            diff = np.sign(rows[a] - rows[b])  # +1 where b is shorter
+            z = float(diff.sum()) / math.sqrt(max(1, int(np.count_nonzero(diff))))
+            votes[a, b] = float(np.clip(z / 3.0, -1.0, 1.0))
+            votes[b, a] = -votes[a, b]
+    return votes
