@@ -412,7 +412,11 @@ def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
         return weight_layout(repo.entry, have_token=have_token)
     except _Skip as skip:
         convert = getattr(repo, "convert", None)
-        if not skip.reason.startswith("pickle-only") or convert is None:
+        # a pickle-only diffusers pipeline (unet/diffusion_pytorch_model.bin) reads "no-safetensors": the
+        # bot converts those too
+        pickled = skip.reason.startswith("pickle-only") or (
+            skip.reason.startswith("no-safetensors") and any(f.endswith(PICKLE_SUFFIXES) for f in repo.entry.files))
+        if not pickled or convert is None:
             raise
         files = convert()
         if files is None:

@@ -133,3 +133,24 @@ def test_index_recover_reads_the_same_prs_and_gets_the_crawls_edges(old_hub: Pat
     edges = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
     for repo_id in ("google/bert-old", "lab/bert-old-ft"):
         assert (edges[repo_id].parent, edges[repo_id].relation) == (rows[repo_id].parent, rows[repo_id].relation)
+
+
+def test_a_pickle_only_pipeline_is_read_from_the_bots_pr_too(tmp_path: Path) -> None:
+    """A diffusers pipeline whose UNet is only pickled (`unet/diffusion_pytorch_model.bin`: "no-safetensors"
+    at the top level); the bot's PR adds `unet/diffusion_pytorch_model.safetensors`."""
+    root = tmp_path / "hub"
+    folder = root / "old/sd-pipeline"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"]}))
+    (folder / "unet/diffusion_pytorch_model.bin").write_bytes(b"\x80\x02 never read")
+    (folder / ".refs/pr/1/unet").mkdir(parents=True)
+    save_file(base_weights(5), str(folder / ".refs/pr/1/unet/diffusion_pytorch_model.safetensors"))
+    _pickle_only(root, "old/plain", None)  # and one with no PR: skipped as before
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {"old/sd-pipeline": {"createdAt": OLD, "discussions": [_bot()]},
+                                                                      "old/plain": {"createdAt": OLD}}}))
+    with HubEmulator(root) as emu:
+        crawl(tmp_path / "home", _options(emu))
+    models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
+    assert models["old/sd-pipeline"].status == "indexed", models["old/sd-pipeline"].reason
+    assert json.loads(models["old/sd-pipeline"].details)["weights_from"] == "refs/pr/1"
+    assert models["old/plain"].status == "skipped" and models["old/plain"].reason.startswith("pickle-only")
