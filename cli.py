@@ -248,7 +248,10 @@ def _store_option(func):  # type: ignore[no-untyped-def]
 
 
 def _crawl_threads_options(func):  # type: ignore[no-untyped-def]
-    # --prefetch and --threads, the same for `index crawl` and `index serve`
+    # --prefetch, --threads and --revisit, the same for `index crawl` and `index serve`
+    func = click.option("--revisit", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Also look again at N pickle-only repos earlier crawls skipped (a different sample "
+                             "each day): the conversion bot may have opened its safetensors PR since.")(func)
     func = click.option("--threads", type=click.IntRange(min=1), default=DEFAULT_THREADS, show_default=True,
                         help="Threads of the numeric libraries (torch, BLAS, OpenMP) in this process; its kernels "
                              "are small.")(func)
@@ -286,7 +289,7 @@ def _print_crawl(summary: dict) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, limit: int | None, since: str | None,
           budget_mib: int | None, device: str, workers: int | None, dask: str | None, prefetch: int, threads: int,
-          home: Path | None, as_json: bool) -> None:
+          revisit: int, home: Path | None, as_json: bool) -> None:
     """Index the models created since the last crawl, newest first, from a few MiB of range reads each.
 
     Per model: the safetensors headers, then at most the byte budget of planned tensor rows. Adapter-only,
@@ -301,7 +304,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=not as_json,
-        device=device, cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads,
+        device=device, cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads, revisit=revisit,
     )
     cluster = _cluster(workers, dask, 10.0)
     if cluster is None:
@@ -673,8 +676,8 @@ def _serve_log() -> None:
 @_store_option
 def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, archs: tuple[str, ...],
           library: str | None, limit: int | None, since: str | None, budget_mib: int | None, workers: int | None,
-          dask: str | None, dask_timeout: float, prefetch: int, threads: int, device: str, misfire_grace: int,
-          home: Path | None) -> None:
+          dask: str | None, dask_timeout: float, prefetch: int, threads: int, revisit: int, device: str,
+          misfire_grace: int, home: Path | None) -> None:
     """Crawl on a schedule (the nightly job), or once with --once; the options are `index crawl`'s.
 
     Each run logs one JSON line on stderr (status ok / stopped / locked / error, and the crawl summary).
@@ -689,7 +692,7 @@ def serve(cron: str | None, once: bool, run_now: bool, endpoint: str | None, arc
         endpoint=(endpoint or settings.endpoint).rstrip("/"), token=settings.token, archs=archs, library=library,
         limit=limit, since=_parse_since(since),  # type: ignore[arg-type]
         budget=budget_mib * 1024 * 1024 if budget_mib else settings.byte_budget, progress=False, device=device,
-        cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads,
+        cache_bytes=settings.cache_bytes, prefetch=prefetch, threads=threads, revisit=revisit,
     )
     _serve_log()
     run(home or settings.home, ServeOptions(

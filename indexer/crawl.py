@@ -28,6 +28,7 @@ sort): key `<endpoint>?filter=a,b` (created pass) and the same plus `#lastModifi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -107,7 +108,7 @@ from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
-from store.tables import Store, open_store, read_table
+from store.tables import Store, open_store, read_records, read_table
 
 logger = logging.getLogger(__name__)
 
@@ -734,6 +735,7 @@ class CrawlOptions:
     cache_bytes: int = DEFAULT_CACHE_BYTES  # the on-disk tensor cache's bound (misses are read again by range)
     prefetch: int = DEFAULT_PREFETCH  # threads reading ahead (DEFAULT_PREFETCH); 0: none
     threads: int = DEFAULT_THREADS  # the numeric libraries' threads during the crawl (DEFAULT_THREADS)
+    revisit: int = 0  # pickle-only repos skipped by earlier crawls looked at again (`_revisit`)
 
 
 # Entries of the models indexed this run, by (repo_id, revision), for the lineage step's re-reads of evicted
@@ -826,6 +828,33 @@ def _pass(run: _Run, *, filters: Sequence[str], sort: Literal["created_at", "las
     # a mark at the newest model would pass it, and it would never be tried again (regression: see
     # tests/test_reliability_faults.py::test_a_failed_model_months_older_than_the_newest_is_retried).
     return complete, retry_from or newest, newest_modified
+
+
+def _revisit(run: _Run, store: Store) -> None:
+    """Up to `options.revisit` pickle-only repos that earlier crawls skipped, looked at again: the conversion
+    bot may have opened its safetensors PR since (it does when someone loads the repo with transformers),
+    and neither listing pass meets an old repo again. A model_info call each, then the PR lookup. Which
+    ones: a sample that changes every day (a hash of the date and the repo), so every repo comes up in turn
+    with no state kept."""
+    if run.options.revisit <= 0:
+        return
+    run.indexer.flush()  # this run's own skips are on disk too
+    source = run.options.endpoint.rstrip("/")
+    skipped = {r.repo_id for r in read_records(store.home, "models", status="skipped")  # type: ignore[union-attr]
+               if r.reason.startswith("pickle-only") and r.source == source}  # type: ignore[union-attr]
+    day = datetime.now(UTC).date().isoformat()
+    decided = {(o.repo_id, o.revision) for o in run.outcomes}
+    for repo_id in sorted(skipped, key=lambda r: hashlib.sha1(f"{day} {r}".encode()).hexdigest())[:run.options.revisit]:
+        try:
+            entry = run.hub.model_info(repo_id)
+        except HubError as exc:  # gone, made private, or the Hub failing: the next day's sample differs
+            logger.info("%s: not revisited (%s)", repo_id, exc.reason)
+            continue
+        if (entry.repo_id, entry.revision) in decided:
+            continue  # read by this run's listing already
+        outcome = run.indexer.index_model(run.hub.repo(entry))
+        run.outcomes.append(outcome)
+        run.bar.update(1)  # type: ignore[attr-defined]
 
 
 def _retry_later(outcome: Outcome) -> bool:
@@ -1091,6 +1120,7 @@ def _crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None, h
             try:
                 for filters in _crawl_filters(options):
                     _crawl_one(run, store, filters, run_id, cursors)
+                _revisit(run, store)
             finally:
                 indexer.close()  # rows of finished models survive a crash; marks did not move
                 if owned:

@@ -154,3 +154,28 @@ def test_a_pickle_only_pipeline_is_read_from_the_bots_pr_too(tmp_path: Path) -> 
     assert models["old/sd-pipeline"].status == "indexed", models["old/sd-pipeline"].reason
     assert json.loads(models["old/sd-pipeline"].details)["weights_from"] == "refs/pr/1"
     assert models["old/plain"].status == "skipped" and models["old/plain"].reason.startswith("pickle-only")
+
+
+def test_a_pr_opened_after_the_skip_is_found_by_a_revisit(tmp_path: Path) -> None:
+    """Neither listing pass meets an old repo again: `--revisit N` looks at skipped pickle-only repos anew."""
+    root = tmp_path / "hub"
+    base = base_weights(6)
+    _pickle_only(root, "old/late", None)
+    _pickle_only(root, "old/never", None)
+    repos = {"old/late": {"createdAt": OLD}, "old/never": {"createdAt": OLD}}
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": repos}))
+    home = tmp_path / "home"
+    with HubEmulator(root) as emu:
+        first = crawl(home, _options(emu)).as_dict()
+        assert first["skipped"] == {"pickle-only": 2}, first
+        (root / "old/late/.refs/pr/1").mkdir(parents=True)  # the bot converts it weeks later
+        save_file(base, str(root / "old/late/.refs/pr/1/model.safetensors"))
+        repos["old/late"]["discussions"] = [_bot()]
+        (root / "hub.json").write_text(json.dumps({"version": 1, "repos": repos}))
+        plain = crawl(home, _options(emu)).as_dict()
+        assert plain["indexed"] == 0 and plain["unchanged"] == 2, plain  # listed again, passed over
+        again = crawl(home, replace(_options(emu), revisit=5)).as_dict()
+    assert again["indexed"] == 1 and again["skipped"] == {"pickle-only": 1}, again
+    models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
+    assert models["old/late"].status == "indexed" and json.loads(models["old/late"].details)["weights_from"] == "refs/pr/1"
+    assert models["old/never"].status == "skipped"
