@@ -561,9 +561,13 @@ _GPT2_STYLE = (r"transformer\.h\.\d+\.(attn\.|mlp\.|ln_1$|ln_2$)", r"transformer
 _STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE}
 # GPT-2's Conv1D layers store (in, out); convert_hf_to_gguf.py transposes them to (out, in).
 _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
-# Architectures whose converter (LlamaModel.permute) reorders q/k rows. Mistral-format checkpoints
-# converted from consolidated.safetensors are not permuted: pass `permuted=False` for those.
-PERMUTED_ARCHITECTURES = frozenset({"llama"})
+# Architectures whose converter (LlamaModel.permute) reorders q/k rows: convert_hf_to_gguf.py's LlamaModel
+# (llama, and Mistral / Mixtral converted from HF files) and its subclasses that keep `undo_permute`
+# (GraniteModel, GraniteMoeModel, SmolLM3Model, ArceeModel, LlamaEmbedNemotronModel, AfmoeModel), and
+# MiniCPMModel, which permutes in its own modify_tensors. Llama 4, Apertus and Mistral-format checkpoints
+# (consolidated.safetensors: arch mistral3, or llama with `permuted=False`) are not permuted.
+PERMUTED_ARCHITECTURES = frozenset({"llama", "granite", "granitemoe", "smollm3", "arcee", "llama-embed", "afmoe",
+                                    "minicpm"})
 _SUFFIXES = (".weight", ".bias")
 
 

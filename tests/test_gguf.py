@@ -311,8 +311,10 @@ def tiny_llama(*, hidden: int = 64, heads: int = 4, kv_heads: int = 2, ffn: int 
     return {name: gaussian(*shape, seed=i) for i, (name, shape) in enumerate(sorted(shapes.items()))}
 
 
-def llama_to_gguf(path: Path, state: dict[str, np.ndarray], *, heads: int = 4, kv_heads: int = 2) -> Path:
-    """A llama GGUF in F32 as llama.cpp's converter writes it: gguf names, q/k permuted."""
+def llama_to_gguf(path: Path, state: dict[str, np.ndarray], *, heads: int = 4, kv_heads: int = 2,
+                  arch: str = "llama") -> Path:
+    """A llama GGUF in F32 as llama.cpp's converter writes it: gguf names, q/k permuted (its LlamaModel and
+    the subclasses that keep `undo_permute`: granite, smollm3, arcee, ...)."""
     layers = 1 + max(int(n.split(".")[2]) for n in state if n.startswith("model.layers."))
     to_gguf = {hf.format(b=b): g.format(b=b) for b in range(layers) for g, hf in LLAMA_NAMES.items()}
     tensors = {}
@@ -322,8 +324,8 @@ def llama_to_gguf(path: Path, state: dict[str, np.ndarray], *, heads: int = 4, k
         elif name.endswith("k_proj.weight"):
             w = hf_permute(w, heads, kv_heads)
         tensors[to_gguf[name]] = (w, "F32")
-    meta = {"llama.block_count": layers, "llama.attention.head_count": heads, "llama.attention.head_count_kv": kv_heads}
-    return write_gguf(path, "llama", tensors, meta=meta)
+    meta = {f"{arch}.block_count": layers, f"{arch}.attention.head_count": heads, f"{arch}.attention.head_count_kv": kv_heads}
+    return write_gguf(path, arch, tensors, meta=meta)
 
 
 def test_llama_names_and_unpermuted_qk(tmp_path: Path) -> None:
@@ -344,6 +346,18 @@ def test_llama_names_and_unpermuted_qk(tmp_path: Path) -> None:
     read_hf_tensor(rec.source, header, names["blk.0.attn_q.weight"], rows=(0, 4))
     info = header.get("blk.0.attn_q.weight")
     assert rec.calls == [(info.begin, info.begin + 7 * info.row_bytes)]  # HF rows 0..3 = GGUF rows 0, 2, 4, 6
+
+
+@pytest.mark.parametrize("arch", ["granite", "granitemoe", "smollm3", "arcee", "minicpm"])
+def test_llamas_by_other_names_are_unpermuted_too(tmp_path: Path, arch: str) -> None:
+    """llama.cpp's converters for these subclass LlamaModel and keep its q/k permutation (convert_hf_to_gguf:
+    GraniteModel, GraniteMoeModel, SmolLM3Model, ArceeModel; MiniCPMModel permutes in its own modify_tensors)."""
+    state = tiny_llama(layers=1)
+    rec = Recorder(llama_to_gguf(tmp_path / f"{arch}.gguf", state, arch=arch).read_bytes())
+    header = read_header(rec.source)
+    names = hf_names(header)
+    for name in ("blk.0.attn_q.weight", "blk.0.attn_k.weight"):
+        np.testing.assert_array_equal(read_hf_tensor(rec.source, header, names[name]), state[names[name].hf_name])
 
 
 def test_permutation_can_be_turned_off(tmp_path: Path) -> None:
