@@ -291,14 +291,16 @@ def test_pair_weight_does_not_depend_on_the_other_nominees(models: list) -> None
 
 
 def test_second_hop_stays_within_k_and_exact(tmp_path: Path, models: list) -> None:
-    """k = 5, expand = 4: the nearest sketch, then up to 4 forest neighbours of its relatives, never > k."""
+    """k = 5, expand = 4: the nearest sketch, then up to 4 forest neighbours of its relatives, never > k;
+    past k only the late-children rounds (`_late_children`), in rounds of at most k."""
     order = [int(i) for i in np.random.default_rng(5).permutation(len(models))]
     truth = {rid: parent or "" for rid, parent, _, _ in models}
     hits, hops = {}, {}
     for expand in (0, 4):
         with LineageIndex.open(tmp_path / str(expand), k=5, device="cpu", expand=expand) as index:
             results = [index.add(models[i][0], REV.format(i), FAMILY, models[i][2], models[i][3]) for i in order]
-            assert max(r.exact for r in results) <= 5
+            assert max(r.exact - len(r.late) for r in results) <= 5
+            assert all(not r.late for r in results) if expand == 0 else True  # the rounds ride on the hop
             assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
             hits[expand] = sum(index.parents(FAMILY)[m] == truth[m] for m in truth)
             hops[expand] = sum(len(r.second_hop) for r in results)
@@ -454,7 +456,25 @@ def test_the_second_hop_reaches_a_far_drifted_model_one_step_beyond_the_relative
     order = ["org/long", "org/kid0", "org/grand", *(f"org/kid{i}" for i in range(1, 8)), "org/root"]
     with LineageIndex.open(tmp_path, k=6, device="cpu", expand=4) as index:
         results = [index.add(r, "local:0", FAMILY, models[r], created[r]) for r in order]
-        assert max(r.exact for r in results) <= 6
+        assert max(r.exact - len(r.late) for r in results) <= 6  # past k: only the late-children rounds
         assert index.parents(FAMILY)["org/long"] == "org/root"
     last = results[-1]
     assert "org/long" not in last.nominees and "org/long" in last.second_hop
+
+
+def test_a_parent_after_its_children_keeps_comparing_while_it_takes_them(tmp_path: Path) -> None:
+    """A first crawl lists newest first: a base comes after its fine-tunes, each hung meanwhile under a sibling.
+    With k = 4 its k comparisons reach 4 of its 12 children; the late-children rounds reach every one."""
+    rng = np.random.default_rng(3)
+    root = {f"enc.{b}.attention.output.dense.weight": rng.standard_t(4, (48, 48)).astype(np.float32) for b in range(3)}
+    kids = {f"org/kid{i:02d}": {n: (a + 0.1 * rng.standard_normal(a.shape)).astype(np.float32) for n, a in root.items()}
+            for i in range(12)}
+    created = {"org/root": datetime(2024, 1, 1, tzinfo=UTC)} | {
+        r: datetime(2024, 2, 1, tzinfo=UTC) + timedelta(hours=i) for i, r in enumerate(sorted(kids))}
+    models = kids | {"org/root": root}
+    with LineageIndex.open(tmp_path, k=4, device="cpu", expand=2) as index:
+        results = [index.add(r, "local:0", FAMILY, models[r], created[r]) for r in [*sorted(kids, reverse=True), "org/root"]]
+        assert all(index.parents(FAMILY)[k] == "org/root" for k in kids), index.parents(FAMILY)
+        assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
+    last = results[-1]
+    assert last.late and last.exact > 4 and max(r.exact - len(r.late) for r in results) <= 4

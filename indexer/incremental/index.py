@@ -103,6 +103,10 @@ DEFAULT_K = 16
 # 0.96 -> 1.00, vthr-ft order 1: 0.86 -> 0.88), for 15.1-15.9 exact computations per arrival (max 20
 # measured; bound k + 8).
 DEFAULT_EXPAND = 8
+# Rounds of k more comparisons for an arrival that keeps taking children (`_late_children`): 16 x k = 256
+# at the default k, a base arriving after a few hundred of its own models; its cost grows with the children
+# found, and its arrays come from memory or the cache (a re-read by range past that).
+LATE_ROUNDS = 16
 # A cast to BF16 moves each value by at most half an ulp, 2^-8 of it (F16: 2^-11), so the pair's relative
 # distance is below 2^-8 too; pairs farther apart than twice that are not read for the cast test.
 CAST_RELATIVE = 2.0**-7
@@ -123,6 +127,7 @@ class ArrivalResult:
     parent: str
     cluster: str  # the cluster's key (its smallest member id)
     second_hop: tuple[str, ...] = ()  # compared beyond the nominees (`expand`), in that order
+    late: tuple[str, ...] = ()  # compared beyond k while it took children (`_late_children`), in that order
 
 
 Refetch = Callable[[str, str], Mapping[str, np.ndarray]]  # (repo_id, revision) -> selected tensors, float32
@@ -151,6 +156,11 @@ class _Pending:
     mine: ModelView  # with the selected arrays: what the exact step compares
     nominees: list[str] = field(default_factory=list)
     first: list[str] = field(default_factory=list)  # the nominees compared before the second hop
+
+
+def _children(forest: IncrementalForest, node: str) -> list[str]:
+    """The children `node` has in the forest now (none for "")."""
+    return [c for c in forest._out.get(node, {}) if forest.parent(c) == node] if node else []
 
 
 def _prepare(index: int, arrival: Arrival, dim: int, seed: int, content: Hashable = None) -> _Pending:
@@ -347,6 +357,8 @@ class LineageIndex:
         rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
         pairs = pairs + measure(*_aligned(p.mine, self._views(state, hop + rest)), device=self.device,  # pair-local: batching changes nothing
                                 strangers=False)  # unrelated pairs are read for their test only (`_edges`)
+        late = self._late_children(state, p, pairs)
+        pairs += late
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
@@ -368,7 +380,48 @@ class LineageIndex:
             self._adopt_orphans(family)
         cid = state.forest.cluster_id(repo_id)
         return ArrivalResult(repo_id, family, tuple(p.nominees), len(pairs), tuple(sorted(q.other for q in pairs if q.related)),
-                             update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid), tuple(hop))
+                             update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid), tuple(hop),
+                             tuple(q.other for q in late))
+
+    def _late_children(self, state: _Family, p: _Pending, pairs: Sequence[PairMeasure]) -> list[PairMeasure]:
+        """More comparisons for a parent that arrives after its children, while it keeps taking them.
+
+        A first crawl lists newest first, so a popular base comes after hundreds of its copies and
+        fine-tunes, each hung meanwhile under whatever was there; its k comparisons reach only k of them
+        (bench/RESULTS.md session 12: 13 copies before their source, the AWQ-folded one, far by sketch,
+        never compared). While the last round found models that would hang under the arrival at less than
+        their present parent edge, with time (or kurtosis) pointing its way, compare k more: the siblings
+        of those under their present parents, then the next sketch neighbours. Bounded by the children it
+        finds, not by k (at most LATE_ROUNDS rounds): an arrival that takes none costs nothing more."""
+        if not self.expand or state.vectors is None or p.arrival.quant is not None:  # a copy is a leaf
+            return []
+        seen, found, out = {q.other for q in pairs} | {p.mine.repo_id}, self._takers(state, p, pairs), []
+        depth = 2
+        while found and depth <= LATE_ROUNDS + 1:
+            forest = state.forest
+            siblings = sorted({c for r in found for c in _children(forest, forest.parent(r))} - seen)
+            near = [r for r, _ in state.vectors.nearest(p.sketch.vector, depth * self.k) if r not in seen]
+            batch = list(dict.fromkeys(siblings + near))[: self.k]
+            if not batch:
+                break
+            seen |= set(batch)
+            more = measure(*_aligned(p.mine, self._views(state, batch)), device=self.device, strangers=False)
+            out += more
+            found, depth = self._takers(state, p, more), depth + 1
+        return out
+
+    def _takers(self, state: _Family, p: _Pending, pairs: Sequence[PairMeasure]) -> list[str]:
+        """The compared models that would rather hang under the arrival than where they hang now."""
+        found = []
+        for pair in pairs:
+            other = state.views.get(pair.other)
+            if not pair.related or other is None:
+                continue
+            _, (towards, weight) = edge_weights(pair, p.view.created, other.created, penalty=self.penalty)
+            parent = state.forest.parent(pair.other)
+            if towards == 0 and weight < (state.forest.weight(parent, pair.other) if parent else math.inf):
+                found.append(pair.other)
+        return found
 
     def _views(self, state: _Family, repos: Sequence[str], batch: Mapping[str, _Pending] | None = None) -> list[ModelView]:
         """The nominees' views with their arrays: the chunk's own arrivals first, else memory or the cache."""
