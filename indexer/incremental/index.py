@@ -7,7 +7,8 @@ Per arrival (`LineageIndex.add`):
        every zoo order we measured, bench/incremental.py);
     3. exact comparisons (indexer.incremental.exact), at most k per arrival, counted: the k - expand
        nearest nominees, then up to `expand` forest neighbours (parent, children) of those found related
-       (second hop), then the remaining nominees in sketch order while the budget of k lasts;
+       (second hop), then the remaining nominees in sketch order while the budget of k lasts; past k only
+       while it takes children, k more a round (`_late_children`: a parent arriving after its children);
     4. related pairs become candidate edges in both directions, weighted distance + direction penalty;
     5. the forest update (indexer.incremental.forest): leaf attach proven by Edmonds' dual, or Edmonds
        on the one merged cluster;
