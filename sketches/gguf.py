@@ -550,6 +550,7 @@ class HFName:
     hf_name: str
     transposed: bool  # HF stores it transposed (GPT-2 Conv1D): W_hf = W_gguf.T
     heads: int | None  # llama q/k: rows permuted by the converter within each of this many heads
+    qkv_heads: int | None = None  # GPT-NeoX / BLOOM fused q/k/v: HF rows by head, GGUF rows by part
 
 
 # HF names each naming family uses; among gguf's aliases for a tensor (all architectures' spellings) the
@@ -558,7 +559,13 @@ class HFName:
 _DECODER_STYLE = (r"model\.layers\.\d+\.(self_attn\.|mlp\.|input_layernorm$|post_attention_layernorm$)",
                   r"model\.(embed_tokens|norm)$", r"lm_head$")
 _GPT2_STYLE = (r"transformer\.h\.\d+\.(attn\.|mlp\.|ln_1$|ln_2$)", r"transformer\.(wte|wpe|ln_f)$", r"lm_head$")
-_STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE}
+_NEOX_STYLE = (r"gpt_neox\.layers\.\d+\.", r"gpt_neox\.(embed_in|final_layer_norm)$", r"embed_out$")
+_BLOOM_STYLE = (r"transformer\.h\.\d+\.(self_attention\.|mlp\.dense_|input_layernorm$|post_attention_layernorm$)",
+                r"transformer\.(word_embeddings|word_embeddings_layernorm|ln_f)$", r"lm_head$")
+_STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE}
+# GPT-NeoX's and BLOOM's query_key_value holds, per head, its q, k and v rows; their converters
+# (GPTNeoXModel, BloomModel.modify_tensors) regroup the rows as all heads' q, then k, then v.
+FUSED_QKV_ARCHITECTURES = frozenset({"gptneox", "bloom"})
 # GPT-2's Conv1D layers store (in, out); convert_hf_to_gguf.py transposes them to (out, in).
 _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Architectures whose converter (LlamaModel.permute) reorders q/k rows: convert_hf_to_gguf.py's LlamaModel
@@ -615,7 +622,8 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         heads = None
         if permute and n_head and re.search(r"\.attn_[qk]$", stem):
             heads = n_head if stem.endswith("attn_q") else n_kv
-        names[info.name] = HFName(info.name, hf, bool(_TRANSPOSED.match(hf)), heads)
+        fused = n_head if arch in FUSED_QKV_ARCHITECTURES and stem.endswith(".attn_qkv") else None
+        names[info.name] = HFName(info.name, hf, bool(_TRANSPOSED.match(hf)), heads, fused)
     return names
 
 
@@ -638,35 +646,72 @@ def _gguf_rows(hf_rows: np.ndarray, heads: int, n_rows: int) -> np.ndarray:
     return head * d + 2 * i + half
 
 
+def _qkv_rows(hf_rows: np.ndarray, heads: int, n_rows: int) -> np.ndarray:
+    """GGUF row of each HF row of a GPT-NeoX / BLOOM fused q/k/v matrix: HF row h*3d + p*d + i (head h,
+    part p of q, k, v) is GGUF row p*heads*d + h*d + i."""
+    d = n_rows // (3 * heads)
+    head, rem = np.divmod(hf_rows, 3 * d)
+    part, i = np.divmod(rem, d)
+    return part * heads * d + head * d + i
+
+
+def _row_order(source: ByteSource, info: GGUFTensorInfo, name: HFName) -> np.ndarray | None:
+    """GGUF row of each HF row when the converter reordered them, else None; raises when the heads do not
+    divide the rows as the reorder needs."""
+    n_rows = info.shape[0]
+    if name.heads is not None:
+        if n_rows % name.heads or (n_rows // name.heads) % 2:
+            raise GGUFError(source.name, f"tensor {info.name!r}: {n_rows} rows do not split into {name.heads} "
+                                         "heads of even size")
+        return _gguf_rows(np.arange(n_rows), name.heads, n_rows)
+    if name.qkv_heads is not None:
+        if n_rows % (3 * name.qkv_heads):
+            raise GGUFError(source.name, f"tensor {info.name!r}: {n_rows} rows are not q, k and v of "
+                                         f"{name.qkv_heads} heads")
+        return _qkv_rows(np.arange(n_rows), name.qkv_heads, n_rows)
+    return None
+
+
 def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
                    rows: tuple[int, int] | None = None) -> np.ndarray:
-    """The tensor in the Hugging Face layout (q/k rows un-permuted, Conv1D transposed back), float32.
+    """The tensor in the Hugging Face layout (q/k rows un-permuted, fused q/k/v rows regrouped by head,
+    Conv1D transposed back), float32.
 
-    `rows` are HF rows. A permuted q/k reads the span of GGUF rows that holds them (at most 2x the rows
-    asked, or whole heads); a transposed tensor or a 1-D one is read whole, then sliced.
+    `rows` are HF rows. Reordered rows are read as the runs of GGUF rows that hold them: a permuted q/k one
+    span (at most 2x the rows asked, or whole heads), a fused q/k/v one span per part; a transposed tensor
+    or a 1-D one is read whole, then sliced.
     """
     info = header.get(name.gguf_name)
     n_rows = info.shape[0]
-    if name.heads is not None and (n_rows % name.heads or (n_rows // name.heads) % 2):
-        raise GGUFError(
-            source.name, f"tensor {info.name!r}: {n_rows} rows do not split into {name.heads} heads of even size"
-        )
+    order = _row_order(source, info, name)
     if name.transposed or len(info.shape) < 2:
         full = read_tensor(source, info)
         if name.transposed:
             full = full.T.copy()
-        elif name.heads is not None:  # a q/k bias: permuted like the rows of its matrix
-            full = full[_gguf_rows(np.arange(n_rows), name.heads, n_rows)]
+        elif order is not None:  # a bias: reordered like the rows of its matrix
+            full = full[order]
         return full if rows is None else _slice_rows(source.name, info.name, full, rows)
-    if name.heads is None:
+    if order is None:
         return read_tensor(source, info, rows=rows)
     r0, r1 = (0, n_rows) if rows is None else rows
     _row_range(source, info, (r0, r1))  # validates
-    wanted = _gguf_rows(np.arange(r0, r1), name.heads, n_rows)
+    wanted = order[r0:r1]
     if not len(wanted):
         return np.empty((0, *info.shape[1:]), dtype=np.float32)
-    lo, hi = int(wanted.min()), int(wanted.max()) + 1
-    return read_tensor(source, info, rows=(lo, hi))[wanted - lo]
+    return _read_runs(source, info, wanted)
+
+
+def _read_runs(source: ByteSource, info: GGUFTensorInfo, wanted: np.ndarray) -> np.ndarray:
+    """The GGUF rows `wanted`, in that order: one read per run of them, a run ending where the next row is
+    further on than the rows asked (a q/k permutation is one run; fused q/k/v, one run per part)."""
+    ranked = np.sort(wanted)
+    cuts = np.flatnonzero(np.diff(ranked) > max(1, len(wanted))) + 1
+    found: dict[int, np.ndarray] = {}
+    for run in np.split(ranked, cuts):
+        lo, hi = int(run[0]), int(run[-1]) + 1
+        block = read_tensor(source, info, rows=(lo, hi))
+        found.update({int(r): block[r - lo] for r in run})
+    return np.stack([found[int(r)] for r in wanted])
 
 
 def _slice_rows(thing: str, tensor: str, full: np.ndarray, rows: tuple[int, int]) -> np.ndarray:

@@ -360,6 +360,50 @@ def test_llamas_by_other_names_are_unpermuted_too(tmp_path: Path, arch: str) -> 
         np.testing.assert_array_equal(read_hf_tensor(rec.source, header, names[name]), state[names[name].hf_name])
 
 
+def neox_to_gguf(path: Path, state: dict[str, np.ndarray], *, heads: int, arch: str = "gptneox") -> Path:
+    """A GPT-NeoX GGUF as llama.cpp's GPTNeoXModel writes it: query_key_value's rows regrouped from (head, part,
+    dim) to (part, head, dim), its bias likewise."""
+    names = {"gpt_neox.embed_in.weight": "token_embd.weight", "gpt_neox.final_layer_norm.weight": "output_norm.weight",
+             "embed_out.weight": "output.weight", "gpt_neox.layers.0.attention.query_key_value.weight": "blk.0.attn_qkv.weight",
+             "gpt_neox.layers.0.attention.query_key_value.bias": "blk.0.attn_qkv.bias",
+             "gpt_neox.layers.0.attention.dense.weight": "blk.0.attn_output.weight",
+             "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": "blk.0.ffn_up.weight",
+             "gpt_neox.layers.0.mlp.dense_4h_to_h.weight": "blk.0.ffn_down.weight"}
+    tensors = {}
+    for name, w in state.items():
+        if ".query_key_value." in name:
+            w = w.reshape(heads, 3, -1, *w.shape[1:]).swapaxes(0, 1).reshape(w.shape)
+        tensors[names[name]] = (w, "F32")
+    meta = {f"{arch}.block_count": 1, f"{arch}.attention.head_count": heads}
+    return write_gguf(path, arch, tensors, meta=meta)
+
+
+def test_gpt_neox_names_and_its_fused_qkv_rows_regrouped(tmp_path: Path) -> None:
+    hidden, heads = 32, 4
+    state = {"gpt_neox.embed_in.weight": gaussian(40, hidden), "gpt_neox.final_layer_norm.weight": gaussian(hidden),
+             "embed_out.weight": gaussian(40, hidden, seed=1),
+             "gpt_neox.layers.0.attention.query_key_value.weight": gaussian(3 * hidden, hidden, seed=2),
+             "gpt_neox.layers.0.attention.query_key_value.bias": gaussian(3 * hidden, seed=3),
+             "gpt_neox.layers.0.attention.dense.weight": gaussian(hidden, hidden, seed=4),
+             "gpt_neox.layers.0.mlp.dense_h_to_4h.weight": gaussian(4 * hidden, hidden, seed=5),
+             "gpt_neox.layers.0.mlp.dense_4h_to_h.weight": gaussian(hidden, 4 * hidden, seed=6)}
+    rec = Recorder(neox_to_gguf(tmp_path / "neox.gguf", state, heads=heads).read_bytes())
+    header = read_header(rec.source)
+    names = hf_names(header)
+    assert {m.hf_name for m in names.values()} == set(state)  # gpt_neox.* names, not a llama spelling
+    for gguf_name, mapping in names.items():
+        np.testing.assert_array_equal(read_hf_tensor(rec.source, header, mapping), state[mapping.hf_name], err_msg=gguf_name)
+    qkv = names["blk.0.attn_qkv.weight"]
+    rec.calls.clear()
+    got = read_hf_tensor(rec.source, header, qkv, rows=(5, 29))  # across heads 0 and 1, all three parts
+    np.testing.assert_array_equal(got, state[qkv.hf_name][5:29])
+    info = header.get("blk.0.attn_qkv.weight")
+    assert len(rec.calls) <= 3 and sum(b - a for a, b in rec.calls) < info.end - info.begin  # runs, not the whole
+    bloom = {m.hf_name for m in hf_names(read_header(Recorder(neox_to_gguf(
+        tmp_path / "b.gguf", state, heads=heads, arch="bloom").read_bytes()).source)).values()}
+    assert "transformer.h.0.self_attention.query_key_value.weight" in bloom
+
+
 def test_permutation_can_be_turned_off(tmp_path: Path) -> None:
     state = tiny_llama(layers=1)
     rec = Recorder(llama_to_gguf(tmp_path / "l.gguf", state).read_bytes())
