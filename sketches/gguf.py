@@ -550,7 +550,8 @@ class HFName:
     hf_name: str
     transposed: bool  # HF stores it transposed (GPT-2 Conv1D): W_hf = W_gguf.T
     heads: int | None  # llama q/k: rows permuted by the converter within each of this many heads
-    qkv_heads: int | None = None  # GPT-NeoX / BLOOM fused q/k/v: HF rows by head, GGUF rows by part
+    qkv_heads: tuple[int, int] | None = None  # fused q/k/v (GPT-NeoX, BLOOM, Falcon): (heads, kv heads);
+    # HF rows by kv group (its q heads, then its k and v), GGUF rows by part
 
 
 # HF names each naming family uses; among gguf's aliases for a tensor (all architectures' spellings) the
@@ -560,12 +561,14 @@ _DECODER_STYLE = (r"model\.layers\.\d+\.(self_attn\.|mlp\.|input_layernorm$|post
                   r"model\.(embed_tokens|norm)$", r"lm_head$")
 _GPT2_STYLE = (r"transformer\.h\.\d+\.(attn\.|mlp\.|ln_1$|ln_2$)", r"transformer\.(wte|wpe|ln_f)$", r"lm_head$")
 _NEOX_STYLE = (r"gpt_neox\.layers\.\d+\.", r"gpt_neox\.(embed_in|final_layer_norm)$", r"embed_out$")
-_BLOOM_STYLE = (r"transformer\.h\.\d+\.(self_attention\.|mlp\.dense_|input_layernorm$|post_attention_layernorm$)",
-                r"transformer\.(word_embeddings|word_embeddings_layernorm|ln_f)$", r"lm_head$")
-_STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE}
-# GPT-NeoX's and BLOOM's query_key_value holds, per head, its q, k and v rows; their converters
-# (GPTNeoXModel, BloomModel.modify_tensors) regroup the rows as all heads' q, then k, then v.
-FUSED_QKV_ARCHITECTURES = frozenset({"gptneox", "bloom"})
+_BLOOM_STYLE = (r"transformer\.h\.\d+\.(self_attention\.|mlp\.dense_|input_layernorm$|post_attention_layernorm$"
+                r"|ln_attn$|ln_mlp$)", r"transformer\.(word_embeddings|word_embeddings_layernorm|ln_f)$", r"lm_head$")
+_STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE,
+                                       "falcon": _BLOOM_STYLE}
+# A fused query_key_value holds, per kv group, its q heads' rows, then its k and v rows (GPT-NeoX and
+# BLOOM: one q head a group; Falcon: head_count / head_count_kv); the converters (GPTNeoXModel, BloomModel,
+# FalconModel.modify_tensors) regroup the rows as all q, then all k, then all v.
+FUSED_QKV_ARCHITECTURES = frozenset({"gptneox", "bloom", "falcon"})
 # GPT-2's Conv1D layers store (in, out); convert_hf_to_gguf.py transposes them to (out, in).
 _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Architectures whose converter (LlamaModel.permute) reorders q/k rows: convert_hf_to_gguf.py's LlamaModel
@@ -622,7 +625,7 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         heads = None
         if permute and n_head and re.search(r"\.attn_[qk]$", stem):
             heads = n_head if stem.endswith("attn_q") else n_kv
-        fused = n_head if arch in FUSED_QKV_ARCHITECTURES and stem.endswith(".attn_qkv") else None
+        fused = (n_head, n_kv) if arch in FUSED_QKV_ARCHITECTURES and n_head and stem.endswith(".attn_qkv") else None
         names[info.name] = HFName(info.name, hf, bool(_TRANSPOSED.match(hf)), heads, fused)
     return names
 
@@ -646,13 +649,15 @@ def _gguf_rows(hf_rows: np.ndarray, heads: int, n_rows: int) -> np.ndarray:
     return head * d + 2 * i + half
 
 
-def _qkv_rows(hf_rows: np.ndarray, heads: int, n_rows: int) -> np.ndarray:
-    """GGUF row of each HF row of a GPT-NeoX / BLOOM fused q/k/v matrix: HF row h*3d + p*d + i (head h,
-    part p of q, k, v) is GGUF row p*heads*d + h*d + i."""
-    d = n_rows // (3 * heads)
-    head, rem = np.divmod(hf_rows, 3 * d)
-    part, i = np.divmod(rem, d)
-    return part * heads * d + head * d + i
+def _qkv_rows(hf_rows: np.ndarray, heads: int, kv: int, n_rows: int) -> np.ndarray:
+    """GGUF row of each HF row of a fused q/k/v matrix. HF row g*(q+2)d + j*d + i (kv group g of q = heads/kv
+    q heads, then its k and v; row i of the head) is GGUF row (g*q + j)*d + i for a q head (j < q), heads*d +
+    g*d + i for its k, (heads + kv)*d + g*d + i for its v."""
+    d = n_rows // (heads + 2 * kv)
+    q = heads // kv
+    group, rem = np.divmod(hf_rows, (q + 2) * d)
+    j, i = np.divmod(rem, d)
+    return np.where(j < q, (group * q + j) * d + i, np.where(j == q, heads * d, (heads + kv) * d) + group * d + i)
 
 
 def _row_order(source: ByteSource, info: GGUFTensorInfo, name: HFName) -> np.ndarray | None:
@@ -665,10 +670,11 @@ def _row_order(source: ByteSource, info: GGUFTensorInfo, name: HFName) -> np.nda
                                          "heads of even size")
         return _gguf_rows(np.arange(n_rows), name.heads, n_rows)
     if name.qkv_heads is not None:
-        if n_rows % (3 * name.qkv_heads):
-            raise GGUFError(source.name, f"tensor {info.name!r}: {n_rows} rows are not q, k and v of "
-                                         f"{name.qkv_heads} heads")
-        return _qkv_rows(np.arange(n_rows), name.qkv_heads, n_rows)
+        heads, kv = name.qkv_heads
+        if heads % kv or n_rows % (heads + 2 * kv):
+            raise GGUFError(source.name, f"tensor {info.name!r}: {n_rows} rows are not q, k and v of {heads} "
+                                         f"heads in {kv} kv groups")
+        return _qkv_rows(np.arange(n_rows), heads, kv, n_rows)
     return None
 
 

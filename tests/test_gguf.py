@@ -404,6 +404,25 @@ def test_gpt_neox_names_and_its_fused_qkv_rows_regrouped(tmp_path: Path) -> None
     assert "transformer.h.0.self_attention.query_key_value.weight" in bloom
 
 
+def test_falcon_fused_qkv_of_kv_groups_regrouped(tmp_path: Path) -> None:
+    """Falcon-40B-style attention: 8 q heads in 2 kv groups; llama.cpp's FalconModel views the rows as
+    (kv, q per kv + 2, d) and writes all q, then all k, then all v."""
+    heads, kv, d = 8, 2, 4
+    hidden = heads * d
+    qkv = gaussian((heads + 2 * kv) * d, hidden, seed=7)
+    grouped = qkv.reshape(kv, heads // kv + 2, d, hidden)
+    converted = np.concatenate([grouped[:, :-2].reshape(heads * d, hidden), grouped[:, -2].reshape(kv * d, hidden),
+                                grouped[:, -1].reshape(kv * d, hidden)])
+    tensors = {"blk.0.attn_qkv.weight": (converted, "F32"), "blk.0.attn_output.weight": (gaussian(hidden, hidden), "F32")}
+    meta = {"falcon.block_count": 1, "falcon.attention.head_count": heads, "falcon.attention.head_count_kv": kv}
+    rec = Recorder(write_gguf(tmp_path / "falcon.gguf", "falcon", tensors, meta=meta).read_bytes())
+    header = read_header(rec.source)
+    name = hf_names(header)["blk.0.attn_qkv.weight"]
+    assert name.hf_name == "transformer.h.0.self_attention.query_key_value.weight" and name.qkv_heads == (heads, kv)
+    np.testing.assert_array_equal(read_hf_tensor(rec.source, header, name), qkv)
+    np.testing.assert_array_equal(read_hf_tensor(rec.source, header, name, rows=(10, 30)), qkv[10:30])
+
+
 def test_permutation_can_be_turned_off(tmp_path: Path) -> None:
     state = tiny_llama(layers=1)
     rec = Recorder(llama_to_gguf(tmp_path / "l.gguf", state).read_bytes())
