@@ -62,7 +62,7 @@ from typing import Any, Literal
 import numpy as np
 
 from errors import AdapterError
-from sketches.layers import normalise_name
+from sketches.layers import is_vocabulary, normalise_name
 from sketches.ldm import ldm_names
 
 __all__ = [
@@ -565,6 +565,7 @@ class Compatibility:
     matched: int  # LoRA-updated tensors found in the base with the right shape
     saved_match: tuple[str, ...] = ()  # modules_to_save tensors whose shape equals the base's
     saved_new: tuple[str, ...] = ()  # modules_to_save tensors the base does not have (a new head)
+    saved_resized: tuple[str, ...] = ()  # saved vocabulary matrices with tokens added (or cut): other rows only
     base_names: dict[str, str] = field(default_factory=dict)  # adapter's base weight -> the base's name
 
 
@@ -611,7 +612,10 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
     Compatible when every LoRA-updated tensor exists in the base with the update's shape. `saved`
     ({base name: shape}, from `saved_modules` and the adapter's header) are full copies: one whose
     shape differs from the base's tensor makes the adapter incompatible (PEFT could not load it); one
-    the base lacks is a new module (a task head), noted, not held against it.
+    the base lacks is a new module (a task head), noted, not held against it. A vocabulary matrix
+    (embed_tokens, lm_head) that differs in its rows only is the base's with tokens added: PEFT saves the
+    resized embeddings of a fine-tune that added chat tokens (`save_embedding_layers`), and loads them
+    into the base once its vocabulary is resized the same way. Noted, not held against it.
     """
     normalised = _resolver(base_shapes)
     reasons, names, matched = [], {}, 0
@@ -625,19 +629,22 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
             reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
         else:
             matched += 1
-    same, new = [], []
+    same, new, resized = [], [], []
     for name, shape in sorted(saved.items()):
         base = _resolve(name, base_shapes, normalised)
         if base is None:
             new.append(name)
         elif tuple(base_shapes[base]) == tuple(shape):
             same.append(name)
+        elif is_vocabulary(base) and len(shape) == 2 and tuple(shape[1:]) == tuple(base_shapes[base][1:]):
+            resized.append(f"{name}: {base_shapes[base][0]} -> {shape[0]} tokens")
         else:
             reasons.append(f"{name} (modules_to_save): saved {list(shape)}, the base has {list(base_shapes[base])}")
     if not updates and not saved:
         reasons.append("the adapter holds no LoRA update and no saved module")
     verdict: Literal["compatible", "incompatible"] = "incompatible" if reasons else "compatible"
-    return Compatibility(verdict, tuple(reasons), matched, tuple(same), tuple(new), names)
+    return Compatibility(verdict, tuple(reasons), matched, tuple(same), tuple(new), saved_resized=tuple(resized),
+                         base_names=names)
 
 
 # --- DoRA: the magnitudes against a base's rows ------------------------------------------------------

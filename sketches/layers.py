@@ -122,6 +122,11 @@ def is_head(name: str) -> bool:
 _VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_out|lm_head)\.weight$")
 
 
+def is_vocabulary(name: str) -> bool:
+    """A vocabulary-sized matrix (token embeddings, lm_head): one row per token, resized when tokens are added."""
+    return _VOCAB.search(name) is not None
+
+
 def is_task_head(name: str) -> bool:
     """A head re-drawn per task (classifier, score, fc, pooler, ...), not a vocabulary-sized matrix."""
     return is_head(name) and _VOCAB.search(name) is None

@@ -176,9 +176,11 @@ def verdict_details(compat: Compatibility | None, *, source: str, magnitudes: Ma
         out["dora_magnitudes"] = magnitudes.details() | {"decisive": decisive(magnitudes)}
     if compat.reasons:
         out["reasons"] = list(compat.reasons[:3])
-    if compat.saved_match or compat.saved_new:  # modules_to_save: the full copies checked against the base
+    if compat.saved_match or compat.saved_new or compat.saved_resized:  # modules_to_save: full copies checked
         out["saved_match_base"] = len(compat.saved_match)
         out["saved_new"] = list(compat.saved_new[:8])
+        if compat.saved_resized:
+            out["saved_resized"] = list(compat.saved_resized[:4])
     return out
 
 
