@@ -55,7 +55,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -347,7 +347,8 @@ def saved_modules(names: Iterable[str]) -> dict[str, str]:
     for name in sorted(names):
         if ".lora_" in name or _FACTOR.match(name) or _UNREAD.search(name):  # factors, lora_bias, DoRA magnitudes
             continue
-        base = _strip(name).replace(".modules_to_save.default.", ".")
+        # a copy of a wrapped module (a LoRA target saved whole: resized embeddings) sits under `base_layer`
+        base = _strip(name).replace(".modules_to_save.default.", ".").replace(".base_layer.", ".")
         saved[base] = name
     return saved
 
@@ -598,6 +599,11 @@ def _resolve(name: str, base_shapes: Mapping[str, tuple[int, ...]], normalised: 
     return normalised.get(normalise_name(name)) or normalised.get(_flat(name))
 
 
+def _tokens_added(base_name: str, shape: Sequence[int], base: Sequence[int]) -> bool:
+    """A vocabulary matrix that differs from the base's in its rows (tokens) only."""
+    return is_vocabulary(base_name) and len(shape) == 2 == len(base) and shape[1] == base[1]
+
+
 def _same_shape(update: tuple[int, ...], base: tuple[int, ...]) -> bool:
     """Equal, or a conv kernel's update kept flattened (LoHa: (out, in kh kw) for (out, in, kh, kw))."""
     if update == base:
@@ -618,25 +624,28 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
     into the base once its vocabulary is resized the same way. Noted, not held against it.
     """
     normalised = _resolver(base_shapes)
-    reasons, names, matched = [], {}, 0
+    reasons, names, matched, resized = [], {}, 0, []
     for weight, update in sorted(updates.items()):
         base = _resolve(weight, base_shapes, normalised)
         if base is None:
             reasons.append(f"{weight}: not in the base")
             continue
         names[weight] = base
-        if not _same_shape(update.weight_shape, tuple(base_shapes[base])):
-            reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
-        else:
+        if _same_shape(update.weight_shape, tuple(base_shapes[base])):
             matched += 1
-    same, new, resized = [], [], []
+        elif _tokens_added(base, update.weight_shape, base_shapes[base]):  # a LoRA on the resized embeddings
+            resized.append(f"{weight}: {base_shapes[base][0]} -> {update.weight_shape[0]} tokens")
+            matched += 1
+        else:
+            reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
+    same, new = [], []
     for name, shape in sorted(saved.items()):
         base = _resolve(name, base_shapes, normalised)
         if base is None:
             new.append(name)
         elif tuple(base_shapes[base]) == tuple(shape):
             same.append(name)
-        elif is_vocabulary(base) and len(shape) == 2 and tuple(shape[1:]) == tuple(base_shapes[base][1:]):
+        elif _tokens_added(base, shape, base_shapes[base]):
             resized.append(f"{name}: {base_shapes[base][0]} -> {shape[0]} tokens")
         else:
             reasons.append(f"{name} (modules_to_save): saved {list(shape)}, the base has {list(base_shapes[base])}")

@@ -182,23 +182,31 @@ def test_compatibility_with_the_wrong_base(tmp_path: Path) -> None:
     assert unrelated.verdict == "incompatible" and unrelated.matched == 0
 
 
-def test_resized_vocabulary_saved_with_the_adapter_is_compatible(tmp_path: Path) -> None:
-    """A chat fine-tune that added tokens: PEFT saves the resized embed_tokens and lm_head with the LoRA
-    (`save_embedding_layers`); the base (before its resize) is still its base. A hidden size that differs is not."""
+@pytest.mark.parametrize("targets, saved_names", [
+    (["q_proj"], ["lm_head.weight", "model.embed_tokens.weight"]),
+    (["q_proj", "embed_tokens"], ["model.embed_tokens.weight"]),  # a LoRA on the resized embeddings too
+])
+def test_resized_vocabulary_saved_with_the_adapter_is_compatible(tmp_path: Path, targets: list[str],
+                                                                 saved_names: list[str]) -> None:
+    """A chat fine-tune that added tokens: PEFT saves the resized embed_tokens (and lm_head) with the LoRA
+    (`save_embedding_layers`; a LoRA-wrapped one under `base_layer`); the base, before its resize, is still
+    its base. A hidden size that differs is not."""
     base = {k: v.shape for k, v in state(tiny_llama(seed=5)).items()}
     model = tiny_llama()
     model.resize_token_embeddings(64 + 2)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
     perturb(peft_model, 3)
     peft_model.save_pretrained(tmp_path, save_embedding_layers=True)
     path = tmp_path / "adapter_config.json"
     path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": BASE}))
     config, tensors = read_adapter(tmp_path)
     saved = {k: tensors[v].shape for k, v in saved_modules(tensors).items()}
-    assert sorted(saved) == ["lm_head.weight", "model.embed_tokens.weight"] and saved["lm_head.weight"][0] == 66
-    ok = check_compatibility(lora_updates(config, tensors), saved, base)
-    assert ok.verdict == "compatible" and ok.reasons == ()
-    assert ok.saved_resized == ("lm_head.weight: 64 -> 66 tokens", "model.embed_tokens.weight: 64 -> 66 tokens")
+    assert sorted(saved) == saved_names and all(shape[0] == 66 for shape in saved.values())
+    updates = lora_updates(config, tensors)
+    ok = check_compatibility(updates, saved, base)
+    assert ok.verdict == "compatible" and ok.reasons == () and ok.matched == len(updates)
+    assert {r.split(":")[0] for r in ok.saved_resized} >= set(saved_names)
+    assert all(r.endswith("64 -> 66 tokens") for r in ok.saved_resized)
     narrower = check_compatibility({}, {"model.embed_tokens.weight": (66, 16)}, base)
     assert narrower.verdict == "incompatible" and "modules_to_save" in narrower.reasons[0]
 
