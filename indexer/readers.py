@@ -295,6 +295,10 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
                       file: str, header_bytes: int, extra: Mapping[str, Any]) -> QuantizedRead:
     """The read of a GGUF model given its header (a split set's merged view) and, per tensor, the source and
     header that hold it; `extra` is added to its details."""
+    if view.metadata.get("general.type") == "adapter":  # llama.cpp's convert_lora_to_gguf: lora_a / lora_b
+        raise UnsupportedModelError(view.name, f"a GGUF {view.metadata.get('adapter.type', 'adapter')} adapter "
+                                               f"({view.architecture}): adapters are read from PEFT or LoRA "
+                                               "safetensors files, not from GGUF")
     names = {normalise_name(h.hf_name): h for h in hf_names(view).values()}
     if not names:
         raise UnsupportedModelError(view.name, f"GGUF architecture {view.architecture!r} has no Hugging Face "

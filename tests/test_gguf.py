@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from errors import GGUFError
+from errors import GGUFError, UnsupportedModelError
 from indexer.zoo.quantize import _ggml, ggml_quantize, quantize_blocks
 from sketches.gguf import (
     QUANT_RELATIVE_ERROR,
@@ -421,6 +421,19 @@ def test_falcon_fused_qkv_of_kv_groups_regrouped(tmp_path: Path) -> None:
     assert name.hf_name == "transformer.h.0.self_attention.query_key_value.weight" and name.qkv_heads == (heads, kv)
     np.testing.assert_array_equal(read_hf_tensor(rec.source, header, name), qkv)
     np.testing.assert_array_equal(read_hf_tensor(rec.source, header, name, rows=(10, 30)), qkv[10:30])
+
+
+def test_a_gguf_lora_adapter_is_refused_by_name(tmp_path: Path) -> None:
+    """llama.cpp's convert_lora_to_gguf writes general.type = adapter and blk.N.attn_q.weight.lora_a / _b: not a
+    model whose architecture lacks a name map, a LoRA adapter this reader does not take."""
+    from indexer.readers import read_gguf
+    from sketches.safetensors import FileSource
+
+    meta = {"general.type": "adapter", "adapter.type": "lora", "llama.block_count": 1}
+    path = write_gguf(tmp_path / "lora.gguf", "llama", {"blk.0.attn_q.weight.lora_a": (gaussian(4, 32), "F32"),
+                                                        "blk.0.attn_q.weight.lora_b": (gaussian(32, 4), "F32")}, meta=meta)
+    with pytest.raises(UnsupportedModelError, match="a GGUF lora adapter"):
+        read_gguf(FileSource(str(path)), budget=1 << 20)
 
 
 def test_permutation_can_be_turned_off(tmp_path: Path) -> None:
