@@ -379,7 +379,7 @@ class HubSource:
         discussions = self._api(entry.repo_id, "discussions", lambda: list(self.api.get_repo_discussions(
             entry.repo_id, author=CONVERSION_BOT, discussion_type="pull_request", discussion_status="open")))
         for pr in discussions:
-            if pr.title != CONVERSION_TITLE or not pr.is_pull_request:
+            if not is_conversion_pr(pr.title, pr.author, pr.status, pr.is_pull_request):
                 continue
             commits = self._api(entry.repo_id, "commits", lambda ref=pr.git_reference: self.api.list_repo_commits(
                 entry.repo_id, revision=ref))
@@ -530,6 +530,11 @@ def read_spans(source: ByteSource, spans: Sequence[tuple[int, int]]) -> list[byt
     return list(many(spans)) if many is not None else [source.read(a, b) for a, b in spans]
 
 
+def is_conversion_pr(title: str, author: str, status: str, is_pull_request: bool) -> bool:
+    """The conversion bot's open safetensors PR (the one transformers' auto-conversion looks for)."""
+    return is_pull_request and status == "open" and author == CONVERSION_BOT and title == CONVERSION_TITLE
+
+
 @dataclass(frozen=True)
 class Conversion:
     """Where a pickle-only repo's weights are read as safetensors: a PR's ref, its commit, its files."""
@@ -638,8 +643,8 @@ def local_conversion(folder: Path, repo_id: str) -> tuple[str, Path] | None:
 
     meta = load_hub_json(root / "hub.json").get(repo_id)
     for pr in reversed(meta.discussions if meta is not None else ()):
-        if (pr.is_pull_request and pr.status == "open" and pr.author == CONVERSION_BOT and pr.title == CONVERSION_TITLE
-                and not pr.stale and (folder / PULL_REQUEST_DIR / str(pr.num)).is_dir()):
+        if (is_conversion_pr(pr.title, pr.author, pr.status, pr.is_pull_request) and not pr.stale
+                and (folder / PULL_REQUEST_DIR / str(pr.num)).is_dir()):
             return pr.ref, folder / PULL_REQUEST_DIR / str(pr.num)
     return None
 

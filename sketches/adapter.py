@@ -599,9 +599,12 @@ def _resolve(name: str, base_shapes: Mapping[str, tuple[int, ...]], normalised: 
     return normalised.get(normalise_name(name)) or normalised.get(_flat(name))
 
 
-def _tokens_added(base_name: str, shape: Sequence[int], base: Sequence[int]) -> bool:
-    """A vocabulary matrix that differs from the base's in its rows (tokens) only."""
-    return is_vocabulary(base_name) and len(shape) == 2 == len(base) and shape[1] == base[1]
+def _tokens_added(name: str, base_name: str, shape: Sequence[int], base: Sequence[int]) -> str:
+    """"<name>: <rows> -> <rows> tokens" for a vocabulary matrix that differs from the base's in its rows
+    (tokens) only, else ""."""
+    if is_vocabulary(base_name) and len(shape) == 2 == len(base) and shape[1] == base[1]:
+        return f"{name}: {base[0]} -> {shape[0]} tokens"
+    return ""
 
 
 def _same_shape(update: tuple[int, ...], base: tuple[int, ...]) -> bool:
@@ -633,8 +636,8 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
         names[weight] = base
         if _same_shape(update.weight_shape, tuple(base_shapes[base])):
             matched += 1
-        elif _tokens_added(base, update.weight_shape, base_shapes[base]):  # a LoRA on the resized embeddings
-            resized.append(f"{weight}: {base_shapes[base][0]} -> {update.weight_shape[0]} tokens")
+        elif note := _tokens_added(weight, base, update.weight_shape, base_shapes[base]):  # LoRA on resized embeddings
+            resized.append(note)
             matched += 1
         else:
             reasons.append(f"{weight}: update is {list(update.weight_shape)}, the base has {list(base_shapes[base])}")
@@ -645,8 +648,8 @@ def check_compatibility(updates: Mapping[str, LoraUpdate], saved: Mapping[str, t
             new.append(name)
         elif tuple(base_shapes[base]) == tuple(shape):
             same.append(name)
-        elif _tokens_added(base, shape, base_shapes[base]):
-            resized.append(f"{name}: {base_shapes[base][0]} -> {shape[0]} tokens")
+        elif note := _tokens_added(name, base, shape, base_shapes[base]):
+            resized.append(note)
         else:
             reasons.append(f"{name} (modules_to_save): saved {list(shape)}, the base has {list(base_shapes[base])}")
     if not updates and not saved:

@@ -118,8 +118,9 @@ def _ldm_layout(names: Iterable[str]) -> UNetLayout | None:
     return UNetLayout(per_level, tuple(down), tuple(up))
 
 
-def _count(parts: dict[tuple[str, int], set[str]], kind: str) -> int:
-    return 1 + max((i for k, i in parts if k == kind), default=-1)
+def _count(keys: Iterable[tuple[str, int]], kind: str) -> int:
+    """How many blocks (levels) of `kind` the (kind, index) keys number: 1 + the largest index."""
+    return 1 + max((i for k, i in keys if k == kind), default=-1)
 
 
 def _diffusers_layout(names: Iterable[str]) -> UNetLayout | None:
@@ -129,8 +130,8 @@ def _diffusers_layout(names: Iterable[str]) -> UNetLayout | None:
         m = _DIFFUSERS_BLOCK.match(name)
         if m is not None:
             seen.setdefault((m.group(1), int(m.group(2))), {}).setdefault(m.group(3), set()).add(int(m.group(4)))
-    down = [seen.get(("down_blocks", b), {}) for b in range(_count_levels(seen, "down_blocks"))]
-    up = [seen.get(("up_blocks", b), {}) for b in range(_count_levels(seen, "up_blocks"))]
+    down = [seen.get(("down_blocks", b), {}) for b in range(_count(seen, "down_blocks"))]
+    up = [seen.get(("up_blocks", b), {}) for b in range(_count(seen, "up_blocks"))]
     if not down or len(up) != len(down):
         return None
     per_level = len(down[0].get("resnets", ()))
@@ -139,10 +140,6 @@ def _diffusers_layout(names: Iterable[str]) -> UNetLayout | None:
         return None
     return UNetLayout(per_level, tuple(("attentions" in lv, "downsamplers" in lv) for lv in down),
                       tuple(("attentions" in lv, "upsamplers" in lv) for lv in up))
-
-
-def _count_levels(seen: dict[tuple[str, int], dict[str, set[int]]], kind: str) -> int:
-    return 1 + max((b for k, b in seen if k == kind), default=-1)
 
 
 def _rename(name: str, prefixes: Pairs, inner: dict[str, str]) -> str | None:

@@ -207,6 +207,12 @@ def _walk_files(repo_dir: Path) -> list[tuple[str, os.stat_result, Path]]:
     return sorted(found, key=lambda item: item[0])  # deterministic
 
 
+def _blobs(walked: list[tuple[str, os.stat_result, Path]]) -> dict[str, Blob]:
+    """The walked files as blobs, by relative path."""
+    return {rel: DiskBlob(full, st.st_size, st.st_mtime_ns, is_lfs(rel, st.st_size), st.st_ctime_ns, st.st_ino)
+            for rel, st, full in walked}
+
+
 def repo_sha(repo_id: str, files: Mapping[str, Blob]) -> str:
     lines = [f"{path}\0{blob.size}\0{blob.fingerprint()}" for path, blob in files.items()]
     return hashlib.sha1((repo_id + "\n" + "\n".join(lines)).encode()).hexdigest()
@@ -255,10 +261,7 @@ class RepoSource:
         walked = _walk_files(repo_dir)
         if not walked:
             return None  # an empty folder is not a repo yet (someone is about to fill it)
-        files: dict[str, Blob] = {
-            rel: DiskBlob(full, st.st_size, st.st_mtime_ns, is_lfs(rel, st.st_size), st.st_ctime_ns, st.st_ino)
-            for rel, st, full in walked
-        }
+        files = _blobs(walked)
         mtimes = [st.st_mtime_ns for _, st, _ in walked]
         meta = metas.get(repo_id, RepoMeta())
         created = meta.created_at or iso_ms(min(mtimes))
@@ -300,8 +303,7 @@ class RepoSource:
 def _pull_request(main: Repo, discussion: Discussion, repo_dir: Path) -> Repo:
     """A PR's revision: main's files with the PR folder's laid over them, on main's commit (or, when
     `stale`, on an older one), its sha from both."""
-    added = {rel: DiskBlob(full, st.st_size, st.st_mtime_ns, is_lfs(rel, st.st_size), st.st_ctime_ns, st.st_ino)
-             for rel, st, full in _walk_files(repo_dir / PULL_REQUEST_DIR / str(discussion.num))}
+    added = _blobs(_walk_files(repo_dir / PULL_REQUEST_DIR / str(discussion.num)))
     files = dict(sorted({**main.files, **added}.items()))
     parent = hashlib.sha1(f"before {main.sha}".encode()).hexdigest() if discussion.stale else main.sha
     sha = hashlib.sha1(f"{parent}\n{discussion.ref}\n{repo_sha(main.repo_id, files)}".encode()).hexdigest()

@@ -447,7 +447,7 @@ class LineageIndex:
         for pair in pairs:
             if pair.related:  # type: ignore[attr-defined]
                 r = pair.other  # type: ignore[attr-defined]
-                hop |= {forest.parent(r)} | {c for c in forest._out[r] if forest.parent(c) == r}
+                hop |= {forest.parent(r), *_children(forest, r)}
         hop -= seen | {""}
         near = {r: i for i, (r, _) in enumerate(state.vectors.nearest(sketch.vector, 4 * self.k))}
 
@@ -463,7 +463,7 @@ class LineageIndex:
         # parent is a root, or hangs under a cousin, one step beyond the parent's relatives (wild-conv-s2,
         # order 0: the long high-lr run, equally far by sketch from its whole family, was the root above a
         # cousin the parent's hop held, and was never compared with its parent)
-        further = {n for r in chosen for n in (forest.parent(r), *(c for c in forest._out[r] if forest.parent(c) == r))}
+        further = {n for r in chosen for n in (forest.parent(r), *_children(forest, r))}
         return chosen + rank(further - seen - set(chosen) - {""})[: self.expand - len(chosen)]
 
     def _copy_relative(self, state: _Family, repo_id: str, mine: Mapping[str, np.ndarray], other: str,
