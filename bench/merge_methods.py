@@ -10,7 +10,9 @@ everything else (so every earlier merge is in their pools, as on the Hub, where 
 parents pile up): task arithmetic, breadcrumbs-TIES, DELLA, model stock (three models over the base), DARE
 linear, a three-model linear merge, NuSLERP and a SLERP whose t varies by layer and module (mergekit's README
 example); then (session 11) Karcher, Multi-SLERP, SCE, RAM, DELLA linear, plain breadcrumbs, Arcee Fusion,
-NearSwap, and two passthrough frankenmerges (a layer swap, and a 3-layer stack). Then `index recover OUT` and, per merge, the recovered
+NearSwap, and two passthrough frankenmerges (a layer swap, and a 3-layer stack); then (session 13) two
+mergekit-moe Mixtrals (F32 over base-a, BF16 with three experts over b-ft1) and a Q8_0 GGUF of the first
+(its quantized child). Then `index recover OUT` and, per merge, the recovered
 relation and parents against the true ones; the `index eval` summary last.
 """
 
@@ -24,11 +26,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from safetensors.numpy import load_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from indexer.evaluate import evaluate, read_relations_csv, read_truth_csv, render_report
 from indexer.lineage import recover as rec
 from indexer.lineage.methods import Options
+from indexer.zoo.quantize import write_llama_gguf
+from indexer.zoo.relations import HEADS, KV_HEADS, mergekit_moe, word_tokenizer
 
 ORG = "rel"
 # (name, mergekit method, models, base, weights, parameters): none of these methods is in the zoo's recipe
@@ -57,11 +63,26 @@ RECIPES: tuple[tuple[str, str, tuple[str, ...], str | None, tuple[float, ...] | 
     # a-ft1's two layers and a-ft2's second (the zoo's models have 2 layers: "slices" are layer ranges)
     ("a-passthrough-swap", "passthrough", ("a-ft1", "a-ft2"), None, None, {"slices": [(0, 1), (1, 2)]}),
     ("a-passthrough-up", "passthrough", ("a-ft1", "a-ft2"), None, None, {"slices": [(0, 2), (1, 2)]}),
+    # session 13: mergekit-moe Mixtrals (attention from the base, one expert per model's MLP, random
+    # routers): two experts in F32; three in BF16 over a fine-tune as the base (one of the experts' own
+    # models); the parents are the base and every expert's model
+    ("a-moe", "moe", ("a-ft1", "a-ft2"), "base-a", None, {"dtype": "float32"}),
+    ("b-moe3-bf16", "moe", ("b-ft1", "b-ft2", "base-b"), "b-ft1", None, {"dtype": "bfloat16"}),
 )
+# a Q8_0 GGUF of a MoE merge (convert_hf_to_gguf's stacked experts), uploaded after it: its quantized child
+GGUF_OF = ("a-moe", "a-moe-Q8_0-GGUF")
 
 
 def merge(rel: Path, name: str, method: str, models: tuple[str, ...], base: str | None,
           weights: tuple[float, ...] | None, params: dict[str, Any]) -> None:
+    if method == "moe":  # models: the experts' models; the base gives the rest
+        assert base is not None
+        word_tokenizer(rel / base)
+        mergekit_moe(rel / name, rel / base, tuple(rel / m for m in models), dtype=params["dtype"])
+        for f in (rel / name).iterdir():  # as the zoo's repos: weights and config only
+            if f.name.startswith("tokenizer") or f.suffix == ".yml":
+                f.unlink()
+        return
     if method == "passthrough":  # one source per slice, in order
         stack = {"merge_method": method, "dtype": "float32", "slices": [
             {"sources": [{"model": str(rel / m), "layer_range": list(r)}]} for m, r in zip(models, params["slices"], strict=True)]}
@@ -107,7 +128,14 @@ def build(zoo: Path, out: Path) -> None:
         for i, (name, method, models, base, weights, params) in enumerate(RECIPES):
             merge(out / ORG, name, method, models, base, weights, params)
             hub["repos"][f"{ORG}/{name}"] = {"createdAt": f"2024-01-02T{i:02d}:00:00.000Z"}
-            w.writerow([f"{ORG}/{name}", ";".join(f"{ORG}/{m}" for m in models), "merge"])
+            parents = models + ((base,) if method == "moe" and base not in models else ())
+            w.writerow([f"{ORG}/{name}", ";".join(f"{ORG}/{m}" for m in parents), "merge"])
+        source, copy = GGUF_OF
+        (out / ORG / copy).mkdir()
+        write_llama_gguf(out / ORG / copy / f"{copy}.gguf", load_file(str(out / ORG / source / "model.safetensors")),
+                         "Q8_0", heads=HEADS, kv_heads=KV_HEADS)
+        hub["repos"][f"{ORG}/{copy}"] = {"createdAt": f"2024-01-02T{len(RECIPES):02d}:00:00.000Z"}
+        w.writerow([f"{ORG}/{copy}", f"{ORG}/{source}", "quantized"])
     (out / "hub.json").write_text(json.dumps(hub))
 
 
@@ -124,11 +152,11 @@ def main() -> None:
     print("| merge | method | recovered relation | recovered parents | parent set right |")
     print("|---|---|---|---|---|")
     for child, (parents, relation) in sorted(truth.items()):
-        if relation != "merge":
+        if relation != "merge" and child != f"{ORG}/{GGUF_OF[1]}":
             continue
         row = rows[child]
         got = [p for p, _ in row.parents] if row.relation == "merge" else [row.parent]
-        method = methods.get(child, "zoo recipe")
+        method = methods.get(child, "gguf Q8_0" if relation == "quantized" else "zoo recipe")
         shown = ", ".join(f"{p} {w:.2f}" for p, w in row.parents) if row.relation == "merge" else row.parent
         print(f"| {child} | {method} | {row.relation} | {shown} | {set(got) == set(parents)} |")
     print()

@@ -91,6 +91,7 @@ from indexer.sources import (
     read_spans,
 )
 from sketches.adapter import has_factors, loose_layout
+from sketches.experts import expert_views
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -307,7 +308,7 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
             where[info.name] = (file, info)
     if weight_map is not None and (lost := sorted(set(weight_map) - set(where))):
         raise SafetensorsError(repo.entry.repo_id, f"the index lists {lost[0]!r} but its shard does not hold it")
-    return sources, dict(sorted(where.items()))
+    return sources, expert_views(where)  # fused MoE experts as one matrix each, sorted
 
 
 # --- steps 3-4: plan, read, decode ---------------------------------------------------------------------

@@ -303,7 +303,8 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
     if not names:
         raise UnsupportedModelError(view.name, f"GGUF architecture {view.architecture!r} has no Hugging Face "
                                                "name map in the gguf package")
-    shapes = {n: _hf_shape(view.get(h.gguf_name).shape, h.transposed) for n, h in sorted(names.items())}
+    shapes = {n: _hf_shape(view.get(h.gguf_name).shape[1 if h.expert is not None else 0:], h.transposed)
+              for n, h in sorted(names.items())}
     family = family_key(shapes)
     plan = plan_reads({n: _virtual(n, s) for n, s in shapes.items()}, family=family, budget=budget)
     arrays, errors = {}, []

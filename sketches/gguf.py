@@ -39,7 +39,7 @@ import math
 import re
 import struct
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cache
 
 import gguf
@@ -552,6 +552,7 @@ class HFName:
     heads: int | None  # llama q/k: rows permuted by the converter within each of this many heads
     qkv_heads: tuple[int, int] | None = None  # fused q/k/v (GPT-NeoX, BLOOM, Falcon): (heads, kv heads);
     # HF rows by kv group (its q heads, then its k and v), GGUF rows by part
+    expert: int | None = None  # one expert of a stacked MoE tensor (blk.N.ffn_gate_exps: (experts, I, H))
 
 
 # HF names each naming family uses; among gguf's aliases for a tensor (all architectures' spellings) the
@@ -579,6 +580,10 @@ _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.
 PERMUTED_ARCHITECTURES = frozenset({"llama", "granite", "granitemoe", "smollm3", "arcee", "llama-embed", "afmoe",
                                     "minicpm"})
 _SUFFIXES = (".weight", ".bias")
+# Stacked MoE experts (convert_hf_to_gguf.py stacks Mixtral's w1 / w3 / w2, Qwen-MoE's gate / up / down of
+# every expert into one tensor of numpy shape (experts, out, in)): one HF matrix per expert, under the
+# names sketches.experts gives every MoE layout.
+_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)_exps$")
 
 
 @cache
@@ -606,7 +611,8 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
     """GGUF tensor name -> its Hugging Face name, for the tensors gguf's name map knows (sorted).
 
     `permuted` overrides whether llama's q/k rows are in llama.cpp's order (default: the architecture
-    says). Tensors with no HF counterpart (stacked MoE experts, rope tables) are left out.
+    says). Tensors with no HF counterpart (rope tables) are left out; a stacked MoE tensor is one HF
+    matrix per expert (keys `<gguf name>#<expert>`, `HFName.expert`).
     """
     arch = header.architecture
     n_blocks = _int_meta(header, f"{arch}.block_count") or 1 + max(
@@ -619,6 +625,11 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
     names: dict[str, HFName] = {}
     for info in header.tensors:
         stem, suffix = _split_suffix(info.name)
+        if (stacked := _EXPERTS.match(stem)) and len(info.shape) == 3 and suffix == ".weight":
+            for e in range(info.shape[0]):
+                hf = f"model.layers.{stacked.group(1)}.mlp.experts.{e}.{stacked.group(2)}_proj.weight"
+                names[f"{info.name}#{e}"] = HFName(info.name, hf, False, None, expert=e)
+            continue
         if stem not in reverse:
             continue
         hf = reverse[stem] + suffix
@@ -688,6 +699,8 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     or a 1-D one is read whole, then sliced.
     """
     info = header.get(name.gguf_name)
+    if name.expert is not None:
+        info = expert_info(info, name.expert)
     n_rows = info.shape[0]
     order = _row_order(source, info, name)
     if name.transposed or len(info.shape) < 2:
@@ -705,6 +718,16 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     if not len(wanted):
         return np.empty((0, *info.shape[1:]), dtype=np.float32)
     return _read_runs(source, info, wanted)
+
+
+def expert_info(info: GGUFTensorInfo, expert: int) -> GGUFTensorInfo:
+    """One expert of a stacked (experts, out, in) tensor as a 2-D tensor of its own: its rows are whole
+    blocks of the file (ne0, the row, is a multiple of the block), so its bytes are one contiguous range."""
+    if len(info.dims) != 3 or not 0 <= expert < info.dims[2]:
+        raise GGUFError(info.name, f"no expert {expert} in a tensor of dims {info.dims}")
+    size = info.nbytes // info.dims[2]
+    begin = info.begin + expert * size
+    return replace(info, name=f"{info.name}#{expert}", dims=info.dims[:2], begin=begin, end=begin + size)
 
 
 def _read_runs(source: ByteSource, info: GGUFTensorInfo, wanted: np.ndarray) -> np.ndarray:

@@ -6,7 +6,8 @@ Names. Real relatives store the same weights under other names: a task model pre
 (`bert.`, `vit.`, `transformer.`, `model.`), sentence-transformers saves `0.auto_model.`, a PEFT merge
 `base_model.model.`, DDP `module.`, torch.compile `_orig_mod.`; TF / Flax conversions use `/` and
 `layer_._N`. `normalise_name` strips those prefixes (repeatedly, at the start only) and maps the
-separators, so every comparison below is on normalised names; `canonical_tensors` also drops what is
+separators (and Mixtral's expert names to every MoE's: `sketches.experts`), so every comparison below is
+on normalised names; `canonical_tensors` also drops what is
 not a learned float weight: integer / bool tensors and the known buffers (`position_ids`,
 `num_batches_tracked`, GPT-2's causal mask `attn.bias`, rotary `inv_freq`, ...), which one library
 version saves and the next does not, and which are identical in unrelated models (a mask would make
@@ -21,7 +22,8 @@ a readable guess (vit, bert, llama, conv, generic) used only for display.
 
 Core. Models whose keys differ can still be relatives (a new layer inserted before the head, a depth
 cut, a pooler added): `core_overlap` is the share of the smaller body's values held in tensors both
-have with one name and shape. Two keys whose bodies overlap by at least CORE_SHARE are one family
+have with one name and shape (a dense MLP matrix held by a MoE's expert of its name and shape, so a
+mergekit-moe shares its dense relatives' whole body). Two keys whose bodies overlap by at least CORE_SHARE are one family
 (`merge_families`). Why 0.75: measured on real `transformers` layouts (bench/core_overlap.py, table in
 bench/RESULTS.md) overlaps are 0 between other widths, 0.56 between ResNet-18 and ResNet-50 (a shared
 stem and first stage, different architectures), and 1.0 for a resized or added head, a depth cut
@@ -56,6 +58,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from errors import UnsupportedModelError
+from sketches.experts import expert_alias, mixtral_name
 from sketches.ldm import unet_names
 
 logger = logging.getLogger(__name__)
@@ -138,7 +141,7 @@ def is_buffer(name: str) -> bool:
 
 def normalise_name(name: str) -> str:
     """The name a tensor is compared under: framework separators mapped, known prefixes stripped."""
-    out = name.removesuffix(":0").replace("/", ".")
+    out = mixtral_name(name.removesuffix(":0").replace("/", "."))
     out = re.sub(r"layer_\._(\d+)", r"layer.\1", out)
     out = re.sub(r"^tf_[a-z0-9_]+\.", "", out)  # a TF main layer's name (tf_bert_model/...)
     stripped = True
@@ -193,13 +196,18 @@ def _body(shapes: Mapping[str, Shape]) -> dict[str, Shape]:
 
 
 def core_overlap(a: Mapping[str, Shape], b: Mapping[str, Shape]) -> float:
-    """Share of the smaller body's values in tensors both bodies hold with one name and shape (0..1)."""
+    """Share of the smaller body's values in tensors both bodies hold with one name and shape (0..1).
+
+    A dense MLP matrix is held by a MoE holding an expert of that name and shape (`sketches.experts`):
+    a MoE made of its dense relatives' MLPs shares their whole body."""
     body_a, body_b = _body(a), _body(b)
     size_a = sum(math.prod(s) for s in body_a.values())
     size_b = sum(math.prod(s) for s in body_b.values())
     if not size_a or not size_b:
         return 0.0
-    shared = sum(math.prod(s) for n, s in body_a.items() if body_b.get(n) == s)
+    small, large = (body_a, body_b) if size_a <= size_b else (body_b, body_a)
+    experts = {(expert_alias(n), s) for n, s in large.items() if expert_alias(n)}
+    shared = sum(math.prod(s) for n, s in small.items() if large.get(n) == s or (n, s) in experts)
     return shared / min(size_a, size_b)
 
 

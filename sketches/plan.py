@@ -23,6 +23,8 @@ the bytes).
     5. Task heads (classifier, score, fc, pooler: `sketches.layers.is_task_head`, never a vocabulary
        matrix), the first HEAD_BLOCK_ELEMENTS of each, in the budget left over. They never enter a distance:
        they break the ties of bit-identical bodies (frozen-backbone transfer), as in batch recovery.
+    6. A MoE's experts (`sketches.experts`): a small block of every expert's gate matrix at the first
+       layer read, beyond the budget (`_expert_blocks`).
 
 Why value matrices in tall blocks (bench/budget_7b.py, RESULTS.md "Accuracy per byte at 7B scale"): every
 kind of fine-tuning step moves them (full, merged LoRA on q/v or on every linear layer, continued
@@ -41,7 +43,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
 from errors import UnsupportedModelError
-from sketches.layers import is_head, is_task_head, select_layers
+from sketches.experts import expert_alias
+from sketches.layers import is_head, is_task_head, normalise_name, select_layers
 from sketches.safetensors import TensorInfo
 
 __all__ = ["PLAN_V2", "PLAN_V3", "BlockRead", "Piece", "PlanSpec", "RangeRead", "ReadPlan", "coalesce", "layer_template", "plan_reads",
@@ -56,6 +59,7 @@ PLAN_VERSION = 3
 PLAN_ITEMSIZE = 2
 MIN_BLOCK_BYTES = 64 * 1024
 HEAD_BLOCK_ELEMENTS = 16 * 1024  # a 16-class head of width 1,024; a 1,000-class head reads its first rows
+EXPERT_BLOCK_ELEMENTS = 64 * 1024  # 16 rows of width 4,096 per expert (step 6)
 # Output projections: the modules fine-tuning moves most (bench/update_stats.py: o / attention-output 1.2-1.7x
 # and MLP-out 1.2-1.3x a model's median update, q and k 0.2-0.7x), in Llama, ViT/BERT and GPT-2 names.
 OUTPUT_PROJECTIONS = r"(?:^|\.)(?:o_proj|down_proj|out_proj|c_proj|fc2|dense)\.weight$"
@@ -231,8 +235,28 @@ def plan_reads(tensors: Mapping[str, TensorInfo], *, family: str, budget: int, s
         chosen, used = _body_blocks(tensors, spread_names(_body_matrices(tensors)), elements, spec)
     if not chosen:
         raise UnsupportedModelError(family, f"a budget of {budget} bytes cannot hold one row of any candidate tensor")
-    chosen += _head_blocks(tensors, elements - used)
+    chosen += _head_blocks(tensors, elements - used) + _expert_blocks(tensors, chosen)
     return ReadPlan(family, budget, tuple(sorted(chosen, key=lambda b: b.tensor)), len(names), model_bytes)
+
+
+def _expert_blocks(tensors: Mapping[str, TensorInfo], chosen: list[BlockRead]) -> list[BlockRead]:
+    """Step 6: a MoE's experts, beyond the budget: the first EXPERT_BLOCK_ELEMENTS of every expert's gate
+    matrix at the first layer read (Mixtral-8x7B: 8 x 128 KiB of BF16). Its dense relatives read no MLP
+    row, so these compare MoEs with MoEs only: two merges over one base read the base's attention and
+    would be one model bit for bit without them (`indexer.incremental.exact`: a model holding tensors
+    the other lacks is no copy of it)."""
+    layers = [_layer(b.tensor) for b in chosen if _layer(b.tensor) >= 0]
+    if not layers:
+        return []
+    out = []
+    for name in sorted(tensors):
+        alias = expert_alias(normalise_name(name))
+        if alias is None or not alias.endswith("gate_proj.weight") or _layer(name) != layers[0]:
+            continue
+        info = tensors[name]
+        rows = max(1, min(info.shape[0], EXPERT_BLOCK_ELEMENTS // max(_row_elements(info), 1)))
+        out.append(BlockRead(name, (0, rows), rows * info.row_bytes, rows == info.shape[0]))
+    return out
 
 
 def _body_blocks(tensors: Mapping[str, TensorInfo], names: list[str], elements: int,

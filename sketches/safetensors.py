@@ -32,6 +32,7 @@ import numpy as np
 
 from errors import BadInputError, SafetensorsError, UnsupportedModelError
 from sketches.dtypes import DTYPE_SIZES, decode
+from sketches.experts import expert_views
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -440,7 +441,7 @@ class RepoWeights:
                             self.root, f"tensor {info.name!r} is in both {where[info.name][0]} and {file}"
                         )
                     where[info.name] = (file, info)
-        return dict(sorted(where.items()))  # deterministic
+        return expert_views(where)  # sorted: deterministic
 
     def tensors(self) -> dict[str, TensorInfo]:
         return {name: info for name, (_, info) in self._where.items()}

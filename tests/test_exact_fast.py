@@ -39,6 +39,7 @@ from sketches.relatedness import as_units, permutation_z, projection
 
 REL = 1e-6  # relative L2 distances: float32 cascade sums of squares (module docstring)
 EXACT = 1e-12  # products of the same float64 numbers in another order
+Z_ABS = 1e-6  # the relatedness z, absolute (see `_assert_same_decisions`)
 
 
 def _close(a: float, b: float, rel: float) -> bool:
@@ -53,7 +54,10 @@ def _assert_same_decisions(new: list[list[PairMeasure]], old: list[list[PairMeas
             assert g.other == s.other
             assert decisions(g) == decisions(s), (g, s)
             assert (g.ku_new, g.ku_other) == (s.ku_new, s.ku_other)  # the same direction layers, summed alike
-            assert _close(g.score, s.score, EXACT), (g.score, s.score)
+            # z near 0 (an unrelated pair): a relative tolerance means nothing there. The two kernels sum in
+            # other orders, and with another CPU's BLAS kernels the z of a pair at 0.07 moved by 9e-10
+            # (2026-12-01 dev box); the test's decision is at z ~ 3, so 1e-6 absolute is still exact
+            assert _close(g.score, s.score, EXACT) or abs(g.score - s.score) < Z_ABS, (g.score, s.score)
             for field in ("distance", "relative", "median_relative", "heads")[0 if s.related else 1:]:
                 assert _close(getattr(g, field), getattr(s, field), REL), (field, g, s)
     return pairs

@@ -96,6 +96,7 @@ from sketches.distances import (
     rank_gaps_of,
     resolve_device,
 )
+from sketches.experts import expert_alias
 from sketches.gram import (
     filter_count,
     gram,
@@ -119,8 +120,12 @@ logger = logging.getLogger(__name__)
 # costs LEAF_PENALTY = 1000 (was 10: lexicographic now, as batch), and a copy's stored `relative` is judged
 # with its row / column scales fitted (indexer.relations.rules.copy_relative). A rule-3 or -4 index is
 # refused like any other (a family's stored rows do not say whether it has conv kernels: its tensors may
-# be evicted).
-PAIR_RULE = 5
+# be evicted). 6: a MoE's experts count as heads (`heads_distance`), and a model holding tensors the other
+# lacks is no copy of it (`_pair`'s `identical`); both change no pair of two dense models, so a rule-5
+# family is accepted when its first model has no expert (indexer.incremental.index._check_pair_rule):
+# before rule 6 a MoE never joined a dense family (sketches.experts).
+PAIR_RULE = 6
+DENSE_COMPATIBLE_RULES = frozenset({5})
 
 
 DEFAULT_PENALTY = 0.4  # log units per unit of T: the kurtosis cue, a factor 1.5 (~ mother's 0.3 x mean(D))
@@ -776,7 +781,8 @@ def _pair(new: ModelView, other: ModelView, i: int,
     identical = bool(len(names) > 0 and not dist.any())
     heads = heads_distance(new.arrays, other.arrays)
     if identical and not low_rank:  # one body (a duplicate, or frozen-backbone transfer): the heads decide
-        identical = heads == 0.0
+        # and a model holding tensors the other lacks (a MoE's experts over its base's attention) is no copy
+        identical = heads == 0.0 and new.arrays.keys() == other.arrays.keys()
         tier = 0.0 if identical else FLOOR * (2.0 + HEAD_TIE_SCALE * heads)
     return PairMeasure(other.repo_id, relative, median_relative, low_rank, tier, related,
                        _ku(new, direction), _ku(other, direction), score, identical, heads)
@@ -806,9 +812,12 @@ def edge_weights(pair: PairMeasure, t_new: float | None, t_other: float | None, 
 
 
 def heads_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    """indexer.lineage.ties' extras distance over the heads each side read (0 when neither read any)."""
-    ha = {n: x for n, x in a.items() if is_head(n)}
-    hb = {n: x for n, x in b.items() if is_head(n)}
+    """indexer.lineage.ties' extras distance over the heads each side read (0 when neither read any), a
+    MoE's experts counted as heads: a tensor one side lacks counts as wholly different, so a dense model
+    is farther than a MoE from a copy of that MoE (a GGUF of a mergekit-moe holds its base's attention
+    too), and two MoEs over one base differ by their experts where a plan read only the base's rows."""
+    ha = {n: x for n, x in a.items() if is_head(n) or expert_alias(n)}
+    hb = {n: x for n, x in b.items() if is_head(n) or expert_alias(n)}
     if not ha and not hb:
         return 0.0
     return float(extras_distance([ha, hb])[0, 1])

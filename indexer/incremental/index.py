@@ -43,6 +43,7 @@ import numpy as np
 from errors import BadInputError, StoreError
 from indexer.incremental.exact import (
     DEFAULT_PENALTY,
+    DENSE_COMPATIBLE_RULES,
     PAIR_RULE,
     TIER_GAP,
     ModelView,
@@ -85,7 +86,8 @@ from indexer.relations.rules import (
 )
 from sketches.adapter import LoraUpdate, lora_updates
 from sketches.distances import Device
-from sketches.layers import is_head, select_layers
+from sketches.experts import expert_alias
+from sketches.layers import is_head, normalise_name, select_layers
 from sketches.sketch import DEFAULT_DIM, SKETCH_VERSION, Sketch, sketch_model
 from store.cache import CACHE_DIR, TensorCache
 from store.families import FamilyRegistry
@@ -262,7 +264,7 @@ class LineageIndex:
     def _load(self, family: str) -> _Family:
         sketches = [r for r in self.store.records("sketches") if r.family == family]  # type: ignore[union-attr]
         stats = [json.loads(r.stats) for r in sketches]  # type: ignore[union-attr]  -- parsed once, used twice
-        _check_pair_rule(family, stats)
+        _check_pair_rule(family, stats, self._registry.families.get(family, {}))
         views, revisions = {}, {}
         for r, st in zip(sketches, stats, strict=True):
             views[r.repo_id] = _view_of(r, st)  # type: ignore[arg-type]
@@ -1081,11 +1083,15 @@ def _load_satellites(home: Path) -> dict[str, Satellite]:
     return out
 
 
-def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]]) -> None:
+def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]], shapes: Mapping[str, object]) -> None:
     """Refuse a family whose candidate edges were weighted by another pair rule: mixing them with new
     edges would make one tree of two incomparable distances (and break the batch-equals-incremental
-    invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail."""
+    invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail. A rule
+    of DENSE_COMPATIBLE_RULES weighed every pair of a family without experts as this rule does: such a
+    family (its first model's tensors, `shapes` from the family registry, hold no expert) is accepted."""
     rules = {int(st.get("pair_rule", 1)) for st in stats}  # type: ignore[call-overload]
+    if not any(expert_alias(normalise_name(n)) for n in shapes):
+        rules -= DENSE_COMPATIBLE_RULES
     if rules - {PAIR_RULE}:
         raise StoreError(f"family {family!r} in this index was built with pair rule {sorted(rules)} and this "
                          f"version weighs candidate edges with rule {PAIR_RULE}; crawl into a fresh INDEX_HOME "

@@ -446,10 +446,12 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
 
 def _relation(family: Family, parent: int, child: int) -> str:
     """"quantized" for a dtype copy (the child, stored in 16 bits, is its parent cast to that dtype,
-    bit for bit, in every compared layer), "finetune" for any other edge, "" for a root."""
+    bit for bit, in every compared layer and every other tensor, as the incremental's `cast_dtype` asks:
+    a BF16 mergekit-moe holds its base's attention cast, and experts the base lacks), "finetune" for any
+    other edge, "" for a root."""
     if parent < 0:
         return ""
-    if family.dtypes and is_dtype_copy(family, parent, child):
+    if family.dtypes and is_dtype_copy(family, parent, child) and _extras_cast_equal(family, parent, child):
         return "quantized"
     return "finetune"
 

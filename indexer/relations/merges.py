@@ -66,6 +66,7 @@ import numpy as np
 from scipy import stats
 
 from indexer.lineage.methods import cast_to
+from sketches.experts import expert_alias, is_router
 from sketches.plan import layer_template
 
 MAX_PARENTS = 3
@@ -309,16 +310,20 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     g, b, xx = products
     singles = np.array([xx - 2 * b[i] + g[i, i] for i in range(len(ids))])  # ||X - Y_i||^2, no rescaling
     best = int(np.argmin(singles))
-    if singles[best] <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain, but layers of its own
-        return _stacked(*whole, names, ids[best]) or MergeFit((), ids[best], 1.0)
+    originals = tuple(i for i, r in enumerate(ids) if r not in merges)
+    groups = [originals, tuple(range(len(ids)))] if 2 <= len(originals) < len(ids) else [tuple(range(len(ids)))]
+    # copies, first of the candidates that are no merges: a BF16 mergekit-moe's F32 twin holds every
+    # tensor it holds, rounded, and would be its one source
+    stacked = next((found for members in groups
+                    if (found := _stacked(whole[0], {ids[i]: whole[1][ids[i]] for i in members}, names, ids[best]))), None)
+    if stacked is not None:
+        return stacked
+    if singles[best] <= 1e-12 * max(xx, 1e-30):  # a duplicate: nothing left to explain
+        return MergeFit((), ids[best], 1.0)
     # over every candidate, merges included: a fine-tune of a merge M is nearest M, and M's parents
     # explain it no better than M does (its own update is outside their span), so it stays M's child
     scaled = max(_scaled_single(g, b, xx), 1e-300)
-    originals = tuple(i for i, r in enumerate(ids) if r not in merges)
-    groups = [originals, tuple(range(len(ids)))] if 2 <= len(originals) < len(ids) else [tuple(range(len(ids)))]
     last = MergeFit((), ids[best], 1.0)
-    if (stacked := _stacked(*whole, names, ids[best])) is not None:
-        return stacked
     for members in groups:
         last = _explain(stored, products, members, scaled, min_share, ids[best])
         if last.is_merge:
@@ -341,20 +346,25 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
     its name or at another layer index of the same module and shape; then the sources, taken greedily
     (the one copying the most tensors first), are the parents, weighted by the share of tensors each
     gave. One source only (its own layers repeated or dropped) is no merge; a tensor copied from none (a
-    layer added and trained: a transfer-learning head) means no passthrough at all."""
+    layer added and trained: a transfer-learning head) means no passthrough at all.
+    A mergekit-moe is one too: its attention, norms and embeddings are its base's, each expert a copy of
+    a relative's MLP at its layer (`sketches.experts.expert_alias`); its routers are skipped. A tensor x
+    holds in BF16 or F16 (`_dtypes`) is a copy of a wider one rounded to that type (mergekit's out_dtype)."""
     own = [n for n in x if n not in common and layer_template(n) is not None and np.ndim(x[n]) >= 2]
     if not own:
         return None
+    # a router is drawn at random or computed from prompts, no copy of anything (sketches.experts)
+    copied = [n for n in sorted(x) if np.ndim(x[n]) >= 2 and not is_router(n)]
+    stored = dict(zip(copied, _dtypes(x, copied), strict=True))  # a copy saved in BF16 is its source rounded
     index: dict[tuple[str, tuple[int, ...], bytes], set[str]] = {}
     for r, arrays in candidates.items():
         for n, a in arrays.items():
             if np.ndim(a) >= 2:
-                index.setdefault(_content_key(n, a), set()).add(r)
+                for dtype in set(stored.values()):
+                    index.setdefault(_content_key(n, cast_to(a, dtype) if dtype else a), set()).add(r)
     sources: dict[str, set[str]] = {}
-    for n, a in x.items():
-        if np.ndim(a) < 2:
-            continue
-        found = index.get(_content_key(n, a), set())
+    for n in copied:
+        found = index.get(_content_key(n, x[n]), set())
         if not found:
             return None
         sources[n] = found
@@ -372,8 +382,10 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
 
 
 def _content_key(name: str, a: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
-    """(module, shape, digest of the float32 bytes): equal for a tensor copied to another layer index."""
+    """(module, shape, digest of the float32 bytes): equal for a tensor copied to another layer index, and
+    for a dense MLP matrix copied into a MoE's expert (`sketches.experts.expert_alias`)."""
     values = np.ascontiguousarray(a, dtype=np.float32)
+    name = expert_alias(name) or name
     return layer_template(name) or name, tuple(values.shape), hashlib.blake2b(values.tobytes(), digest_size=16).digest()
 
 

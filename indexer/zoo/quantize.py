@@ -45,12 +45,37 @@ LLAMA_NAMES = {
     "model.layers.{b}.mlp.gate_proj.weight": "blk.{b}.ffn_gate.weight",
     "model.layers.{b}.mlp.up_proj.weight": "blk.{b}.ffn_up.weight",
     "model.layers.{b}.mlp.down_proj.weight": "blk.{b}.ffn_down.weight",
+    "model.layers.{b}.mlp.gate.weight": "blk.{b}.ffn_gate_inp.weight",  # a MoE's router, and its stacked experts
+    "model.layers.{b}.mlp.experts.gate_proj.weight": "blk.{b}.ffn_gate_exps.weight",
+    "model.layers.{b}.mlp.experts.up_proj.weight": "blk.{b}.ffn_up_exps.weight",
+    "model.layers.{b}.mlp.experts.down_proj.weight": "blk.{b}.ffn_down_exps.weight",
 }
 
 
 def hf_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     """convert_hf_to_gguf.py's LlamaModel.permute: within each head, rotary halves interleaved."""
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _stacked_experts(state: Mapping[str, np.ndarray], writer: gguf.GGUFWriter, arch: str) -> dict[str, np.ndarray]:
+    """A MoE's experts as convert_hf_to_gguf.py writes them (Mixtral): every expert's gate, up and down
+    matrix stacked into blk.N.ffn_{gate,up,down}_exps of numpy shape (experts, out, in), the router as
+    blk.N.ffn_gate_inp, and the expert counts in the metadata. `state` holds transformers 5's fused
+    experts (mlp.experts.gate_up_proj: (E, 2I, H), each expert's gate rows then its up rows;
+    mlp.experts.down_proj: (E, H, I)); a dense state is returned as it is."""
+    out = dict(state)
+    fused = sorted(n for n in state if n.endswith(".mlp.experts.gate_up_proj"))
+    for name in fused:
+        stem = name[: -len(".mlp.experts.gate_up_proj")]
+        gate_up, down = np.asarray(out.pop(name)), np.asarray(out.pop(stem + ".mlp.experts.down_proj"))
+        inner = gate_up.shape[1] // 2
+        out[stem + ".mlp.experts.gate_proj.weight"] = gate_up[:, :inner]
+        out[stem + ".mlp.experts.up_proj.weight"] = gate_up[:, inner:]
+        out[stem + ".mlp.experts.down_proj.weight"] = down
+    if fused:
+        writer.add_uint32(f"{arch}.expert_count", int(np.asarray(state[fused[0]]).shape[0]))
+        writer.add_uint32(f"{arch}.expert_used_count", 2)
+    return out
 
 
 def _gguf_name(hf: str) -> str | None:
@@ -175,6 +200,7 @@ def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
     if base_model:  # the converter's declared lineage (general.base_model.*): audited, never trusted
         writer.add_uint32("general.base_model.count", 1)
         writer.add_string("general.base_model.0.repo_url", f"https://huggingface.co/{base_model}")
+    state = _stacked_experts(state, writer, arch)
     for name in sorted(state):
         target = _gguf_name(name)
         if target is None:

@@ -281,6 +281,33 @@ def _merge(b: _Builder, name: str, method: str, models: tuple[str, str], *, base
     return b.add(ZooModel(f"{ORG}/{name}", "merge", models, weights, recipe), make).repo_id
 
 
+def word_tokenizer(folder: Path, vocab: int = VOCAB) -> None:
+    """A word-level tokenizer of `vocab` tokens (t0, t1, ..., <unk>, <s>) saved into a model folder: the
+    zoo's models are trained on token ids and need none, but mergekit-moe reads its base's tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {f"t{i}": i for i in range(vocab - 2)} | {"<unk>": vocab - 2, "<s>": vocab - 1}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>").save_pretrained(folder)
+
+
+def mergekit_moe(out: Path, base: Path, experts: tuple[Path, ...], *, dtype: str = "float32", seed: int = 0) -> None:
+    """mergekit-moe's Mixtral of dense Llama / Mistral folders: attention, norms and embeddings from `base`,
+    each expert the MLP of one of `experts`, routers drawn at random (gate_mode random: no forward pass, so
+    the output does not depend on the CPU). mergekit writes the experts as its transformers does (5.x:
+    fused mlp.experts.gate_up_proj / down_proj). The base needs a tokenizer (`word_tokenizer`)."""
+    from mergekit.merge import MergeOptions
+    from mergekit.moe.config import MoEMergeConfig
+    from mergekit.scripts.moe import build
+
+    doc = {"base_model": str(base), "gate_mode": "random", "dtype": dtype,
+           "experts": [{"source_model": str(e), "positive_prompts": [f"t{i}"]} for i, e in enumerate(experts)]}
+    build(MoEMergeConfig.model_validate(doc), str(out), MergeOptions(random_seed=seed, quiet=True),
+          device="cpu", allow_all_same=True)
+
+
 def _recipe(b: _Builder) -> None:
     """The zoo's edges, parents first (upload order = this order)."""
     a, c = _pretrain(b, "base-a", 0), _pretrain(b, "base-b", 1)

@@ -1,0 +1,97 @@
+"""Mixture-of-experts layouts: every expert as a 2-D matrix under one name, and the dense module it stands for.
+
+The Hub stores a MoE's experts two ways, and mergekit-moe writes whichever its transformers writes:
+- one 2-D matrix per expert (transformers 4.x; every 2024 "4x7B" merge): Mixtral's
+  `layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight` (gate, up, down), Qwen2-MoE / DeepSeek / OLMoE's
+  `layers.L.mlp.experts.E.{gate,up,down}_proj.weight`;
+- fused 3-D tensors (transformers 5): `layers.L.mlp.experts.gate_up_proj` of (E, 2I, H), each expert's
+  gate rows then its up rows, and `layers.L.mlp.experts.down_proj` of (E, H, I).
+Both read here as `layers.L.mlp.experts.E.{gate,up,down}_proj.weight` (`normalise_name` maps Mixtral's
+names, `expert_views` splits the fused tensors), so a re-save in the other layout is a duplicate, and
+MoEs compare expert by expert.
+
+A fused tensor is split without reading it: expert E's gate matrix is rows [2IE, 2IE + I) of the tensor seen
+as (2IE, H) -- one contiguous byte range of the file -- so each view is a `TensorInfo` over that range,
+read (or range-read by the crawl) like any stored tensor. Only the (E, 2I, H) / (E, H, I) pair is split; a
+fused layout of other orientation (GPT-OSS and Llama 4's (E, H, 2I) with interleaved columns) stays as
+stored, a 3-D tensor the plan does not read.
+
+`expert_alias` names the dense module an expert stands for (`layers.L.mlp.gate_proj.weight`): mergekit-moe
+copies each expert from a dense model's MLP and the attention from its base, so a MoE is comparable with
+its dense relatives (`sketches.layers.core_overlap` counts a dense MLP matrix as held by a MoE holding an
+expert of that name and shape) and a merge of them (`indexer.relations.merges`: every expert a copy of a
+relative's MLP). Routers (`mlp.gate.weight`) are no copy of anything: drawn at random or computed from
+prompts' hidden states."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import replace
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:  # sketches.safetensors splits its headers' fused experts with this module
+    from sketches.safetensors import TensorInfo
+
+_MIXTRAL = re.compile(r"\.block_sparse_moe\.experts\.(\d+)\.w([123])\.weight$")
+_MIXTRAL_ROUTER = re.compile(r"\.block_sparse_moe\.gate\.weight$")
+_W = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
+_EXPERT = re.compile(r"\.mlp\.(?:experts\.\d+|shared_experts?)\.((?:gate|up|down)_proj\.weight)$")
+_ROUTER = re.compile(r"\.mlp\.(?:gate|shared_expert_gate)\.weight$")
+_FUSED_GATE_UP = ".experts.gate_up_proj"
+_FUSED_DOWN = ".experts.down_proj"
+
+K = TypeVar("K")
+
+
+def mixtral_name(name: str) -> str:
+    """Mixtral's per-expert names as every other MoE's (module docstring); other names unchanged."""
+    name = _MIXTRAL.sub(lambda m: f".mlp.experts.{m.group(1)}.{_W[m.group(2)]}.weight", name)
+    return _MIXTRAL_ROUTER.sub(".mlp.gate.weight", name)
+
+
+def expert_alias(name: str) -> str | None:
+    """The dense MLP matrix an expert (or a shared expert) stands for, None for any other tensor."""
+    m = _EXPERT.search(name)
+    return name[:m.start()] + ".mlp." + m.group(1) if m else None
+
+
+def is_router(name: str) -> bool:
+    return _ROUTER.search(name) is not None
+
+
+def expert_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
+    """`where` (stored name -> (file, info)) with each fused (E, 2I, H) gate_up / (E, H, I) down pair replaced by
+    one 2-D view per expert and matrix (module docstring); anything else as it is."""
+    out = dict(where)
+    for name, (file, gate_up) in where.items():
+        if not name.endswith(_FUSED_GATE_UP):
+            continue
+        stem = name[: -len(_FUSED_GATE_UP)]
+        down = where.get(stem + _FUSED_DOWN)
+        if down is None or not _fused_pair(gate_up, down[1]):
+            continue
+        experts, two_i, hidden = gate_up.shape
+        inner = two_i // 2
+        for e in range(experts):
+            for part, first in (("gate_proj", 2 * inner * e), ("up_proj", 2 * inner * e + inner)):
+                out[f"{stem}.experts.{e}.{part}.weight"] = (file, _rows(gate_up, f"{stem}.experts.{e}.{part}.weight",
+                                                                        first, inner, hidden))
+            out[f"{stem}.experts.{e}.down_proj.weight"] = (down[0], _rows(down[1], f"{stem}.experts.{e}.down_proj.weight",
+                                                                          hidden * e, hidden, inner))
+        del out[name], out[stem + _FUSED_DOWN]
+    return dict(sorted(out.items()))
+
+
+def _fused_pair(gate_up: TensorInfo, down: TensorInfo) -> bool:
+    if len(gate_up.shape) != 3 or len(down.shape) != 3 or gate_up.dtype != down.dtype:
+        return False
+    experts, two_i, hidden = gate_up.shape
+    return two_i % 2 == 0 and down.shape == (experts, hidden, two_i // 2)
+
+
+def _rows(info: TensorInfo, name: str, first: int, rows: int, cols: int) -> TensorInfo:
+    """Rows [first, first + rows) of `info` seen as a (-1, cols) matrix: a (rows, cols) tensor of its own."""
+    row_bytes = cols * info.itemsize
+    begin = info.begin + first * row_bytes
+    return replace(info, name=name, shape=(rows, cols), begin=begin, end=begin + rows * row_bytes)
