@@ -222,14 +222,20 @@ def test_at_7b_a_moe_reads_its_dense_relatives_blocks_and_a_block_of_each_expert
 
 def test_read_in_part_a_moe_is_no_duplicate_of_its_base(hub: Path, tmp_path: Path) -> None:
     """A budget under the model's size (the crawl's plan at 7B): the MoE reads its base's attention bit
-    for bit and its experts' first rows, the base no MLP row. It is a fine-tune of the base (its experts'
-    sources need their MLP rows, which the plan does not read), never a `duplicate`; the legacy re-save is
-    a duplicate of the MoE it re-saves."""
+    for bit and its experts' first rows, the base no MLP row. It is no `duplicate` of its base: the fit
+    reads the first rows of its pool's MLP matrices where they live (the index's base reader, by range on
+    the Hub) and finds each expert's source. The legacy re-save is left out of the pool as bit-identical
+    to o/moe and fitted over the same sources, as in batch."""
     order = ("o/base", "o/a", "o/b", "o/moe", "o/moe-legacy")
     add_local(tmp_path / "home", [hub / r for r in order], budget=16 << 10, device="cpu", progress=False)
     edges = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
-    assert (edges["o/moe"].parent, edges["o/moe"].relation) == ("o/base", "finetune")  # type: ignore[attr-defined]
-    assert (edges["o/moe-legacy"].parent, edges["o/moe-legacy"].relation) == ("o/moe", "duplicate")  # type: ignore[attr-defined]
+    for repo in ("o/moe", "o/moe-legacy"):
+        moe = edges[repo]
+        assert (moe.parent, moe.relation) == ("o/base", "merge"), repo  # type: ignore[attr-defined]
+        assert {p for p, _ in moe.parents} == {"o/base", "o/a", "o/b"}  # type: ignore[attr-defined]
+    models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
+    for repo in ("o/base", "o/moe"):  # neither was read whole
+        assert models[repo].bytes_read < (hub / repo / "model.safetensors").stat().st_size / 2, repo  # type: ignore[attr-defined]
 
 
 def test_a_gguf_of_a_moe_reads_its_stacked_experts_and_hangs_under_that_moe(hub: Path, tmp_path: Path) -> None:

@@ -946,7 +946,8 @@ class LineageIndex:
         if x is None or len(views) < len(pool):
             return False  # unreadable now: fitted again when its pool next changes
         keys = {r: self._content(r, state.revisions.get(r, "")) for r in [*views, repo_id]}
-        found = (fit(x.arrays, {r: v.arrays for r, v in views.items()}, merges=[r for r in pool if r in known],
+        found = (fit(x.arrays, {r: self._with_mlp_rows(r, v.arrays, x.arrays) for r, v in views.items()},
+                     merges=[r for r in pool if r in known],
                      cache=self._pair_cache, keys=keys, x_key=keys[repo_id])
                  if len(views) >= 2 else None)
         state.pools[repo_id] = key
@@ -955,6 +956,22 @@ class LineageIndex:
             state.merges[repo_id] = found.parents
             logger.info("%s: a merge of %s (residual ratio %.3f)", repo_id, found.parents, found.ratio)
         return state.merges.get(repo_id) != before
+
+    def _with_mlp_rows(self, repo_id: str, arrays: Mapping[str, np.ndarray],
+                       x: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+        """A candidate's arrays for the fit of x, plus, when x is a MoE read in part, the first rows of the
+        dense MLP matrices x's expert blocks stand for (`sketches.experts.expert_alias`), read by range
+        where the candidate lives (`self.bases`): a plan at 7B reads no MLP row of a dense model, and a
+        mergekit-moe's experts are copies of its sources' MLPs (`indexer.relations.merges._stacked`)."""
+        wanted: dict[str, int] = {}
+        for name, a in x.items():
+            alias = expert_alias(name)
+            if alias is not None and alias not in arrays and np.ndim(a) == 2:
+                wanted[alias] = max(wanted.get(alias, 0), int(np.shape(a)[0]))
+        if not wanted or self.bases is None:
+            return arrays
+        rows = self.bases.rows(repo_id, wanted) or {}
+        return {**arrays, **{n: np.asarray(r, dtype=np.float32) for n, r in rows.items()}}
 
     def _identical(self, state: _Family, a: str, b: str) -> bool:
         """Two relatives at the same distance from a model: bit-identical? (merge_pool asks only then)."""
