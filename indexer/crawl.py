@@ -47,17 +47,19 @@ from typing import Any, Literal
 import numpy as np
 
 from errors import (
+    AdapterError,
     BadInputError,
     GatedRepoError,
+    GGUFError,
     HubError,
     ModelGraphError,
+    QuantizedWeightsError,
     RateLimitedError,
     RepoNotFoundError,
     SafetensorsError,
     StoreError,
     UnsupportedModelError,
 )
-from errors import AdapterError, GGUFError, QuantizedWeightsError
 from indexer.readers import (
     ADAPTER_CONFIG,
     ADAPTER_FAMILY,
@@ -87,9 +89,11 @@ from indexer.sources import (
     LocalRepo,
     ModelEntry,
     RepoFiles,
+    declared_bases,
     reachable,
     read_spans,
 )
+from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
 from sketches.experts import expert_views
 from sketches.layers import canonical_tensors, family_key
@@ -108,7 +112,6 @@ from sketches.safetensors import (
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
-from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from store.tables import Store, open_store, read_records, read_table
 
 logger = logging.getLogger(__name__)
@@ -909,7 +912,10 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
     The hook collects arrivals and places them `LINEAGE_BATCH` at a time (`LineageIndex.add_many`: the
     same result as one by one, with the exact kernel batched over all their short lists -- on the GPU
     when there is one); the flush places the rest, then writes the lineage rows after the models rows."""
-    from indexer.incremental.index import Arrival, LineageIndex  # torch + faiss: only when lineage runs
+    from indexer.incremental.index import (  # torch + faiss: only when lineage runs
+        Arrival,
+        LineageIndex,
+    )
     from indexer.incremental.satellites import AdapterArrival
 
     lineage = LineageIndex(store, k=k, device=device, flush_every=1 << 30, cache=cache,  # flushed with the models rows
@@ -930,7 +936,7 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
                                                                  model.adapter, model.arrays))
             return Placement(family, details)
         waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at,
-                               model.quant))
+                               model.quant, declared_bases(entry)))
         held = sum(a.nbytes for arrival in waiting for a in arrival.arrays.values())
         if len(waiting) >= LINEAGE_BATCH or held >= LINEAGE_BATCH_BYTES:
             place()
@@ -1094,7 +1100,9 @@ def crawl(home: Path, options: CrawlOptions, *, on_indexed: OnIndexed | None = N
         raise BadInputError("--limit", f"must be 0 or more, got {options.limit}")
     if options.threads < 1:
         raise BadInputError("--threads", f"must be 1 or more, got {options.threads}")
-    from sketches.distances import library_threads  # torch: loaded when a crawl runs, not when the CLI starts
+    from sketches.distances import (
+        library_threads,  # torch: loaded when a crawl runs, not when the CLI starts
+    )
 
     with library_threads(options.threads):
         return _crawl(home, options, on_indexed=on_indexed, hub=hub)

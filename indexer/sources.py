@@ -655,7 +655,9 @@ def local_created_at(folder: Path, repo_id: str | None = None) -> datetime | Non
     root = _zoo_root(folder)
     if root is None:
         return None
-    from indexer.hub_emulator.repos import load_hub_json  # one parser for hub.json everywhere
+    from indexer.hub_emulator.repos import (
+        load_hub_json,  # one parser for hub.json everywhere
+    )
 
     meta = load_hub_json(root / "hub.json").get(repo_id)
     raw = meta.created_at if meta is not None else None
@@ -675,6 +677,11 @@ def content_revision(folder: Path, files: Sequence[str]) -> str:
             while chunk := fh.read(_HASH_CHUNK):
                 digest.update(chunk)
     return f"local:{digest.hexdigest()}"
+
+
+def declared_bases(entry: ModelEntry) -> tuple[str, ...]:
+    """The base models an entry's card declares, in order (`declared_base_model`, ";"-joined)."""
+    return tuple(b for b in entry.declared_base_model.split(";") if b)
 
 
 def local_declared_bases(folder: Path) -> tuple[str, ...]:

@@ -288,3 +288,44 @@ def test_a_rule_5_index_is_kept_for_dense_families_and_refused_for_a_moe_family(
         _check_pair_rule("llama-moe", [{"pair_rule": 5}, {"pair_rule": 6}], moe)
     with pytest.raises(StoreError, match="pair rule \\[4\\]"):
         _check_pair_rule("llama-dense", [{"pair_rule": 4}], dense)
+
+
+def _card(folder: Path, bases: tuple[str, ...]) -> None:
+    lines = "".join(f"- {b}\n" for b in bases)
+    (folder / "README.md").write_text(f"---\nbase_model:\n{lines}base_model_relation: merge\n---\n# a MoE\n")
+
+
+@pytest.mark.parametrize("declared", [("o/base", "o/a", "o/b"), ("o/n1",), ()])
+def test_a_moe_whose_sources_are_far_takes_them_from_its_card_and_checks_them(hub: Path, tmp_path: Path,
+                                                                              declared: tuple[str, ...]) -> None:
+    """Six near-copies of the base (every matrix moved by 0.01 of its std) sit between the MoE and its
+    experts' sources (0.1), so the five nearest relatives the merge pool takes hold no source. The card's
+    `base_model` list (mergekit-moe's LazyMergekit card) puts them in the pool, batch and incremental
+    alike; the fit still checks each expert bit for bit, so a card naming a wrong model finds no merge."""
+    import shutil
+
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path / "hub"
+    near = tuple(f"o/n{i}" for i in range(1, 7))
+    order = ("o/base", "o/a", "o/b", *near, "o/moe")
+    for repo in ("o/base", "o/a", "o/b", "o/moe"):
+        shutil.copytree(hub / repo, root / repo)
+    for i, repo in enumerate(near):
+        model = LlamaForCausalLM.from_pretrained(root / "o/base")
+        gen = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.add_(0.01 * p.std() * torch.randn(p.shape, generator=gen))
+        model.save_pretrained(root / repo)
+    if declared:
+        _card(root / "o/moe", declared)
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2024-01-{i + 1:02d}T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    batch = recover(root, Options(device="cpu"))
+    want = ("o/base", "merge", frozenset({"o/base", "o/a", "o/b"})) if "o/a" in declared else ("o/base", "finetune", frozenset({"o/base"}))
+    assert _row(batch, "o/moe") == want
+    add_local(tmp_path / "home", [root / r for r in order], budget=64 << 20, device="cpu", progress=False)
+    e = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}["o/moe"]  # type: ignore[union-attr]
+    assert (e.parent, e.relation, frozenset(p for p, _ in e.parents)) == want  # type: ignore[attr-defined]

@@ -35,6 +35,7 @@ from indexer.incremental.index import (
 )
 from indexer.incremental.satellites import AdapterArrival
 from indexer.lineage.recover import WHOLE_MODEL, discover_repos, upload_times
+from indexer.sources import declared_bases
 from store.schema import EdgeRecord
 from store.tables import read_records
 
@@ -68,7 +69,7 @@ def read_local(repo_id: str, path: Path, created_at: datetime | None = None) -> 
     read, entry = read_folder(path, budget=WHOLE_MODEL)
     if read.adapter is not None:
         return AdapterArrival(repo_id, entry.revision, created_at, read.adapter, read.arrays)
-    return Arrival(repo_id, entry.revision, read.family, read.arrays, created_at, read.quant)
+    return Arrival(repo_id, entry.revision, read.family, read.arrays, created_at, read.quant, declared_bases(entry))
 
 
 def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:

@@ -78,7 +78,15 @@ from indexer.relations.adapters import (
     verdict_details,
 )
 from indexer.relations.merges import PairCache, fit, merge_row_parents
-from indexer.relations.pool import PairStats, fit_order, identical, merge_parents_of, merge_pool, pair_stats
+from indexer.relations.pool import (
+    PairStats,
+    declared_relatives,
+    fit_order,
+    identical,
+    merge_parents_of,
+    merge_pool,
+    pair_stats,
+)
 from indexer.relations.rules import (
     LEAF_PENALTY,
     copy_relative,
@@ -146,6 +154,7 @@ class Arrival:
     arrays: Mapping[str, np.ndarray]
     created_at: datetime | None
     quant: QuantInfo | None = None  # a quantized copy (dequantized arrays): a leaf unless nothing else fits
+    declared: tuple[str, ...] = ()  # the base models its card names: its merge pool takes them first
 
 
 @dataclass
@@ -203,6 +212,7 @@ class _Family:
     # (source, copy) pairs where the copy is the source cast to F16 / BF16, bit for bit (batch mother's
     # `_cast_sources`; indexer.lineage.methods.cast_dtype): the edge source -> copy is `quantized`
     casts: set[tuple[str, str]] = field(default_factory=set)
+    declared: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its card's base models
 
 
 class LineageIndex:
@@ -291,6 +301,8 @@ class LineageIndex:
             for source, copy in st.get("casts") or ():  # type: ignore[union-attr]
                 if source in views and copy in views:
                     state.casts.add((source, copy))
+            if declared := st.get("declared"):
+                state.declared[r.repo_id] = tuple(declared)  # type: ignore[arg-type]
             for other, rel in (st.get("relative") or {}).items():
                 state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
         _all_depths(state)
@@ -365,6 +377,9 @@ class LineageIndex:
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
+        state.declared.pop(repo_id, None)  # a new revision's card may name none
+        if arrival.declared:
+            state.declared[repo_id] = arrival.declared
         casts = self._casts(state, p.mine, pairs)  # before the edges: a cast copy is no parent
         candidates, rows, relative = self._edges(family, p.view, state, pairs, p.mine.arrays)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
@@ -375,7 +390,7 @@ class LineageIndex:
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._merges(state, p.mine, [q for q in pairs if q.related])
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched,  # 6.
-                    quant=arrival.quant, relative=relative, casts=casts)
+                    quant=arrival.quant, relative=relative, casts=casts, declared=arrival.declared)
         if self._homes is not None:
             self._homes[repo_id] = family
         self._reanchor(repo_id, family)
@@ -636,7 +651,8 @@ class LineageIndex:
 
     def _queue(self, family: str, state: _Family, repo_id: str, revision: str, sketch: Sketch, view: ModelView,
                rows: list[CandidateRecord], touched: Sequence[str], *, quant: QuantInfo | None = None,
-               relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = ()) -> None:
+               relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = (),
+               declared: Sequence[str] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
                                     "seed": sketch.seed, "pair_rule": PAIR_RULE}
         if quant is not None:
@@ -645,6 +661,8 @@ class LineageIndex:
             stats["relative"] = dict(sorted(relative.items()))
         if casts:
             stats["casts"] = [list(c) for c in casts]
+        if declared:
+            stats["declared"] = list(declared)
         self._pending["sketches"].append(SketchRecord(
             repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
             sketch.layer_names, json.dumps(stats, sort_keys=True)))
@@ -925,7 +943,8 @@ class LineageIndex:
         record it as a merge or as none; True when its merge parents changed. The pool leaves out relatives
         uploaded after it, which also keeps a merge's own parents from being read as merges of it: a TIES
         merge shares bit-equal entries with its parents as much as with its base. A known merge's parents
-        are its relatives too (batch has them in the tree), measured now when never compared with it."""
+        are its relatives too (batch has them in the tree), measured now when never compared with it, and so
+        are the relatives its card names (`indexer.relations.pool.declared_relatives`)."""
         created = view.created if view is not None else state.views[repo_id].created
         mine = fit_order(created, repo_id)
         known = {m: [p for p, _ in links] for m, links in state.merges.items()
@@ -934,10 +953,11 @@ class LineageIndex:
         for other in sorted(state.forest._in.get(repo_id, {})):
             if other not in state.quant and (found := self._pair_stats(state, repo_id, other, view)) is not None:
                 relatives[other] = (state.views[other].created, found)
-        for other in sorted({p for r in relatives for p in merge_parents_of(r, known)} - set(relatives) - {repo_id}):
+        declared = declared_relatives(state.declared.get(repo_id, ()), state.views)
+        for other in sorted(({p for r in relatives for p in merge_parents_of(r, known)} | declared) - set(relatives) - {repo_id}):
             if other in state.views and other not in state.quant and (found := self._pair_stats(state, repo_id, other, view)) is not None:
                 relatives[other] = (state.views[other].created, found)
-        pool = merge_pool(created, relatives, lambda a, b: self._identical(state, a, b), known)
+        pool = merge_pool(created, relatives, lambda a, b: self._identical(state, a, b), known, declared)
         key = tuple((r, state.revisions.get(r, ""), tuple(known.get(r, ()))) for r in pool)
         if state.pools.get(repo_id) == key:
             return False  # the same pool fits the same way

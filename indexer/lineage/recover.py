@@ -56,7 +56,12 @@ from indexer.relations.batch import (
     place_quantized,
 )
 from indexer.relations.merges import merge_row_parents
-from indexer.sources import hf_cache_repo_id, hf_cache_snapshot, local_conversion, local_declared_bases
+from indexer.sources import (
+    hf_cache_repo_id,
+    hf_cache_snapshot,
+    local_conversion,
+    local_declared_bases,
+)
 from sketches.adapter import lora_updates
 from sketches.distances import l2_distance
 from sketches.layers import (
@@ -481,7 +486,8 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
     arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
     created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
     if options.method == "mother":  # the paper methods stay as the papers define them
-        _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created)
+        _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created,
+                {rid: local_declared_bases(folders[rid]) for rid in arrays if rid in folders})
     placed = _quantized(rows, families, keys, copies, arrays, options)
     shapes = {rid: {n: tuple(np.shape(a)) for n, a in arrays[rid].items()} for rid in arrays}
     shapes |= {c.repo_id: dict(c.shapes) for c in copies}
@@ -499,7 +505,9 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
             from indexer.crawl import classify
 
             rows[a.repo_id] = _failed(a.repo_id, "", options.method, classify(exc)[1])
-    from indexer.crawl import local_bases  # the crawl's readers: a cycle at module level
+    from indexer.crawl import (
+        local_bases,  # the crawl's readers: a cycle at module level
+    )
 
     placed |= place_adapters(usable, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes,
                              local_bases(folders))
@@ -508,14 +516,15 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
 
 
 def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.ndarray]],
-            created: Mapping[str, float | None]) -> None:
+            created: Mapping[str, float | None], declared: Mapping[str, tuple[str, ...]]) -> None:
     """Merges among each tree (indexer.relations.batch.find_merges); a merge's row takes its parents."""
     ok = {r.repo_id: r for r in rows.values() if r.status == "ok" and r.repo_id in arrays}
     trees: dict[tuple[str, int], list[str]] = {}
     for r in ok.values():
         trees.setdefault((r.family, r.cluster), []).append(r.repo_id)
     parent_of = {rid: r.parent for rid, r in ok.items()}  # the method's tree, before any merge row moves
-    for x, links in sorted(find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created).items()):
+    for x, links in sorted(find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created,
+                                       declared).items()):
         parents = merge_row_parents(x, links, parent_of)
         if parents:
             moved = parents[0][0] != rows[x].parent

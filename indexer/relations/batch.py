@@ -206,16 +206,19 @@ def place_quantized(copies: Sequence[QuantCopy], views: Mapping[str, ModelView],
 
 
 def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
-                created: Mapping[str, float | None]) -> dict[str, tuple[tuple[str, float], ...]]:
+                created: Mapping[str, float | None],
+                declared: Mapping[str, Sequence[str]] | None = None) -> dict[str, tuple[tuple[str, float], ...]]:
     """merge -> its parents with weights, over each tree (module docstring), fitted in `fit_order`: each
-    fit knows which of its earlier relatives are merges themselves."""
+    fit knows which of its earlier relatives are merges themselves. `declared`: the base models each
+    model's card names (the pool takes them first, `indexer.relations.pool.declared_relatives`)."""
+    declared = declared or {}
     found: dict[str, tuple[tuple[str, float], ...]] = {}
     known: dict[str, list[str]] = {}  # merge -> its parents' ids, as the pool and the fit read them
     cache = PairCache()  # pools overlap: a pair is multiplied once
     for tree in trees:
         stats = pair_table(tree, arrays)
         for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):
-            pool = tree_pool(x, tree, stats, arrays, created, known)
+            pool = tree_pool(x, tree, stats, arrays, created, known, declared.get(x, ()))
             result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges=[r for r in pool if r in known],
                           cache=cache, keys={r: r for r in pool}, x_key=x)
                       if len(pool) >= 2 else None)

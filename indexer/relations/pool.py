@@ -5,6 +5,8 @@ relatives, both fit the same pool in the same order.
 
 A model x's relatives are ranked by one statistic per pair (`PairStats`, symmetric, computed once per
 pair on the fit's own value prefix, `indexer.relations.merges.fit_prefix`):
+0. The relatives x's card names as its base models come first, uncounted (`declared_relatives`): a
+   hint, which the fit checks as it checks every candidate.
 1. Relatives uploaded after x are left out (a merge is made of existing models: the parent came first
    in 99.73 % of documented pairs); a missing time keeps the relative.
 2. Relatives bit-identical to x are left out (a duplicate, not a parent).
@@ -23,7 +25,7 @@ pair on the fit's own value prefix, `indexer.relations.merges.fit_prefix`):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -102,11 +104,13 @@ def merge_parents_of(r: str, merges: Mapping[str, Sequence[str]]) -> list[str]:
 
 
 def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None, PairStats]],
-               same: Callable[[str, str], bool], merges: Mapping[str, Sequence[str]] | None = None) -> list[str]:
+               same: Callable[[str, str], bool], merges: Mapping[str, Sequence[str]] | None = None,
+               declared: Collection[str] = ()) -> list[str]:
     """The relatives x is fitted over (module docstring). `relatives`: repo_id -> (upload time, its
     PairStats with x); `same(a, b)`: are two relatives bit-identical (asked only of relatives at exactly
     the same distance from x, which every re-upload of a relative is); `merges`: the relatives known to be
-    merges (fitted before x, `fit_order`) -> their merge parents."""
+    merges (fitted before x, `fit_order`) -> their merge parents; `declared`: the relatives x's card names
+    as its base models (`declared_relatives`)."""
     merges = merges or {}
     scored = sorted((s.d2, r, s.share) for r, (t, s) in relatives.items()
                     if not s.same and (created is None or t is None or t <= created))
@@ -121,6 +125,9 @@ def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None
         taken.setdefault(d2, []).append(r)
         return True
 
+    for d2, r, _ in scored:  # 0. the card's base models, uncounted: a hint the fit checks, never an answer
+        if r in declared and len(pool) < MERGE_CANDIDATES:
+            take(d2, r)
     counted = 0
     for d2, r, _ in scored:
         if counted == MERGE_CANDIDATES or len(pool) >= 2 * MERGE_CANDIDATES:
@@ -154,10 +161,21 @@ def pair_table(members: Sequence[str], arrays: Mapping[str, Arrays]) -> dict[tup
 
 def tree_pool(x: str, members: Sequence[str], stats: Mapping[tuple[str, str], PairStats],
               arrays: Mapping[str, Arrays], created: Mapping[str, float | None],
-              merges: Mapping[str, Sequence[str]]) -> list[str]:
+              merges: Mapping[str, Sequence[str]], declared: Sequence[str] = ()) -> list[str]:
     """x's pool over the rest of its tree (the batch side), with the merges found so far before x."""
     relatives = {o: (created.get(o), stats[(min(x, o), max(x, o))]) for o in members
                  if o != x and (min(x, o), max(x, o)) in stats}
     mine = fit_order(created.get(x), x)
     known = {m: ps for m, ps in merges.items() if fit_order(created.get(m), m) < mine}
-    return merge_pool(created.get(x), relatives, lambda a, b: identical(arrays[a], arrays[b]), known)
+    return merge_pool(created.get(x), relatives, lambda a, b: identical(arrays[a], arrays[b]), known,
+                      declared_relatives(declared, relatives))
+
+
+def declared_relatives(declared: Sequence[str], relatives: Collection[str]) -> set[str]:
+    """The relatives a model's card names as its base models (`base_model`, a list for a merge; ids
+    matched without case, as `indexer.relations.adapters.resolve_base` matches an adapter's). mergekit-moe's
+    sources are rarely among a MoE's nearest relatives -- its attention is its base's, and a plan at 7B
+    compares nothing else with a dense model -- so its pool takes them first; the fit still tests each
+    expert bit for bit (`indexer.relations.merges._stacked`): a card that names a wrong model is no merge."""
+    wanted = {d.strip().lower() for d in declared if d.strip()}
+    return {r for r in relatives if r.lower() in wanted}
