@@ -96,6 +96,7 @@ from indexer.sources import (
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
 from sketches.experts import expert_views
+from sketches.flux import flux_views
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -311,7 +312,7 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
             where[info.name] = (file, info)
     if weight_map is not None and (lost := sorted(set(weight_map) - set(where))):
         raise SafetensorsError(repo.entry.repo_id, f"the index lists {lost[0]!r} but its shard does not hold it")
-    return sources, expert_views(where)  # fused MoE experts as one matrix each, sorted
+    return sources, expert_views(flux_views(where))  # fused MoE experts and FLUX q/k/v split into views, sorted
 
 
 # --- steps 3-4: plan, read, decode ---------------------------------------------------------------------

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
+
+from sketches.views import row_view
 
 if TYPE_CHECKING:  # sketches.safetensors splits its headers' fused experts with this module
     from sketches.safetensors import TensorInfo
@@ -75,10 +76,10 @@ def expert_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K
         inner = two_i // 2
         for e in range(experts):
             for part, first in (("gate_proj", 2 * inner * e), ("up_proj", 2 * inner * e + inner)):
-                out[f"{stem}.experts.{e}.{part}.weight"] = (file, _rows(gate_up, f"{stem}.experts.{e}.{part}.weight",
-                                                                        first, inner, hidden))
-            out[f"{stem}.experts.{e}.down_proj.weight"] = (down[0], _rows(down[1], f"{stem}.experts.{e}.down_proj.weight",
-                                                                          hidden * e, hidden, inner))
+                view = f"{stem}.experts.{e}.{part}.weight"
+                out[view] = (file, row_view(gate_up, view, first, inner, (hidden,)))
+            view = f"{stem}.experts.{e}.down_proj.weight"
+            out[view] = (down[0], row_view(down[1], view, hidden * e, hidden, (inner,)))
         del out[name], out[stem + _FUSED_DOWN]
     return dict(sorted(out.items()))
 
@@ -88,10 +89,3 @@ def _fused_pair(gate_up: TensorInfo, down: TensorInfo) -> bool:
         return False
     experts, two_i, hidden = gate_up.shape
     return two_i % 2 == 0 and down.shape == (experts, hidden, two_i // 2)
-
-
-def _rows(info: TensorInfo, name: str, first: int, rows: int, cols: int) -> TensorInfo:
-    """Rows [first, first + rows) of `info` seen as a (-1, cols) matrix: a (rows, cols) tensor of its own."""
-    row_bytes = cols * info.itemsize
-    begin = info.begin + first * row_bytes
-    return replace(info, name=name, shape=(rows, cols), begin=begin, end=begin + rows * row_bytes)

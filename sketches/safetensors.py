@@ -33,6 +33,7 @@ import numpy as np
 from errors import BadInputError, SafetensorsError, UnsupportedModelError
 from sketches.dtypes import DTYPE_SIZES, decode
 from sketches.experts import expert_views
+from sketches.flux import flux_views
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -441,7 +442,7 @@ class RepoWeights:
                             self.root, f"tensor {info.name!r} is in both {where[info.name][0]} and {file}"
                         )
                     where[info.name] = (file, info)
-        return expert_views(where)  # sorted: deterministic
+        return expert_views(flux_views(where))  # fused tensors split into views (sorted: deterministic)
 
     def tensors(self) -> dict[str, TensorInfo]:
         return {name: info for name, (_, info) in self._where.items()}

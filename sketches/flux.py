@@ -1,0 +1,107 @@
+"""FLUX.1 single-file checkpoints (Black Forest Labs' layout) as the diffusers transformer they convert to.
+
+A FLUX.1 fine-tune is published either as a diffusers pipeline (`transformer/`, names like
+`transformer_blocks.0.attn.to_q.weight`, the denoiser the index reads) or as one file in the original
+layout (`flux1-dev.safetensors` and most community checkpoints: `double_blocks.0.img_attn.qkv.weight`,
+sometimes under ComfyUI's `model.diffusion_model.`). Without a map the two are separate families, never
+compared. The original fuses what diffusers splits: a double block's image and text attention hold q, k
+and v in one matrix (`img_attn.qkv`, rows q then k then v), a single block's `linear1` holds q, k, v and
+the MLP's input rows. Each split is a run of whole rows, so each diffusers tensor is a view of the stored
+one over a contiguous byte range (the way `sketches.experts` splits fused MoE experts): nothing is copied
+and a crawl reads the rows it plans by range.
+
+The names and splits are diffusers' own converter's (`convert_flux_transformer_checkpoint_to_diffusers`,
+checked against it in tests/test_flux.py). The inner width comes from the shapes (a single block's
+`modulation.lin` has 3 x inner rows; diffusers' converter assumes FLUX.1's 3,072), and the MLP rows of
+`linear1` are what is left after q, k and v. One tensor is left out: `final_layer.adaLN_modulation.1`,
+whose two halves diffusers swaps (shift, scale -> scale, shift), no single row range. A file holding other
+models beside the transformer (text encoders, autoencoder) is read as its transformer alone, as a
+pipeline is read as its denoiser."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, TypeVar
+
+from sketches.views import row_view
+
+if TYPE_CHECKING:  # sketches.safetensors applies the views to its headers
+    from sketches.safetensors import TensorInfo
+
+K = TypeVar("K")
+COMFY = "model.diffusion_model."
+_MARKER = "double_blocks.0.img_attn.qkv.weight"
+_FIXED = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+          "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+          "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+          "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+          "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+          "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+          "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out"}
+_DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear",
+           "img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+           "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k",
+           "img_mlp.0": "ff.net.0.proj", "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj",
+           "txt_mlp.2": "ff_context.net.2", "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out"}
+_SINGLE = {"modulation.lin": "norm.linear", "norm.query_norm": "attn.norm_q", "norm.key_norm": "attn.norm_k",
+           "linear2": "proj_out"}
+_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+        "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_BLOCK = re.compile(r"^(double|single)_blocks\.(\d+)\.(.+)\.(weight|bias|scale)$")
+
+
+def is_bfl_flux(names: Mapping[str, object]) -> bool:
+    return _MARKER in names or COMFY + _MARKER in names
+
+
+def flux_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
+    """`where` (stored name -> (file, info)) of an original-layout FLUX checkpoint as the diffusers
+    transformer's tensors (module docstring); any other checkpoint as it is."""
+    if not is_bfl_flux(where):
+        return dict(where)
+    prefix = COMFY if COMFY + _MARKER in where else ""
+    own = {name[len(prefix):]: entry for name, entry in where.items() if name.startswith(prefix)}
+    inner = _inner(own)
+    out: dict[str, tuple[K, TensorInfo]] = {}
+    for name, (file, info) in sorted(own.items()):
+        for new, view in _convert(name, info, inner):
+            out[new] = (file, view)
+    return out
+
+
+def _inner(own: Mapping[str, tuple[object, TensorInfo]]) -> int | None:
+    lin = own.get("single_blocks.0.modulation.lin.weight")
+    return lin[1].shape[0] // 3 if lin is not None and lin[1].shape and lin[1].shape[0] % 3 == 0 else None
+
+
+def _convert(name: str, info: TensorInfo, inner: int | None) -> list[tuple[str, TensorInfo]]:
+    stem, _, suffix = name.rpartition(".")
+    suffix = "weight" if suffix == "scale" else suffix  # RMSNorm scales are diffusers' norm weights
+    if stem in _FIXED:
+        return [(f"{_FIXED[stem]}.{suffix}", info)]
+    m = _BLOCK.match(name)
+    if m is None:
+        return []  # final_layer.adaLN_modulation.1 (halves swapped by diffusers), and anything unknown
+    kind, i, module = m.group(1), m.group(2), m.group(3)
+    if kind == "double":
+        target = f"transformer_blocks.{i}."
+        if module in _QKV:
+            return _split(info, [f"{target}{p}.{suffix}" for p in _QKV[module]], [info.shape[0] // 3] * 3)
+        return [(f"{target}{_DOUBLE[module]}.{suffix}", info)] if module in _DOUBLE else []
+    target = f"single_transformer_blocks.{i}."
+    if module == "linear1":
+        if inner is None or info.shape[0] <= 3 * inner:
+            return []
+        parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+        return _split(info, [f"{target}{p}.{suffix}" for p in parts], [inner, inner, inner, info.shape[0] - 3 * inner])
+    return [(f"{target}{_SINGLE[module]}.{suffix}", info)] if module in _SINGLE else []
+
+
+def _split(info: TensorInfo, names: list[str], rows: list[int]) -> list[tuple[str, TensorInfo]]:
+    """Consecutive row runs of `info` (a matrix or a bias), each a tensor of its own over its bytes."""
+    if not info.shape or sum(rows) != info.shape[0]:
+        return []
+    firsts = [sum(rows[:k]) for k in range(len(rows))]
+    return [(name, row_view(info, name, first, count, info.shape[1:]))
+            for name, first, count in zip(names, firsts, rows, strict=True)]

@@ -1,0 +1,159 @@
+"""FLUX.1 single-file checkpoints (sketches.flux): read as the diffusers transformer they convert to, checked
+against diffusers' own converter, and placed in the family of a diffusers pipeline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.crawl import add_local
+from indexer.lineage.methods import Options
+from indexer.lineage.recover import recover
+from sketches.flux import COMFY
+from sketches.layers import canonical_tensors
+from sketches.safetensors import RepoWeights
+from store.tables import read_records
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+from safetensors.torch import save_file  # noqa: E402
+
+
+def _bfl_checkpoint(seed: int = 0) -> dict[str, torch.Tensor]:
+    """A FLUX.1-shaped original-layout checkpoint, small where the converter allows: diffusers' converter
+    assumes FLUX.1's inner width (3,072) for the single blocks' row splits, so those tensors keep its row
+    counts and have 2 columns; everything else is 8 wide. Two double and two single blocks."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def t(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen)
+
+    inner, mlp, w = 3072, 4 * 3072, 8
+    ckpt = {}
+    for stem in ("time_in.in_layer", "time_in.out_layer", "vector_in.in_layer", "vector_in.out_layer",
+                 "guidance_in.in_layer", "guidance_in.out_layer", "txt_in", "img_in", "final_layer.linear",
+                 "final_layer.adaLN_modulation.1"):
+        ckpt[f"{stem}.weight"], ckpt[f"{stem}.bias"] = t(2 * w, w), t(2 * w)
+    for i in range(2):
+        d = f"double_blocks.{i}."
+        for side in ("img", "txt"):
+            ckpt[f"{d}{side}_attn.qkv.weight"], ckpt[f"{d}{side}_attn.qkv.bias"] = t(3 * w, w), t(3 * w)
+            ckpt[f"{d}{side}_attn.proj.weight"], ckpt[f"{d}{side}_attn.proj.bias"] = t(w, w), t(w)
+            ckpt[f"{d}{side}_mod.lin.weight"], ckpt[f"{d}{side}_mod.lin.bias"] = t(6 * w, w), t(6 * w)
+            for k, shape in (("0", (4 * w, w)), ("2", (w, 4 * w))):
+                ckpt[f"{d}{side}_mlp.{k}.weight"], ckpt[f"{d}{side}_mlp.{k}.bias"] = t(*shape), t(shape[0])
+            for norm in ("query_norm", "key_norm"):
+                ckpt[f"{d}{side}_attn.norm.{norm}.scale"] = t(4)
+        s = f"single_blocks.{i}."
+        ckpt[f"{s}linear1.weight"], ckpt[f"{s}linear1.bias"] = t(3 * inner + mlp, 2), t(3 * inner + mlp)
+        ckpt[f"{s}linear2.weight"], ckpt[f"{s}linear2.bias"] = t(inner, 2), t(inner)
+        ckpt[f"{s}modulation.lin.weight"], ckpt[f"{s}modulation.lin.bias"] = t(3 * inner, 2), t(3 * inner)
+        for norm in ("query_norm", "key_norm"):
+            ckpt[f"{s}norm.{norm}.scale"] = t(4)
+    return ckpt
+
+
+def _read(path: Path) -> dict[str, np.ndarray]:
+    with RepoWeights(str(path.parent), (path.name,)) as w:
+        return {n: np.asarray(w.read(raw)) for n, raw in canonical_tensors(w.tensors()).items()}
+
+
+@pytest.mark.parametrize("prefix", ["", COMFY])
+def test_an_original_flux_file_reads_as_diffusers_converter_writes_it(tmp_path: Path, prefix: str) -> None:
+    """Every tensor diffusers' converter writes, under its name and with its values, read from the file's
+    byte ranges; the one it reorders (norm_out.linear: halves swapped) is left out, nothing else."""
+    from diffusers.loaders.single_file_utils import (
+        convert_flux_transformer_checkpoint_to_diffusers,
+    )
+
+    ckpt = _bfl_checkpoint()
+    save_file({prefix + n: v.contiguous() for n, v in ckpt.items()}, str(tmp_path / "flux1-ft.safetensors"))
+    want = convert_flux_transformer_checkpoint_to_diffusers({n: v.clone() for n, v in ckpt.items()})
+    got = _read(tmp_path / "flux1-ft.safetensors")
+    assert set(got) == {n for n in want if not n.startswith("norm_out.")}
+    for name, array in got.items():
+        assert np.array_equal(array, want[name].numpy()), name
+
+
+def _transformer(seed: int, base: diffusers.FluxTransformer2DModel | None = None) -> diffusers.FluxTransformer2DModel:
+    torch.manual_seed(seed)
+    model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=2,
+                                            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                            pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    if base is not None:
+        model.load_state_dict(base.state_dict())
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim == 2:
+                    p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+    return model
+
+
+def _as_bfl(model: diffusers.FluxTransformer2DModel) -> dict[str, torch.Tensor]:
+    """The original layout of a diffusers FLUX transformer: the converter's renames undone, q / k / v (and a
+    single block's MLP input) concatenated back. Written here as a community fine-tune is published."""
+    sd = {n: v.detach().clone() for n, v in model.state_dict().items()}
+    out: dict[str, torch.Tensor] = {}
+    from sketches import flux
+
+    back = {v: k for k, v in flux._FIXED.items()}
+    for suffix in ("weight", "bias"):
+        for diff, orig in back.items():
+            if f"{diff}.{suffix}" in sd:
+                out[f"{orig}.{suffix}"] = sd[f"{diff}.{suffix}"]
+        out[f"final_layer.adaLN_modulation.1.{suffix}"] = torch.cat(sd[f"norm_out.linear.{suffix}"].chunk(2)[::-1])
+        for i in range(1):
+            d, t = f"double_blocks.{i}.", f"transformer_blocks.{i}."
+            for orig, parts in flux._QKV.items():
+                out[f"{d}{orig}.{suffix}"] = torch.cat([sd[f"{t}{p}.{suffix}"] for p in parts])
+            for orig, diff in flux._DOUBLE.items():
+                if f"{t}{diff}.{suffix}" in sd:
+                    out[f"{d}{orig}.{'scale' if 'norm' in orig else suffix}"] = sd[f"{t}{diff}.{suffix}"]
+        for i in range(2):
+            s, t = f"single_blocks.{i}.", f"single_transformer_blocks.{i}."
+            out[f"{s}linear1.{suffix}"] = torch.cat([sd[f"{t}{p}.{suffix}"] for p in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")])
+            for orig, diff in flux._SINGLE.items():
+                if f"{t}{diff}.{suffix}" in sd:
+                    out[f"{s}{orig}.{'scale' if 'norm' in orig else suffix}"] = sd[f"{t}{diff}.{suffix}"]
+    return {n: v.contiguous() for n, v in out.items()}
+
+
+def _pipeline(folder: Path, model: diffusers.FluxTransformer2DModel) -> None:
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text(json.dumps({
+        "_class_name": "FluxPipeline", "_diffusers_version": diffusers.__version__,
+        "transformer": ["diffusers", "FluxTransformer2DModel"]}))
+    model.save_pretrained(folder / "transformer")
+
+
+def test_a_single_file_flux_fine_tune_joins_its_pipeline_family(tmp_path: Path) -> None:
+    """A FLUX base as a diffusers pipeline, a fine-tune of it published as one original-layout file (BF16,
+    under ComfyUI's prefix), a pipeline fine-tuned from that file, and a transformer trained from scratch:
+    every parent right, in batch and in the incremental index; the single file's tensors equal the
+    fine-tune's transformer, rounded."""
+    base = _transformer(0)
+    ft = _transformer(1, base)
+    _pipeline(tmp_path / "bfl/flux-base", base)
+    (tmp_path / "lab/flux-ft").mkdir(parents=True)
+    save_file({COMFY + n: v.to(torch.bfloat16) for n, v in _as_bfl(ft).items()},
+              str(tmp_path / "lab/flux-ft/flux-ft-bf16.safetensors"))
+    _pipeline(tmp_path / "lab/flux-ft-ft", _transformer(2, ft))
+    _pipeline(tmp_path / "other/flux-scratch", _transformer(3))
+    order = ("bfl/flux-base", "lab/flux-ft", "lab/flux-ft-ft", "other/flux-scratch")
+    (tmp_path / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2024-0{i + 1}-01T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    single = _read(tmp_path / "lab/flux-ft/flux-ft-bf16.safetensors")
+    sd = ft.state_dict()
+    assert set(single) == {n for n in sd if not n.startswith("norm_out.")}
+    for name, array in single.items():
+        assert np.array_equal(array, sd[name].to(torch.bfloat16).float().numpy()), name
+    forest = recover(tmp_path, Options(device="cpu"))
+    assert not forest.failures()
+    want = {"bfl/flux-base": "", "lab/flux-ft": "bfl/flux-base", "lab/flux-ft-ft": "lab/flux-ft", "other/flux-scratch": ""}
+    assert forest.parents() == want
+    add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
+    assert {e.repo_id: e.parent for e in read_records(tmp_path / "home", "edges")} == want  # type: ignore[union-attr]
