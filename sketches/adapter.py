@@ -31,7 +31,9 @@ LoRA files without an adapter_config.json (`loose_layout`), the Hub's Stable Dif
 down is A, up is B; a module's `.alpha` tensor sets s = alpha / r (kohya's and diffusers' network_alphas),
 else s = 1. Their base is named only by the model card (`base_model`). Text-encoder updates (text_encoder.,
 lora_te*_) are left out: the base's text encoder is never read, only its denoiser. kohya's SDXL files name
-the UNet's original LDM modules (lora_unet_input_blocks_4_1_...): resolved through `sketches.ldm`. LyCORIS files name
+the UNet's original LDM modules (lora_unet_input_blocks_4_1_...): resolved through `sketches.ldm`; kohya's FLUX
+files the original FLUX modules (lora_unet_double_blocks_0_img_attn_qkv): renamed, and fused q/k/v split by rows,
+by `sketches.flux.flux_updates`. LyCORIS files name
 LoHa / LoKr factors as kohya names LoRA's (lora_unet_<module>.hada_w1_a, .lokr_w1, ...); their Tucker
 cores (conv), OFT / BOFT and kohya's DoRA scale are refused by name.
 
@@ -62,6 +64,7 @@ from typing import Any, Literal
 import numpy as np
 
 from errors import AdapterError
+from sketches.flux import flux_updates
 from sketches.layers import is_vocabulary, normalise_name
 from sketches.ldm import ldm_names
 
@@ -426,7 +429,7 @@ def lora_updates(config: AdapterConfig, tensors: Mapping[str, np.ndarray]) -> di
         if weight in alphas:  # a file's own alpha per module: s = alpha / r (LyCORIS: 1 with no rank at all)
             update = replace(update, scale=_alpha(alphas[weight], tensors) / alpha_rank if alpha_rank else 1.0)
         updates[weight] = update
-    return updates
+    return flux_updates(updates)  # a kohya FLUX LoRA's under diffusers' names (sketches.flux)
 
 
 def _lora(config: AdapterConfig, weight: str, parts: Mapping[str, np.ndarray], *, embedding: bool) -> tuple[LoraUpdate, int]:

@@ -16,13 +16,19 @@ checked against it in tests/test_flux.py). The inner width comes from the shapes
 `linear1` are what is left after q, k and v. One tensor is left out: `final_layer.adaLN_modulation.1`,
 whose two halves diffusers swaps (shift, scale -> scale, shift), no single row range. A file holding other
 models beside the transformer (text encoders, autoencoder) is read as its transformer alone, as a
-pipeline is read as its denoiser."""
+pipeline is read as its denoiser.
+
+kohya's FLUX LoRAs (`lora_unet_double_blocks_0_img_attn_qkv.lora_down / lora_up`) name the same original
+modules: `flux_updates` puts their updates under the diffusers names, a fused module's split by rows (B's
+rows per part, A shared), as diffusers' own `_convert_kohya_flux_lora_to_diffusers` does (checked against
+it), so such a LoRA resolves against a diffusers pipeline base."""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sketches.views import row_view
 
@@ -30,6 +36,7 @@ if TYPE_CHECKING:  # sketches.safetensors applies the views to its headers
     from sketches.safetensors import TensorInfo
 
 K = TypeVar("K")
+U = TypeVar("U", bound=Any)  # sketches.adapter.LoraUpdate (imported there: adapter reads this module)
 COMFY = "model.diffusion_model."
 _MARKER = "double_blocks.0.img_attn.qkv.weight"
 _FIXED = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
@@ -105,3 +112,62 @@ def _split(info: TensorInfo, names: list[str], rows: list[int]) -> list[tuple[st
     firsts = [sum(rows[:k]) for k in range(len(rows))]
     return [(name, row_view(info, name, first, count, info.shape[1:]))
             for name, first, count in zip(names, firsts, rows, strict=True)]
+
+
+# kohya's FLUX LoRAs name the original modules, flattened (`lora_unet_double_blocks_0_img_attn_qkv`): the
+# module keys above with `_` for `.`, and a fused q/k/v (or linear1) update is the diffusers parts' updates
+# stacked by rows, each B's rows a part's with A shared (diffusers' _convert_kohya_flux_lora_to_diffusers)
+_KOHYA = re.compile(r"^(double|single)_blocks_(\d+)_(.+)\.weight$")
+_KOHYA_DOUBLE = {k.replace(".", "_"): v for k, v in _DOUBLE.items()}
+_KOHYA_QKV = {k.replace(".", "_"): v for k, v in _QKV.items()}
+_KOHYA_SINGLE = {k.replace(".", "_"): v for k, v in _SINGLE.items()}
+_KOHYA_FIXED = {k.replace(".", "_") + ".weight": v + ".weight" for k, v in _FIXED.items()}
+MLP_RATIO = 4  # FLUX.1: a single block's linear1 holds q, k, v and 4 x inner MLP rows
+
+
+def flux_updates(updates: Mapping[str, U]) -> dict[str, U]:
+    """A kohya FLUX LoRA's updates under the diffusers transformer's weight names, fused ones split by
+    rows (B's rows, A shared; a DoRA magnitude by rows too); any other adapter's as they are. `updates`:
+    weight name -> `sketches.adapter.LoraUpdate`."""
+    if not any(_KOHYA.match(w) or w in _KOHYA_FIXED for w in updates):
+        return dict(updates)
+    out: dict[str, U] = {}
+    for weight, update in updates.items():
+        for name, part in _kohya_parts(weight, update):
+            out[name] = part
+    return dict(sorted(out.items()))
+
+
+def _kohya_parts(weight: str, update: U) -> list[tuple[str, U]]:
+    if weight in _KOHYA_FIXED:
+        return [(_KOHYA_FIXED[weight], replace(update, weight=_KOHYA_FIXED[weight]))]
+    m = _KOHYA.match(weight)
+    if m is None:
+        return [(weight, update)]
+    kind, i, module = m.group(1), m.group(2), m.group(3)
+    rows = update.weight_shape[0]
+    if kind == "double":
+        target = f"transformer_blocks.{i}."
+        if module in _KOHYA_QKV and rows % 3 == 0:
+            return _rows_split(update, [f"{target}{p}.weight" for p in _KOHYA_QKV[module]], [rows // 3] * 3)
+        names = {k: f"{target}{v}.weight" for k, v in _KOHYA_DOUBLE.items()}
+    else:
+        target = f"single_transformer_blocks.{i}."
+        if module == "linear1" and rows % (3 + MLP_RATIO) == 0:
+            inner = rows // (3 + MLP_RATIO)
+            parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
+            return _rows_split(update, [f"{target}{p}.weight" for p in parts], [inner, inner, inner, MLP_RATIO * inner])
+        names = {k: f"{target}{v}.weight" for k, v in _KOHYA_SINGLE.items()}
+    if module not in names:
+        return [(weight, update)]
+    return [(names[module], replace(update, weight=names[module]))]
+
+
+def _rows_split(update: U, names: list[str], rows: list[int]) -> list[tuple[str, U]]:
+    out, first = [], 0
+    for name, count in zip(names, rows, strict=True):
+        magnitude = update.magnitude[first:first + count] if update.magnitude is not None else None
+        out.append((name, replace(update, weight=name, b=update.b[first:first + count],
+                                  weight_shape=(count, *update.weight_shape[1:]), magnitude=magnitude)))
+        first += count
+    return out

@@ -157,3 +157,61 @@ def test_a_single_file_flux_fine_tune_joins_its_pipeline_family(tmp_path: Path) 
     assert forest.parents() == want
     add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
     assert {e.repo_id: e.parent for e in read_records(tmp_path / "home", "edges")} == want  # type: ignore[union-attr]
+
+
+def _kohya_flux_lora(dims: dict[str, tuple[int, int]], rank: int = 2, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A kohya-format FLUX LoRA (lora_unet_<module>.lora_down / lora_up / alpha) over the original modules
+    named in `dims` (module -> (out rows, in)), alpha = 2 r."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for module, (rows, cols) in dims.items():
+        out[f"lora_unet_{module}.lora_down.weight"] = torch.randn(rank, cols, generator=gen)
+        out[f"lora_unet_{module}.lora_up.weight"] = torch.randn(rows, rank, generator=gen)
+        out[f"lora_unet_{module}.alpha"] = torch.tensor(2.0 * rank)
+    return out
+
+
+def test_kohya_flux_lora_updates_are_diffusers_converter_ones() -> None:
+    """Fused modules (img / txt q-k-v, a single block's linear1 at FLUX.1's widths) split by rows, renamed
+    ones renamed: per diffusers weight, s B A equals B A of diffusers' own conversion (its scales folded)."""
+    from diffusers.loaders.lora_conversion_utils import (
+        _convert_kohya_flux_lora_to_diffusers,
+    )
+
+    from sketches.adapter import AdapterConfig, lora_updates
+
+    dims = {"double_blocks_0_img_attn_qkv": (3 * 8, 8), "double_blocks_0_txt_attn_qkv": (3 * 8, 8),
+            "double_blocks_0_img_attn_proj": (8, 8), "double_blocks_0_img_mlp_0": (32, 8),
+            "double_blocks_0_txt_mod_lin": (48, 8), "single_blocks_1_linear1": (7 * 3072, 8),
+            "single_blocks_1_linear2": (8, 8), "single_blocks_1_modulation_lin": (24, 8)}
+    state = _kohya_flux_lora(dims)
+    ours = lora_updates(AdapterConfig("x", "LORA", 2, 2.0, (), layout="kohya"), {n: t.numpy() for n, t in state.items()})
+    theirs = _convert_kohya_flux_lora_to_diffusers({n: t.clone() for n, t in state.items()})
+    want = {n.removeprefix("transformer.").removesuffix(".lora_A.weight") + ".weight":
+            (theirs[n.replace("lora_A", "lora_B")] @ theirs[n]).numpy() for n in theirs if n.endswith("lora_A.weight")}
+    assert set(ours) == set(want) and len(want) == 3 + 3 + 3 + 4 + 2
+    for weight, update in ours.items():
+        np.testing.assert_allclose(update.dense(), want[weight], rtol=1e-5, atol=1e-6, err_msg=weight)
+
+
+def test_a_kohya_flux_lora_is_an_adapter_of_its_diffusers_base(tmp_path: Path) -> None:
+    """A kohya FLUX LoRA over the tiny base's modules (fused q/k/v, linear1 and renamed ones), its card
+    naming the base pipeline: an adapter of it, every update resolved with its shape (confidence 1.0), in
+    batch and in the incremental index. Before the split it read `unknown` (no name resolved: 0.5)."""
+    base = _transformer(0)
+    _pipeline(tmp_path / "bfl/flux-base", base)
+    inner, mlp = 16, 64
+    dims = {"double_blocks_0_img_attn_qkv": (3 * inner, inner), "double_blocks_0_txt_attn_proj": (inner, inner),
+            "single_blocks_0_linear1": (3 * inner + mlp, inner), "single_blocks_1_linear2": (inner, inner + mlp)}
+    (tmp_path / "lab/flux-lora").mkdir(parents=True)
+    save_file(_kohya_flux_lora(dims), str(tmp_path / "lab/flux-lora/my_flux_lora.safetensors"))
+    (tmp_path / "lab/flux-lora/README.md").write_text("---\nbase_model: bfl/flux-base\n---\n")
+    order = ("bfl/flux-base", "lab/flux-lora")
+    (tmp_path / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2024-0{i + 1}-01T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    rows = {r.repo_id: r for r in recover(tmp_path, Options(device="cpu")).rows}
+    lora = rows["lab/flux-lora"]
+    assert (lora.parent, lora.relation, lora.confidence) == ("bfl/flux-base", "adapter", 1.0)
+    add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
+    e = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}["lab/flux-lora"]  # type: ignore[union-attr]
+    assert (e.parent, e.relation, e.confidence) == ("bfl/flux-base", "adapter", 1.0)  # type: ignore[attr-defined]
