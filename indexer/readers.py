@@ -35,7 +35,7 @@ from sketches.adapter import (
     parse_adapter_config,
     saved_modules,
 )
-from sketches.gguf import GGUFHeader, declared_base_models, hf_names, merge_split, read_hf_tensor
+from sketches.gguf import GGUFHeader, declared_base_models, hf_names, hf_shape, merge_split, read_hf_tensor
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
@@ -303,8 +303,7 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
     if not names:
         raise UnsupportedModelError(view.name, f"GGUF architecture {view.architecture!r} has no Hugging Face "
                                                "name map in the gguf package")
-    shapes = {n: _hf_shape(view.get(h.gguf_name).shape[1 if h.expert is not None else 0:], h.transposed)
-              for n, h in sorted(names.items())}
+    shapes = {n: hf_shape(view, h) for n, h in sorted(names.items())}
     family = family_key(shapes)
     plan = plan_reads({n: _virtual(n, s) for n, s in shapes.items()}, family=family, budget=budget)
     arrays, errors = {}, []
@@ -321,10 +320,6 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
                "architecture": view.architecture, "file": file,
                "declared_bases": list(declared_base_models(view))} | dict(extra)
     return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details, header_bytes)
-
-
-def _hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
-    return tuple(reversed(shape)) if transposed else tuple(shape)
 
 
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:

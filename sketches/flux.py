@@ -26,7 +26,7 @@ it), so such a LoRA resolves against a diffusers pipeline base."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,7 +58,7 @@ _QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
 _BLOCK = re.compile(r"^(double|single)_blocks\.(\d+)\.(.+)\.(weight|bias|scale)$")
 
 
-def is_bfl_flux(names: Mapping[str, object]) -> bool:
+def is_bfl_flux(names: Collection[str]) -> bool:
     return _MARKER in names or COMFY + _MARKER in names
 
 
@@ -69,24 +69,27 @@ def flux_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, 
         return dict(where)
     prefix = COMFY if COMFY + _MARKER in where else ""
     own = {name[len(prefix):]: entry for name, entry in where.items() if name.startswith(prefix)}
-    inner = _inner(own)
+    inner = flux_inner({n: info.shape for n, (_, info) in own.items()})
     out: dict[str, tuple[K, TensorInfo]] = {}
     for name, (file, info) in sorted(own.items()):
-        for new, view in _convert(name, info, inner):
-            out[new] = (file, view)
+        for new, part in flux_parts(name, info.shape[0] if info.shape else 0, inner):
+            out[new] = (file, info if part is None else row_view(info, new, *part, info.shape[1:]))
     return out
 
 
-def _inner(own: Mapping[str, tuple[object, TensorInfo]]) -> int | None:
-    lin = own.get("single_blocks.0.modulation.lin.weight")
-    return lin[1].shape[0] // 3 if lin is not None and lin[1].shape and lin[1].shape[0] % 3 == 0 else None
+def flux_inner(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
+    """The transformer's inner width: a single block's `modulation.lin` has 3 x inner rows."""
+    rows = shapes.get("single_blocks.0.modulation.lin.weight", (0,))[0]
+    return rows // 3 if rows and rows % 3 == 0 else None
 
 
-def _convert(name: str, info: TensorInfo, inner: int | None) -> list[tuple[str, TensorInfo]]:
+def flux_parts(name: str, rows: int, inner: int | None) -> list[tuple[str, tuple[int, int] | None]]:
+    """The diffusers tensors an original-layout tensor of `rows` rows holds: [(name, (first row, rows))], the
+    part None when it is the whole tensor; [] for what is left out (module docstring)."""
     stem, _, suffix = name.rpartition(".")
     suffix = "weight" if suffix == "scale" else suffix  # RMSNorm scales are diffusers' norm weights
     if stem in _FIXED:
-        return [(f"{_FIXED[stem]}.{suffix}", info)]
+        return [(f"{_FIXED[stem]}.{suffix}", None)]
     m = _BLOCK.match(name)
     if m is None:
         return []  # final_layer.adaLN_modulation.1 (halves swapped by diffusers), and anything unknown
@@ -94,24 +97,22 @@ def _convert(name: str, info: TensorInfo, inner: int | None) -> list[tuple[str, 
     if kind == "double":
         target = f"transformer_blocks.{i}."
         if module in _QKV:
-            return _split(info, [f"{target}{p}.{suffix}" for p in _QKV[module]], [info.shape[0] // 3] * 3)
-        return [(f"{target}{_DOUBLE[module]}.{suffix}", info)] if module in _DOUBLE else []
+            return _runs([f"{target}{p}.{suffix}" for p in _QKV[module]], [rows // 3] * 3, rows)
+        return [(f"{target}{_DOUBLE[module]}.{suffix}", None)] if module in _DOUBLE else []
     target = f"single_transformer_blocks.{i}."
     if module == "linear1":
-        if inner is None or info.shape[0] <= 3 * inner:
+        if inner is None or rows <= 3 * inner:
             return []
         parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
-        return _split(info, [f"{target}{p}.{suffix}" for p in parts], [inner, inner, inner, info.shape[0] - 3 * inner])
-    return [(f"{target}{_SINGLE[module]}.{suffix}", info)] if module in _SINGLE else []
+        return _runs([f"{target}{p}.{suffix}" for p in parts], [inner, inner, inner, rows - 3 * inner], rows)
+    return [(f"{target}{_SINGLE[module]}.{suffix}", None)] if module in _SINGLE else []
 
 
-def _split(info: TensorInfo, names: list[str], rows: list[int]) -> list[tuple[str, TensorInfo]]:
-    """Consecutive row runs of `info` (a matrix or a bias), each a tensor of its own over its bytes."""
-    if not info.shape or sum(rows) != info.shape[0]:
+def _runs(names: list[str], counts: list[int], rows: int) -> list[tuple[str, tuple[int, int] | None]]:
+    """Consecutive row runs, one per name; [] when they do not add up to the tensor's rows."""
+    if sum(counts) != rows or min(counts) < 1:
         return []
-    firsts = [sum(rows[:k]) for k in range(len(rows))]
-    return [(name, row_view(info, name, first, count, info.shape[1:]))
-            for name, first, count in zip(names, firsts, rows, strict=True)]
+    return [(name, (sum(counts[:k]), count)) for k, (name, count) in enumerate(zip(names, counts, strict=True))]
 
 
 # kohya's FLUX LoRAs name the original modules, flattened (`lora_unet_double_blocks_0_img_attn_qkv`): the

@@ -46,6 +46,7 @@ import gguf
 import numpy as np
 
 from errors import GGUFError, SafetensorsError
+from sketches.flux import COMFY, flux_inner, flux_parts, is_bfl_flux
 from sketches.safetensors import ByteSource
 
 __all__ = [
@@ -552,7 +553,9 @@ class HFName:
     heads: int | None  # llama q/k: rows permuted by the converter within each of this many heads
     qkv_heads: tuple[int, int] | None = None  # fused q/k/v (GPT-NeoX, BLOOM, Falcon): (heads, kv heads);
     # HF rows by kv group (its q heads, then its k and v), GGUF rows by part
-    expert: int | None = None  # one expert of a stacked MoE tensor (blk.N.ffn_gate_exps: (experts, I, H))
+    # rows (first, count) of the tensor seen as (-1, ne0) (a bias: its elements): one expert of a stacked MoE
+    # tensor (blk.N.ffn_gate_exps: (experts, I, H)), or FLUX's q, k or v of a fused q/k/v (sketches.flux)
+    part: tuple[int, int] | None = None
 
 
 # HF names each naming family uses; among gguf's aliases for a tensor (all architectures' spellings) the
@@ -614,6 +617,8 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
     says). Tensors with no HF counterpart (rope tables) are left out; a stacked MoE tensor is one HF
     matrix per expert (keys `<gguf name>#<expert>`, `HFName.expert`).
     """
+    if is_bfl_flux(header.names()) or header.architecture == "flux":
+        return _flux_names(header)
     arch = header.architecture
     n_blocks = _int_meta(header, f"{arch}.block_count") or 1 + max(
         (int(m.group(1)) for t in header.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1
@@ -626,9 +631,10 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
     for info in header.tensors:
         stem, suffix = _split_suffix(info.name)
         if (stacked := _EXPERTS.match(stem)) and len(info.shape) == 3 and suffix == ".weight":
+            rows = info.shape[1]
             for e in range(info.shape[0]):
                 hf = f"model.layers.{stacked.group(1)}.mlp.experts.{e}.{stacked.group(2)}_proj.weight"
-                names[f"{info.name}#{e}"] = HFName(info.name, hf, False, None, expert=e)
+                names[f"{info.name}#{e}"] = HFName(info.name, hf, False, None, part=(e * rows, rows))
             continue
         if stem not in reverse:
             continue
@@ -639,6 +645,19 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         fused = (n_head, n_kv) if arch in FUSED_QKV_ARCHITECTURES and n_head and stem.endswith(".attn_qkv") else None
         names[info.name] = HFName(info.name, hf, bool(_TRANSPOSED.match(hf)), heads, fused)
     return names
+
+
+def _flux_names(header: GGUFHeader) -> dict[str, HFName]:
+    """A FLUX GGUF (city96's ComfyUI-GGUF files: the original layout's names, architecture `flux`) as the
+    diffusers transformer, q / k / v split by rows (`sketches.flux.flux_parts`), as its safetensors are read."""
+    prefix = COMFY if any(t.name.startswith(COMFY) for t in header.tensors) else ""
+    shapes = {t.name.removeprefix(prefix): t.shape for t in header.tensors}
+    inner = flux_inner(shapes)
+    names: dict[str, HFName] = {}
+    for info in header.tensors:
+        for hf, part in flux_parts(info.name.removeprefix(prefix), info.shape[0] if info.shape else 0, inner):
+            names[f"{info.name}#{hf}"] = HFName(info.name, hf, False, None, part=part)
+    return dict(sorted(names.items()))
 
 
 def _split_suffix(name: str) -> tuple[str, str]:
@@ -699,8 +718,8 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     or a 1-D one is read whole, then sliced.
     """
     info = header.get(name.gguf_name)
-    if name.expert is not None:
-        info = expert_info(info, name.expert)
+    if name.part is not None:
+        info = part_info(info, *name.part)
     n_rows = info.shape[0]
     order = _row_order(source, info, name)
     if name.transposed or len(info.shape) < 2:
@@ -720,14 +739,23 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     return _read_runs(source, info, wanted)
 
 
-def expert_info(info: GGUFTensorInfo, expert: int) -> GGUFTensorInfo:
-    """One expert of a stacked (experts, out, in) tensor as a 2-D tensor of its own: its rows are whole
-    blocks of the file (ne0, the row, is a multiple of the block), so its bytes are one contiguous range."""
-    if len(info.dims) != 3 or not 0 <= expert < info.dims[2]:
-        raise GGUFError(info.name, f"no expert {expert} in a tensor of dims {info.dims}")
-    size = info.nbytes // info.dims[2]
-    begin = info.begin + expert * size
-    return replace(info, name=f"{info.name}#{expert}", dims=info.dims[:2], begin=begin, end=begin + size)
+def part_info(info: GGUFTensorInfo, first: int, rows: int) -> GGUFTensorInfo:
+    """Rows [first, first + rows) of a tensor seen as (-1, ne0) (a 1-D tensor: its elements) as a tensor of
+    its own: rows are whole blocks of the file (ne0 is a multiple of the block), so its bytes are one range."""
+    total = math.prod(info.dims[1:]) if len(info.dims) > 1 else info.dims[0]
+    if rows < 1 or not 0 <= first <= total - rows:
+        raise GGUFError(info.name, f"rows [{first}, {first + rows}) outside a tensor of dims {info.dims}")
+    size = info.nbytes // total
+    begin = info.begin + first * size
+    dims = (info.dims[0], rows) if len(info.dims) > 1 else (rows,)
+    return replace(info, name=f"{info.name}#{first}", dims=dims, begin=begin, end=begin + rows * size)
+
+
+def hf_shape(header: GGUFHeader, name: HFName) -> tuple[int, ...]:
+    """The shape of the Hugging Face tensor `name` reads (a part's rows; a transposed tensor's shape)."""
+    info = header.get(name.gguf_name)
+    shape = part_info(info, *name.part).shape if name.part is not None else info.shape
+    return tuple(reversed(shape)) if name.transposed else tuple(shape)
 
 
 def _read_runs(source: ByteSource, info: GGUFTensorInfo, wanted: np.ndarray) -> np.ndarray:

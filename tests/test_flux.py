@@ -215,3 +215,47 @@ def test_a_kohya_flux_lora_is_an_adapter_of_its_diffusers_base(tmp_path: Path) -
     add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
     e = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}["lab/flux-lora"]  # type: ignore[union-attr]
     assert (e.parent, e.relation, e.confidence) == ("bfl/flux-base", "adapter", 1.0)  # type: ignore[attr-defined]
+
+
+def test_a_flux_gguf_reads_as_its_transformer_and_is_the_quantized_child_of_its_source(tmp_path: Path) -> None:
+    """city96-style FLUX GGUFs (architecture `flux`, the original names, Q8_0 by gguf-py's quantizer) of a
+    single-file fine-tune: every diffusers tensor read from its rows of the file (q / k / v parts too), within
+    Q8_0's error of the source; in batch and in the incremental index a `quantized` child of the fine-tune
+    (the base pipeline holds the same layout, farther)."""
+    from indexer.crawl import read_folder
+    from indexer.zoo.quantize import write_flux_gguf
+
+    def wide(seed: int, base: diffusers.FluxTransformer2DModel | None = None) -> diffusers.FluxTransformer2DModel:
+        torch.manual_seed(seed)  # inner 32, MLP 128: rows of whole Q8_0 blocks
+        model = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=32, num_layers=1, num_single_layers=2,
+                                                attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                                pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+        if base is not None:
+            model.load_state_dict(base.state_dict())
+            with torch.no_grad():
+                for p in model.parameters():
+                    if p.ndim == 2:
+                        p.add_(0.05 * p.std() * torch.randn(p.shape))
+        return model
+
+    base = wide(0)
+    ft = wide(1, base)
+    _pipeline(tmp_path / "bfl/flux-base", base)
+    (tmp_path / "lab/flux-ft").mkdir(parents=True)
+    bfl = _as_bfl(ft)
+    save_file(bfl, str(tmp_path / "lab/flux-ft/flux-ft.safetensors"))
+    (tmp_path / "q/flux-ft-gguf").mkdir(parents=True)
+    write_flux_gguf(tmp_path / "q/flux-ft-gguf/flux-ft-Q8_0.gguf", {n: v.numpy() for n, v in bfl.items()}, "Q8_0")
+    order = ("bfl/flux-base", "lab/flux-ft", "q/flux-ft-gguf")
+    (tmp_path / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2024-0{i + 1}-01T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    read, _ = read_folder(tmp_path / "q/flux-ft-gguf", budget=64 << 20)
+    source = _read(tmp_path / "lab/flux-ft/flux-ft.safetensors")
+    assert set(read.arrays) <= set(source) and "single_transformer_blocks.1.attn.to_k.weight" in read.arrays
+    for name, array in read.arrays.items():
+        assert np.abs(array - source[name]).max() <= 0.01 * np.abs(source[name]).max() + 1e-6, name
+    want = {"bfl/flux-base": ("", ""), "lab/flux-ft": ("bfl/flux-base", "finetune"), "q/flux-ft-gguf": ("lab/flux-ft", "quantized")}
+    rows = {r.repo_id: (r.parent, r.relation) for r in recover(tmp_path, Options(device="cpu")).rows}
+    assert rows == want
+    add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
+    assert {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "home", "edges")} == want  # type: ignore[union-attr]

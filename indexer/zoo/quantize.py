@@ -219,6 +219,22 @@ def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
     return path
 
 
+def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str) -> Path:
+    """A FLUX GGUF as city96's ComfyUI-GGUF converter writes one: architecture `flux`, the original layout's
+    tensor names as they are (`double_blocks.0.img_attn.qkv.weight`), matrices quantized to `qtype` where
+    their rows are whole blocks (else F16), 1-D tensors in F32."""
+    writer = gguf.GGUFWriter(path, "flux")
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType[FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")]))
+    for name in sorted(state):
+        data, raw = _stored(np.asarray(state[name], dtype=np.float32), qtype)
+        writer.add_tensor(name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 # --- GPTQ ------------------------------------------------------------------------------------------------
 
 
