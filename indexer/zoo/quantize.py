@@ -212,6 +212,10 @@ def write_llama_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
             w = hf_permute(w, kv_heads)
         data, raw = _stored(w, _tensor_qtype(target, qtype, layers))
         writer.add_tensor(target, data, raw_dtype=raw)
+    return _written(writer, path)
+
+
+def _written(writer: gguf.GGUFWriter, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -228,11 +232,7 @@ def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str) -> 
     for name in sorted(state):
         data, raw = _stored(np.asarray(state[name], dtype=np.float32), qtype)
         writer.add_tensor(name, data, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return _written(writer, path)
 
 
 # --- GPTQ ------------------------------------------------------------------------------------------------
