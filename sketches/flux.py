@@ -30,6 +30,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from errors import SafetensorsError
 from sketches.views import row_view
 
 if TYPE_CHECKING:  # sketches.safetensors applies the views to its headers
@@ -72,7 +73,11 @@ def flux_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, 
     inner = flux_inner({n: info.shape for n, (_, info) in own.items()})
     out: dict[str, tuple[K, TensorInfo]] = {}
     for name, (file, info) in sorted(own.items()):
-        for new, part in flux_parts(name, info.shape[0] if info.shape else 0, inner):
+        try:
+            parts = flux_parts(name, info.shape[0] if info.shape else 0, inner)
+        except ValueError as exc:
+            raise SafetensorsError(f"{file}: {prefix}{name}", f"a FLUX tensor that does not split: {exc}") from None
+        for new, part in parts:
             out[new] = (file, info if part is None else row_view(info, new, *part, info.shape[1:]))
     return out
 
@@ -85,7 +90,8 @@ def flux_inner(shapes: Mapping[str, tuple[int, ...]]) -> int | None:
 
 def flux_parts(name: str, rows: int, inner: int | None) -> list[tuple[str, tuple[int, int] | None]]:
     """The diffusers tensors an original-layout tensor of `rows` rows holds: [(name, (first row, rows))], the
-    part None when it is the whole tensor; [] for what is left out (module docstring)."""
+    part None when it is the whole tensor; [] for what is left out (module docstring). ValueError for a
+    fused tensor whose rows do not split as FLUX's do."""
     stem, _, suffix = name.rpartition(".")
     suffix = "weight" if suffix == "scale" else suffix  # RMSNorm scales are diffusers' norm weights
     if stem in _FIXED:
@@ -102,16 +108,19 @@ def flux_parts(name: str, rows: int, inner: int | None) -> list[tuple[str, tuple
     target = f"single_transformer_blocks.{i}."
     if module == "linear1":
         if inner is None or rows <= 3 * inner:
-            return []
+            raise ValueError(f"linear1 has {rows} rows, not q, k, v of the inner width "
+                             f"({inner or 'unknown: no single_blocks.0.modulation.lin'}) and MLP rows")
         parts = ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")
         return _runs([f"{target}{p}.{suffix}" for p in parts], [inner, inner, inner, rows - 3 * inner], rows)
     return [(f"{target}{_SINGLE[module]}.{suffix}", None)] if module in _SINGLE else []
 
 
 def _runs(names: list[str], counts: list[int], rows: int) -> list[tuple[str, tuple[int, int] | None]]:
-    """Consecutive row runs, one per name; [] when they do not add up to the tensor's rows."""
+    """Consecutive row runs, one per name. Raises ValueError when they do not split the tensor's rows: a
+    fused tensor of another shape is no FLUX tensor, and dropping it would read the model as less than it is."""
     if sum(counts) != rows or min(counts) < 1:
-        return []
+        raise ValueError(f"{rows} rows do not split into {', '.join(n.rsplit('.', 2)[-2] for n in names)} "
+                         f"of {counts} rows")
     return [(name, (sum(counts[:k]), count)) for k, (name, count) in enumerate(zip(names, counts, strict=True))]
 
 

@@ -655,7 +655,11 @@ def _flux_names(header: GGUFHeader) -> dict[str, HFName]:
     inner = flux_inner(shapes)
     names: dict[str, HFName] = {}
     for info in header.tensors:
-        for hf, part in flux_parts(info.name.removeprefix(prefix), info.shape[0] if info.shape else 0, inner):
+        try:
+            parts = flux_parts(info.name.removeprefix(prefix), info.shape[0] if info.shape else 0, inner)
+        except ValueError as exc:
+            raise GGUFError(header.name, f"tensor {info.name!r}: a FLUX tensor that does not split: {exc}") from None
+        for hf, part in parts:
             names[f"{info.name}#{hf}"] = HFName(info.name, hf, False, None, part=part)
     return dict(sorted(names.items()))
 

@@ -259,3 +259,14 @@ def test_a_flux_gguf_reads_as_its_transformer_and_is_the_quantized_child_of_its_
     assert rows == want
     add_local(tmp_path / "home", [tmp_path / r for r in order], budget=64 << 20, device="cpu", progress=False)
     assert {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "home", "edges")} == want  # type: ignore[union-attr]
+
+
+def test_a_flux_file_whose_fused_tensor_does_not_split_is_refused_naming_it(tmp_path: Path) -> None:
+    """q/k/v rows not a multiple of 3: one line naming the file and tensor, not a model read as less than it is."""
+    from errors import SafetensorsError
+
+    ckpt = _bfl_checkpoint()
+    ckpt["double_blocks.1.txt_attn.qkv.weight"] = ckpt["double_blocks.1.txt_attn.qkv.weight"][:-1]
+    save_file({n: v.contiguous() for n, v in ckpt.items()}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(SafetensorsError, match=r"bad.safetensors: double_blocks.1.txt_attn.qkv.weight.*23 rows do not split"):
+        _read(tmp_path / "bad.safetensors")
