@@ -39,6 +39,7 @@ _MIXTRAL_ROUTER = re.compile(r"\.block_sparse_moe\.gate\.weight$")
 _W = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 _EXPERT = re.compile(r"\.mlp\.(?:experts\.\d+|shared_experts?)\.((?:gate|up|down)_proj\.weight)$")
 _ROUTER = re.compile(r"\.mlp\.(?:gate|shared_expert_gate)\.weight$")
+_INDEX = re.compile(r"\.mlp\.experts\.(\d+)\.")
 _FUSED_GATE_UP = ".experts.gate_up_proj"
 _FUSED_DOWN = ".experts.down_proj"
 
@@ -55,6 +56,12 @@ def expert_alias(name: str) -> str | None:
     """The dense MLP matrix an expert (or a shared expert) stands for, None for any other tensor."""
     m = _EXPERT.search(name)
     return name[:m.start()] + ".mlp." + m.group(1) if m else None
+
+
+def expert_index(name: str) -> int | None:
+    """Which expert a routed expert's matrix belongs to (None: a shared expert, or no expert at all)."""
+    m = _INDEX.search(name)
+    return int(m.group(1)) if m else None
 
 
 def is_router(name: str) -> bool:

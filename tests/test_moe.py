@@ -329,3 +329,18 @@ def test_a_moe_whose_sources_are_far_takes_them_from_its_card_and_checks_them(hu
     add_local(tmp_path / "home", [root / r for r in order], budget=64 << 20, device="cpu", progress=False)
     e = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}["o/moe"]  # type: ignore[union-attr]
     assert (e.parent, e.relation, frozenset(p for p, _ in e.parents)) == want  # type: ignore[attr-defined]
+
+
+def test_index_compare_names_the_experts_copied_from_a_dense_model(hub: Path) -> None:
+    """An auditor's question, "is this MoE made from our model?": `index compare` says which experts are the
+    dense model's MLP bit for bit (a BF16 MoE's: rounded from the F32 source), and how many matrices each
+    side holds that the other lacks (never compared)."""
+    from indexer.lineage.compare import compare, load_local, render
+
+    got = compare(load_local(hub / "o/a"), load_local(hub / "o/moe-bf16"))
+    assert got.experts_of == "B" and got.expert_copies == (0,)  # type: ignore[union-attr]
+    assert (got.only_a, got.only_b) == (6, 14)  # type: ignore[union-attr]  # A's MLP; B's experts and routers
+    assert "B's experts [0] are A's MLP, bit for bit" in render(got)
+    other = compare(load_local(hub / "o/moe"), load_local(hub / "o/base"))
+    assert other.experts_of == "A" and other.expert_copies == ()  # type: ignore[union-attr]
+    assert "none of A's experts is B's MLP" in render(other)

@@ -37,12 +37,25 @@ from typing import Any
 import numpy as np
 
 from errors import BadInputError, RepoNotFoundError
-from indexer.lineage.methods import spectral_tail_distance
+from indexer.lineage.methods import cast_to, spectral_tail_distance
 from indexer.readers import AdapterRead, QuantInfo, lora_arrays
-from indexer.relations.rules import QUANT_FLOOR, QUANT_MULTIPLE, copy_relative, within_quantization_error
+from indexer.relations.merges import stored_dtypes
+from indexer.relations.rules import (
+    QUANT_FLOOR,
+    QUANT_MULTIPLE,
+    copy_relative,
+    within_quantization_error,
+)
 from indexer.sources import local_created_at
 from sketches.adapter import loose_layout
-from sketches.layers import CORE_SHARE, canonical_tensors, core_overlap, is_head, select_layers
+from sketches.experts import expert_alias, expert_index
+from sketches.layers import (
+    CORE_SHARE,
+    canonical_tensors,
+    core_overlap,
+    is_head,
+    select_layers,
+)
 from sketches.relatedness import relate
 from sketches.safetensors import open_local_repo
 from sketches.stats import model_stats
@@ -92,6 +105,12 @@ class Comparison:
     scheme: str = ""  # its scheme (gguf-Q4_K, awq-4bit, mlx-4bit ...)
     copy_distance: float = math.nan  # the relative distance its label is judged on (scales fitted)
     copy_limit: float = math.nan  # QUANT_MULTIPLE x the scheme's predicted error + QUANT_FLOOR
+    only_a: int = 0  # body matrices A holds and B lacks (a MoE's experts against a dense model, a new block)
+    only_b: int = 0
+    # a MoE against a dense model: the MoE's experts whose every matrix read is the other's MLP matrix of
+    # that name, bit for bit (rounded to the MoE's dtype): mergekit-moe's copies (sketches.experts)
+    expert_copies: tuple[int, ...] = ()
+    experts_of: str = ""  # "A" or "B": the MoE side of `expert_copies`
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -185,8 +204,32 @@ def compare(a: Side, b: Side) -> Comparison | AdapterComparison:
     else:
         direction, why = "none", "not related: there is no lineage to orient"
     side, scheme, _, distance, limit = copy if copy is not None else ("", "", False, math.nan, math.nan)
+    only_a, only_b = (len(_body_matrices(x) - _body_matrices(y)) for x, y in ((a, b), (b, a)))
+    experts_of, copies = _expert_copies(a, b)
     return Comparison(a.name, b.name, True, overlap, tuple(body), test.related, test.score, test.p_value,
-                      direction, why, tail, rel, identical, _heads(a, b), side, scheme, distance, limit)
+                      direction, why, tail, rel, identical, _heads(a, b), side, scheme, distance, limit,
+                      only_a, only_b, copies, experts_of)
+
+
+def _body_matrices(side: Side) -> set[str]:
+    return {n for n, shape in side.shapes.items() if len(shape) in (2, 4) and not is_head(n)}
+
+
+def _expert_copies(a: Side, b: Side) -> tuple[str, tuple[int, ...]]:
+    """("A" or "B", the experts of that side that are the other side's MLP, bit for bit), or ("", ())."""
+    for label, moe, dense in (("A", a, b), ("B", b, a)):
+        matrices: dict[int, list[bool]] = {}
+        for name, array in moe.arrays.items():
+            alias, expert = expert_alias(name), expert_index(name)
+            if alias is None or expert is None or alias not in dense.arrays or dense.arrays[alias].shape != array.shape:
+                continue
+            source = np.asarray(dense.arrays[alias], dtype=np.float32)
+            dtype = stored_dtypes({name: array}, [name])[0]  # a BF16 MoE of F32 sources holds them rounded
+            matrices.setdefault(expert, []).append(
+                bool(np.array_equal(cast_to(source, dtype) if dtype else source, array)))
+        if matrices:
+            return label, tuple(e for e, same in sorted(matrices.items()) if all(same))
+    return "", ()
 
 
 def _copy(a: Side, b: Side, body: list[str], rel: float) -> tuple[str, str, bool, float, float] | None:
@@ -273,6 +316,12 @@ def render(c: Comparison | AdapterComparison) -> str:
         lines.append(f"quantized: {c.quantized} is quantized ({c.scheme}); distance {c.copy_distance:.3g} against the "
                      f"{c.copy_limit:.3g} its scheme allows ({'within' if c.copy_distance <= c.copy_limit else 'beyond'}"
                      " it: " + ("a quantized copy" if c.copy_distance <= c.copy_limit else "a fine-tune of a quantized copy, or of a relative") + ")")
+    if c.only_a or c.only_b:
+        lines.append(f"not compared: {c.only_a} matrices only in A, {c.only_b} only in B")
+    if c.experts_of:
+        dense = "B" if c.experts_of == "A" else "A"
+        lines.append(f"experts: {c.experts_of}'s experts {list(c.expert_copies)} are {dense}'s MLP, bit for bit"
+                     if c.expert_copies else f"experts: none of {c.experts_of}'s experts is {dense}'s MLP")
     heads = [f"{h.name} {list(h.shape_a)} vs {list(h.shape_b)}: "
              + ("same shape" + (f", relative distance {h.relative_distance:.3g}" if h.relative_distance is not None else ", not read")
                 if h.match else "different shapes")

@@ -349,13 +349,13 @@ def _stacked(x: Arrays, candidates: Mapping[str, Arrays], common: Sequence[str],
     layer added and trained: a transfer-learning head) means no passthrough at all.
     A mergekit-moe is one too: its attention, norms and embeddings are its base's, each expert a copy of
     a relative's MLP at its layer (`sketches.experts.expert_alias`); its routers are skipped. A tensor x
-    holds in BF16 or F16 (`_dtypes`) is a copy of a wider one rounded to that type (mergekit's out_dtype)."""
+    holds in BF16 or F16 (`stored_dtypes`) is a copy of a wider one rounded to that type (mergekit's out_dtype)."""
     own = [n for n in x if n not in common and layer_template(n) is not None and np.ndim(x[n]) >= 2]
     if not own:
         return None
     # a router is drawn at random or computed from prompts, no copy of anything (sketches.experts)
     copied = [n for n in sorted(x) if np.ndim(x[n]) >= 2 and not is_router(n)]
-    stored = dict(zip(copied, _dtypes(x, copied), strict=True))  # a copy saved in BF16 is its source rounded
+    stored = dict(zip(copied, stored_dtypes(x, copied), strict=True))  # a copy saved in BF16 is its source rounded
     index: dict[tuple[str, tuple[int, ...], bytes], set[str]] = {}
     for r, arrays in candidates.items():
         for n, a in arrays.items():
@@ -512,7 +512,7 @@ def _worst_block(per_block: np.ndarray, singles: np.ndarray, xxs: np.ndarray) ->
 class _Stored:
     """What a fit reads of the values themselves: the model's and its candidates' fit prefixes (ids sorted)
     and the dtype each of the model's blocks was stored in ("BF16", "F16", or "" for float32), as its
-    values tell (`_dtypes`)."""
+    values tell (`stored_dtypes`)."""
 
     x: Arrays
     candidates: Mapping[str, Arrays]
@@ -523,8 +523,8 @@ class _Stored:
 
     @cached_property
     def dtypes(self) -> tuple[str, ...]:
-        """Read when a fit needs it only: a candidate interpolation that missed (`_dtypes`)."""
-        return _dtypes(self.x, self.names)
+        """Read when a fit needs it only: a candidate interpolation that missed (`stored_dtypes`)."""
+        return stored_dtypes(self.x, self.names)
 
     @property
     def narrow(self) -> bool:
@@ -548,7 +548,7 @@ class _Stored:
         return np.array(out)
 
 
-def _dtypes(x: Arrays, names: Sequence[str]) -> tuple[str, ...]:
+def stored_dtypes(x: Arrays, names: Sequence[str]) -> tuple[str, ...]:
     """Each block's storage dtype, read off its values: BF16 when every value's low 16 bits are 0 (an F16
     value has them so with chance 1/8 each), else F16 when every value is one, else "" (float32)."""
     out = []
