@@ -62,3 +62,24 @@ def test_centre_rooting_puts_the_base_of_a_fan_at_the_root() -> None:
             pts[j] = pts[p] + np.eye(10)[j]
     d = np.linalg.norm(pts[:, None] - pts[None], axis=2)
     assert centre_rooted_tree(d) == parents
+
+
+def test_between_two_centres_the_norm_regime_of_the_other_edges_picks_the_root() -> None:
+    """The path 3 - 1 - 0 - 2 (base 0, fine-tunes 1 and 2, 3 a fine-tune of 1) has two centres, 0 and 1, and
+    here the medoid is 1: the chain 0 -> 1 -> 3 moved along one direction, so it reads longer. Every child's
+    rows grow (norms 1, 2, 2, 3): the edges 0 -> 2 and 1 -> 3, which point the same way from either centre,
+    say so, and the central edge is then oriented from the shorter rows to the longer: 0 is the root. Where the
+    other edges shrink and 1's rows are the longer, 1 is; with no clear regime the medoid stays."""
+    from indexer.lineage.orient import norm_votes
+
+    d = np.array([[0.0, 1.0, 1.0, 2.0],  # the chain 0 -> 1 -> 3 two steps long, the siblings 1, 2 only 1.2
+                  [1.0, 0.0, 1.2, 1.0],  # apart (correlated updates): the sums of distances are 4 at 0, 3.2 at 1
+                  [1.0, 1.2, 0.0, 2.2],
+                  [2.0, 1.0, 2.2, 0.0]])
+    assert centre_rooted_tree(d) == [1, -1, 0, 1]  # the medoid: 1 is the root
+    grow = norm_votes([np.full(64, v) for v in (1.0, 2.0, 2.0, 3.0)])
+    assert centre_rooted_tree(d, regime_votes=grow) == [-1, 0, 0, 1]
+    shrink = norm_votes([np.full(64, v) for v in (2.0, 3.0, 1.0, 2.0)])  # 0 -> 2 and 1 -> 3 shrink; 1 is longer
+    assert centre_rooted_tree(d, regime_votes=shrink) == [1, -1, 0, 1]
+    flat = norm_votes([np.full(64, 1.0) for _ in range(4)])
+    assert centre_rooted_tree(d, regime_votes=flat) == [1, -1, 0, 1]

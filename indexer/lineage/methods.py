@@ -428,7 +428,8 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         if untimed and options.orient in ("center", "center-norm") and options.kurtosis != "always":
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
             shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
-            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink)
+            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink,
+                                       norm_votes(_row_norms(family, idx, min_ndim=2)))
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
@@ -497,9 +498,10 @@ def _ties(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> t
     return tie, why
 
 
-def _row_norms(family: Family, idx: np.ndarray) -> list[np.ndarray]:
-    """Each member's row norms over the compared body layers (a conv kernel's rows: its output filters)."""
-    names = [n for n in family.selection.distance if not is_head(n) and family.layers[n].ndim >= 3]
+def _row_norms(family: Family, idx: np.ndarray, *, min_ndim: int = 3) -> list[np.ndarray]:
+    """Each member's row norms over the compared body layers of at least `min_ndim` dims (conv kernels by
+    default, their rows the output filters; 2: every matrix too, for `orient._central_edge`)."""
+    names = [n for n in family.selection.distance if not is_head(n) and family.layers[n].ndim >= min_ndim]
     return [np.concatenate([np.linalg.norm(family.layers[n][int(i)].reshape(family.layers[n].shape[1], -1), axis=1)
                             for n in names]) if names else np.zeros(0) for i in idx]
 

@@ -8,7 +8,9 @@ undirected minimum spanning tree of the distance (which places the edges; only t
 unknown) and root it at its centre: the node whose farthest node is fewest hops away (networkx
 `center`); between two centres (always so in a tree of two), the caller's prior decides (mother's:
 the fewest head tensors, then the widest head, as for a group of identical bodies in
-indexer.lineage.ties), then the smaller summed distance to all others (the medoid).
+indexer.lineage.ties), then the tree's norm regime (`_central_edge`: the other edges point the same way from
+either centre, so they tell whether children's rows shrink or grow, and that orients the central edge),
+then the smaller summed distance to all others (the medoid).
 Every edge then points away from the root. A chain of checkpoints (a "snake") is the known failure: its
 centre is its middle. Measured per zoo and phenomenon in bench/RESULTS.md (`bench/wild.py`).
 """
@@ -23,11 +25,12 @@ import numpy as np
 
 
 def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = (),
-                       shrink: np.ndarray | None = None) -> list[int]:
+                       shrink: np.ndarray | None = None, regime_votes: np.ndarray | None = None) -> list[int]:
     """parent[j] (-1 for the root) of the undirected MST of the symmetrised `cost`, rooted at its centre.
     An undirected edge costs its costlier direction: the tie-breaks (indexer.lineage.ties) are asymmetric.
     `shrink` (antisymmetric votes, `norm_votes`): the root may move one hop from the centre to where the
-    tree's edges agree best with its norm regime (`norm_root`)."""
+    tree's edges agree best with its norm regime (`norm_root`). `regime_votes` (the same votes): between two
+    centres, after the caller's prior, the one the tree's norm regime makes the parent (`_central_edge`)."""
     n = cost.shape[0]
     if n == 1:
         return [-1]
@@ -39,10 +42,28 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
             graph.add_edge(a, b, weight=float(sym[a, b]))
     tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
     finite = np.where(np.isfinite(sym), sym, 0.0)
-    root = min(nx.center(tree), key=lambda c: (*(prior[c] if prior else ()), float(finite[c].sum()), c))
+    centres = nx.center(tree)
+    regime = _central_edge(tree, centres, regime_votes) if regime_votes is not None and len(centres) == 2 else {}
+    root = min(centres, key=lambda c: (*(prior[c] if prior else ()), regime.get(c, 0), float(finite[c].sum()), c))
     if shrink is not None:
         root = norm_root(tree, root, shrink)
     return _oriented(tree, root, n)
+
+
+def _central_edge(tree: nx.Graph, centres: Sequence[int], votes: np.ndarray) -> dict[int, int]:
+    """Between a tree's two centres: {centre: 0 for the parent the norm regime picks, 1 for the other}, {}
+    when the regime is unclear. Every edge but the central one points the same way whichever centre is
+    the root, so those edges vote the regime without taking a side (+1: children's rows shorter, weight
+    decay; -1: longer, updates adding their own norm), as `norm_root` reads it at a centre: |sum| >= 1 vote.
+    The central edge is then oriented as the regime says: its parent is the endpoint with longer rows when
+    children shrink, shorter when they grow."""
+    a, b = centres
+    parent = _oriented(tree, a, votes.shape[0])
+    regime = float(sum(votes[p, v] for v, p in enumerate(parent) if p >= 0 and {p, v} != {a, b}))
+    if abs(regime) < 1.0 or votes[a, b] == 0:
+        return {}
+    a_first = (regime > 0) == (votes[a, b] > 0)  # votes[a, b] > 0: b's rows are the shorter
+    return {a: 0 if a_first else 1, b: 1 if a_first else 0}
 
 
 def _oriented(tree: nx.Graph, root: int, n: int) -> list[int]:
