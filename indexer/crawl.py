@@ -95,8 +95,6 @@ from indexer.sources import (
 )
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
-from sketches.experts import expert_views
-from sketches.flux import flux_views
 from sketches.layers import canonical_tensors, family_key
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -108,6 +106,7 @@ from sketches.safetensors import (
     choose_files,
     decode,
     denoiser_folder,
+    fused_views,
     read_header,
 )
 from store.cache import CACHE_DIR, TensorCache
@@ -312,7 +311,7 @@ def read_headers(repo: RepoFiles, layout: tuple[str, ...]) -> tuple[dict[str, By
             where[info.name] = (file, info)
     if weight_map is not None and (lost := sorted(set(weight_map) - set(where))):
         raise SafetensorsError(repo.entry.repo_id, f"the index lists {lost[0]!r} but its shard does not hold it")
-    return sources, expert_views(flux_views(where))  # fused MoE experts and FLUX q/k/v split into views, sorted
+    return sources, fused_views(where)  # fused MoE experts and FLUX q/k/v split into views, sorted
 
 
 # --- steps 3-4: plan, read, decode ---------------------------------------------------------------------

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 
@@ -49,8 +49,10 @@ __all__ = [
     "read_tensor",
     "RepoWeights",
     "open_local_repo",
+    "fused_views",
 ]
 
+K = TypeVar("K")  # what a tensor location names its file by (a file name, a source)
 logger = logging.getLogger(__name__)
 
 # The reference implementation refuses headers over 100 MB too; the largest real headers (thousands of
@@ -442,7 +444,7 @@ class RepoWeights:
                             self.root, f"tensor {info.name!r} is in both {where[info.name][0]} and {file}"
                         )
                     where[info.name] = (file, info)
-        return expert_views(flux_views(where))  # fused tensors split into views (sorted: deterministic)
+        return fused_views(where)  # sorted: deterministic
 
     def tensors(self) -> dict[str, TensorInfo]:
         return {name: info for name, (_, info) in self._where.items()}
@@ -484,6 +486,13 @@ class RepoWeights:
 
     def __repr__(self) -> str:
         return f"RepoWeights({self.root!r}, files={list(self.files)!r})"
+
+
+def fused_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
+    """A model's tensors with the fused ones split into the tensors they fuse, as views of their bytes
+    (FLUX's q/k/v: `sketches.flux`; MoE experts: `sketches.experts`), sorted by name. Every reader of
+    safetensors headers applies it (local folders here, the crawl's `read_headers`)."""
+    return expert_views(flux_views(where))
 
 
 def _plain_file_name(name: str) -> bool:

@@ -19,6 +19,7 @@ from store.tables import read_records
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
+from model_support import perturb_matrices
 from safetensors.torch import save_file  # noqa: E402
 
 
@@ -85,11 +86,7 @@ def _transformer(seed: int, base: diffusers.FluxTransformer2DModel | None = None
                                             pooled_projection_dim=8, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
     if base is not None:
         model.load_state_dict(base.state_dict())
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_(0.05 * p.std() * torch.randn(p.shape, generator=gen))
+        perturb_matrices(model, 0.05, seed)
     return model
 
 
@@ -232,10 +229,7 @@ def test_a_flux_gguf_reads_as_its_transformer_and_is_the_quantized_child_of_its_
                                                 pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
         if base is not None:
             model.load_state_dict(base.state_dict())
-            with torch.no_grad():
-                for p in model.parameters():
-                    if p.ndim == 2:
-                        p.add_(0.05 * p.std() * torch.randn(p.shape))
+            perturb_matrices(model, 0.05)
         return model
 
     base = wide(0)

@@ -26,6 +26,7 @@ pytest.importorskip("mergekit")
 
 LLAMA = dict(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+from model_support import perturb_matrices
 
 
 def _dense(root: Path) -> None:
@@ -36,13 +37,7 @@ def _dense(root: Path) -> None:
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(root / "o/base")
     for name, seed in (("o/a", 1), ("o/b", 2)):
-        model = LlamaForCausalLM.from_pretrained(root / "o/base")
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_(0.1 * p.std() * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / name)
+        perturb_matrices(LlamaForCausalLM.from_pretrained(root / "o/base"), 0.1, seed).save_pretrained(root / name)
     word_tokenizer(root / "o/base")
 
 
@@ -312,13 +307,7 @@ def test_a_moe_whose_sources_are_far_takes_them_from_its_card_and_checks_them(hu
     for repo in ("o/base", "o/a", "o/b", "o/moe"):
         shutil.copytree(hub / repo, root / repo)
     for i, repo in enumerate(near):
-        model = LlamaForCausalLM.from_pretrained(root / "o/base")
-        gen = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_(0.01 * p.std() * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / repo)
+        perturb_matrices(LlamaForCausalLM.from_pretrained(root / "o/base"), 0.01, 10 + i).save_pretrained(root / repo)
     if declared:
         _card(root / "o/moe", declared)
     (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {

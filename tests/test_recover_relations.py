@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from model_support import perturb_matrices
 from test_crawl_relations import (
     HEADS,
     HIDDEN,
@@ -291,13 +292,7 @@ def test_real_transformers_peft_and_mergekit_repos_batch_equals_incremental(tmp_
                          num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     LlamaForCausalLM(config).save_pretrained(root / "m/base")
     for repo, seed in (("m/a", 1), ("m/b", 2)):
-        model = LlamaForCausalLM.from_pretrained(root / "m/base")
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_(0.3 * p.std() * torch.randn(p.shape, generator=gen))
-        model.save_pretrained(root / repo)
+        perturb_matrices(LlamaForCausalLM.from_pretrained(root / "m/base"), 0.3, seed).save_pretrained(root / repo)
     doc = {"merge_method": "linear", "dtype": "float32",
            "models": [{"model": str(root / m), "parameters": {"weight": w}} for m, w in (("m/a", 0.6), ("m/b", 0.4))]}
     run_merge(MergeConfiguration.model_validate(doc), str(root / "m/linear"),

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from model_support import perturb_matrices
 
 from indexer.relations.merges import (
     MASK_EQUAL,
@@ -139,12 +140,7 @@ def mergekit_bf16(tmp_path, step: float, doc: dict, base: str | None = "base") -
     LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
     for name, seed in (("a", 1), ("b", 2)):
         model = LlamaForCausalLM.from_pretrained(tmp_path / "base", torch_dtype=torch.bfloat16)
-        gen = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in model.parameters():
-                if p.ndim == 2:
-                    p.add_((step * p.float().std() * torch.randn(p.shape, generator=gen)).to(p.dtype))
-        model.save_pretrained(tmp_path / name)
+        perturb_matrices(model, step, seed).save_pretrained(tmp_path / name)
     doc = doc | {"dtype": "bfloat16", **({"base_model": str(tmp_path / base)} if base else {}),
                  "models": [{"model": str(tmp_path / m), **m_params} for m, m_params in zip("ab", doc["models"], strict=True)]}
     run_merge(MergeConfiguration.model_validate(doc), str(tmp_path / "merged"),

@@ -429,7 +429,7 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
             shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
             local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink,
-                                       norm_votes(_row_norms(family, idx, min_ndim=2)))
+                                       lambda: norm_votes(_row_norms(family, idx, min_ndim=2)))
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)

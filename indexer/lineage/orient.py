@@ -18,18 +18,20 @@ centre is its middle. Measured per zoo and phenomenon in bench/RESULTS.md (`benc
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import networkx as nx
 import numpy as np
 
 
 def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = (),
-                       shrink: np.ndarray | None = None, regime_votes: np.ndarray | None = None) -> list[int]:
+                       shrink: np.ndarray | None = None,
+                       regime_votes: Callable[[], np.ndarray] | None = None) -> list[int]:
     """parent[j] (-1 for the root) of the undirected MST of the symmetrised `cost`, rooted at its centre.
     An undirected edge costs its costlier direction: the tie-breaks (indexer.lineage.ties) are asymmetric.
     `shrink` (antisymmetric votes, `norm_votes`): the root may move one hop from the centre to where the
-    tree's edges agree best with its norm regime (`norm_root`). `regime_votes` (the same votes): between two
+    tree's edges agree best with its norm regime (`norm_root`). `regime_votes` (the same votes, computed only
+    for a tree with two centres: they compare every pair of models row by row): between two
     centres, after the caller's prior, the one the tree's norm regime makes the parent (`_central_edge`)."""
     n = cost.shape[0]
     if n == 1:
@@ -43,7 +45,7 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
     tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
     finite = np.where(np.isfinite(sym), sym, 0.0)
     centres = nx.center(tree)
-    regime = _central_edge(tree, centres, regime_votes) if regime_votes is not None and len(centres) == 2 else {}
+    regime = _central_edge(tree, centres, regime_votes()) if regime_votes is not None and len(centres) == 2 else {}
     root = min(centres, key=lambda c: (*(prior[c] if prior else ()), regime.get(c, 0), float(finite[c].sum()), c))
     if shrink is not None:
         root = norm_root(tree, root, shrink)

@@ -1,0 +1,18 @@
+"""Helpers the tests share to make relatives of a real model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def perturb_matrices(model: Any, step: float, seed: int | None = None) -> Any:
+    """A fine-tune stand-in: every matrix of `model` moved in place by `step` x its std, Gaussian, from a
+    generator seeded with `seed` (None: torch's global one), in the matrix's own dtype. Returns the model."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 2:
+                p.add_((step * p.float().std() * torch.randn(p.shape, generator=gen)).to(p.dtype))
+    return model
