@@ -77,6 +77,7 @@ from indexer.readers import (
     read_adapter_config,
     read_gguf,
     read_gguf_split,
+    read_keras,
     read_packed,
     saved_shapes,
 )
@@ -109,6 +110,7 @@ from sketches.safetensors import (
     fused_views,
     read_header,
 )
+from sketches.tfh5 import TF_FILE, KerasWeightsError
 from store.cache import CACHE_DIR, TensorCache
 from store.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from store.schema import CrawlStateRecord, ModelRecord, Status
@@ -128,7 +130,7 @@ DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the s
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "gguf-incomplete", "unsupported-architecture",
                    "header-invalid"]
 FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
-                   "gguf-invalid", "quantized-invalid", "error"]
+                   "gguf-invalid", "quantized-invalid", "tf-invalid", "error"]
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json with a quantization_config is a few kB
 
@@ -261,8 +263,12 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     if missing:  # only incomplete gguf-split sets: a part of a model would never join its family
         raise _Skip(entry.repo_id, f"gguf-incomplete: gguf-split set without {', '.join(missing[:3])}")
     pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
-    if pickles:
+    if pickles:  # the bot's safetensors PR (exactly PyTorch's weights) first, else its TF file (`repo_layout`)
         raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")
+    if TF_FILE in top:
+        return (TF_FILE,)  # a TensorFlow-only repo: Keras' HDF5 weights (sketches.tfh5)
+    if any(f.startswith("tf_model-") and f.endswith(".h5") for f in top):
+        raise _Skip(entry.repo_id, "no-safetensors: sharded TensorFlow weights (tf_model-0000i-of-0000n.h5) are not read")
     raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")
 
 
@@ -398,6 +404,16 @@ def read_gguf_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> Mo
     return _quantized(read, read.header_bytes, "gguf")
 
 
+def read_tf_model(repo: RepoFiles, *, budget: int) -> ModelRead:
+    """A TensorFlow repo's `tf_model.h5` (indexer.readers.read_keras): HDF5 metadata through a page cache, the
+    planned rows by range, under PyTorch's names and layout."""
+    try:
+        read = read_keras(repo.open(TF_FILE), budget=budget)
+    except UnsupportedModelError as exc:
+        raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
+    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, "tf-h5", read.details)
+
+
 def _config(repo: RepoFiles) -> dict[str, Any] | None:
     """config.json (its quantization_config decides a packed scheme), or None when the repo has none."""
     if CONFIG_FILE not in repo.entry.files:
@@ -422,8 +438,12 @@ def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
         pickled = skip.reason.startswith("pickle-only") or (
             skip.reason.startswith("no-safetensors") and any(f.endswith(PICKLE_SUFFIXES) for f in repo.entry.files))
         if not pickled or convert is None:
+            if pickled and TF_FILE in repo.entry.files:
+                return (TF_FILE,)
             raise
         files = convert()
+        if files is None and TF_FILE in repo.entry.files:
+            return (TF_FILE,)  # PyTorch's pickle and TensorFlow's HDF5: the HDF5, which is safe to read
         if files is None:
             raise _Skip(repo.entry.repo_id, f"{skip.reason}; no open {CONVERSION_BOT} safetensors PR on its "
                                             "current commit") from None
@@ -437,6 +457,8 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         return read_adapter(repo, budget=budget)
     if layout[0].endswith(".gguf"):
         return read_gguf_model(repo, layout, budget=budget)
+    if layout == (TF_FILE,):
+        return read_tf_model(repo, budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)
@@ -512,6 +534,8 @@ def classify(exc: Exception) -> tuple[Status, str]:
         return "failed", exc.reason
     if isinstance(exc, AdapterError):  # before SafetensorsError's siblings: a BadInputError too
         return "failed", f"adapter-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, KerasWeightsError):  # before SafetensorsError: it is one
+        return "failed", f"tf-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, GGUFError):
         return "failed", f"gguf-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, QuantizedWeightsError):

@@ -1,5 +1,5 @@
 """Readers for the weight layouts beyond plain safetensors: PEFT adapters, GGUF files, packed quantized
-safetensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors). Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
+safetensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors), TensorFlow's `tf_model.h5`. Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
 plain reader does (`indexer.crawl.read_model` picks the reader from the file list and the headers).
 
 Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
@@ -55,6 +55,7 @@ from sketches.packed import dequantize as dequantize_packed
 from sketches.packed import predicted_relative_error as packed_error
 from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_names
 from sketches.safetensors import ByteSource, TensorInfo, decode
+from sketches.tfh5 import open_checkpoint, read_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -320,6 +321,35 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
                "architecture": view.architecture, "file": file,
                "declared_bases": list(declared_base_models(view))} | dict(extra)
     return QuantizedRead(family, plan, shapes, dict(sorted(arrays.items())), quant, details, header_bytes)
+
+
+@dataclass(frozen=True)
+class KerasRead:
+    """A `tf_model.h5` read: its variables under normalised PyTorch names and shapes, the plan, the blocks."""
+
+    family: str
+    plan: ReadPlan
+    tensors: Mapping[str, TensorInfo]
+    arrays: Mapping[str, np.ndarray]
+    details: Mapping[str, Any]
+
+
+def read_keras(source: ByteSource, *, budget: int) -> KerasRead:
+    """A Keras weights file (`sketches.tfh5`): each variable under transformers' PyTorch name, in PyTorch's
+    layout (kernels transposed back), planned as a safetensors file of the same tensors would be, and the
+    planned rows read by range."""
+    with open_checkpoint(source) as (handle, stored):
+        infos = {n: TensorInfo(n, t.dtype, t.shape, 0, np.dtype(t.numpy_dtype).itemsize * math.prod(t.shape))
+                 for n, t in stored.items()}
+        names = canonical_tensors(infos)  # normalised -> stored: float weights only, known buffers dropped
+        tensors = {norm: replace(infos[raw], name=norm) for norm, raw in names.items()}
+        family = family_key({n: t.shape for n, t in tensors.items()})
+        plan = plan_reads(tensors, family=family, budget=budget)
+        arrays = {block.tensor: _finite(block.tensor, read_tensor(source, handle, stored[names[block.tensor]],
+                                                                  None if block.whole else block.rows))
+                  for block in plan.blocks}
+    details = {"framework": "tensorflow", "file": source.name.rsplit("/", 1)[-1], "variables": len(stored)}
+    return KerasRead(family, plan, tensors, dict(sorted(arrays.items())), details)
 
 
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:

@@ -587,7 +587,7 @@ def _folder_files(folder: Path) -> tuple[str, ...]:
     if found:
         return tuple(found)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles:
+    if pickles and not (folder / "tf_model.h5").is_file():
         raise UnsupportedModelError(
             str(folder),
             f"no safetensors weights (pickled weights are never loaded): found {', '.join(pickles[:3])}",
@@ -600,11 +600,18 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
 
     A folder resolves, in this order, to model.safetensors, else the shards of
     model.safetensors.index.json, else a diffusers pipeline's denoiser (`denoiser_folder`), else every
-    *.safetensors file in it (sorted; variants of one model: `choose_files`).
+    *.safetensors file in it (sorted; variants of one model: `choose_files`), else its TensorFlow
+    `tf_model.h5` (`sketches.tfh5.TFWeights`, which reads like a RepoWeights).
     """
     p = Path(path)
     if not p.exists():
         raise BadInputError(str(path), "no such file or directory")
+    tf = p if p.is_file() and p.suffix == ".h5" else p / "tf_model.h5"
+    if tf.is_file() and (p.is_file() or not any(f.suffix == ".safetensors" for f in p.iterdir())) \
+            and (p.is_file() or local_denoiser(p) is None):
+        from sketches.tfh5 import TFWeights  # it imports this module
+
+        return TFWeights(tf)  # type: ignore[return-value]
     if p.is_file():
         if p.name.endswith(".index.json"):
             return _open_sharded(p)

@@ -133,7 +133,7 @@ class _Loaded:
 # --- discovery -----------------------------------------------------------------------------------
 
 
-REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json")
+REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json", "tf_model.h5")  # tf: sketches.tfh5
 
 
 def _is_repo(folder: Path) -> bool:
@@ -158,12 +158,15 @@ def _is_pipeline(folder: Path) -> bool:
 
 
 def _special(folder: Path) -> bool:
-    """An adapter or GGUF repo (the crawl's triage, `indexer.crawl.weight_layout`): read by the crawl's reader."""
+    """An adapter, GGUF or packed repo (the crawl's triage, `indexer.crawl.weight_layout`): read by the crawl's
+    reader."""
     from indexer.crawl import ADAPTER_FILES, INDEX_FILE, SINGLE_FILE
 
     top = {f.name for f in folder.iterdir() if f.is_file()}
     if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
         return True
+    if "tf_model.h5" in top and not any(n.endswith((".safetensors", ".gguf")) for n in top):
+        return False  # a TensorFlow repo: read like safetensors (sketches.tfh5.TFWeights), in the tree
     return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top and not _is_pipeline(folder)
 
 
@@ -197,7 +200,7 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             repo_id = rel if rel != "." else path.name
             found.append((repo_id, _weights_folder(path, repo_id)))
     if not found:
-        raise BadInputError(str(root), "no safetensors, GGUF or adapter weights found in any folder under it")
+        raise BadInputError(str(root), "no safetensors, GGUF, TensorFlow or adapter weights found in any folder under it")
     return sorted(found)
 
 

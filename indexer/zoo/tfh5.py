@@ -1,0 +1,91 @@
+"""A PyTorch `transformers` model written as its TensorFlow twin's `tf_model.h5`, for the zoos and tests.
+
+transformers 5 has no TensorFlow classes, so the file is written with h5py in the layout Keras 2's
+`save_weights` gives a `TFPreTrainedModel` (read back by `sketches.tfh5`):
+- the root lists the top-level Keras layers (`layer_names`), each a group whose `weight_names` attribute
+  lists its variables by full TF name, each variable a dataset at `<layer>/<name>`;
+- names are the TF twin's: the model's scope first (`tf_distil_bert_for_sequence_classification`), list
+  indices as `_._N`, a Linear's `weight` as its transposed `kernel`, a LayerNorm's as `gamma` / `beta`, an
+  Embedding's as `embeddings` (BERT-style `word_embeddings` keep `weight`, as the TF classes name them);
+- GPT-2's Conv1D keeps `weight` in its own (in, out) layout, as TFConv1D stores it;
+- a Conv2d's kernel is stored (kh, kw, in, out);
+- a dropout layer with no variable is listed with an empty `weight_names`, as Keras lists it;
+- buffers are not variables of the TF model and are left out.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+KERAS_VERSION = b"2.13.1"
+
+
+def tf_scope(model: Any) -> str:
+    """The TF twin's scope: its class name in Keras' snake case (TFDistilBertForSequenceClassification ->
+    tf_distil_bert_for_sequence_classification)."""
+    name = "TF" + type(model).__name__
+    return re.sub(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])", "_", name).lower()
+
+
+def _tf_levels(module_name: str) -> list[str]:
+    """A PyTorch module path as TF scopes: a list index joins its list (`layer.0` -> `layer_._0`)."""
+    levels: list[str] = []
+    for part in module_name.split(".") if module_name else []:
+        if part.isdigit() and levels:
+            levels[-1] += f"_._{part}"
+        else:
+            levels.append(part)
+    return levels
+
+
+def _variables(model: Any) -> dict[str, np.ndarray]:
+    """{TF variable name without the scope: array in TF's layout} of every parameter."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    out: dict[str, np.ndarray] = {}
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            array = param.detach().to(torch.float32).numpy()
+            leaf = param_name
+            if isinstance(module, torch.nn.Linear) and param_name == "weight":
+                leaf, array = "kernel", array.T
+            elif isinstance(module, torch.nn.Conv2d) and param_name == "weight":
+                leaf, array = "kernel", array.transpose(2, 3, 1, 0)
+            elif isinstance(module, torch.nn.LayerNorm):
+                leaf = {"weight": "gamma", "bias": "beta"}[param_name]
+            elif isinstance(module, torch.nn.Embedding) and not module_name.endswith("word_embeddings"):
+                leaf = "embeddings"
+            elif isinstance(module, Conv1D):
+                leaf = param_name  # TFConv1D stores (in, out), as PyTorch's Conv1D does
+            path = "/".join(_tf_levels(module_name))
+            out[f"{path}/{leaf}:0" if path else f"{leaf}:0"] = np.ascontiguousarray(array)
+    return out
+
+
+def write_tf_h5(path: Path, model: Any, *, dtype: str = "float32", extra_layers: tuple[str, ...] = ("dropout_19",)) -> Path:
+    """`model`'s weights as its TF twin's tf_model.h5 (module docstring); `extra_layers`: variable-less layers listed."""
+    import h5py
+
+    scope = tf_scope(model)
+    variables = _variables(model)
+    layers: dict[str, list[str]] = {}
+    for name in variables:
+        layers.setdefault(name.split("/", 1)[0].removesuffix(":0"), []).append(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        names = [*layers, *extra_layers]
+        f.attrs["layer_names"] = np.array([n.encode() for n in names])
+        f.attrs["backend"] = b"tensorflow"
+        f.attrs["keras_version"] = KERAS_VERSION
+        for layer in names:
+            group = f.create_group(layer)
+            full = [f"{scope}/{v}" for v in layers.get(layer, [])]
+            group.attrs["weight_names"] = np.array([n.encode() for n in full])
+            for name, short in zip(full, layers.get(layer, []), strict=True):
+                group.create_dataset(name, data=variables[short].astype(dtype))
+    return path
