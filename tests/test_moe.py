@@ -268,21 +268,55 @@ def test_a_gguf_of_a_moe_reads_its_stacked_experts_and_hangs_under_that_moe(hub:
         assert _row(batch, repo) == (e.parent, e.relation, frozenset(p for p, _ in e.parents)), repo  # type: ignore[attr-defined]
 
 
-def test_a_rule_5_index_is_kept_for_dense_families_and_refused_for_a_moe_family() -> None:
-    """Pair rule 6 changed pairs with a MoE only: a rule-5 family whose first model holds no expert is
-    weighed as rule 6 would, a rule-5 MoE family is refused (its MoE pairs were weighed otherwise)."""
+def test_an_older_rule_index_is_kept_only_where_rule_7_weighs_its_pairs_alike() -> None:
+    """Rule 7 changed which layers an arrival's comparisons use when its family holds models of several
+    body layouts, and rule 6 the pairs of a MoE: a rule-6 family of one layout, or a rule-5 one of one
+    layout without experts, is kept; any other is refused in one line."""
     from errors import StoreError
     from indexer.incremental.exact import PAIR_RULE
     from indexer.incremental.index import _check_pair_rule
 
-    assert PAIR_RULE == 6
+    assert PAIR_RULE == 7
     dense = {"layers.0.self_attn.v_proj.weight": (32, 64), "layers.0.mlp.gate_proj.weight": (128, 64)}
     moe = {"layers.0.self_attn.v_proj.weight": (32, 64), "layers.0.mlp.experts.0.gate_proj.weight": (128, 64)}
-    _check_pair_rule("llama-dense", [{"pair_rule": 5}, {"pair_rule": 6}], dense)
-    with pytest.raises(StoreError, match="llama-moe.*pair rule \\[5, 6\\]"):
-        _check_pair_rule("llama-moe", [{"pair_rule": 5}, {"pair_rule": 6}], moe)
+    _check_pair_rule("llama-dense", [{"pair_rule": 5}, {"pair_rule": 6}, {"pair_rule": 7}], dense, 1)
+    _check_pair_rule("llama-moe", [{"pair_rule": 6}, {"pair_rule": 7}], moe, 1)
+    with pytest.raises(StoreError, match="llama-moe.*pair rule \\[5, 7\\]"):
+        _check_pair_rule("llama-moe", [{"pair_rule": 5}, {"pair_rule": 6}, {"pair_rule": 7}], moe, 1)
+    with pytest.raises(StoreError, match="llama-dense.*pair rule \\[6, 7\\]"):
+        _check_pair_rule("llama-dense", [{"pair_rule": 6}, {"pair_rule": 7}], dense, 2)
     with pytest.raises(StoreError, match="pair rule \\[4\\]"):
-        _check_pair_rule("llama-dense", [{"pair_rule": 4}], dense)
+        _check_pair_rule("llama-dense", [{"pair_rule": 4}], dense, 1)
+
+
+def test_every_comparison_of_one_arrival_is_on_one_set_of_layers(hub: Path, tmp_path: Path) -> None:
+    """A dense arrival compared first with dense relatives (attention and MLP), then with a MoE (attention
+    only, no dense MLP) in a later round: the earlier comparisons are measured again on the layers the MoE
+    shares, so its candidate parents stand on one scale (relx, order 0: b-ft2 under its sibling)."""
+    import copy
+
+    from transformers import LlamaForCausalLM
+
+    from indexer.incremental.exact import measure
+    from indexer.incremental.folder import read_local
+    from indexer.incremental.index import LineageIndex, _prepare, _restricted
+
+    late = tmp_path / "o/c"
+    perturb_matrices(copy.deepcopy(LlamaForCausalLM.from_pretrained(hub / "o/a")), 0.1, 3).save_pretrained(late)
+    with LineageIndex.open(tmp_path / "home", k=4, device="cpu") as index:
+        for repo in ("o/base", "o/a", "o/b", "o/moe"):
+            index.add_many([read_local(repo, hub / repo)])
+        p = _prepare(0, read_local("o/c", late), index.dim, index.seed)
+        state = index.family(p.arrival.family)
+        views = {r: index._with_arrays(state, r) for r in ("o/a", "o/base", "o/moe")}
+        first = measure(p.mine, [views["o/a"]], device="cpu")
+        p.layers = frozenset(n for n in p.mine.arrays if n in views["o/a"].arrays)
+        pairs, more = index._measure_later(state, p, first, [views["o/base"], views["o/moe"]])
+    assert not any("mlp" in n for n in p.layers) and any("self_attn" in n for n in p.layers)
+    want = {q.other: q for q in measure(_restricted(p.mine, p.layers), list(views.values()), device="cpu")}
+    assert [q.other for q in pairs] == ["o/a", "o/base", "o/moe"] and [q.other for q in more] == ["o/base", "o/moe"]
+    for q in pairs:
+        assert q.tier_distance == pytest.approx(want[q.other].tier_distance, rel=1e-9), q.other
 
 
 def _card(folder: Path, bases: tuple[str, ...]) -> None:

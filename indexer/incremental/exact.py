@@ -123,8 +123,12 @@ logger = logging.getLogger(__name__)
 # be evicted). 6: a MoE's experts count as heads (`heads_distance`), and a model holding tensors the other
 # lacks is no copy of it (`_pair`'s `identical`); both change no pair of two dense models, so a rule-5
 # family is accepted when its first model has no expert (indexer.incremental.index._check_pair_rule):
-# before rule 6 a MoE never joined a dense family (sketches.experts).
-PAIR_RULE = 6
+# before rule 6 a MoE never joined a dense family (sketches.experts). 7: the index measures an arrival's
+# nominees of the other layout kind (with experts or without) in a job of their own, and its later
+# comparisons (second hop, late children) on the body layers of its first (indexer.incremental.index
+# `_by_layout`, `_compared`); pairs of a family whose models all hold one body layout read as under rule 6,
+# so such a rule-6 family is kept, and a rule-5 one when that layout has no expert (`_check_pair_rule`).
+PAIR_RULE = 7
 DENSE_COMPATIBLE_RULES = frozenset({5})
 
 

@@ -48,6 +48,7 @@ from indexer.incremental.exact import (
     TIER_GAP,
     ModelView,
     PairMeasure,
+    common_layers,
     edge_weights,
     measure,
     measure_many,
@@ -168,6 +169,9 @@ class _Pending:
     mine: ModelView  # with the selected arrays: what the exact step compares
     nominees: list[str] = field(default_factory=list)
     first: list[str] = field(default_factory=list)  # the nominees compared before the second hop
+    # the body layers the first comparisons used (`exact.measure_many`: common to the arrival and all of
+    # them); None: no nominee. Its later comparisons use these, or fewer (`_measure_later`)
+    layers: frozenset[str] | None = None
 
 
 def _children(forest: IncrementalForest, node: str) -> list[str]:
@@ -274,7 +278,8 @@ class LineageIndex:
     def _load(self, family: str) -> _Family:
         sketches = [r for r in self.store.records("sketches") if r.family == family]  # type: ignore[union-attr]
         stats = [json.loads(r.stats) for r in sketches]  # type: ignore[union-attr]  -- parsed once, used twice
-        _check_pair_rule(family, stats, self._registry.families.get(family, {}))
+        layouts = len({frozenset(n for n in r.layer_names if not is_head(n)) for r in sketches})  # type: ignore[union-attr]
+        _check_pair_rule(family, stats, self._registry.families.get(family, {}), layouts)
         views, revisions = {}, {}
         for r, st in zip(sketches, stats, strict=True):
             views[r.repo_id] = _view_of(r, st)  # type: ignore[arg-type]
@@ -348,6 +353,8 @@ class LineageIndex:
         self._nominate(chunk)  # 2.
         batch = {p.mine.repo_id: p for p in chunk}
         jobs = [_aligned(p.mine, self._views(self.family(p.arrival.family), p.first, batch)) for p in chunk]
+        for p, (new, views) in zip(chunk, jobs, strict=True):
+            p.layers = _job_layers(new, views)
         for p, pairs in zip(chunk, measure_many(jobs, device=self.device, strangers=False), strict=True):  # 3. (first part)
             results[p.index] = self._place(p, pairs)
 
@@ -370,10 +377,10 @@ class LineageIndex:
         repo_id, family = arrival.repo_id, arrival.family
         hop = self._second_hop(state, p.sketch, p.first, pairs)[: self.k - len(p.first)]
         rest = [n for n in p.nominees[len(p.first):] if n not in hop][: max(0, self.k - len(p.first) - len(hop))]
-        pairs = pairs + measure(*_aligned(p.mine, self._views(state, hop + rest)), device=self.device,  # pair-local: batching changes nothing
-                                strangers=False)  # unrelated pairs are read for their test only (`_edges`)
-        late = self._late_children(state, p, pairs)
-        pairs += late
+        pairs = self._measure_later(state, p, pairs, self._views(state, hop + rest))[0]
+        before = len(pairs)
+        pairs = self._late_children(state, p, pairs)
+        late = pairs[before:]
         self.exact_total += len(pairs)
         if arrival.quant is not None:
             state.quant[repo_id] = arrival.quant
@@ -401,7 +408,7 @@ class LineageIndex:
                              update.path, state.forest.parent(repo_id), state.forest.cluster_key(cid), tuple(hop),
                              tuple(q.other for q in late))
 
-    def _late_children(self, state: _Family, p: _Pending, pairs: Sequence[PairMeasure]) -> list[PairMeasure]:
+    def _late_children(self, state: _Family, p: _Pending, pairs: list[PairMeasure]) -> list[PairMeasure]:
         """More comparisons for a parent that arrives after its children, while it keeps taking them.
 
         A first crawl lists newest first, so a popular base comes after hundreds of its copies and
@@ -410,10 +417,11 @@ class LineageIndex:
         never compared). While the last round found models that would hang under the arrival at less than
         their present parent edge, with time (or kurtosis) pointing its way, compare k more: the siblings
         of those under their present parents, then the next sketch neighbours. Bounded by the children it
-        finds, not by k (at most LATE_ROUNDS rounds): an arrival that takes none costs nothing more."""
+        finds, not by k (at most LATE_ROUNDS rounds): an arrival that takes none costs nothing more.
+        Returns every comparison of the arrival, these included."""
         if not self.expand or state.vectors is None or p.arrival.quant is not None:  # a copy is a leaf
-            return []
-        seen, found, out = {q.other for q in pairs} | {p.mine.repo_id}, self._takers(state, p, pairs), []
+            return pairs
+        seen, found = {q.other for q in pairs} | {p.mine.repo_id}, self._takers(state, p, pairs)
         depth = 2
         while found and depth <= LATE_ROUNDS + 1:
             forest = state.forest
@@ -423,10 +431,36 @@ class LineageIndex:
             if not batch:
                 break
             seen |= set(batch)
-            more = measure(*_aligned(p.mine, self._views(state, batch)), device=self.device, strangers=False)
-            out += more
+            pairs, more = self._measure_later(state, p, pairs, self._views(state, batch))
             found, depth = self._takers(state, p, more), depth + 1
-        return out
+        return pairs
+
+    def _measure_later(self, state: _Family, p: _Pending, done: list[PairMeasure], views: Sequence[ModelView]
+                       ) -> tuple[list[PairMeasure], list[PairMeasure]]:
+        """The arrival's comparisons after its first (second hop, late children): (all of them, the new ones).
+
+        Every comparison of one arrival is measured on one set of body layers, those common to it and all
+        the models it is compared with (the first job's rule, `exact.measure_many`). A later model lacking
+        some of them (a MoE beside dense models: attention, no dense MLP) shrinks the set, and the earlier
+        comparisons are measured again on it. Why: relx, order 0, b-ft2 hung under its sibling b-ft1,
+        measured on attention beside a MoE in the second hop, against its base measured on attention and
+        MLP in the first job; batch, on the family's common layers, kept the base. Unrelated pairs are read
+        for their test only (`_edges`)."""
+        new, kept = _aligned(p.mine, views)
+        if not kept:
+            return done, []
+        shared = _job_layers(new, kept) or frozenset()
+        layers = shared if p.layers is None else p.layers & shared
+        if done and p.layers is not None and layers != p.layers:
+            again = self._views(state, [q.other for q in done])
+            redone = {q.other: q for q in measure(*_aligned(_restricted(p.mine, layers), again), device=self.device,
+                                                  strangers=False)}
+            logger.info("%s: %d comparisons measured again on %d layers (a later nominee lacks %d)", p.mine.repo_id,
+                        len(redone), len(layers), len(p.layers - layers))
+            done = [redone.get(q.other, q) for q in done]
+        p.layers = layers
+        more = measure(*_aligned(_restricted(p.mine, layers), kept), device=self.device, strangers=False)
+        return done + more, more
 
     def _takers(self, state: _Family, p: _Pending, pairs: Sequence[PairMeasure]) -> list[str]:
         """The compared models that would rather hang under the arrival than where they hang now."""
@@ -1026,6 +1060,17 @@ class LineageIndex:
         return sorted(self._families)
 
 
+def _job_layers(new: ModelView, others: Sequence[ModelView]) -> frozenset[str] | None:
+    """The layers `exact.measure_many` compares in a job: common to the arrival and all its nominees
+    (None: no nominee)."""
+    return frozenset.intersection(*(frozenset(common_layers(new, o)) for o in others)) if others else None
+
+
+def _restricted(new: ModelView, layers: frozenset[str]) -> ModelView:
+    """The arrival with only `layers` of its body (heads kept: they only break ties, pair by pair)."""
+    return replace(new, arrays={n: a for n, a in new.arrays.items() if n in layers or is_head(n)})
+
+
 def _aligned(new: ModelView, others: Sequence[ModelView]) -> tuple[ModelView, list[ModelView]]:
     """The new model and its nominees cut to the rows they all hold of each tensor. Blocks start at row 0
     and a plan depends on the item size, so a model read in another dtype (an F32 source beside a
@@ -1120,15 +1165,19 @@ def _load_satellites(home: Path) -> dict[str, Satellite]:
     return out
 
 
-def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]], shapes: Mapping[str, object]) -> None:
+def _check_pair_rule(family: str, stats: Sequence[Mapping[str, object]], shapes: Mapping[str, object],
+                     layouts: int = 1) -> None:
     """Refuse a family whose candidate edges were weighted by another pair rule: mixing them with new
     edges would make one tree of two incomparable distances (and break the batch-equals-incremental
-    invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail. A rule
-    of DENSE_COMPATIBLE_RULES weighed every pair of a family without experts as this rule does: such a
-    family (its first model's tensors, `shapes` from the family registry, hold no expert) is accepted."""
+    invariant). Rule 1 (no `pair_rule` in the stats): session-1 `l2n`; rule 2: the spectral tail.
+    Rules 5 and 6 weighed every pair of a family whose models all hold one body layout (`layouts`: how many
+    distinct sets of body tensor names its sketches hold) as rule 7 does, rule 5 only when that layout has no
+    expert (`shapes`: the family registry's first model): such a family is accepted."""
     rules = {int(st.get("pair_rule", 1)) for st in stats}  # type: ignore[call-overload]
-    if not any(expert_alias(normalise_name(n)) for n in shapes):
-        rules -= DENSE_COMPATIBLE_RULES
+    if layouts <= 1:
+        rules -= {6}
+        if not any(expert_alias(normalise_name(n)) for n in shapes):
+            rules -= DENSE_COMPATIBLE_RULES
     if rules - {PAIR_RULE}:
         raise StoreError(f"family {family!r} in this index was built with pair rule {sorted(rules)} and this "
                          f"version weighs candidate edges with rule {PAIR_RULE}; crawl into a fresh INDEX_HOME "
