@@ -59,9 +59,14 @@ def _republish(folder: Path, root: bool) -> bool:
     if not dtypes <= {"F32", "F16", "I64"}:
         return False
     try:
-        model = cls.from_pretrained(folder, dtype=torch.float32)
+        model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     except Exception as exc:  # noqa: BLE001 -- a re-save transformers does not load: stays PyTorch
         logger.info("%s: kept as safetensors (%s)", folder, str(exc).splitlines()[0][:100])
+        return False
+    if any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
+        # loading would drop a layer (an inserted transfer layer) or draw a missing one at random: the twin
+        # would be another model, so it stays PyTorch
+        logger.info("%s: kept as safetensors (%s)", folder, {k: v for k, v in info.items() if v})
         return False
     write_tf_h5(folder / "tf_model.h5", model, dtype="float16" if "F16" in dtypes else "float32")
     files[0].unlink()

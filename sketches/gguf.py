@@ -38,7 +38,7 @@ import logging
 import math
 import re
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
 
@@ -48,6 +48,8 @@ import numpy as np
 from errors import GGUFError, SafetensorsError
 from sketches.flux import COMFY, flux_inner, flux_parts, is_bfl_flux
 from sketches.safetensors import ByteSource
+from sketches.sd3 import PREFIX as SD3_PREFIX
+from sketches.sd3 import is_sd3, sd3_parts
 
 __all__ = [
     "FIRST_READ_BYTES",
@@ -619,6 +621,8 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
     """
     if is_bfl_flux(header.names()) or header.architecture == "flux":
         return _flux_names(header)
+    if is_sd3(header.names()) or header.architecture == "sd3":
+        return _sd3_names(header)
     arch = header.architecture
     n_blocks = _int_meta(header, f"{arch}.block_count") or 1 + max(
         (int(m.group(1)) for t in header.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1
@@ -651,14 +655,29 @@ def _flux_names(header: GGUFHeader) -> dict[str, HFName]:
     """A FLUX GGUF (city96's ComfyUI-GGUF files: the original layout's names, architecture `flux`) as the
     diffusers transformer, q / k / v split by rows (`sketches.flux.flux_parts`), as its safetensors are read."""
     prefix = COMFY if any(t.name.startswith(COMFY) for t in header.tensors) else ""
-    shapes = {t.name.removeprefix(prefix): t.shape for t in header.tensors}
-    inner = flux_inner(shapes)
+    inner = flux_inner({t.name.removeprefix(prefix): t.shape for t in header.tensors})
+    return _split_names(header, prefix, "FLUX", lambda name, rows: flux_parts(name, rows, inner))
+
+
+def _sd3_names(header: GGUFHeader) -> dict[str, HFName]:
+    """An SD3 / SD3.5 GGUF (city96's: Stability AI's names, architecture `sd3`) as the diffusers transformer,
+    q / k / v split by rows (`sketches.sd3.sd3_parts`), as its safetensors are read."""
+    prefix = SD3_PREFIX if any(t.name.startswith(SD3_PREFIX) for t in header.tensors) else ""
+    blocks = [int(m.group(1)) for t in header.tensors if (m := re.match(r"joint_blocks\.(\d+)\.", t.name.removeprefix(prefix)))]
+    last = max(blocks, default=0)
+    return _split_names(header, prefix, "SD3", lambda name, rows: sd3_parts(name, rows, last))
+
+
+def _split_names(header: GGUFHeader, prefix: str, kind: str,
+                 parts_of: Callable[[str, int], list[tuple[str, tuple[int, int] | None]]]) -> dict[str, HFName]:
+    """A diffusion transformer's GGUF in its original layout: each tensor as the diffusers tensors it holds
+    (`parts_of(name without prefix, rows)`), a fused one by row ranges."""
     names: dict[str, HFName] = {}
     for info in header.tensors:
         try:
-            parts = flux_parts(info.name.removeprefix(prefix), info.shape[0] if info.shape else 0, inner)
+            parts = parts_of(info.name.removeprefix(prefix), info.shape[0] if info.shape else 0)
         except ValueError as exc:
-            raise GGUFError(header.name, f"tensor {info.name!r}: a FLUX tensor that does not split: {exc}") from None
+            raise GGUFError(header.name, f"tensor {info.name!r}: a {kind} tensor that does not split: {exc}") from None
         for hf, part in parts:
             names[f"{info.name}#{hf}"] = HFName(info.name, hf, False, None, part=part)
     return dict(sorted(names.items()))

@@ -34,6 +34,7 @@ from errors import BadInputError, SafetensorsError, UnsupportedModelError
 from sketches.dtypes import DTYPE_SIZES, decode
 from sketches.experts import expert_views
 from sketches.flux import flux_views
+from sketches.sd3 import sd3_views
 
 __all__ = [
     "MAX_HEADER_BYTES",
@@ -490,9 +491,9 @@ class RepoWeights:
 
 def fused_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
     """A model's tensors with the fused ones split into the tensors they fuse, as views of their bytes
-    (FLUX's q/k/v: `sketches.flux`; MoE experts: `sketches.experts`), sorted by name. Every reader of
-    safetensors headers applies it (local folders here, the crawl's `read_headers`)."""
-    return expert_views(flux_views(where))
+    (FLUX's and SD3's q/k/v: `sketches.flux`, `sketches.sd3`; MoE experts: `sketches.experts`), sorted by
+    name. Every reader of safetensors headers applies it (local folders here, the crawl's `read_headers`)."""
+    return expert_views(sd3_views(flux_views(where)))
 
 
 def _plain_file_name(name: str) -> bool:

@@ -223,11 +223,12 @@ def _written(writer: gguf.GGUFWriter, path: Path) -> Path:
     return path
 
 
-def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str) -> Path:
-    """A FLUX GGUF as city96's ComfyUI-GGUF converter writes one: architecture `flux`, the original layout's
-    tensor names as they are (`double_blocks.0.img_attn.qkv.weight`), matrices quantized to `qtype` where
-    their rows are whole blocks (else F16), 1-D tensors in F32."""
-    writer = gguf.GGUFWriter(path, "flux")
+def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, arch: str = "flux") -> Path:
+    """A FLUX (or, with arch `sd3`, SD3) GGUF as city96's ComfyUI-GGUF converter writes one: the original
+    layout's tensor names as they are (`double_blocks.0.img_attn.qkv.weight`,
+    `joint_blocks.0.x_block.attn.qkv.weight`), matrices quantized to `qtype` where their rows are whole
+    blocks (else F16), 1-D tensors in F32."""
+    writer = gguf.GGUFWriter(path, arch)
     writer.add_uint32("general.file_type", int(gguf.LlamaFileType[FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")]))
     for name in sorted(state):
         data, raw = _stored(np.asarray(state[name], dtype=np.float32), qtype)

@@ -10,7 +10,8 @@ transformers 5 has no TensorFlow classes, so the file is written with h5py in th
 - GPT-2's Conv1D keeps `weight` in its own (in, out) layout, as TFConv1D stores it;
 - a Conv2d's kernel is stored (kh, kw, in, out);
 - a dropout layer with no variable is listed with an empty `weight_names`, as Keras lists it;
-- buffers are not variables of the TF model and are left out.
+- buffers are not variables of the TF model and are left out, and a tied weight is one variable (GPT-2's
+  `lm_head` is its `wte`, as in TFGPT2LMHeadModel).
 """
 
 from __future__ import annotations
@@ -48,8 +49,12 @@ def _variables(model: Any) -> dict[str, np.ndarray]:
     from transformers.pytorch_utils import Conv1D
 
     out: dict[str, np.ndarray] = {}
+    seen: set[int] = set()
     for module_name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:  # a tied weight (GPT-2's lm_head is its wte): one Keras variable
+                continue
+            seen.add(id(param))
             array = param.detach().to(torch.float32).numpy()
             leaf = param_name
             if isinstance(module, torch.nn.Linear) and param_name == "weight":
