@@ -96,7 +96,7 @@ from indexer.sources import (
 )
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
-from sketches.layers import canonical_tensors, family_key
+from sketches.layers import canonical_tensors, family_key, tied_heads
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
     COMPONENT_INDEX,
@@ -480,9 +480,19 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     arrays = read_planned(sources, where, plan)
+    # a tied lm_head saved twice is the embedding, once (sketches.layers.tied_heads); checked on what the
+    # plan read of both, so it costs no request
+    read = arrays
+    for tied in tied_heads({name: tuple(np.shape(a)) for name, a in read.items()},
+                           lambda name, rows: read[name][rows[0]:rows[1]]):
+        arrays, tensors = _without(arrays, tied), _without(tensors, tied)
     # a model larger than the budget is indexed on what fits: the models row says how much that was
     partial = {"read_fraction": round(plan.fraction, 6)} if not all(b.whole for b in plan.blocks) else {}
     return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial)
+
+
+def _without(mapping: Mapping[str, Any], name: str) -> dict[str, Any]:
+    return {k: v for k, v in mapping.items() if k != name}
 
 
 def read_folder(folder: Path, *, budget: int) -> tuple[ModelRead, ModelEntry]:

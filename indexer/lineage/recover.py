@@ -70,6 +70,7 @@ from sketches.layers import (
     family_key,
     merge_families,
     select_layers,
+    tied_heads,
     wrapper_depth,
 )
 from sketches.safetensors import local_denoiser, open_local_repo
@@ -236,16 +237,24 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str,
         try:
             with open_local_repo(path) as weights:
                 infos = weights.tensors()
-            if packed is not None and (looks_packed(infos) or loose_layout(infos)):  # loose: a LoRA file
-                packed.append((repo_id, path))
-                continue
-            stored = canonical_tensors(infos)
-            shapes = {name: infos[raw].shape for name, raw in stored.items()}
+                if packed is not None and (looks_packed(infos) or loose_layout(infos)):  # loose: a LoRA file
+                    packed.append((repo_id, path))
+                    continue
+                stored = canonical_tensors(infos)
+                shapes = {name: infos[raw].shape for name, raw in stored.items()}
+                _untie(weights, stored, shapes)
             loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored),
                                   (max((wrapper_depth(n) for n in infos), default=0), -len(infos))))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
+
+
+def _untie(weights: object, stored: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Drop a tied lm_head saved twice (sketches.layers.tied_heads): the embedding, once."""
+    raw_of = dict(stored)
+    for tied in tied_heads(shapes, lambda name, rows: weights.read(raw_of[name], rows=rows)):  # type: ignore[attr-defined]
+        del stored[tied], shapes[tied]
 
 
 def _main_dtype(infos: dict, stored: dict[str, str]) -> str:
