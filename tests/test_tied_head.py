@@ -68,3 +68,7 @@ def test_a_resave_with_the_tied_head_written_out_is_a_duplicate(tmp_path: Path) 
     assert {r.repo_id: (r.parent, r.relation) for r in recover(hub, Options(device="cpu")).rows} == want
     add_local(tmp_path / "home", [hub / r for r in order], budget=64 << 20, device="cpu", progress=False)
     assert {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "home", "edges")} == want  # type: ignore[union-attr]
+    from indexer.lineage.compare import compare, load_local
+
+    result = compare(load_local(hub / "o/gpt2"), load_local(hub / "mirror/gpt2"))  # `index compare`
+    assert result.identical and result.direction == "duplicate"

@@ -124,7 +124,7 @@ class Comparison:
 
 
 def load_local(folder: Path) -> Side:
-    from indexer.lineage.recover import _special
+    from indexer.lineage.recover import _special, _untie
     from indexer.readers import looks_packed
 
     if _special(folder):  # GGUF, or a PEFT adapter
@@ -135,6 +135,7 @@ def load_local(folder: Path) -> Side:
             return _load_with_reader(folder)
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}
+        _untie(weights, stored, shapes)  # a tied lm_head saved twice, read once as the batch reads it
         arrays = {n: np.asarray(weights.read(stored[n]), dtype=np.float32) for n in sorted(stored)}
     return Side(str(folder), shapes, arrays, local_created_at(folder), "local")
 
