@@ -5,7 +5,7 @@ reading one over HTTP.
 
 1. Accuracy. A copy of each zoo in which every model `transformers` loads from its folder (config.json
    `architectures`) and that is stored in F32 or F16 is re-published TF-only: its safetensors replaced by
-   the TF twin's tf_model.h5 (indexer.zoo.tfh5, Keras 2's layout), so that fine-tunes of a PyTorch base are
+   the TF twin's tf_model.h5 (indexer.zoo.twins, Keras 2's layout), so that fine-tunes of a PyTorch base are
    Keras uploads and their children may be PyTorch again. Roots stay PyTorch (the Hub's bases are). Batch
    `mother` edge accuracy with and without upload times, on the PyTorch zoo and on its TF copy: reading
    is bit for bit, so they should match.
@@ -42,7 +42,7 @@ def _republish(folder: Path, root: bool) -> bool:
     import torch
     import transformers
 
-    from indexer.zoo.tfh5 import write_tf_h5
+    from indexer.zoo.twins import write_tf_h5
 
     config = folder / "config.json"
     files = list(folder.glob("*.safetensors"))
@@ -102,7 +102,7 @@ def cost_table(layers: int) -> list[str]:
     from indexer.crawl import CrawlOptions, crawl
     from indexer.hub_emulator import HubEmulator
     from indexer.retry import RetryPolicy
-    from indexer.zoo.tfh5 import write_tf_h5
+    from indexer.zoo.twins import write_tf_h5
     from store.tables import read_records
 
     torch.manual_seed(0)

@@ -75,6 +75,7 @@ from indexer.readers import (
     loose_config,
     plan_adapter,
     read_adapter_config,
+    read_flax,
     read_gguf,
     read_gguf_split,
     read_keras,
@@ -96,6 +97,7 @@ from indexer.sources import (
 )
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
+from sketches.flax import FLAX_FILE, FlaxWeightsError
 from sketches.layers import canonical_tensors, family_key, tied_heads
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
@@ -130,7 +132,7 @@ DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the s
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "gguf-incomplete", "unsupported-architecture",
                    "header-invalid"]
 FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
-                   "gguf-invalid", "quantized-invalid", "tf-invalid", "error"]
+                   "gguf-invalid", "quantized-invalid", "tf-invalid", "flax-invalid", "error"]
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json with a quantization_config is a few kB
 
@@ -267,6 +269,8 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
         raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")
     if TF_FILE in top:
         return (TF_FILE,)  # a TensorFlow-only repo: Keras' HDF5 weights (sketches.tfh5)
+    if FLAX_FILE in top:
+        return (FLAX_FILE,)  # a Flax-only repo: the msgpack parameter tree (sketches.flax)
     if any(f.startswith("tf_model-") and f.endswith(".h5") for f in top):
         raise _Skip(entry.repo_id, "no-safetensors: sharded TensorFlow weights (tf_model-0000i-of-0000n.h5) are not read")
     raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")
@@ -404,14 +408,16 @@ def read_gguf_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> Mo
     return _quantized(read, read.header_bytes, "gguf")
 
 
-def read_tf_model(repo: RepoFiles, *, budget: int) -> ModelRead:
-    """A TensorFlow repo's `tf_model.h5` (indexer.readers.read_keras): HDF5 metadata through a page cache, the
-    planned rows by range, under PyTorch's names and layout."""
+def read_converted_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
+    """A TensorFlow repo's `tf_model.h5` or a Flax repo's `flax_model.msgpack` (indexer.readers.read_keras,
+    read_flax): the metadata through a page cache, the planned rows by range, under PyTorch's names and
+    layout."""
     try:
-        read = read_keras(repo.open(TF_FILE), budget=budget)
+        read = (read_keras if file == TF_FILE else read_flax)(repo.open(file), budget=budget)
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
-    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, "tf-h5", read.details)
+    weights_format = "tf-h5" if file == TF_FILE else "flax-msgpack"
+    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, weights_format, read.details)
 
 
 def _config(repo: RepoFiles) -> dict[str, Any] | None:
@@ -438,16 +444,21 @@ def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
         pickled = skip.reason.startswith("pickle-only") or (
             skip.reason.startswith("no-safetensors") and any(f.endswith(PICKLE_SUFFIXES) for f in repo.entry.files))
         if not pickled or convert is None:
-            if pickled and TF_FILE in repo.entry.files:
-                return (TF_FILE,)
+            if pickled and (safe := _safe_twin(repo.entry.files)):
+                return safe
             raise
         files = convert()
-        if files is None and TF_FILE in repo.entry.files:
-            return (TF_FILE,)  # PyTorch's pickle and TensorFlow's HDF5: the HDF5, which is safe to read
+        if files is None and (safe := _safe_twin(repo.entry.files)):
+            return safe  # PyTorch's pickle and TensorFlow's HDF5 or Flax's msgpack: the one safe to read
         if files is None:
             raise _Skip(repo.entry.repo_id, f"{skip.reason}; no open {CONVERSION_BOT} safetensors PR on its "
                                             "current commit") from None
         return weight_layout(replace(repo.entry, files=files), have_token=have_token)
+
+
+def _safe_twin(files: Sequence[str]) -> tuple[str, ...] | None:
+    """The TensorFlow or Flax weights of a repo whose PyTorch weights are a pickle (never read)."""
+    return next(((f,) for f in (TF_FILE, FLAX_FILE) if f in files), None)
 
 
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
@@ -457,8 +468,8 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         return read_adapter(repo, budget=budget)
     if layout[0].endswith(".gguf"):
         return read_gguf_model(repo, layout, budget=budget)
-    if layout == (TF_FILE,):
-        return read_tf_model(repo, budget=budget)
+    if layout in ((TF_FILE,), (FLAX_FILE,)):
+        return read_converted_model(repo, layout[0], budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)
@@ -546,6 +557,8 @@ def classify(exc: Exception) -> tuple[Status, str]:
         return "failed", f"adapter-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, KerasWeightsError):  # before SafetensorsError: it is one
         return "failed", f"tf-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, FlaxWeightsError):  # likewise
+        return "failed", f"flax-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, GGUFError):
         return "failed", f"gguf-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, QuantizedWeightsError):

@@ -1,5 +1,6 @@
 """Readers for the weight layouts beyond plain safetensors: PEFT adapters, GGUF files, packed quantized
-safetensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors), TensorFlow's `tf_model.h5`. Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
+safetensors (GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors), TensorFlow's `tf_model.h5` and Flax's
+`flax_model.msgpack`. Each reads by range only what its plan selects and hands the crawl a `ModelRead` like the
 plain reader does (`indexer.crawl.read_model` picks the reader from the file list and the headers).
 
 Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
@@ -19,23 +20,37 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
-from errors import AdapterError, ModelGraphError, QuantizedWeightsError, UnsupportedModelError
+from errors import (
+    AdapterError,
+    ModelGraphError,
+    QuantizedWeightsError,
+    UnsupportedModelError,
+)
 from sketches.adapter import (
     MAX_CONFIG_BYTES,
     AdapterConfig,
+    factor_sets,
     lora_alphas,
     lora_magnitudes,
-    factor_sets,
     parse_adapter_config,
     saved_modules,
 )
-from sketches.gguf import GGUFHeader, declared_base_models, hf_names, hf_shape, merge_split, read_hf_tensor
+from sketches.flax import read_flax_tensor
+from sketches.flax import read_index as read_flax_index
+from sketches.gguf import (
+    GGUFHeader,
+    declared_base_models,
+    hf_names,
+    hf_shape,
+    merge_split,
+    read_hf_tensor,
+)
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
@@ -55,7 +70,7 @@ from sketches.packed import dequantize as dequantize_packed
 from sketches.packed import predicted_relative_error as packed_error
 from sketches.plan import BlockRead, ReadPlan, plan_reads, spread_names
 from sketches.safetensors import ByteSource, TensorInfo, decode
-from sketches.tfh5 import open_checkpoint, read_tensor
+from sketches.tfh5 import StoredTensor, open_checkpoint, read_tensor, stored_infos
 
 logger = logging.getLogger(__name__)
 
@@ -324,8 +339,9 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
 
 
 @dataclass(frozen=True)
-class KerasRead:
-    """A `tf_model.h5` read: its variables under normalised PyTorch names and shapes, the plan, the blocks."""
+class ConvertedRead:
+    """A TensorFlow or Flax checkpoint read: its tensors under normalised PyTorch names and shapes, the plan,
+    the blocks."""
 
     family: str
     plan: ReadPlan
@@ -334,22 +350,33 @@ class KerasRead:
     details: Mapping[str, Any]
 
 
-def read_keras(source: ByteSource, *, budget: int) -> KerasRead:
+def read_keras(source: ByteSource, *, budget: int) -> ConvertedRead:
     """A Keras weights file (`sketches.tfh5`): each variable under transformers' PyTorch name, in PyTorch's
     layout (kernels transposed back), planned as a safetensors file of the same tensors would be, and the
     planned rows read by range."""
     with open_checkpoint(source) as (handle, stored):
-        infos = {n: TensorInfo(n, t.dtype, t.shape, 0, np.dtype(t.numpy_dtype).itemsize * math.prod(t.shape))
-                 for n, t in stored.items()}
-        names = canonical_tensors(infos)  # normalised -> stored: float weights only, known buffers dropped
-        tensors = {norm: replace(infos[raw], name=norm) for norm, raw in names.items()}
-        family = family_key({n: t.shape for n, t in tensors.items()})
-        plan = plan_reads(tensors, family=family, budget=budget)
-        arrays = {block.tensor: _finite(block.tensor, read_tensor(source, handle, stored[names[block.tensor]],
-                                                                  None if block.whole else block.rows))
-                  for block in plan.blocks}
-    details = {"framework": "tensorflow", "file": source.name.rsplit("/", 1)[-1], "variables": len(stored)}
-    return KerasRead(family, plan, tensors, dict(sorted(arrays.items())), details)
+        return _read_converted(stored, lambda t, rows: read_tensor(source, handle, t, rows), budget=budget,
+                               details={"framework": "tensorflow", "file": source.name.rsplit("/", 1)[-1]})
+
+
+def read_flax(source: ByteSource, *, budget: int) -> ConvertedRead:
+    """A Flax checkpoint (`sketches.flax`): walked for its arrays' headers, then as `read_keras`."""
+    stored = read_flax_index(source)
+    return _read_converted(stored, lambda t, rows: read_flax_tensor(source, t, rows), budget=budget,
+                           details={"framework": "flax", "file": source.name.rsplit("/", 1)[-1]})
+
+
+def _read_converted(stored: Mapping[str, StoredTensor],
+                    read: Callable[[StoredTensor, tuple[int, int] | None], np.ndarray], *, budget: int,
+                    details: Mapping[str, Any]) -> ConvertedRead:
+    infos = stored_infos(stored)
+    names = canonical_tensors(infos)  # normalised -> stored: float weights only, known buffers dropped
+    tensors = {norm: replace(infos[raw], name=norm) for norm, raw in names.items()}
+    family = family_key({n: t.shape for n, t in tensors.items()})
+    plan = plan_reads(tensors, family=family, budget=budget)
+    arrays = {block.tensor: _finite(block.tensor, read(stored[names[block.tensor]], None if block.whole else block.rows))
+              for block in plan.blocks}
+    return ConvertedRead(family, plan, tensors, dict(sorted(arrays.items())), {**details, "tensors": len(stored)})
 
 
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:

@@ -669,7 +669,7 @@ def content_revision(folder: Path, files: Sequence[str]) -> str:
     byte anywhere is a new revision and an unchanged folder is a no-op. Costs one sequential read."""
     digest = hashlib.blake2b(digest_size=16)
     for name in sorted(files):
-        if not name.endswith((".safetensors", ".json", ".gguf", ".h5")):  # every weight format read
+        if not name.endswith((".safetensors", ".json", ".gguf", ".h5", ".msgpack")):  # every weight format read
             continue
         path = folder / name
         digest.update(f"{name}\0{path.stat().st_size}\0".encode())

@@ -588,12 +588,22 @@ def _folder_files(folder: Path) -> tuple[str, ...]:
     if found:
         return tuple(found)
     pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    if pickles and not (folder / "tf_model.h5").is_file():
+    if pickles and not any((folder / f).is_file() for f in ("tf_model.h5", "flax_model.msgpack")):
         raise UnsupportedModelError(
             str(folder),
             f"no safetensors weights (pickled weights are never loaded): found {', '.join(pickles[:3])}",
         )
     raise UnsupportedModelError(str(folder), "no safetensors weights (no *.safetensors file in the folder)")
+
+
+def _converted_file(p: Path) -> Path | None:
+    """The TensorFlow (`tf_model.h5`) or Flax (`flax_model.msgpack`) file to read: the path itself, or the
+    one a folder without safetensors holds (TensorFlow's first), else None."""
+    if p.is_file():
+        return p if p.suffix in (".h5", ".msgpack") else None
+    if any(f.suffix == ".safetensors" for f in p.iterdir()) or local_denoiser(p) is not None:
+        return None
+    return next((p / f for f in ("tf_model.h5", "flax_model.msgpack") if (p / f).is_file()), None)
 
 
 def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
@@ -602,17 +612,17 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
     A folder resolves, in this order, to model.safetensors, else the shards of
     model.safetensors.index.json, else a diffusers pipeline's denoiser (`denoiser_folder`), else every
     *.safetensors file in it (sorted; variants of one model: `choose_files`), else its TensorFlow
-    `tf_model.h5` (`sketches.tfh5.TFWeights`, which reads like a RepoWeights).
+    `tf_model.h5` or Flax `flax_model.msgpack` (`sketches.tfh5.ConvertedWeights`, read like a RepoWeights).
     """
     p = Path(path)
     if not p.exists():
         raise BadInputError(str(path), "no such file or directory")
-    tf = p if p.is_file() and p.suffix == ".h5" else p / "tf_model.h5"
-    if tf.is_file() and (p.is_file() or not any(f.suffix == ".safetensors" for f in p.iterdir())) \
-            and (p.is_file() or local_denoiser(p) is None):
-        from sketches.tfh5 import TFWeights  # it imports this module
+    converted = _converted_file(p)
+    if converted is not None:
+        from sketches.flax import FlaxWeights  # they import this module
+        from sketches.tfh5 import TFWeights
 
-        return TFWeights(tf)  # type: ignore[return-value]
+        return (TFWeights if converted.suffix == ".h5" else FlaxWeights)(converted)  # type: ignore[return-value]
     if p.is_file():
         if p.name.endswith(".index.json"):
             return _open_sharded(p)

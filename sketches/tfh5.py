@@ -20,7 +20,7 @@ Names map to PyTorch's as transformers' own TF -> PyTorch loader maps them
   (out, in, k), Conv2D (kh, kw, in, out) for (out, in, kh, kw). It is transposed back here.
 
 Reading. Only the metadata goes through h5py: HDF5's object headers, read through a page cache over the
-ByteSource (`_PagedFile`; a remote file costs one range request a page touched). The values are read by
+ByteSource (`PagedFile`; a remote file costs one range request a page touched). The values are read by
 range at each dataset's offset (Keras stores them contiguous and unfiltered):
 - a kernel whole (PyTorch's rows are its columns);
 - any other tensor by its planned rows.
@@ -37,7 +37,7 @@ import math
 import os
 import re
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,8 +64,9 @@ class KerasWeightsError(SafetensorsError):
 
 
 @dataclass(frozen=True)
-class TFTensor:
-    """One variable of a Keras weights file, under its PyTorch name and in PyTorch's layout."""
+class StoredTensor:
+    """One tensor of a TensorFlow (or Flax: `sketches.flax`) checkpoint, under its PyTorch name, with the
+    transpose that gives PyTorch's layout."""
 
     name: str  # the PyTorch name (transformers' rule), not yet normalised
     path: str  # the dataset's path in the file
@@ -100,7 +101,7 @@ def pt_name(tf_name: str, ndim: int) -> tuple[str, tuple[int, ...] | None]:
     return ".".join(parts), axes
 
 
-class _PagedFile(io.RawIOBase):
+class PagedFile(io.RawIOBase):
     """A read-only, seekable file over a ByteSource, read in pages kept least recently used first out."""
 
     def __init__(self, source: ByteSource) -> None:
@@ -169,7 +170,7 @@ def _strings(thing: str, group: object, key: str) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
-def _tensor(thing: str, dataset: object, path: str, tf_name: str) -> TFTensor:
+def _tensor(thing: str, dataset: object, path: str, tf_name: str) -> StoredTensor:
     dtype = np.dtype(dataset.dtype)  # type: ignore[attr-defined]
     stored = tuple(int(d) for d in dataset.shape)  # type: ignore[attr-defined]
     kind = _DTYPES.get((dtype.kind, dtype.itemsize))
@@ -179,16 +180,16 @@ def _tensor(thing: str, dataset: object, path: str, tf_name: str) -> TFTensor:
     shape = tuple(stored[a] for a in axes) if axes else stored
     plain = dataset.chunks is None and dataset.compression is None and not dataset.id.get_create_plist().get_nfilters()  # type: ignore[attr-defined]
     offset = dataset.id.get_offset() if plain else None  # type: ignore[attr-defined]
-    return TFTensor(name, path, kind, stored, shape, axes, None if offset is None else int(offset), dtype.str)
+    return StoredTensor(name, path, kind, stored, shape, axes, None if offset is None else int(offset), dtype.str)
 
 
 @contextmanager
-def open_checkpoint(source: ByteSource) -> Iterator[tuple[object, dict[str, TFTensor]]]:
+def open_checkpoint(source: ByteSource) -> Iterator[tuple[object, dict[str, StoredTensor]]]:
     """(the h5py file, {PyTorch name: tensor}) of a Keras weights file; the file stays open in the block."""
     import h5py  # only TF repos need it
 
     thing = source.name
-    paged = _PagedFile(source)
+    paged = PagedFile(source)
     try:
         handle = h5py.File(paged, "r")
     except OSError as exc:
@@ -207,9 +208,9 @@ def open_checkpoint(source: ByteSource) -> Iterator[tuple[object, dict[str, TFTe
         handle.close()
 
 
-def _variables(thing: str, handle: object, dataset_type: type) -> dict[str, TFTensor]:
+def _variables(thing: str, handle: object, dataset_type: type) -> dict[str, StoredTensor]:
     """Every listed variable under its PyTorch name (`layer_names`, then each layer's `weight_names`)."""
-    tensors: dict[str, TFTensor] = {}
+    tensors: dict[str, StoredTensor] = {}
     for layer in _strings(thing, handle, "layer_names"):
         if layer not in handle:
             raise KerasWeightsError(thing, f"layer {layer!r} is listed in layer_names but has no group")
@@ -227,7 +228,7 @@ def _variables(thing: str, handle: object, dataset_type: type) -> dict[str, TFTe
     return dict(sorted(tensors.items()))
 
 
-def read_tensor(source: ByteSource, handle: object, tensor: TFTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
+def read_tensor(source: ByteSource, handle: object, tensor: StoredTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
     """A tensor in PyTorch's layout, float32: its rows [r0, r1) only when given (read by range when the
     data is contiguous and PyTorch's rows are the stored rows; else the whole tensor is read first)."""
     dtype = np.dtype(tensor.numpy_dtype)
@@ -236,11 +237,10 @@ def read_tensor(source: ByteSource, handle: object, tensor: TFTensor, rows: tupl
     elif tensor.axes is None and rows is not None and tensor.stored:
         row_bytes = dtype.itemsize * math.prod(tensor.stored[1:])
         raw = source.read(tensor.offset + rows[0] * row_bytes, tensor.offset + rows[1] * row_bytes)
-        array = np.frombuffer(raw, dtype=dtype).reshape((rows[1] - rows[0], *tensor.stored[1:]))
-        return array.astype(np.float32)  # a copy, writable
+        return _values(raw, tensor, (rows[1] - rows[0], *tensor.stored[1:]))  # a copy, writable
     else:
         raw = source.read(tensor.offset, tensor.offset + dtype.itemsize * math.prod(tensor.stored))
-        array = np.frombuffer(raw, dtype=dtype).reshape(tensor.stored)
+        array = _values(raw, tensor, tensor.stored)
     if tensor.axes is not None:
         array = np.transpose(array, tensor.axes)
     if rows is not None:
@@ -248,34 +248,40 @@ def read_tensor(source: ByteSource, handle: object, tensor: TFTensor, rows: tupl
     return np.array(array, dtype=np.float32, order="C")  # a copy: the bytes read are immutable
 
 
-class TFWeights:
-    """A local `tf_model.h5` as `sketches.safetensors.RepoWeights` reads a safetensors repo: the variables
-    (`tensors`, under PyTorch's names), each read on `read` in PyTorch's layout. Close it (or use `with`)."""
+def _values(raw: bytes, tensor: StoredTensor, shape: tuple[int, ...]) -> np.ndarray:
+    """float32 values of stored bytes (BF16: the 16 high bits of a float32, stored as `<u2`)."""
+    array = np.frombuffer(raw, dtype=np.dtype(tensor.numpy_dtype)).reshape(shape)
+    if tensor.dtype == "BF16":
+        return (array.astype("<u4") << 16).view("<f4")
+    return array.astype(np.float32)
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        from sketches.safetensors import FileSource
 
-        self.root = str(Path(path).parent)
-        self.files = (Path(path).name,)
-        self._source = FileSource(path)
-        self._context = open_checkpoint(self._source)
-        try:
-            self._handle, self._tensors = self._context.__enter__()
-        except BaseException:
-            self._source.close()
-            raise
-        self.header_bytes = self._source.bytes_read  # the HDF5 metadata pages read on opening
+def stored_infos(tensors: Mapping[str, StoredTensor]) -> dict[str, TensorInfo]:
+    """The tensors as a safetensors header would list them: PyTorch's names, shapes and sizes (no byte range)."""
+    return {n: TensorInfo(n, t.dtype, t.shape, 0, np.dtype(t.numpy_dtype).itemsize * math.prod(t.shape))
+            for n, t in tensors.items()}
+
+
+class ConvertedWeights:
+    """A local TensorFlow or Flax checkpoint file as `sketches.safetensors.RepoWeights` reads a safetensors
+    repo: its tensors (`tensors`, under PyTorch's names), each read on `read` in PyTorch's layout. Close it
+    (or use `with`). `TFWeights` / `sketches.flax.FlaxWeights` open the file."""
+
+    def __init__(self, path: str | os.PathLike[str], source: ByteSource, tensors: Mapping[str, StoredTensor],
+                 handle: object = None) -> None:
+        self.root, self.files = str(Path(path).parent), (Path(path).name,)
+        self._source, self._tensors, self._handle = source, dict(tensors), handle
+        self.header_bytes = source.bytes_read  # the metadata pages read on opening
 
     def tensors(self) -> dict[str, TensorInfo]:
-        return {n: TensorInfo(n, t.dtype, t.shape, 0, np.dtype(t.numpy_dtype).itemsize * math.prod(t.shape))
-                for n, t in self._tensors.items()}
+        return stored_infos(self._tensors)
 
     def file_of(self, name: str) -> str:
         return self.files[0]
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> np.ndarray:
         if name not in self._tensors:
-            raise SafetensorsError(self._source.name, f"no variable maps to the PyTorch name {name!r}")
+            raise SafetensorsError(self._source.name, f"no tensor maps to the PyTorch name {name!r}")
         return read_tensor(self._source, self._handle, self._tensors[name], rows)
 
     @property
@@ -283,10 +289,9 @@ class TFWeights:
         return self._source.bytes_read
 
     def close(self) -> None:
-        self._context.__exit__(None, None, None)
-        self._source.close()
+        self._source.close()  # type: ignore[attr-defined]
 
-    def __enter__(self) -> TFWeights:
+    def __enter__(self) -> ConvertedWeights:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -294,3 +299,23 @@ class TFWeights:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)
+
+
+class TFWeights(ConvertedWeights):
+    """A local `tf_model.h5` (`ConvertedWeights`), its HDF5 file open until closed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from sketches.safetensors import FileSource
+
+        source = FileSource(path)
+        self._context = open_checkpoint(source)
+        try:
+            handle, tensors = self._context.__enter__()
+        except BaseException:
+            source.close()
+            raise
+        super().__init__(path, source, tensors, handle)
+
+    def close(self) -> None:
+        self._context.__exit__(None, None, None)
+        super().close()

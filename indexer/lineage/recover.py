@@ -134,7 +134,8 @@ class _Loaded:
 # --- discovery -----------------------------------------------------------------------------------
 
 
-REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json", "tf_model.h5")  # tf: sketches.tfh5
+REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json", "tf_model.h5",  # sketches.tfh5
+                "flax_model.msgpack")  # sketches.flax
 
 
 def _is_repo(folder: Path) -> bool:
@@ -166,8 +167,8 @@ def _special(folder: Path) -> bool:
     top = {f.name for f in folder.iterdir() if f.is_file()}
     if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
         return True
-    if "tf_model.h5" in top and not any(n.endswith((".safetensors", ".gguf")) for n in top):
-        return False  # a TensorFlow repo: read like safetensors (sketches.tfh5.TFWeights), in the tree
+    if {"tf_model.h5", "flax_model.msgpack"} & top and not any(n.endswith((".safetensors", ".gguf")) for n in top):
+        return False  # a TensorFlow or Flax repo: read like safetensors (sketches.tfh5.ConvertedWeights)
     return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top and not _is_pipeline(folder)
 
 
@@ -201,7 +202,7 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
             repo_id = rel if rel != "." else path.name
             found.append((repo_id, _weights_folder(path, repo_id)))
     if not found:
-        raise BadInputError(str(root), "no safetensors, GGUF, TensorFlow or adapter weights found in any folder under it")
+        raise BadInputError(str(root), "no safetensors, GGUF, TensorFlow, Flax or adapter weights found in any folder under it")
     return sorted(found)
 
 

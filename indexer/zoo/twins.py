@@ -1,6 +1,13 @@
-"""A PyTorch `transformers` model written as its TensorFlow twin's `tf_model.h5`, for the zoos and tests.
+"""A PyTorch `transformers` model written as its TensorFlow twin's `tf_model.h5` or its Flax twin's
+`flax_model.msgpack`, for the zoos and tests (read back by `sketches.tfh5` and `sketches.flax`).
 
-transformers 5 has no TensorFlow classes, so the file is written with h5py in the layout Keras 2's
+Flax (`write_flax_msgpack`): `flax.serialization.to_bytes` of the parameter tree, as
+`FlaxPreTrainedModel.save_pretrained` writes it: nested msgpack maps by module path (`layer.0` is
+`layer` / `0`), each array a msgpack extension of type 1 holding `[shape, dtype name, bytes]`; a Linear's
+weight as its transposed `kernel` (GPT-2's Conv1D too: FlaxConv1D keeps (out, in)), a Conv2d's as (kh, kw,
+in, out), a LayerNorm's as `scale`, an Embedding's as `embedding`; a tied weight once.
+
+TensorFlow: transformers 5 has no TensorFlow classes, so the file is written with h5py in the layout Keras 2's
 `save_weights` gives a `TFPreTrainedModel` (read back by `sketches.tfh5`):
 - the root lists the top-level Keras layers (`layer_names`), each a group whose `weight_names` attribute
   lists its variables by full TF name, each variable a dataset at `<layer>/<name>`;
@@ -93,4 +100,53 @@ def write_tf_h5(path: Path, model: Any, *, dtype: str = "float32", extra_layers:
             group.attrs["weight_names"] = np.array([n.encode() for n in full])
             for name, short in zip(full, layers.get(layer, []), strict=True):
                 group.create_dataset(name, data=variables[short].astype(dtype))
+    return path
+
+
+def _flax_tree(model: Any) -> dict[str, Any]:
+    """The Flax twin's parameter tree: nested by module path, leaves in Flax's layout and names."""
+    import torch
+
+    tree: dict[str, Any] = {}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
+            array = param.detach().to(torch.float32).numpy()
+            leaf = param_name
+            if param_name == "weight" and array.ndim == 2 and not isinstance(module, (torch.nn.Embedding, torch.nn.LayerNorm)):
+                leaf, array = "kernel", array.T  # nn.Linear, and GPT-2's Conv1D (FlaxConv1D keeps (out, in))
+            elif param_name == "weight" and array.ndim == 4:
+                leaf, array = "kernel", array.transpose(2, 3, 1, 0)
+            elif isinstance(module, torch.nn.LayerNorm) and param_name == "weight":
+                leaf = "scale"
+            elif isinstance(module, torch.nn.Embedding):
+                leaf = "embedding"
+            node = tree
+            for level in module_name.split(".") if module_name else []:
+                node = node.setdefault(level, {})
+            node[leaf] = np.ascontiguousarray(array)
+    return tree
+
+
+def write_flax_msgpack(path: Path, model: Any, *, dtype: str = "float32") -> Path:
+    """`model`'s parameters as its Flax twin's flax_model.msgpack (module docstring)."""
+    import msgpack
+
+    import torch
+
+    def raw(value: np.ndarray) -> bytes:  # numpy has no bfloat16: torch rounds, its bits are stored
+        if dtype == "bfloat16":
+            return torch.from_numpy(value).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
+        return value.astype(dtype).tobytes("C")
+
+    def ext(value: object) -> msgpack.ExtType:
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"not an array: {type(value).__name__}")
+        return msgpack.ExtType(1, msgpack.packb((value.shape, dtype, raw(value)), use_bin_type=True))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(msgpack.packb(_flax_tree(model), default=ext, use_bin_type=True, strict_types=True))
     return path

@@ -1,5 +1,6 @@
-"""TensorFlow-only repos (`tf_model.h5`, Keras 2's HDF5 weights): read without TensorFlow, under PyTorch's
-names and layout, so that a Keras fine-tune of a PyTorch base joins its family (sketches.tfh5)."""
+"""TensorFlow-only and Flax-only repos (`tf_model.h5`, Keras 2's HDF5 weights; `flax_model.msgpack`, Flax's
+serialized parameter tree): read without TensorFlow, JAX or Flax, under PyTorch's names and layout, so that
+a Keras or Flax fine-tune of a PyTorch base joins its family (sketches.tfh5, sketches.flax)."""
 
 from __future__ import annotations
 
@@ -53,10 +54,18 @@ def _pt(folder: Path, model: object) -> None:
 
 
 def _tf(folder: Path, model: object) -> None:
-    from indexer.zoo.tfh5 import write_tf_h5
+    from indexer.zoo.twins import write_tf_h5
 
     folder.mkdir(parents=True, exist_ok=True)
     write_tf_h5(folder / "tf_model.h5", model)
+    (folder / "config.json").write_text(json.dumps({"architectures": ["DistilBertForSequenceClassification"]}))
+
+
+def _flax(folder: Path, model: object, dtype: str = "float32") -> None:
+    from indexer.zoo.twins import write_flax_msgpack
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_flax_msgpack(folder / "flax_model.msgpack", model, dtype=dtype)
     (folder / "config.json").write_text(json.dumps({"architectures": ["DistilBertForSequenceClassification"]}))
 
 
@@ -77,13 +86,17 @@ def tf_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _tf(root / "lab/old-tf", perturb_matrices(copy.deepcopy(base), 0.05, seed=3))
     (root / "lab/old-tf/pytorch_model.bin").write_bytes(b"\x80\x02 a pickle that must never be fetched")
     _tf(root / "x/stranger-tf", _distilbert(7))
-    order = ("o/base", "o/base-tf", "lab/ft-tf", "lab/ft-tf-ft", "lab/old-tf", "x/stranger-tf")
+    _flax(root / "sprint/ft-flax", perturb_matrices(copy.deepcopy(base), 0.05, seed=4))
+    _flax(root / "sprint/ft-flax-bf16", perturb_matrices(copy.deepcopy(base), 0.05, seed=5), "bfloat16")
+    order = ("o/base", "o/base-tf", "lab/ft-tf", "lab/ft-tf-ft", "lab/old-tf", "x/stranger-tf", "sprint/ft-flax",
+             "sprint/ft-flax-bf16")
     (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
         r: {"createdAt": f"2023-05-0{i + 1}T00:00:00.000Z"} for i, r in enumerate(order)}}))
     return root
 
 
-TRUTH = {"o/base": ("", ""), "o/base-tf": ("o/base", "duplicate"), "lab/ft-tf": ("o/base", "finetune"),
+TRUTH = {"sprint/ft-flax": ("o/base", "finetune"), "sprint/ft-flax-bf16": ("o/base", "finetune"),
+         "o/base": ("", ""), "o/base-tf": ("o/base", "duplicate"), "lab/ft-tf": ("o/base", "finetune"),
          "lab/ft-tf-ft": ("lab/ft-tf", "finetune"), "lab/old-tf": ("o/base", "finetune"), "x/stranger-tf": ("", "")}
 
 
@@ -147,7 +160,7 @@ def test_the_crawl_reads_tf_repos_by_range_over_http_and_never_fetches_the_pickl
     with HubEmulator(tf_hub) as emu:
         report = crawl(tmp_path / "home", _options(emu)).as_dict()
         paths = [r.path for r in emu.requests()]
-    assert report["indexed"] == 6, report
+    assert report["indexed"] == 8, report
     assert not any(p.endswith("pytorch_model.bin") for p in paths)
     models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
     assert json.loads(models["lab/ft-tf"].details)["framework"] == "tensorflow"
@@ -204,3 +217,88 @@ def test_a_tf_file_with_a_nan_is_a_recorded_failure(tmp_path: Path) -> None:
     (model_row,) = read_records(tmp_path / "home", "models")
     assert model_row.status == "failed" and model_row.reason.startswith("non-finite")  # type: ignore[union-attr]
     assert "q_lin" in model_row.reason  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("path, ndim, want", [
+    # the parameter paths FlaxPreTrainedModel.save_pretrained writes (transformers' own Flax classes)
+    (("bert", "encoder", "layer", "0", "attention", "self", "query", "kernel"), 2,
+     ("bert.encoder.layer.0.attention.self.query.weight", (1, 0))),
+    (("bert", "embeddings", "word_embeddings", "embedding"), 2, ("bert.embeddings.word_embeddings.weight", None)),
+    (("bert", "embeddings", "LayerNorm", "scale"), 1, ("bert.embeddings.LayerNorm.weight", None)),
+    (("transformer", "h", "11", "attn", "c_attn", "kernel"), 2, ("transformer.h.11.attn.c_attn.weight", (1, 0))),
+    (("vit", "embeddings", "patch_embeddings", "projection", "kernel"), 4,
+     ("vit.embeddings.patch_embeddings.projection.weight", (3, 2, 0, 1))),
+    (("batch_stats", "resnet", "embedder", "embedder", "normalization", "mean"), 1,
+     ("resnet.embedder.embedder.normalization.running_mean", None)),
+])
+def test_flax_paths_map_as_transformers_loader_maps_them(path: tuple[str, ...], ndim: int, want: tuple[str, object]) -> None:
+    from sketches.flax import pt_name as flax_name
+
+    assert flax_name(path, ndim) == want
+
+
+def test_a_flax_file_reads_bit_for_bit_as_its_pytorch_twin(tmp_path: Path) -> None:
+    """DistilBERT (Linear kernels) and GPT-2 (Conv1D, a tied head kept once): every tensor of the PyTorch
+    save under PyTorch's own names, bit for bit; a BF16 file to BF16's rounding; rows read by range alone."""
+    from safetensors import safe_open
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sketches.flax import FlaxWeights
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=64, n_layer=2, n_head=2))
+    for name, model in (("distilbert", _distilbert(0)), ("gpt2", gpt2)):
+        model.save_pretrained(tmp_path / f"{name}-pt")
+        _flax(tmp_path / f"{name}-flax", model)
+        with FlaxWeights(tmp_path / f"{name}-flax/flax_model.msgpack") as weights, \
+                safe_open(str(tmp_path / f"{name}-pt/model.safetensors"), "np") as saved:
+            assert set(weights.tensors()) == set(saved.keys()), name
+            for key in saved.keys():
+                assert np.array_equal(weights.read(key), saved.get_tensor(key)), key
+            table = next(k for k in saved.keys() if k.endswith("position_embeddings.weight") or k.endswith("wpe.weight"))
+            before = weights.bytes_read
+            assert np.array_equal(weights.read(table, rows=(2, 5)), saved.get_tensor(table)[2:5])
+            assert weights.bytes_read - before == 3 * 64 * 4
+    _flax(tmp_path / "bf16", _distilbert(0), "bfloat16")
+    got, _ = read_folder(tmp_path / "bf16", budget=64 << 20)
+    pt, _ = read_folder(tmp_path / "distilbert-pt", budget=64 << 20)
+    import torch
+
+    for name, array in got.arrays.items():
+        rounded = torch.from_numpy(pt.arrays[name]).to(torch.bfloat16).to(torch.float32).numpy()
+        assert np.array_equal(array, rounded), name
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"\x00\x01 not msgpack", "not a map of parameters"),
+    ("ext", "a msgpack extension of type 2, not an ndarray"),
+    ("chunked", "a chunked array (a tensor over 1 GiB): not read"),
+    ("truncated", "truncated at byte"),
+    ("text", "element type 'str32' is not a number type"),
+])
+def test_a_bad_flax_file_is_a_recorded_failure_naming_it(tmp_path: Path, content: object, words: str) -> None:
+    import msgpack
+
+    def arr(shape: tuple[int, ...], dtype: str = "float32") -> msgpack.ExtType:
+        data = np.zeros(shape, dtype=dtype if dtype != "str32" else "<U1")
+        return msgpack.ExtType(1, msgpack.packb((shape, dtype, data.tobytes()), use_bin_type=True))
+
+    repo = tmp_path / "hub/sprint/bad-flax"
+    repo.mkdir(parents=True)
+    if isinstance(content, bytes):
+        raw = content
+    elif content == "ext":
+        raw = msgpack.packb({"dense": {"kernel": msgpack.ExtType(2, b"abc")}}, use_bin_type=True)
+    elif content == "chunked":
+        raw = msgpack.packb({"embed": {"embedding": {"__msgpack_chunked_array__": True, "shape": [2, 2]}}}, use_bin_type=True)
+    elif content == "truncated":
+        raw = msgpack.packb({"dense": {"kernel": arr((8, 8))}}, use_bin_type=True)[:-20]
+    else:
+        raw = msgpack.packb({"dense": {"kernel": arr((2,), "str32")}}, use_bin_type=True)
+    (repo / "flax_model.msgpack").write_bytes(raw)
+    from test_crawl_relations import _options
+
+    with HubEmulator(tmp_path / "hub") as emu:
+        crawl(tmp_path / "home", _options(emu))
+    (row,) = read_records(tmp_path / "home", "models")
+    assert row.status == "failed" and row.reason.startswith("flax-invalid: ")  # type: ignore[union-attr]
+    assert "flax_model.msgpack" in row.reason and words in row.reason, row.reason  # type: ignore[union-attr]
