@@ -49,7 +49,7 @@ from sketches.safetensors import ByteSource, TensorInfo
 
 TF_FILE = "tf_model.h5"
 # Metadata reads: HDF5 keeps each dataset's object header next to its data, so opening a file touches one
-# small region per variable. A 418 MiB BERT-base file over the emulator (bench/tf_h5.py): 16 KiB pages cost
+# small region per variable. A 418 MiB BERT-base file over the emulator (bench/tf_flax.py): 16 KiB pages cost
 # 119 requests and 31 MiB read, 64 KiB 98 and 34 MiB, 256 KiB 95 and 49 MiB (16 and 27 MiB as safetensors).
 PAGE_BYTES = 64 * 1024
 MAX_PAGES = 256  # 16 MiB of pages kept

@@ -1,16 +1,17 @@
-"""TensorFlow-only repos (`tf_model.h5`): accuracy on a zoo whose models are re-published as TF, and the cost of
-reading one over HTTP.
+"""TensorFlow-only and Flax-only repos (`tf_model.h5`, `flax_model.msgpack`): accuracy on a zoo whose models are
+re-published as TF or Flax, and the cost of reading one over HTTP.
 
-    .venv/bin/python bench/tf_h5.py --zoo /work/zoo/wild-bert [--zoo ...] [--remote-layers 12]
+    .venv/bin/python bench/tf_flax.py --zoo /work/zoo/wild-bert [--zoo ...] [--remote-layers 12]
 
 1. Accuracy. A copy of each zoo in which every model `transformers` loads from its folder (config.json
-   `architectures`) and that is stored in F32 or F16 is re-published TF-only: its safetensors replaced by
-   the TF twin's tf_model.h5 (indexer.zoo.twins, Keras 2's layout), so that fine-tunes of a PyTorch base are
-   Keras uploads and their children may be PyTorch again. Roots stay PyTorch (the Hub's bases are). Batch
-   `mother` edge accuracy with and without upload times, on the PyTorch zoo and on its TF copy: reading
+   `architectures`), that it loads without a missing or unexpected key, and that is stored in F32 or F16 is
+   re-published TF-only (its safetensors replaced by the TF twin's tf_model.h5, Keras 2's layout), and in a
+   second copy Flax-only (flax_model.msgpack; indexer.zoo.twins), so that fine-tunes of a PyTorch base are
+   Keras or Flax uploads and their children may be PyTorch again. Roots stay PyTorch (the Hub's bases are).
+   Batch `mother` edge accuracy with and without upload times, on the PyTorch zoo and on each copy: reading
    is bit for bit, so they should match.
-2. Cost. A BERT-shaped model (hidden 768, `--remote-layers` layers, random init) as safetensors and as
-   tf_model.h5 in a local Hub emulator, each read by the crawl's reader at the default 16 MiB budget: HTTP
+2. Cost. A BERT-shaped model (hidden 768, `--remote-layers` layers, random init) as safetensors, as
+   tf_model.h5 and as flax_model.msgpack in a local Hub emulator, each read by the crawl's reader at the default 16 MiB budget: HTTP
    requests (Hub resolves + CDN ranges) and MiB read. HDF5 keeps each dataset's object header next to its
    data, so its metadata costs about one range request per variable, where a safetensors header is one.
 Prints markdown tables (stdout).
@@ -33,16 +34,16 @@ from indexer.evaluate import read_truth_csv
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import discover_repos, recover
 
-logger = logging.getLogger("bench.tf_h5")
+logger = logging.getLogger("bench.tf_flax")
 
 
-def _republish(folder: Path, root: bool) -> bool:
-    """Replace the folder's safetensors by its TF twin; False (left as it is) when it is not a transformers
-    model stored in F32 / F16, or is a root."""
+def _republish(folder: Path, root: bool, framework: str) -> bool:
+    """Replace the folder's safetensors by its TF or Flax twin; False (left as it is) when it is not a
+    transformers model stored in F32 / F16, or is a root."""
     import torch
     import transformers
 
-    from indexer.zoo.twins import write_tf_h5
+    from indexer.zoo.twins import write_flax_msgpack, write_tf_h5
 
     config = folder / "config.json"
     files = list(folder.glob("*.safetensors"))
@@ -68,7 +69,11 @@ def _republish(folder: Path, root: bool) -> bool:
         # would be another model, so it stays PyTorch
         logger.info("%s: kept as safetensors (%s)", folder, {k: v for k, v in info.items() if v})
         return False
-    write_tf_h5(folder / "tf_model.h5", model, dtype="float16" if "F16" in dtypes else "float32")
+    dtype = "float16" if "F16" in dtypes else "float32"
+    if framework == "tf":
+        write_tf_h5(folder / "tf_model.h5", model, dtype=dtype)
+    else:
+        write_flax_msgpack(folder / "flax_model.msgpack", model, dtype=dtype)
     files[0].unlink()
     return True
 
@@ -81,17 +86,20 @@ def accuracy(zoo: Path, *, times: bool) -> float:
 
 
 def accuracy_table(zoos: list[Path]) -> list[str]:
-    rows = ["| zoo | models | re-published TF-only | PyTorch: with times | TF copy: with times | PyTorch: no times | TF copy: no times |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| zoo | copy | models | re-published | PyTorch: with times | copy: with times | PyTorch: no times | copy: no times |",
+            "|---|---|---|---|---|---|---|---|"]
     for zoo in zoos:
-        with tempfile.TemporaryDirectory() as tmp:
-            copy = Path(tmp) / zoo.name
-            shutil.copytree(zoo, copy)
-            truth = read_truth_csv(copy / "truth.csv")
-            repos = discover_repos(copy)
-            converted = sum(_republish(path, root=not truth.get(repo)) for repo, path in repos)
-            figures = [accuracy(z, times=t) for t in (True, False) for z in (zoo, copy)]
-        rows.append(f"| {zoo.name} | {len(repos)} | {converted} | " + " | ".join(f"{f:.3f}" for f in figures) + " |")
+        original = [accuracy(zoo, times=t) for t in (True, False)]
+        for framework in ("tf", "flax"):
+            with tempfile.TemporaryDirectory() as tmp:
+                copy = Path(tmp) / zoo.name
+                shutil.copytree(zoo, copy)
+                truth = read_truth_csv(copy / "truth.csv")
+                repos = discover_repos(copy)
+                converted = sum(_republish(path, not truth.get(repo), framework) for repo, path in repos)
+                figures = [f for t, o in zip((True, False), original, strict=True) for f in (o, accuracy(copy, times=t))]
+            rows.append(f"| {zoo.name} | {framework} | {len(repos)} | {converted} | "
+                        + " | ".join(f"{f:.3f}" for f in figures) + " |")
     return rows
 
 
@@ -102,7 +110,7 @@ def cost_table(layers: int) -> list[str]:
     from indexer.crawl import CrawlOptions, crawl
     from indexer.hub_emulator import HubEmulator
     from indexer.retry import RetryPolicy
-    from indexer.zoo.twins import write_tf_h5
+    from indexer.zoo.twins import write_flax_msgpack, write_tf_h5
     from store.tables import read_records
 
     torch.manual_seed(0)
@@ -113,7 +121,10 @@ def cost_table(layers: int) -> list[str]:
         model.save_pretrained(hub / "lab/bert-pt")
         write_tf_h5(hub / "lab/bert-tf/tf_model.h5", model)
         (hub / "lab/bert-tf/config.json").write_text((hub / "lab/bert-pt/config.json").read_text())
-        for repo, file in (("lab/bert-pt", "model.safetensors"), ("lab/bert-tf", "tf_model.h5")):
+        write_flax_msgpack(hub / "lab/bert-flax/flax_model.msgpack", model)
+        (hub / "lab/bert-flax/config.json").write_text((hub / "lab/bert-pt/config.json").read_text())
+        for repo, file in (("lab/bert-pt", "model.safetensors"), ("lab/bert-tf", "tf_model.h5"),
+                           ("lab/bert-flax", "flax_model.msgpack")):
             only = Path(tmp) / repo.replace("/", "-")
             shutil.copytree(hub / repo, only / repo)
             with HubEmulator(only) as emu:
