@@ -437,7 +437,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("/tmp/arch_sweep"), help="scratch folder (one subfolder per arch)")
     ap.add_argument("--json", type=Path, default=None, help="also write the results as JSON here")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds for one `index recover` run")
+    ap.add_argument("--base-steps", type=int, default=BASE_STEPS,
+                    help=f"Adam steps of the base and the stranger (default {BASE_STEPS}; a longer pre-training "
+                         "makes a root more like the Hub's)")
     args = ap.parse_args()
+    for model_name, (parent, init_seed, data_seed, _) in list(FAMILY.items()):
+        if parent is None:
+            FAMILY[model_name] = (parent, init_seed, data_seed, args.base_steps)
     names = [a.strip() for a in args.arch.split(",") if a.strip()]
     unknown = [a for a in names if a not in ARCHS]
     if unknown:
