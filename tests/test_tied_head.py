@@ -50,6 +50,11 @@ def test_only_a_bit_for_bit_copy_of_the_embedding_is_a_tied_head() -> None:
     assert tied_heads({n: a.shape for n, a in other.items()}, lambda n, r: other[n][r[0]:r[1]]) == []
     wide = {"wte.weight": wte, "lm_head.weight": np.zeros((41, 8), np.float32)}  # another shape: never tied
     assert tied_heads({n: a.shape for n, a in wide.items()}, lambda n, r: wide[n][r[0]:r[1]]) == []
+    bert = {"bert.embeddings.word_embeddings.weight": wte, "cls.predictions.decoder.weight": wte.copy(),
+            "roberta.embeddings.word_embeddings.weight": wte, "lm_head.decoder.weight": wte.copy(),
+            "distilbert.embeddings.word_embeddings.weight": wte, "vocab_projector.weight": wte.copy()}
+    assert tied_heads({n: a.shape for n, a in bert.items()}, lambda n, r: bert[n][r[0]:r[1]]) == [
+        "cls.predictions.decoder.weight", "lm_head.decoder.weight", "vocab_projector.weight"]
 
 
 def test_a_resave_with_the_tied_head_written_out_is_a_duplicate(tmp_path: Path) -> None:
