@@ -83,3 +83,25 @@ def test_between_two_centres_the_norm_regime_of_the_other_edges_picks_the_root()
     assert centre_rooted_tree(d, regime_votes=lambda: shrink) == [1, -1, 0, 1]
     flat = norm_votes([np.full(64, 1.0) for _ in range(4)])
     assert centre_rooted_tree(d, regime_votes=lambda: flat) == [1, -1, 0, 1]
+
+
+def test_the_t_votes_weigh_rows_by_how_much_they_moved() -> None:
+    """A child whose rows mostly shrink a little while a few grow by much: the sign test reads it shrinking,
+    the paired t test growing (the post-LN encoders' second fine-tunes, bench/two_centres.py), and the two
+    agree on a uniform change. With the t votes the path of the test above roots at the base."""
+    from indexer.lineage.orient import norm_t_votes, norm_votes
+
+    rng = np.random.default_rng(0)
+    parent = 1.0 + 0.01 * rng.standard_normal(1000)
+    child = parent - 0.001
+    child[:100] += 0.1  # a tenth of the rows grow by 100 times what the rest shrink
+    assert norm_votes([parent, child])[0, 1] > 0.9  # "shorter": most rows shrank
+    assert norm_t_votes([parent, child])[0, 1] < -0.9  # longer on average, far beyond the rows' noise
+    for uniform in ([parent, parent + 0.01 + 1e-4 * rng.standard_normal(1000)], [parent, parent + 0.5]):
+        assert norm_votes(uniform)[0, 1] == norm_t_votes(uniform)[0, 1] == -1.0
+    assert norm_t_votes([parent, parent])[0, 1] == 0.0
+    d = np.array([[0.0, 1.0, 1.0, 2.0], [1.0, 0.0, 1.2, 1.0], [1.0, 1.2, 0.0, 2.2], [2.0, 1.0, 2.2, 0.0]])
+    rows = [parent, child + 0.05, child, child + 0.05]  # 0 -> 2 and 1 -> 3 grow as `child` does; 1 longer than 0
+    rows[3] = rows[1] - 0.001
+    rows[3][:100] += 0.1
+    assert centre_rooted_tree(d, regime_votes=lambda: norm_t_votes(rows)) == [-1, 0, 0, 1]

@@ -34,7 +34,7 @@ from errors import RecoveryError
 from indexer.lineage.cluster import related_groups, ward_labels
 from indexer.lineage.confidence import calibrated, edge_margins
 from indexer.lineage.mdst import minimum_arborescence
-from indexer.lineage.orient import centre_rooted_tree, norm_votes
+from indexer.lineage.orient import centre_rooted_tree, norm_t_votes, norm_votes
 from indexer.lineage.ties import (
     SNAKE_TAU,
     body_group_penalty,
@@ -429,7 +429,7 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
             cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
             shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
             local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink,
-                                       lambda: norm_votes(_row_norms(family, idx, min_ndim=2)))
+                                       lambda: norm_t_votes(_row_norms(family, idx, min_ndim=2)))
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)

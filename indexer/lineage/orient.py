@@ -92,6 +92,23 @@ def norm_root(tree: nx.Graph, centre: int, shrink: np.ndarray) -> int:
     return best
 
 
+def norm_t_votes(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """votes[a, b] in [-1, 1]: how clearly b's rows are shorter than a's, by the paired t statistic of the row
+    norm differences (t / 3 capped at one; under no systematic change t is ~N(0, 1) for the thousands of rows
+    compared). Unlike `norm_votes`' sign test it weighs each row by how much it moved: a second fine-tune may
+    shorten most rows a little and lengthen a few by much (the post-LN encoders of bench/arch_sweep.py)."""
+    n = len(rows)
+    votes = np.zeros((n, n))
+    for a in range(n):
+        for b in range(a + 1, n):
+            d = np.asarray(rows[a], np.float64) - np.asarray(rows[b], np.float64)  # > 0 where b is shorter
+            sd, mean = (float(d.std(ddof=1)) if d.size > 1 else 0.0), float(d.mean()) if d.size else 0.0
+            t = mean / (sd / math.sqrt(d.size)) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
+            votes[a, b] = float(np.clip(t / 3.0, -1.0, 1.0))
+            votes[b, a] = -votes[a, b]
+    return votes
+
+
 def norm_votes(rows: Sequence[np.ndarray]) -> np.ndarray:
     """votes[a, b] in [-1, 1]: how clearly b's rows are shorter than a's (a sign test over every row of the
     compared body layers: z = (shorter - longer) / sqrt(rows), a vote of z / 3 capped at one; under no
