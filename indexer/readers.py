@@ -41,7 +41,6 @@ from sketches.adapter import (
     parse_adapter_config,
     saved_modules,
 )
-from sketches.flax import read_flax_tensor
 from sketches.flax import read_index as read_flax_index
 from sketches.gguf import (
     GGUFHeader,
@@ -362,7 +361,7 @@ def read_keras(source: ByteSource, *, budget: int) -> ConvertedRead:
 def read_flax(source: ByteSource, *, budget: int) -> ConvertedRead:
     """A Flax checkpoint (`sketches.flax`): walked for its arrays' headers, then as `read_keras`."""
     stored = read_flax_index(source)
-    return _read_converted(stored, lambda t, rows: read_flax_tensor(source, t, rows), budget=budget,
+    return _read_converted(stored, lambda t, rows: read_tensor(source, None, t, rows), budget=budget,
                            details={"framework": "flax", "file": source.name.rsplit("/", 1)[-1]})
 
 

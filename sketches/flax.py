@@ -9,7 +9,7 @@ parameter tree as nested maps (`{"bert": {"encoder": {"layer": {"0": {"attention
 msgpack has no index, so the file is walked: every map key and extension header is read, every array's bytes
 are skipped by their length (`_Walker`, over the same page cache as `sketches.tfh5`): a remote file costs one
 range request per page touched, about one per tensor. An array's bytes are then read by range at their
-offset, as a safetensors tensor's are.
+offset, as a safetensors tensor's are (`sketches.tfh5.read_tensor`).
 
 Names map to PyTorch's as transformers' own Flax -> PyTorch loader maps them
 (`modeling_flax_pytorch_utils.load_flax_weights_in_pytorch_model`): the tree path joined with dots; a last
@@ -32,7 +32,7 @@ import numpy as np
 
 from errors import SafetensorsError
 from sketches.safetensors import ByteSource
-from sketches.tfh5 import ConvertedWeights, PagedFile, StoredTensor, read_tensor
+from sketches.tfh5 import ConvertedWeights, PagedFile, StoredTensor
 
 FLAX_FILE = "flax_model.msgpack"
 MAX_DEPTH = 32  # a parameter tree is a dozen levels deep
@@ -183,11 +183,6 @@ def read_index(source: ByteSource) -> dict[str, StoredTensor]:
     if not tensors:
         raise walker.error("no parameters in it")
     return dict(sorted(tensors.items()))
-
-
-def read_flax_tensor(source: ByteSource, tensor: StoredTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
-    """A parameter in PyTorch's layout, float32 (its rows [r0, r1) only when given: `sketches.tfh5.read_tensor`)."""
-    return read_tensor(source, None, tensor, rows)
 
 
 class FlaxWeights(ConvertedWeights):

@@ -30,8 +30,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from errors import SafetensorsError
-from sketches.views import row_view
+from sketches.views import split_views
 
 if TYPE_CHECKING:  # sketches.safetensors applies the views to its headers
     from sketches.safetensors import TensorInfo
@@ -71,15 +70,7 @@ def flux_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, 
     prefix = COMFY if COMFY + _MARKER in where else ""
     own = {name[len(prefix):]: entry for name, entry in where.items() if name.startswith(prefix)}
     inner = flux_inner({n: info.shape for n, (_, info) in own.items()})
-    out: dict[str, tuple[K, TensorInfo]] = {}
-    for name, (file, info) in sorted(own.items()):
-        try:
-            parts = flux_parts(name, info.shape[0] if info.shape else 0, inner)
-        except ValueError as exc:
-            raise SafetensorsError(f"{file}: {prefix}{name}", f"a FLUX tensor that does not split: {exc}") from None
-        for new, part in parts:
-            out[new] = (file, info if part is None else row_view(info, new, *part, info.shape[1:]))
-    return out
+    return split_views(own, lambda name, rows: flux_parts(name, rows, inner), prefix=prefix, kind="FLUX")
 
 
 def flux_inner(shapes: Mapping[str, tuple[int, ...]]) -> int | None:

@@ -24,8 +24,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
-from errors import SafetensorsError
-from sketches.views import row_view
+from sketches.views import split_views
 
 if TYPE_CHECKING:  # sketches.safetensors applies the views to its headers
     from sketches.safetensors import TensorInfo
@@ -68,15 +67,7 @@ def sd3_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, T
     prefix = PREFIX if PREFIX + _MARKER in where else ""
     own = {name[len(prefix):]: entry for name, entry in where.items() if name.startswith(prefix)}
     last = max(int(m.group(1)) for n in own if (m := _BLOCK.match(n)))
-    out: dict[str, tuple[K, TensorInfo]] = {}
-    for name, (file, info) in sorted(own.items()):
-        try:
-            parts = sd3_parts(name, info.shape[0] if info.shape else 0, last)
-        except ValueError as exc:
-            raise SafetensorsError(f"{file}: {prefix}{name}", f"an SD3 tensor that does not split: {exc}") from None
-        for new, part in parts:
-            out[new] = (file, info if part is None else row_view(info, new, *part, info.shape[1:]))
-    return out
+    return split_views(own, lambda name, rows: sd3_parts(name, rows, last), prefix=prefix, kind="SD3")
 
 
 def sd3_parts(name: str, rows: int, last: int) -> list[tuple[str, tuple[int, int] | None]]:
