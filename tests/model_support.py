@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import math
+import shutil
+from pathlib import Path
 from typing import Any
 
 
@@ -16,3 +20,15 @@ def perturb_matrices(model: Any, step: float, seed: int | None = None) -> Any:
             if p.ndim == 2:
                 p.add_((step * p.float().std() * torch.randn(p.shape, generator=gen)).to(p.dtype))
     return model
+
+
+def dated_legacy(zoo: Path, out: Path, fraction: float) -> Path:
+    """A copy of `zoo` whose earliest `fraction` of uploads read the Hub's legacy createdAt."""
+    shutil.copytree(zoo, out)
+    doc = json.loads((out / "hub.json").read_text())
+    order = sorted(doc["repos"], key=lambda r: (doc["repos"][r]["createdAt"], r))
+    for rid in order[:math.ceil(fraction * len(order))]:
+        doc["repos"][rid]["createdAt"] = "2022-03-02T23:29:04.000Z"
+    (out / "hub.json").write_text(json.dumps(doc))
+    return out
+

@@ -30,9 +30,10 @@ measured with `mother`'s own ingredients, made pair-local:
   factor 20, mother's time_weight 3 dominating); kurtosis then does not vote. On vthr-ft any time penalty
   from 0.3 to 10 gives 0.880; adding the kurtosis cue (paper sign +1) on top costs accuracy: 0.860 at 0.1,
   0.810 at 0.3 (small-ft: 0.944 at 0.2, 0.889 at 0.4) -- kurtosis is a coin flip on our zoo, and mother's
-  per-tree |tau| weighting needs a tree, not a pair. Time unknown for either: the paper's kurtosis cue,
-  DEFAULT_PENALTY when ku(b) > ku(a) (specialisation lowers kurtosis; ku summed over the output projections,
-  or over the pair's low-rank layers as mother does for LoRA).
+  per-tree |tau| weighting needs a tree, not a pair. Both times equal, or both unknown: no penalty either
+  way; the edges rows orient those models' subtree from its centre (`penalty_count`). One time unknown:
+  the paper's kurtosis cue, DEFAULT_PENALTY when ku(b) > ku(a) (specialisation lowers kurtosis; ku summed
+  over the output projections, or over the pair's low-rank layers as mother does for LoRA).
 
 Batching: `measure_many` takes the short lists of many arriving models at once. Each pair's result
 depends on that pair alone (its layers, walked in sorted order, and its own regime counters), so the pairs
@@ -151,6 +152,7 @@ HEAD_TIE_SCALE = 1000.0
 # per unit of heads distance, above the upload-order tie (at most 1e-5 over ten years) and far below
 # any real gap between candidates.
 HEAD_TIE = 1e-4
+HEAD_PRIOR = 1e-8
 HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt
 REGIME_LAYERS = 4  # layers whose SVD decides low-rank vs full-rank; the rest only for low-rank pairs
 
@@ -169,6 +171,9 @@ class ModelView:
     # (repo_id, revision): a nominee's arrays come back from the disk cache as new objects); None: the
     # arrays' own identity, while they live
     content: Hashable = None
+    # (head tensors, head values): between two centres of a subtree without upload order, the fewer and
+    # then the wider is the root, as batch mother's prior (indexer.lineage.methods._root_prior)
+    heads: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -796,23 +801,43 @@ def penalty_count(ku_parent: float, ku_child: float, t_parent: float | None, t_c
                   *, time_weight: float = TIME_WEIGHT) -> float:
     """T of the edge parent -> child, in units of the penalty (module docstring, "Direction").
 
-    Both upload times known: time_weight when the child was uploaded first, else 0 (kurtosis does not
-    vote: it cost 0.02-0.07 of accuracy on vthr-ft). A time unknown, or both equal: 1 when kurtosis rises
-    towards the child."""
+    Both upload times known and different: time_weight when the child was uploaded first, else 0 (kurtosis
+    does not vote: it cost 0.02-0.07 of accuracy on vthr-ft). Equal (every pre-2022-03-02 Hub repo shares
+    one createdAt) or unknown: 0 both ways when the two times are alike, so the weights carry no direction
+    and the forest's tree among such models is their minimum spanning tree, which the edges rows orient
+    from its centre (indexer.incremental.index._shown_parents), as batch mother does. The kurtosis cue this
+    replaced oriented 0.48-0.62 of the edges of wild-bert and wild-gpt2 dated so (bench/hub_epoch.py). A
+    time known on one side only: 1 when kurtosis rises towards the child."""
     if t_parent is not None and t_child is not None and t_parent != t_child:
         return time_weight if t_child < t_parent else 0.0
-    # unknown or equal times (every pre-2022-03-02 Hub repo shares one createdAt): the kurtosis cue
+    if t_parent == t_child:
+        return 0.0
     return 1.0 if ku_child > ku_parent else 0.0
 
 
 def edge_weights(pair: PairMeasure, t_new: float | None, t_other: float | None, *,
-                 penalty: float = DEFAULT_PENALTY) -> tuple[tuple[float, float], tuple[float, float]]:
-    """((T, weight) of other -> new, (T, weight) of new -> other)."""
+                 penalty: float = DEFAULT_PENALTY, heads_new: tuple[int, int] = (0, 0),
+                 heads_other: tuple[int, int] = (0, 0)) -> tuple[tuple[float, float], tuple[float, float]]:
+    """((T, weight) of other -> new, (T, weight) of new -> other). `heads_*`: each model's (head tensors,
+    head values), the prior that orders an exact tie between two models of one upload time (`head_prior`)."""
     into_new = penalty_count(pair.ku_other, pair.ku_new, t_other, t_new)
     out_of_new = penalty_count(pair.ku_new, pair.ku_other, t_new, t_other)
     base = pair.base_weight + HEAD_TIE * pair.heads
-    return ((into_new, base + penalty * into_new + tie_weight(t_other)),
-            (out_of_new, base + penalty * out_of_new + tie_weight(t_new)))
+    # both with a head: a model whose head no name rule knows (an extra block before it) reads as headless
+    same_time = t_new == t_other and heads_new[0] > 0 and heads_other[0] > 0
+    return ((into_new, base + penalty * into_new + tie_weight(t_other) + (head_prior(heads_other) if same_time else 0.0)),
+            (out_of_new, base + penalty * out_of_new + tie_weight(t_new) + (head_prior(heads_new) if same_time else 0.0)))
+
+
+def head_prior(heads: tuple[int, int]) -> float:
+    """The weight a parent of (head tensors, head values) adds to its edges towards a model of its own upload
+    time: fewer head tensors, then a wider head, is the likelier source, as batch mother's root prior says
+    (indexer.lineage.methods._root_prior). Frozen-backbone transfers of one base dated alike (the Hub's
+    pre-2022 repos) tie exactly on their bodies and, with heads of other shapes, on their heads too; upload
+    order, which breaks that tie otherwise, says nothing then. HEAD_PRIOR a unit: far below HEAD_TIE, so a
+    real difference of the heads still decides first."""
+    count, values = heads
+    return HEAD_PRIOR * (count + 1.0 / (1.0 + values))
 
 
 def heads_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:

@@ -184,8 +184,7 @@ def _prepare(index: int, arrival: Arrival, dim: int, seed: int, content: Hashabl
     view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at)
     arrays = {n: arrival.arrays[n] for n in sketch.layer_names}
     arrays |= {n: a for n, a in arrival.arrays.items() if is_head(n)}  # heads break ties of identical bodies
-    mine = ModelView(arrival.repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,
-                     content=content)
+    mine = replace(view, arrays=arrays, content=content)
     return _Pending(index, arrival, sketch, view, mine)
 
 
@@ -217,6 +216,11 @@ class _Family:
     # `_cast_sources`; indexer.lineage.methods.cast_dtype): the edge source -> copy is `quantized`
     casts: set[tuple[str, str]] = field(default_factory=set)
     declared: dict[str, tuple[str, ...]] = field(default_factory=dict)  # model -> its card's base models
+    # the parent each edges row shows ("" a root): the forest's, but for the models that share their
+    # cluster root's upload time (the Hub's pre-2022 repos), oriented from the centre of their subtree
+    # (`_shown_parents`); and the root each cluster shows
+    shown: dict[str, str] = field(default_factory=dict)
+    shown_root: dict[int, str] = field(default_factory=dict)
 
 
 class LineageIndex:
@@ -310,6 +314,8 @@ class LineageIndex:
                 state.declared[r.repo_id] = tuple(declared)  # type: ignore[arg-type]
             for other, rel in (st.get("relative") or {}).items():
                 state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
+        for cid in sorted({state.forest.cluster_id(m) for m in views}):
+            _reshow(state, cid, ())
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -391,12 +397,18 @@ class LineageIndex:
         candidates, rows, relative = self._edges(family, p.view, state, pairs, p.mine.arrays)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
+        # before the merge fits: a refit writes the edge rows of the models it reaches, the newcomer among
+        # them when an equal upload time (the Hub's pre-2022 repos) orders it before an earlier arrival
+        touched = update.touched
+        if _reshow(state, state.forest.cluster_id(repo_id), touched):
+            touched = state.forest.members(state.forest.cluster_id(repo_id))  # re-rooted: every depth moves
+        _update_depths(state, touched)
         self._remember(repo_id, p.mine.arrays)
         if self.keep_arrays:
             self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._merges(state, p.mine, [q for q in pairs if q.related])
-        self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, update.touched,  # 6.
+        self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, touched,  # 6.
                     quant=arrival.quant, relative=relative, casts=casts, declared=arrival.declared)
         if self._homes is not None:
             self._homes[repo_id] = family
@@ -469,7 +481,8 @@ class LineageIndex:
             other = state.views.get(pair.other)
             if not pair.related or other is None:
                 continue
-            _, (towards, weight) = edge_weights(pair, p.view.created, other.created, penalty=self.penalty)
+            _, (towards, weight) = edge_weights(pair, p.view.created, other.created, penalty=self.penalty,
+                                                heads_new=p.view.heads, heads_other=other.heads)
             parent = state.forest.parent(pair.other)
             if towards == 0 and weight < (state.forest.weight(parent, pair.other) if parent else math.inf):
                 found.append(pair.other)
@@ -535,7 +548,8 @@ class LineageIndex:
             if not pair.related:  # type: ignore[attr-defined]
                 continue
             other = state.views[pair.other]  # type: ignore[attr-defined]
-            (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty)  # type: ignore[arg-type]
+            (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty,  # type: ignore[arg-type]
+                                                        heads_new=view.heads, heads_other=other.heads)
             # a quantized copy is a parent only when nothing else relates (Hub: quantized models are leaves in
             # 99.41 %); pair-local, so the forest's batch == incremental invariant holds. An exact 16-bit cast
             # known by now counts as one (batch sets casts aside as leaves whatever the upload times say).
@@ -589,6 +603,8 @@ class LineageIndex:
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
             state.vectors.remove([repo_id])
+        for cid in parts:
+            _reshow(state, cid, ())
         _all_depths(state)
         for cid in parts:
             self._pending["edges"] += self._edge_rows(state, state.forest.members(cid))
@@ -626,8 +642,7 @@ class LineageIndex:
             if arrays is None:
                 self.not_compared += 1
                 return None
-        return ModelView(repo_id, arrays, view.kurtosis, view.norms, view.created, view.direction_layers,  # type: ignore[arg-type]
-                         content=self._content(repo_id, state.revisions[repo_id]))
+        return replace(view, arrays=arrays, content=self._content(repo_id, state.revisions[repo_id]))
 
     def _recalled(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
         """An older model's arrays from the disk cache or the network, kept a while in a second, bounded
@@ -688,7 +703,7 @@ class LineageIndex:
                relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = (),
                declared: Sequence[str] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
-                                    "seed": sketch.seed, "pair_rule": PAIR_RULE}
+                                    "seed": sketch.seed, "pair_rule": PAIR_RULE, "heads": list(view.heads)}
         if quant is not None:
             stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
         if relative:
@@ -701,7 +716,6 @@ class LineageIndex:
             repo_id, revision, family, SKETCH_VERSION, tuple(sketch.vector.tolist()), sketch.kurtosis, sketch.norms,
             sketch.layer_names, json.dumps(stats, sort_keys=True)))
         self._pending["candidates"] += rows
-        _update_depths(state, touched)
         cid = state.forest.cluster_id(repo_id)
         # the cluster's key is its smallest member: when the newcomer is it, every row's key changes
         members = state.forest.members(cid) if state.forest.cluster_key(cid) == repo_id or len(touched) > 1 else [repo_id]
@@ -715,7 +729,7 @@ class LineageIndex:
         now, forest, out = datetime.now(UTC), state.forest, []
         for m in members:
             cid = forest.cluster_id(m)
-            parent = forest.parent(m)
+            parent = state.shown[m]
             dist = _reported(state.distance.get((parent, m), math.nan)) if parent else math.nan
             relation, parents = (_relation(state, parent, m), ()) if parent else ("", ())
             merge = _merge_parents(state, m)
@@ -723,8 +737,9 @@ class LineageIndex:
                 parent, parents, relation = merge[0][0], merge, "merge"
                 dist = _reported(state.distance.get((parent, m), math.nan))
             out.append(EdgeRecord(m, state.revisions[m], state.name,
-                                  forest.cluster_key(cid), parent, forest.root(cid), state.depth[m], dist,
-                                  _ku_all(state.views[m]), _confidence(forest, m, timed=_timed(state, parent, m)), now,
+                                  forest.cluster_key(cid), parent, state.shown_root[cid], state.depth[m], dist,
+                                  _ku_all(state.views[m]), _confidence(forest, m, parent, timed=_timed(state, parent, m)),
+                                  now,
                                   relation=relation, parents=parents))
         return out + self._satellite_rows(set(members), now)
 
@@ -890,7 +905,7 @@ class LineageIndex:
         if not sat.external and sat.family in self._families and sat.anchor in self._families[sat.family].views:
             state = self._families[sat.family]
             cid = state.forest.cluster_id(sat.anchor)
-            cluster, root, depth = state.forest.cluster_key(cid), state.forest.root(cid), state.depth.get(sat.anchor, 0)
+            cluster, root, depth = state.forest.cluster_key(cid), state.shown_root[cid], state.depth.get(sat.anchor, 0)
         elif not sat.external:
             state = self.family(sat.family)  # loads the family: its forest places the anchor
             return self._satellite_row(sat, now) if sat.anchor in state.views else self._external_row(sat, now)
@@ -1118,7 +1133,7 @@ class _ForestParents(Mapping[str, str]):
     def __getitem__(self, node: str) -> str:
         if node not in self._state.views:
             raise KeyError(node)
-        return self._state.forest.parent(node)
+        return self._state.shown[node]
 
     def __contains__(self, node: object) -> bool:
         return node in self._state.views
@@ -1219,16 +1234,16 @@ def _timed(state: _Family, parent: str, child: str) -> bool:
     """Was the edge oriented by upload times (both known)? The confidence's `t` (indexer.lineage.confidence)."""
     if not parent or parent not in state.views:
         return False
-    return state.views[parent].created is not None and state.views[child].created is not None
+    t_parent, t_child = state.views[parent].created, state.views[child].created
+    return t_parent is not None and t_child is not None and t_parent != t_child
 
 
-def _confidence(forest: IncrementalForest, node: str, *, timed: bool = True) -> float:
+def _confidence(forest: IncrementalForest, node: str, parent: str, *, timed: bool = True) -> float:
     """The calibrated confidence of a node's parent edge (indexer.lineage.confidence), NaN for a root.
 
     The margin is batch mother's, on the linear scale of the pair distance: weights are log distances
     (plus penalties), so (c_r - c_p) / (c_r + c_p) = tanh((w_r - w_p) / 2) over the cheapest related rival;
     no rival: margin 1."""
-    parent = forest.parent(node)
     if not parent:
         return math.nan
     rivals = sorted(w for p, w in forest._in[node].items() if p != parent)
@@ -1236,17 +1251,93 @@ def _confidence(forest: IncrementalForest, node: str, *, timed: bool = True) -> 
     return calibrated(margin, timed=timed)
 
 
+def _reshow(state: _Family, cid: int, touched: Sequence[str]) -> bool:
+    """Set the shown parents of cluster `cid` (`_shown_parents`); True when one moved that is not among
+    `touched` (the forest's own changes): a re-rooting, which moves every depth below it."""
+    shown = _shown_parents(state, cid)
+    moved = any(state.shown.get(m) != p for m, p in shown.items() if m not in touched)
+    state.shown.update(shown)
+    state.shown_root[cid] = next(m for m, p in shown.items() if not p)
+    return moved
+
+
+def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
+    """The cluster's parents as its edges rows show them: the forest's, but with the subtree of the models
+    that share the root's upload time rooted at its centre, as batch mother orients a tree without times
+    (indexer.lineage.orient). On the Hub bert-base-uncased and its 2020 fine-tunes all read 2022-03-02:
+    their pair weights carry no direction (`penalty_count`), so the forest's root among them is arbitrary,
+    and any rooting of that subtree costs the same. Two centres: batch's prior (the fewer head tensors,
+    then the wider head), then the one nearer the others (the medoid, over the measured pairs), then the
+    forest's root, then the smaller id."""
+    forest = state.forest
+    members = forest.members(cid)
+    parent = {m: forest.parent(m) for m in members}
+    root = forest.root(cid)
+    t0 = state.views[root].created
+    group = {m for m in members if state.views[m].created == t0}
+    if len(group) < 2:
+        return parent
+    near: dict[str, list[str]] = {m: [] for m in group}
+    for m in sorted(group):
+        if parent[m] in group:
+            near[m].append(parent[m])
+            near[parent[m]].append(m)
+    far, _ = _bfs(near, root)
+    end = max(far, key=lambda m: (far[m], m))
+    dist_end, back = _bfs(near, end)
+    other = max(dist_end, key=lambda m: (dist_end[m], m))
+    path = [other]
+    while path[-1] != end:
+        path.append(back[path[-1]])
+    length = len(path) - 1
+    centres = sorted({path[length // 2], path[(length + 1) // 2]})
+    # a merge, a quantized copy or a cast is a leaf, never a family's source: the nearest model that may be
+    leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
+    if all(c in leaves for c in centres):
+        hops, _ = _bfs(near, centres[0])
+        allowed = [m for m in hops if m not in leaves]
+        if not allowed:
+            return parent
+        closest = min(hops[m] for m in allowed)
+        centres = sorted(m for m in allowed if hops[m] == closest)
+    centres = [c for c in centres if c not in leaves]
+
+    def spread(c: str) -> tuple[int, int, float, int, str]:
+        measured = [state.distance[(c, x)] for x in dist_end if (c, x) in state.distance]
+        count, values = state.views[c].heads
+        return count, -values, (sum(measured) / len(measured) if measured else math.inf), int(c != root), c
+
+    centre = min(centres, key=spread)
+    if centre == root:
+        return parent
+    _, back = _bfs(near, centre)
+    for m, up in back.items():
+        parent[m] = up
+    parent[centre] = ""
+    return parent
+
+
+def _bfs(near: Mapping[str, Sequence[str]], start: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Hops from `start` to every node it reaches, and each node's neighbour towards `start`."""
+    hops, back, todo = {start: 0}, {}, [start]
+    for u in todo:
+        for v in sorted(near[u]):
+            if v not in hops:
+                hops[v], back[v] = hops[u] + 1, u
+                todo.append(v)
+    return hops, back
+
+
 def _update_depths(state: _Family, touched: Sequence[str]) -> None:
     if len(touched) == 1:
         node = touched[0]
-        parent = state.forest.parent(node)
+        parent = state.shown[node]
         state.depth[node] = state.depth[parent] + 1 if parent else 0
         return
     _all_depths(state, touched)
 
 
 def _all_depths(state: _Family, nodes: Sequence[str] | None = None) -> None:
-    forest = state.forest
     todo = sorted(nodes) if nodes is not None else sorted(state.views)
     for node in todo:
         state.depth.pop(node, None)
@@ -1255,7 +1346,7 @@ def _all_depths(state: _Family, nodes: Sequence[str] | None = None) -> None:
         u = node
         while u and u not in state.depth:
             chain.append(u)
-            u = forest.parent(u)
+            u = state.shown[u]
         base = state.depth[u] + 1 if u else 0
         for i, v in enumerate(reversed(chain)):
             state.depth[v] = base + i
@@ -1273,10 +1364,14 @@ def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, c
     created = created_at.timestamp() if created_at is not None else None
     kurt = dict(zip(sketch.layer_names, sketch.kurtosis, strict=True))
     norms = dict(zip(sketch.layer_names, sketch.norms, strict=True))
-    return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names))
+    heads = [a for n, a in arrays.items() if is_head(n)]
+    return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names),
+                     heads=(len(heads), int(sum(np.size(a) for a in heads))))
 
 
 def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
     kurt = dict(zip(record.layer_names, record.kurtosis, strict=True))
     norms = dict(zip(record.layer_names, record.norms, strict=True))
-    return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())))  # type: ignore[arg-type]
+    heads = tuple(stats.get("heads") or (0, 0))  # absent in stores written before: no prior
+    return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())),  # type: ignore[arg-type]
+                     heads=(int(heads[0]), int(heads[1])))

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -72,6 +72,9 @@ DISTANCES: tuple[DistanceKind, ...] = ("auto", "linf", "rank", "l2", "l2n", "tai
 # A difference is low-rank (merged LoRA) when its singular values fall off a cliff after the numerical
 # rank: on the zoo LoRA cliffs are 1.7e3-2.9e5, full fine-tuning ratios at the same place 1.0-7.6.
 LOW_RANK_GAP = 100.0
+# Models of one tree sharing one upload time are ordered by their depth from the weights, this many seconds
+# a level before that time: far below the Hub's millisecond timestamps, so no other model's order moves.
+SHARED_TIME_STEP = 1e-4
 
 
 @dataclass(frozen=True)
@@ -420,16 +423,15 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         direction = layer_names if kind == "rank" else family.selection.direction
         ku = _kurtosis(family, direction)
         scores[idx] = ku[idx]
-        penalty, why = _direction(family, idx, ku, options)
-        tie, tie_why = _ties(family, idx, d, options)
         # one upload time shared by all (the Hub dates every pre-2022-03-02 repo 2022-03-02T23:29:04Z) orders
         # nothing: such a tree is oriented from the weights, like one without times
         untimed = not options.use_time or len({family.created[int(i)] for i in idx} - {None}) < 2
-        if untimed and options.orient in ("center", "center-norm") and options.kurtosis != "always":
-            cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
-            shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
-            local = centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink,
-                                       lambda: norm_t_votes(_row_norms(family, idx, min_ndim=2)))
+        centred = untimed and options.orient in ("center", "center-norm") and options.kurtosis != "always"
+        fam = family if untimed else _shared_times_ordered(family, idx, d, options)
+        penalty, why = _direction(fam, idx, ku, options)
+        tie, tie_why = _ties(fam, idx, d, options)
+        if centred:
+            cost, local = _centre_rooted(family, idx, d, tie, options)
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
@@ -443,6 +445,45 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
     edge_score = tuple(float(score[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
     return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes),
                    relation, tuple(float(x) for x in confidence), edge_score, tuple(float(x) for x in margin))
+
+
+def _centre_rooted(family: Family, idx: np.ndarray, d: np.ndarray, tie: np.ndarray,
+                   options: Options) -> tuple[np.ndarray, list[int]]:
+    """(cost, local parents) of the models `idx` oriented from the weights alone (indexer.lineage.orient)."""
+    cost = tree_cost(d, np.zeros_like(d), lam=options.lam, tie=tie)
+    shrink = norm_votes(_row_norms(family, idx)) if options.orient == "center-norm" else None
+    return cost, centre_rooted_tree(cost, [_root_prior(family, int(i)) for i in idx], shrink,
+                                    lambda: norm_t_votes(_row_norms(family, idx, min_ndim=2)))
+
+
+def _shared_times_ordered(family: Family, idx: np.ndarray, d: np.ndarray, options: Options) -> Family:
+    """`family` with the models of `idx` that share one upload time with others of the tree ordered from
+    the weights. Real families mix the two: bert-base-uncased and its 2020 fine-tunes all read the Hub's
+    2022-03-02T23:29:04Z, their 2023 fine-tunes their own days. Upload order says nothing among the first,
+    so they are oriented as a tree without times (`_centre_rooted` on them alone: the earliest uploads of
+    a tree hold its root and are closed under parents), and each gets its depth there as a fraction of a
+    millisecond before the shared time: parents before children, siblings still equal, every model of
+    another time as before."""
+    if options.orient not in ("center", "center-norm") or options.kurtosis == "always":
+        return family  # the ablations keep the zero-penalty ties they measure
+    created = list(family.created)
+    times = [created[int(i)] for i in idx]
+    for t in sorted({t for t in times if t is not None and times.count(t) > 1}):
+        local = np.flatnonzero([x == t for x in times])
+        group, sub = idx[local], d[np.ix_(local, local)]
+        tie, _ = _ties(family, group, sub, replace(options, use_time=False))
+        _, parent = _centre_rooted(family, group, sub, tie, options)
+        depth = [_depth(parent, j) for j in range(len(group))]
+        for j, i in enumerate(group):
+            created[int(i)] = t - (max(depth) - depth[j]) * SHARED_TIME_STEP
+    return replace(family, created=tuple(created))
+
+
+def _depth(parent: Sequence[int], j: int) -> int:
+    hops = 0
+    while parent[j] >= 0:
+        j, hops = parent[j], hops + 1
+    return hops
 
 
 def _relation(family: Family, parent: int, child: int) -> str:
