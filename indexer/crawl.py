@@ -98,7 +98,7 @@ from indexer.sources import (
 from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
 from sketches.flax import FLAX_FILE, FlaxWeightsError
-from sketches.layers import canonical_tensors, family_key, tied_heads
+from sketches.layers import canonical_tensors, family_key, tied_heads, wrapper_depth
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
     COMPONENT_INDEX,
@@ -149,6 +149,7 @@ class IndexedModel:
     weights_format: str = "safetensors"  # the models row's weights_format (store.schema)
     adapter: AdapterRead | None = None  # an adapter repo: its config and saved modules; arrays = LoRA factors
     quant: QuantInfo | None = None  # a quantized copy (GGUF, packed): its scheme and predicted error
+    copy_rank: tuple[int, int] = (0, 0)  # ModelRead.copy_rank
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,9 @@ class ModelRead:
     details: Mapping[str, Any] = field(default_factory=dict)  # the models row's details (JSON-ready)
     adapter: AdapterRead | None = None
     quant: QuantInfo | None = None
+    # (wrapper prefixes on its stored names, minus its tensors): which of byte-identical copies is the original
+    # when upload times cannot tell (indexer.lineage.ties.duplicate_originals)
+    copy_rank: tuple[int, int] = (0, 0)
 
 
 class _Skip(UnsupportedModelError):
@@ -499,7 +503,8 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         arrays, tensors = _without(arrays, tied), _without(tensors, tied)
     # a model larger than the budget is indexed on what fits: the models row says how much that was
     partial = {"read_fraction": round(plan.fraction, 6)} if not all(b.whole for b in plan.blocks) else {}
-    return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial)
+    return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial,
+                     copy_rank=(max((wrapper_depth(n) for n in where), default=0), -len(where)))
 
 
 def _without(mapping: Mapping[str, Any], name: str) -> dict[str, Any]:
@@ -662,7 +667,7 @@ class Indexer:
                               for b in read.plan.blocks])
         shapes = {name: info.shape for name, info in read.tensors.items()}
         return self.on_indexed(IndexedModel(entry, read.family, read.plan, shapes, read.arrays,
-                                            read.weights_format, read.adapter, read.quant))
+                                            read.weights_format, read.adapter, read.quant, read.copy_rank))
 
     def _queue(self, entry: ModelEntry, *, family: str, status: Status, reason: str, bytes_read: int,
                weights_format: str = "", details: str = "{}") -> None:
@@ -983,7 +988,7 @@ def lineage_step(store: Store, *, k: int, device: str, cache: TensorCache,
                                                                  model.adapter, model.arrays))
             return Placement(family, details)
         waiting.append(Arrival(entry.repo_id, entry.revision, model.family, model.arrays, entry.created_at,
-                               model.quant, declared_bases(entry)))
+                               model.quant, declared_bases(entry), model.copy_rank))
         held = sum(a.nbytes for arrival in waiting for a in arrival.arrays.values())
         if len(waiting) >= LINEAGE_BATCH or held >= LINEAGE_BATCH_BYTES:
             place()

@@ -153,6 +153,7 @@ HEAD_TIE_SCALE = 1000.0
 # any real gap between candidates.
 HEAD_TIE = 1e-4
 HEAD_PRIOR = 1e-8
+COPY_TIE = 1e-8  # two byte-identical copies of one upload time: on the edge into the original (index._copy_tie)
 HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt
 REGIME_LAYERS = 4  # layers whose SVD decides low-rank vs full-rank; the rest only for low-rank pairs
 
@@ -174,6 +175,7 @@ class ModelView:
     # (head tensors, head values): between two centres of a subtree without upload order, the fewer and
     # then the wider is the root, as batch mother's prior (indexer.lineage.methods._root_prior)
     heads: tuple[int, int] = (0, 0)
+    copy_rank: tuple[int, int] = (0, 0)  # indexer.crawl.ModelRead.copy_rank: orders copies of one time
 
 
 @dataclass(frozen=True)

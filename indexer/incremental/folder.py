@@ -69,7 +69,8 @@ def read_local(repo_id: str, path: Path, created_at: datetime | None = None) -> 
     read, entry = read_folder(path, budget=WHOLE_MODEL)
     if read.adapter is not None:
         return AdapterArrival(repo_id, entry.revision, created_at, read.adapter, read.arrays)
-    return Arrival(repo_id, entry.revision, read.family, read.arrays, created_at, read.quant, declared_bases(entry))
+    return Arrival(repo_id, entry.revision, read.family, read.arrays, created_at, read.quant, declared_bases(entry),
+                   read.copy_rank)
 
 
 def read_repo(path: Path) -> tuple[str, str, dict[str, np.ndarray]]:

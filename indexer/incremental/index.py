@@ -42,6 +42,7 @@ import numpy as np
 
 from errors import BadInputError, StoreError
 from indexer.incremental.exact import (
+    COPY_TIE,
     DEFAULT_PENALTY,
     DENSE_COMPATIBLE_RULES,
     PAIR_RULE,
@@ -156,6 +157,7 @@ class Arrival:
     created_at: datetime | None
     quant: QuantInfo | None = None  # a quantized copy (dequantized arrays): a leaf unless nothing else fits
     declared: tuple[str, ...] = ()  # the base models its card names: its merge pool takes them first
+    copy_rank: tuple[int, int] = (0, 0)  # indexer.crawl.ModelRead.copy_rank
 
 
 @dataclass
@@ -181,7 +183,7 @@ def _children(forest: IncrementalForest, node: str) -> list[str]:
 
 def _prepare(index: int, arrival: Arrival, dim: int, seed: int, content: Hashable = None) -> _Pending:
     sketch = sketch_model(arrival.arrays, family=arrival.family, dim=dim, seed=seed)  # 1.
-    view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at)
+    view = _make_view(arrival.repo_id, arrival.arrays, sketch, arrival.created_at, arrival.copy_rank)
     arrays = {n: arrival.arrays[n] for n in sketch.layer_names}
     arrays |= {n: a for n, a in arrival.arrays.items() if is_head(n)}  # heads break ties of identical bodies
     mine = replace(view, arrays=arrays, content=content)
@@ -483,6 +485,7 @@ class LineageIndex:
                 continue
             _, (towards, weight) = edge_weights(pair, p.view.created, other.created, penalty=self.penalty,
                                                 heads_new=p.view.heads, heads_other=other.heads)
+            weight += _copy_tie(state, pair, p.view, other)[1]
             parent = state.forest.parent(pair.other)
             if towards == 0 and weight < (state.forest.weight(parent, pair.other) if parent else math.inf):
                 found.append(pair.other)
@@ -550,6 +553,8 @@ class LineageIndex:
             other = state.views[pair.other]  # type: ignore[attr-defined]
             (t_in, w_in), (t_out, w_out) = edge_weights(pair, view.created, other.created, penalty=self.penalty,  # type: ignore[arg-type]
                                                         heads_new=view.heads, heads_other=other.heads)
+            tie_in, tie_out = _copy_tie(state, pair, view, other)  # type: ignore[arg-type]
+            w_in, w_out = w_in + tie_in, w_out + tie_out
             # a quantized copy is a parent only when nothing else relates (Hub: quantized models are leaves in
             # 99.41 %); pair-local, so the forest's batch == incremental invariant holds. An exact 16-bit cast
             # known by now counts as one (batch sets casts aside as leaves whatever the upload times say).
@@ -703,7 +708,8 @@ class LineageIndex:
                relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = (),
                declared: Sequence[str] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
-                                    "seed": sketch.seed, "pair_rule": PAIR_RULE, "heads": list(view.heads)}
+                                    "seed": sketch.seed, "pair_rule": PAIR_RULE, "heads": list(view.heads),
+                                    "copy_rank": list(view.copy_rank)}
         if quant is not None:
             stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
         if relative:
@@ -1251,6 +1257,19 @@ def _confidence(forest: IncrementalForest, node: str, parent: str, *, timed: boo
     return calibrated(margin, timed=timed)
 
 
+def _copy_tie(state: _Family, pair: PairMeasure, new: ModelView, other: ModelView) -> tuple[float, float]:
+    """What to add to the weights (other -> new, new -> other) of two byte-identical copies of one upload
+    time: COPY_TIE on the edge into the original, as batch mother picks it (indexer.lineage.ties.
+    duplicate_originals): the copy whose card declares the other comes after it, then the smaller
+    `copy_rank` (a re-save through a wrapper adds a prefix, a newer library drops buffers), then the
+    smaller repo id. Copies of other times are ordered by `tie_weight` (the earliest upload)."""
+    if not pair.identical or pair.heads != 0.0 or new.created != other.created:
+        return 0.0, 0.0
+
+    new_first = _copy_key(state, new, other.repo_id) < _copy_key(state, other, new.repo_id)
+    return (COPY_TIE, 0.0) if new_first else (0.0, COPY_TIE)
+
+
 def _reshow(state: _Family, cid: int, touched: Sequence[str]) -> bool:
     """Set the shown parents of cluster `cid` (`_shown_parents`); True when one moved that is not among
     `touched` (the forest's own changes): a re-rooting, which moves every depth below it."""
@@ -1291,8 +1310,11 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         path.append(back[path[-1]])
     length = len(path) - 1
     centres = sorted({path[length // 2], path[(length + 1) // 2]})
-    # a merge, a quantized copy or a cast is a leaf, never a family's source: the nearest model that may be
+    # a merge, a quantized copy, a cast or a later byte-identical copy is a leaf, never a family's source:
+    # the nearest model that may be
+    copies = _later_copies(state, group)
     leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
+    leaves |= set(copies)
     if all(c in leaves for c in centres):
         hops, _ = _bfs(near, centres[0])
         allowed = [m for m in hops if m not in leaves]
@@ -1308,12 +1330,53 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         return count, -values, (sum(measured) / len(measured) if measured else math.inf), int(c != root), c
 
     centre = min(centres, key=spread)
-    if centre == root:
-        return parent
-    _, back = _bfs(near, centre)
-    for m, up in back.items():
-        parent[m] = up
-    parent[centre] = ""
+    if centre != root:
+        _, back = _bfs(near, centre)
+        for m, up in back.items():
+            parent[m] = up
+        parent[centre] = ""
+    return _under_originals(parent, copies)
+
+
+def _later_copies(state: _Family, group: set[str]) -> dict[str, str]:
+    """copy -> its original among models of one upload time whose compared layers are bit-identical and
+    whose heads are alike in count and size (a frozen-backbone transfer has a head of another size: no
+    copy), the original as `_copy_tie` picks it."""
+    out: dict[str, str] = {}
+    views = state.views
+    for a, b in sorted(state.identical):
+        if a in group and b in group and views[a].heads == views[b].heads:
+            first, later = (a, b) if _copy_key(state, views[a], b) < _copy_key(state, views[b], a) else (b, a)
+            if later not in out or _copy_key(state, views[first], later) < _copy_key(state, views[out[later]], later):
+                out[later] = first
+    return out
+
+
+def _copy_key(state: _Family, me: ModelView, them: str) -> tuple[bool, tuple[int, int], str]:
+    """Sort key of `me` as the original of its byte-identical copy `them` (smaller first; `_copy_tie`)."""
+    declared = {b.lower() for b in state.declared.get(me.repo_id, ())}
+    return them.lower() in declared, me.copy_rank, me.repo_id
+
+
+def _under_originals(parent: dict[str, str], copies: Mapping[str, str]) -> dict[str, str]:
+    """Each later copy a leaf under its original: ties put children of one of two identical models under
+    either, and a rooting from the centre may put the copy above its original; neither changes the cost."""
+    def original(m: str) -> str:
+        seen = {m}
+        while m in copies and copies[m] not in seen:
+            m = copies[m]
+            seen.add(m)
+        return m
+
+    for copy in sorted(copies):
+        first = original(copy)
+        if first == copy:
+            continue
+        if parent.get(first) == copy:  # the copy above its original: swap them
+            parent[first], parent[copy] = parent[copy], first
+        for child, up in sorted(parent.items()):
+            if up == copy and child != first:
+                parent[child] = first
     return parent
 
 
@@ -1360,18 +1423,20 @@ def _direction_layers(arrays: Mapping[str, np.ndarray], names: Sequence[str]) ->
         return tuple(names)
 
 
-def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, created_at: datetime | None) -> ModelView:
+def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, created_at: datetime | None,
+               copy_rank: tuple[int, int] = (0, 0)) -> ModelView:
     created = created_at.timestamp() if created_at is not None else None
     kurt = dict(zip(sketch.layer_names, sketch.kurtosis, strict=True))
     norms = dict(zip(sketch.layer_names, sketch.norms, strict=True))
     heads = [a for n, a in arrays.items() if is_head(n)]
     return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names),
-                     heads=(len(heads), int(sum(np.size(a) for a in heads))))
+                     heads=(len(heads), int(sum(np.size(a) for a in heads))), copy_rank=copy_rank)
 
 
 def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
     kurt = dict(zip(record.layer_names, record.kurtosis, strict=True))
     norms = dict(zip(record.layer_names, record.norms, strict=True))
     heads = tuple(stats.get("heads") or (0, 0))  # absent in stores written before: no prior
+    rank = tuple(stats.get("copy_rank") or (0, 0))
     return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())),  # type: ignore[arg-type]
-                     heads=(int(heads[0]), int(heads[1])))
+                     heads=(int(heads[0]), int(heads[1])), copy_rank=(int(rank[0]), int(rank[1])))
