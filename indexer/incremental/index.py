@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -223,6 +223,8 @@ class _Family:
     # (`_shown_parents`); and the root each cluster shows
     shown: dict[str, str] = field(default_factory=dict)
     shown_root: dict[int, str] = field(default_factory=dict)
+    dated: Counter[float | None] = field(default_factory=Counter)  # upload time -> models with it
+    moved: set[str] = field(default_factory=set)  # the models whose shown parent is not the forest's
 
 
 class LineageIndex:
@@ -316,8 +318,9 @@ class LineageIndex:
                 state.declared[r.repo_id] = tuple(declared)  # type: ignore[arg-type]
             for other, rel in (st.get("relative") or {}).items():
                 state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
+        state.dated.update(v.created for v in views.values())
         for cid in sorted({state.forest.cluster_id(m) for m in views}):
-            _reshow(state, cid, ())
+            _reshow(state, cid, state.forest.members(cid))
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -398,11 +401,14 @@ class LineageIndex:
         casts = self._casts(state, p.mine, pairs)  # before the edges: a cast copy is no parent
         candidates, rows, relative = self._edges(family, p.view, state, pairs, p.mine.arrays)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
+        if repo_id in state.views:
+            state.dated[state.views[repo_id].created] -= 1
         state.views[repo_id], state.revisions[repo_id] = p.view, arrival.revision
+        state.dated[p.view.created] += 1
         # before the merge fits: a refit writes the edge rows of the models it reaches, the newcomer among
         # them when an equal upload time (the Hub's pre-2022 repos) orders it before an earlier arrival
         touched = update.touched
-        if _reshow(state, state.forest.cluster_id(repo_id), touched):
+        if _reshow(state, state.forest.cluster_id(repo_id), sorted({repo_id, *touched})):
             touched = state.forest.members(state.forest.cluster_id(repo_id))  # re-rooted: every depth moves
         _update_depths(state, touched)
         self._remember(repo_id, p.mine.arrays)
@@ -605,11 +611,12 @@ class LineageIndex:
         state.quant.pop(repo_id, None)
         state.casts = {c for c in state.casts if repo_id not in c}
         parts = state.forest.remove(repo_id)
+        state.dated[state.views[repo_id].created] -= 1
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:
             state.vectors.remove([repo_id])
         for cid in parts:
-            _reshow(state, cid, ())
+            _reshow(state, cid, state.forest.members(cid))
         _all_depths(state)
         for cid in parts:
             self._pending["edges"] += self._edge_rows(state, state.forest.members(cid))
@@ -1273,9 +1280,17 @@ def _copy_tie(state: _Family, pair: PairMeasure, new: ModelView, other: ModelVie
 def _reshow(state: _Family, cid: int, touched: Sequence[str]) -> bool:
     """Set the shown parents of cluster `cid` (`_shown_parents`); True when one moved that is not among
     `touched` (the forest's own changes): a re-rooting, which moves every depth below it."""
+    forest = state.forest
+    root = forest.root(cid)
+    if state.dated[state.views[root].created] < 2 and not any(forest.cluster_id(m) == cid for m in state.moved):
+        # the usual case (all times distinct, nothing shown re-rooted here): the forest's parents, O(touched)
+        state.shown.update({m: forest.parent(m) for m in touched})
+        state.shown_root[cid] = root
+        return False
     shown = _shown_parents(state, cid)
     moved = any(state.shown.get(m) != p for m, p in shown.items() if m not in touched)
     state.shown.update(shown)
+    state.moved = {m for m in state.moved if m not in shown} | {m for m, p in shown.items() if p != forest.parent(m)}
     state.shown_root[cid] = next(m for m, p in shown.items() if not p)
     return moved
 
@@ -1289,10 +1304,10 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
     then the wider head), then the one nearer the others (the medoid, over the measured pairs), then the
     forest's root, then the smaller id."""
     forest = state.forest
-    members = forest.members(cid)
-    parent = {m: forest.parent(m) for m in members}
     root = forest.root(cid)
     t0 = state.views[root].created
+    members = forest.members(cid)
+    parent = {m: forest.parent(m) for m in members}
     group = {m for m in members if state.views[m].created == t0}
     if len(group) < 2:
         return parent
@@ -1335,7 +1350,7 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         for m, up in back.items():
             parent[m] = up
         parent[centre] = ""
-    return _under_originals(parent, copies)
+    return _under_originals(parent, copies, lambda up, child: up in state.forest._in.get(child, {}))
 
 
 def _later_copies(state: _Family, group: set[str]) -> dict[str, str]:
@@ -1358,9 +1373,12 @@ def _copy_key(state: _Family, me: ModelView, them: str) -> tuple[bool, tuple[int
     return them.lower() in declared, me.copy_rank, me.repo_id
 
 
-def _under_originals(parent: dict[str, str], copies: Mapping[str, str]) -> dict[str, str]:
+def _under_originals(parent: dict[str, str], copies: Mapping[str, str],
+                     candidate: Callable[[str, str], bool]) -> dict[str, str]:
     """Each later copy a leaf under its original: ties put children of one of two identical models under
-    either, and a rooting from the centre may put the copy above its original; neither changes the cost."""
+    either, and a rooting from the centre may put the copy above its original; neither changes the cost.
+    A child moves only along a candidate edge (`candidate(parent, child)`: compared, so its row has a
+    distance and a confidence)."""
     def original(m: str) -> str:
         seen = {m}
         while m in copies and copies[m] not in seen:
@@ -1372,10 +1390,10 @@ def _under_originals(parent: dict[str, str], copies: Mapping[str, str]) -> dict[
         first = original(copy)
         if first == copy:
             continue
-        if parent.get(first) == copy:  # the copy above its original: swap them
-            parent[first], parent[copy] = parent[copy], first
+        if parent.get(first) == copy and (not parent[copy] or candidate(parent[copy], first)):
+            parent[first], parent[copy] = parent[copy], first  # the copy above its original: swap them
         for child, up in sorted(parent.items()):
-            if up == copy and child != first:
+            if up == copy and child != first and candidate(first, child):
                 parent[child] = first
     return parent
 
