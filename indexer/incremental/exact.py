@@ -176,6 +176,7 @@ class ModelView:
     # then the wider is the root, as batch mother's prior (indexer.lineage.methods._root_prior)
     heads: tuple[int, int] = (0, 0)
     copy_rank: tuple[int, int] = (0, 0)  # indexer.crawl.ModelRead.copy_rank: orders copies of one time
+    head_names: tuple[str, ...] = ()  # its head tensors, recalled with its selected ones after a restart
 
 
 @dataclass(frozen=True)

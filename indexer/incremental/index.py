@@ -650,13 +650,14 @@ class LineageIndex:
             # since. Holding re-read ones there too, least recently used out, made both hold the same
             # models: 63 nominees read again over the network in 80 virtual 7B models instead of 27
             # (bench/crawl_rate.py, bench/RESULTS.md). A second, smaller memory keeps them a while (`_recalled`)
-            arrays = self._recalled(repo_id, state.revisions[repo_id], tuple(view.norms))
+            arrays = self._recalled(repo_id, state.revisions[repo_id], tuple(view.norms), view.head_names)
             if arrays is None:
                 self.not_compared += 1
                 return None
         return replace(view, arrays=arrays, content=self._content(repo_id, state.revisions[repo_id]))
 
-    def _recalled(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
+    def _recalled(self, repo_id: str, revision: str, names: tuple[str, ...],
+                  heads: tuple[str, ...] = ()) -> Mapping[str, np.ndarray] | None:
         """An older model's arrays from the disk cache or the network, kept a while in a second, bounded
         memory (least recently used out past `recall_bytes`), apart from the latest arrivals.
 
@@ -670,7 +671,7 @@ class LineageIndex:
         if (arrays := self._recall.get(key)) is not None:
             self._recall.move_to_end(key)
             return arrays
-        arrays = self._cached_or_refetched(repo_id, revision, names)
+        arrays = self._cached_or_refetched(repo_id, revision, names, heads)
         if arrays is None:
             return None
         self._recall[key] = arrays
@@ -686,12 +687,17 @@ class LineageIndex:
         its revision."""
         return (self._token, repo_id, revision)
 
-    def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...]) -> Mapping[str, np.ndarray] | None:
+    def _cached_or_refetched(self, repo_id: str, revision: str, names: tuple[str, ...],
+                             heads: tuple[str, ...] = ()) -> Mapping[str, np.ndarray] | None:
         """The nominee's selected tensors from the on-disk cache, else read again by range (the cache is
-        bounded: at the default 1 GiB it holds 8 models' 7B-shaped selections) and cached again."""
+        bounded: at the default 1 GiB it holds 8 models' 7B-shaped selections) and cached again. `heads`:
+        its head tensors too, where the cache or the read has them; they break ties of identical bodies
+        (`heads_distance`), and one side without them reads as wholly different heads, so a store reopened
+        for the next night's crawl once put a duplicate under its original's frozen-backbone sibling."""
         found = {n: self.cache.get((repo_id, revision, n, 0)) for n in names}
         if all(a is not None for a in found.values()):
-            return found  # type: ignore[return-value]
+            held = {n: self.cache.get((repo_id, revision, n, 0)) for n in heads}
+            return found | {n: a for n, a in held.items() if a is not None}  # type: ignore[return-value]
         if self.refetch is None:
             logger.warning("%s: its tensors are neither in memory nor in the cache, and there is no source to "
                            "read them again from; not compared", repo_id)
@@ -704,7 +710,7 @@ class LineageIndex:
         if any(n not in fresh for n in names):
             logger.warning("%s: read again, it no longer has the tensors it was sketched from; not compared", repo_id)
             return None
-        kept = {n: np.asarray(fresh[n], dtype=np.float32) for n in names}
+        kept = {n: np.asarray(fresh[n], dtype=np.float32) for n in (*names, *heads) if n in fresh}
         self._persist_arrays(repo_id, revision, kept)
         return kept
 
@@ -716,7 +722,7 @@ class LineageIndex:
                declared: Sequence[str] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
                                     "seed": sketch.seed, "pair_rule": PAIR_RULE, "heads": list(view.heads),
-                                    "copy_rank": list(view.copy_rank)}
+                                    "copy_rank": list(view.copy_rank), "head_names": list(view.head_names)}
         if quant is not None:
             stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
         if relative:
@@ -1446,9 +1452,10 @@ def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, c
     created = created_at.timestamp() if created_at is not None else None
     kurt = dict(zip(sketch.layer_names, sketch.kurtosis, strict=True))
     norms = dict(zip(sketch.layer_names, sketch.norms, strict=True))
-    heads = [a for n, a in arrays.items() if is_head(n)]
+    heads = sorted(n for n in arrays if is_head(n))
     return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names),
-                     heads=(len(heads), int(sum(np.size(a) for a in heads))), copy_rank=copy_rank)
+                     heads=(len(heads), int(sum(np.size(arrays[n]) for n in heads))), copy_rank=copy_rank,
+                     head_names=tuple(heads))
 
 
 def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
@@ -1457,4 +1464,5 @@ def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
     heads = tuple(stats.get("heads") or (0, 0))  # absent in stores written before: no prior
     rank = tuple(stats.get("copy_rank") or (0, 0))
     return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())),  # type: ignore[arg-type]
-                     heads=(int(heads[0]), int(heads[1])), copy_rank=(int(rank[0]), int(rank[1])))
+                     heads=(int(heads[0]), int(heads[1])), copy_rank=(int(rank[0]), int(rank[1])),
+                     head_names=tuple(stats.get("head_names") or ()))
