@@ -9,9 +9,11 @@ Per arrival (`LineageIndex.add`):
        nearest nominees, then up to `expand` forest neighbours (parent, children) of those found related
        (second hop), then the remaining nominees in sketch order while the budget of k lasts; past k only
        while it takes children, k more a round (`_late_children`: a parent arriving after its children);
-    4. related pairs become candidate edges in both directions, weighted distance + direction penalty;
+    4. related pairs become candidate edges in both directions, weighted distance + direction penalty
+       (upload time; none between two models of one time, such as the Hub's pre-2022 repos);
     5. the forest update (indexer.incremental.forest): leaf attach proven by Edmonds' dual, or Edmonds
-       on the one merged cluster;
+       on the one merged cluster; the rows show the forest's parents, except that the models sharing their
+       cluster root's upload time are shown rooted at the centre of their subtree (`_shown_parents`);
     6. persist, in this order: candidates, edges rows of the touched cluster, sketches (Parquet, atomic; the
        sketch last, as the arrival's commit mark), then the family's FAISS index. A crash before the FAISS
        save leaves it behind the sketches table; `store.vectors.load_or_rebuild` rebuilds it on the next start.
