@@ -172,11 +172,15 @@ class ModelView:
     # (repo_id, revision): a nominee's arrays come back from the disk cache as new objects); None: the
     # arrays' own identity, while they live
     content: Hashable = None
-    # (head tensors, head values): between two centres of a subtree without upload order, the fewer and
-    # then the wider is the root, as batch mother's prior (indexer.lineage.methods._root_prior)
-    heads: tuple[int, int] = (0, 0)
-    copy_rank: tuple[int, int] = (0, 0)  # indexer.crawl.ModelRead.copy_rank: orders copies of one time
     head_names: tuple[str, ...] = ()  # its head tensors, recalled with its selected ones after a restart
+    head_values: int = 0  # the values they hold
+    copy_rank: tuple[int, int] = (0, 0)  # indexer.crawl.ModelRead.copy_rank: orders copies of one time
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """(head tensors, head values): between two centres of a subtree without upload order, the fewer and
+        then the wider is the root, as batch mother's prior (indexer.lineage.methods._root_prior)."""
+        return len(self.head_names), self.head_values
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from indexer.incremental.satellites import (
 )
 from indexer.lineage.confidence import calibrated
 from indexer.lineage.methods import cast_dtype
+from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
@@ -723,7 +724,7 @@ class LineageIndex:
                relative: Mapping[str, float] | None = None, casts: Sequence[tuple[str, str]] = (),
                declared: Sequence[str] = ()) -> None:
         stats: dict[str, object] = {"created": view.created, "direction": list(view.direction_layers),
-                                    "seed": sketch.seed, "pair_rule": PAIR_RULE, "heads": list(view.heads),
+                                    "seed": sketch.seed, "pair_rule": PAIR_RULE, "head_values": view.head_values,
                                     "copy_rank": list(view.copy_rank), "head_names": list(view.head_names)}
         if quant is not None:
             stats["quantized"] = {"scheme": quant.scheme, "predicted_error": quant.predicted_error}
@@ -1378,7 +1379,7 @@ def _later_copies(state: _Family, group: set[str]) -> dict[str, str]:
 def _copy_key(state: _Family, me: ModelView, them: str) -> tuple[bool, tuple[int, int], str]:
     """Sort key of `me` as the original of its byte-identical copy `them` (smaller first; `_copy_tie`)."""
     declared = {b.lower() for b in state.declared.get(me.repo_id, ())}
-    return them.lower() in declared, me.copy_rank, me.repo_id
+    return copy_order(them.lower() in declared, me.copy_rank, me.repo_id)
 
 
 def _under_originals(parent: dict[str, str], copies: Mapping[str, str],
@@ -1456,15 +1457,14 @@ def _make_view(repo_id: str, arrays: Mapping[str, np.ndarray], sketch: Sketch, c
     norms = dict(zip(sketch.layer_names, sketch.norms, strict=True))
     heads = sorted(n for n in arrays if is_head(n))
     return ModelView(repo_id, {}, kurt, norms, created, _direction_layers(arrays, sketch.layer_names),
-                     heads=(len(heads), int(sum(np.size(arrays[n]) for n in heads))), copy_rank=copy_rank,
-                     head_names=tuple(heads))
+                     head_names=tuple(heads), head_values=int(sum(np.size(arrays[n]) for n in heads)),
+                     copy_rank=copy_rank)
 
 
 def _view_of(record: SketchRecord, stats: Mapping[str, object]) -> ModelView:
     kurt = dict(zip(record.layer_names, record.kurtosis, strict=True))
     norms = dict(zip(record.layer_names, record.norms, strict=True))
-    heads = tuple(stats.get("heads") or (0, 0))  # absent in stores written before: no prior
-    rank = tuple(stats.get("copy_rank") or (0, 0))
+    rank = tuple(stats.get("copy_rank") or (0, 0))  # absent in stores written before: no prior
     return ModelView(record.repo_id, {}, kurt, norms, stats.get("created"), tuple(stats.get("direction", ())),  # type: ignore[arg-type]
-                     heads=(int(heads[0]), int(heads[1])), copy_rank=(int(rank[0]), int(rank[1])),
-                     head_names=tuple(stats.get("head_names") or ()))
+                     head_names=tuple(stats.get("head_names") or ()), head_values=int(stats.get("head_values") or 0),  # type: ignore[call-overload]
+                     copy_rank=(int(rank[0]), int(rank[1])))

@@ -70,8 +70,9 @@ def duplicate_originals(digests: Sequence[str], created: Sequence[float | None],
         copies = groups[digests[i]] - {repo_ids[i]}
         return bool(declared) and any(base in copies for base in declared[i])
 
-    order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0, declares_a_copy(i),
-                                                       copy_rank[i] if copy_rank else (0, 0), repo_ids[i]))
+    order = sorted(range(len(digests)), key=lambda i: (created[i] is None, created[i] or 0.0,
+                                                       *copy_order(declares_a_copy(i), copy_rank[i] if copy_rank else (0, 0),
+                                                                   repo_ids[i])))
     first: dict[str, int] = {}
     out = [-1] * len(digests)
     for i in order:
@@ -80,6 +81,12 @@ def duplicate_originals(digests: Sequence[str], created: Sequence[float | None],
         else:
             first[digests[i]] = i
     return out
+
+
+def copy_order(declares_a_copy: bool, copy_rank: tuple[int, int], repo_id: str) -> tuple[bool, tuple[int, int], str]:
+    """Sort key among byte-identical copies of one upload time, the original first (`duplicate_originals`'
+    rules 1-3); the incremental index orders its copies by it too (indexer.incremental.index._copy_key)."""
+    return declares_a_copy, copy_rank, repo_id
 
 
 def extras_distance(extras: Sequence[Mapping[str, np.ndarray]]) -> np.ndarray:
