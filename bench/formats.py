@@ -37,7 +37,13 @@ from safetensors.numpy import load_file
 from indexer.evaluate import read_relations_csv
 from indexer.lineage import recover as rec
 from indexer.lineage.methods import Options
-from indexer.zoo.quantize import write_awq, write_llama_gguf, write_microscaled, write_mlx
+from indexer.zoo.onnx_export import write_onnx
+from indexer.zoo.quantize import (
+    write_awq,
+    write_llama_gguf,
+    write_microscaled,
+    write_mlx,
+)
 
 ORG = "rel"
 SOURCES = ("base-a", "a-ft1", "a-ft2", "a-ft1-ft", "base-b", "b-ft1", "b-ft2")
@@ -60,7 +66,15 @@ FORMATS: dict[str, Writer] = {
     "gguf-q8-split": lambda f, s, c, i: (f.mkdir(parents=True, exist_ok=True),
                                          write_llama_gguf(f / "model-Q8_0.gguf", s, "Q8_0", heads=c["num_attention_heads"],
                                                           kv_heads=c["num_key_value_heads"], split_max_tensors=4)),
+    # transformers.js / optimum exports (indexer.zoo.onnx_export): a full-precision export is the source's
+    # weights bit for bit (a duplicate), F16 a dtype copy, the 8-bit ones onnxruntime's quantizer
+    "onnx": lambda f, s, c, i: write_onnx(f, s, c, variant="fp32"),
+    "onnx-external": lambda f, s, c, i: write_onnx(f, s, c, variant="external"),
+    "onnx-fp16": lambda f, s, c, i: write_onnx(f, s, c, variant="fp16"),
+    "onnx-uint8": lambda f, s, c, i: write_onnx(f, s, c, variant="uint8"),
+    "onnx-int8": lambda f, s, c, i: write_onnx(f, s, c, variant="int8"),
 }
+RELATION = {"onnx": "duplicate", "onnx-external": "duplicate"}  # the truth relation, else "quantized"
 CONVERTED = ("a-ft1", "b-ft2")
 BOT_PR = {"num": 1, "title": "Adding `safetensors` variant of this model", "author": "SFconvertbot"}
 
@@ -73,7 +87,7 @@ def _mlx_missing() -> str:
     return ""
 
 
-def build(zoo: Path, out: Path) -> list[str]:
+def build(zoo: Path, out: Path, only: tuple[str, ...] = ()) -> list[str]:
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(zoo, out)
     hub = json.loads((out / "hub.json").read_text())
@@ -83,7 +97,8 @@ def build(zoo: Path, out: Path) -> list[str]:
     made = []
     with (out / "truth.csv").open("a", newline="") as f:
         w = csv.writer(f)
-        for i, (fmt, write) in enumerate((k, v) for k, v in FORMATS.items() if not (missing and k.startswith("mlx"))):
+        for i, (fmt, write) in enumerate((k, v) for k, v in FORMATS.items() if not (missing and k.startswith("mlx"))
+                                         and (not only or any(k.startswith(o) for o in only))):
             for j, source in enumerate(SOURCES):
                 folder = out / ORG / source
                 state = {n: a for n, a in load_file(str(folder / "model.safetensors")).items()}
@@ -91,7 +106,7 @@ def build(zoo: Path, out: Path) -> list[str]:
                 name = f"{ORG}/{source}-{fmt}"
                 write(out / name, state, config, 100 * i + j)
                 hub["repos"][name] = {"createdAt": f"2024-01-03T{i:02d}:{j:02d}:00.000Z"}
-                w.writerow([name, f"{ORG}/{source}", "quantized"])
+                w.writerow([name, f"{ORG}/{source}", RELATION.get(fmt, "quantized")])
                 made.append(name)
     for source in CONVERTED:  # after the copies above, which read its model.safetensors
         folder = out / ORG / source
@@ -138,22 +153,23 @@ def main() -> None:
     ap.add_argument("--zoo", type=Path, required=True, help="a relations zoo (index zoo make DIR --preset relations)")
     ap.add_argument("--out", type=Path, required=True, help="where the extended copy is written (replaced)")
     ap.add_argument("--fold-table", action="store_true", help="also print the plain / folded distance table")
+    ap.add_argument("--formats", nargs="*", default=[], help="only the formats starting so (e.g. onnx); default all")
     args = ap.parse_args()
     if args.fold_table:
         fold_table(args.zoo)
         print()
-    made = build(args.zoo, args.out)
+    made = build(args.zoo, args.out, tuple(args.formats))
     forest = rec.recover(args.out, Options())
     truth = read_relations_csv(args.out / "truth.csv")
     rows = {r.repo_id: r for r in forest.rows}
-    print("| format | copies | under their source | labelled quantized | failed |")
+    print("| format | copies | under their source | relation as truth.csv (quantized, duplicate) | failed |")
     print("|---|---|---|---|---|")
     for fmt in FORMATS:
         mine = [m for m in made if m.endswith(f"-{fmt}")]
         if not mine:
             continue
         under = sum(rows[m].parent == truth[m][0][0] for m in mine)
-        label = sum(rows[m].relation == "quantized" for m in mine)
+        label = sum(rows[m].relation == truth[m][1] for m in mine)
         failed = sum(rows[m].status != "ok" for m in mine)
         print(f"| {fmt} | {len(mine)} | {under}/{len(mine)} | {label}/{len(mine)} | {failed} |")
     others = [c for c in truth if c not in made and truth[c][1] != "merge"]

@@ -79,6 +79,7 @@ from indexer.readers import (
     read_gguf,
     read_gguf_split,
     read_keras,
+    read_onnx,
     read_packed,
     saved_shapes,
 )
@@ -99,6 +100,13 @@ from settings import DEFAULT_PREFETCH, DEFAULT_THREADS
 from sketches.adapter import has_factors, loose_layout
 from sketches.flax import FLAX_FILE, FlaxWeightsError
 from sketches.layers import canonical_tensors, family_key, tied_heads, wrapper_depth
+from sketches.onnx import (
+    ONNX_FILES,
+    ONNX_SUFFIX,
+    OnnxWeightsError,
+    choose_onnx,
+    other_onnx,
+)
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
 from sketches.safetensors import (
     COMPONENT_INDEX,
@@ -132,7 +140,7 @@ DEFAULT_BATCH = 16  # models per Parquet part: a part per model would make the s
 SkipCode = Literal["gated", "adapter", "pickle-only", "no-safetensors", "gguf-incomplete", "unsupported-architecture",
                    "header-invalid"]
 FailCode = Literal["rate-limited", "network", "truncated", "non-finite", "not-found", "http", "adapter-invalid",
-                   "gguf-invalid", "quantized-invalid", "tf-invalid", "flax-invalid", "error"]
+                   "gguf-invalid", "quantized-invalid", "tf-invalid", "flax-invalid", "onnx-invalid", "error"]
 CONFIG_FILE = "config.json"
 MAX_CONFIG_BYTES = 16 * 1024 * 1024  # a config.json with a quantization_config is a few kB
 
@@ -275,6 +283,12 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
         return (TF_FILE,)  # a TensorFlow-only repo: Keras' HDF5 weights (sketches.tfh5)
     if FLAX_FILE in top:
         return (FLAX_FILE,)  # a Flax-only repo: the msgpack parameter tree (sketches.flax)
+    onnx_file = choose_onnx(entry.files)
+    if onnx_file is not None:
+        return (onnx_file,)  # an ONNX-only repo (transformers.js, optimum): sketches.onnx
+    if other_onnx(entry.files):
+        raise _Skip(entry.repo_id, "onnx-unsupported: no single-graph ONNX export to read (found "
+                                   f"{', '.join(other_onnx(entry.files)[:3])}; read: {', '.join(ONNX_FILES)})")
     if any(f.startswith("tf_model-") and f.endswith(".h5") for f in top):
         raise _Skip(entry.repo_id, "no-safetensors: sharded TensorFlow weights (tf_model-0000i-of-0000n.h5) are not read")
     raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")
@@ -424,6 +438,27 @@ def read_converted_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRea
     return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, weights_format, read.details)
 
 
+def read_onnx_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
+    """An ONNX export (indexer.readers.read_onnx): nodes and weight headers through a page cache, the planned
+    rows by range, under PyTorch's names and layout; an 8-bit copy dequantized and labelled quantized. A
+    tensor stored in another file (`model.onnx_data`) is read from that file of the repo."""
+    folder = file.rsplit("/", 1)[0] + "/" if "/" in file else ""
+
+    def open_beside(location: str) -> ByteSource:
+        path = f"{folder}{location}"
+        if path not in repo.entry.files:
+            raise OnnxWeightsError(f"{repo.entry.repo_id}/{file}", f"its weights are in {path!r}, not in the repo")
+        return repo.open(path)
+
+    try:
+        read = read_onnx(repo.open(file), open_beside, budget=budget)
+    except UnsupportedModelError as exc:
+        raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
+    if isinstance(read, QuantizedRead):
+        return _quantized(read, repo.bytes_read, "onnx")
+    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, "onnx", read.details)
+
+
 def _config(repo: RepoFiles) -> dict[str, Any] | None:
     """config.json (its quantization_config decides a packed scheme), or None when the repo has none."""
     if CONFIG_FILE not in repo.entry.files:
@@ -461,8 +496,9 @@ def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
 
 
 def _safe_twin(files: Sequence[str]) -> tuple[str, ...] | None:
-    """The TensorFlow or Flax weights of a repo whose PyTorch weights are a pickle (never read)."""
-    return next(((f,) for f in (TF_FILE, FLAX_FILE) if f in files), None)
+    """The TensorFlow, Flax or ONNX weights of a repo whose PyTorch weights are a pickle (never read)."""
+    onnx_file = choose_onnx(files)
+    return next(((f,) for f in (TF_FILE, FLAX_FILE) if f in files), (onnx_file,) if onnx_file else None)
 
 
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
@@ -474,6 +510,8 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         return read_gguf_model(repo, layout, budget=budget)
     if layout in ((TF_FILE,), (FLAX_FILE,)):
         return read_converted_model(repo, layout[0], budget=budget)
+    if layout[0].endswith(ONNX_SUFFIX):
+        return read_onnx_model(repo, layout[0], budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)
@@ -564,6 +602,8 @@ def classify(exc: Exception) -> tuple[Status, str]:
         return "failed", f"tf-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, FlaxWeightsError):  # likewise
         return "failed", f"flax-invalid: {exc.thing}: {exc.reason}"
+    if isinstance(exc, OnnxWeightsError):  # likewise
+        return "failed", f"onnx-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, GGUFError):
         return "failed", f"gguf-invalid: {exc.thing}: {exc.reason}"
     if isinstance(exc, QuantizedWeightsError):

@@ -53,6 +53,9 @@ from sketches.gguf import (
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
+from sketches.onnx import OnnxTensor, read_onnx_tensor
+from sketches.onnx import predicted_error as onnx_error
+from sketches.onnx import read_index as read_onnx_index
 from sketches.packed import (
     PackedModule,
     QuantScheme,
@@ -363,6 +366,43 @@ def read_flax(source: ByteSource, *, budget: int) -> ConvertedRead:
     stored = read_flax_index(source)
     return _read_converted(stored, lambda t, rows: read_tensor(source, None, t, rows), budget=budget,
                            details={"framework": "flax", "file": source.name.rsplit("/", 1)[-1]})
+
+
+def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, budget: int
+              ) -> ConvertedRead | QuantizedRead:
+    """An ONNX export (`sketches.onnx`): walked for its weights' headers, then planned and read as `read_keras`;
+    an 8-bit copy (onnxruntime's quantizer) dequantized, with the error its scales predict, as a QuantizedRead.
+    `open_beside(file)` opens a file its external tensors name."""
+    found, details = read_onnx_index(source, open_beside)
+    sources: dict[str | None, ByteSource] = {None: source}
+
+    def read(t: OnnxTensor, rows: tuple[int, int] | None) -> np.ndarray:
+        if t.location not in sources:
+            sources[t.location] = open_beside(t.location)  # type: ignore[arg-type]
+        return read_onnx_tensor(sources[t.location], t, rows)
+
+    by_stored = {t.stored.name: t for t in found.values()}
+    quantized = {n for n, t in found.items() if t.scale is not None}
+    errors: list[tuple[int, float]] = []
+
+    def read_stored(t: StoredTensor, rows: tuple[int, int] | None) -> np.ndarray:
+        tensor = by_stored[t.name]
+        values = read(tensor, rows)
+        if t.name in quantized:
+            errors.append((values.size, onnx_error(tensor, values)))
+        return values
+
+    file = source.name.rsplit("/", 1)[-1]
+    converted = _read_converted({n: t.stored for n, t in found.items()}, read_stored, budget=budget,
+                                details={"framework": "onnx", "file": file, **details})
+    if not quantized:
+        return converted
+    codes = sorted({found[n].stored.numpy_dtype for n in quantized})
+    quant = QuantInfo("onnx-" + "+".join("uint8" if c == "<u1" else "int8" for c in codes), _rms(errors))
+    shapes = {n: t.shape for n, t in converted.tensors.items()}
+    return QuantizedRead(converted.family, converted.plan, shapes, converted.arrays, quant,
+                         {**converted.details, "scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6),
+                          "quantized_tensors": len(quantized)}, source.bytes_read)
 
 
 def _read_converted(stored: Mapping[str, StoredTensor],

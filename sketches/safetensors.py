@@ -597,13 +597,17 @@ def _folder_files(folder: Path) -> tuple[str, ...]:
 
 
 def _converted_file(p: Path) -> Path | None:
-    """The TensorFlow (`tf_model.h5`) or Flax (`flax_model.msgpack`) file to read: the path itself, or the
-    one a folder without safetensors holds (TensorFlow's first), else None."""
+    """The TensorFlow (`tf_model.h5`), Flax (`flax_model.msgpack`) or ONNX (`sketches.onnx.choose_onnx`) file
+    to read: the path itself, or the one a folder without safetensors holds (in that order), else None."""
+    from sketches.onnx import choose_onnx  # it imports this module
+
     if p.is_file():
-        return p if p.suffix in (".h5", ".msgpack") else None
+        return p if p.suffix in (".h5", ".msgpack", ".onnx") else None
     if any(f.suffix == ".safetensors" for f in p.iterdir()) or local_denoiser(p) is not None:
         return None
-    return next((p / f for f in ("tf_model.h5", "flax_model.msgpack") if (p / f).is_file()), None)
+    found = next((p / f for f in ("tf_model.h5", "flax_model.msgpack") if (p / f).is_file()), None)
+    onnx_file = choose_onnx(f.relative_to(p).as_posix() for f in (*p.glob("*.onnx"), *p.glob("onnx/*.onnx")))
+    return found or (p / onnx_file if onnx_file else None)
 
 
 def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
@@ -612,7 +616,8 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
     A folder resolves, in this order, to model.safetensors, else the shards of
     model.safetensors.index.json, else a diffusers pipeline's denoiser (`denoiser_folder`), else every
     *.safetensors file in it (sorted; variants of one model: `choose_files`), else its TensorFlow
-    `tf_model.h5` or Flax `flax_model.msgpack` (`sketches.tfh5.ConvertedWeights`, read like a RepoWeights).
+    `tf_model.h5`, Flax `flax_model.msgpack` or ONNX export (`sketches.onnx.choose_onnx`), each a
+    `sketches.tfh5.ConvertedWeights` read like a RepoWeights.
     """
     p = Path(path)
     if not p.exists():
@@ -620,9 +625,11 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
     converted = _converted_file(p)
     if converted is not None:
         from sketches.flax import FlaxWeights  # they import this module
+        from sketches.onnx import OnnxWeights
         from sketches.tfh5 import TFWeights
 
-        return (TFWeights if converted.suffix == ".h5" else FlaxWeights)(converted)  # type: ignore[return-value]
+        opener = {".h5": TFWeights, ".msgpack": FlaxWeights, ".onnx": OnnxWeights}[converted.suffix]
+        return opener(converted)  # type: ignore[return-value]
     if p.is_file():
         if p.name.endswith(".index.json"):
             return _open_sharded(p)

@@ -129,6 +129,26 @@ def test_removing_a_node_splits_its_cluster() -> None:
     assert forest.parents() == {"a": "", "c": ""} == forest.batch_parents()
 
 
+def test_a_leaf_learnt_after_its_children_weighs_as_if_known_from_the_start() -> None:
+    """A newest-first crawl: the fine-tune f, then the cast c of the base (a hair nearer f, by rounding),
+    then the base a, which shows c to be its cast. From then c is a leaf: f moves under a, as a store
+    loaded with the leaf (a reopen) and a solve from scratch say; forgetting it undoes it."""
+    edges = [Candidate("c", "f", 9.99), Candidate("f", "c", 20.0), Candidate("a", "f", 10.0),
+             Candidate("f", "a", 20.0), Candidate("a", "c", 1.0), Candidate("c", "a", 1.5)]
+    forest = IncrementalForest()
+    forest.add("f", [])
+    forest.add("c", edges[:2])
+    forest.add("a", edges[2:])
+    assert forest.parent("f") == "c"
+    assert forest.set_leaf("c", 1000.0) == ["f"]
+    assert forest.parents() == {"a": "", "c": "a", "f": "a"} == forest.batch_parents()
+    assert IncrementalForest.load("acf", edges, {"c": 1000.0}).parents() == forest.parents()
+    forest.add("g", [Candidate("c", "g", 1.0), Candidate("f", "g", 5.0)])  # later edges out of c weigh more too
+    assert forest.parent("g") == "f" and forest.weight("c", "g") == 1001.0
+    forest.set_leaf("c", 0.0)
+    assert forest.parents() == forest.batch_parents() and forest.parent("f") == "c"
+
+
 # --- the index over a real store: synthetic weight families ------------------------------------------
 
 

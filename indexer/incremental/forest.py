@@ -19,7 +19,7 @@ from-scratch Edmonds per connected component of the same edges.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -107,6 +107,9 @@ class IncrementalForest:
         self._gid: dict[str, int] = {}  # node -> its number in the clusters' edge arrays (never reused)
         self._local = np.zeros(0, dtype=np.int64)  # scratch: number -> index in the cluster being solved
         self._next_id = 0
+        # node -> weight added to every edge out of it (a 16-bit cast: a leaf unless nothing else fits), whenever
+        # that is learnt: a newest-first crawl meets a cast before its source
+        self._leaf: dict[str, float] = {}
         self.counts: dict[Path_, int] = {"new": 0, "attach": 0, "recompute": 0}
 
     # --- reading ---------------------------------------------------------------------------------
@@ -156,8 +159,7 @@ class IncrementalForest:
         self._number(node)
         self._in[node], self._out[node] = {}, {}
         for e in edges:
-            self._in[e.child][e.parent] = float(e.weight)
-            self._out[e.parent][e.child] = float(e.weight)
+            self._in[e.child][e.parent] = self._out[e.parent][e.child] = float(e.weight) + self._leaf.get(e.parent, 0.0)
         new = self._edge_arrays([(p, node, w) for p, w in self._in[node].items()]
                                 + [(node, c, w) for c, w in self._out[node].items()])
         near = sorted({self._of[u] for u in (*self._in[node], *self._out[node])})
@@ -168,6 +170,27 @@ class IncrementalForest:
             if done is not None:
                 return done
         return self._merge_and_solve(node, near, new)
+
+    def set_leaf(self, node: str, penalty: float) -> list[str]:
+        """Weigh every edge out of `node` `penalty` more than its candidate's (0: as the candidate's), now and
+        for edges added later; re-solve its cluster. Returns the members whose parent changed."""
+        extra = penalty - self._leaf.get(node, 0.0)
+        if extra == 0:
+            return []
+        if penalty:
+            self._leaf[node] = penalty
+        else:
+            del self._leaf[node]
+        if node not in self._of:
+            return []  # applied when it is added
+        for child in self._out[node]:
+            self._out[node][child] += extra
+            self._in[child][node] += extra
+        cid = self._of[node]
+        members = sorted(self._clusters[cid].members)
+        before = {m: self._parent[m] for m in members}
+        self._clusters[cid] = self._solve_from_dicts(members)
+        return [m for m in members if self._parent[m] != before[m]]
 
     def _check_edge(self, node: str, e: Candidate) -> None:
         other = e.parent if e.child == node else e.child if e.parent == node else None
@@ -270,6 +293,7 @@ class IncrementalForest:
     def remove(self, node: str) -> list[int]:
         """Drop `node` and its edges; re-solve what is left of its cluster (it may split). New ids."""
         cid = self._of.pop(node)
+        self._leaf.pop(node, None)
         for p in self._in.pop(node):
             del self._out[p][node]
         for c in self._out.pop(node):
@@ -290,15 +314,17 @@ class IncrementalForest:
         return (*self._in[node], *self._out[node])
 
     @classmethod
-    def load(cls, nodes: Iterable[str], edges: Iterable[Candidate]) -> IncrementalForest:
-        """Rebuild from stored nodes and edges: one Edmonds per component (equal to any arrival order)."""
+    def load(cls, nodes: Iterable[str], edges: Iterable[Candidate],
+             leaves: Mapping[str, float] | None = None) -> IncrementalForest:
+        """Rebuild from stored nodes and edges, and the `set_leaf` penalties: one Edmonds per component (equal
+        to any arrival order)."""
         forest = cls()
+        forest._leaf = {n: p for n, p in (leaves or {}).items() if p}
         for node in sorted(nodes):
             forest._number(node)
             forest._in[node], forest._out[node] = {}, {}
         for e in edges:
-            forest._in[e.child][e.parent] = float(e.weight)
-            forest._out[e.parent][e.child] = float(e.weight)
+            forest._in[e.child][e.parent] = forest._out[e.parent][e.child] = float(e.weight) + forest._leaf.get(e.parent, 0.0)
         for part in components(sorted(forest._in), forest._neighbours):
             cid = forest._next_id
             forest._next_id += 1

@@ -300,9 +300,14 @@ class LineageIndex:
         rows = [c for c in self.store.records("candidates")
                 if c.family == family and c.parent in views and c.child in views]  # type: ignore[union-attr]
         edges = [Candidate(c.parent, c.child, c.weight) for c in rows]  # type: ignore[union-attr]
-        forest = IncrementalForest.load(sorted(views), edges)
+        casts = {(source, copy) for st in stats for source, copy in st.get("casts") or ()  # type: ignore[union-attr]
+                 if source in views and copy in views}
+        # stores before the forest's leaf penalties hold casts' known at arrival in their candidate weights
+        # too: counted twice there, which orders nothing differently (either one outweighs any distance)
+        forest = IncrementalForest.load(sorted(views), edges, {copy: LEAF_PENALTY for _, copy in casts})
         vectors = load_or_rebuild(self.store.home, family) if views else None
         state = _Family(family, forest, vectors, views, revisions)
+        state.casts = casts
         state.distance = {(c.parent, c.child): c.distance for c in rows}  # type: ignore[union-attr]
         # an identical pair is stored as distance TIER_GAP exactly (full-rank tier, zero tail): the only
         # pairs that measure exactly 0 there have no difference in any compared layer
@@ -314,9 +319,6 @@ class LineageIndex:
         for r, st in zip(sketches, stats, strict=True):
             if isinstance(q := st.get("quantized"), dict):
                 state.quant[r.repo_id] = QuantInfo(str(q["scheme"]), float(q["predicted_error"]))  # type: ignore[union-attr]
-            for source, copy in st.get("casts") or ():  # type: ignore[union-attr]
-                if source in views and copy in views:
-                    state.casts.add((source, copy))
             if declared := st.get("declared"):
                 state.declared[r.repo_id] = tuple(declared)  # type: ignore[arg-type]
             for other, rel in (st.get("relative") or {}).items():
@@ -402,6 +404,8 @@ class LineageIndex:
         if arrival.declared:
             state.declared[repo_id] = arrival.declared
         casts = self._casts(state, p.mine, pairs)  # before the edges: a cast copy is no parent
+        # a cast that arrived before its source (a newest-first crawl) is a leaf from now: its cluster re-solved
+        recast = [m for _, copy in casts for m in state.forest.set_leaf(copy, LEAF_PENALTY)]
         candidates, rows, relative = self._edges(family, p.view, state, pairs, p.mine.arrays)  # 4.
         update = state.forest.add(repo_id, candidates)  # 5.
         if repo_id in state.views:
@@ -410,7 +414,7 @@ class LineageIndex:
         state.dated[p.view.created] += 1
         # before the merge fits: a refit writes the edge rows of the models it reaches, the newcomer among
         # them when an equal upload time (the Hub's pre-2022 repos) orders it before an earlier arrival
-        touched = update.touched
+        touched = sorted({*update.touched, *recast})
         if _reshow(state, state.forest.cluster_id(repo_id), sorted({repo_id, *touched})):
             touched = state.forest.members(state.forest.cluster_id(repo_id))  # re-rooted: every depth moves
         _update_depths(state, touched)
@@ -555,7 +559,6 @@ class LineageIndex:
     def _edges(self, family: str, view: ModelView, state: _Family, pairs: Sequence[object],
                mine: Mapping[str, np.ndarray]) -> tuple[list[Candidate], list[CandidateRecord], dict[str, float]]:
         candidates, rows, relative = [], [], {}
-        copies = {copy for _, copy in state.casts}
         for pair in sorted(pairs, key=lambda p: p.other):  # type: ignore[attr-defined]
             if not pair.related:  # type: ignore[attr-defined]
                 continue
@@ -566,9 +569,10 @@ class LineageIndex:
             w_in, w_out = w_in + tie_in, w_out + tie_out
             # a quantized copy is a parent only when nothing else relates (Hub: quantized models are leaves in
             # 99.41 %); pair-local, so the forest's batch == incremental invariant holds. An exact 16-bit cast
-            # known by now counts as one (batch sets casts aside as leaves whatever the upload times say).
-            w_in += LEAF_PENALTY if other.repo_id in state.quant or other.repo_id in copies else 0.0
-            w_out += LEAF_PENALTY if view.repo_id in state.quant or view.repo_id in copies else 0.0
+            # counts as one (batch sets casts aside as leaves whatever the upload times say), from whenever it
+            # is known: the forest adds that penalty itself (`IncrementalForest.set_leaf`, in `add` and `_load`)
+            w_in += LEAF_PENALTY if other.repo_id in state.quant else 0.0
+            w_out += LEAF_PENALTY if view.repo_id in state.quant else 0.0
             if other.repo_id in state.quant or view.repo_id in state.quant:  # the copy's label is judged on it
                 rel = self._copy_relative(state, view.repo_id, mine, other.repo_id, float(pair.relative))  # type: ignore[attr-defined]
                 relative[other.repo_id] = rel
@@ -612,8 +616,13 @@ class LineageIndex:
             state.identical.discard((parent, child))
             state.relative.pop((parent, child), None)
         state.quant.pop(repo_id, None)
+        sourced = {copy for source, copy in state.casts if source == repo_id}
         state.casts = {c for c in state.casts if repo_id not in c}
         parts = state.forest.remove(repo_id)
+        for copy in sorted(sourced - {c for _, c in state.casts}):  # a cast of nothing here any more
+            state.forest.set_leaf(copy, 0.0)
+            parts.append(state.forest.cluster_id(copy))
+        parts = sorted(set(parts))
         state.dated[state.views[repo_id].created] -= 1
         del state.views[repo_id], state.revisions[repo_id]
         if state.vectors is not None:

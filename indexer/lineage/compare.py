@@ -131,7 +131,8 @@ def load_local(folder: Path) -> Side:
         return _load_with_reader(folder)
     with open_local_repo(folder) as weights:
         infos = weights.tensors()
-        if looks_packed(infos) or loose_layout(infos):  # a packed copy (dequantized), a LoRA file (its factors)
+        # a packed copy or an ONNX 8-bit one (dequantized), a LoRA file (its factors)
+        if looks_packed(infos) or loose_layout(infos) or getattr(weights, "quantized", False):
             return _load_with_reader(folder)
         stored = canonical_tensors(infos)
         shapes = {n: tuple(infos[raw].shape) for n, raw in stored.items()}

@@ -499,14 +499,9 @@ def _relation(family: Family, parent: int, child: int) -> str:
 
 
 def is_dtype_copy(family: Family, parent: int, child: int) -> bool:
-    lower = {"F16": torch.float16, "BF16": torch.bfloat16}.get(family.dtypes[child])
-    if lower is None or family.dtypes[parent] == family.dtypes[child]:
+    if family.dtypes[child] not in ("F16", "BF16") or family.dtypes[parent] == family.dtypes[child]:
         return False
-    for layer in family.layers.values():
-        cast = torch.as_tensor(layer[parent]).to(lower).to(torch.float32).numpy()
-        if not np.array_equal(cast, layer[child]):
-            return False
-    return True
+    return all(cast_equal(layer[parent], layer[child], family.dtypes[child]) for layer in family.layers.values())
 
 
 def body_relatedness(family: Family) -> tuple[np.ndarray, np.ndarray]:
@@ -742,7 +737,7 @@ def cast_dtype(source: Mapping[str, np.ndarray], copy: Mapping[str, np.ndarray])
     if any(a is None for a, _ in pairs):
         return ""
     for dtype in ("BF16", "F16"):
-        if all(np.array_equal(cast_to(a, dtype), b) for a, b in pairs) and not all(
+        if all(cast_equal(a, b, dtype) for a, b in pairs) and not all(
                 np.array_equal(cast_to(a, dtype), a) for a, _ in pairs):
             return dtype
     return ""
@@ -761,6 +756,28 @@ def _fits(family: Family, i: int, dtype: str) -> bool:
     return all(np.array_equal(cast_to(layer[i], dtype), layer[i]) for layer in family.layers.values())
 
 
+# onnxruntime's (and onnxconverter-common's) float16 converter, which writes transformers.js' `_fp16` files, clips
+# before it casts: 0 < |x| < 2**-24 becomes +-2**-24 (not 0 or a subnormal), |x| > 65504 becomes +-65504 (not inf)
+F16_CLIP_LOW, F16_CLIP_HIGH = 2.0 ** -24, 65504.0
+
+
+def cast_equal(source: np.ndarray, copy: np.ndarray, dtype: str) -> bool:
+    """`copy` is `source` cast to `dtype` bit for bit; for F16 also as the ONNX float16 converter casts (clipped
+    at both ends first: a handful of values a model, which would otherwise make its F16 copy a fine-tune)."""
+    source, copy = np.asarray(source), np.asarray(copy)
+    if source.shape != copy.shape:
+        return False
+    off = cast_to(source, dtype) != copy
+    if not off.any():
+        return True
+    if dtype != "F16":
+        return False
+    s, c = source[off].astype(np.float64), copy[off].astype(np.float64)
+    clipped = ((np.abs(s) < F16_CLIP_LOW) & (s != 0) & (c == np.sign(s) * F16_CLIP_LOW)) | (
+        (np.abs(s) > F16_CLIP_HIGH) & (c == np.sign(s) * F16_CLIP_HIGH))
+    return bool(clipped.all())
+
+
 def cast_to(values: np.ndarray, dtype: str) -> np.ndarray:
     narrow = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
     return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32)).to(narrow).to(torch.float32).numpy()
@@ -773,7 +790,7 @@ def _extras_cast_equal(family: Family, source: int, copy: int) -> bool:
         return True
     a, b = family.extras[source], family.extras[copy]
     return a.keys() == b.keys() and all(
-        a[n].shape == b[n].shape and np.array_equal(cast_to(a[n], family.dtypes[copy]), b[n]) for n in a)
+        cast_equal(a[n], b[n], family.dtypes[copy]) for n in a)
 
 
 def _dispatch(family: Family, options: Options) -> Lineage:

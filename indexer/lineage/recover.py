@@ -139,10 +139,18 @@ REPO_MARKERS = ("model.safetensors.index.json", "adapter_config.json", "tf_model
 
 
 def _is_repo(folder: Path) -> bool:
-    """Weights or an adapter at the top, or PR revisions (a pickle-only repo's conversion PR: the crawl's
-    reader decides, `indexer.crawl.repo_layout`)."""
+    """Weights or an adapter at the top, an ONNX export (at the top or in `onnx/`, sketches.onnx), or PR
+    revisions (a pickle-only repo's conversion PR: the crawl's reader decides, `indexer.crawl.repo_layout`)."""
     return (any(f.suffix in (".safetensors", ".gguf") or f.name in REPO_MARKERS for f in folder.iterdir() if f.is_file())
-            or (folder / PULL_REQUEST_DIR).is_dir())
+            or (folder / PULL_REQUEST_DIR).is_dir() or _onnx_export(folder))
+
+
+def _onnx_export(folder: Path) -> bool:
+    """An ONNX export's files (`sketches.onnx.choose_onnx`): read by the crawl's reader."""
+    from sketches.onnx import choose_onnx
+
+    return choose_onnx(f.relative_to(folder).as_posix() for f in (*folder.glob("*.onnx"), *folder.glob("onnx/*.onnx"))
+                       if f.is_file()) is not None
 
 
 def _weights_folder(folder: Path, repo_id: str) -> Path:
@@ -167,8 +175,9 @@ def _special(folder: Path) -> bool:
     top = {f.name for f in folder.iterdir() if f.is_file()}
     if ADAPTER_FILES[0] in top and SINGLE_FILE not in top and INDEX_FILE not in top:
         return True
-    if {"tf_model.h5", "flax_model.msgpack"} & top and not any(n.endswith((".safetensors", ".gguf")) for n in top):
-        return False  # a TensorFlow or Flax repo: read like safetensors (sketches.tfh5.ConvertedWeights)
+    if ({"tf_model.h5", "flax_model.msgpack"} & top or _onnx_export(folder)) and not any(
+            n.endswith((".safetensors", ".gguf")) for n in top):
+        return False  # a TensorFlow, Flax or ONNX repo: read like safetensors (sketches.tfh5.ConvertedWeights)
     return not any(n.endswith(".safetensors") for n in top) and INDEX_FILE not in top and not _is_pipeline(folder)
 
 
@@ -197,12 +206,14 @@ def discover_repos(root: Path) -> list[tuple[str, Path]]:
         pipeline = _is_pipeline(path)
         if pipeline:
             dirs[:] = []  # its components are read as one model, not as repos of their own
+        if path.name == "onnx" and _onnx_export(path.parent):
+            continue  # transformers.js' folder of one repo's exports, read with that repo
         if pipeline or _is_repo(path):
             rel = hf_cache_repo_id(path) or path.relative_to(root).as_posix()
             repo_id = rel if rel != "." else path.name
             found.append((repo_id, _weights_folder(path, repo_id)))
     if not found:
-        raise BadInputError(str(root), "no safetensors, GGUF, TensorFlow, Flax or adapter weights found in any folder under it")
+        raise BadInputError(str(root), "no safetensors, GGUF, TensorFlow, Flax, ONNX or adapter weights found in any folder under it")
     return sorted(found)
 
 
@@ -238,7 +249,8 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str,
         try:
             with open_local_repo(path) as weights:
                 infos = weights.tensors()
-                if packed is not None and (looks_packed(infos) or loose_layout(infos)):  # loose: a LoRA file
+                # loose: a LoRA file; quantized: an ONNX 8-bit copy (sketches.onnx.OnnxWeights)
+                if packed is not None and (looks_packed(infos) or loose_layout(infos) or getattr(weights, "quantized", False)):
                     packed.append((repo_id, path))
                     continue
                 stored = canonical_tensors(infos)
@@ -551,8 +563,11 @@ def _quantized(rows: Mapping[str, ForestRow], families: Sequence[tuple[str, Fami
     placed: dict[str, Placed] = {}
     device = "cpu" if options.device == "auto" else options.device
     for key in sorted({c.family for c in copies}):
+        # a duplicate or a dtype cast is a leaf, never a parent (indexer.lineage.ties, methods._cast_sources):
+        # an F16 GGUF of a base equals the base's F16 ONNX export bit for bit, uploaded after it or not
         members = sorted(rid for sub, fam in families if keys.get(sub) == key for rid in fam.repo_ids
-                         if rows.get(rid) is not None and rows[rid].status == "ok")
+                         if rows.get(rid) is not None and rows[rid].status == "ok"
+                         and rows[rid].relation not in ("duplicate", "quantized"))
         created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
         views = {rid: pair_view(rid, arrays[rid], created.get(rid)) for rid in members}
         placed |= place_quantized([c for c in copies if c.family == key], views, device=device)

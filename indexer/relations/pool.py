@@ -112,6 +112,11 @@ def merge_pool(created: float | None, relatives: Mapping[str, tuple[float | None
     merges (fitted before x, `fit_order`) -> their merge parents; `declared`: the relatives x's card names
     as its base models (`declared_relatives`)."""
     merges = merges or {}
+    if any(s.same and (created is None or t is None or t <= created) for t, s in relatives.values()):
+        # a bit-identical copy of an earlier relative is that relative re-uploaded (a duplicate: a leaf, never a
+        # merge). Its pool would leave the original out (below) and fit what is left: a cardless ONNX export of
+        # a base came out a "merge" of the base's two fine-tunes, whose mean is near the base
+        return []
     scored = sorted((s.d2, r, s.share) for r, (t, s) in relatives.items()
                     if not s.same and (created is None or t is None or t <= created))
     where = {r: d2 for d2, r, _ in scored}

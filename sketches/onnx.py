@@ -1,0 +1,487 @@
+"""ONNX exports of `transformers` models (`model.onnx`, `onnx/model_quantized.onnx`), read without onnx.
+
+transformers.js and optimum put thousands of ONNX-only repos on the Hub (`Xenova/bert-base-uncased`,
+`onnx-community/...`): `onnx/model.onnx` beside its F16 and 8-bit copies, config.json, no other weights,
+their bases PyTorch models. An ONNX file is one protobuf `ModelProto`; its `graph` holds the nodes and the
+weights (`initializer`, TensorProto: dims, data_type, name, raw_data). Nothing in it is code.
+
+Protobuf has no index, so the file is walked (`_Fields`, over `sketches.tfh5.PagedFile`): every node is read
+(a few hundred bytes each), every initializer's header fields are read and its `raw_data` skipped by its
+length; a remote file costs one range request per page touched. A tensor's bytes are then read by range at
+their offset, as a safetensors tensor's are (`sketches.tfh5.read_tensor`). A tensor stored outside the file
+(`data_location` EXTERNAL: `model.onnx_data`, for files over 2 GiB) is read from the file it names.
+
+Names map back to PyTorch's as PyTorch's exporter made them (`torch.onnx.export`, which optimum runs):
+- a parameter used as it is keeps its name (`bert.embeddings.word_embeddings.weight`, biases, norms, a GPT-2
+  Conv1D weight used by MatMul in its own (in, out) layout);
+- a Linear's weight is folded into a transposed constant with no name of its own (`onnx::MatMul_292`, (in, out)):
+  its name is the MatMul node's module path (`/bert/encoder/layer.0/attention/self/query/MatMul` ->
+  `bert.encoder.layer.0.attention.self.query.weight`), transposed back;
+- onnxruntime's quantizer (`quantize_dynamic`, transformers.js' `model_quantized` / `_int8` / `_uint8`) stores a
+  weight `W` as `W_quantized` (int8 or uint8 codes), `W_scale` and `W_zero_point` (per tensor, or per output
+  column for a MatMul's weight), and a Gemm's weight transposed first as `W_Transposed`. They are dequantized:
+  W = (code - zero_point) * scale.
+
+Left out: initializers no rule names (folded shape constants, an anonymous weight of a node without a module path),
+two tensors mapping to one name (both dropped: neither can be told apart), and weights of ops not decoded here
+(MatMulNBits' 4-bit blocks, MatMulBnb4): `skipped` in the details. Refused in one line naming the file: a
+document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
+the repo, a data type that is not a number.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from errors import SafetensorsError
+from sketches.safetensors import ByteSource
+from sketches.tfh5 import ConvertedWeights, PagedFile, StoredTensor, read_tensor
+
+ONNX_SUFFIX = ".onnx"
+# The files of one export that hold the model, best first: full precision, F16, then onnxruntime's 8-bit copies
+# (transformers.js' names; optimum's `model_quantized.onnx`). A repo without one of these is not read.
+ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_int8.onnx", "model_uint8.onnx")
+# TensorProto.data_type -> (safetensors dtype name, numpy dtype)
+_DTYPES = {1: ("F32", "<f4"), 2: ("U8", "<u1"), 3: ("I8", "<i1"), 4: ("U16", "<u2"), 5: ("I16", "<i2"),
+           6: ("I32", "<i4"), 7: ("I64", "<i8"), 9: ("BOOL", "<u1"), 10: ("F16", "<f2"), 11: ("F64", "<f8"),
+           12: ("U32", "<u4"), 13: ("U64", "<u8"), 16: ("BF16", "<u2")}
+_FLOATS = frozenset({"F32", "F16", "F64", "BF16"})
+# ops whose second input is a weight matrix, (in, out) unless a Gemm says transB
+_MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "Gemm"})
+_UNDECODED_OPS = frozenset({"MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul"})
+_PARAMETER = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)+$")  # a PyTorch parameter's dotted name
+MAX_TEXT_BYTES = 1 << 16  # a name, an op type, a dims list: a few bytes (a Constant node's value is skipped, never read)
+MAX_SMALL_VALUES = 1 << 20  # varint-coded values (int32_data) decoded whole at most this many bytes
+
+
+class OnnxWeightsError(SafetensorsError):
+    """An ONNX file that is not an exported model this reader can read (named, with the reason)."""
+
+
+@dataclass(frozen=True)
+class OnnxTensor:
+    """One weight of an ONNX file under its PyTorch name: the stored tensor (its bytes in `location`, None: the
+    .onnx file itself) and, for onnxruntime's 8-bit weights, the scale and zero point that dequantize it."""
+
+    stored: StoredTensor
+    location: str | None = None
+    scale: np.ndarray | None = None  # () per tensor, (n,) per column of the stored (in, out) matrix
+    zero_point: np.ndarray | None = None
+    axis: int = 1  # the stored axis a per-channel scale runs along
+
+
+@dataclass(frozen=True)
+class _Init:
+    name: str
+    dims: tuple[int, ...]
+    data_type: int
+    offset: int | None  # raw_data (or packed float_data) in the file
+    nbytes: int
+    small: np.ndarray | None  # values coded as varints (int32_data / int64_data), decoded
+    external: dict[str, str]
+
+
+@dataclass(frozen=True)
+class _Node:
+    name: str
+    op: str
+    inputs: tuple[str, ...]
+    ints: dict[str, int]
+
+
+class _Fields:
+    """Protobuf wire-format fields read at a position of a PagedFile, up to `end`; never a value's bytes
+    unless asked."""
+
+    def __init__(self, thing: str, paged: PagedFile) -> None:
+        self.thing, self.file = thing, paged
+
+    def error(self, reason: str) -> OnnxWeightsError:
+        return OnnxWeightsError(self.thing, reason)
+
+    def read(self, n: int) -> bytes:
+        data = self.file.read(n)
+        if data is None or len(data) != n:
+            raise self.error(f"truncated at byte {self.file.tell()}")
+        return data
+
+    def short(self, length: int) -> bytes:
+        """A short field of `length` bytes (a name, a packed dims list), refused when it is not short."""
+        if length > MAX_TEXT_BYTES:
+            raise self.error(f"a {length}-byte name or shape at byte {self.file.tell()}: not an ONNX model's")
+        return self.read(length)
+
+    def text(self, length: int) -> str:
+        return self.short(length).decode("utf-8", errors="replace")
+
+    def varint(self) -> int:
+        value, shift = 0, 0
+        while True:
+            b = self.read(1)[0]
+            value |= (b & 0x7F) << shift
+            if b < 0x80:
+                return value
+            shift += 7
+            if shift > 63:
+                raise self.error(f"a varint longer than 10 bytes at byte {self.file.tell()}")
+
+    def fields(self, end: int) -> object:
+        """(field number, wire type, value) up to `end`: a varint's value, a length-delimited field's
+        (offset, length) with the file left at its first byte, a fixed field's bytes."""
+        while self.file.tell() < end:
+            key = self.varint()
+            number, wire = key >> 3, key & 7
+            if wire == 0:
+                yield number, wire, self.varint()
+            elif wire == 2:
+                length = self.varint()
+                at = self.file.tell()
+                if at + length > end:
+                    raise self.error(f"field {number} of {length} bytes at byte {at} ends past its message")
+                yield number, wire, (at, length)
+                self.file.seek(at + length)
+            elif wire in (1, 5):
+                yield number, wire, self.read(8 if wire == 1 else 4)
+            else:
+                raise self.error(f"wire type {wire} at byte {self.file.tell()}: not a protobuf message")
+        if self.file.tell() != end:
+            raise self.error(f"a field runs past its message's end at byte {end}")
+
+
+def _varints(data: bytes) -> list[int]:
+    out, value, shift = [], 0, 0
+    for b in data:
+        value |= (b & 0x7F) << shift
+        shift += 7
+        if b < 0x80:
+            out.append(value)
+            value, shift = 0, 0
+    return out
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _node(f: _Fields, end: int) -> _Node:
+    name, op, inputs, ints = "", "", [], {}
+    for number, wire, value in f.fields(end):
+        if wire == 2 and number in (1, 3, 4):
+            text = f.text(value[1])
+            if number == 1:
+                inputs.append(text)
+            elif number == 3:
+                name = text
+            else:
+                op = text
+        elif wire == 2 and number == 5:  # an attribute: only integer ones (transB, axis) are kept
+            key, number_value = "", None
+            for n2, w2, v2 in f.fields(value[0] + value[1]):
+                if n2 == 1 and w2 == 2:
+                    key = f.text(v2[1])
+                elif n2 == 3 and w2 == 0:
+                    number_value = _signed(v2)
+            if key and number_value is not None:
+                ints[key] = number_value
+    return _Node(name, op, tuple(inputs), ints)
+
+
+def _tensor(f: _Fields, end: int) -> _Init:
+    name, dims, data_type, offset, nbytes, small, external = "", [], 0, None, 0, None, {}
+    for number, wire, value in f.fields(end):
+        if number == 1:  # dims: packed or one varint each
+            dims += _varints(f.short(value[1])) if wire == 2 else [value]
+        elif number == 2 and wire == 0:
+            data_type = value
+        elif number == 8 and wire == 2:
+            name = f.text(value[1])
+        elif number in (9, 4) and wire == 2:  # raw_data; float_data packed is the same bytes
+            offset, nbytes = value
+        elif number in (5, 7) and wire == 2:  # int32_data / int64_data: varints
+            if value[1] > MAX_SMALL_VALUES:
+                raise f.error(f"{name or 'a tensor'}: {value[1]} bytes of varint-coded values: not read")
+            small = np.array([_signed(v) for v in _varints(f.read(value[1]))], dtype=np.int64)
+        elif number == 13 and wire == 2:  # external_data: key / value entries
+            key = text = ""
+            for n2, w2, v2 in f.fields(value[0] + value[1]):
+                if w2 == 2 and n2 in (1, 2):
+                    s = f.text(v2[1])
+                    key, text = (s, text) if n2 == 1 else (key, s)
+            external[key] = text
+    return _Init(name, tuple(_signed(d) for d in dims), data_type, offset, nbytes, small, external)
+
+
+def _graph(thing: str, source: ByteSource) -> tuple[list[_Node], dict[str, _Init]]:
+    """The main graph's nodes and initializers (their values left unread)."""
+    f = _Fields(thing, PagedFile(source))
+    graph = None
+    for number, wire, value in f.fields(source.size):
+        if number == 7 and wire == 2:
+            graph = value
+    if graph is None:
+        raise f.error("no graph: not an ONNX model")
+    f.file.seek(graph[0])
+    nodes, inits = [], {}
+    for number, wire, value in f.fields(graph[0] + graph[1]):
+        if wire != 2:
+            continue
+        if number == 1:
+            nodes.append(_node(f, value[0] + value[1]))
+        elif number == 5:
+            init = _tensor(f, value[0] + value[1])
+            inits[init.name] = init
+    if not inits:
+        raise f.error("no initializers: the graph holds no weights")
+    return nodes, inits
+
+
+def module_path(node_name: str) -> str | None:
+    """`/bert/encoder/layer.0/attention/self/query/MatMul` -> `bert.encoder.layer.0.attention.self.query`."""
+    parts = [p for p in node_name.split("/") if p]
+    if not node_name.startswith("/") or len(parts) < 2:
+        return None
+    return ".".join(parts[:-1])
+
+
+def _stem(name: str) -> tuple[str, bool, bool]:
+    """(the weight's own name, quantized, transposed by the quantizer) of an initializer name."""
+    quantized = name.endswith("_quantized")
+    stem = name[: -len("_quantized")] if quantized else name
+    transposed = stem.endswith("_Transposed")
+    return (stem[: -len("_Transposed")] if transposed else stem), quantized, transposed
+
+
+def _weights_of(nodes: list[_Node]) -> tuple[dict[str, _Node], set[str]]:
+    """initializer -> the matmul node that takes it as its weight; and the initializers of undecoded ops."""
+    used, undecoded = {}, set()
+    for node in nodes:
+        if node.op in _MATMUL_OPS and len(node.inputs) > 1:
+            used.setdefault(node.inputs[1], node)
+        elif node.op in _UNDECODED_OPS and len(node.inputs) > 1:
+            undecoded.add(node.inputs[1])
+    return used, undecoded
+
+
+def _pt_name(init: str, node: _Node | None) -> tuple[str | None, bool]:
+    """(PyTorch name or None, stored transposed) of a weight initializer (module docstring)."""
+    stem, _, transposed = _stem(init)
+    named = _PARAMETER.match(stem) is not None
+    if node is None:
+        return (stem if named else None), False
+    if named:  # a parameter used as it is (a Linear's in a Gemm, a Conv1D's in a MatMul): PyTorch's layout
+        return stem, transposed  # but for the quantizer's own transpose of a Gemm's weight
+    path = module_path(node.name)
+    if path is None:
+        return None, False
+    gemm_as_linear = node.op == "Gemm" and node.ints.get("transB", 0)
+    return f"{path}.weight", not gemm_as_linear
+
+
+def _stored(thing: str, init: _Init, name: str, transposed: bool, size: int | None) -> StoredTensor:
+    if init.data_type not in _DTYPES:
+        raise OnnxWeightsError(thing, f"{init.name}: data type {init.data_type} is not a number type of a weights file")
+    dtype, numpy_dtype = _DTYPES[init.data_type]
+    expected = math.prod(init.dims) * np.dtype(numpy_dtype).itemsize
+    if init.offset is not None and init.nbytes != expected:
+        raise OnnxWeightsError(thing, f"{init.name}: {init.nbytes} bytes for a {dtype} tensor of shape {init.dims}")
+    if size is not None and init.offset is not None and init.offset + init.nbytes > size:
+        raise OnnxWeightsError(thing, f"truncated: {init.name}'s bytes end past byte {size}")
+    axes = (1, 0) if transposed and len(init.dims) == 2 else None
+    shape = tuple(init.dims[a] for a in axes) if axes else init.dims
+    return StoredTensor(name, init.name, dtype, init.dims, shape, axes, init.offset, numpy_dtype)
+
+
+def _external(thing: str, init: _Init) -> tuple[str, _Init]:
+    """(file, the tensor with its offset there) of a tensor stored outside the .onnx file."""
+    location = init.external.get("location", "")
+    if not location or location.startswith(("/", "\\")) or ".." in location.replace("\\", "/").split("/"):
+        raise OnnxWeightsError(thing, f"{init.name}: external data at {location!r}: not a file beside the model")
+    try:
+        offset = int(init.external.get("offset", "0"))
+        length = int(init.external["length"]) if "length" in init.external else None
+    except ValueError:
+        raise OnnxWeightsError(thing, f"{init.name}: external data offset / length are not integers") from None
+    itemsize = np.dtype(_DTYPES.get(init.data_type, ("", "<u1"))[1]).itemsize
+    nbytes = length if length is not None else math.prod(init.dims) * itemsize
+    return location, replace(init, offset=offset, nbytes=nbytes)
+
+
+def _small_value(thing: str, source_of: Callable[[str | None], ByteSource], init: _Init) -> np.ndarray:
+    """A scale or zero point, whole (a scalar or one value per column)."""
+    if init.data_type not in _DTYPES:
+        raise OnnxWeightsError(thing, f"{init.name}: data type {init.data_type} is not a number type")
+    if init.small is not None:
+        return init.small.reshape(init.dims).astype(np.float64)
+    location = None
+    if init.external:
+        location, init = _external(thing, init)
+    if init.offset is None:
+        raise OnnxWeightsError(thing, f"{init.name}: no values")
+    raw = source_of(location).read(init.offset, init.offset + init.nbytes)
+    values = np.frombuffer(raw, dtype=np.dtype(_DTYPES[init.data_type][1]))
+    if _DTYPES[init.data_type][0] == "BF16":
+        values = (values.astype("<u4") << 16).view("<f4")
+    return values.reshape(init.dims).astype(np.float64)
+
+
+def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | None = None
+               ) -> tuple[dict[str, OnnxTensor], dict[str, object]]:
+    """({PyTorch name: tensor}, details) of an ONNX file, sorted; the weights' bytes are not read (scales and
+    zero points are). `open_beside(file)` opens a file an external tensor names (None: such a file is refused)."""
+    thing = source.name
+    nodes, inits = _graph(thing, source)
+    used, undecoded = _weights_of(nodes)
+
+    def source_of(location: str | None) -> ByteSource:
+        if location is None:
+            return source
+        if open_beside is None:
+            raise OnnxWeightsError(thing, f"external data in {location!r}: not readable here")
+        return open_beside(location)
+
+    named: dict[str, list[OnnxTensor]] = {}
+    skipped = sorted(undecoded & set(inits))
+    codes = [raw[: -len("_quantized")] for raw in inits if raw.endswith("_quantized")]
+    helpers = {f"{base}{suffix}" for base in codes for suffix in ("_scale", "_zero_point")}
+    for raw, init in inits.items():
+        stem, quantized, _ = _stem(raw)
+        if raw in undecoded or raw in helpers:
+            continue
+        name, transposed = _pt_name(raw, used.get(raw))
+        dtype = _DTYPES.get(init.data_type, ("?", ""))[0]
+        if name is None or (dtype not in _FLOATS and not quantized):
+            continue
+        location = None
+        if init.external:
+            location, init = _external(thing, init)
+        stored = _stored(thing, init, name, transposed, source.size if location is None else None)
+        tensor = OnnxTensor(stored, location)
+        if quantized:
+            tensor = _dequantizing(thing, tensor, inits, stem, raw, source_of)
+        named.setdefault(name, []).append(tensor)
+    tensors = {n: ts[0] for n, ts in sorted(named.items()) if len(ts) == 1}
+    ambiguous = sorted(n for n, ts in named.items() if len(ts) > 1)
+    if not tensors:
+        raise OnnxWeightsError(thing, "no weight maps to a PyTorch name (not an export of a PyTorch model)")
+    details: dict[str, object] = {"initializers": len(inits), "nodes": len(nodes)}
+    if skipped:
+        details["skipped"] = {"undecoded": len(skipped)}
+    if ambiguous:
+        details["ambiguous"] = ambiguous[:8]
+    return tensors, details
+
+
+def _dequantizing(thing: str, tensor: OnnxTensor, inits: Mapping[str, _Init], stem: str, raw: str,
+                  source_of: Callable[[str | None], ByteSource]) -> OnnxTensor:
+    """The tensor with its scale and zero point (onnxruntime's `<W>_scale`, `<W>_zero_point`)."""
+    base = raw[: -len("_quantized")]
+    scale_init, zero_init = inits.get(f"{base}_scale"), inits.get(f"{base}_zero_point")
+    if scale_init is None:
+        raise OnnxWeightsError(thing, f"{raw}: quantized codes without {base}_scale")
+    if tensor.stored.dtype not in ("I8", "U8"):
+        raise OnnxWeightsError(thing, f"{raw}: {tensor.stored.dtype} codes: only 8-bit weights are dequantized")
+    scale = _small_value(thing, source_of, scale_init)
+    zero = _small_value(thing, source_of, zero_init) if zero_init is not None else np.zeros(())
+    dims = tensor.stored.stored
+    axis = 1 if len(dims) == 2 and scale.size == dims[1] else 0
+    if scale.size not in (1, dims[axis] if dims else 1) or zero.size not in (1, scale.size):
+        raise OnnxWeightsError(thing, f"{raw}: a scale of {scale.size} values for a tensor of shape {dims}")
+    if not np.isfinite(scale).all() or (scale <= 0).any():
+        raise OnnxWeightsError(thing, f"{base}_scale: a scale that is not positive and finite")
+    stored = replace(tensor.stored, dtype="F32")  # what it dequantizes to: a float weight
+    return replace(tensor, stored=stored, scale=scale.reshape(-1), zero_point=zero.reshape(-1), axis=axis)
+
+
+def read_onnx_tensor(source: ByteSource, tensor: OnnxTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
+    """A tensor in PyTorch's layout, float32, dequantized: its rows [r0, r1) only when given (read by range
+    when PyTorch's rows are the stored rows, else the whole tensor first)."""
+    values = read_tensor(source, None, tensor.stored, rows)
+    if tensor.scale is None:
+        return values
+    scale, zero = tensor.scale, tensor.zero_point if tensor.zero_point is not None else np.zeros(1)
+    if scale.size > 1:
+        # the per-channel axis in PyTorch's layout: a transposed matrix's stored axis 1 is its rows
+        on_rows = (tensor.axis == 0) == (tensor.stored.axes is None)
+        r0, r1 = rows if rows is not None else (0, values.shape[0])
+        shape = (-1, 1) if on_rows else (1, -1)
+        pick = slice(r0, r1) if on_rows else slice(None)
+        scale = scale[pick].reshape(shape)
+        zero = (zero[pick] if zero.size > 1 else zero).reshape(shape if zero.size > 1 else (1, 1))
+    return ((values - zero) * scale).astype(np.float32)
+
+
+def predicted_error(tensor: OnnxTensor, values: np.ndarray) -> float:
+    """RMS relative error of rounding to the tensor's grid (step = scale): scale / sqrt(12) over its RMS."""
+    if tensor.scale is None:
+        return 0.0
+    rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
+    step = float(np.sqrt(np.mean(np.square(tensor.scale))))
+    return step / math.sqrt(12.0) / rms if rms > 0 else 0.0
+
+
+def choose_onnx(files: Iterable[str]) -> str | None:
+    """The ONNX file of a repo to read (`ONNX_FILES`, best first; at the top or under `onnx/`, transformers.js'
+    folder), or None when it has none of them."""
+    present = set(files)
+    return next((f"{folder}{name}" for name in ONNX_FILES for folder in ("", "onnx/") if f"{folder}{name}" in present),
+                None)
+
+
+def other_onnx(files: Iterable[str]) -> list[str]:
+    """The .onnx files a repo holds that `choose_onnx` does not read (encoder / decoder graphs, 4-bit copies)."""
+    return sorted(f for f in files if f.endswith(ONNX_SUFFIX) and f.count("/") <= 1)
+
+
+class OnnxWeights(ConvertedWeights):
+    """A local ONNX export (`sketches.tfh5.ConvertedWeights`): walked on opening, each weight read (and
+    dequantized) on `read`; `quantized` when onnxruntime's quantizer wrote any of them."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        from sketches.safetensors import FileSource
+
+        folder = Path(path).parent.resolve()
+        self._beside: dict[str, ByteSource] = {}
+
+        def open_beside(location: str) -> ByteSource:
+            target = (folder / location).resolve()
+            if not target.is_relative_to(folder) or not target.is_file():
+                raise OnnxWeightsError(str(path), f"its weights are in {location!r}, not a file beside it")
+            if location not in self._beside:
+                self._beside[location] = FileSource(target)
+            return self._beside[location]
+
+        source = FileSource(path)
+        try:
+            self._onnx, self.details = read_index(source, open_beside)
+        except BaseException:
+            source.close()
+            raise
+        self._open_beside = open_beside
+        super().__init__(path, source, {n: t.stored for n, t in self._onnx.items()})
+
+    @property
+    def quantized(self) -> bool:
+        return any(t.scale is not None for t in self._onnx.values())
+
+    def read(self, name: str, *, rows: tuple[int, int] | None = None) -> np.ndarray:
+        if name not in self._onnx:
+            raise OnnxWeightsError(self._source.name, f"no tensor maps to the PyTorch name {name!r}")
+        tensor = self._onnx[name]
+        source = self._source if tensor.location is None else self._open_beside(tensor.location)
+        return read_onnx_tensor(source, tensor, rows)
+
+    @property
+    def bytes_read(self) -> int:
+        return self._source.bytes_read + sum(s.bytes_read for s in self._beside.values())
+
+    def close(self) -> None:
+        for beside in self._beside.values():
+            beside.close()  # type: ignore[attr-defined]
+        super().close()

@@ -1,0 +1,212 @@
+"""ONNX-only repos (transformers.js' `onnx/model*.onnx`, optimum's `model.onnx`): read without onnx, under
+PyTorch's names and layout, so that an export joins its source's family: a full-precision export is a
+duplicate of its source, an F16 export a dtype copy, onnxruntime's 8-bit exports quantized copies
+(sketches.onnx). The files are written by the real tools: PyTorch's exporter, onnxruntime's float16 converter
+and dynamic quantizer (indexer.zoo.onnx_export)."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from model_support import perturb_matrices
+
+from indexer.crawl import crawl, read_folder
+from indexer.hub_emulator import HubEmulator
+from indexer.incremental.folder import ingest_folder
+from indexer.lineage.methods import Options
+from indexer.lineage.recover import recover
+from store.tables import read_records
+
+pytest.importorskip("transformers")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxruntime")
+
+
+def _bert(seed: int):  # noqa: ANN202 -- a transformers model
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=128, max_position_embeddings=32, num_labels=3)
+    model = BertForSequenceClassification(config).eval()
+    with torch.no_grad():  # norms and biases off their init values: an export keeps one copy of equal constants
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape))
+    return model
+
+
+def _state(model: object) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    state = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}  # type: ignore[attr-defined]
+    config = model.config.to_dict() | {"architectures": [type(model).__name__]}  # type: ignore[attr-defined]
+    return state, config
+
+
+def _pt(folder: Path, model: object) -> None:
+    model.save_pretrained(folder)  # type: ignore[attr-defined]
+
+
+def _onnx(folder: Path, model: object, *variants: str) -> None:
+    from indexer.zoo.onnx_export import write_onnx
+
+    for variant in variants:
+        write_onnx(folder, *_state(model), variant=variant)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def onnx_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PyTorch base and its ONNX relatives, with upload times: Xenova/base is transformers.js' repo of the
+    base (model.onnx, model_fp16.onnx, model_quantized.onnx: the full-precision one is read), q/base-fp16 and
+    q/base-int8 hold one export each, lab/ft-onnx is optimum's top-level export of a fine-tune and
+    lab/ft-onnx-ft a PyTorch fine-tune of that, big/ft-external an export with its weights in model.onnx_data,
+    x/stranger-onnx another init."""
+    root = tmp_path_factory.mktemp("onnx") / "hub"
+    base = _bert(0)
+    ft = perturb_matrices(copy.deepcopy(base), 0.05, seed=1)
+    _pt(root / "o/base", base)
+    _onnx(root / "Xenova/base", base, "fp32", "fp16", "uint8")
+    _onnx(root / "q/base-fp16", base, "fp16")
+    _onnx(root / "q/base-int8", base, "int8")
+    _onnx(root / "lab/ft-onnx", ft, "fp32")
+    (root / "lab/ft-onnx/onnx/model.onnx").rename(root / "lab/ft-onnx/model.onnx")  # optimum: at the top
+    (root / "lab/ft-onnx/onnx").rmdir()
+    _pt(root / "lab/ft-onnx-ft", perturb_matrices(copy.deepcopy(ft), 0.05, seed=2))
+    _onnx(root / "big/ft-external", perturb_matrices(copy.deepcopy(base), 0.05, seed=3), "external")
+    _onnx(root / "x/stranger-onnx", _bert(7), "fp32")
+    order = ("o/base", "Xenova/base", "q/base-fp16", "q/base-int8", "lab/ft-onnx", "lab/ft-onnx-ft",
+             "big/ft-external", "x/stranger-onnx")
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2023-05-0{i + 1}T00:00:00.000Z"} for i, r in enumerate(order)}}))
+    return root
+
+
+TRUTH = {"o/base": ("", ""), "Xenova/base": ("o/base", "duplicate"), "q/base-fp16": ("o/base", "quantized"),
+         "q/base-int8": ("o/base", "quantized"), "lab/ft-onnx": ("o/base", "finetune"),
+         "lab/ft-onnx-ft": ("lab/ft-onnx", "finetune"), "big/ft-external": ("o/base", "finetune"),
+         "x/stranger-onnx": ("", "")}
+
+
+def test_an_export_reads_bit_for_bit_as_its_pytorch_twin(onnx_hub: Path) -> None:
+    """Anonymous transposed MatMul weights named from their node and transposed back, named parameters as
+    they are: every tensor of the PyTorch save, bit for bit; in part, the first rows of each."""
+    from sketches.onnx import OnnxWeights
+
+    model = onnx.load(str(onnx_hub / "Xenova/base/onnx/model.onnx"))  # the real library, as an oracle
+    anonymous = [i.name for i in model.graph.initializer if i.name.startswith("onnx::MatMul")]
+    assert len(anonymous) == 12  # 6 Linear weights a layer folded into transposed constants
+    with OnnxWeights(onnx_hub / "Xenova/base/onnx/model.onnx") as weights:
+        state = _bert(0).state_dict()
+        assert set(weights.tensors()) == set(state) - {"bert.embeddings.position_ids"}
+        for name in weights.tensors():
+            assert np.array_equal(weights.read(name), state[name].numpy()), name
+    onnx_read, _ = read_folder(onnx_hub / "Xenova/base", budget=64 << 20)
+    pt, _ = read_folder(onnx_hub / "o/base", budget=64 << 20)
+    assert onnx_read.weights_format == "onnx" and onnx_read.family == pt.family
+    assert onnx_read.details["file"] == "model.onnx"  # the full-precision file of the three
+    assert set(onnx_read.arrays) == set(pt.arrays)
+    for name, array in pt.arrays.items():
+        assert np.array_equal(onnx_read.arrays[name], array), name
+    part, _ = read_folder(onnx_hub / "Xenova/base", budget=4 << 10)
+    assert not all(b.whole for b in part.plan.blocks)
+    for block in part.plan.blocks:
+        r0, r1 = block.rows
+        assert np.array_equal(part.arrays[block.tensor], pt.arrays[block.tensor][r0:r1]), block.tensor
+
+
+def test_an_8bit_export_is_dequantized_within_the_error_its_scales_predict(onnx_hub: Path) -> None:
+    pt, _ = read_folder(onnx_hub / "o/base", budget=64 << 20)
+    q, _ = read_folder(onnx_hub / "q/base-int8", budget=64 << 20)
+    # int8 per-channel MatMul weights; the quantizer writes the embeddings (Gather) as uint8 per tensor
+    assert q.quant is not None and q.quant.scheme == "onnx-int8+uint8" and q.weights_format == "onnx"
+    assert set(q.arrays) == set(pt.arrays)
+    num = sum(float(np.square(q.arrays[n] - a).sum()) for n, a in pt.arrays.items())
+    den = sum(float(np.square(a).sum()) for a in pt.arrays.values())
+    measured = (num / den) ** 0.5
+    assert 0 < measured < 3 * q.quant.predicted_error, (measured, q.quant.predicted_error)
+
+
+def _rows(recovered: object) -> dict[str, tuple[str, str]]:
+    return {r.repo_id: (r.parent, r.relation) for r in recovered.rows}  # type: ignore[attr-defined]
+
+
+def test_exports_join_their_pytorch_family_in_batch_and_incremental(onnx_hub: Path, tmp_path: Path) -> None:
+    assert _rows(recover(onnx_hub, Options(device="cpu"))) == TRUTH
+    report = ingest_folder(tmp_path / "home", onnx_hub, device="cpu")
+    assert not report.failed
+    assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == TRUTH
+
+
+def test_the_crawl_reads_onnx_repos_by_range_over_http(onnx_hub: Path, tmp_path: Path) -> None:
+    from test_crawl_relations import _options
+
+    with HubEmulator(onnx_hub) as emu:
+        report = crawl(tmp_path / "home", _options(emu)).as_dict()
+        paths = [r.path for r in emu.requests()]
+    assert report["indexed"] == 8, report
+    assert not any("model_fp16" in p or "model_quantized" in p for p in paths if "Xenova" in p)
+    models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
+    assert json.loads(models["big/ft-external"].details)["framework"] == "onnx"
+    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
+    assert edges == TRUTH
+
+
+def _bad_repo(root: Path, name: str, data: bytes) -> None:
+    folder = root / "hub/lab" / name / "onnx"
+    folder.mkdir(parents=True)
+    (folder / "model.onnx").write_bytes(data)
+
+
+def _edited(source: Path, edit: object) -> bytes:
+    model = onnx.load(str(source))
+    edit(model)  # type: ignore[operator]
+    return model.SerializeToString()
+
+
+def _nan(model: object) -> None:
+    from onnx import numpy_helper
+
+    init = next(i for i in model.graph.initializer if i.name.startswith("onnx::MatMul"))  # type: ignore[attr-defined]
+    values = numpy_helper.to_array(init).copy()
+    values[0, 0] = np.nan
+    init.CopyFrom(numpy_helper.from_array(values, init.name))
+
+
+def _escape(model: object) -> None:
+    init = model.graph.initializer[0]  # type: ignore[attr-defined]
+    init.ClearField("raw_data")
+    init.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../../secret.bin"), ("offset", "0"), ("length", "4")):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
+
+
+def test_bad_onnx_files_are_recorded_failures_naming_them(onnx_hub: Path, tmp_path: Path) -> None:
+    """Not protobuf, truncated, a NaN, an external file outside the repo: each a failed row with one line
+    naming the file and why; an encoder / decoder export (several graphs) is skipped with its reason; the
+    good repo beside them is indexed."""
+    from test_crawl_relations import _options
+
+    good = onnx_hub / "Xenova/base/onnx/model.onnx"
+    whole = good.read_bytes()
+    _bad_repo(tmp_path, "garbage", b"\xff" * 4096)
+    _bad_repo(tmp_path, "truncated", whole[: len(whole) // 2])
+    _bad_repo(tmp_path, "nan", _edited(good, _nan))
+    _bad_repo(tmp_path, "escape", _edited(good, _escape))
+    (tmp_path / "hub/lab/seq2seq/onnx").mkdir(parents=True)
+    (tmp_path / "hub/lab/seq2seq/onnx/encoder_model.onnx").write_bytes(whole)
+    (tmp_path / "hub/lab/ok/onnx").mkdir(parents=True)
+    (tmp_path / "hub/lab/ok/onnx/model.onnx").write_bytes(whole)
+    with HubEmulator(tmp_path / "hub") as emu:
+        crawl(tmp_path / "home", _options(emu))
+    rows = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
+    assert rows["lab/ok"].status == "indexed"
+    for name, words in (("garbage", "onnx-invalid"), ("truncated", "truncated"), ("nan", "non-finite"),
+                        ("escape", "not a file beside the model")):
+        row = rows[f"lab/{name}"]
+        assert row.status == "failed" and words in row.reason, (name, row.reason)
+        assert "\n" not in row.reason
+    assert rows["lab/seq2seq"].status == "skipped" and "onnx-unsupported" in rows["lab/seq2seq"].reason
