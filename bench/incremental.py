@@ -108,7 +108,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, action="append")
     parser.add_argument("--orders", type=int, default=3, help="random orders besides upload order")
-    parser.add_argument("--order", action="append", help="run only these orders ('upload' or a seed); repeatable")
+    parser.add_argument("--order", action="append", help="run only these orders ('upload', 'newest' or a seed); repeatable")
     parser.add_argument("--k", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--expand", type=int, default=DEFAULT_EXPAND, help="second-hop exact comparisons per arrival (LineageIndex)")
@@ -119,7 +119,7 @@ def main() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     orders: list[str | int] = ["upload", *range(args.orders)]
     if args.order:  # e.g. the seeds a previous run left out
-        orders = [o if o == "upload" else int(o) for o in args.order]
+        orders = [o if o in ("upload", "newest") else int(o) for o in args.order]
     lines = [("| zoo | run | accuracy vs truth | same parent as batch | recall@k (true pair compared) | "
              "exact/arrival max | exact/arrival mean | paths new/attach/recompute | seconds | "
              "same row as batch (parent, relation, merge parents) | relation label vs truth |"),

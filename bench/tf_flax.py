@@ -1,17 +1,18 @@
-"""TensorFlow-only and Flax-only repos (`tf_model.h5`, `flax_model.msgpack`): accuracy on a zoo whose models are
-re-published as TF or Flax, and the cost of reading one over HTTP.
+"""TensorFlow-only, Flax-only and ONNX-only repos (`tf_model.h5`, `flax_model.msgpack`, `onnx/model.onnx`): accuracy
+on a zoo whose models are re-published as TF, Flax or ONNX, and the cost of reading one over HTTP.
 
     .venv/bin/python bench/tf_flax.py --zoo /work/zoo/wild-bert [--zoo ...] [--remote-layers 12]
 
 1. Accuracy. A copy of each zoo in which every model `transformers` loads from its folder (config.json
    `architectures`), that it loads without a missing or unexpected key, and that is stored in F32 or F16 is
    re-published TF-only (its safetensors replaced by the TF twin's tf_model.h5, Keras 2's layout), and in a
-   second copy Flax-only (flax_model.msgpack; indexer.zoo.twins), so that fine-tunes of a PyTorch base are
-   Keras or Flax uploads and their children may be PyTorch again. Roots stay PyTorch (the Hub's bases are).
+   second copy Flax-only (flax_model.msgpack; indexer.zoo.twins), in a third ONNX-only (transformers.js' onnx/model.onnx,
+   or model_fp16.onnx for an F16 model; indexer.zoo.onnx_export), so that fine-tunes of a PyTorch base are
+   Keras, Flax or ONNX uploads and their children may be PyTorch again. Roots stay PyTorch (the Hub's bases are).
    Batch `mother` edge accuracy with and without upload times, on the PyTorch zoo and on each copy: reading
    is bit for bit, so they should match.
 2. Cost. A BERT-shaped model (hidden 768, `--remote-layers` layers, random init) as safetensors, as
-   tf_model.h5 and as flax_model.msgpack in a local Hub emulator, each read by the crawl's reader at the default 16 MiB budget: HTTP
+   tf_model.h5, as flax_model.msgpack and as onnx/model.onnx in a local Hub emulator, each read by the crawl's reader at the default 16 MiB budget: HTTP
    requests (Hub resolves + CDN ranges) and MiB read. HDF5 keeps each dataset's object header next to its
    data, so its metadata costs about one range request per variable, where a safetensors header is one.
 Prints markdown tables (stdout).
@@ -70,7 +71,12 @@ def _republish(folder: Path, root: bool, framework: str) -> bool:
         logger.info("%s: kept as safetensors (%s)", folder, {k: v for k, v in info.items() if v})
         return False
     dtype = "float16" if "F16" in dtypes else "float32"
-    if framework == "tf":
+    if framework == "onnx":  # transformers.js' layout: onnx/model.onnx, or model_fp16.onnx for an F16 model
+        from indexer.zoo.onnx_export import write_onnx
+
+        state = {n: t.detach().numpy() for n, t in model.state_dict().items()}
+        write_onnx(folder, state, json.loads(config.read_text()), variant="fp16" if dtype == "float16" else "fp32")
+    elif framework == "tf":
         write_tf_h5(folder / "tf_model.h5", model, dtype=dtype)
     else:
         write_flax_msgpack(folder / "flax_model.msgpack", model, dtype=dtype)
@@ -85,12 +91,12 @@ def accuracy(zoo: Path, *, times: bool) -> float:
     return sum(parents.get(c) == truth[c] for c in edges) / len(edges)
 
 
-def accuracy_table(zoos: list[Path]) -> list[str]:
+def accuracy_table(zoos: list[Path], frameworks: tuple[str, ...] = ("tf", "flax", "onnx")) -> list[str]:
     rows = ["| zoo | copy | models | re-published | PyTorch: with times | copy: with times | PyTorch: no times | copy: no times |",
             "|---|---|---|---|---|---|---|---|"]
     for zoo in zoos:
         original = [accuracy(zoo, times=t) for t in (True, False)]
-        for framework in ("tf", "flax"):
+        for framework in frameworks:
             with tempfile.TemporaryDirectory() as tmp:
                 copy = Path(tmp) / zoo.name
                 shutil.copytree(zoo, copy)
@@ -110,6 +116,7 @@ def cost_table(layers: int) -> list[str]:
     from indexer.crawl import CrawlOptions, crawl
     from indexer.hub_emulator import HubEmulator
     from indexer.retry import RetryPolicy
+    from indexer.zoo.onnx_export import write_onnx
     from indexer.zoo.twins import write_flax_msgpack, write_tf_h5
     from store.tables import read_records
 
@@ -123,8 +130,10 @@ def cost_table(layers: int) -> list[str]:
         (hub / "lab/bert-tf/config.json").write_text((hub / "lab/bert-pt/config.json").read_text())
         write_flax_msgpack(hub / "lab/bert-flax/flax_model.msgpack", model)
         (hub / "lab/bert-flax/config.json").write_text((hub / "lab/bert-pt/config.json").read_text())
+        write_onnx(hub / "lab/bert-onnx", {n: t.detach().numpy() for n, t in model.state_dict().items()},
+                   json.loads((hub / "lab/bert-pt/config.json").read_text()))
         for repo, file in (("lab/bert-pt", "model.safetensors"), ("lab/bert-tf", "tf_model.h5"),
-                           ("lab/bert-flax", "flax_model.msgpack")):
+                           ("lab/bert-flax", "flax_model.msgpack"), ("lab/bert-onnx", "onnx/model.onnx")):
             only = Path(tmp) / repo.replace("/", "-")
             shutil.copytree(hub / repo, only / repo)
             with HubEmulator(only) as emu:
@@ -142,10 +151,11 @@ def cost_table(layers: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", type=Path, action="append", default=[])
+    parser.add_argument("--frameworks", nargs="+", default=["tf", "flax", "onnx"], choices=["tf", "flax", "onnx"])
     parser.add_argument("--remote-layers", type=int, default=12, help="layers of the BERT-shaped model read over HTTP (0: skip)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-    lines = accuracy_table(args.zoo) if args.zoo else []
+    lines = accuracy_table(args.zoo, tuple(args.frameworks)) if args.zoo else []
     if args.remote_layers:
         lines += ["", *cost_table(args.remote_layers)]
     sys.stdout.write("\n".join(lines) + "\n")

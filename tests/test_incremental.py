@@ -498,3 +498,27 @@ def test_a_parent_after_its_children_keeps_comparing_while_it_takes_them(tmp_pat
         assert index.parents(FAMILY) == index.recompute_batch(FAMILY)
     last = results[-1]
     assert last.late and last.exact > 4 and max(r.exact - len(r.late) for r in results) <= 4
+
+
+def test_the_late_rounds_reach_the_arrivals_own_children_past_a_cousins(tmp_path: Path) -> None:
+    """Newest first: a merge m of fine-tunes a and b, then their 8-bit copies (leaves), then b, then a. Until
+    a and b arrive every copy hangs under m. The rounds go over m's children nearest the arrival first: by id,
+    a's copies filled b's rounds, none took, and b's copies stayed under m."""
+    from indexer.readers import QuantInfo
+
+    rng = np.random.default_rng(5)
+    base = {f"enc.{i}.attention.output.dense.weight": rng.standard_normal((48, 48)).astype(np.float32) for i in range(3)}
+    ft = {s: {n: (x + 0.1 * rng.standard_normal(x.shape)).astype(np.float32) for n, x in base.items()} for s in "ab"}
+    merge = {n: (ft["a"][n] + ft["b"][n]) / 2 for n in base}
+    copies = {f"q/{s}-copy{i}": {n: (x + 0.002 * rng.standard_normal(x.shape)).astype(np.float32) for n, x in ft[s].items()}
+              for s in "ab" for i in range(8)}
+    models = {"o/a": ft["a"], "o/b": ft["b"], "o/m": merge} | copies
+    created = {"o/a": datetime(2024, 1, 1, tzinfo=UTC), "o/b": datetime(2024, 1, 2, tzinfo=UTC),
+               "o/m": datetime(2024, 1, 3, tzinfo=UTC)} | {
+        r: datetime(2024, 2, 1, tzinfo=UTC) + timedelta(hours=i) for i, r in enumerate(sorted(copies))}
+    with LineageIndex.open(tmp_path, k=4, device="cpu", expand=2) as index:
+        index.add_many([Arrival(r, "local:0", FAMILY, models[r], created[r], QuantInfo("int8", 0.01) if r in copies else None)
+                        for r in sorted(models, key=lambda r: created[r], reverse=True)])
+        parents = index.parents(FAMILY)
+        assert {r: parents[r] for r in copies} == {r: f"o/{r[2]}" for r in copies}, parents
+        assert parents == index.recompute_batch(FAMILY)

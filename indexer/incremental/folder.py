@@ -41,7 +41,7 @@ from store.tables import read_records
 
 logger = logging.getLogger(__name__)
 
-Order = str | int  # "upload" or a permutation seed
+Order = str | int  # "upload", "newest" (the crawl's listing: newest first) or a permutation seed
 Shapes = dict[str, tuple[int, ...]]
 
 
@@ -59,6 +59,8 @@ def arrival_order(repos: Sequence[tuple[str, Path]], times: dict[str, float], or
     ranked = sorted(repos, key=lambda r: (times.get(r[0], float("inf")), r[0]))
     if order == "upload":
         return ranked
+    if order == "newest":  # a first crawl's order: copies and fine-tunes before the bases they come from
+        return sorted(repos, key=lambda r: (-times.get(r[0], float("-inf")), r[0]))
     perm = np.random.default_rng(int(order)).permutation(len(ranked))
     return [ranked[i] for i in perm]
 

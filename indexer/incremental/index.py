@@ -452,9 +452,15 @@ class LineageIndex:
         depth = 2
         while found and depth <= LATE_ROUNDS + 1:
             forest = state.forest
-            siblings = sorted({c for r in found for c in _children(forest, forest.parent(r))} - seen)
-            near = [r for r, _ in state.vectors.nearest(p.sketch.vector, depth * self.k) if r not in seen]
-            batch = list(dict.fromkeys(siblings + near))[: self.k]
+            siblings = {c for r in found for c in _children(forest, forest.parent(r))} - seen
+            ranked = [r for r, _ in state.vectors.nearest(p.sketch.vector, depth * self.k + len(siblings))]
+            place = {r: i for i, r in enumerate(ranked)}
+            near = [r for r in ranked[: depth * self.k] if r not in seen]
+            # the siblings nearest the arrival first: a merge of two fine-tunes, uploaded before both's copies,
+            # holds them all on a newest-first crawl; by id, the first fine-tune's copies filled the round, none
+            # took, and the rounds stopped before the arrival's own copies (relations + formats, 8 of 17 missed)
+            by_sketch = sorted(siblings, key=lambda r: (place.get(r, len(place)), r))
+            batch = list(dict.fromkeys(by_sketch + near))[: self.k]
             if not batch:
                 break
             seen |= set(batch)
