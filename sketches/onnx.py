@@ -48,6 +48,9 @@ ONNX_SUFFIX = ".onnx"
 # The files of one export that hold the model, best first: full precision, F16, then onnxruntime's 8-bit copies
 # (transformers.js' names; optimum's `model_quantized.onnx`). A repo without one of these is not read.
 ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_int8.onnx", "model_uint8.onnx")
+# a decoder-only model exported by an older optimum (Xenova/gpt2): `decoder_model*.onnx` is the whole model when
+# no `encoder_model*.onnx` is beside it (an encoder-decoder's decoder is half of one: not read)
+DECODER_FILES = tuple(f"decoder_{name}" for name in ONNX_FILES)
 # TensorProto.data_type -> (safetensors dtype name, numpy dtype)
 _DTYPES = {1: ("F32", "<f4"), 2: ("U8", "<u1"), 3: ("I8", "<i1"), 4: ("U16", "<u2"), 5: ("I16", "<i2"),
            6: ("I32", "<i4"), 7: ("I64", "<i8"), 9: ("BOOL", "<u1"), 10: ("F16", "<f2"), 11: ("F64", "<f8"),
@@ -318,14 +321,19 @@ def _small_value(thing: str, source_of: Callable[[str | None], ByteSource], init
     if init.data_type not in _DTYPES:
         raise OnnxWeightsError(thing, f"{init.name}: data type {init.data_type} is not a number type")
     if init.small is not None:
+        if init.small.size != math.prod(init.dims):
+            raise OnnxWeightsError(thing, f"{init.name}: {init.small.size} values for shape {init.dims}")
         return init.small.reshape(init.dims).astype(np.float64)
     location = None
     if init.external:
         location, init = _external(thing, init)
     if init.offset is None:
         raise OnnxWeightsError(thing, f"{init.name}: no values")
+    numpy_dtype = np.dtype(_DTYPES[init.data_type][1])
+    if init.nbytes != math.prod(init.dims) * numpy_dtype.itemsize or init.nbytes > MAX_SMALL_VALUES:
+        raise OnnxWeightsError(thing, f"{init.name}: {init.nbytes} bytes for a scale or zero point of shape {init.dims}")
     raw = source_of(location).read(init.offset, init.offset + init.nbytes)
-    values = np.frombuffer(raw, dtype=np.dtype(_DTYPES[init.data_type][1]))
+    values = np.frombuffer(raw, dtype=numpy_dtype)
     if _DTYPES[init.data_type][0] == "BF16":
         values = (values.astype("<u4") << 16).view("<f4")
     return values.reshape(init.dims).astype(np.float64)
@@ -427,11 +435,20 @@ def predicted_error(tensor: OnnxTensor, values: np.ndarray) -> float:
 
 
 def choose_onnx(files: Iterable[str]) -> str | None:
-    """The ONNX file of a repo to read (`ONNX_FILES`, best first; at the top or under `onnx/`, transformers.js'
-    folder), or None when it has none of them."""
+    """The ONNX file of a repo to read (`ONNX_FILES`, best first, then a decoder-only model's `DECODER_FILES`; at
+    the top or under `onnx/`, transformers.js' folder), or None when it has none of them."""
     present = set(files)
-    return next((f"{folder}{name}" for name in ONNX_FILES for folder in ("", "onnx/") if f"{folder}{name}" in present),
-                None)
+    found = next((f"{folder}{name}" for name in ONNX_FILES for folder in ("", "onnx/") if f"{folder}{name}" in present),
+                 None)
+    if found is not None:
+        return found
+    for folder in ("", "onnx/"):
+        if any(f.startswith(f"{folder}encoder_model") and f.count("/") == folder.count("/") for f in present):
+            continue
+        found = next((f"{folder}{name}" for name in DECODER_FILES if f"{folder}{name}" in present), None)
+        if found is not None:
+            return found
+    return None
 
 
 def other_onnx(files: Iterable[str]) -> list[str]:

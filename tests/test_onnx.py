@@ -90,6 +90,23 @@ TRUTH = {"o/base": ("", ""), "Xenova/base": ("o/base", "duplicate"), "q/base-fp1
          "x/stranger-onnx": ("", "")}
 
 
+@pytest.mark.parametrize("files, want", [
+    (["onnx/model_q4.onnx", "onnx/model_quantized.onnx", "onnx/model.onnx", "onnx/model_fp16.onnx"], "onnx/model.onnx"),
+    (["onnx/model_q4f16.onnx", "onnx/model_uint8.onnx", "onnx/model_int8.onnx"], "onnx/model_int8.onnx"),
+    (["model.onnx", "onnx/model.onnx"], "model.onnx"),
+    # an older optimum's decoder-only export (Xenova/gpt2): the decoder is the whole model
+    (["onnx/decoder_model.onnx", "onnx/decoder_model_merged.onnx", "onnx/decoder_with_past_model.onnx"],
+     "onnx/decoder_model.onnx"),
+    # an encoder-decoder's halves, a 4-bit copy only: nothing read (the crawl says why)
+    (["onnx/encoder_model.onnx", "onnx/decoder_model.onnx"], None),
+    (["onnx/model_q4.onnx", "onnx/model_bnb4.onnx"], None),
+])
+def test_the_file_read_of_an_onnx_repo(files: list[str], want: str | None) -> None:
+    from sketches.onnx import choose_onnx
+
+    assert choose_onnx(files) == want
+
+
 def test_an_export_reads_bit_for_bit_as_its_pytorch_twin(onnx_hub: Path) -> None:
     """Anonymous transposed MatMul weights named from their node and transposed back, named parameters as
     they are: every tensor of the PyTorch save, bit for bit; in part, the first rows of each."""
@@ -210,3 +227,52 @@ def test_bad_onnx_files_are_recorded_failures_naming_them(onnx_hub: Path, tmp_pa
         assert row.status == "failed" and words in row.reason, (name, row.reason)
         assert "\n" not in row.reason
     assert rows["lab/seq2seq"].status == "skipped" and "onnx-unsupported" in rows["lab/seq2seq"].reason
+
+
+@pytest.fixture(scope="module")
+def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
+    """A tiny export and its 8-bit copy, as bytes (the fuzz test's seeds)."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1,
+                                                     num_attention_heads=1, intermediate_size=8,
+                                                     max_position_embeddings=8, num_labels=2)).eval()
+    root = tmp_path_factory.mktemp("small")
+    _onnx(root / "plain", model, "fp32")
+    _onnx(root / "q8", model, "uint8")
+    return (root / "plain/onnx/model.onnx").read_bytes(), (root / "q8/onnx/model_quantized.onnx").read_bytes()
+
+
+def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes, bytes], tmp_path: Path) -> None:
+    """Random byte edits of a real export (lengths, tags, dims, names, values): the reader returns tensors or
+    raises its own one-line error; never another exception, never a read past the file."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from errors import SafetensorsError
+    from sketches.onnx import read_index, read_onnx_tensor
+    from sketches.safetensors import FileSource
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(which=st.integers(0, 1), edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)),
+                                                   min_size=1, max_size=6), cut=st.integers(0, 1 << 30))
+    def check(which: int, edits: list[tuple[int, int]], cut: int) -> None:
+        data = bytearray(small_onnx[which])
+        for at, value in edits:
+            data[at % len(data)] = value
+        path = tmp_path / "model.onnx"
+        path.write_bytes(bytes(data[: max(1, len(data) - cut % 64)]))
+        source = FileSource(path)
+        try:
+            tensors, _ = read_index(source, lambda loc: FileSource(tmp_path / "missing"))
+            for tensor in tensors.values():
+                if tensor.location is None:
+                    read_onnx_tensor(source, tensor)
+        except SafetensorsError as exc:
+            assert "\n" not in str(exc)
+        finally:
+            source.close()
+
+    check()
