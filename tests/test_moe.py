@@ -140,15 +140,16 @@ def _row(forest, repo: str) -> tuple[str, str, frozenset[str]]:  # type: ignore[
 def test_mergekit_moe_is_a_merge_of_its_base_and_expert_sources_batch_and_incremental(hub: Path, tmp_path: Path) -> None:
     """Batch: each MoE is a merge of the base (its attention) and the two experts' sources; the BF16 one
     too (its experts are the F32 sources rounded; its F32 twin o/moe, a known merge, holds them all too,
-    so the models that are no merges are asked first); the legacy re-save of o/moe is left out of its
-    pool as bit-identical and fitted over the same sources. The incremental index (`index add`) agrees
-    per model."""
+    so the models that are no merges are asked first). The legacy re-save of o/moe is bit-identical to it:
+    a `duplicate` leaf under it, never fitted as a merge (issue 11: a re-upload is a duplicate of the
+    earliest copy). The incremental index (`index add`) agrees per model."""
     order = ("o/base", "o/a", "o/b", "o/moe", "o/moe-bf16", "o/moe-legacy")
     batch = recover(hub, Options(device="cpu"))
     assert not batch.failures()
     sources = frozenset({"o/base", "o/a", "o/b"})
-    for moe in ("o/moe", "o/moe-bf16", "o/moe-legacy"):
+    for moe in ("o/moe", "o/moe-bf16"):
         assert _row(batch, moe) == ("o/base", "merge", sources), moe
+    assert _row(batch, "o/moe-legacy") == ("o/moe", "duplicate", frozenset({"o/moe"}))
     add_local(tmp_path / "home", [hub / r for r in order], budget=64 << 20, device="cpu", progress=False)
     edges = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
     for repo in order:
@@ -219,15 +220,16 @@ def test_read_in_part_a_moe_is_no_duplicate_of_its_base(hub: Path, tmp_path: Pat
     """A budget under the model's size (the crawl's plan at 7B): the MoE reads its base's attention bit
     for bit and its experts' first rows, the base no MLP row. It is no `duplicate` of its base: the fit
     reads the first rows of its pool's MLP matrices where they live (the index's base reader, by range on
-    the Hub) and finds each expert's source. The legacy re-save is left out of the pool as bit-identical
-    to o/moe and fitted over the same sources, as in batch."""
+    the Hub) and finds each expert's source. The legacy re-save, bit-identical on what it read, is a
+    `duplicate` of o/moe, as in batch."""
     order = ("o/base", "o/a", "o/b", "o/moe", "o/moe-legacy")
     add_local(tmp_path / "home", [hub / r for r in order], budget=16 << 10, device="cpu", progress=False)
     edges = {e.repo_id: e for e in read_records(tmp_path / "home", "edges")}  # type: ignore[union-attr]
-    for repo in ("o/moe", "o/moe-legacy"):
-        moe = edges[repo]
-        assert (moe.parent, moe.relation) == ("o/base", "merge"), repo  # type: ignore[attr-defined]
-        assert {p for p, _ in moe.parents} == {"o/base", "o/a", "o/b"}  # type: ignore[attr-defined]
+    moe = edges["o/moe"]
+    assert (moe.parent, moe.relation) == ("o/base", "merge")  # type: ignore[attr-defined]
+    assert {p for p, _ in moe.parents} == {"o/base", "o/a", "o/b"}  # type: ignore[attr-defined]
+    legacy = edges["o/moe-legacy"]
+    assert (legacy.parent, legacy.relation) == ("o/moe", "duplicate")  # type: ignore[attr-defined]
     models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
     for repo in ("o/base", "o/moe"):  # neither was read whole
         assert models[repo].bytes_read < (hub / repo / "model.safetensors").stat().st_size / 2, repo  # type: ignore[attr-defined]

@@ -456,11 +456,14 @@ class LineageIndex:
             ranked = [r for r, _ in state.vectors.nearest(p.sketch.vector, depth * self.k + len(siblings))]
             place = {r: i for i, r in enumerate(ranked)}
             near = [r for r in ranked[: depth * self.k] if r not in seen]
-            # the siblings nearest the arrival first: a merge of two fine-tunes, uploaded before both's copies,
+            # full-precision siblings before quantized copies and casts (leaves: they stay under their sources),
+            # then the nearest the arrival by sketch: a merge of two fine-tunes, uploaded before both's copies,
             # holds them all on a newest-first crawl; by id, the first fine-tune's copies filled the round, none
-            # took, and the rounds stopped before the arrival's own copies (relations + formats, 8 of 17 missed)
+            # took, and the rounds stopped before the arrival's own copies (relations + formats, 8 of 17 missed);
+            # in random order a fine-tune's 20 copies filled its base's round and left the fine-tune out
+            leaves = set(state.quant) | {copy for _, copy in state.casts}
             by_sketch = sorted(siblings, key=lambda r: (place.get(r, len(place)), r))
-            batch = list(dict.fromkeys(by_sketch + near))[: self.k]
+            batch = sorted(dict.fromkeys(by_sketch + near), key=lambda r: r in leaves)[: self.k]  # stable
             if not batch:
                 break
             seen |= set(batch)
