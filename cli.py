@@ -38,8 +38,9 @@ def index(verbose: int) -> None:
 def inspect(path: Path, as_json: bool) -> None:
     """List the tensors of a safetensors file or repo folder (sharded too), reading headers only.
 
-    PATH is a .safetensors file, a model.safetensors.index.json, a TensorFlow tf_model.h5 or a Flax
-    flax_model.msgpack (listed under PyTorch's names and shapes), or a folder holding one of them.
+    PATH is a .safetensors file, a model.safetensors.index.json, a TensorFlow tf_model.h5, a Flax
+    flax_model.msgpack or an ONNX export (listed under PyTorch's names and shapes), or a folder holding one
+    of them.
     """
     from sketches.safetensors import open_local_repo
 
@@ -328,7 +329,7 @@ def crawl(endpoint: str | None, archs: tuple[str, ...], library: str | None, lim
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def add(paths: tuple[Path, ...], budget_mib: int | None, home: Path | None, as_json: bool) -> None:
     """Index local repo folders (each holding *.safetensors, a sharded index, a GGUF, an adapter, a
-    tf_model.h5 or a flax_model.msgpack) with the crawl's pipeline.
+    tf_model.h5, a flax_model.msgpack or an ONNX export) with the crawl's pipeline.
 
     The repo id is ORG/NAME when the folder sits in a zoo root (ROOT/ORG/NAME with ROOT/hub.json), else
     local/<folder name>; the revision is a hash of the weight files' bytes, so re-adding is a no-op.
