@@ -17,12 +17,17 @@ Names map back to PyTorch's as PyTorch's exporter made them (`torch.onnx.export`
 - a Linear's weight is folded into a transposed constant with no name of its own (`onnx::MatMul_292`, (in, out)):
   its name is the MatMul node's module path (`/bert/encoder/layer.0/attention/self/query/MatMul` ->
   `bert.encoder.layer.0.attention.self.query.weight`), transposed back;
+- a Conv's kernel with the BatchNorm after it folded in (`onnx::Conv_81`: each output filter scaled by
+  gamma / sqrt(var + eps), the BatchNorm's own tensors gone) is named from its Conv node the same way. Its
+  values are not its source's, but its filters' directions are, and those are what conv kernels are compared
+  by (the pair rule's unit filters): it joins its source's family;
 - onnxruntime's quantizer (`quantize_dynamic`, transformers.js' `model_quantized` / `_int8` / `_uint8`) stores a
   weight `W` as `W_quantized` (int8 or uint8 codes), `W_scale` and `W_zero_point` (per tensor, or per output
   column for a MatMul's weight), and a Gemm's weight transposed first as `W_Transposed`. They are dequantized:
   W = (code - zero_point) * scale.
 
-Left out: initializers no rule names (folded shape constants, an anonymous weight of a node without a module path),
+Left out: initializers no rule names (folded shape constants, a folded Conv bias, an anonymous weight of a node
+without a module path),
 two tensors mapping to one name (both dropped: neither can be told apart), and weights of ops not decoded here
 (MatMulNBits' 4-bit blocks, MatMulBnb4): `skipped` in the details. Refused in one line naming the file: a
 document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
@@ -56,8 +61,10 @@ _DTYPES = {1: ("F32", "<f4"), 2: ("U8", "<u1"), 3: ("I8", "<i1"), 4: ("U16", "<u
            6: ("I32", "<i4"), 7: ("I64", "<i8"), 9: ("BOOL", "<u1"), 10: ("F16", "<f2"), 11: ("F64", "<f8"),
            12: ("U32", "<u4"), 13: ("U64", "<u8"), 16: ("BF16", "<u2")}
 _FLOATS = frozenset({"F32", "F16", "F64", "BF16"})
-# ops whose second input is a weight matrix, (in, out) unless a Gemm says transB
+# ops whose second input is a weight matrix, (in, out) unless a Gemm says transB; a Conv's is its kernel, as
+# PyTorch stores it (with a BatchNorm after it folded in by the exporter: each output filter scaled)
 _MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "Gemm"})
+_WEIGHT_OPS = _MATMUL_OPS | {"Conv"}
 _UNDECODED_OPS = frozenset({"MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul"})
 _PARAMETER = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)+$")  # a PyTorch parameter's dotted name
 MAX_TEXT_BYTES = 1 << 16  # a name, an op type, a dims list: a few bytes (a Constant node's value is skipped, never read)
@@ -246,11 +253,15 @@ def _graph(thing: str, source: ByteSource) -> tuple[list[_Node], dict[str, _Init
 
 
 def module_path(node_name: str) -> str | None:
-    """`/bert/encoder/layer.0/attention/self/query/MatMul` -> `bert.encoder.layer.0.attention.self.query`."""
+    """`/bert/encoder/layer.0/attention/self/query/MatMul` -> `bert.encoder.layer.0.attention.self.query`. A
+    called container (nn.Sequential) is a scope of its own before its children's `<name>.<i>`:
+    `/layer/layer.0/convolution/Conv` -> `layer.0.convolution`."""
     parts = [p for p in node_name.split("/") if p]
     if not node_name.startswith("/") or len(parts) < 2:
         return None
-    return ".".join(parts[:-1])
+    scopes = parts[:-1]
+    kept = [p for p, after in zip(scopes, [*scopes[1:], ""], strict=True) if not after.startswith(f"{p}.")]
+    return ".".join(kept)
 
 
 def _stem(name: str) -> tuple[str, bool, bool]:
@@ -265,7 +276,7 @@ def _weights_of(nodes: list[_Node]) -> tuple[dict[str, _Node], set[str]]:
     """initializer -> the matmul node that takes it as its weight; and the initializers of undecoded ops."""
     used, undecoded = {}, set()
     for node in nodes:
-        if node.op in _MATMUL_OPS and len(node.inputs) > 1:
+        if node.op in _WEIGHT_OPS and len(node.inputs) > 1:
             used.setdefault(node.inputs[1], node)
         elif node.op in _UNDECODED_OPS and len(node.inputs) > 1:
             undecoded.add(node.inputs[1])
@@ -283,8 +294,8 @@ def _pt_name(init: str, node: _Node | None) -> tuple[str | None, bool]:
     path = module_path(node.name)
     if path is None:
         return None, False
-    gemm_as_linear = node.op == "Gemm" and node.ints.get("transB", 0)
-    return f"{path}.weight", not gemm_as_linear
+    as_stored = node.op == "Conv" or (node.op == "Gemm" and node.ints.get("transB", 0))
+    return f"{path}.weight", not as_stored
 
 
 def _stored(thing: str, init: _Init, name: str, transposed: bool, size: int | None) -> StoredTensor:

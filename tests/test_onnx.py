@@ -276,3 +276,51 @@ def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes
             source.close()
 
     check()
+
+
+@pytest.mark.parametrize("node, want", [
+    ("/bert/encoder/layer.0/attention/self/query/MatMul", "bert.encoder.layer.0.attention.self.query"),
+    # a called nn.Sequential is a scope of its own: /layer/layer.0/ is PyTorch's layer.0
+    ("/resnet/encoder/stages.0/layers.0/layer/layer.1/convolution/Conv", "resnet.encoder.stages.0.layers.0.layer.1.convolution"),
+    ("/model.0/conv/Conv", "model.0.conv"),  # ultralytics' names
+    ("MatMul_12", None), ("/MatMul", None),
+])
+def test_a_node_names_the_module_of_its_weight(node: str, want: str | None) -> None:
+    from sketches.onnx import module_path
+
+    assert module_path(node) == want
+
+
+def test_a_conv_export_with_batchnorm_folded_in_joins_its_pytorch_family(tmp_path: Path) -> None:
+    """PyTorch's exporter folds each BatchNorm into the Conv before it: an anonymous kernel, each output filter
+    scaled by gamma / sqrt(var + eps), no BatchNorm tensors. Named from its node, it shares its source's
+    conv kernels up to those scales, which the pair rule's unit filters remove: the export of the base hangs
+    under the base (distance at float rounding), a fine-tune's export under the base too, batch and
+    incremental."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(0)
+    base = ResNetForImageClassification(ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                                     num_labels=3, image_size=32)).eval()
+    with torch.no_grad():  # trained-looking batch statistics: the fold scales each filter differently
+        for name, buf in base.named_buffers():
+            if name.endswith("running_var"):
+                buf.copy_(0.5 + torch.rand(buf.shape))
+    ft = perturb_matrices(copy.deepcopy(base), 0.05, seed=1)
+    with torch.no_grad():
+        for p in ft.parameters():
+            if p.ndim == 4:
+                p.add_(0.05 * p.std() * torch.randn(p.shape))
+    root = tmp_path / "hub"
+    _pt(root / "o/base", base)
+    _onnx(root / "Xenova/base", base, "fp32")
+    _onnx(root / "lab/ft-onnx", ft, "fp32")
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": f"2023-05-0{i + 1}T00:00:00.000Z"} for i, r in enumerate(("o/base", "Xenova/base", "lab/ft-onnx"))}}))
+    want = {"o/base": "", "Xenova/base": "o/base", "lab/ft-onnx": "o/base"}
+    batch = recover(root, Options(device="cpu"))
+    assert {r.repo_id: r.parent for r in batch.rows} == want
+    assert len({r.family for r in batch.rows}) == 1
+    report = ingest_folder(tmp_path / "home", root, device="cpu")
+    assert {r: e.parent for r, e in report.edges.items()} == want
