@@ -28,8 +28,9 @@ Names map back to PyTorch's as PyTorch's exporter made them (`torch.onnx.export`
 
 Left out: initializers no rule names (folded shape constants, a folded Conv bias, an anonymous weight of a node
 without a module path),
-two tensors mapping to one name (both dropped: neither can be told apart), and weights of ops not decoded here
-(MatMulNBits' 4-bit blocks, MatMulBnb4): `skipped` in the details. Refused in one line naming the file: a
+two tensors mapping to one name (both dropped: neither can be told apart), weights of ops not decoded here
+(MatMulNBits' 4-bit blocks, MatMulBnb4) and of float8 / 4-bit element types (QDQ int4, FP8): `skipped` in the
+details. Refused in one line naming the file: a
 document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
 the repo, a data type that is not a number.
 """
@@ -61,6 +62,7 @@ _DTYPES = {1: ("F32", "<f4"), 2: ("U8", "<u1"), 3: ("I8", "<i1"), 4: ("U16", "<u
            6: ("I32", "<i4"), 7: ("I64", "<i8"), 9: ("BOOL", "<u1"), 10: ("F16", "<f2"), 11: ("F64", "<f8"),
            12: ("U32", "<u4"), 13: ("U64", "<u8"), 16: ("BF16", "<u2")}
 _FLOATS = frozenset({"F32", "F16", "F64", "BF16"})
+_NARROW_TYPES = frozenset(range(17, 29))  # FLOAT8E4M3FN .. FLOAT6E3M2: float8, 4-, 2- and 6-bit types (onnx >= 1.15)
 # ops whose second input is a weight matrix, (in, out) unless a Gemm says transB; a Conv's is its kernel, as
 # PyTorch stores it (with a BatchNorm after it folded in by the exporter: each output filter scaled)
 _MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "Gemm"})
@@ -366,12 +368,13 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
         return open_beside(location)
 
     named: dict[str, list[OnnxTensor]] = {}
-    skipped = sorted(undecoded & set(inits))
+    # weights of ops not decoded here, and float8 / 4-bit element types (QDQ int4, FP8): left out, counted
+    skipped = (undecoded & set(inits)) | {r for r, i in inits.items() if i.data_type in _NARROW_TYPES}
     codes = [raw[: -len("_quantized")] for raw in inits if raw.endswith("_quantized")]
     helpers = {f"{base}{suffix}" for base in codes for suffix in ("_scale", "_zero_point")}
     for raw, init in inits.items():
         stem, quantized, _ = _stem(raw)
-        if raw in undecoded or raw in helpers:
+        if raw in skipped or raw in helpers:
             continue
         name, transposed = _pt_name(raw, used.get(raw))
         dtype = _DTYPES.get(init.data_type, ("?", ""))[0]

@@ -201,6 +201,21 @@ def _escape(model: object) -> None:
         entry.key, entry.value = key, value
 
 
+def test_a_weight_of_a_type_not_decoded_is_left_out_and_counted(onnx_hub: Path, tmp_path: Path) -> None:
+    """A QDQ int4 or float8 weight (element types 17-28) is skipped, not taken for a refusal of the model."""
+    from sketches.onnx import read_index
+    from sketches.safetensors import FileSource
+
+    def int4(model: object) -> None:
+        init = next(i for i in model.graph.initializer if i.name.startswith("onnx::MatMul"))  # type: ignore[attr-defined]
+        init.data_type = onnx.TensorProto.INT4
+
+    path = tmp_path / "model.onnx"
+    path.write_bytes(_edited(onnx_hub / "Xenova/base/onnx/model.onnx", int4))
+    tensors, details = read_index(FileSource(path))
+    assert details["skipped"] == {"undecoded": 1} and len(tensors) == 40
+
+
 def test_bad_onnx_files_are_recorded_failures_naming_them(onnx_hub: Path, tmp_path: Path) -> None:
     """Not protobuf, truncated, a NaN, an external file outside the repo: each a failed row with one line
     naming the file and why; an encoder / decoder export (several graphs) is skipped with its reason; the
