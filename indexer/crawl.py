@@ -286,9 +286,10 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     onnx_file = choose_onnx(entry.files)
     if onnx_file is not None:
         return (onnx_file,)  # an ONNX-only repo (transformers.js, optimum): sketches.onnx
-    if other_onnx(entry.files):
+    unread = other_onnx(entry.files)
+    if unread:
         raise _Skip(entry.repo_id, "onnx-unsupported: no single-graph ONNX export to read (found "
-                                   f"{', '.join(other_onnx(entry.files)[:3])}; read: {', '.join(ONNX_FILES)})")
+                                   f"{', '.join(unread[:3])}; read: {', '.join(ONNX_FILES)})")
     if any(f.startswith("tf_model-") and f.endswith(".h5") for f in top):
         raise _Skip(entry.repo_id, "no-safetensors: sharded TensorFlow weights (tf_model-0000i-of-0000n.h5) are not read")
     raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")

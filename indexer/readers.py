@@ -53,9 +53,9 @@ from sketches.gguf import (
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
-from sketches.onnx import OnnxTensor, read_onnx_tensor
 from sketches.onnx import predicted_error as onnx_error
 from sketches.onnx import read_index as read_onnx_index
+from sketches.onnx import read_onnx_tensor
 from sketches.packed import (
     PackedModule,
     QuantScheme,
@@ -373,21 +373,20 @@ def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, b
     """An ONNX export (`sketches.onnx`): walked for its weights' headers, then planned and read as `read_keras`;
     an 8-bit copy (onnxruntime's quantizer) dequantized, with the error its scales predict, as a QuantizedRead.
     `open_beside(file)` opens a file its external tensors name."""
-    found, details = read_onnx_index(source, open_beside)
-    sources: dict[str | None, ByteSource] = {None: source}
+    opened: dict[str, ByteSource] = {}
 
-    def read(t: OnnxTensor, rows: tuple[int, int] | None) -> np.ndarray:
-        if t.location not in sources:
-            sources[t.location] = open_beside(t.location)  # type: ignore[arg-type]
-        return read_onnx_tensor(sources[t.location], t, rows)
+    def beside(location: str) -> ByteSource:  # each external file opened once, for scales and tensors alike
+        if location not in opened:
+            opened[location] = open_beside(location)
+        return opened[location]
 
-    by_stored = {t.stored.name: t for t in found.values()}
+    found, details = read_onnx_index(source, beside)
     quantized = {n for n, t in found.items() if t.scale is not None}
     errors: list[tuple[int, float]] = []
 
     def read_stored(t: StoredTensor, rows: tuple[int, int] | None) -> np.ndarray:
-        tensor = by_stored[t.name]
-        values = read(tensor, rows)
+        tensor = found[t.name]  # stored under its PyTorch name
+        values = read_onnx_tensor(source if tensor.location is None else beside(tensor.location), tensor, rows)
         if t.name in quantized:
             errors.append((values.size, onnx_error(tensor, values)))
         return values

@@ -373,7 +373,7 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
     codes = [raw[: -len("_quantized")] for raw in inits if raw.endswith("_quantized")]
     helpers = {f"{base}{suffix}" for base in codes for suffix in ("_scale", "_zero_point")}
     for raw, init in inits.items():
-        stem, quantized, _ = _stem(raw)
+        quantized = _stem(raw)[1]
         if raw in skipped or raw in helpers:
             continue
         name, transposed = _pt_name(raw, used.get(raw))
@@ -386,7 +386,7 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
         stored = _stored(thing, init, name, transposed, source.size if location is None else None)
         tensor = OnnxTensor(stored, location)
         if quantized:
-            tensor = _dequantizing(thing, tensor, inits, stem, raw, source_of)
+            tensor = _dequantizing(thing, tensor, inits, raw, source_of)
         named.setdefault(name, []).append(tensor)
     tensors = {n: ts[0] for n, ts in sorted(named.items()) if len(ts) == 1}
     ambiguous = sorted(n for n, ts in named.items() if len(ts) > 1)
@@ -400,7 +400,7 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
     return tensors, details
 
 
-def _dequantizing(thing: str, tensor: OnnxTensor, inits: Mapping[str, _Init], stem: str, raw: str,
+def _dequantizing(thing: str, tensor: OnnxTensor, inits: Mapping[str, _Init], raw: str,
                   source_of: Callable[[str | None], ByteSource]) -> OnnxTensor:
     """The tensor with its scale and zero point (onnxruntime's `<W>_scale`, `<W>_zero_point`)."""
     base = raw[: -len("_quantized")]
