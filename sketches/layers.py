@@ -15,8 +15,9 @@ strangers look related). TF / Flax `kernel`s are stored transposed and keep thei
 compared with other TF kernels only.
 
 Family key. Two models can only be relatives when their body has the same tensors with the same shapes.
-The heads (classifier, lm_head, score, ...) and the vocabulary-sized embeddings are re-drawn or resized
-per task, so they are left out of the key: a ViT fine-tuned from 10 to 3 classes stays in its parent's
+The heads (classifier, lm_head, score, DETR's class_labels_classifier, a CNN's top-level `fc` or the
+nn.Sequential transfer learning puts in its place, ...) and the vocabulary-sized embeddings are re-drawn or
+resized per task, so they are left out of the key: a ViT fine-tuned from 10 to 3 classes stays in its parent's
 family. The key is `<arch>-<16 hex of blake2b over the sorted (name, shape) body list>`, where `arch` is
 a readable guess (vit, bert, llama, conv, generic) used only for display.
 
@@ -28,7 +29,7 @@ mergekit-moe shares its dense relatives' whole body). Two keys whose bodies over
 bench/RESULTS.md) overlaps are 0 between other widths, 0.56 between ResNet-18 and ResNet-50 (a shared
 stem and first stage, different architectures), and 1.0 for a resized or added head, a depth cut
 (BERT 6 of 12 layers) and same-layout models (BERT and RoBERTa, which the relatedness test then keeps
-apart); our zoos' extra block before the head reads 0.99. 0.75 sits in the empty stretch between 0.56
+apart); a block inserted before a head reads 0.99 on our zoos' layouts. 0.75 sits in the empty stretch between 0.56
 and 0.99, away from both.
 
 Layer selection, per scheme:
@@ -81,8 +82,11 @@ _DENSE = re.compile(r"(?:^|\.)(?:dense|[o]_proj|gate_proj|up_proj|down_proj|c_pr
 # Heads and vocabulary-sized tensors: resized or re-drawn per task, never part of the family key.
 _HEAD = re.compile(
     r"(?:^|\.)(?:classifier|lm_head|score|qa_outputs|head|heads|fc_out|pooler)(?:\.|$)"
+    r"|(?:^|\.)[a-z]+(?:_[a-z]+)*_classifier(?:\.|$)"  # DETR / YOLOS `class_labels_classifier`: one row per class
     r"|(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_out)\.weight$"
-    r"|^(?:fc|last_linear)\.(?:weight|bias)$"  # torchvision / timm-style CNN classifiers, top level only
+    # torchvision / timm-style CNN classifiers, top level only: `fc` itself or the nn.Sequential that transfer
+    # learning puts in its place (fc.0 Linear, fc.1 BatchNorm, fc.3 Linear), as `classifier.N` above
+    r"|^(?:fc|last_linear)\.(?:\d+\.)*(?:weight|bias|running_mean|running_var)$"
 )
 # Buffers: saved by some library versions and not others, or fixed (masks, rotary tables, index maps);
 # never a learned weight, never part of the key or of a comparison.

@@ -522,3 +522,24 @@ def test_the_late_rounds_reach_the_arrivals_own_children_past_a_cousins(tmp_path
         parents = index.parents(FAMILY)
         assert {r: parents[r] for r in copies} == {r: f"o/{r[2]}" for r in copies}, parents
         assert parents == index.recompute_batch(FAMILY)
+
+
+def test_an_exact_tie_under_legacy_dated_parents_goes_to_the_wider_head() -> None:
+    """A later fine-tune of a pre-2022 base is exactly as near the base as the base's frozen-backbone transfers
+    (one body, heads of other shapes), all dated 2022-03-02: upload order says nothing there, so the head prior
+    ranks the parents (the base's wider head first), as batch's body-group root does. Before, the tie went to
+    the smaller repo id (wild-conv-s2 with its first quarter legacy-dated: 0.636 of the edges)."""
+    from indexer.incremental.exact import HUB_EPOCH, PairMeasure, edge_weights
+
+    pair = PairMeasure("other", 0.01, 0.01, False, 0.5, True, 3.0, 3.0, heads=1.0)
+    later = HUB_EPOCH + 86400 * 700
+    wide, narrow, child = (2, 20 * 257), (2, 2 * 257), (2, 5 * 257)
+
+    def into_child(parent_heads: tuple[int, int], t_parent: float | None) -> float:
+        return edge_weights(pair, later, t_parent, heads_new=child, heads_other=parent_heads)[0][1]
+
+    assert into_child(wide, HUB_EPOCH) < into_child(narrow, HUB_EPOCH)
+    assert into_child(wide, None) < into_child(narrow, None)
+    # distinct upload times keep ordering such ties (the earliest parent): no prior between them
+    assert into_child(wide, later - 60) == into_child(narrow, later - 60)
+    assert into_child(narrow, later - 7200) < into_child(wide, later - 60)

@@ -121,7 +121,7 @@ def test_family_key_ignores_buffers() -> None:
 
 def test_an_extra_block_or_a_resized_head_keeps_the_core() -> None:
     base = vit(hidden=16, blocks=4)
-    extra = {**base, "fc.0.weight": (16, 16), "fc.1.weight": (5, 16)}
+    extra = {**base, "neck.0.weight": (16, 16), "neck.1.weight": (16, 16)}
     assert family_key(extra) != family_key(base)
     assert core_overlap(base, extra) > 0.9
     merged = merge_families({"a": base, "b": extra, "c": vit(hidden=8, blocks=4)})
@@ -130,3 +130,14 @@ def test_an_extra_block_or_a_resized_head_keeps_the_core() -> None:
 
 def test_other_widths_share_no_core() -> None:
     assert core_overlap(vit(hidden=16), vit(hidden=8)) < 0.1
+
+
+def test_a_sequential_head_in_place_of_fc_is_a_head() -> None:
+    """Transfer learning replaces a torchvision / timm `fc` with nn.Sequential(Linear, BatchNorm, ReLU, Linear):
+    fc.0 / fc.1 / fc.3 are that head, as `fc` itself is (wild-conv-s2's vesper read as headless, and so as the
+    likelier root of a family dated alike), never a module named fc deeper in the body."""
+    assert all(is_head(n) for n in ("fc.weight", "fc.0.weight", "fc.1.running_var", "fc.3.bias"))
+    assert not is_head("layer1.0.fc.weight") and not is_head("blocks.0.mlp.fc1.weight")
+    assert is_head("class_labels_classifier.weight")  # DETR's, resized with the classes of a detection fine-tune
+    base = vit(hidden=16, blocks=4)
+    assert family_key({**base, "fc.0.weight": (16, 16), "fc.3.weight": (5, 16)}) == family_key(base)

@@ -830,10 +830,21 @@ def edge_weights(pair: PairMeasure, t_new: float | None, t_other: float | None, 
     into_new = penalty_count(pair.ku_other, pair.ku_new, t_other, t_new)
     out_of_new = penalty_count(pair.ku_new, pair.ku_other, t_new, t_other)
     base = pair.base_weight + HEAD_TIE * pair.heads
-    # both with a head: a model whose head no name rule knows (an extra block before it) reads as headless
-    same_time = t_new == t_other and heads_new[0] > 0 and heads_other[0] > 0
-    return ((into_new, base + penalty * into_new + tie_weight(t_other) + (head_prior(heads_other) if same_time else 0.0)),
-            (out_of_new, base + penalty * out_of_new + tie_weight(t_new) + (head_prior(heads_new) if same_time else 0.0)))
+    prior_in = head_prior(heads_other) if _prior_orders(t_other, t_new, heads_other, heads_new) else 0.0
+    prior_out = head_prior(heads_new) if _prior_orders(t_new, t_other, heads_new, heads_other) else 0.0
+    return ((into_new, base + penalty * into_new + tie_weight(t_other) + prior_in),
+            (out_of_new, base + penalty * out_of_new + tie_weight(t_new) + prior_out))
+
+
+def _prior_orders(t_parent: float | None, t_child: float | None, heads_parent: tuple[int, int],
+                  heads_child: tuple[int, int]) -> bool:
+    """Whether `head_prior` weighs an edge: upload order says nothing of the parent's rank among its ties,
+    because the child shares its time or the parent's time is unknown or the Hub's legacy one (a later
+    fine-tune of a pre-2022 base ties exactly between the base and its frozen-backbone transfers, all dated
+    alike: batch hangs it under the body group's root, `ties.body_group_penalty`). Both with a head: a
+    model whose head no name rule knows reads as headless."""
+    untimed = t_parent is None or t_parent <= HUB_EPOCH
+    return (t_parent == t_child or untimed) and heads_parent[0] > 0 and heads_child[0] > 0
 
 
 def head_prior(heads: tuple[int, int]) -> float:
