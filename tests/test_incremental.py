@@ -543,3 +543,28 @@ def test_an_exact_tie_under_legacy_dated_parents_goes_to_the_wider_head() -> Non
     # distinct upload times keep ordering such ties (the earliest parent): no prior between them
     assert into_child(wide, later - 60) == into_child(narrow, later - 60)
     assert into_child(narrow, later - 7200) < into_child(wide, later - 60)
+
+
+def test_two_legacy_centres_are_told_apart_by_the_norm_regime(tmp_path: Path) -> None:
+    """A family dated alike (the Hub's pre-2022 repos) whose subtree is the path ft1-ft - ft1 - base - ft2:
+    two centres, no heads to tell them apart, and ft1 the medoid (its own fine-tune sits close to it). The
+    other two edges say children's norms grow, so the central edge points from the shorter model, the base,
+    as batch's `orient._central_edge` decides. Before, the medoid put the base under ft1 (the relations zoo
+    with half its uploads legacy-dated: 0.955 against batch's 1.000)."""
+    from indexer.incremental.exact import HUB_EPOCH
+
+    rng = np.random.default_rng(11)
+    names = [f"enc.{i}.attention.output.dense.weight" for i in range(12)]
+    base = {n: (0.5 * rng.standard_normal((32, 32))).astype(np.float32) for n in names}
+
+    def tuned(parent: dict[str, np.ndarray], scale: float) -> dict[str, np.ndarray]:
+        return {n: (x + scale * rng.standard_normal(x.shape)).astype(np.float32) for n, x in parent.items()}
+
+    ft1 = tuned(base, 0.2)
+    models = {"o/base": base, "o/ft1": ft1, "o/ft2": tuned(base, 0.2), "o/ft1-ft": tuned(ft1, 0.08)}
+    legacy = datetime.fromtimestamp(HUB_EPOCH, UTC)
+    with LineageIndex.open(tmp_path, k=4, device="cpu") as index:
+        for r in ["o/ft1", "o/ft1-ft", "o/ft2", "o/base"]:
+            index.add(r, "local:0", FAMILY, models[r], legacy)
+    shown = {r.repo_id: r.parent for r in read_records(tmp_path, "edges")}  # the rows query and export read
+    assert shown == {"o/base": "", "o/ft1": "o/base", "o/ft2": "o/base", "o/ft1-ft": "o/ft1"}, shown

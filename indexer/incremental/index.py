@@ -65,6 +65,7 @@ from indexer.incremental.satellites import (
 )
 from indexer.lineage.confidence import calibrated
 from indexer.lineage.methods import cast_dtype
+from indexer.lineage.orient import norm_t_votes, regime_parent
 from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
@@ -1328,8 +1329,8 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
     (indexer.lineage.orient). On the Hub bert-base-uncased and its 2020 fine-tunes all read 2022-03-02:
     their pair weights carry no direction (`penalty_count`), so the forest's root among them is arbitrary,
     and any rooting of that subtree costs the same. Two centres: batch's prior (the fewer head tensors,
-    then the wider head), then the one nearer the others (the medoid, over the measured pairs), then the
-    forest's root, then the smaller id."""
+    then the wider head), then the norm regime of the subtree's other edges (`_regime_rank`), then the one
+    nearer the others (the medoid, over the measured pairs), then the forest's root, then the smaller id."""
     forest = state.forest
     root = forest.root(cid)
     t0 = state.views[root].created
@@ -1365,11 +1366,14 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         closest = min(hops[m] for m in allowed)
         centres = sorted(m for m in allowed if hops[m] == closest)
     centres = [c for c in centres if c not in leaves]
+    tied = len(centres) == 2 and state.views[centres[0]].heads == state.views[centres[1]].heads
+    regime = _regime_rank(state, near, centres) if tied else {}
 
-    def spread(c: str) -> tuple[int, int, float, int, str]:
+    def spread(c: str) -> tuple[int, int, int, float, int, str]:
         measured = [state.distance[(c, x)] for x in dist_end if (c, x) in state.distance]
         count, values = state.views[c].heads
-        return count, -values, (sum(measured) / len(measured) if measured else math.inf), int(c != root), c
+        return (count, -values, regime.get(c, 0), (sum(measured) / len(measured) if measured else math.inf),
+                int(c != root), c)
 
     centre = min(centres, key=spread)
     if centre != root:
@@ -1378,6 +1382,27 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
             parent[m] = up
         parent[centre] = ""
     return _under_originals(parent, copies, lambda up, child: up in state.forest._in.get(child, {}))
+
+
+def _regime_rank(state: _Family, near: Mapping[str, Sequence[str]], centres: Sequence[str]) -> dict[str, int]:
+    """Between two centres whose heads tie: {centre: 0 for the parent the group's norm regime picks, 1 for the
+    other}, {} when unclear, as batch's `orient._central_edge`. Its votes are taken on the per-layer norms
+    every view keeps (`_layer_norm_vote`), so no array is recalled; batch's on every row's norm."""
+    a, b = centres
+    _, back = _bfs(near, a)
+    first = regime_parent([(p, c) for c, p in back.items()], a, b,
+                          lambda p, c: _layer_norm_vote(state.views[str(p)], state.views[str(c)]))
+    return {} if first is None else {str(first): 0, (b if first == a else a): 1}
+
+
+def _layer_norm_vote(parent: ModelView, child: ModelView) -> float:
+    """`orient.norm_t_votes` of parent -> child over the body layers both sketched (> 0: the child's are
+    shorter), each layer's norm one paired observation."""
+    names = sorted(n for n in parent.norms.keys() & child.norms.keys() if not is_head(n))
+    if len(names) < 2:
+        return 0.0
+    rows = [np.array([view.norms[n] for n in names], dtype=np.float64) for view in (parent, child)]
+    return float(norm_t_votes(rows)[0, 1])
 
 
 def _later_copies(state: _Family, group: set[str]) -> dict[str, str]:

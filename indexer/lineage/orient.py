@@ -18,7 +18,7 @@ centre is its middle. Measured per zoo and phenomenon in bench/RESULTS.md (`benc
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 
 import networkx as nx
 import numpy as np
@@ -61,11 +61,23 @@ def _central_edge(tree: nx.Graph, centres: Sequence[int], votes: np.ndarray) -> 
     children shrink, shorter when they grow."""
     a, b = centres
     parent = _oriented(tree, a, votes.shape[0])
-    regime = float(sum(votes[p, v] for v, p in enumerate(parent) if p >= 0 and {p, v} != {a, b}))
-    if abs(regime) < 1.0 or votes[a, b] == 0:
+    first = regime_parent([(p, v) for v, p in enumerate(parent) if p >= 0], a, b, lambda p, c: float(votes[p, c]))
+    if first is None:
         return {}
-    a_first = (regime > 0) == (votes[a, b] > 0)  # votes[a, b] > 0: b's rows are the shorter
-    return {a: 0 if a_first else 1, b: 1 if a_first else 0}
+    return {a: 0 if first == a else 1, b: 1 if first == a else 0}
+
+
+def regime_parent(edges: Iterable[tuple[Hashable, Hashable]], a: Hashable, b: Hashable,
+                  vote: Callable[[Hashable, Hashable], float]) -> Hashable | None:
+    """Which of a tree's two centres `a`, `b` the norm regime makes the parent, None when unclear (|sum| < 1
+    vote, or no vote on the central edge). `edges`: the tree's (parent, child) pairs rooted at `a`; `vote(p, c)`
+    in [-1, 1]: how clearly c's rows are shorter than p's (`norm_t_votes`). Batch mother and the incremental
+    index's shown parents (indexer.incremental.index._shown_parents) both decide here."""
+    regime = sum(vote(p, c) for p, c in edges if {p, c} != {a, b})
+    central = vote(a, b)
+    if abs(regime) < 1.0 or central == 0:
+        return None
+    return a if (regime > 0) == (central > 0) else b  # central > 0: b's rows are the shorter
 
 
 def _oriented(tree: nx.Graph, root: int, n: int) -> list[int]:
