@@ -1366,7 +1366,9 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         closest = min(hops[m] for m in allowed)
         centres = sorted(m for m in allowed if hops[m] == closest)
     centres = [c for c in centres if c not in leaves]
-    tied = len(centres) == 2 and state.views[centres[0]].heads == state.views[centres[1]].heads
+    # the regime orients a central edge: two adjacent centres (not two leaves' nearest stand-ins)
+    tied = (len(centres) == 2 and centres[1] in near[centres[0]]
+            and state.views[centres[0]].heads == state.views[centres[1]].heads)
     regime = _regime_rank(state, near, centres) if tied else {}
 
     def spread(c: str) -> tuple[int, int, int, float, int, str]:
