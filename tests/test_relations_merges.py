@@ -297,3 +297,26 @@ def test_a_passthrough_stack_of_another_depth_is_a_merge_of_its_sources() -> Non
     assert same is not None and not same.is_merge and same.single == "a"
     trained = stack((a, 0), (a, 1), (b, 1)) | {"model.layers.3.q.weight": rng.standard_normal((24, 24)).astype(np.float32)}
     assert not fit(trained, models).is_merge
+
+
+def test_a_known_merge_is_no_masked_base_of_its_own_parents() -> None:
+    """Without upload order a base's pool holds its fine-tunes a, b and their TIES merge T (which keeps the
+    base's entries where the task vectors were trimmed). Over T as the masked base, base - T is fitted on
+    a - T and b - T inside the masking noise, so the base came out a merge of its own children. A masked
+    base is the ancestor its parents' task vectors start from, and T descends from a and b: told that T is a
+    merge of them, the fit refuses that base."""
+    m = family(1)
+    ties = {}
+    for n, base in m["base"].items():
+        delta = np.zeros_like(base)
+        for name in "ab":
+            tau = m[name][n] - base
+            delta += tau * (np.abs(tau) >= np.quantile(np.abs(tau), 0.5))  # mergekit's weight 1, density 0.5
+        ties[n] = base + delta
+    pool = {"a": m["a"], "b": m["b"], "t": ties}
+    unordered = fit(m["base"], pool, merges=["t"])
+    assert unordered is not None and unordered.is_merge and unordered.base == "t"  # the failure, without parents
+    got = fit(m["base"], pool, merges={"t": ["a", "b"]})
+    assert got is not None and not got.is_merge, got
+    found = fit(ties, {"base": m["base"], "a": m["a"], "b": m["b"]})  # T itself is still a merge over the base
+    assert found is not None and found.is_merge and {p for p, _ in found.parents} == {"a", "b"}

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
+import networkx as nx
 import numpy as np
 
 from errors import BadInputError, StoreError
@@ -1057,7 +1058,7 @@ class LineageIndex:
             return False  # unreadable now: fitted again when its pool next changes
         keys = {r: self._content(r, state.revisions.get(r, "")) for r in [*views, repo_id]}
         found = (fit(x.arrays, {r: self._with_mlp_rows(r, v.arrays, x.arrays) for r, v in views.items()},
-                     merges=[r for r in pool if r in known],
+                     merges={r: known[r] for r in pool if r in known},
                      cache=self._pair_cache, keys=keys, x_key=keys[repo_id])
                  if len(views) >= 2 else None)
         state.pools[repo_id] = key
@@ -1339,12 +1340,19 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
     group = {m for m in members if state.views[m].created == t0}
     if len(group) < 2:
         return parent
-    near: dict[str, list[str]] = {m: [] for m in group}
-    for m in sorted(group):
-        if parent[m] in group:
-            near[m].append(parent[m])
-            near[parent[m]].append(m)
-    far, _ = _bfs(near, root)
+    # a merge, a quantized copy, a cast or a later byte-identical copy is a leaf, never a family's source
+    copies = _later_copies(state, group)
+    leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
+    leaves |= set(copies)
+    barred = {m for m in group if len(state.merges.get(m, ())) >= 2 and _over_a_common_base(state, m, members)}
+    near = _without_merges(state, group, group & leaves) if barred else None
+    if near is None:
+        barred, near = set(), {m: [] for m in group}
+        for m in sorted(group):
+            if parent[m] in group:
+                near[m].append(parent[m])
+                near[parent[m]].append(m)
+    far, _ = _bfs(near, root if root in near else min(near))
     end = max(far, key=lambda m: (far[m], m))
     dist_end, back = _bfs(near, end)
     other = max(dist_end, key=lambda m: (dist_end[m], m))
@@ -1353,12 +1361,7 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         path.append(back[path[-1]])
     length = len(path) - 1
     centres = sorted({path[length // 2], path[(length + 1) // 2]})
-    # a merge, a quantized copy, a cast or a later byte-identical copy is a leaf, never a family's source:
-    # the nearest model that may be
-    copies = _later_copies(state, group)
-    leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
-    leaves |= set(copies)
-    if all(c in leaves for c in centres):
+    if all(c in leaves for c in centres):  # the nearest model that may be the source
         hops, _ = _bfs(near, centres[0])
         allowed = [m for m in hops if m not in leaves]
         if not allowed:
@@ -1378,12 +1381,49 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
                 int(c != root), c)
 
     centre = min(centres, key=spread)
-    if centre != root:
+    if centre != root or barred:
         _, back = _bfs(near, centre)
         for m, up in back.items():
             parent[m] = up
         parent[centre] = ""
+    for m in sorted(barred):  # a merge set aside: under its heaviest merge parent, as batch's second pass
+        heaviest = max(state.merges[m], key=lambda link: link[1])[0]
+        parent[m] = heaviest if heaviest in parent else parent[m]
     return _under_originals(parent, copies, lambda up, child: up in state.forest._in.get(child, {}))
+
+
+def _over_a_common_base(state: _Family, merge: str, members: Sequence[str]) -> bool:
+    """batch's `recover._over_a_common_base` on the measured pairs: another model of the cluster measured
+    nearer each of the merge's two heaviest parents than they are to each other (their base); False when
+    the parents' own pair was not measured. Without upload order the middle of a chain of checkpoints fits as
+    a merge of its parent and child, and nothing lies between those."""
+    first, second = (p for p, _ in sorted(state.merges[merge], key=lambda link: -link[1])[:2])
+    apart = state.distance.get((first, second))
+    if apart is None:
+        return False
+    return any(max(state.distance.get((o, first), math.inf), state.distance.get((o, second), math.inf)) < apart
+               for o in members if o not in (merge, first, second))
+
+
+def _without_merges(state: _Family, group: set[str], barred: set[str]) -> dict[str, list[str]] | None:
+    """The minimum spanning tree of `group` but its leaves (`barred`: merges, quantized copies, casts, later
+    copies, which keep their forest parents), over their candidate edges, each pair weighed by its costlier
+    direction as batch's `orient.centre_rooted_tree` weighs it; adjacency lists, or None when those edges
+    leave the rest in pieces. Why: a merge of two fine-tunes dated like them sits between them (ft1 - merge
+    - ft2) in the forest's tree, whose centre is then the merge or beside it, with the base below; batch
+    draws such a tree again without its merges (indexer.lineage.recover._merges), and places quantized
+    copies, duplicates and casts beside its trees."""
+    forest, core = state.forest, sorted(group - barred)
+    graph = nx.Graph()
+    graph.add_nodes_from(core)
+    for child in core:
+        for up, weight in forest._in.get(child, {}).items():
+            if up in group and up not in barred and (not graph.has_edge(up, child) or graph[up][child]["weight"] < weight):
+                graph.add_edge(up, child, weight=weight)
+    if len(core) < 2 or not nx.is_connected(graph):
+        return None
+    tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
+    return {m: sorted(tree.neighbors(m)) for m in core}
 
 
 def _regime_rank(state: _Family, near: Mapping[str, Sequence[str]], centres: Sequence[str]) -> dict[str, int]:

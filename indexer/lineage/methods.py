@@ -121,6 +121,10 @@ class Options:
     alpha: float = 0.5  # phylogeny: probability of the mean (not the min-norm member) as centroid
     seed: int = 0
     device: Device = "auto"
+    # (merge, its heaviest merge parent): set aside as leaves before any tree is drawn, like duplicates
+    # (the batch recovery's second pass, indexer.lineage.recover._merges: a merge dated like its parents,
+    # or undated, sits between them in the spanning tree and takes its centre)
+    set_aside: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -687,9 +691,9 @@ def _grow(gram: np.ndarray, dist: np.ndarray, group: np.ndarray, above: int, par
 
 
 def recover_family(family: Family, options: Options) -> Lineage:
-    """Duplicates and 16-bit casts set aside (indexer.lineage.ties, `_cast_sources`), the rest through
-    `options.method`, then put back as `duplicate` / `quantized` leaves under their sources; a single
-    model is a root on its own."""
+    """Duplicates and 16-bit casts set aside (indexer.lineage.ties, `_cast_sources`), and the merges of
+    `options.set_aside`, the rest through `options.method`, then put back as `duplicate` / `quantized` /
+    `merge` leaves under their sources; a single model is a root on its own."""
     if options.method != "mother":  # the baselines stay as their papers state them
         return _dispatch(family, options)
     originals = _originals(family)
@@ -698,6 +702,12 @@ def recover_family(family: Family, options: Options) -> Lineage:
         if source >= 0 and originals[j] < 0:
             originals[j] = originals[source] if originals[source] >= 0 else source
             relations[j] = "quantized"
+    at = {rid: i for i, rid in enumerate(family.repo_ids)}
+    for merge, parent in options.set_aside:
+        j, source = at.get(merge, -1), at.get(parent, -1)
+        if j >= 0 and source >= 0 and originals[j] < 0 and originals[source] != j:
+            originals[j] = originals[source] if originals[source] >= 0 else source
+            relations[j] = "merge"
     keep = np.array([i for i, o in enumerate(originals) if o < 0], dtype=np.int64)
     inner = _dispatch(subset(family, keep), options) if len(keep) < family.n else _dispatch(family, options)
     if len(keep) == family.n:
@@ -842,11 +852,13 @@ def _with_duplicates(family: Family, keep: np.ndarray, originals: list[int], inn
             conf[i] = inner.confidence[src] if inner.confidence else math.nan
             z[i] = inner.edge_score[src] if inner.edge_score else math.nan
             margin[i] = inner.margin[src] if inner.margin else math.nan
+        elif relations[i] == "merge":  # its distance, confidence and merge parents: the recovery's merge step
+            parent[i], relation[i] = originals[i], relations[i]
         else:
             parent[i], dist[i], relation[i], conf[i], z[i] = originals[i], 0.0, relations[i], 1.0, math.inf
             margin[i] = 1.0
     dups = n - len(keep)
     return Lineage(tuple(parent), tuple(cluster), tuple(dist), tuple(score),
-                   (*inner.notes, f"{dups} exact duplicate(s) and 16-bit cast(s) set aside as leaves"),
+                   (*inner.notes, f"{dups} exact duplicate(s), 16-bit cast(s) and merge(s) set aside as leaves"),
                    tuple(relation), tuple(conf),
                    tuple(z), tuple(margin))

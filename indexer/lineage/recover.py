@@ -443,7 +443,12 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
     if not families and not copies and not adapters:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
     forest = _solve(families, failed, options) if families else Forest(tuple(failed))
-    return _with_relations(forest, families, keys, copies, adapters, options, spent, dict(repos))
+    result, aside = _with_relations(forest, families, keys, copies, adapters, options, spent, dict(repos))
+    if aside:  # merges the first trees were drawn through, without upload order: again without them (`_merges`)
+        again = replace(options, set_aside=aside)
+        result, _ = _with_relations(_solve(families, failed, again), families, keys, copies, adapters, again,
+                                    spent, dict(repos))
+    return result
 
 
 def group_families(loaded: Sequence[_Loaded]) -> dict[str, list[_Loaded]]:
@@ -504,15 +509,18 @@ def _member_arrays(family: Family, i: int) -> dict[str, np.ndarray]:
 
 def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys: Mapping[str, str],
                     copies: Sequence[QuantCopy], adapters: Sequence[AdapterRepo], options: Options,
-                    spent: Mapping[str, int], folders: Mapping[str, Path]) -> Forest:
+                    spent: Mapping[str, int], folders: Mapping[str, Path]) -> tuple[Forest, tuple[tuple[str, str], ...]]:
     """Step 6 (the module docstring); every row gets its bytes read. `folders`: repo id -> folder, where a
-    DoRA adapter's base rows are read from (as `index add` reads them)."""
+    DoRA adapter's base rows are read from (as `index add` reads them). Also the merges to set aside in a
+    second pass (`_merges`), none in a pass that already set them aside."""
     rows = {r.repo_id: r for r in forest.rows}
     arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
     created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
+    aside: tuple[tuple[str, str], ...] = ()
     if options.method == "mother":  # the paper methods stay as the papers define them
-        _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created,
-                {rid: local_declared_bases(folders[rid]) for rid in arrays if rid in folders})
+        aside = _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created,
+                        {rid: local_declared_bases(folders[rid]) for rid in arrays if rid in folders})
+        aside = () if options.set_aside else aside
     placed = _quantized(rows, families, keys, copies, arrays, options)
     shapes = {rid: {n: tuple(np.shape(a)) for n, a in arrays[rid].items()} for rid in arrays}
     shapes |= {c.repo_id: dict(c.shapes) for c in copies}
@@ -537,24 +545,57 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
     placed |= place_adapters(usable, {rid: (home[rid], shapes[rid]) for rid in home if rid in shapes}, family_shapes,
                              local_bases(folders))
     rows |= _placed_rows(placed, rows, options)
-    return Forest(tuple(replace(r, bytes_read=spent.get(r.repo_id, 0)) for _, r in sorted(rows.items())), forest.notes)
+    return Forest(tuple(replace(r, bytes_read=spent.get(r.repo_id, 0)) for _, r in sorted(rows.items())), forest.notes), aside
 
 
 def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.ndarray]],
-            created: Mapping[str, float | None], declared: Mapping[str, tuple[str, ...]]) -> None:
-    """Merges among each tree (indexer.relations.batch.find_merges); a merge's row takes its parents."""
+            created: Mapping[str, float | None], declared: Mapping[str, tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
+    """Merges among each tree (indexer.relations.batch.find_merges); a merge's row takes its parents.
+
+    Returns (merge, heaviest merge parent) for every merge whose tree gave it no upload order: its time
+    unknown or shared with another model of its tree (a folder without times). Such a merge sits between
+    its parents in the spanning tree (the mean of two fine-tunes is nearer each than their base is), so the
+    tree runs ft1 - merge - ft2 and is rooted at the merge or beside it, the base below (relations zoo
+    undated: 0.73). The recovery draws those trees again with the merges set aside as leaves, as
+    duplicates are, and this step hangs them under their parents. With distinct times a merge comes after
+    its parents and the direction penalty already keeps it out of their way: no second pass."""
     ok = {r.repo_id: r for r in rows.values() if r.status == "ok" and r.repo_id in arrays}
     trees: dict[tuple[str, int], list[str]] = {}
     for r in ok.values():
         trees.setdefault((r.family, r.cluster), []).append(r.repo_id)
     parent_of = {rid: r.parent for rid, r in ok.items()}  # the method's tree, before any merge row moves
+    tree_of = {rid: tuple(t) for t in trees.values() for rid in t}
+    aside = []
     for x, links in sorted(find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created,
                                        declared).items()):
         parents = merge_row_parents(x, links, parent_of)
         if parents:
-            moved = parents[0][0] != rows[x].parent
+            moved = parents[0][0] != rows[x].parent or rows[x].relation == "merge"  # set aside: no distance
             rows[x] = replace(rows[x], parent=parents[0][0], relation="merge", parents=parents,
                               distance=math.nan if moved else rows[x].distance)
+        undated = created.get(x) is None or any(created.get(o) == created[x] for o in tree_of[x] if o != x)
+        if undated and _over_a_common_base(x, links, tree_of[x], arrays):
+            aside.append((x, max(links, key=lambda link: link[1])[0]))
+    return tuple(aside)
+
+
+def _over_a_common_base(x: str, links: Sequence[tuple[str, float]], tree: Sequence[str],
+                        arrays: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
+    """Whether another model of the tree is nearer each of x's two heaviest merge parents than they are to
+    each other: their common base, which fine-tunes merged by mergekit have (siblings of independent updates
+    sit about sqrt(2) times their base's distance apart). Without upload order the middle of a chain of
+    checkpoints P -> X -> C also fits as a "merge" of P and C (wild-tiny undated: 0.85 of C + 0.15 of P), and
+    nothing but X lies between them; setting it aside broke the chain (0.909 -> 0.818)."""
+    first, second = (p for p, _ in sorted(links, key=lambda link: -link[1])[:2])
+    apart = _l2(arrays[first], arrays[second])
+    return any(max(_l2(arrays[o], arrays[first]), _l2(arrays[o], arrays[second])) < apart
+               for o in tree if o not in (x, first, second) and o in arrays)
+
+
+def _l2(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
+    """The L2 distance over the tensors both hold with one shape."""
+    return math.sqrt(sum(float(np.sum((np.asarray(a[n], np.float64) - np.asarray(b[n], np.float64)) ** 2))
+                         for n in a.keys() & b.keys() if np.shape(a[n]) == np.shape(b[n])))
 
 
 def _quantized(rows: Mapping[str, ForestRow], families: Sequence[tuple[str, Family]], keys: Mapping[str, str],

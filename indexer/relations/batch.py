@@ -219,7 +219,7 @@ def find_merges(trees: Sequence[Sequence[str]], arrays: Mapping[str, Arrays],
         stats = pair_table(tree, arrays)
         for x in sorted(tree, key=lambda r: fit_order(created.get(r), r)):
             pool = tree_pool(x, tree, stats, arrays, created, known, declared.get(x, ()))
-            result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges=[r for r in pool if r in known],
+            result = (fit(arrays[x], {r: arrays[r] for r in pool}, merges={r: known[r] for r in pool if r in known},
                           cache=cache, keys={r: r for r in pool}, x_key=x)
                       if len(pool) >= 2 else None)
             if result is not None and result.is_merge:

@@ -58,7 +58,7 @@ import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
 
@@ -287,12 +287,13 @@ def _parents(ids: Sequence[str], subset: tuple[int, ...], coef: np.ndarray, min_
     return tuple(sorted(((r, round(w / norm, WEIGHT_DIGITS)) for r, w in kept), key=lambda p: (-p[1], p[0])))
 
 
-def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] = (),
+def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] | Mapping[str, Sequence[str]] = (),
         min_share: float = MIN_SHARE, cache: PairCache | None = None,
         keys: Mapping[str, Hashable] | None = None, x_key: Hashable = None) -> MergeFit | None:
     """The module docstring's test; None with fewer than two candidates or no common block. `merges`: the
-    candidates known to be merges themselves (fitted earlier in upload order): X is first explained by
-    the others alone, and by a merge among its candidates only when they cannot (`_explain`).
+    candidates known to be merges themselves (fitted earlier in upload order), or a map of them to their
+    merge parents: X is first explained by the others alone, and by a merge among its candidates only
+    when they cannot (`_explain`); a known merge is no masked base of its own merge parents (`_masked`).
     `cache`: what fits learn about pairs, kept between them; `keys` (candidate id -> what names its arrays)
     and `x_key` (x's) address it. Without them the fit keeps its own for its two groups."""
     ids = sorted(candidates)
@@ -304,7 +305,8 @@ def fit(x: Arrays, candidates: Mapping[str, Arrays], *, merges: Collection[str] 
     if cache is None or keys is None or x_key is None:
         cache, keys, x_key = PairCache(), {r: ("candidate", r) for r in ids}, ("x",)
     keyed = _Keyed(cache, {**{r: keys[r] for r in ids}, "": x_key}, tuple(names))
-    stored = _Stored(x, candidates, ids, names, keyed, _Widened(x, candidates, names))
+    merge_parents = {m: frozenset(ps) for m, ps in merges.items()} if isinstance(merges, Mapping) else {}
+    stored = _Stored(x, candidates, ids, names, keyed, _Widened(x, candidates, names), merge_parents)
     blocks = block_gram(x, candidates, keyed, stored.wide)
     products = (blocks[0].sum(0), blocks[1].sum(0), float(blocks[2].sum()))
     g, b, xx = products
@@ -520,6 +522,7 @@ class _Stored:
     names: Sequence[str]
     keyed: _Keyed  # x's verdicts over each base, measured once (both groups of a fit ask, later fits too)
     wide: _Widened  # the blocks in float64, converted once a fit
+    merge_parents: Mapping[str, frozenset[str]] = field(default_factory=dict)  # known merges -> their parents
 
     @cached_property
     def dtypes(self) -> tuple[str, ...]:
@@ -692,12 +695,23 @@ def _masked(stored: _Stored, products: tuple[np.ndarray, np.ndarray, float], mem
         r2, subset, coef = _best_subset(lambda sub: _residual(g, b, xx, sub), len(others), singles[k], _values(x, names))  # noqa: B023
         r1 = max(min([singles[k]] + [singles[others[i]] for i in subset]), 1e-300)
         fit_ = MergeFit(_parents([ids[i] for i in others], subset, coef, min_share), base, r2 / r1, base)
+        if _descends(stored, base, fit_):
+            continue
         if (fit_.is_merge and fit_.ratio < MASKED_RATIO
                 and (best is None or fit_.ratio <= best.ratio * (1 + AFFINE_TIE))
                 and not stored.keyed.about("rounding flips", base, lambda: rounding_flips(x, candidates[base], names))  # noqa: B023
                 and uncovered_share(x, candidates[base], [candidates[p] for p, _ in fit_.parents], names) <= UNCOVERED_MAX):
             best = fit_ if best is None or fit_.ratio < best.ratio * (1 - AFFINE_TIE) else _base_of(stored, best, fit_)
     return best
+
+
+def _descends(stored: _Stored, base: str, found: MergeFit) -> bool:
+    """Whether `base` is a known merge of one of `found`'s parents. A masked merge's base is the ancestor its
+    parents' task vectors start from; a merge descends from its own parents, so it is none of theirs.
+    Without upload times nothing else bars it: a base fitted over its two fine-tunes came out a TIES merge of
+    them over their own TIES merge (relations zoo undated: base-a as (a-ft1 0.53, a-ft2 0.47) over a-ties,
+    ratio 0.49, inside the masking noise), and the family's source became a leaf."""
+    return bool(stored.merge_parents.get(base, frozenset()) & {p for p, _ in found.parents})
 
 
 def _base_of(stored: _Stored, first: MergeFit, second: MergeFit) -> MergeFit:
