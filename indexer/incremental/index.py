@@ -1344,7 +1344,8 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
     copies = _later_copies(state, group)
     leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
     leaves |= set(copies)
-    barred = {m for m in group if len(state.merges.get(m, ())) >= 2 and _over_a_common_base(state, m, members)}
+    barred = {m for m in group if len(state.merges.get(m, ())) >= 2 and _over_a_common_base(state, m, members)
+              and not any(len(state.merges.get(p, ())) >= 2 for p, _ in state.merges[m])}  # as batch: of fine-tunes only
     near = _without_merges(state, group, group & leaves) if barred else None
     if near is None:
         barred, near = set(), {m: [] for m in group}

@@ -566,15 +566,17 @@ def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.nda
     parent_of = {rid: r.parent for rid, r in ok.items()}  # the method's tree, before any merge row moves
     tree_of = {rid: tuple(t) for t in trees.values() for rid in t}
     aside = []
-    for x, links in sorted(find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created,
-                                       declared).items()):
+    found = find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created, declared)
+    for x, links in sorted(found.items()):
         parents = merge_row_parents(x, links, parent_of)
         if parents:
             moved = parents[0][0] != rows[x].parent or rows[x].relation == "merge"  # set aside: no distance
             rows[x] = replace(rows[x], parent=parents[0][0], relation="merge", parents=parents,
                               distance=math.nan if moved else rows[x].distance)
         undated = created.get(x) is None or any(created.get(o) == created[x] for o in tree_of[x] if o != x)
-        if undated and _over_a_common_base(x, links, tree_of[x], arrays):
+        # of fine-tunes only: without upload order a pile of merges fits over one another (held-out recipes
+        # undated: merges of merges everywhere), and setting those aside moved more rows wrong than right
+        if undated and not any(p in found for p, _ in links) and _over_a_common_base(x, links, tree_of[x], arrays):
             aside.append((x, max(links, key=lambda link: link[1])[0]))
     return tuple(aside)
 
