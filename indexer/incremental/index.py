@@ -84,7 +84,13 @@ from indexer.relations.adapters import (
     total_norm,
     verdict_details,
 )
-from indexer.relations.merges import PairCache, fit, merge_row_parents
+from indexer.relations.merges import (
+    PairCache,
+    fit,
+    heaviest_parent,
+    merge_row_parents,
+    set_aside_undated,
+)
 from indexer.relations.pool import (
     PairStats,
     declared_relatives,
@@ -1342,10 +1348,11 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         return parent
     # a merge, a quantized copy, a cast or a later byte-identical copy is a leaf, never a family's source
     copies = _later_copies(state, group)
-    leaves = set(state.quant) | {copy for _, copy in state.casts} | {m for m, links in state.merges.items() if len(links) >= 2}
-    leaves |= set(copies)
-    barred = {m for m in group if len(state.merges.get(m, ())) >= 2 and _over_a_common_base(state, m, members)
-              and not any(len(state.merges.get(p, ())) >= 2 for p, _ in state.merges[m])}  # as batch: of fine-tunes only
+    merges = {m for m, links in state.merges.items() if len(links) >= 2}
+    leaves = set(state.quant) | {copy for _, copy in state.casts} | merges | set(copies)
+    barred = {m for m in group & merges
+              if set_aside_undated(state.merges[m], [o for o in members if o != m],
+                                   lambda a, b: state.distance.get((a, b)), merges)}
     near = _without_merges(state, group, group & leaves) if barred else None
     if near is None:
         barred, near = set(), {m: [] for m in group}
@@ -1388,22 +1395,9 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
             parent[m] = up
         parent[centre] = ""
     for m in sorted(barred):  # a merge set aside: under its heaviest merge parent, as batch's second pass
-        heaviest = max(state.merges[m], key=lambda link: link[1])[0]
+        heaviest = heaviest_parent(state.merges[m])
         parent[m] = heaviest if heaviest in parent else parent[m]
     return _under_originals(parent, copies, lambda up, child: up in state.forest._in.get(child, {}))
-
-
-def _over_a_common_base(state: _Family, merge: str, members: Sequence[str]) -> bool:
-    """batch's `recover._over_a_common_base` on the measured pairs: another model of the cluster measured
-    nearer each of the merge's two heaviest parents than they are to each other (their base); False when
-    the parents' own pair was not measured. Without upload order the middle of a chain of checkpoints fits as
-    a merge of its parent and child, and nothing lies between those."""
-    first, second = (p for p, _ in sorted(state.merges[merge], key=lambda link: -link[1])[:2])
-    apart = state.distance.get((first, second))
-    if apart is None:
-        return False
-    return any(max(state.distance.get((o, first), math.inf), state.distance.get((o, second), math.inf)) < apart
-               for o in members if o not in (merge, first, second))
 
 
 def _without_merges(state: _Family, group: set[str], barred: set[str]) -> dict[str, list[str]] | None:

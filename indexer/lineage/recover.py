@@ -55,7 +55,12 @@ from indexer.relations.batch import (
     place_adapters,
     place_quantized,
 )
-from indexer.relations.merges import merge_row_parents
+from indexer.relations.merges import (
+    heaviest_parent,
+    merge_row_parents,
+    set_aside_undated,
+)
+from indexer.relations.pool import squared_distance
 from indexer.sources import (
     hf_cache_repo_id,
     hf_cache_snapshot,
@@ -444,7 +449,7 @@ def recover(root: str | os.PathLike[str], options: Options) -> Forest:
         raise RecoveryError(f"{root}: every model failed to load; first reason: {failed[0].reason}")
     forest = _solve(families, failed, options) if families else Forest(tuple(failed))
     result, aside = _with_relations(forest, families, keys, copies, adapters, options, spent, dict(repos))
-    if aside:  # merges the first trees were drawn through, without upload order: again without them (`_merges`)
+    if aside and not options.set_aside:  # merges the trees were drawn through, without upload order (`_merges`)
         again = replace(options, set_aside=aside)
         result, _ = _with_relations(_solve(families, failed, again), families, keys, copies, adapters, again,
                                     spent, dict(repos))
@@ -512,7 +517,7 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
                     spent: Mapping[str, int], folders: Mapping[str, Path]) -> tuple[Forest, tuple[tuple[str, str], ...]]:
     """Step 6 (the module docstring); every row gets its bytes read. `folders`: repo id -> folder, where a
     DoRA adapter's base rows are read from (as `index add` reads them). Also the merges to set aside in a
-    second pass (`_merges`), none in a pass that already set them aside."""
+    second pass (`_merges`)."""
     rows = {r.repo_id: r for r in forest.rows}
     arrays = {rid: _member_arrays(fam, i) for _, fam in families for i, rid in enumerate(fam.repo_ids)}
     created = {rid: t for _, fam in families for rid, t in zip(fam.repo_ids, fam.created, strict=True)}
@@ -520,7 +525,6 @@ def _with_relations(forest: Forest, families: Sequence[tuple[str, Family]], keys
     if options.method == "mother":  # the paper methods stay as the papers define them
         aside = _merges(rows, {rid: compared_arrays(a) for rid, a in arrays.items()}, created,
                         {rid: local_declared_bases(folders[rid]) for rid in arrays if rid in folders})
-        aside = () if options.set_aside else aside
     placed = _quantized(rows, families, keys, copies, arrays, options)
     shapes = {rid: {n: tuple(np.shape(a)) for n, a in arrays[rid].items()} for rid in arrays}
     shapes |= {c.repo_id: dict(c.shapes) for c in copies}
@@ -552,19 +556,21 @@ def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.nda
             created: Mapping[str, float | None], declared: Mapping[str, tuple[str, ...]]) -> tuple[tuple[str, str], ...]:
     """Merges among each tree (indexer.relations.batch.find_merges); a merge's row takes its parents.
 
-    Returns (merge, heaviest merge parent) for every merge whose tree gave it no upload order: its time
-    unknown or shared with another model of its tree (a folder without times). Such a merge sits between
-    its parents in the spanning tree (the mean of two fine-tunes is nearer each than their base is), so the
-    tree runs ft1 - merge - ft2 and is rooted at the merge or beside it, the base below (relations zoo
-    undated: 0.73). The recovery draws those trees again with the merges set aside as leaves, as
-    duplicates are, and this step hangs them under their parents. With distinct times a merge comes after
-    its parents and the direction penalty already keeps it out of their way: no second pass."""
+    Returns (merge, heaviest merge parent) for every merge whose tree gave it no upload order (its time
+    unknown or shared with another model of its tree: a folder without times) and that
+    `merges.set_aside_undated` draws out of its tree. The recovery draws those trees again with the merges
+    set aside as leaves, as duplicates are, and this step hangs them under their parents. With distinct
+    times a merge comes after its parents and the direction penalty keeps it out of their way."""
     ok = {r.repo_id: r for r in rows.values() if r.status == "ok" and r.repo_id in arrays}
     trees: dict[tuple[str, int], list[str]] = {}
     for r in ok.values():
         trees.setdefault((r.family, r.cluster), []).append(r.repo_id)
     parent_of = {rid: r.parent for rid, r in ok.items()}  # the method's tree, before any merge row moves
     tree_of = {rid: tuple(t) for t in trees.values() for rid in t}
+
+    def distance(a: str, b: str) -> float:
+        return squared_distance(arrays[a], arrays[b])
+
     aside = []
     found = find_merges([sorted(t) for _, t in sorted(trees.items())], arrays, created, declared)
     for x, links in sorted(found.items()):
@@ -574,30 +580,9 @@ def _merges(rows: dict[str, ForestRow], arrays: Mapping[str, Mapping[str, np.nda
             rows[x] = replace(rows[x], parent=parents[0][0], relation="merge", parents=parents,
                               distance=math.nan if moved else rows[x].distance)
         undated = created.get(x) is None or any(created.get(o) == created[x] for o in tree_of[x] if o != x)
-        # of fine-tunes only: without upload order a pile of merges fits over one another (held-out recipes
-        # undated: merges of merges everywhere), and setting those aside moved more rows wrong than right
-        if undated and not any(p in found for p, _ in links) and _over_a_common_base(x, links, tree_of[x], arrays):
-            aside.append((x, max(links, key=lambda link: link[1])[0]))
+        if undated and set_aside_undated(links, [o for o in tree_of[x] if o != x], distance, found):
+            aside.append((x, heaviest_parent(links)))
     return tuple(aside)
-
-
-def _over_a_common_base(x: str, links: Sequence[tuple[str, float]], tree: Sequence[str],
-                        arrays: Mapping[str, Mapping[str, np.ndarray]]) -> bool:
-    """Whether another model of the tree is nearer each of x's two heaviest merge parents than they are to
-    each other: their common base, which fine-tunes merged by mergekit have (siblings of independent updates
-    sit about sqrt(2) times their base's distance apart). Without upload order the middle of a chain of
-    checkpoints P -> X -> C also fits as a "merge" of P and C (wild-tiny undated: 0.85 of C + 0.15 of P), and
-    nothing but X lies between them; setting it aside broke the chain (0.909 -> 0.818)."""
-    first, second = (p for p, _ in sorted(links, key=lambda link: -link[1])[:2])
-    apart = _l2(arrays[first], arrays[second])
-    return any(max(_l2(arrays[o], arrays[first]), _l2(arrays[o], arrays[second])) < apart
-               for o in tree if o not in (x, first, second) and o in arrays)
-
-
-def _l2(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> float:
-    """The L2 distance over the tensors both hold with one shape."""
-    return math.sqrt(sum(float(np.sum((np.asarray(a[n], np.float64) - np.asarray(b[n], np.float64)) ** 2))
-                         for n in a.keys() & b.keys() if np.shape(a[n]) == np.shape(b[n])))
 
 
 def _quantized(rows: Mapping[str, ForestRow], families: Sequence[tuple[str, Family]], keys: Mapping[str, str],

@@ -57,7 +57,15 @@ import hashlib
 import itertools
 import math
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Hashable, Mapping, Sequence
+from collections.abc import (
+    Callable,
+    Collection,
+    Container,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Any
@@ -748,6 +756,45 @@ def _based(g: np.ndarray, b: np.ndarray, xx: float, k: int, keep: Sequence[int])
     col = g[keep, k]
     gk = g[np.ix_(keep, keep)] - col[:, None] - col[None, :] + g[k, k]
     return gk, b[keep] - col - b[k] + g[k, k], float(xx - 2 * b[k] + g[k, k])
+
+
+def set_aside_undated(links: Sequence[tuple[str, float]], others: Iterable[str],
+                      distance: Callable[[str, str], float | None], merges: Container[str]) -> bool:
+    """Whether a merge found without upload order (its time unknown or shared with its tree) is drawn out of
+    its tree as a leaf and hung under its merge parents. One rule for both paths: batch's second pass
+    (indexer.lineage.recover._merges) and the incremental's shown parents (index._shown_parents).
+
+    Why set aside: a merge of two fine-tunes sits between them in the spanning tree (ft1 - merge - ft2),
+    which is then rooted at it or beside it with the base below (relations zoo undated: 0.73). But only
+    - merges of models that are no merges themselves (`merges`): without upload order a pile of merges fits
+      over one another (held-out recipes undated), and drawing those out moved more rows wrong than right;
+    - over a common base: another model (`others`) nearer each of the two heaviest parents than they are to
+      each other, as fine-tunes of one base are (siblings of independent updates sit ~sqrt(2) times their
+      base's distance apart). Without upload order a chain's middle P -> X -> C fits as a "merge" of P and
+      C too (wild-tiny undated), and nothing but X lies between them.
+    `links`: the merge parents; `distance(a, b)`: any metric, None when not measured."""
+    if any(p in merges for p, _ in links):
+        return False
+    first, second = (p for p, _ in sorted(links, key=_heavier)[:2])
+    apart = distance(first, second)
+    if apart is None:
+        return False
+
+    def near(o: str, p: str) -> float:
+        found = distance(o, p)
+        return math.inf if found is None else found
+
+    return any(max(near(o, first), near(o, second)) < apart for o in others if o not in (first, second))
+
+
+def heaviest_parent(links: Sequence[tuple[str, float]]) -> str:
+    """The merge parent of the largest weight (equal weights: the smaller id), whatever order a row holds
+    the links in (`merge_row_parents` leads with the first usable one)."""
+    return min(links, key=_heavier)[0]
+
+
+def _heavier(link: tuple[str, float]) -> tuple[float, str]:
+    return -link[1], link[0]
 
 
 def merge_row_parents(node: str, links: Sequence[tuple[str, float]], parent_of: Mapping[str, str]

@@ -76,6 +76,11 @@ def pair_stats(a: Arrays, b: Arrays) -> PairStats | None:
     return PairStats(sum(_squared_distance(pa[n], pb[n]) for n in names), equal_share(pa, pb, names), identical(a, b))
 
 
+def squared_distance(a: Arrays, b: Arrays) -> float:
+    """||a - b||^2 over every block both hold with one shape (whole blocks, not the fit prefix)."""
+    return sum(_squared_distance(a[n], b[n]) for n in common_blocks(a, b))
+
+
 def _squared_distance(a: np.ndarray, b: np.ndarray) -> float:
     """||a - b||^2 in float64: the difference cast on the fly (no float64 copy of either side), squared in
     place, summed pairwise -- the same bits as squaring the float64 copies' difference."""
