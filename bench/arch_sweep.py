@@ -19,6 +19,10 @@ interleaved) and OUT/<arch>/truth.csv (`parent,child`). Then `index recover OUT/
 subprocess and each model's recovered parent is compared with the truth. Any exception (building,
 training, saving) or a nonzero exit of the recovery is recorded per architecture, never fatal.
 
+With --bare-base the base is written as its bare backbone (`model.base_model`: the `XModel` without a head,
+its names without the task model's `base_model_prefix`), as facebook/dinov2-base and many other bases are
+published, and its fine-tunes as task models.
+
 Run (about 10 minutes for every architecture on 2 busy cores):
 
     nice .venv/bin/python bench/arch_sweep.py                      # every architecture
@@ -68,6 +72,7 @@ FAMILY: dict[str, tuple[str | None, int, int, int]] = {
     "ft2": ("base", 0, 300, FT_STEPS),
     "ft1-ft": ("ft1", 0, 400, FT_STEPS),
 }
+BARE_BASE = False  # --bare-base: the base saved as its bare backbone, its fine-tunes as task models
 # upload order (hours after T0): the stranger interleaved between the base and its fine-tunes
 UPLOAD_HOURS = {"base": 0, "stranger": 1, "ft1": 2, "ft2": 3, "ft1-ft": 4}
 
@@ -240,6 +245,14 @@ ARCHS: dict[str, Arch] = {
                           intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
                           num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
                           num_labels=3, apply_spec_augment=False), audio_cls_batch),
+    "dinov2": Arch("Dinov2ForImageClassification", "Dinov2Config",
+                   dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        image_size=16, patch_size=4, num_labels=3), image_cls_batch(16)),
+    "hubert": Arch("HubertForSequenceClassification", "HubertConfig",
+                   dict(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3),
+                        num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=2, classifier_proj_size=16,
+                        num_labels=3, apply_spec_augment=False), audio_cls_batch),
     "mixtral": Arch("MixtralForCausalLM", "MixtralConfig", dict(_DEC, num_local_experts=4, num_experts_per_tok=2),
                     lm_batch),
 }
@@ -300,7 +313,9 @@ def write_family(name: str, arch: Arch, out: Path) -> dict[str, str | None]:
             model.load_state_dict(models[parent].state_dict())
         train(model, arch, data_seed, steps)
         models[model_name] = model
-        save(model, out / ORG / model_name)
+        bare = BARE_BASE and model_name == "base" and model.base_model is not model
+        # the bare backbone (`XModel`, no head, no prefix), as facebook/dinov2-base is published
+        save(model.base_model if bare else model, out / ORG / model_name)
         truth[f"{ORG}/{model_name}"] = f"{ORG}/{parent}" if parent else None
     t0 = time.mktime((2024, 1, 2, 3, 4, 5, 0, 0, 0))
     stamps = {f"{ORG}/{m}": {"createdAt": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(t0 + 3600 * h)),
@@ -440,7 +455,12 @@ def main() -> None:
     ap.add_argument("--base-steps", type=int, default=BASE_STEPS,
                     help=f"Adam steps of the base and the stranger (default {BASE_STEPS}; a longer pre-training "
                          "makes a root more like the Hub's)")
+    ap.add_argument("--bare-base", action="store_true",
+                    help="save the base as its bare backbone (XModel: no head, names without the task model's "
+                         "prefix) and its fine-tunes as task models, as many bases are published")
     args = ap.parse_args()
+    global BARE_BASE
+    BARE_BASE = args.bare_base
     for model_name, (parent, init_seed, data_seed, _) in list(FAMILY.items()):
         if parent is None:
             FAMILY[model_name] = (parent, init_seed, data_seed, args.base_steps)

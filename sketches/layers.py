@@ -3,7 +3,7 @@
 Input everywhere is a model's tensor shapes, `{name: shape}`, as read from a safetensors header.
 
 Names. Real relatives store the same weights under other names: a task model prefixes its backbone
-(`bert.`, `vit.`, `transformer.`, `model.`), sentence-transformers saves `0.auto_model.`, a PEFT merge
+(`bert.`, `vit.`, `transformer.`, `model.`, `dinov2.`: every architecture's own), sentence-transformers saves `0.auto_model.`, a PEFT merge
 `base_model.model.`, DDP `module.`, torch.compile `_orig_mod.`; TF / Flax conversions use `/` and
 `layer_._N`. `normalise_name` strips those prefixes (repeatedly, at the start only) and maps the
 separators (and Mixtral's expert names to every MoE's: `sketches.experts`), so every comparison below is
@@ -100,7 +100,38 @@ _PREFIXES = (
     "base_model.model.", "0.auto_model.", "auto_model.", "_orig_mod.", "module.", "model.", "transformer.",
     "bert.", "roberta.", "xlm_roberta.", "distilbert.", "deberta.", "electra.", "albert.", "mpnet.",
     "vit.", "deit.", "beit.", "swin.", "convnext.", "resnet.", "backbone.", "gpt_neox.", "encoder_model.",
+    # a vision-language model's language tower (LLaVA: `language_model.model.layers.N`), the LLM it was made from
+    "language_model.",
 )
+# The backbone prefix of every other transformers architecture (its `base_model_prefix`, as transformers
+# 5.24 lists them, and of architectures it has since dropped): a task model `XForY` saves its backbone under it,
+# the bare `XModel` without. Many bases are published bare (facebook/dinov2-base, facebook/hubert-base-ls960)
+# and their fine-tunes as task models, which without this shared 0 % of their core. Left out: names that are
+# also one tower or half of a model holding several side by side (`decoder`, `text_model`, `vision_model`,
+# `vision_tokenizer`, `tracker_model`), where stripping would merge two parts.
+_TASK_PREFIXES = frozenset({
+    "aimv2", "align", "altclip", "audio_spectrogram_transformer", "biogpt", "bit", "blip", "bridgetower",
+    "bros", "canine", "chinese_clip", "chmv2", "clap", "clip", "convbert", "convnextv2", "cpmant", "cvt",
+    "dac", "data2vec_audio", "data2vec_text", "data2vec_vision", "decision_transformer", "depth_anything",
+    "depth_pro", "dinat", "dinov2", "dinov2_with_registers", "donut", "dpt", "edgetam", "edgetam_video",
+    "efficientloftr", "efficientnet", "encodec", "eomt", "eomt_dinov3", "ernie", "esm", "esmc", "esmfold2",
+    "fastspeech2_conformer", "flava", "fnet", "focalnet", "funnel", "git", "glpn", "gpt_neox_japanese",
+    "groupvit", "gte", "hgnetv2", "hiera", "hubert", "ibert", "ijepa", "internvl_vision", "layoutlm",
+    "layoutlmv2", "layoutlmv3", "led", "levit", "lightglue", "lilt", "longformer", "luke", "lw_detr_vit",
+    "lxmert", "markuplm", "metaclip_2", "mgp_str", "mimi", "mobilebert", "mobilenet_v1", "mobilenet_v2",
+    "mobilevit", "mobilevitv2", "mra", "neucodec", "nomic_bert", "nystromformer", "owlv2", "owlvit",
+    "perceiver", "phi4_vision", "pixio", "pocket_tts_audio_tokenizer", "poolformer", "prompt_depth_anything",
+    "prophetnet", "pvt", "pvt_v2", "rag", "reformer", "regnet", "rembert", "rf_detr_dinov2",
+    "roberta_prelayernorm", "roc_bert", "roformer", "rwkv", "sam", "sam2", "sam2_video", "sam3_tracker",
+    "sam3_video", "sam_hq", "seamless_m4t", "seamless_m4t_v2", "segformer", "sew", "sew_d", "siglip",
+    "siglip2", "speecht5", "splinter", "superglue", "superpoint", "swiftformer", "swin2sr", "swinv2",
+    "switch_transformers", "tapas", "textnet", "timesformer", "timm_model", "unispeech", "unispeech_sat",
+    "vibevoice_acoustic_tokenizer", "videomae", "videomt", "vilt", "visual_bert", "vitdet", "vits", "vivit",
+    "vjepa2", "wav2vec2", "wav2vec2_bert", "wav2vec2_conformer", "wavlm", "x_clip", "xcodec", "xcodec2",
+    "yoso", "zoedepth",
+    # dropped since transformers 4.x, still on the Hub
+    "efficientformer", "ernie_m", "mctct", "mega", "nat", "nezha", "realm", "tvlt", "van",
+})
 # The prefixes a wrapper adds when it re-saves a model (DDP, torch.compile, sentence-transformers, a PEFT
 # merge, a Lightning module): a copy whose names carry more of them is the re-save, not the original.
 # `model.` is a wrapper unless it is the library's own decoder naming (LlamaForCausalLM: model.layers.N).
@@ -183,6 +214,10 @@ def normalise_name(name: str) -> str:
             if out.startswith(prefix) and len(out) > len(prefix):
                 out, stripped = out[len(prefix):], True
                 break
+        else:
+            first, dot, rest = out.partition(".")
+            if dot and rest and first in _TASK_PREFIXES:
+                out, stripped = rest, True
     return out
 
 
