@@ -7,7 +7,8 @@ their shapes). The registry keeps, per family, the tensor shapes of its first mo
 (exact key -> family) decided so far, so that every later model with that key lands in the same place.
 
 A key whose core matches several families joins the one it overlaps most (ties: the smallest key).
-Families are never merged after the fact: their FAISS indexes and trees stay as they are; the batch
+A family registered under names read differently since (a backbone prefix learned later) is kept as it is, with a
+warning when the registry is opened. Families are never merged after the fact: their FAISS indexes and trees stay as they are; the batch
 recovery (`merge_families`, union-find over all keys at once) can therefore join two families that the
 incremental index keeps apart when the bridge arrives after both (not seen on any zoo; documented).
 
@@ -25,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from errors import FormatVersionError, StoreError
-from sketches.layers import CORE_SHARE, core_overlap
+from sketches.layers import CORE_SHARE, core_overlap, normalise_name
 from store.atomic import atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,18 @@ class FamilyRegistry:
             raise FormatVersionError(f"{self.path} is version {version}, newer than {REGISTRY_VERSION}; upgrade model-graph-index")
         self.families = {k: {n: tuple(s) for n, s in v.items()} for k, v in families.items()}
         self.aliases = dict(aliases)
+        self._warn_renamed()
+
+    def _warn_renamed(self) -> None:
+        """Families registered under names that `normalise_name` now maps elsewhere (a prefix learned since:
+        `dinov2.`, `language_model.`). Their models keep their rows and edges, but a later relative reads
+        under the new names and cannot join them (families are never merged after the fact): said once."""
+        renamed = sorted(k for k, shapes in self.families.items() if any(normalise_name(n) != n for n in shapes))
+        if renamed:
+            logger.warning("%s: %d families were registered under tensor names read differently since (%s); "
+                           "their models keep their edges, later relatives start families of their own. Index "
+                           "them again into a new INDEX_HOME to join them", self.path, len(renamed),
+                           ", ".join(renamed[:3]) + (", ..." if len(renamed) > 3 else ""))
 
     def resolve(self, key: str, shapes: Shapes) -> str:
         """The family of a model with exact key `key` and these tensor shapes; registers what is new."""

@@ -92,7 +92,13 @@ def test_a_vision_language_model_compares_with_the_llm_it_was_made_from(tmp_path
     """LLaVA saves its language tower as `language_model.model.layers.N` (transformers 5 writes that legacy
     layout), its base LLM as `model.layers.N`: before, 0 % of a shared core."""
     from model_support import perturb_matrices
-    from transformers import CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
 
     from indexer.lineage.compare import compare, load_local
 
@@ -110,3 +116,25 @@ def test_a_vision_language_model_compares_with_the_llm_it_was_made_from(tmp_path
     vlm.save_pretrained(tmp_path / "vlm")
     result = compare(load_local(tmp_path / "lm"), load_local(tmp_path / "vlm"))
     assert result.comparable and result.related
+
+
+def test_a_family_registered_under_older_names_is_kept_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A store written before a prefix was learned keeps that family as it is (its models' rows and edges), and
+    says so when opened; a family under current names says nothing."""
+    from store.families import FamilyRegistry
+
+    old = {"dinov2.encoder.layer.0.attention.attention.query.weight": [32, 32]}
+    new = {"encoder.layer.0.attention.attention.query.weight": [32, 32]}
+    doc = {"version": 1, "families": {"vit-old": old, "vit-new": new}, "aliases": {"vit-old": "vit-old", "vit-new": "vit-new"}}
+    (tmp_path / "families.json").write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="store.families"):
+        registry = FamilyRegistry(tmp_path)
+    assert "1 families were registered under tensor names read differently since (vit-old)" in caplog.text
+    assert registry.families["vit-old"] == {n: tuple(s) for n, s in old.items()}  # kept as it was
+    assert registry.resolve("vit-other", {n: tuple(s) for n, s in new.items()}) == "vit-new"
+    caplog.clear()
+    del doc["families"]["vit-old"]
+    (tmp_path / "families.json").write_text(json.dumps(doc))
+    with caplog.at_level("WARNING", logger="store.families"):
+        FamilyRegistry(tmp_path)
+    assert caplog.text == ""
