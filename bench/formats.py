@@ -73,6 +73,7 @@ FORMATS: dict[str, Writer] = {
     "onnx-fp16": lambda f, s, c, i: write_onnx(f, s, c, variant="fp16"),
     "onnx-uint8": lambda f, s, c, i: write_onnx(f, s, c, variant="uint8"),
     "onnx-int8": lambda f, s, c, i: write_onnx(f, s, c, variant="int8"),
+    "onnx-q4": lambda f, s, c, i: write_onnx(f, s, c, variant="q4"),
 }
 RELATION = {"onnx": "duplicate", "onnx-external": "duplicate"}  # the truth relation, else "quantized"
 CONVERTED = ("a-ft1", "b-ft2")

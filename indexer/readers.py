@@ -53,9 +53,9 @@ from sketches.gguf import (
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
+from sketches.onnx import OnnxTensor, read_onnx_tensor
 from sketches.onnx import predicted_error as onnx_error
 from sketches.onnx import read_index as read_onnx_index
-from sketches.onnx import read_onnx_tensor
 from sketches.packed import (
     PackedModule,
     QuantScheme,
@@ -381,14 +381,18 @@ def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, b
         return opened[location]
 
     found, details = read_onnx_index(source, beside)
-    quantized = {n for n, t in found.items() if t.scale is not None}
+    quantized = {n for n, t in found.items() if t.scale is not None or t.blocks is not None}
     errors: list[tuple[int, float]] = []
+
+    def file_of(location: str | None) -> ByteSource:
+        return source if location is None else beside(location)
 
     def read_stored(t: StoredTensor, rows: tuple[int, int] | None) -> np.ndarray:
         tensor = found[t.name]  # stored under its PyTorch name
-        values = read_onnx_tensor(source if tensor.location is None else beside(tensor.location), tensor, rows)
+        steps: list[float] = []
+        values = read_onnx_tensor(file_of(tensor.location), tensor, rows, beside=file_of, steps=steps)
         if t.name in quantized:
-            errors.append((values.size, onnx_error(tensor, values)))
+            errors.append((values.size, onnx_error(tensor, values, steps[0] if steps else None)))
         return values
 
     file = source.name.rsplit("/", 1)[-1]
@@ -396,12 +400,19 @@ def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, b
                                 details={"framework": "onnx", "file": file, **details})
     if not quantized:
         return converted
-    codes = sorted({found[n].stored.numpy_dtype for n in quantized})
-    quant = QuantInfo("onnx-" + "+".join("uint8" if c == "<u1" else "int8" for c in codes), _rms(errors))
+    codes = sorted({_onnx_code(found[n]) for n in quantized})
+    quant = QuantInfo("onnx-" + "+".join(codes), _rms(errors))
     shapes = {n: t.shape for n, t in converted.tensors.items()}
     return QuantizedRead(converted.family, converted.plan, shapes, converted.arrays, quant,
                          {**converted.details, "scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6),
                           "quantized_tensors": len(quantized)}, source.bytes_read)
+
+
+def _onnx_code(tensor: OnnxTensor) -> str:
+    """A quantized ONNX weight's scheme: onnxruntime's 8-bit (uint8, int8) or block codes (int4-b32)."""
+    if tensor.blocks is not None:
+        return f"int{tensor.blocks.bits}-b{tensor.blocks.block_size}"
+    return "uint8" if tensor.stored.numpy_dtype == "<u1" else "int8"
 
 
 def _read_converted(stored: Mapping[str, StoredTensor],

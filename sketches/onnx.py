@@ -25,11 +25,18 @@ Names map back to PyTorch's as PyTorch's exporter made them (`torch.onnx.export`
   weight `W` as `W_quantized` (int8 or uint8 codes), `W_scale` and `W_zero_point` (per tensor, or per output
   column for a MatMul's weight), and a Gemm's weight transposed first as `W_Transposed`. They are dequantized:
   W = (code - zero_point) * scale.
+- onnxruntime's block quantizer (`MatMulNBitsQuantizer`, transformers.js' `model_q4` / `model_q4f16`) replaces a
+  MatMul by MatMulNBits (attributes K, N, bits, block_size): its weight `<W>_Q4` is (N, blocks, block_size x bits
+  / 8) bytes, `bits`-bit codes packed low bits first, each row of K inputs cut into blocks with a scale each
+  (`<W>_scales`, (N, blocks)) and a zero point (`<W>_zero_points`, packed as the codes; absent: 2^(bits-1)):
+  W[n, k] = (code - zero_point) * scale, (N, K): a Linear's own (out, in) layout; a named parameter used as
+  it is (GPT-2's Conv1D, (in, out)) is transposed back. A row of the weight is a row of its codes, scales and
+  zero points, so rows are read by range as a safetensors tensor's are.
 
 Left out: initializers no rule names (folded shape constants, a folded Conv bias, an anonymous weight of a node
 without a module path),
 two tensors mapping to one name (both dropped: neither can be told apart), weights of ops not decoded here
-(MatMulNBits' 4-bit blocks, MatMulBnb4) and of float8 / 4-bit element types (QDQ int4, FP8): `skipped` in the
+(MatMulBnb4's NF4, MatMulNBits with float zero points or a g_idx) and of float8 / 4-bit element types (QDQ int4, FP8): `skipped` in the
 details. Refused in one line naming the file: a
 document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
 the repo, a data type that is not a number.
@@ -53,7 +60,8 @@ from sketches.tfh5 import ConvertedWeights, PagedFile, StoredTensor, read_tensor
 ONNX_SUFFIX = ".onnx"
 # The files of one export that hold the model, best first: full precision, F16, then onnxruntime's 8-bit copies
 # (transformers.js' names; optimum's `model_quantized.onnx`). A repo without one of these is not read.
-ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_int8.onnx", "model_uint8.onnx")
+ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_int8.onnx", "model_uint8.onnx",
+              "model_q4.onnx", "model_q4f16.onnx")
 # a decoder-only model exported by an older optimum (Xenova/gpt2): `decoder_model*.onnx` is the whole model when
 # no `encoder_model*.onnx` is beside it (an encoder-decoder's decoder is half of one: not read)
 DECODER_FILES = tuple(f"decoder_{name}" for name in ONNX_FILES)
@@ -67,7 +75,9 @@ _NARROW_TYPES = frozenset(range(17, 29))  # FLOAT8E4M3FN .. FLOAT6E3M2: float8, 
 # PyTorch stores it (with a BatchNorm after it folded in by the exporter: each output filter scaled)
 _MATMUL_OPS = frozenset({"MatMul", "MatMulInteger", "Gemm"})
 _WEIGHT_OPS = _MATMUL_OPS | {"Conv"}
-_UNDECODED_OPS = frozenset({"MatMulNBits", "MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul"})
+_UNDECODED_OPS = frozenset({"MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul"})
+_BLOCK_OP = "MatMulNBits"
+_BLOCK_BITS = frozenset({2, 4, 8})
 _PARAMETER = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)+$")  # a PyTorch parameter's dotted name
 MAX_TEXT_BYTES = 1 << 16  # a name, an op type, a dims list: a few bytes (a Constant node's value is skipped, never read)
 MAX_SMALL_VALUES = 1 << 20  # varint-coded values (int32_data) decoded whole at most this many bytes
@@ -87,6 +97,33 @@ class OnnxTensor:
     scale: np.ndarray | None = None  # () per tensor, (n,) per column of the stored (in, out) matrix
     zero_point: np.ndarray | None = None
     axis: int = 1  # the stored axis a per-channel scale runs along
+    blocks: BlockQuant | None = None  # MatMulNBits' codes: `stored` is then the dequantized (N, K) matrix
+
+
+@dataclass(frozen=True)
+class BlockQuant:
+    """A MatMulNBits weight (module docstring): its codes are `OnnxTensor.stored`'s bytes, (N, blocks, blob)."""
+
+    k: int
+    n: int
+    bits: int
+    block_size: int
+    scales: _Init
+    scales_at: str | None  # the file holding the scales (None: the .onnx file)
+    zeros: _Init | None
+    zeros_at: str | None
+
+    @property
+    def blocks(self) -> int:
+        return -(-self.k // self.block_size)
+
+    @property
+    def row_bytes(self) -> int:  # codes of one output row
+        return self.blocks * self.block_size * self.bits // 8
+
+    @property
+    def zero_row_bytes(self) -> int:
+        return -(-self.blocks * self.bits // 8)
 
 
 @dataclass(frozen=True)
@@ -372,9 +409,19 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
     skipped = (undecoded & set(inits)) | {r for r, i in inits.items() if i.data_type in _NARROW_TYPES}
     codes = [raw[: -len("_quantized")] for raw in inits if raw.endswith("_quantized")]
     helpers = {f"{base}{suffix}" for base in codes for suffix in ("_scale", "_zero_point")}
+    block_nodes = {n.inputs[1]: n for n in nodes if n.op == _BLOCK_OP and len(n.inputs) > 2 and n.inputs[1] in inits}
+    helpers |= {i for n in block_nodes.values() for i in n.inputs[2:4]}
+    for raw, node in block_nodes.items():
+        if raw in skipped:
+            continue
+        block = _block_quantized(thing, raw, node, inits, source.size)
+        if block is None:
+            skipped.add(raw)
+        else:
+            named.setdefault(block[0], []).append(block[1])
     for raw, init in inits.items():
         quantized = _stem(raw)[1]
-        if raw in skipped or raw in helpers:
+        if raw in skipped or raw in helpers or raw in block_nodes:
             continue
         name, transposed = _pt_name(raw, used.get(raw))
         dtype = _DTYPES.get(init.data_type, ("?", ""))[0]
@@ -400,6 +447,57 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
     return tensors, details
 
 
+def _block_quantized(thing: str, raw: str, node: _Node, inits: Mapping[str, _Init], size: int | None
+                     ) -> tuple[str, OnnxTensor] | None:
+    """(PyTorch name, tensor) of a MatMulNBits weight; None for a variant not decoded here (a g_idx, float zero
+    points: left out and counted). Refused in one line: attributes or shapes that disagree."""
+    k, n, bits, block_size = (node.ints.get(a, 0) for a in ("K", "N", "bits", "block_size"))
+    if len(node.inputs) > 4 and node.inputs[4]:
+        return None  # act-order groups (g_idx): a block is not a run of consecutive inputs
+    if bits not in _BLOCK_BITS or k <= 0 or n <= 0 or block_size < 16 or block_size & (block_size - 1):
+        raise OnnxWeightsError(thing, f"{node.name}: MatMulNBits with K={k} N={n} bits={bits} block_size={block_size}")
+    scales, zeros = inits.get(node.inputs[2]), inits.get(node.inputs[3]) if len(node.inputs) > 3 else None
+    if scales is None or (len(node.inputs) > 3 and node.inputs[3] and zeros is None):
+        raise OnnxWeightsError(thing, f"{node.name}: its scales or zero points are not initializers")
+    if zeros is not None and zeros.data_type != 2:
+        return None  # float zero points (HQQ): another dequantization formula
+    codes, scales_at, zeros_at = inits[raw], None, None
+    codes_at = None
+    if codes.external:
+        codes_at, codes = _external(thing, codes)
+    if scales.external:
+        scales_at, scales = _external(thing, scales)
+    if zeros is not None and zeros.external:
+        zeros_at, zeros = _external(thing, zeros)
+    quant = BlockQuant(k, n, bits, block_size, scales, scales_at, zeros, zeros_at)
+    want = {raw: (codes, (n, quant.blocks, quant.row_bytes // quant.blocks), 2),
+            scales.name: (scales, (n, quant.blocks), None)}
+    if zeros is not None:
+        want[zeros.name] = (zeros, (n, quant.zero_row_bytes), 2)
+    for name, (init, dims, dtype) in want.items():
+        if math.prod(init.dims) != math.prod(dims) or (dtype is not None and init.data_type != dtype) or (
+                dtype is None and _DTYPES.get(init.data_type, ("",))[0] not in _FLOATS):
+            raise OnnxWeightsError(thing, f"{name}: shape {init.dims} (type {init.data_type}) does not fit "
+                                          f"MatMulNBits K={k} N={n} bits={bits} block_size={block_size}")
+        itemsize = np.dtype(_DTYPES[init.data_type][1]).itemsize
+        if init.offset is None or init.nbytes != math.prod(dims) * itemsize:
+            raise OnnxWeightsError(thing, f"{name}: {init.nbytes} bytes stored for shape {dims}")
+        at = {raw: codes_at, scales.name: scales_at}.get(name, zeros_at)
+        if at is None and size is not None and init.offset + init.nbytes > size:
+            raise OnnxWeightsError(thing, f"truncated: {name}'s bytes end past byte {size}")
+    stem = raw[: -len(f"_Q{bits}")] if raw.endswith(f"_Q{bits}") else raw
+    if _PARAMETER.match(stem):  # a parameter used as it is: (in, out) = (K, N) in PyTorch too
+        name, transposed = stem, True
+    else:
+        path = module_path(node.name)
+        if path is None:
+            return None
+        name, transposed = f"{path}.weight", False
+    shape = (k, n) if transposed else (n, k)
+    stored = StoredTensor(name, raw, "F32", (n, k), shape, (1, 0) if transposed else None, codes.offset, "<u1")
+    return name, OnnxTensor(stored, codes_at, blocks=quant)
+
+
 def _dequantizing(thing: str, tensor: OnnxTensor, inits: Mapping[str, _Init], raw: str,
                   source_of: Callable[[str | None], ByteSource]) -> OnnxTensor:
     """The tensor with its scale and zero point (onnxruntime's `<W>_scale`, `<W>_zero_point`)."""
@@ -421,9 +519,18 @@ def _dequantizing(thing: str, tensor: OnnxTensor, inits: Mapping[str, _Init], ra
     return replace(tensor, stored=stored, scale=scale.reshape(-1), zero_point=zero.reshape(-1), axis=axis)
 
 
-def read_onnx_tensor(source: ByteSource, tensor: OnnxTensor, rows: tuple[int, int] | None = None) -> np.ndarray:
+def read_onnx_tensor(source: ByteSource, tensor: OnnxTensor, rows: tuple[int, int] | None = None, *,
+                     beside: Callable[[str | None], ByteSource] | None = None,
+                     steps: list[float] | None = None) -> np.ndarray:
     """A tensor in PyTorch's layout, float32, dequantized: its rows [r0, r1) only when given (read by range
-    when PyTorch's rows are the stored rows, else the whole tensor first)."""
+    when PyTorch's rows are the stored rows, else the whole tensor first). `source` holds the tensor's bytes;
+    `beside(location)` the file of a MatMulNBits weight's scales and zero points (None: `source`). `steps`
+    collects the RMS scale of the block-quantized rows read (their grid step, for `predicted_error`)."""
+    if tensor.blocks is not None:
+        values, step = _read_blocks(source, beside or (lambda _: source), tensor, rows)
+        if steps is not None:
+            steps.append(step)
+        return values
     values = read_tensor(source, None, tensor.stored, rows)
     if tensor.scale is None:
         return values
@@ -439,12 +546,56 @@ def read_onnx_tensor(source: ByteSource, tensor: OnnxTensor, rows: tuple[int, in
     return ((values - zero) * scale).astype(np.float32)
 
 
-def predicted_error(tensor: OnnxTensor, values: np.ndarray) -> float:
-    """RMS relative error of rounding to the tensor's grid (step = scale): scale / sqrt(12) over its RMS."""
-    if tensor.scale is None:
+def _read_blocks(source: ByteSource, beside: Callable[[str | None], ByteSource], tensor: OnnxTensor,
+                 rows: tuple[int, int] | None) -> tuple[np.ndarray, float]:
+    """A MatMulNBits weight's rows (PyTorch's layout), dequantized, and the RMS of their scales. Output rows
+    are stored rows: read by range; a transposed parameter's rows are columns, so it is read whole."""
+    quant, stored = tensor.blocks, tensor.stored
+    assert quant is not None and stored.offset is not None
+    r0, r1 = rows if rows is not None and stored.axes is None else (0, quant.n)
+
+    def take(at: str | None, init: _Init, row_bytes: int) -> bytes:
+        assert init.offset is not None
+        return beside(at).read(init.offset + r0 * row_bytes, init.offset + r1 * row_bytes)
+
+    count = r1 - r0
+    codes = np.frombuffer(source.read(stored.offset + r0 * quant.row_bytes, stored.offset + r1 * quant.row_bytes),
+                          dtype=np.uint8)
+    values = _unpack(codes, quant.bits).reshape(count, quant.blocks, quant.block_size).astype(np.float32)
+    dtype = np.dtype(_DTYPES[quant.scales.data_type][1])
+    scale = np.frombuffer(take(quant.scales_at, quant.scales, quant.blocks * dtype.itemsize), dtype=dtype)
+    if _DTYPES[quant.scales.data_type][0] == "BF16":
+        scale = (scale.astype("<u4") << 16).view("<f4")
+    scale = scale.astype(np.float32).reshape(count, quant.blocks)
+    if quant.zeros is None:
+        zero = np.full((count, quant.blocks), 2 ** (quant.bits - 1), np.float32)
+    else:
+        packed = np.frombuffer(take(quant.zeros_at, quant.zeros, quant.zero_row_bytes), dtype=np.uint8)
+        zero = _unpack(packed, quant.bits).reshape(count, -1)[:, : quant.blocks].astype(np.float32)
+    values = ((values - zero[..., None]) * scale[..., None]).reshape(count, -1)[:, : quant.k]
+    if stored.axes is not None:
+        values = values.T
+        if rows is not None:
+            values = values[rows[0]:rows[1]]
+    step = float(np.sqrt(np.mean(np.square(scale, dtype=np.float64)))) if scale.size else 0.0
+    return np.ascontiguousarray(values, dtype=np.float32), step
+
+
+def _unpack(packed: np.ndarray, bits: int) -> np.ndarray:
+    """`bits`-bit codes packed into bytes, low bits first: one uint8 per code."""
+    if bits == 8:
+        return packed
+    shifts = np.arange(0, 8, bits, dtype=np.uint8)
+    return ((packed[:, None] >> shifts) & ((1 << bits) - 1)).reshape(-1)
+
+
+def predicted_error(tensor: OnnxTensor, values: np.ndarray, step: float | None = None) -> float:
+    """RMS relative error of rounding to the tensor's grid (step = scale): scale / sqrt(12) over its RMS.
+    `step`: the RMS scale of a block-quantized tensor's rows read (`read_onnx_tensor`'s `steps`)."""
+    if tensor.scale is None and step is None:
         return 0.0
     rms = float(np.sqrt(np.mean(np.square(values, dtype=np.float64)))) if values.size else 0.0
-    step = float(np.sqrt(np.mean(np.square(tensor.scale))))
+    step = step if step is not None else float(np.sqrt(np.mean(np.square(tensor.scale))))
     return step / math.sqrt(12.0) / rms if rms > 0 else 0.0
 
 
@@ -499,14 +650,17 @@ class OnnxWeights(ConvertedWeights):
 
     @property
     def quantized(self) -> bool:
-        return any(t.scale is not None for t in self._onnx.values())
+        return any(t.scale is not None or t.blocks is not None for t in self._onnx.values())
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> np.ndarray:
         if name not in self._onnx:
             raise OnnxWeightsError(self._source.name, f"no tensor maps to the PyTorch name {name!r}")
         tensor = self._onnx[name]
         source = self._source if tensor.location is None else self._open_beside(tensor.location)
-        return read_onnx_tensor(source, tensor, rows)
+        return read_onnx_tensor(source, tensor, rows, beside=self._file)
+
+    def _file(self, location: str | None) -> ByteSource:
+        return self._source if location is None else self._open_beside(location)
 
     @property
     def bytes_read(self) -> int:

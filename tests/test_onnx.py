@@ -71,13 +71,14 @@ def onnx_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _onnx(root / "Xenova/base", base, "fp32", "fp16", "uint8")
     _onnx(root / "q/base-fp16", base, "fp16")
     _onnx(root / "q/base-int8", base, "int8")
+    _onnx(root / "q/base-q4", base, "q4")
     _onnx(root / "lab/ft-onnx", ft, "fp32")
     (root / "lab/ft-onnx/onnx/model.onnx").rename(root / "lab/ft-onnx/model.onnx")  # optimum: at the top
     (root / "lab/ft-onnx/onnx").rmdir()
     _pt(root / "lab/ft-onnx-ft", perturb_matrices(copy.deepcopy(ft), 0.05, seed=2))
     _onnx(root / "big/ft-external", perturb_matrices(copy.deepcopy(base), 0.05, seed=3), "external")
     _onnx(root / "x/stranger-onnx", _bert(7), "fp32")
-    order = ("o/base", "Xenova/base", "q/base-fp16", "q/base-int8", "lab/ft-onnx", "lab/ft-onnx-ft",
+    order = ("o/base", "Xenova/base", "q/base-fp16", "q/base-int8", "q/base-q4", "lab/ft-onnx", "lab/ft-onnx-ft",
              "big/ft-external", "x/stranger-onnx")
     (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
         r: {"createdAt": f"2023-05-0{i + 1}T00:00:00.000Z"} for i, r in enumerate(order)}}))
@@ -85,7 +86,7 @@ def onnx_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 TRUTH = {"o/base": ("", ""), "Xenova/base": ("o/base", "duplicate"), "q/base-fp16": ("o/base", "quantized"),
-         "q/base-int8": ("o/base", "quantized"), "lab/ft-onnx": ("o/base", "finetune"),
+         "q/base-int8": ("o/base", "quantized"), "q/base-q4": ("o/base", "quantized"), "lab/ft-onnx": ("o/base", "finetune"),
          "lab/ft-onnx-ft": ("lab/ft-onnx", "finetune"), "big/ft-external": ("o/base", "finetune"),
          "x/stranger-onnx": ("", "")}
 
@@ -97,9 +98,12 @@ TRUTH = {"o/base": ("", ""), "Xenova/base": ("o/base", "duplicate"), "q/base-fp1
     # an older optimum's decoder-only export (Xenova/gpt2): the decoder is the whole model
     (["onnx/decoder_model.onnx", "onnx/decoder_model_merged.onnx", "onnx/decoder_with_past_model.onnx"],
      "onnx/decoder_model.onnx"),
-    # an encoder-decoder's halves, a 4-bit copy only: nothing read (the crawl says why)
+    # a 4-bit copy only: transformers.js' q4 (MatMulNBits) is read, bnb4 (NF4) is not
+    (["onnx/model_q4.onnx", "onnx/model_bnb4.onnx"], "onnx/model_q4.onnx"),
+    (["onnx/model_q4f16.onnx", "onnx/model_bnb4.onnx"], "onnx/model_q4f16.onnx"),
+    # an encoder-decoder's halves, an NF4 copy only: nothing read (the crawl says why)
     (["onnx/encoder_model.onnx", "onnx/decoder_model.onnx"], None),
-    (["onnx/model_q4.onnx", "onnx/model_bnb4.onnx"], None),
+    (["onnx/model_bnb4.onnx"], None),
 ])
 def test_the_file_read_of_an_onnx_repo(files: list[str], want: str | None) -> None:
     from sketches.onnx import choose_onnx
@@ -146,6 +150,42 @@ def test_an_8bit_export_is_dequantized_within_the_error_its_scales_predict(onnx_
     assert 0 < measured < 3 * q.quant.predicted_error, (measured, q.quant.predicted_error)
 
 
+def test_a_4bit_block_export_dequantizes_as_onnxruntime_runs_it(onnx_hub: Path) -> None:
+    """MatMulNBits' codes, scales and zero points, read by range, against onnxruntime's own kernel: the node
+    run alone on the identity gives the dequantized (K, N) weight."""
+    import onnxruntime
+    from onnx import helper
+
+    from sketches.onnx import OnnxWeights
+
+    path = onnx_hub / "q/base-q4/onnx/model_q4.onnx"
+    model = onnx.load(str(path))
+    nodes = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 12  # every Linear of the two layers; the classifier is a Gemm and stays float
+    inits = {i.name: i for i in model.graph.initializer}
+    with OnnxWeights(path) as weights:
+        assert weights.quantized
+        for node in nodes[:3]:
+            attrs = {a.name: a.i for a in node.attribute}
+            graph = helper.make_graph(
+                [helper.make_node("MatMulNBits", ["A", *node.input[1:]], ["Y"], domain="com.microsoft", **attrs)], "one",
+                [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [attrs["K"], attrs["K"]])],
+                [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [attrs["K"], attrs["N"]])],
+                [inits[i] for i in node.input[1:] if i])
+            one = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+            session = onnxruntime.InferenceSession(one.SerializeToString(), providers=["CPUExecutionProvider"])
+            (kernel,) = session.run(None, {"A": np.eye(attrs["K"], dtype=np.float32)})
+            name = node.name.removeprefix("/").rsplit("/", 1)[0].replace("/", ".") + ".weight"
+            np.testing.assert_allclose(weights.read(name), kernel.T, rtol=1e-6, atol=1e-7)
+            np.testing.assert_allclose(weights.read(name, rows=(5, 9)), kernel.T[5:9], rtol=1e-6, atol=1e-7)
+    pt, _ = read_folder(onnx_hub / "o/base", budget=64 << 20)
+    q, _ = read_folder(onnx_hub / "q/base-q4", budget=64 << 20)
+    assert q.quant is not None and q.quant.scheme == "onnx-int4-b32" and q.family == pt.family
+    num = sum(float(np.square(q.arrays[n] - a).sum()) for n, a in pt.arrays.items())
+    den = sum(float(np.square(a).sum()) for a in pt.arrays.values())
+    assert 0.5 * q.quant.predicted_error < (num / den) ** 0.5 < 1.5 * q.quant.predicted_error
+
+
 def _rows(recovered: object) -> dict[str, tuple[str, str]]:
     return {r.repo_id: (r.parent, r.relation) for r in recovered.rows}  # type: ignore[attr-defined]
 
@@ -163,7 +203,7 @@ def test_the_crawl_reads_onnx_repos_by_range_over_http(onnx_hub: Path, tmp_path:
     with HubEmulator(onnx_hub) as emu:
         report = crawl(tmp_path / "home", _options(emu)).as_dict()
         paths = [r.path for r in emu.requests()]
-    assert report["indexed"] == 8, report
+    assert report["indexed"] == 9, report
     assert not any("model_fp16" in p or "model_quantized" in p for p in paths if "Xenova" in p)
     models = {m.repo_id: m for m in read_records(tmp_path / "home", "models")}  # type: ignore[union-attr]
     assert json.loads(models["big/ft-external"].details)["framework"] == "onnx"
@@ -245,8 +285,8 @@ def test_bad_onnx_files_are_recorded_failures_naming_them(onnx_hub: Path, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
-    """A tiny export and its 8-bit copy, as bytes (the fuzz test's seeds)."""
+def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, ...]:
+    """A tiny export, its 8-bit and its 4-bit block copy, as bytes (the fuzz test's seeds)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
@@ -257,10 +297,12 @@ def small_onnx(tmp_path_factory: pytest.TempPathFactory) -> tuple[bytes, bytes]:
     root = tmp_path_factory.mktemp("small")
     _onnx(root / "plain", model, "fp32")
     _onnx(root / "q8", model, "uint8")
-    return (root / "plain/onnx/model.onnx").read_bytes(), (root / "q8/onnx/model_quantized.onnx").read_bytes()
+    _onnx(root / "q4", model, "q4")
+    return tuple((root / f).read_bytes() for f in ("plain/onnx/model.onnx", "q8/onnx/model_quantized.onnx",
+                                                    "q4/onnx/model_q4.onnx"))
 
 
-def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes, bytes], tmp_path: Path) -> None:
+def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes, ...], tmp_path: Path) -> None:
     """Random byte edits of a real export (lengths, tags, dims, names, values): the reader returns tensors or
     raises its own one-line error; never another exception, never a read past the file."""
     from hypothesis import HealthCheck, given, settings
@@ -271,7 +313,7 @@ def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes
     from sketches.safetensors import FileSource
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-    @given(which=st.integers(0, 1), edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)),
+    @given(which=st.integers(0, 2), edits=st.lists(st.tuples(st.integers(0, 1 << 30), st.integers(0, 255)),
                                                    min_size=1, max_size=6), cut=st.integers(0, 1 << 30))
     def check(which: int, edits: list[tuple[int, int]], cut: int) -> None:
         data = bytearray(small_onnx[which])
@@ -290,6 +332,7 @@ def test_a_corrupted_onnx_file_is_a_typed_error_or_reads(small_onnx: tuple[bytes
         finally:
             source.close()
 
+    assert b"MatMulNBits" in small_onnx[2]
     check()
 
 
@@ -339,3 +382,31 @@ def test_a_conv_export_with_batchnorm_folded_in_joins_its_pytorch_family(tmp_pat
     assert len({r.family for r in batch.rows}) == 1
     report = ingest_folder(tmp_path / "home", root, device="cpu")
     assert {r: e.parent for r, e in report.edges.items()} == want
+
+
+def test_a_4bit_block_weight_that_does_not_fit_is_refused_and_act_order_is_left_out(onnx_hub: Path, tmp_path: Path) -> None:
+    from sketches.onnx import OnnxWeightsError, read_index
+    from sketches.safetensors import FileSource
+
+    source = onnx_hub / "q/base-q4/onnx/model_q4.onnx"
+
+    def wrong_n(model: object) -> None:
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")  # type: ignore[attr-defined]
+        next(a for a in node.attribute if a.name == "N").i += 1
+
+    def act_order(model: object) -> None:  # a g_idx input: blocks are not runs of consecutive inputs
+        from onnx import numpy_helper
+
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")  # type: ignore[attr-defined]
+        model.graph.initializer.append(numpy_helper.from_array(np.zeros(64, np.int32), "g_idx"))  # type: ignore[attr-defined]
+        while len(node.input) < 4:
+            node.input.append("")
+        node.input.append("g_idx")
+
+    path = tmp_path / "model_q4.onnx"
+    path.write_bytes(_edited(source, wrong_n))
+    with pytest.raises(OnnxWeightsError, match=r"MatMulNBits K=64 N=65 bits=4 block_size=32"):
+        read_index(FileSource(path))
+    path.write_bytes(_edited(source, act_order))
+    tensors, details = read_index(FileSource(path))
+    assert details["skipped"] == {"undecoded": 1} and len(tensors) == 40

@@ -7,6 +7,8 @@ A repo of `onnx/` exports beside config.json and no other weights (`Xenova/...`,
   `fp16` files;
 - `model_quantized.onnx` / `model_int8.onnx`: onnxruntime's dynamic quantizer (`quantize_dynamic`), uint8 per
   tensor (transformers.js' `q8` default) or int8 per output channel;
+- `model_q4.onnx`: onnxruntime's 4-bit block quantizer (`MatMulNBitsQuantizer`, block 32, symmetric), as
+  transformers.js' `q4` files: every MatMul with a constant weight becomes MatMulNBits;
 - `external`: the full-precision graph with its weights in `model.onnx_data` (files over 2 GiB are saved so).
 
 Read back by `sketches.onnx`. Needs the `zoo` extra (transformers, onnx, onnxruntime); nothing is downloaded.
@@ -26,9 +28,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-Variant = Literal["fp32", "fp16", "uint8", "int8", "external"]
+Variant = Literal["fp32", "fp16", "uint8", "int8", "q4", "external"]
 FILE_OF: dict[str, str] = {"fp32": "model.onnx", "fp16": "model_fp16.onnx", "uint8": "model_quantized.onnx",
-                           "int8": "model_int8.onnx", "external": "model.onnx"}
+                           "int8": "model_int8.onnx", "q4": "model_q4.onnx", "external": "model.onnx"}
+Q4_BLOCK = 32  # transformers.js' block size
 OPSET = 17
 
 
@@ -97,6 +100,8 @@ def write_onnx(folder: Path, state: dict[str, Any], config: dict[str, Any], *, v
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
             onnx.save(convert_float_to_float16(onnx.load(str(plain)), keep_io_types=True), str(target))
+        elif variant == "q4":
+            _quantize_q4(plain, target)
         else:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -110,3 +115,18 @@ def write_onnx(folder: Path, state: dict[str, Any], config: dict[str, Any], *, v
                 root.setLevel(level)
     logger.info("%s: %s", folder, target.name)
     return target
+
+
+def _quantize_q4(plain: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(plain)),
+                                     algo_config=DefaultWeightOnlyQuantConfig(block_size=Q4_BLOCK, is_symmetric=True))
+    level = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").level
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)  # a line a MatMul
+    try:
+        quantizer.process()
+    finally:
+        logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(level)
+    quantizer.model.save_model_to_file(str(target), False)
