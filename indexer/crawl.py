@@ -71,6 +71,7 @@ from indexer.readers import (
     adapter_details,
     choose_gguf,
     gguf_candidates,
+    is_projector,
     looks_packed,
     loose_config,
     plan_adapter,
@@ -276,6 +277,10 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
     missing = gguf_candidates(top)[1]
     if missing:  # only incomplete gguf-split sets: a part of a model would never join its family
         raise _Skip(entry.repo_id, f"gguf-incomplete: gguf-split set without {', '.join(missing[:3])}")
+    projectors = [f for f in top if f.lower().endswith(".gguf") and is_projector(f)]
+    if projectors:
+        raise _Skip(entry.repo_id, f"gguf-projector-only: {', '.join(projectors[:3])} is a vision-language "
+                                   "model's image encoder (mmproj), and no language model file is beside it")
     pickles = [f for f in top if f.endswith(PICKLE_SUFFIXES)]
     if pickles:  # the bot's safetensors PR (exactly PyTorch's weights) first, else its TF file (`repo_layout`)
         raise _Skip(entry.repo_id, f"pickle-only: pickled weights are never downloaded ({', '.join(pickles[:3])})")

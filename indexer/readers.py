@@ -201,11 +201,17 @@ class QuantInfo:
     predicted_error: float
 
 
+def is_projector(file: str) -> bool:
+    """llama.cpp's multimodal projector (`mmproj-*.gguf`, `*-mmproj-f16.gguf`): a vision-language model's image
+    encoder beside its language model's files, never the model itself (an F16 mmproj outranked a Q4_K_M model)."""
+    return "mmproj" in file.rsplit("/", 1)[-1].lower()
+
+
 def gguf_candidates(files: Sequence[str]) -> tuple[list[tuple[str, ...]], list[str]]:
-    """(candidates, missing) among the top-level .gguf files: each single file as a 1-tuple and each complete
-    gguf-split set `<stem>-0000i-of-0000N.gguf` (i = 1..N) as its shards in order; and the shards that
-    incomplete sets lack, by name. Sorted: deterministic."""
-    ggufs = sorted(f for f in files if "/" not in f and f.lower().endswith(".gguf"))
+    """(candidates, missing) among the top-level .gguf files but projectors (`is_projector`): each single file
+    as a 1-tuple and each complete gguf-split set `<stem>-0000i-of-0000N.gguf` (i = 1..N) as its shards in
+    order; and the shards that incomplete sets lack, by name. Sorted: deterministic."""
+    ggufs = sorted(f for f in files if "/" not in f and f.lower().endswith(".gguf") and not is_projector(f))
     candidates: list[tuple[str, ...]] = []
     sets: dict[tuple[str, int], dict[int, str]] = {}
     for name in ggufs:
@@ -313,6 +319,9 @@ def _read_gguf_blocks(view: GGUFHeader, holder: Mapping[str, tuple[ByteSource, G
                       file: str, header_bytes: int, extra: Mapping[str, Any]) -> QuantizedRead:
     """The read of a GGUF model given its header (a split set's merged view) and, per tensor, the source and
     header that hold it; `extra` is added to its details."""
+    if view.metadata.get("general.type") == "mmproj":  # llama.cpp's projector under a name without "mmproj"
+        raise UnsupportedModelError(view.name, "a GGUF multimodal projector (general.type mmproj): the image "
+                                               "encoder of a vision-language model, not a model of its own")
     if view.metadata.get("general.type") == "adapter":  # llama.cpp's convert_lora_to_gguf: lora_a / lora_b
         raise UnsupportedModelError(view.name, f"a GGUF {view.metadata.get('adapter.type', 'adapter')} adapter "
                                                f"({view.architecture}): adapters are read from PEFT or LoRA "

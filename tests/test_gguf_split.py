@@ -108,6 +108,36 @@ def test_a_complete_set_is_one_candidate_ranked_by_its_stem() -> None:
     assert choose_gguf(["m-Q2_K-00001-of-00002.gguf", "m-Q2_K-00002-of-00002.gguf", "m-Q8_0.gguf"]) == ("m-Q8_0.gguf",)
 
 
+def test_a_multimodal_projector_is_never_the_model() -> None:
+    """A vision-language GGUF repo holds its language model and llama.cpp's image encoder (`mmproj-*.gguf`,
+    often F16 beside a Q4_K_M model): the projector outranked the model by its precision tag."""
+    assert choose_gguf(["m-Q4_K_M.gguf", "mmproj-m-F16.gguf", "mmproj-F32.gguf"]) == ("m-Q4_K_M.gguf",)
+    assert choose_gguf(["m-f16-mmproj.gguf", "m-Q8_0.gguf"]) == ("m-Q8_0.gguf",)
+    assert choose_gguf(["mmproj-model-f16.gguf"]) is None
+
+
+def _projector(path: Path, general_type: str = "mmproj") -> Path:
+    """A llama.cpp multimodal projector file: clip architecture, general.type mmproj, one vision matrix."""
+    import gguf
+
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_string("general.type", general_type)
+    writer.add_tensor("v.blk.0.attn_q.weight", np.ones((8, 8), np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_a_projector_under_another_name_is_refused_by_its_type(tmp_path: Path) -> None:
+    from errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="multimodal projector"), \
+            FileSource(_projector(tmp_path / "vision-f16.gguf")) as source:
+        read_gguf(source, budget=1 << 20)
+
+
 def test_an_incomplete_set_is_no_candidate() -> None:
     gappy = ["m-BF16-00001-of-00003.gguf", "m-BF16-00003-of-00003.gguf"]
     assert choose_gguf([*gappy, "m-Q4_K_M.gguf"]) == ("m-Q4_K_M.gguf",)
@@ -161,9 +191,13 @@ def test_a_split_copy_is_crawled_into_its_family_as_the_single_file_copy_is(emu:
     gappy[1].unlink()
     bad = write_split(hub.repo("q/child-bad-GGUF", 6, card=CARD), child)
     patch_kv(bad[2], "split.count", "<H", 2)
+    vl = hub.repo("q/child-vl-GGUF", 7, card=CARD)  # a vision-language repo: the model and its projector
+    write_llama_gguf(vl / "model-Q8_0.gguf", child, "Q8_0", heads=HEADS, kv_heads=KV_HEADS)
+    _projector(vl / "mmproj-model-f16.gguf")
+    _projector(hub.repo("q/projector-only-GGUF", 8, card=CARD) / "mmproj-model-f16.gguf")
     home = tmp_path / "home"
     report = crawl(home, _options(emu)).as_dict()
-    assert report["indexed"] == 4 and report["skipped"] == {"gguf-incomplete": 1}, report
+    assert report["indexed"] == 5 and report["skipped"] == {"gguf-incomplete": 1, "gguf-projector-only": 1}, report
     assert report["failed"] == {"gguf-invalid": 1}, report
     models = {m.repo_id: m for m in read_records(home, "models")}  # type: ignore[union-attr]
     assert "model-Q8_0-00002-of-00003.gguf" in models["q/child-gappy-GGUF"].reason  # type: ignore[union-attr]
@@ -173,8 +207,11 @@ def test_a_split_copy_is_crawled_into_its_family_as_the_single_file_copy_is(emu:
     assert split.weights_format == "gguf" and json.loads(split.details)["split"] == {"files": 3}  # type: ignore[union-attr]
     assert split.family == models["q/child-Q8_0-GGUF"].family == models["lab/child"].family  # type: ignore[union-attr]
     edges = {e.repo_id: e for e in read_records(home, "edges")}  # type: ignore[union-attr]
-    placed = {r: (edges[r].parent, edges[r].relation) for r in ("q/child-split-GGUF", "q/child-Q8_0-GGUF")}  # type: ignore[attr-defined]
+    placed = {r: (edges[r].parent, edges[r].relation) for r in ("q/child-split-GGUF", "q/child-Q8_0-GGUF",  # type: ignore[attr-defined]
+                                                                 "q/child-vl-GGUF")}
     assert placed["q/child-split-GGUF"] == placed["q/child-Q8_0-GGUF"] == ("lab/child", "quantized"), placed
+    assert placed["q/child-vl-GGUF"] == ("lab/child", "quantized"), placed
+    assert json.loads(models["q/child-vl-GGUF"].details)["file"] == "model-Q8_0.gguf"  # type: ignore[union-attr]
 
 
 def test_a_local_folder_reads_a_split_set_as_the_crawl_does(emu: HubEmulator, hub: Hub,  # noqa: F811
