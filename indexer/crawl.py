@@ -105,7 +105,7 @@ from sketches.onnx import (
     ONNX_FILES,
     ONNX_SUFFIX,
     OnnxWeightsError,
-    choose_onnx,
+    choose_onnx_files,
     other_onnx,
 )
 from sketches.plan import BlockRead, ReadPlan, coalesce, plan_reads
@@ -288,13 +288,14 @@ def weight_layout(entry: ModelEntry, *, have_token: bool) -> tuple[str, ...]:
         return (TF_FILE,)  # a TensorFlow-only repo: Keras' HDF5 weights (sketches.tfh5)
     if FLAX_FILE in top:
         return (FLAX_FILE,)  # a Flax-only repo: the msgpack parameter tree (sketches.flax)
-    onnx_file = choose_onnx(entry.files)
-    if onnx_file is not None:
-        return (onnx_file,)  # an ONNX-only repo (transformers.js, optimum): sketches.onnx
+    onnx_files = choose_onnx_files(entry.files)
+    if onnx_files is not None:
+        return onnx_files  # an ONNX-only repo (transformers.js, optimum): one graph, or an encoder's and decoder's
     unread = other_onnx(entry.files)
     if unread:
-        raise _Skip(entry.repo_id, "onnx-unsupported: no single-graph ONNX export to read (found "
-                                   f"{', '.join(unread[:3])}; read: {', '.join(ONNX_FILES)})")
+        raise _Skip(entry.repo_id, "onnx-unsupported: no ONNX export to read (found "
+                                   f"{', '.join(unread[:3])}; read: {', '.join(ONNX_FILES)}, or an encoder_ and a "
+                                   "decoder_ graph of one of them)")
     if any(f.startswith("tf_model-") and f.endswith(".h5") for f in top):
         raise _Skip(entry.repo_id, "no-safetensors: sharded TensorFlow weights (tf_model-0000i-of-0000n.h5) are not read")
     raise _Skip(entry.repo_id, "no-safetensors: no top-level *.safetensors file")
@@ -444,10 +445,12 @@ def read_converted_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRea
     return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, weights_format, read.details)
 
 
-def read_onnx_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
+def read_onnx_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> ModelRead:
     """An ONNX export (indexer.readers.read_onnx): nodes and weight headers through a page cache, the planned
-    rows by range, under PyTorch's names and layout; an 8-bit copy dequantized and labelled quantized. A
-    tensor stored in another file (`model.onnx_data`) is read from that file of the repo."""
+    rows by range, under PyTorch's names and layout; an 8-bit or 4-bit copy dequantized and labelled quantized;
+    an encoder-decoder export's two graphs as one model. A tensor stored in another file (`model.onnx_data`)
+    is read from that file of the repo."""
+    file = files[0]
     folder = file.rsplit("/", 1)[0] + "/" if "/" in file else ""
 
     def open_beside(location: str) -> ByteSource:
@@ -457,7 +460,8 @@ def read_onnx_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRead:
         return repo.open(path)
 
     try:
-        read = read_onnx(repo.open(file), open_beside, budget=budget)
+        read = read_onnx([repo.open(f) for f in files] if len(files) > 1 else repo.open(file), open_beside,
+                         budget=budget)
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     if isinstance(read, QuantizedRead):
@@ -503,8 +507,7 @@ def repo_layout(repo: RepoFiles, *, have_token: bool) -> tuple[str, ...]:
 
 def _safe_twin(files: Sequence[str]) -> tuple[str, ...] | None:
     """The TensorFlow, Flax or ONNX weights of a repo whose PyTorch weights are a pickle (never read)."""
-    onnx_file = choose_onnx(files)
-    return next(((f,) for f in (TF_FILE, FLAX_FILE) if f in files), (onnx_file,) if onnx_file else None)
+    return next(((f,) for f in (TF_FILE, FLAX_FILE) if f in files), choose_onnx_files(files))
 
 
 def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
@@ -517,7 +520,7 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
     if layout in ((TF_FILE,), (FLAX_FILE,)):
         return read_converted_model(repo, layout[0], budget=budget)
     if layout[0].endswith(ONNX_SUFFIX):
-        return read_onnx_model(repo, layout[0], budget=budget)
+        return read_onnx_model(repo, layout, budget=budget)
     sources, where = read_headers(repo, layout)
     header_bytes = repo.bytes_read
     lora_layout = loose_layout(where)  # a LoRA file without adapter_config.json (diffusers, kohya)

@@ -53,7 +53,7 @@ from sketches.gguf import (
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
 from sketches.layers import canonical_tensors, family_key, normalise_name
-from sketches.onnx import OnnxTensor, read_onnx_tensor
+from sketches.onnx import OnnxTensor, join_halves, read_onnx_tensor
 from sketches.onnx import predicted_error as onnx_error
 from sketches.onnx import read_index as read_onnx_index
 from sketches.packed import (
@@ -377,11 +377,14 @@ def read_flax(source: ByteSource, *, budget: int) -> ConvertedRead:
                            details={"framework": "flax", "file": source.name.rsplit("/", 1)[-1]})
 
 
-def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, budget: int
+def read_onnx(source: ByteSource | Sequence[ByteSource], open_beside: Callable[[str], ByteSource], *, budget: int
               ) -> ConvertedRead | QuantizedRead:
     """An ONNX export (`sketches.onnx`): walked for its weights' headers, then planned and read as `read_keras`;
-    an 8-bit copy (onnxruntime's quantizer) dequantized, with the error its scales predict, as a QuantizedRead.
-    `open_beside(file)` opens a file its external tensors name."""
+    an 8-bit or 4-bit copy (onnxruntime's quantizers) dequantized, with the error its scales predict, as a
+    QuantizedRead. Two sources: an encoder-decoder export's encoder and decoder graphs, one model under the
+    whole model's names (`sketches.onnx.join_halves`). `open_beside(file)` opens a file its external tensors
+    name (beside the graphs)."""
+    parts = list(source) if isinstance(source, Sequence) else [source]
     opened: dict[str, ByteSource] = {}
 
     def beside(location: str) -> ByteSource:  # each external file opened once, for scales and tensors alike
@@ -389,32 +392,40 @@ def read_onnx(source: ByteSource, open_beside: Callable[[str], ByteSource], *, b
             opened[location] = open_beside(location)
         return opened[location]
 
-    found, details = read_onnx_index(source, beside)
-    quantized = {n for n, t in found.items() if t.scale is not None or t.blocks is not None}
+    indexes = [read_onnx_index(part, beside) for part in parts]
+    if len(parts) == 2:
+        found, clashes = join_halves(indexes[0][0], indexes[1][0])
+        details: dict[str, Any] = {"initializers": sum(int(d["initializers"]) for _, d in indexes),  # type: ignore[call-overload]
+                                   "nodes": sum(int(d["nodes"]) for _, d in indexes)}  # type: ignore[call-overload]
+        if clashes:
+            details["ambiguous"] = clashes[:8]
+    else:
+        found, details = {n: (0, t) for n, t in indexes[0][0].items()}, dict(indexes[0][1])
+    quantized = {n for n, (_, t) in found.items() if t.scale is not None or t.blocks is not None}
     errors: list[tuple[int, float]] = []
 
-    def file_of(location: str | None) -> ByteSource:
-        return source if location is None else beside(location)
+    def file_of(part: int) -> Callable[[str | None], ByteSource]:
+        return lambda location: parts[part] if location is None else beside(location)
 
     def read_stored(t: StoredTensor, rows: tuple[int, int] | None) -> np.ndarray:
-        tensor = found[t.name]  # stored under its PyTorch name
+        part, tensor = found[t.name]  # stored under its PyTorch name
         steps: list[float] = []
-        values = read_onnx_tensor(file_of(tensor.location), tensor, rows, beside=file_of, steps=steps)
+        values = read_onnx_tensor(file_of(part)(tensor.location), tensor, rows, beside=file_of(part), steps=steps)
         if t.name in quantized:
             errors.append((values.size, onnx_error(tensor, values, steps[0] if steps else None)))
         return values
 
-    file = source.name.rsplit("/", 1)[-1]
-    converted = _read_converted({n: t.stored for n, t in found.items()}, read_stored, budget=budget,
+    file = "+".join(part.name.rsplit("/", 1)[-1] for part in parts)
+    converted = _read_converted({n: t.stored for n, (_, t) in found.items()}, read_stored, budget=budget,
                                 details={"framework": "onnx", "file": file, **details})
     if not quantized:
         return converted
-    codes = sorted({_onnx_code(found[n]) for n in quantized})
+    codes = sorted({_onnx_code(found[n][1]) for n in quantized})
     quant = QuantInfo("onnx-" + "+".join(codes), _rms(errors))
     shapes = {n: t.shape for n, t in converted.tensors.items()}
     return QuantizedRead(converted.family, converted.plan, shapes, converted.arrays, quant,
                          {**converted.details, "scheme": quant.scheme, "predicted_error": round(quant.predicted_error, 6),
-                          "quantized_tensors": len(quantized)}, source.bytes_read)
+                          "quantized_tensors": len(quantized)}, sum(part.bytes_read for part in parts))
 
 
 def _onnx_code(tensor: OnnxTensor) -> str:

@@ -9,7 +9,8 @@ Names. Real relatives store the same weights under other names: a task model pre
 separators (and Mixtral's expert names to every MoE's: `sketches.experts`), so every comparison below is
 on normalised names; `canonical_tensors` also drops what is
 not a learned float weight: integer / bool tensors and the known buffers (`position_ids`,
-`num_batches_tracked`, GPT-2's causal mask `attn.bias`, rotary `inv_freq`, ...), which one library
+`num_batches_tracked`, GPT-2's causal mask `attn.bias`, rotary `inv_freq`, BART's all-zero `final_logits_bias`,
+which an ONNX export folds away, ...), which one library
 version saves and the next does not, and which are identical in unrelated models (a mask would make
 strangers look related). TF / Flax `kernel`s are stored transposed and keep their name, so they are
 compared with other TF kernels only.
@@ -92,8 +93,9 @@ _HEAD = re.compile(
 # never a learned weight, never part of the key or of a comparison.
 _BUFFER = re.compile(
     r"(?:^|\.)(?:position_ids|token_type_ids|num_batches_tracked|inv_freq|relative_position_index"
-    r"|masked_bias|_float_tensor|attention_mask)$"
+    r"|masked_bias|_float_tensor|attention_mask|final_logits_bias)$"
     r"|(?:^|\.)attn\.bias$"  # GPT-2's causal mask (float32 in older checkpoints)
+    r"|(?:^|\.)embed_positions\.weights$"  # M2M100 / NLLB's sinusoidal table (a buffer; learned ones: `.weight`)
 )
 # Leading prefixes under which the same weights are saved (see the module docstring), longest first.
 _PREFIXES = (

@@ -40,6 +40,15 @@ two tensors mapping to one name (both dropped: neither can be told apart), weigh
 details. Refused in one line naming the file: a
 document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
 the repo, a data type that is not a number.
+
+Encoder-decoder models (t5, bart, marian, whisper: Xenova/opus-mt-*, onnx-community/whisper-*) are exported as
+two graphs, read as one model (`choose_onnx_files`, `join_halves`): `encoder_model.onnx`, the encoder alone (its
+weights named inside it: `block.0...`, given the prefix the decoder's names show), and `decoder_model.onnx` or
+optimum's `decoder_model_merged.onnx`, the whole model run from the encoder's output. The merged file holds
+the decoder twice, as the branches of an If node (subgraphs are walked for their nodes, MAX_GRAPH_DEPTH), over
+main-graph weights renamed `<name>_merged_0`. The encoder's token embedding is the model's tied `shared`
+one: read once. A sinusoidal position table (Marian's `embed_positions.weight`, which PyTorch recomputes and
+never saves) is a constant of the export, not a weight: left out, counted (`skipped.sinusoidal`).
 """
 
 from __future__ import annotations
@@ -64,7 +73,8 @@ ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_in
               "model_q4.onnx", "model_q4f16.onnx")
 # a decoder-only model exported by an older optimum (Xenova/gpt2): `decoder_model*.onnx` is the whole model when
 # no `encoder_model*.onnx` is beside it (an encoder-decoder's decoder is half of one: not read)
-DECODER_FILES = tuple(f"decoder_{name}" for name in ONNX_FILES)
+DECODER_FILES = (*(f"decoder_{name}" for name in ONNX_FILES),
+                 *(f"decoder_model_merged{name[len('model'):]}" for name in ONNX_FILES))  # optimum's If of both
 # TensorProto.data_type -> (safetensors dtype name, numpy dtype)
 _DTYPES = {1: ("F32", "<f4"), 2: ("U8", "<u1"), 3: ("I8", "<i1"), 4: ("U16", "<u2"), 5: ("I16", "<i2"),
            6: ("I32", "<i4"), 7: ("I64", "<i8"), 9: ("BOOL", "<u1"), 10: ("F16", "<f2"), 11: ("F64", "<f8"),
@@ -78,8 +88,11 @@ _WEIGHT_OPS = _MATMUL_OPS | {"Conv"}
 _UNDECODED_OPS = frozenset({"MatMulBnb4", "MatMulFpQ4", "QOrderedMatMul"})
 _BLOCK_OP = "MatMulNBits"
 _BLOCK_BITS = frozenset({2, 4, 8})
+_MERGED = re.compile(r"_merged_\d+$")
+_POSITIONS = re.compile(r"(?:^|\.)embed_positions\.weight$")
 _PARAMETER = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+)+$")  # a PyTorch parameter's dotted name
 MAX_TEXT_BYTES = 1 << 16  # a name, an op type, a dims list: a few bytes (a Constant node's value is skipped, never read)
+MAX_GRAPH_DEPTH = 4  # If / Loop bodies within bodies: optimum's merged decoder nests one level
 MAX_SMALL_VALUES = 1 << 20  # varint-coded values (int32_data) decoded whole at most this many bytes
 
 
@@ -219,8 +232,11 @@ def _signed(value: int) -> int:
     return value - (1 << 64) if value >= 1 << 63 else value
 
 
-def _node(f: _Fields, end: int) -> _Node:
+def _node(f: _Fields, end: int, out: list[_Node], depth: int = 0) -> None:
+    """Append the node at the file's position to `out`, then the nodes of its subgraphs (an If's branches:
+    optimum's `decoder_model_merged.onnx` holds its whole decoder in two, over the main graph's weights)."""
     name, op, inputs, ints = "", "", [], {}
+    nested: list[_Node] = []
     for number, wire, value in f.fields(end):
         if wire == 2 and number in (1, 3, 4):
             text = f.text(value[1])
@@ -230,16 +246,23 @@ def _node(f: _Fields, end: int) -> _Node:
                 name = text
             else:
                 op = text
-        elif wire == 2 and number == 5:  # an attribute: only integer ones (transB, axis) are kept
+        elif wire == 2 and number == 5:  # an attribute: integer ones (transB, axis) and subgraphs are kept
             key, number_value = "", None
             for n2, w2, v2 in f.fields(value[0] + value[1]):
                 if n2 == 1 and w2 == 2:
                     key = f.text(v2[1])
                 elif n2 == 3 and w2 == 0:
                     number_value = _signed(v2)
+                elif n2 in (6, 11) and w2 == 2:  # g, graphs: a GraphProto
+                    if depth >= MAX_GRAPH_DEPTH:
+                        raise f.error(f"subgraphs nested deeper than {MAX_GRAPH_DEPTH} at byte {v2[0]}")
+                    for n3, w3, v3 in f.fields(v2[0] + v2[1]):
+                        if n3 == 1 and w3 == 2:
+                            _node(f, v3[0] + v3[1], nested, depth + 1)
             if key and number_value is not None:
                 ints[key] = number_value
-    return _Node(name, op, tuple(inputs), ints)
+    out.append(_Node(name, op, tuple(inputs), ints))
+    out.extend(nested)
 
 
 def _tensor(f: _Fields, end: int) -> _Init:
@@ -282,7 +305,7 @@ def _graph(thing: str, source: ByteSource) -> tuple[list[_Node], dict[str, _Init
         if wire != 2:
             continue
         if number == 1:
-            nodes.append(_node(f, value[0] + value[1]))
+            _node(f, value[0] + value[1], nodes)
         elif number == 5:
             init = _tensor(f, value[0] + value[1])
             inits[init.name] = init
@@ -304,9 +327,11 @@ def module_path(node_name: str) -> str | None:
 
 
 def _stem(name: str) -> tuple[str, bool, bool]:
-    """(the weight's own name, quantized, transposed by the quantizer) of an initializer name."""
+    """(the weight's own name, quantized, transposed by the quantizer) of an initializer name; optimum's
+    merged decoder suffixes every weight `_merged_0`."""
+    name = _MERGED.sub("", name)
     quantized = name.endswith("_quantized")
-    stem = name[: -len("_quantized")] if quantized else name
+    stem = _MERGED.sub("", name[: -len("_quantized")]) if quantized else name
     transposed = stem.endswith("_Transposed")
     return (stem[: -len("_Transposed")] if transposed else stem), quantized, transposed
 
@@ -437,14 +462,31 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
         named.setdefault(name, []).append(tensor)
     tensors = {n: ts[0] for n, ts in sorted(named.items()) if len(ts) == 1}
     ambiguous = sorted(n for n, ts in named.items() if len(ts) > 1)
+    fixed = [n for n, t in tensors.items() if _POSITIONS.search(n) and _sinusoidal(source_of, t)]
+    tensors = {n: t for n, t in tensors.items() if n not in fixed}
     if not tensors:
         raise OnnxWeightsError(thing, "no weight maps to a PyTorch name (not an export of a PyTorch model)")
     details: dict[str, object] = {"initializers": len(inits), "nodes": len(nodes)}
-    if skipped:
-        details["skipped"] = {"undecoded": len(skipped)}
+    if skipped or fixed:
+        details["skipped"] = {"undecoded": len(skipped)} | ({"sinusoidal": len(fixed)} if fixed else {})
     if ambiguous:
         details["ambiguous"] = ambiguous[:8]
     return tensors, details
+
+
+def _sinusoidal(source_of: Callable[[str | None], ByteSource], tensor: OnnxTensor) -> bool:
+    """A position table of sines and cosines (Marian's and Pegasus' `embed_positions.weight`: sin of position
+    x 10000^(-2k/d) in the first half of a row, cos in the second), which PyTorch recomputes and never saves:
+    a constant of the export, not a weight of the model. Its first two rows are read to tell it from a learned
+    table (BART, Whisper)."""
+    shape = tensor.stored.shape
+    if tensor.scale is not None or tensor.blocks is not None or len(shape) != 2 or shape[0] < 2 or shape[1] % 2:
+        return False
+    rows = read_onnx_tensor(source_of(tensor.location), tensor, (0, 2)).astype(np.float64)
+    half = shape[1] // 2
+    angle = 1.0 / np.power(10000.0, 2 * np.arange(half) / shape[1])
+    want = np.stack([np.concatenate([np.zeros(half), np.ones(half)]), np.concatenate([np.sin(angle), np.cos(angle)])])
+    return bool(np.allclose(rows, want, rtol=0, atol=1e-6))
 
 
 def _block_quantized(thing: str, raw: str, node: _Node, inits: Mapping[str, _Init], size: int | None
@@ -485,7 +527,7 @@ def _block_quantized(thing: str, raw: str, node: _Node, inits: Mapping[str, _Ini
         at = {raw: codes_at, scales.name: scales_at}.get(name, zeros_at)
         if at is None and size is not None and init.offset + init.nbytes > size:
             raise OnnxWeightsError(thing, f"truncated: {name}'s bytes end past byte {size}")
-    stem = raw[: -len(f"_Q{bits}")] if raw.endswith(f"_Q{bits}") else raw
+    stem = _MERGED.sub("", raw[: -len(f"_Q{bits}")] if raw.endswith(f"_Q{bits}") else raw)
     if _PARAMETER.match(stem):  # a parameter used as it is: (in, out) = (K, N) in PyTorch too
         name, transposed = stem, True
     else:
@@ -616,16 +658,62 @@ def choose_onnx(files: Iterable[str]) -> str | None:
     return None
 
 
+def choose_onnx_files(files: Iterable[str]) -> tuple[str, ...] | None:
+    """The ONNX files of a repo to read as one model: `choose_onnx`'s file, else an encoder-decoder export's
+    two graphs of one variant (`encoder_model{v}.onnx` with `decoder_model{v}.onnx`, else optimum's
+    `decoder_model_merged{v}.onnx`; the variants in `ONNX_FILES` order, at the top or under `onnx/`): t5, bart,
+    marian, whisper as transformers.js and optimum publish them. None when it has neither."""
+    present = set(files)
+    single = choose_onnx(present)
+    if single is not None:
+        return (single,)
+    for name in ONNX_FILES:
+        variant = name[len("model"):-len(ONNX_SUFFIX)]  # "", "_fp16", "_quantized", ...
+        for folder in ("", "onnx/"):
+            encoder = f"{folder}encoder_model{variant}{ONNX_SUFFIX}"
+            decoder = next((f"{folder}{d}" for d in (f"decoder_model{variant}{ONNX_SUFFIX}",
+                                                     f"decoder_model_merged{variant}{ONNX_SUFFIX}")
+                            if f"{folder}{d}" in present), None)
+            if encoder in present and decoder is not None:
+                return encoder, decoder
+    return None
+
+
+def join_halves(encoder: Mapping[str, OnnxTensor], decoder: Mapping[str, OnnxTensor]
+                ) -> tuple[dict[str, tuple[int, OnnxTensor]], list[str]]:
+    """An encoder-decoder export's two graphs as one model: {PyTorch name: (0 encoder / 1 decoder, tensor)} and
+    the names both claim (dropped). optimum exports the encoder alone (`model.get_encoder()`: `block.0...`,
+    `layers.0...`) and the decoder within the whole model (`decoder.block.0...`, `model.decoder.layers.0...`,
+    `lm_head`), so the encoder's names get the prefix the decoder's show (`model.encoder.` beside
+    `model.decoder.`, else `encoder.`). Its token embedding is the model's shared one, tied (the model saves
+    `shared.weight` once): left out when the decoder holds a `shared.weight` of its shape."""
+    prefix = "model.encoder." if any(n.startswith("model.decoder.") for n in decoder) else "encoder."
+    shared = [t.stored.shape for n, t in decoder.items() if n == "shared.weight" or n.endswith(".shared.weight")]
+    out = {n: (1, t) for n, t in decoder.items()}
+    clashes = []
+    for name, tensor in encoder.items():
+        if name == "embed_tokens.weight" and tensor.stored.shape in shared:
+            continue
+        full = prefix + name
+        if full in out:
+            clashes.append(full)
+            del out[full]
+            continue
+        out[full] = (0, replace(tensor, stored=replace(tensor.stored, name=full)))
+    return dict(sorted(out.items())), sorted(clashes)
+
+
 def other_onnx(files: Iterable[str]) -> list[str]:
-    """The .onnx files a repo holds that `choose_onnx` does not read (encoder / decoder graphs, 4-bit copies)."""
+    """The .onnx files a repo holds that `choose_onnx_files` does not read (an NF4 copy, a decoder alone)."""
     return sorted(f for f in files if f.endswith(ONNX_SUFFIX) and f.count("/") <= 1)
 
 
 class OnnxWeights(ConvertedWeights):
     """A local ONNX export (`sketches.tfh5.ConvertedWeights`): walked on opening, each weight read (and
-    dequantized) on `read`; `quantized` when onnxruntime's quantizer wrote any of them."""
+    dequantized) on `read`; `quantized` when onnxruntime's quantizer wrote any of them. Given a `decoder`
+    too, `path` is an encoder-decoder export's encoder graph and the two are one model (`join_halves`)."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], decoder: str | os.PathLike[str] | None = None) -> None:
         from sketches.safetensors import FileSource
 
         folder = Path(path).parent.resolve()
@@ -639,34 +727,50 @@ class OnnxWeights(ConvertedWeights):
                 self._beside[location] = FileSource(target)
             return self._beside[location]
 
-        source = FileSource(path)
+        self._parts: list[ByteSource] = []
         try:
-            self._onnx, self.details = read_index(source, open_beside)
+            for file in (path, decoder) if decoder is not None else (path,):
+                self._parts.append(FileSource(file))
+            indexes = [read_index(part, open_beside) for part in self._parts]
         except BaseException:
-            source.close()
+            for part in self._parts:
+                part.close()  # type: ignore[attr-defined]
             raise
+        if decoder is None:
+            self._onnx = {n: (0, t) for n, t in indexes[0][0].items()}
+            self.details = indexes[0][1]
+        else:
+            self._onnx, clashes = join_halves(indexes[0][0], indexes[1][0])
+            self.details = {"files": [Path(path).name, Path(decoder).name], **({"ambiguous": clashes} if clashes else {})}
         self._open_beside = open_beside
-        super().__init__(path, source, {n: t.stored for n, t in self._onnx.items()})
+        super().__init__(path, self._parts[0], {n: t.stored for n, (_, t) in self._onnx.items()})
+        if decoder is not None:
+            self.files = (Path(path).name, Path(decoder).name)
 
     @property
     def quantized(self) -> bool:
-        return any(t.scale is not None or t.blocks is not None for t in self._onnx.values())
+        return any(t.scale is not None or t.blocks is not None for _, t in self._onnx.values())
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> np.ndarray:
         if name not in self._onnx:
             raise OnnxWeightsError(self._source.name, f"no tensor maps to the PyTorch name {name!r}")
-        tensor = self._onnx[name]
-        source = self._source if tensor.location is None else self._open_beside(tensor.location)
-        return read_onnx_tensor(source, tensor, rows, beside=self._file)
+        part, tensor = self._onnx[name]
 
-    def _file(self, location: str | None) -> ByteSource:
-        return self._source if location is None else self._open_beside(location)
+        def file(location: str | None) -> ByteSource:
+            return self._parts[part] if location is None else self._open_beside(location)
+
+        return read_onnx_tensor(file(tensor.location), tensor, rows, beside=file)
+
+    def file_of(self, name: str) -> str:
+        return self.files[self._onnx[name][0]] if name in self._onnx else self.files[0]
 
     @property
     def bytes_read(self) -> int:
-        return self._source.bytes_read + sum(s.bytes_read for s in self._beside.values())
+        return sum(p.bytes_read for p in self._parts) + sum(s.bytes_read for s in self._beside.values())
 
     def close(self) -> None:
         for beside in self._beside.values():
             beside.close()  # type: ignore[attr-defined]
+        for part in self._parts[1:]:
+            part.close()  # type: ignore[attr-defined]
         super().close()

@@ -596,18 +596,19 @@ def _folder_files(folder: Path) -> tuple[str, ...]:
     raise UnsupportedModelError(str(folder), "no safetensors weights (no *.safetensors file in the folder)")
 
 
-def _converted_file(p: Path) -> Path | None:
-    """The TensorFlow (`tf_model.h5`), Flax (`flax_model.msgpack`) or ONNX (`sketches.onnx.choose_onnx`) file
-    to read: the path itself, or the one a folder without safetensors holds (in that order), else None."""
-    from sketches.onnx import choose_onnx  # it imports this module
+def _converted_file(p: Path) -> tuple[Path, ...] | None:
+    """The TensorFlow (`tf_model.h5`), Flax (`flax_model.msgpack`) or ONNX (`sketches.onnx.choose_onnx_files`:
+    one graph, or an encoder's and a decoder's) files to read: the path itself, or those a folder without
+    safetensors holds (in that order), else None."""
+    from sketches.onnx import choose_onnx_files  # it imports this module
 
     if p.is_file():
-        return p if p.suffix in (".h5", ".msgpack", ".onnx") else None
+        return (p,) if p.suffix in (".h5", ".msgpack", ".onnx") else None
     if any(f.suffix == ".safetensors" for f in p.iterdir()) or local_denoiser(p) is not None:
         return None
-    found = next((p / f for f in ("tf_model.h5", "flax_model.msgpack") if (p / f).is_file()), None)
-    onnx_file = choose_onnx(f.relative_to(p).as_posix() for f in (*p.glob("*.onnx"), *p.glob("onnx/*.onnx")))
-    return found or (p / onnx_file if onnx_file else None)
+    found = next(((p / f,) for f in ("tf_model.h5", "flax_model.msgpack") if (p / f).is_file()), None)
+    onnx_files = choose_onnx_files(f.relative_to(p).as_posix() for f in (*p.glob("*.onnx"), *p.glob("onnx/*.onnx")))
+    return found or (tuple(p / f for f in onnx_files) if onnx_files else None)
 
 
 def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
@@ -628,8 +629,8 @@ def open_local_repo(path: str | os.PathLike[str]) -> RepoWeights:
         from sketches.onnx import OnnxWeights
         from sketches.tfh5 import TFWeights
 
-        opener = {".h5": TFWeights, ".msgpack": FlaxWeights, ".onnx": OnnxWeights}[converted.suffix]
-        return opener(converted)  # type: ignore[return-value]
+        opener = {".h5": TFWeights, ".msgpack": FlaxWeights, ".onnx": OnnxWeights}[converted[0].suffix]
+        return opener(*converted)  # type: ignore[return-value,arg-type]
     if p.is_file():
         if p.name.endswith(".index.json"):
             return _open_sharded(p)

@@ -151,10 +151,10 @@ def _is_repo(folder: Path) -> bool:
 
 
 def _onnx_export(folder: Path) -> bool:
-    """An ONNX export's files (`sketches.onnx.choose_onnx`): read by the crawl's reader."""
-    from sketches.onnx import choose_onnx
+    """An ONNX export's files (`sketches.onnx.choose_onnx_files`): read by the crawl's reader."""
+    from sketches.onnx import choose_onnx_files
 
-    return choose_onnx(f.relative_to(folder).as_posix() for f in (*folder.glob("*.onnx"), *folder.glob("onnx/*.onnx"))
+    return choose_onnx_files(f.relative_to(folder).as_posix() for f in (*folder.glob("*.onnx"), *folder.glob("onnx/*.onnx"))
                        if f.is_file()) is not None
 
 

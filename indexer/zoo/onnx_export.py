@@ -11,6 +11,13 @@ A repo of `onnx/` exports beside config.json and no other weights (`Xenova/...`,
   transformers.js' `q4` files: every MatMul with a constant weight becomes MatMulNBits;
 - `external`: the full-precision graph with its weights in `model.onnx_data` (files over 2 GiB are saved so).
 
+An encoder-decoder model (T5, BART, Marian) is written as optimum writes it (`write_seq2seq_onnx`):
+`encoder_model.onnx`, the encoder alone (`model.get_encoder()`, its weights named inside it: `block.0...`),
+`decoder_model.onnx`, the whole model run from the encoder's output (its decoder and lm_head, named inside the
+whole model: `decoder.block.0...`), and optionally `decoder_model_merged.onnx`, both decoder graphs as the
+branches of one If over the weights, renamed `<name>_merged_0`, as optimum's merger lays them out. Names
+checked against optimum-onnx 0.1.0's own exports of the same models (bench/RESULTS.md, session 18).
+
 Read back by `sketches.onnx`. Needs the `zoo` extra (transformers, onnx, onnxruntime); nothing is downloaded.
 """
 
@@ -117,9 +124,89 @@ def write_onnx(folder: Path, state: dict[str, Any], config: dict[str, Any], *, v
     return target
 
 
+def write_seq2seq_onnx(folder: Path, model: Any, *, merged: bool = False) -> tuple[Path, Path]:
+    """An encoder-decoder `model`'s optimum-style export at `folder/onnx/` (module docstring): the encoder's and
+    the decoder's graph (the merged one with `merged`), and config.json. Returns the two files read."""
+    import onnx
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(model.config.to_json_string())
+    target = folder / "onnx"
+    target.mkdir(exist_ok=True)
+    model.config.use_cache = False
+    ids = torch.ones(1, 8, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    encoder = model.get_encoder().eval()
+    with torch.no_grad():
+        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    # each module is traced itself, so its weights keep the names they have inside it, with a forward of
+    # positional tensors (as optimum's ModelPatcher does; the tracer mixes up keyword arguments)
+    run_encoder, run_model = encoder.forward, model.forward
+    encoder.forward = lambda input_ids, attention_mask: run_encoder(
+        input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    model.forward = lambda decoder_input_ids, encoder_hidden_states, attention_mask: run_model(
+        decoder_input_ids=decoder_input_ids, encoder_outputs=(encoder_hidden_states,), attention_mask=attention_mask,
+        use_cache=False).logits
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(encoder, (ids, mask), str(target / "encoder_model.onnx"),
+                              input_names=["input_ids", "attention_mask"], dynamo=False, opset_version=OPSET,
+                              do_constant_folding=True)
+            torch.onnx.export(model, (ids, hidden, mask), str(target / "decoder_model.onnx"),
+                              input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+                              dynamo=False, opset_version=OPSET, do_constant_folding=True)
+    finally:
+        del encoder.forward, model.forward
+    decoder = target / "decoder_model.onnx"
+    if merged:
+        onnx.save(_merged(onnx.load(str(decoder))), str(target / "decoder_model_merged.onnx"))
+        decoder.unlink()
+        decoder = target / "decoder_model_merged.onnx"
+    return target / "encoder_model.onnx", decoder
+
+
+def _merged(plain: Any) -> Any:
+    """optimum's merged decoder: one If on `use_cache_branch` whose two branches hold the decoder's nodes, over
+    the main graph's weights renamed `<name>_merged_0`. (optimum's branches differ: with and without the cache;
+    the weights and their use are the same.)"""
+    import copy
+
+    from onnx import TensorProto, helper
+
+    graph = plain.graph
+    renamed = {init.name: f"{init.name}_merged_0" for init in graph.initializer}
+    weights = []
+    for init in graph.initializer:
+        kept = copy.deepcopy(init)
+        kept.name = renamed[init.name]
+        weights.append(kept)
+
+    def branch(name: str, tag: str) -> Any:
+        nodes = []
+        for node in graph.node:
+            kept = copy.deepcopy(node)
+            kept.input[:] = [renamed.get(i, i if i in inputs else f"{i}{tag}") for i in node.input]
+            kept.output[:] = [o if o in outputs else f"{o}{tag}" for o in node.output]
+            nodes.append(kept)
+        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o.name, o.type.tensor_type.elem_type, None)
+                                                   for o in graph.output])
+
+    inputs, outputs = {i.name for i in graph.input}, {o.name for o in graph.output}
+    flag = helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])
+    node = helper.make_node("If", ["use_cache_branch"], [o.name for o in graph.output], name="optimum::if",
+                            then_branch=branch("then", "_then"), else_branch=branch("else", "_else"))
+    main = helper.make_graph([node], "merged", [*graph.input, flag], list(graph.output), weights)
+    return helper.make_model(main, opset_imports=list(plain.opset_import), ir_version=plain.ir_version)
+
+
 def _quantize_q4(plain: Path, target: Path) -> None:
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
 
     quantizer = MatMulNBitsQuantizer(onnx.load(str(plain)),
                                      algo_config=DefaultWeightOnlyQuantConfig(block_size=Q4_BLOCK, is_symmetric=True))
