@@ -200,6 +200,9 @@ class Outcome:
         return self.reason.split(":", 1)[0]
 
 
+CONVERTED_STEPS = 1  # a converted file's first copy_rank: as many steps from the original as one wrapper prefix
+
+
 @dataclass(frozen=True)
 class ModelRead:
     """Steps 2-4 done: headers, plan, decoded blocks."""
@@ -442,7 +445,8 @@ def read_converted_model(repo: RepoFiles, file: str, *, budget: int) -> ModelRea
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     weights_format = "tf-h5" if file == TF_FILE else "flax-msgpack"
-    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, weights_format, read.details)
+    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, weights_format, read.details,
+                     copy_rank=converted_rank(read.details))
 
 
 def read_onnx_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> ModelRead:
@@ -466,7 +470,15 @@ def read_onnx_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> Mo
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     if isinstance(read, QuantizedRead):
         return _quantized(read, repo.bytes_read, "onnx")
-    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, "onnx", read.details)
+    return ModelRead(read.family, read.plan, read.tensors, read.arrays, repo.bytes_read, "onnx", read.details,
+                     copy_rank=converted_rank(read.details))
+
+
+def converted_rank(details: Mapping[str, Any]) -> tuple[int, int]:
+    """`ModelRead.copy_rank` of a TensorFlow, Flax or ONNX file: one conversion away from the PyTorch weights it
+    was made from, so of two byte-identical copies without upload times the safetensors one is the original
+    (an ONNX T5 reads its tied lm_head apart, one tensor more, and took its source's place)."""
+    return CONVERTED_STEPS, -int(details.get("tensors", 0))
 
 
 def _config(repo: RepoFiles) -> dict[str, Any] | None:

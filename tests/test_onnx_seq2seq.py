@@ -154,3 +154,19 @@ def test_a_sinusoidal_position_table_is_a_constant_of_the_export(tmp_path: Path)
     tensors, details = read_index(FileSource(path))
     assert set(tensors) == {"model.decoder.embed_positions.weight"}
     assert details["skipped"] == {"undecoded": 0, "sinusoidal": 1}
+
+
+def test_without_upload_times_the_pytorch_file_is_the_original(hub: Path, tmp_path: Path) -> None:
+    """Byte-identical copies without times: an export is one conversion from its source (`converted_rank`).
+    The ONNX T5 reads its tied lm_head apart (one tensor more), which made it the original before."""
+    rows = _rows(recover(hub, Options(device="cpu", use_time=False)))
+    assert rows["x/t5-onnx"] == ("o/t5", "duplicate") and rows["o/t5"] == ("", "")
+    assert rows["x/bart-onnx"] == ("o/bart", "duplicate")
+    undated = tmp_path / "undated"
+    undated.mkdir()
+    for repo in ("o/t5", "x/t5-onnx"):
+        (undated / repo).parent.mkdir(exist_ok=True)
+        (undated / repo).symlink_to(hub / repo)
+    report = ingest_folder(tmp_path / "home", undated, device="cpu")
+    assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == {"o/t5": ("", ""),
+                                                                            "x/t5-onnx": ("o/t5", "duplicate")}

@@ -246,8 +246,10 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str,
              packed: list[tuple[str, Path]] | None = None) -> tuple[list[_Loaded], list[ForestRow]]:
     """Headers of plain safetensors repos; with `packed`, quantized ones (indexer.readers.looks_packed)
     and LoRA files without a config (sketches.adapter.loose_layout) go there instead, for the crawl's reader."""
+    from indexer.crawl import CONVERTED_STEPS
     from indexer.readers import looks_packed
     from sketches.adapter import loose_layout
+    from sketches.tfh5 import ConvertedWeights
 
     loaded, failed = [], []
     for repo_id, path in repos:
@@ -261,8 +263,9 @@ def _headers(repos: Sequence[tuple[str, Path]], method: str,
                 stored = canonical_tensors(infos)
                 shapes = {name: infos[raw].shape for name, raw in stored.items()}
                 _untie(weights, stored, shapes)
+            steps = CONVERTED_STEPS if isinstance(weights, ConvertedWeights) else 0  # indexer.crawl.converted_rank
             loaded.append(_Loaded(repo_id, path, shapes, family_key(shapes), stored, _main_dtype(infos, stored),
-                                  (max((wrapper_depth(n) for n in infos), default=0), -len(infos))))
+                                  (steps + max((wrapper_depth(n) for n in infos), default=0), -len(infos))))
         except ModelGraphError as exc:
             failed.append(_failed(repo_id, "", method, str(exc)))
     return loaded, failed
