@@ -19,7 +19,7 @@ interleaved) and OUT/<arch>/truth.csv (`parent,child`). Then `index recover OUT/
 subprocess and each model's recovered parent is compared with the truth. Any exception (building,
 training, saving) or a nonzero exit of the recovery is recorded per architecture, never fatal.
 
-With --onnx-copies each model of an encoder-decoder (t5, bart) is also written as optimum's ONNX export
+With --onnx-copies each model of an encoder-decoder (t5, bart, whisper) is also written as optimum's ONNX export
 (`<name>-onnx`: encoder_model.onnx with decoder_model.onnx, or decoder_model_merged.onnx every other model),
 uploaded after every model: each must be a `duplicate` of its source.
 
@@ -79,7 +79,7 @@ FAMILY: dict[str, tuple[str | None, int, int, int]] = {
 }
 BARE_BASE = False  # --bare-base: the base saved as its bare backbone, its fine-tunes as task models
 ONNX_COPIES = False  # --onnx-copies: an encoder-decoder's models each re-published as optimum's ONNX export
-SEQ2SEQ = ("t5", "bart")  # the text encoder-decoders indexer.zoo.onnx_export.write_seq2seq_onnx exports
+SEQ2SEQ = ("t5", "bart", "whisper")  # the encoder-decoders indexer.zoo.onnx_export.write_seq2seq_onnx exports
 # upload order (hours after T0): the stranger interleaved between the base and its fine-tunes
 UPLOAD_HOURS = {"base": 0, "stranger": 1, "ft1": 2, "ft2": 3, "ft1-ft": 4}
 

@@ -11,7 +11,7 @@ A repo of `onnx/` exports beside config.json and no other weights (`Xenova/...`,
   transformers.js' `q4` files: every MatMul with a constant weight becomes MatMulNBits;
 - `external`: the full-precision graph with its weights in `model.onnx_data` (files over 2 GiB are saved so).
 
-An encoder-decoder model (T5, BART, Marian) is written as optimum writes it (`write_seq2seq_onnx`):
+An encoder-decoder model (T5, BART, Marian, Whisper) is written as optimum writes it (`write_seq2seq_onnx`):
 `encoder_model.onnx`, the encoder alone (`model.get_encoder()`, its weights named inside it: `block.0...`),
 `decoder_model.onnx`, the whole model run from the encoder's output (its decoder and lm_head, named inside the
 whole model: `decoder.block.0...`), and optionally `decoder_model_merged.onnx`, both decoder graphs as the
@@ -136,26 +136,31 @@ def write_seq2seq_onnx(folder: Path, model: Any, *, merged: bool = False) -> tup
     target.mkdir(exist_ok=True)
     model.config.use_cache = False
     ids = torch.ones(1, 8, dtype=torch.long)
-    mask = torch.ones_like(ids)
+    text = model.main_input_name == "input_ids"
+    # a speech encoder (Whisper) reads log-mel features, no attention mask
+    first = ids if text else torch.zeros(1, model.config.num_mel_bins, 2 * model.config.max_source_positions)
+    mask = (torch.ones_like(ids),) if text else ()
     encoder = model.get_encoder().eval()
-    with torch.no_grad():
-        hidden = encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+    run_encoder, run_model = encoder.forward, model.forward
     # each module is traced itself, so its weights keep the names they have inside it, with a forward of
     # positional tensors (as optimum's ModelPatcher does; the tracer mixes up keyword arguments)
-    run_encoder, run_model = encoder.forward, model.forward
-    encoder.forward = lambda input_ids, attention_mask: run_encoder(
-        input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-    model.forward = lambda decoder_input_ids, encoder_hidden_states, attention_mask: run_model(
-        decoder_input_ids=decoder_input_ids, encoder_outputs=(encoder_hidden_states,), attention_mask=attention_mask,
+    encoder.forward = lambda features, *mask: run_encoder(
+        **{model.main_input_name: features}, **({"attention_mask": mask[0]} if mask else {})).last_hidden_state
+    # a decoder mask, else transformers' masking looks for packed sequences (aten::diff, no ONNX op)
+    model.forward = lambda decoder_input_ids, encoder_hidden_states, *mask: run_model(
+        decoder_input_ids=decoder_input_ids, encoder_outputs=(encoder_hidden_states,),
+        **({"attention_mask": mask[0]} if mask else {"decoder_attention_mask": torch.ones_like(decoder_input_ids)}),
         use_cache=False).logits
     try:
+        with torch.no_grad():
+            hidden = encoder(first, *mask)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(encoder, (ids, mask), str(target / "encoder_model.onnx"),
-                              input_names=["input_ids", "attention_mask"], dynamo=False, opset_version=OPSET,
-                              do_constant_folding=True)
-            torch.onnx.export(model, (ids, hidden, mask), str(target / "decoder_model.onnx"),
-                              input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"],
+            torch.onnx.export(encoder, (first, *mask), str(target / "encoder_model.onnx"),
+                              input_names=[model.main_input_name, "attention_mask"][: 1 + len(mask)], dynamo=False,
+                              opset_version=OPSET, do_constant_folding=True)
+            torch.onnx.export(model, (ids, hidden, *mask), str(target / "decoder_model.onnx"),
+                              input_names=["input_ids", "encoder_hidden_states", "encoder_attention_mask"][: 2 + len(mask)],
                               dynamo=False, opset_version=OPSET, do_constant_folding=True)
     finally:
         del encoder.forward, model.forward
