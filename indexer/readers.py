@@ -397,6 +397,12 @@ def read_onnx(source: ByteSource | Sequence[ByteSource], open_beside: Callable[[
         found, clashes = join_halves(indexes[0][0], indexes[1][0])
         details: dict[str, Any] = {"initializers": sum(int(d["initializers"]) for _, d in indexes),  # type: ignore[call-overload]
                                    "nodes": sum(int(d["nodes"]) for _, d in indexes)}  # type: ignore[call-overload]
+        skipped: dict[str, int] = {}
+        for _, d in indexes:
+            for why, count in dict(d.get("skipped") or {}).items():  # type: ignore[call-overload]
+                skipped[why] = skipped.get(why, 0) + int(count)
+        if skipped:
+            details["skipped"] = skipped
         if clashes:
             details["ambiguous"] = clashes[:8]
     else:

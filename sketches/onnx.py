@@ -36,8 +36,8 @@ Names map back to PyTorch's as PyTorch's exporter made them (`torch.onnx.export`
 Left out: initializers no rule names (folded shape constants, a folded Conv bias, an anonymous weight of a node
 without a module path),
 two tensors mapping to one name (both dropped: neither can be told apart), weights of ops not decoded here
-(MatMulBnb4's NF4, MatMulNBits with float zero points or a g_idx) and of float8 / 4-bit element types (QDQ int4, FP8): `skipped` in the
-details. Refused in one line naming the file: a
+(MatMulBnb4's NF4, MatMulNBits with float zero points or a g_idx) and of float8 / 4-bit element types (QDQ
+int4, FP8): `skipped` in the details. Refused in one line naming the file: a
 document that is not a ModelProto with a graph, a tensor whose bytes end past the file, an external file outside
 the repo, a data type that is not a number.
 
@@ -68,7 +68,8 @@ from sketches.tfh5 import ConvertedWeights, PagedFile, StoredTensor, read_tensor
 
 ONNX_SUFFIX = ".onnx"
 # The files of one export that hold the model, best first: full precision, F16, then onnxruntime's 8-bit copies
-# (transformers.js' names; optimum's `model_quantized.onnx`). A repo without one of these is not read.
+# (transformers.js' names; optimum's `model_quantized.onnx`), then its 4-bit block ones. A repo without one of
+# these (or an encoder's and a decoder's graph of one: `choose_onnx_files`) is not read.
 ONNX_FILES = ("model.onnx", "model_fp16.onnx", "model_quantized.onnx", "model_int8.onnx", "model_uint8.onnx",
               "model_q4.onnx", "model_q4f16.onnx")
 # a decoder-only model exported by an older optimum (Xenova/gpt2): `decoder_model*.onnx` is the whole model when
