@@ -105,6 +105,10 @@ _PREFIXES = (
     # a vision-language model's language tower (LLaVA: `language_model.model.layers.N`), the LLM it was made from
     "language_model.",
 )
+# Wrappers PyTorch puts around one submodule, inside a name: FSDP's and activation checkpointing's
+# (`model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn...`, saved by a training script that
+# skipped unwrapping), torch.compile of a submodule (`layers.0._orig_mod.mlp`).
+_INNER_WRAPPER = re.compile(r"(?:(?<=\.)|^)(?:_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 # The backbone prefix of every other transformers architecture (its `base_model_prefix`, as transformers
 # 5.24 lists them, and of architectures it has since dropped): a task model `XForY` saves its backbone under it,
 # the bare `XModel` without. Many bases are published bare (facebook/dinov2-base, facebook/hubert-base-ls960)
@@ -137,7 +141,7 @@ _TASK_PREFIXES = frozenset({
 # The prefixes a wrapper adds when it re-saves a model (DDP, torch.compile, sentence-transformers, a PEFT
 # merge, a Lightning module): a copy whose names carry more of them is the re-save, not the original.
 # `model.` is a wrapper unless it is the library's own decoder naming (LlamaForCausalLM: model.layers.N).
-_WRAPPERS = ("base_model.model.", "0.auto_model.", "auto_model.", "_orig_mod.", "module.", "model.")
+_WRAPPERS = ("base_model.model.", "0.auto_model.", "auto_model.", "module.", "model.")  # `_orig_mod.`: inner
 _OWN_MODEL_PREFIX = re.compile(r"^model\.(?:layers|embed_tokens|norm|decoder|encoder|embed_positions)\b")
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 CORE_SHARE = 0.75
@@ -209,6 +213,7 @@ def normalise_name(name: str) -> str:
     out = mixtral_name(name.removesuffix(":0").replace("/", "."))
     out = re.sub(r"layer_\._(\d+)", r"layer.\1", out)
     out = re.sub(r"^tf_[a-z0-9_]+\.", "", out)  # a TF main layer's name (tf_bert_model/...)
+    out = _INNER_WRAPPER.sub("", out)
     stripped = True
     while stripped:
         stripped = False
@@ -224,12 +229,14 @@ def normalise_name(name: str) -> str:
 
 
 def wrapper_depth(name: str) -> int:
-    """How many wrapper prefixes (see _WRAPPERS) lead a stored tensor name."""
-    depth, rest = 0, name
+    """How many wrappers a stored tensor name holds: prefixes (see _WRAPPERS) and FSDP / checkpointing /
+    compile wrappers inside it (_INNER_WRAPPER)."""
+    inner = len(_INNER_WRAPPER.findall(name))
+    depth, rest = 0, _INNER_WRAPPER.sub("", name)
     while True:
         prefix = next((p for p in _WRAPPERS if rest.startswith(p) and len(rest) > len(p)), None)
         if prefix is None or (prefix == "model." and _OWN_MODEL_PREFIX.match(rest)):
-            return depth
+            return depth + inner
         depth, rest = depth + 1, rest[len(prefix):]
 
 

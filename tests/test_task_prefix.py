@@ -35,6 +35,10 @@ pytest.importorskip("transformers")
     ("text_model.encoder.layers.0.mlp.fc1.weight", "text_model.encoder.layers.0.mlp.fc1.weight"),
     ("vision_model.encoder.layers.0.mlp.fc1.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"),
     ("layer1.0.conv1.weight", "layer1.0.conv1.weight"),
+    # wrappers around one submodule, inside a name: FSDP, activation checkpointing, torch.compile
+    ("model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn.q_proj.weight",
+     "layers.0.self_attn.q_proj.weight"),
+    ("_fsdp_wrapped_module.model.layers.0._orig_mod.mlp.up_proj.weight", "layers.0.mlp.up_proj.weight"),
 ])
 def test_an_architectures_own_backbone_prefix_is_stripped(stored: str, compared: str) -> None:
     assert normalise_name(stored) == compared
