@@ -3,10 +3,11 @@
 Input everywhere is a model's tensor shapes, `{name: shape}`, as read from a safetensors header.
 
 Names. Real relatives store the same weights under other names: a task model prefixes its backbone
-(`bert.`, `vit.`, `transformer.`, `model.`, `dinov2.`: every architecture's own), sentence-transformers saves `0.auto_model.`, a PEFT merge
-`base_model.model.`, DDP `module.`, torch.compile `_orig_mod.`; TF / Flax conversions use `/` and
-`layer_._N`. `normalise_name` strips those prefixes (repeatedly, at the start only) and maps the
-separators (and Mixtral's expert names to every MoE's: `sketches.experts`), so every comparison below is
+(`bert.`, `vit.`, `transformer.`, `model.`, `dinov2.`: every architecture's own), a VLM its language tower
+(`language_model.`), sentence-transformers saves `0.auto_model.`, a PEFT merge `base_model.model.`, DDP
+`module.`, torch.compile `_orig_mod.`; FSDP and activation checkpointing wrap submodules inside a name
+(`layers.0._fsdp_wrapped_module.self_attn`); TF / Flax conversions use `/` and `layer_._N`. `normalise_name`
+strips those prefixes (repeatedly, at the start only) and inner wrappers, and maps the separators (and Mixtral's expert names to every MoE's: `sketches.experts`), so every comparison below is
 on normalised names; `canonical_tensors` also drops what is
 not a learned float weight: integer / bool tensors and the known buffers (`position_ids`,
 `num_batches_tracked`, GPT-2's causal mask `attn.bias`, rotary `inv_freq`, BART's all-zero `final_logits_bias`,
