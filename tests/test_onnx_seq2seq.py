@@ -170,3 +170,25 @@ def test_without_upload_times_the_pytorch_file_is_the_original(hub: Path, tmp_pa
     report = ingest_folder(tmp_path / "home", undated, device="cpu")
     assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == {"o/t5": ("", ""),
                                                                             "x/t5-onnx": ("o/t5", "duplicate")}
+
+
+def test_a_decoder_only_merged_export_reads_as_its_source(tmp_path: Path) -> None:
+    """An older optimum's decoder-only repo with only `decoder_model_merged.onnx` (Xenova/gpt2's layout): the
+    weights used inside the If's branches, named `<name>_merged_0` in the main graph."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from indexer.zoo.onnx_export import merged_decoder, write_onnx
+
+    torch.manual_seed(3)
+    model = _trained_looking(GPT2LMHeadModel(GPT2Config(vocab_size=96, n_positions=32, n_embd=32, n_layer=2, n_head=2)))
+    model.save_pretrained(tmp_path / "o/gpt2")
+    state = {n: t.detach().numpy().copy() for n, t in model.state_dict().items()}
+    plain = write_onnx(tmp_path / "x/gpt2-onnx", state, model.config.to_dict() | {"architectures": ["GPT2LMHeadModel"]})
+    onnx.save(merged_decoder(onnx.load(str(plain))), str(plain.parent / "decoder_model_merged.onnx"))
+    plain.unlink()
+    pt, _ = read_folder(tmp_path / "o/gpt2", budget=64 << 20)
+    read, _ = read_folder(tmp_path / "x/gpt2-onnx", budget=64 << 20)
+    assert read.details["file"] == "decoder_model_merged.onnx" and read.family == pt.family
+    assert set(read.arrays) == set(pt.arrays)
+    for name, array in pt.arrays.items():
+        assert np.array_equal(read.arrays[name], array), name

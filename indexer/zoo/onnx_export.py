@@ -166,13 +166,13 @@ def write_seq2seq_onnx(folder: Path, model: Any, *, merged: bool = False) -> tup
         del encoder.forward, model.forward
     decoder = target / "decoder_model.onnx"
     if merged:
-        onnx.save(_merged(onnx.load(str(decoder))), str(target / "decoder_model_merged.onnx"))
+        onnx.save(merged_decoder(onnx.load(str(decoder))), str(target / "decoder_model_merged.onnx"))
         decoder.unlink()
         decoder = target / "decoder_model_merged.onnx"
     return target / "encoder_model.onnx", decoder
 
 
-def _merged(plain: Any) -> Any:
+def merged_decoder(plain: Any) -> Any:
     """optimum's merged decoder: one If on `use_cache_branch` whose two branches hold the decoder's nodes, over
     the main graph's weights renamed `<name>_merged_0`. (optimum's branches differ: with and without the cache;
     the weights and their use are the same.)"""
