@@ -553,17 +553,22 @@ def read_model(repo: RepoFiles, *, budget: int, have_token: bool) -> ModelRead:
         plan = plan_reads(tensors, family=family, budget=budget)
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
-    arrays = read_planned(sources, where, plan)
-    # a tied lm_head saved twice is the embedding, once (sketches.layers.tied_heads); checked on what the
-    # plan read of both, so it costs no request
-    read = arrays
-    for tied in tied_heads({name: tuple(np.shape(a)) for name, a in read.items()},
-                           lambda name, rows: read[name][rows[0]:rows[1]]):
-        arrays, tensors = _without(arrays, tied), _without(tensors, tied)
+    arrays, tensors = _untied(read_planned(sources, where, plan), tensors)
     # a model larger than the budget is indexed on what fits: the models row says how much that was
     partial = {"read_fraction": round(plan.fraction, 6)} if not all(b.whole for b in plan.blocks) else {}
     return ModelRead(family, plan, tensors, arrays, header_bytes, details=partial,
                      copy_rank=(max((wrapper_depth(n) for n in where), default=0), -len(where)))
+
+
+def _untied(arrays: Mapping[str, np.ndarray], tensors: Mapping[str, Any]
+            ) -> tuple[Mapping[str, np.ndarray], Mapping[str, Any]]:
+    """A tied lm_head saved twice is the embedding, once (sketches.layers.tied_heads): dropped from both. Checked
+    on what the plan read of both, so it costs no request (a converted file: `indexer.readers._read_converted`)."""
+    kept_arrays, kept_tensors = arrays, tensors
+    for tied in tied_heads({name: tuple(np.shape(a)) for name, a in arrays.items()},
+                           lambda name, rows: arrays[name][rows[0]:rows[1]]):
+        kept_arrays, kept_tensors = _without(kept_arrays, tied), _without(kept_tensors, tied)
+    return kept_arrays, kept_tensors
 
 
 def _without(mapping: Mapping[str, Any], name: str) -> dict[str, Any]:

@@ -52,7 +52,7 @@ from sketches.gguf import (
 )
 from sketches.gguf import predicted_relative_error as gguf_error
 from sketches.gguf import read_header as read_gguf_header
-from sketches.layers import canonical_tensors, family_key, normalise_name
+from sketches.layers import canonical_tensors, family_key, normalise_name, tied_heads
 from sketches.onnx import OnnxTensor, join_halves, read_onnx_tensor
 from sketches.onnx import predicted_error as onnx_error
 from sketches.onnx import read_index as read_onnx_index
@@ -446,6 +446,11 @@ def _read_converted(stored: Mapping[str, StoredTensor],
                     details: Mapping[str, Any]) -> ConvertedRead:
     infos = stored_infos(stored)
     names = canonical_tensors(infos)  # normalised -> stored: float weights only, known buffers dropped
+    # an output head the export wrote out (an ONNX lm_head / proj_out: the embedding, transposed back) is the
+    # embedding, once (sketches.layers.tied_heads), as a safetensors file's: the end rows of both read to tell
+    for tied in tied_heads({n: infos[raw].shape for n, raw in names.items()},
+                           lambda name, rows: read(stored[names[name]], rows)):
+        del names[tied]
     tensors = {norm: replace(infos[raw], name=norm) for norm, raw in names.items()}
     family = family_key({n: t.shape for n, t in tensors.items()})
     plan = plan_reads(tensors, family=family, budget=budget)

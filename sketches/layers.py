@@ -176,7 +176,8 @@ def is_vocabulary(name: str) -> bool:
 
 # output vocabulary matrices tied to the input embedding in transformers: GPT-2 / Llama-style `lm_head`, GPT-NeoX
 # `embed_out`, BERT / ALBERT `predictions.decoder`, RoBERTa `lm_head.decoder`, DistilBERT `vocab_projector`, Whisper `proj_out`
-_OUTPUT_VOCAB = re.compile(r"(?:^|\.)(?:lm_head|embed_out|predictions\.decoder|lm_head\.decoder|vocab_projector|proj_out)\.weight$")
+_OUTPUT_VOCAB = re.compile(r"(?:^|\.)(?:lm_head|embed_out|predictions\.decoder|lm_head\.decoder|vocab_projector)\.weight$"
+                           r"|^proj_out\.weight$")
 _INPUT_VOCAB = re.compile(r"(?:^|\.)(?:embed_tokens|wte|word_embeddings|shared|embed_in)\.weight$")
 TIED_CHECK_ROWS = 8  # rows compared at each end of a vocabulary matrix: bit-identical ends are one tensor
 

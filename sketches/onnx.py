@@ -59,6 +59,7 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -463,8 +464,10 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
         named.setdefault(name, []).append(tensor)
     tensors = {n: ts[0] for n, ts in sorted(named.items()) if len(ts) == 1}
     ambiguous = sorted(n for n, ts in named.items() if len(ts) > 1)
-    fixed = [n for n, t in tensors.items() if _POSITIONS.search(n) and _sinusoidal(source_of, t)]
+    fixed = [n for n, t in tensors.items() if _POSITIONS.search(n) and _sinusoidal(source_of, t, "marian")]
     tensors = {n: t for n, t in tensors.items() if n not in fixed}
+    folded = _folded_positions(thing, nodes, inits, tensors, source_of, source.size)
+    tensors = dict(sorted({**tensors, **folded}.items()))
     if not tensors:
         raise OnnxWeightsError(thing, "no weight maps to a PyTorch name (not an export of a PyTorch model)")
     details: dict[str, object] = {"initializers": len(inits), "nodes": len(nodes)}
@@ -475,19 +478,47 @@ def read_index(source: ByteSource, open_beside: Callable[[str], ByteSource] | No
     return tensors, details
 
 
-def _sinusoidal(source_of: Callable[[str | None], ByteSource], tensor: OnnxTensor) -> bool:
-    """A position table of sines and cosines (Marian's and Pegasus' `embed_positions.weight`: sin of position
-    x 10000^(-2k/d) in the first half of a row, cos in the second), which PyTorch recomputes and never saves:
-    a constant of the export, not a weight of the model. Its first two rows are read to tell it from a learned
-    table (BART, Whisper)."""
+def _sinusoidal(source_of: Callable[[str | None], ByteSource], tensor: OnnxTensor,
+                form: Literal["marian", "whisper"]) -> bool:
+    """Whether a table is a fixed one of sines and cosines: sin of position x rate_k in the first half of a row,
+    cos in the second, rate_k = 10000^(-2k/d) (Marian's and Pegasus' `embed_positions.weight`, which PyTorch
+    recomputes and never saves: a constant of the export, not a weight) or 10000^(-k/(d/2 - 1)) (Whisper's
+    encoder table, frozen, which PyTorch saves). Its first two rows are read to tell it from a learned table."""
     shape = tensor.stored.shape
-    if tensor.scale is not None or tensor.blocks is not None or len(shape) != 2 or shape[0] < 2 or shape[1] % 2:
+    if tensor.scale is not None or tensor.blocks is not None or len(shape) != 2 or shape[0] < 2 or shape[1] % 2 \
+            or shape[1] < 4:
         return False
     rows = read_onnx_tensor(source_of(tensor.location), tensor, (0, 2)).astype(np.float64)
     half = shape[1] // 2
-    angle = 1.0 / np.power(10000.0, 2 * np.arange(half) / shape[1])
+    exponent = 2 * np.arange(half) / shape[1] if form == "marian" else np.arange(half) / (half - 1)
+    angle = 1.0 / np.power(10000.0, exponent)
     want = np.stack([np.concatenate([np.zeros(half), np.ones(half)]), np.concatenate([np.sin(angle), np.cos(angle)])])
     return bool(np.allclose(rows, want, rtol=0, atol=1e-6))
+
+
+def _folded_positions(thing: str, nodes: list[_Node], inits: Mapping[str, _Init], tensors: Mapping[str, OnnxTensor],
+                      source_of: Callable[[str | None], ByteSource], size: int | None) -> dict[str, OnnxTensor]:
+    """Whisper's encoder adds its whole frozen table (`embed_positions(arange(n))`), and the exporter folds that
+    into an unnamed constant of the Add, in the module that owns the table: named back
+    `<module>.embed_positions.weight` when its rows are Whisper's sines (`_sinusoidal`), as PyTorch saves it."""
+    out: dict[str, OnnxTensor] = {}
+    for node in (n for n in nodes if n.op == "Add"):
+        for raw in node.inputs:
+            init = inits.get(raw)
+            if init is None or init.small is not None or len(init.dims) != 2 or _PARAMETER.match(_stem(raw)[0]) \
+                    or _DTYPES.get(init.data_type, ("",))[0] not in _FLOATS:
+                continue
+            scope = module_path(node.name) or ""
+            name = f"{scope}.embed_positions.weight" if scope else "embed_positions.weight"
+            if name in tensors or name in out:
+                continue
+            location = None
+            if init.external:
+                location, init = _external(thing, init)
+            tensor = OnnxTensor(_stored(thing, init, name, False, size if location is None else None), location)
+            if _sinusoidal(source_of, tensor, "whisper"):
+                out[name] = tensor
+    return out
 
 
 def _block_quantized(thing: str, raw: str, node: _Node, inits: Mapping[str, _Init], size: int | None

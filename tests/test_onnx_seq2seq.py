@@ -192,3 +192,35 @@ def test_a_decoder_only_merged_export_reads_as_its_source(tmp_path: Path) -> Non
     assert set(read.arrays) == set(pt.arrays)
     for name, array in pt.arrays.items():
         assert np.array_equal(read.arrays[name], array), name
+
+
+def test_whispers_folded_position_table_is_named_back(tmp_path: Path) -> None:
+    """Whisper's encoder adds its whole frozen sinusoid table; the exporter folds it into an unnamed constant.
+    Recognised by its rows, it is `model.encoder.embed_positions.weight` again, so the export is a duplicate."""
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    from indexer.zoo.onnx_export import write_seq2seq_onnx
+
+    torch.manual_seed(5)
+    model = _trained_looking(WhisperForConditionalGeneration(WhisperConfig(
+        vocab_size=96, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=16, max_source_positions=16,
+        max_target_positions=32, suppress_tokens=[], begin_suppress_tokens=[], pad_token_id=0, bos_token_id=1,
+        eos_token_id=2, decoder_start_token_id=1)))
+    with torch.no_grad():  # the frozen table, as WhisperEncoder draws it (never trained)
+        from transformers.models.whisper.modeling_whisper import sinusoids
+
+        model.model.encoder.embed_positions.weight.copy_(sinusoids(16, 32))
+    model.save_pretrained(tmp_path / "o/whisper")
+    write_seq2seq_onnx(tmp_path / "x/whisper-onnx", model, merged=True)
+    pt, _ = read_folder(tmp_path / "o/whisper", budget=64 << 20)
+    read, _ = read_folder(tmp_path / "x/whisper-onnx", budget=64 << 20)
+    assert "encoder.embed_positions.weight" in read.tensors and set(read.arrays) == set(pt.arrays)
+    for name, array in pt.arrays.items():
+        assert np.array_equal(read.arrays[name], array), name
+    (tmp_path / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        "o/whisper": {"createdAt": "2024-03-01T00:00:00.000Z"}, "x/whisper-onnx": {"createdAt": "2024-03-02T00:00:00.000Z"}}}))
+    want = {"o/whisper": ("", ""), "x/whisper-onnx": ("o/whisper", "duplicate")}
+    assert _rows(recover(tmp_path, Options(device="cpu"))) == want
+    report = ingest_folder(tmp_path / "home", tmp_path, device="cpu")
+    assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == want
