@@ -464,8 +464,7 @@ def read_onnx_model(repo: RepoFiles, files: Sequence[str], *, budget: int) -> Mo
         return repo.open(path)
 
     try:
-        read = read_onnx([repo.open(f) for f in files] if len(files) > 1 else repo.open(file), open_beside,
-                         budget=budget)
+        read = read_onnx([repo.open(f) for f in files], open_beside, budget=budget)
     except UnsupportedModelError as exc:
         raise _Skip(repo.entry.repo_id, f"unsupported-architecture: {exc.reason}") from None
     if isinstance(read, QuantizedRead):

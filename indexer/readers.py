@@ -377,14 +377,13 @@ def read_flax(source: ByteSource, *, budget: int) -> ConvertedRead:
                            details={"framework": "flax", "file": source.name.rsplit("/", 1)[-1]})
 
 
-def read_onnx(source: ByteSource | Sequence[ByteSource], open_beside: Callable[[str], ByteSource], *, budget: int
+def read_onnx(parts: Sequence[ByteSource], open_beside: Callable[[str], ByteSource], *, budget: int
               ) -> ConvertedRead | QuantizedRead:
     """An ONNX export (`sketches.onnx`): walked for its weights' headers, then planned and read as `read_keras`;
     an 8-bit or 4-bit copy (onnxruntime's quantizers) dequantized, with the error its scales predict, as a
-    QuantizedRead. Two sources: an encoder-decoder export's encoder and decoder graphs, one model under the
-    whole model's names (`sketches.onnx.join_halves`). `open_beside(file)` opens a file its external tensors
+    QuantizedRead. `parts`: the graph, or an encoder-decoder export's encoder and decoder graphs, one model under
+    the whole model's names (`sketches.onnx.join_halves`). `open_beside(file)` opens a file its external tensors
     name (beside the graphs)."""
-    parts = list(source) if isinstance(source, Sequence) else [source]
     opened: dict[str, ByteSource] = {}
 
     def beside(location: str) -> ByteSource:  # each external file opened once, for scales and tensors alike

@@ -134,7 +134,6 @@ def write_seq2seq_onnx(folder: Path, model: Any, *, merged: bool = False) -> tup
     (folder / "config.json").write_text(model.config.to_json_string())
     target = folder / "onnx"
     target.mkdir(exist_ok=True)
-    model.config.use_cache = False
     ids = torch.ones(1, 8, dtype=torch.long)
     text = model.main_input_name == "input_ids"
     # a speech encoder (Whisper) reads log-mel features, no attention mask
