@@ -11,7 +11,8 @@ down_proj and lm_head at 6 bits (a mixed recipe), MXFP4 and NVFP4; AWQ GEMM 4-bi
 scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.quantize.awq_fold`);
 compressed-tensors NVFP4, MXFP4 and MXFP8 by its own compressors; GGUF
 Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
-them as IQ4_NL; and a GGUF Q8_0 gguf-split set of 4 tensors a shard (one model in many files). Without
+them as IQ4_NL; a GGUF Q8_0 gguf-split set of 4 tensors a shard (one model in many files); optimum-quanto
+int8, float8 and int4 by quanto itself. Without
 mlx installed the MLX rows are left out (said on stderr).
 
 Two of the zoo's own repos (`CONVERTED`) are turned into what most of the Hub before 2022 looks like: a
@@ -43,6 +44,7 @@ from indexer.zoo.quantize import (
     write_llama_gguf,
     write_microscaled,
     write_mlx,
+    write_quanto,
 )
 
 ORG = "rel"
@@ -74,6 +76,11 @@ FORMATS: dict[str, Writer] = {
     "onnx-uint8": lambda f, s, c, i: write_onnx(f, s, c, variant="uint8"),
     "onnx-int8": lambda f, s, c, i: write_onnx(f, s, c, variant="int8"),
     "onnx-q4": lambda f, s, c, i: write_onnx(f, s, c, variant="q4"),
+    # optimum-quanto by quanto itself (indexer.zoo.quantize.write_quanto); its 4-bit codes keep no (out, in): the
+    # zoo's projections carry no bias and have 64 or 128 inputs, so each is refused (sketches.packed, quanto)
+    "quanto-int8": lambda f, s, c, i: write_quanto(f, s, c, weights="qint8"),
+    "quanto-float8": lambda f, s, c, i: write_quanto(f, s, c, weights="qfloat8"),
+    "quanto-int4": lambda f, s, c, i: write_quanto(f, s, c, weights="qint4"),
 }
 RELATION = {"onnx": "duplicate", "onnx-external": "duplicate"}  # the truth relation, else "quantized"
 CONVERTED = ("a-ft1", "b-ft2")

@@ -17,6 +17,7 @@ Adapter repos (`adapter_config.json` + `adapter_model.safetensors`):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -66,6 +67,7 @@ from sketches.packed import (
     packed_modules,
     part_rows,
     plain_tensors,
+    reads_whole,
     unsupported_format,
 )
 from sketches.packed import dequantize as dequantize_packed
@@ -190,7 +192,8 @@ GGUF_PRECISION = ("F32", "BF16", "F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_
 GGUF_FIRST_READ = 100_000  # indexer.sources.PREFIX_BYTES
 # gguf-split shard names (llama.cpp's llama_split_path, gguf-py's SHARD_NAME_FORMAT: `%s-%05d-of-%05d.gguf`)
 _GGUF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
-QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv")
+QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv",
+                 ".weight._scale")
 
 
 @dataclass(frozen=True)
@@ -464,9 +467,41 @@ def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
             or bool(mlx_anchors(tensors)) or unsupported_format(tensors) is not None)
 
 
+MAX_CONFIG_REPEATS = 1024  # layers or experts a config.json may ask `linear_shapes` to build (real ones: <= 256)
+
+
+def linear_shapes(config: Mapping[str, Any] | None) -> dict[str, tuple[int, int]]:
+    """(out, in) of every nn.Linear weight of the transformers architecture config.json names, by name: the
+    model built on the meta device (no memory, no weights), as optimum-quanto itself rebuilds a checkpoint
+    before loading it. Only transformers' own classes (never remote code); {} without transformers, for an
+    architecture it lacks, or a config it cannot build."""
+    arch = next(iter((config or {}).get("architectures") or []), None)
+    try:
+        import torch
+        import transformers
+    except ImportError:
+        return {}
+    cls = getattr(transformers, arch, None) if isinstance(arch, str) and arch.isidentifier() else None
+    if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
+        return {}
+    fields = {k: v for k, v in (config or {}).items() if k not in ("quantization_config", "auto_map")}
+    counts = [v for k, v in fields.items() if ("layers" in k or "experts" in k) and type(v) is int]
+    if any(v > MAX_CONFIG_REPEATS for v in counts):  # a config built module by module: bound what it may ask
+        logger.info("config.json asks for %d repeated modules, over %d: not built", max(counts), MAX_CONFIG_REPEATS)
+        return {}
+    try:
+        with torch.device("meta"):
+            model = cls(transformers.AutoConfig.for_model(**fields))
+    except Exception as exc:  # noqa: BLE001 -- any config the library refuses: the shapes stay unknown
+        logger.info("config.json's %s could not be built on the meta device: %s", arch, exc)
+        return {}
+    return {f"{name}.weight": (m.out_features, m.in_features) for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear)}
+
+
 WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",
                    "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors", "ct-fp4": "compressed-tensors",
-                   "mlx": "mlx"}
+                   "mlx": "mlx", "quanto": "quanto"}
 
 
 def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],
@@ -476,10 +511,10 @@ def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[s
     scheme = detect_scheme(tensors, config)
     if scheme is None:
         raise QuantizedWeightsError("weights", "quantization markers but no scheme detected")
-    modules = packed_modules(tensors, scheme)
+    modules = packed_modules(tensors, scheme, functools.cache(lambda: linear_shapes(config)))
     read = _PartReader(source_of, where)
     module_shapes = {normalise_name(w): _module_shape(m, scheme, read) for w, m in modules.items()}
-    plain = canonical_tensors({n: tensors[n] for n in plain_tensors(tensors, scheme)})
+    plain = canonical_tensors({n: tensors[n] for n in plain_tensors(tensors, scheme, modules)})
     virtual = {n: _virtual(n, s) for n, s in module_shapes.items()} | {n: tensors[raw] for n, raw in plain.items()}
     shapes = {n: tuple(t.shape) for n, t in sorted(virtual.items())}
     family = family_key(shapes)
@@ -489,9 +524,9 @@ def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[s
     for block in plan.blocks:
         rows = None if block.whole else block.rows
         module = by_norm.get(block.tensor)
-        # GPTQ / AWQ modules are read whole whatever rows the plan wants: keep the budget by blocks
-        cost = sum(where[n][1].nbytes for n in module.parts.values()) if module is not None and scheme.method in (
-            "gptq", "awq") else block.nbytes
+        # GPTQ / AWQ / quanto 4-bit modules are read whole whatever rows the plan wants: keep the budget by blocks
+        cost = sum(where[n][1].nbytes for n in module.parts.values()) if module is not None and reads_whole(
+            module, scheme) else block.nbytes
         if kept and spent + cost > budget:
             continue
         spent += cost
@@ -532,7 +567,7 @@ class _PartReader:
         return decode(raw, info.dtype, (r1 - r0, *info.shape[1:]) if info.shape else (), name=name)
 
     def module(self, module: PackedModule, scheme: QuantScheme, rows: tuple[int, int] | None) -> np.ndarray:
-        if rows is None or scheme.method in ("gptq", "awq"):
+        if rows is None or reads_whole(module, scheme):
             arrays = {role: self.rows(n, None) for role, n in module.parts.items()}
             return dequantize_packed(module, arrays, scheme, rows=rows)
         state = bnb_quant_state(self.rows(module.parts["quant_state"], None)) if "quant_state" in module.parts else None

@@ -1,4 +1,5 @@
-"""Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX.
+"""Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX,
+optimum-quanto.
 
 Pure: arrays in (the checkpoint's tensors, as `native` decodes their bytes), float32 out, shaped like
 the Hugging Face Linear weight they replace: (out, in). Which scheme a checkpoint uses is read from its
@@ -44,11 +45,22 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 config.json's "quantization" {group_size, bits, mode} holds the defaults, and per module
                 path ("model.layers.0.mlp.down_proj": {group_size, bits}) mlx-lm's mixed-precision recipes.
                 Embeddings are quantized like Linears; stacked experts (3-D) are refused.
+    quanto      optimum-quanto (`quantize` + `freeze`, saved by save_pretrained beside quanto_qmap.json, or by
+                diffusers' QuantoConfig). qint8 / qfloat8: <p>.weight._data I8 / F8_E4M3 / F8_E5M2 (out, in),
+                <p>.weight._scale (out, 1):  W = data * scale.
+                qint4 / qint2: <p>.weight._data._data U8 (ceil(groups / k), group), k = 8 / bits codes a byte,
+                byte row j holding group j + i * rows in bits [i * bits, (i + 1) * bits); <p>.weight._scale and
+                <p>.weight._shift (groups, 1). The groups are W's rows cut in runs of `group` columns (a whole
+                row when in <= 128): W.reshape(groups, group) = code * scale - shift (a float shift), or
+                (code - shift) * scale (an integer zero point). (out, in) is stored nowhere: out is the length
+                of <p>.bias, else groups (one a row) unless the group is one quanto cuts a longer row into
+                (32, 64, 96 or 128 columns): such a module is refused. <p>.input_scale / <p>.output_scale are
+                activation scales, not read.
 
 Row reads. A plan reads the first rows of W. Where a scheme stores W row-major by output (bnb, fp8,
-compressed-tensors, mlx) `part_rows` says which rows of each stored tensor hold W's rows [r0, r1), and
-`dequantize(..., rows=(r0, r1))` decodes from just those. GPTQ and AWQ pack codes or groups across
-output rows, so they are read whole (a 4-bit qweight is a quarter of the F16 weight's bytes).
+compressed-tensors, mlx, quanto's 8-bit) `part_rows` says which rows of each stored tensor hold W's rows
+[r0, r1), and `dequantize(..., rows=(r0, r1))` decodes from just those. GPTQ, AWQ and quanto's 4- and 2-bit
+codes pack across output rows, so they are read whole (`reads_whole`: a quarter of the F16 weight's bytes).
 """
 
 from __future__ import annotations
@@ -57,7 +69,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal, Protocol
 
@@ -78,12 +90,13 @@ __all__ = [
     "part_rows",
     "plain_tensors",
     "predicted_relative_error",
+    "reads_whole",
 ]
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "ct-fp4", "mlx"]
-MlxMode = Literal["affine", "mxfp4", "mxfp8", "nvfp4"]
+Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "ct-fp4", "mlx", "quanto"]
+MlxMode = Literal["affine", "mxfp4", "mxfp8", "nvfp4", "e4m3", "e5m2"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # logical column held by nibble j of a word
 AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)  # nibble holding logical column k
@@ -128,6 +141,13 @@ PACKED_RELATIVE_ERROR: dict[str, float] = {
     "mlx-mxfp4": 1.18e-1,  # E2M1 codes, power-of-two scale per 32
     "mlx-mxfp8": 2.67e-2,
     "mlx-nvfp4": 9.56e-2,  # E2M1 codes, E4M3 scale per 16
+    # optimum-quanto's own quantize + freeze (tests/test_quanto.py re-measures with it): qint8 / qfloat8 per row
+    # (absmax), qint4 / qint2 affine per group of 128 (min / max)
+    "quanto-8bit": 7.88e-3,
+    "quanto-e4m3": 2.64e-2,
+    "quanto-e5m2": 5.26e-2,
+    "quanto-4bit": 1.00e-1,
+    "quanto-2bit": 5.01e-1,
 }
 
 
@@ -148,7 +168,8 @@ class QuantScheme:
     group_size: int | None = None  # input columns per scale; None: per output row, or found from shapes
     zero_offset: int = 0  # added to stored zero points (GPTQ v1: 1)
     block: tuple[int, int] | None = None  # fp8 block-wise scales: rows x columns per scale
-    mode: MlxMode = "affine"  # mlx; ct-fp4 (nvfp4 / mxfp4) and fp8 (mxfp8: E8M0 scales) name their microscaling
+    mode: MlxMode = "affine"  # mlx; ct-fp4 (nvfp4 / mxfp4) and fp8 (mxfp8: E8M0 scales) name their microscaling,
+    # quanto its float8 codes (e4m3 / e5m2)
     overrides: tuple[tuple[str, int, int], ...] = ()  # mlx only: (module path, bits, group) of mixed recipes
 
     @property
@@ -255,8 +276,26 @@ def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
         return _compressed_tensors(qc)
     if method in ("auto-round", "intel/auto-round"):
         return _auto_round(qc)
+    if method == "quanto":
+        return _quanto_from_config(qc)
     raise _error("quantization_config", f"quant_method {method!r} is not supported "
-                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, auto-round)")
+                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, auto-round, quanto)")
+
+
+# quanto's weight types, as diffusers' QuantoConfig (weights_dtype) and transformers' (weights) name them
+QUANTO_TYPES: dict[str, tuple[int, MlxMode]] = {
+    "int8": (8, "affine"), "float8": (8, "e4m3"), "float8_e4m3fn": (8, "e4m3"), "float8_e5m2": (8, "e5m2"),
+    "int4": (4, "affine"), "int2": (2, "affine")}
+
+
+def _quanto_from_config(qc: Mapping[str, Any]) -> QuantScheme:
+    """diffusers' {"quant_method": "quanto", "weights_dtype": "int8"}; transformers' says "weights". The
+    stored tensors decide each module's own type (`_quanto_module`); this is the checkpoint's."""
+    kind = qc.get("weights_dtype", qc.get("weights", "int8"))
+    if kind not in QUANTO_TYPES:
+        raise _error("quantization_config", f"quanto weights {kind!r:.40} is not supported ({', '.join(QUANTO_TYPES)})")
+    bits, mode = QUANTO_TYPES[kind]
+    return QuantScheme("quanto", bits, mode=mode)
 
 
 def _auto_round(qc: Mapping[str, Any]) -> QuantScheme:
@@ -306,7 +345,7 @@ def _compressed_tensors(qc: Mapping[str, Any]) -> QuantScheme:
 # so that a float parameter that happens to end so is never taken for one.
 UNSUPPORTED_MARKERS: dict[str, str] = {
     ".q_weight": "EXL2 (exllamav2)", ".trellis": "EXL3 (exllamav3)", ".codes": "AQLM",
-    ".weight._data": "optimum-quanto", ".W_q": "HQQ", ".Qidxs": "QuIP#",
+    ".W_q": "HQQ", ".Qidxs": "QuIP#",
 }
 _INTEGER_DTYPES = frozenset({"I8", "U8", "I16", "U16", "I32", "U32", "I64", "U64"})
 
@@ -327,7 +366,10 @@ def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
     fmt = unsupported_format(tensors)
     if fmt is not None:
         raise _error("weights", f"{fmt} quantized weights are not supported (supported: GPTQ, AWQ, bitsandbytes, "
-                                "FP8, compressed-tensors, MLX, GGUF)")
+                                "FP8, compressed-tensors, MLX, optimum-quanto, GGUF)")
+    anchors = quanto_anchors(tensors)
+    if anchors:  # the checkpoint's type is its first module's; a module of another carries its own
+        return _quanto_type(tensors, anchors[0][: -len(_QUANTO_SCALE)], 8)
     qweights = [n for n in names if n.endswith(".qweight")]
     if qweights:
         return _gptq_or_awq(tensors, qweights[0])
@@ -464,6 +506,106 @@ def _mlx(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantSc
     return _microscaled(codes, np.asarray(scales).astype(np.uint8), own.mode, bits, module.weight)
 
 
+# --- optimum-quanto ------------------------------------------------------------------------------------
+
+_QUANTO_SCALE = ".weight._scale"
+_QUANTO_PARTS = {"data": ".weight._data", "packed": ".weight._data._data", "scale": _QUANTO_SCALE,
+                 "shift": ".weight._shift", "input_scale": ".input_scale", "output_scale": ".output_scale"}
+_QUANTO_FLOAT8 = {"F8_E4M3": "e4m3", "F8_E5M2": "e5m2"}
+_QUANTO_ROW_CUTS = (32, 64, 96, 128)  # groups quanto cuts an input row longer than 128 into (nn/qmodule.py)
+
+
+def quanto_anchors(tensors: Mapping[str, _Tensor]) -> list[str]:
+    """The `<p>.weight._scale` of every quanto module: its codes (`.weight._data`, or `._data._data` packed)
+    beside it (sorted)."""
+    return [n for n in sorted(tensors) if n.endswith(_QUANTO_SCALE)
+            and any(n[: -len("._scale")] + s in tensors for s in ("._data", "._data._data"))]
+
+
+# (out, in) of a model's Linear weights by name, from outside the checkpoint (the architecture config.json
+# names: `indexer.readers.linear_shapes`); asked only for a module whose stored shapes leave it open
+ShapeSource = Callable[[], Mapping[str, tuple[int, int]]]
+
+
+def _quanto_type(tensors: Mapping[str, _Tensor], prefix: str, bits: int) -> QuantScheme:
+    """A module's quanto type from its codes: I8 qint8, F8 qfloat8, packed bytes qint4 / qint2 (byte rows
+    against groups; `bits` when both fit)."""
+    data, packed = tensors.get(prefix + ".weight._data"), tensors.get(prefix + ".weight._data._data")
+    if packed is None:
+        assert data is not None  # quanto_anchors: one or the other
+        if data.dtype not in ("I8", *_QUANTO_FLOAT8) or len(data.shape) != 2:
+            raise _error(prefix + ".weight._data", f"quanto codes must be a 2-D I8, F8_E4M3 or F8_E5M2 tensor, got "
+                                                   f"{data.dtype} {list(data.shape)}")
+        return QuantScheme("quanto", 8, mode=_QUANTO_FLOAT8.get(data.dtype, "affine"))
+    scale, shift = tuple(tensors[prefix + _QUANTO_SCALE].shape), prefix + ".weight._shift" in tensors
+    if not shift or len(packed.shape) != 2 or len(scale) != 2 or scale[1] != 1:
+        raise _error(prefix + ".weight._data._data", f"quanto packed codes {list(packed.shape)} need a 2-D (groups, 1) "
+                     f"scale and shift beside them (scale {list(scale)}, shift {'present' if shift else 'missing'})")
+    widths = [b for b in (4, 2) if _ceil(scale[0], 8 // b) == packed.shape[0]]
+    if not widths:
+        raise _error(prefix + ".weight._data._data", f"{packed.shape[0]} byte rows hold {scale[0]} groups at no "
+                                                     "width (4 or 2 bits)")
+    return QuantScheme("quanto", bits if bits in widths else widths[0])
+
+
+def _quanto_module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str,
+                   shapes: ShapeSource | None) -> PackedModule:
+    prefix = anchor[: -len(_QUANTO_SCALE)]
+    parts = {role: prefix + suffix for role, suffix in _QUANTO_PARTS.items() if prefix + suffix in tensors}
+    own = _quanto_type(tensors, prefix, scheme.bits)
+    scale = tuple(tensors[anchor].shape)
+    if "packed" in parts:
+        shape = _quanto_shape(tensors, prefix, scale[0], tensors[parts["packed"]].shape[1], own.bits, shapes)
+    else:
+        data = tensors[parts["data"]].shape
+        if math.prod(scale) not in (1, data[0]):
+            raise _error(anchor, f"quanto scale {list(scale)} is neither one per row of {list(data)} nor one")
+        shape = (data[0], data[1])
+    return PackedModule(prefix + ".weight", dict(sorted(parts.items())), shape, None if own == scheme else own)
+
+
+def _quanto_shape(tensors: Mapping[str, _Tensor], prefix: str, groups: int, group: int, bits: int,
+                  shapes: ShapeSource | None) -> tuple[int, int]:
+    """(out, in) of a qint4 / qint2 module (see the layout): the bias's length, else one group a row when
+    the group is no cut quanto makes, else the architecture's own shapes."""
+    bias = tensors.get(prefix + ".bias")
+    if bias is not None and len(bias.shape) == 1 and bias.shape[0] and (groups * group) % bias.shape[0] == 0:
+        return bias.shape[0], groups * group // bias.shape[0]
+    if group not in _QUANTO_ROW_CUTS:
+        return groups, group
+    known = (shapes() if shapes is not None else {}).get(prefix + ".weight")
+    if known is not None and known[0] * known[1] == groups * group:
+        return known
+    raise _error(prefix + ".weight._data._data", f"quanto {bits}-bit module {prefix!r}: groups of {group} columns may "
+                 "be whole rows or runs of longer ones, and neither a bias nor the architecture in config.json "
+                 "tells its (out, in)")
+
+
+def _quanto_codes(packed: np.ndarray, bits: int, groups: int) -> np.ndarray:
+    """quanto's PackedTensor: byte row j holds rows j, j + R, ... (R byte rows) in its low bits first."""
+    words = np.asarray(packed).astype(np.uint8)
+    mask = (1 << bits) - 1
+    planes = [(words >> (bits * i)) & mask for i in range(8 // bits)]
+    return np.concatenate(planes, axis=0)[:groups]
+
+
+def _quanto(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, first_row: int) -> np.ndarray:
+    own = module.scheme or scheme
+    scale = _f32(_need(arrays, module, "scale"))
+    if "packed" not in module.parts:
+        data = _f32(_need(arrays, module, "data"))
+        return data * _expand_scale(scale, data.shape, None, first_row, module.weight)
+    codes = _quanto_codes(_need(arrays, module, "packed"), own.bits, scale.shape[0]).astype(np.float32)
+    shift = np.asarray(_need(arrays, module, "shift"))
+    grouped = codes * scale - _f32(shift) if shift.dtype.kind == "f" else (codes - _f32(shift)) * scale
+    return grouped.reshape(module.shape or (-1, grouped.shape[1]))
+
+
+def reads_whole(module: PackedModule, scheme: QuantScheme) -> bool:
+    """Codes or groups packed across output rows (GPTQ, AWQ, quanto's 4- and 2-bit): read the module whole."""
+    return scheme.method in ("gptq", "awq") or (scheme.method == "quanto" and "packed" in module.parts)
+
+
 # --- modules ----------------------------------------------------------------------------------------
 
 # anchor suffix -> (role of the anchor, {role: suffix}) ; suffixes are appended to the module prefix
@@ -494,6 +636,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
 def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
     if scheme.method == "mlx":
         return mlx_anchors(tensors)
+    if scheme.method == "quanto":
+        return quanto_anchors(tensors)
     suffix = _PARTS[scheme.method][0]
     found = sorted(n for n in tensors if n.endswith(suffix))
     if scheme.method == "fp8":  # weights stored in float8; the unquantized ones (norms, heads) are not modules
@@ -505,9 +649,12 @@ def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
     return found
 
 
-def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str) -> PackedModule:
+def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str,
+            shapes: ShapeSource | None = None) -> PackedModule:
     if scheme.method == "mlx":
         return _mlx_module(tensors, scheme, anchor)
+    if scheme.method == "quanto":
+        return _quanto_module(tensors, scheme, anchor, shapes)
     suffix, roles, required = _PARTS[scheme.method]
     prefix = anchor[: -len(suffix)]
     parts = {role: prefix + s for role, s in roles.items() if prefix + s in tensors}
@@ -557,15 +704,20 @@ def _shape(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[s
     return None  # bnb-4bit: in the JSON blob; ct-pack: in the weight_shape tensor
 
 
-def packed_modules(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> dict[str, PackedModule]:
-    """Every quantized Linear of the checkpoint, keyed by the HF weight name it replaces (sorted)."""
-    modules = [_module(tensors, scheme, anchor) for anchor in _anchors(tensors, scheme)]
+def packed_modules(tensors: Mapping[str, _Tensor], scheme: QuantScheme,
+                   shapes: ShapeSource | None = None) -> dict[str, PackedModule]:
+    """Every quantized Linear of the checkpoint, keyed by the HF weight name it replaces (sorted). `shapes`:
+    (out, in) from outside the checkpoint, asked only where quanto's 4- and 2-bit codes leave it open."""
+    modules = [_module(tensors, scheme, anchor, shapes) for anchor in _anchors(tensors, scheme)]
     return {m.weight: m for m in sorted(modules, key=lambda m: m.weight)}
 
 
-def plain_tensors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
-    """The tensors no module owns: stored as plain floats (norms, embeddings, often lm_head), read as usual."""
-    owned = {name for m in packed_modules(tensors, scheme).values() for name in m.parts.values()}
+def plain_tensors(tensors: Mapping[str, _Tensor], scheme: QuantScheme,
+                  modules: Mapping[str, PackedModule] | None = None) -> list[str]:
+    """The tensors no module owns: stored as plain floats (norms, embeddings, often lm_head), read as usual.
+    `modules`: `packed_modules` already found."""
+    found = packed_modules(tensors, scheme) if modules is None else modules
+    owned = {name for m in found.values() for name in m.parts.values()}
     return sorted(n for n in tensors if n not in owned)
 
 
@@ -843,8 +995,9 @@ def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Q
     must be the slice `part_rows(module, scheme, rows)` names (whole tensors where it says None).
     """
     try:
-        if scheme.method in ("gptq", "awq"):
-            whole = _gptq(module, arrays, scheme) if scheme.method == "gptq" else _awq(module, arrays, scheme)
+        if reads_whole(module, scheme):
+            whole = (_gptq(module, arrays, scheme) if scheme.method == "gptq" else
+                     _awq(module, arrays, scheme) if scheme.method == "awq" else _quanto(module, arrays, scheme, 0))
             return whole if rows is None else np.ascontiguousarray(whole[rows[0] : rows[1]])
         first = 0 if rows is None else rows[0]
         if scheme.method == "bnb-int8":
@@ -859,6 +1012,8 @@ def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Q
             return _mlx(module, arrays, scheme)
         if scheme.method == "ct-fp4":
             return _ct_fp4(module, arrays, scheme)
+        if scheme.method == "quanto":
+            return _quanto(module, arrays, scheme, first)
         return _ct_pack(module, arrays, scheme, rows)
     except (ValueError, IndexError, TypeError) as exc:  # shapes that broadcast nowhere: a bad checkpoint
         raise _error(module.weight, f"{scheme.method} tensors are inconsistent ({exc})") from None
@@ -874,23 +1029,23 @@ def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], 
     """
     r0, r1 = rows
     spans: dict[str, tuple[int, int] | None] = {role: None for role in module.parts}
-    if scheme.method in ("gptq", "awq"):
+    if reads_whole(module, scheme):
         return spans  # codes or groups packed across output rows: whole
     if scheme.method == "bnb-4bit":
         if quant_state is None:
             raise _error(module.weight, "bnb 4-bit row ranges need the parsed quant_state (bnb_quant_state)")
         out, n_in = quant_state["shape"]
     else:
-        anchor = "weight_packed" if scheme.method in ("ct-pack", "ct-fp4") else "weight"
+        anchor = {"ct-pack": "weight_packed", "ct-fp4": "weight_packed", "quanto": "data"}.get(scheme.method, "weight")
         out, n_in = shapes[anchor][0], 0
     if not 0 <= r0 <= r1 <= out:
         raise _error(module.weight, f"rows [{r0}, {r1}) outside its {out} rows")
     if scheme.method == "bnb-4bit":
         return _bnb_rows(module, (r0, r1), n_in, quant_state or {}, spans)
-    for role in ("weight", "SCB", "weight_packed", "scales", "biases"):  # mlx: scales and biases are per row too
+    for role in ("weight", "SCB", "weight_packed", "scales", "biases", "data"):  # mlx: scales, biases per row too
         if role in module.parts:
             spans[role] = (r0, r1)
-    for role in ("scale", "scale_inv", "weight_scale"):
+    for role in ("scale", "scale_inv", "weight_scale"):  # quanto's `scale`: one a row, or one
         if role in module.parts:
             spans[role] = _scale_rows(shapes[role], out, scheme.block, (r0, r1))
     if "weight_zero_point" in module.parts and scheme.method == "ct-int":

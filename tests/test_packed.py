@@ -540,10 +540,11 @@ def test_relative_error_table() -> None:
         "ct-pack-8bit": (pack_ct(w, bits=8), QuantScheme("ct-pack", 8)),
         "ct-int-8bit": (pack_ct_int(w), QuantScheme("ct-int", 8)),
     }
-    # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py), the microscaled compressed-tensors
+    # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py), quanto's with quanto's
+    # (tests/test_quanto.py), the microscaled compressed-tensors
     # rows with its compressors (test_microscaled_relative_errors_are_the_compressors)
     assert sorted(cases) == sorted(k for k in PACKED_RELATIVE_ERROR
-                                   if not k.startswith(("mlx-", "ct-fp4-")) and k != "fp8-mxfp8")
+                                   if not k.startswith(("mlx-", "ct-fp4-", "quanto-")) and k != "fp8-mxfp8")
     for name, (parts, scheme) in cases.items():
         assert measure(parts, scheme) == pytest.approx(predicted_relative_error(scheme), rel=0.05), name
     with pytest.raises(QuantizedWeightsError, match="no predicted error"):
@@ -553,8 +554,8 @@ def test_relative_error_table() -> None:
 @pytest.mark.parametrize("names,fmt", [
     ({"model.layers.0.self_attn.q_proj.q_weight": np.zeros((8, 64), np.int32),
       "model.layers.0.self_attn.q_proj.q_scale_max": np.ones(64, np.float16)}, "EXL2"),
-    ({"model.layers.0.mlp.up_proj.weight._data": np.zeros((64, 64), np.int8),
-      "model.layers.0.mlp.up_proj.weight._scale": np.ones((64, 1), np.float32)}, "optimum-quanto"),
+    ({"model.layers.0.mlp.up_proj.W_q": np.zeros((64, 64), np.uint8),
+      "model.layers.0.mlp.up_proj.scale": np.ones((64, 1), np.float16)}, "HQQ"),
     ({"model.layers.0.mlp.up_proj.codes": np.zeros((64, 8, 1), np.int16),
       "model.layers.0.mlp.up_proj.codebooks": np.zeros((1, 256, 1, 8), np.float16)}, "AQLM"),
 ])

@@ -410,6 +410,49 @@ def write_mlx(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
     return folder
 
 
+QUANTO_WEIGHTS = ("qint8", "qfloat8", "qfloat8_e5m2", "qint4", "qint2")
+
+
+def write_quanto(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *,
+                 weights: str = "qint8") -> Path:
+    """An optimum-quanto checkpoint as its QuantizedModelForCausalLM.save_pretrained writes one: each projection
+    an nn.Linear (with its `.bias` when the state has one) through quanto's own `quantize` and `freeze`, its
+    state dict as quanto serialises it (`weight._data`, `weight._scale`, qint4 / qint2 `weight._data._data`
+    and `weight._shift`, the activation scales), the rest in F16, quanto_qmap.json beside config.json."""
+    import torch
+    from optimum import quanto
+    from safetensors.torch import save_file as save_torch
+
+    if weights not in QUANTO_WEIGHTS:
+        raise ValueError(f"quanto weights {weights!r} is not one of {QUANTO_WEIGHTS}")
+    qtype = getattr(quanto, weights)
+    qmap: dict[str, dict[str, str]] = {}
+    biases = {n for n in state if n.endswith(".bias")}
+
+    def quantize(prefix: str, weight: Any) -> dict[str, Any]:
+        out, n_in = weight.shape
+        layer = torch.nn.Linear(n_in, out, bias=f"{prefix}.bias" in biases)
+        with torch.no_grad():
+            layer.weight.copy_(weight)
+            if layer.bias is not None:
+                layer.bias.copy_(torch.from_numpy(np.asarray(state[f"{prefix}.bias"], np.float32)))
+        holder = torch.nn.Sequential(layer)  # quantize replaces a model's Linear children: give it a parent
+        quanto.quantize(holder, weights=qtype)
+        quanto.freeze(holder)
+        qmap[prefix] = {"weights": qtype.name, "activations": "none"}
+        return {f"{prefix}.{key[2:]}": value.detach().contiguous() for key, value in holder.state_dict().items()}
+
+    tensors = _each_projection({n: w for n, w in state.items() if n not in biases}, quantize)
+    for name in biases - set(tensors):  # a bias no projection took
+        tensors[name] = np.asarray(state[name], dtype=np.float16)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch({k: v if isinstance(v, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(v))
+                for k, v in sorted(tensors.items())}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    (folder / "quanto_qmap.json").write_text(json.dumps(qmap, indent=4))
+    (folder / "config.json").write_text(json.dumps(dict(config), indent=1))
+    return folder
+
+
 def _projections(state: Mapping[str, np.ndarray]) -> list[str]:
     """The Linear weights transformers quantizes (every projection; embeddings, norms and lm_head stay)."""
     return sorted(n for n, w in state.items() if n.endswith("_proj.weight") and np.ndim(w) == 2)
