@@ -12,7 +12,7 @@ scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.qu
 compressed-tensors NVFP4, MXFP4 and MXFP8 by its own compressors; GGUF
 Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
 them as IQ4_NL; a GGUF Q8_0 gguf-split set of 4 tensors a shard (one model in many files); optimum-quanto
-int8, float8 and int4 by quanto itself. Without
+int8, float8 and int4 by quanto itself; ComfyUI's fp8 files (plain E4M3 / E5M2 casts, scaled E4M3). Without
 mlx installed the MLX rows are left out (said on stderr).
 
 Two of the zoo's own repos (`CONVERTED`) are turned into what most of the Hub before 2022 looks like: a
@@ -41,6 +41,7 @@ from indexer.lineage.methods import Options
 from indexer.zoo.onnx_export import write_onnx
 from indexer.zoo.quantize import (
     write_awq,
+    write_comfy_fp8,
     write_llama_gguf,
     write_microscaled,
     write_mlx,
@@ -81,6 +82,11 @@ FORMATS: dict[str, Writer] = {
     "quanto-int8": lambda f, s, c, i: write_quanto(f, s, c, weights="qint8"),
     "quanto-float8": lambda f, s, c, i: write_quanto(f, s, c, weights="qfloat8"),
     "quanto-int4": lambda f, s, c, i: write_quanto(f, s, c, weights="qint4"),
+    # ComfyUI's fp8 checkpoints (indexer.zoo.quantize.comfy_fp8): PyTorch's plain casts, no scale, and its
+    # scaled E4M3 with a per-tensor scale beside each weight
+    "fp8-e4m3fn": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="e4m3fn"),
+    "fp8-e5m2": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="e5m2"),
+    "fp8-scaled": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="scaled"),
 }
 RELATION = {"onnx": "duplicate", "onnx-external": "duplicate"}  # the truth relation, else "quantized"
 CONVERTED = ("a-ft1", "b-ft2")

@@ -193,7 +193,7 @@ GGUF_FIRST_READ = 100_000  # indexer.sources.PREFIX_BYTES
 # gguf-split shard names (llama.cpp's llama_split_path, gguf-py's SHARD_NAME_FORMAT: `%s-%05d-of-%05d.gguf`)
 _GGUF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv",
-                 ".weight._scale")
+                 ".weight._scale", ".scale_weight")
 
 
 @dataclass(frozen=True)
@@ -462,8 +462,10 @@ def _read_converted(stored: Mapping[str, StoredTensor],
 
 
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
-    """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`)."""
-    return (any(n.endswith(QUANT_MARKERS) or t.dtype in ("F8_E4M3", "F8_E5M2") for n, t in tensors.items())
+    """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`). F8 weights
+    without a scale beside them are no such checkpoint: a plain cast (ComfyUI's `*_fp8_e4m3fn` files), read as
+    floats like an F16 copy (`indexer.lineage.methods.cast_dtype` tells it a cast of its source)."""
+    return (any(n.endswith(QUANT_MARKERS) for n in tensors)
             or bool(mlx_anchors(tensors)) or unsupported_format(tensors) is not None)
 
 

@@ -94,7 +94,8 @@ _HEAD = re.compile(
 # never a learned weight, never part of the key or of a comparison.
 _BUFFER = re.compile(
     r"(?:^|\.)(?:position_ids|token_type_ids|num_batches_tracked|inv_freq|relative_position_index"
-    r"|masked_bias|_float_tensor|attention_mask|final_logits_bias)$"
+    r"|masked_bias|_float_tensor|attention_mask|final_logits_bias"
+    r"|scaled_fp8)$"  # ComfyUI's empty F8 marker of a scaled-fp8 checkpoint (its dtype names the FP8 type)
     r"|(?:^|\.)attn\.bias$"  # GPT-2's causal mask (float32 in older checkpoints)
     r"|(?:^|\.)embed_positions\.weights$"  # M2M100 / NLLB's sinusoidal table (a buffer; learned ones: `.weight`)
 )

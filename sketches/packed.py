@@ -26,8 +26,10 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 uint8 bytes of a JSON object {quant_type, blocksize, dtype, shape, nested_*}
                 W.flat[n] = quant_map[code[n]] * absmax[n // blocksize]
     fp8         <p>.weight F8_E4M3 (out, in) + <p>.weight_scale (HF fbgemm / compressed-tensors) or
-                <p>.weight_scale_inv (DeepSeek, HF "fp8"; multiplied too, despite its name): a scalar, a
-                (out, 1) column, (out, in/group) groups, or (ceil(out/128), ceil(in/128)) blocks
+                <p>.weight_scale_inv (DeepSeek, HF "fp8"; multiplied too, despite its name) or <p>.scale_weight
+                (ComfyUI's scaled fp8, beside an empty `scaled_fp8` marker; <p>.scale_input its activation
+                scale, not read): a scalar, a (out, 1) column, (out, in/group) groups, or (ceil(out/128),
+                ceil(in/128)) blocks. F8 weights with no scale at all are a plain cast, not read here.
     compressed-tensors "pack-quantized": <p>.weight_packed int32 (out, ceil(in*bits/32)), codes as one
                 little-endian bit stream per row, stored as value + 2**(bits-1); <p>.weight_shape (2,);
                 <p>.weight_scale (out, groups) or (out, 1); <p>.weight_zero_point packed along dim 0 (asym.);
@@ -384,7 +386,7 @@ def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
     if packed:
         return QuantScheme("ct-pack", 4)  # the real bit width comes from weight_shape at decode time
     for n in names:
-        if n.endswith((".weight_scale", ".weight_scale_inv")):
+        if n.endswith((".weight_scale", ".weight_scale_inv", ".scale_weight")):
             weight = tensors.get(n.rsplit(".", 1)[0] + ".weight")
             if weight is not None and weight.dtype in ("F8_E4M3", "F8_E5M2"):
                 mx = tensors[n].dtype == "U8"  # E8M0 exponents: MXFP8
@@ -621,7 +623,8 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
                                     "quant_state": ".weight.quant_state.bitsandbytes__nf4",
                                     "quant_state_fp4": ".weight.quant_state.bitsandbytes__fp4"},
                  ("weight", "absmax", "quant_map")),
-    "fp8": (".weight", {"weight": ".weight", "scale": ".weight_scale", "scale_inv": ".weight_scale_inv"}, ("weight",)),
+    "fp8": (".weight", {"weight": ".weight", "scale": ".weight_scale", "scale_inv": ".weight_scale_inv",
+                        "scale_weight": ".scale_weight", "scale_input": ".scale_input"}, ("weight",)),
     "ct-pack": (".weight_packed", {"weight_packed": ".weight_packed", "weight_shape": ".weight_shape",
                                    "weight_scale": ".weight_scale", "weight_zero_point": ".weight_zero_point",
                                    "weight_g_idx": ".weight_g_idx"}, ("weight_packed", "weight_shape", "weight_scale")),
@@ -661,8 +664,8 @@ def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str,
     if "quant_state_fp4" in parts:
         parts["quant_state"] = parts.pop("quant_state_fp4")
     missing = [roles[r] for r in required if r not in parts]
-    if scheme.method == "fp8" and "scale" not in parts and "scale_inv" not in parts:
-        missing.append(".weight_scale or .weight_scale_inv")
+    if scheme.method == "fp8" and not {"scale", "scale_inv", "scale_weight"} & parts.keys():
+        missing.append(".weight_scale, .weight_scale_inv or .scale_weight")
     if scheme.method == "bnb-4bit" and "quant_state" not in parts:
         missing.append(".weight.quant_state.bitsandbytes__nf4 (or __fp4)")
     if scheme.method == "ct-fp4" and scheme.mode == "nvfp4" and "weight_global_scale" not in parts:
@@ -911,9 +914,10 @@ def _e8m0(exponents: np.ndarray) -> np.ndarray:
 
 def _fp8(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: QuantScheme, first_row: int) -> np.ndarray:
     weight = _f32(_need(arrays, module, "weight"))
-    scale = arrays.get("scale", arrays.get("scale_inv"))
+    scale = next((arrays[r] for r in ("scale", "scale_inv", "scale_weight") if r in arrays), None)
     if scale is None or weight.ndim != 2:
-        raise _error(module.weight, "an fp8 weight needs a 2-D weight and weight_scale or weight_scale_inv")
+        raise _error(module.weight, "an fp8 weight needs a 2-D weight and weight_scale, weight_scale_inv or "
+                                    "scale_weight")
     if scheme.mode == "mxfp8":
         scale = _e8m0(scale)
     return weight * _expand_scale(scale, weight.shape, scheme.block, first_row, module.weight)
@@ -1045,7 +1049,7 @@ def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], 
     for role in ("weight", "SCB", "weight_packed", "scales", "biases", "data"):  # mlx: scales, biases per row too
         if role in module.parts:
             spans[role] = (r0, r1)
-    for role in ("scale", "scale_inv", "weight_scale"):  # quanto's `scale`: one a row, or one
+    for role in ("scale", "scale_inv", "weight_scale", "scale_weight"):  # quanto's `scale`: one a row, or one
         if role in module.parts:
             spans[role] = _scale_rows(shapes[role], out, scheme.block, (r0, r1))
     if "weight_zero_point" in module.parts and scheme.method == "ct-int":

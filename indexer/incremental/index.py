@@ -65,7 +65,7 @@ from indexer.incremental.satellites import (
     chain_depth,
 )
 from indexer.lineage.confidence import calibrated
-from indexer.lineage.methods import cast_dtype
+from indexer.lineage.methods import cast_dtype, fits_f8
 from indexer.lineage.orient import norm_t_votes, regime_parent
 from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
@@ -134,6 +134,10 @@ LATE_ROUNDS = 16
 # A cast to BF16 moves each value by at most half an ulp, 2^-8 of it (F16: 2^-11), so the pair's relative
 # distance is below 2^-8 too; pairs farther apart than twice that are not read for the cast test.
 CAST_RELATIVE = 2.0**-7
+# An F8 cast (no scale) moves a value by up to 2^-4 of it (E4M3; E5M2 2^-3), more for the subnormals small
+# weights fall in (E4M3 below 2^-6): 3-11 % relative on weights of RMS 0.02-0.005. Read within this when one
+# side's arrays, at hand, fit an F8 type: the arrival's, or a nominee's still in memory (never read for it)
+F8_CAST_RELATIVE = 0.25
 DEFAULT_ARRAY_BYTES = 1 << 30  # in-memory arrays of recent models (nominees' exact step); then the cache
 DEFAULT_RECALL_BYTES = 768 << 20  # older models' arrays read back from the cache, kept a while (`_recalled`):
 # one arrival's working set, its nominees and merge pool, about 20 7B models at the default read
@@ -607,8 +611,11 @@ class LineageIndex:
         """The (source, copy) cast pairs between the arrival and its related nominees, both ways, recorded in
         the state. Only pairs within CAST_RELATIVE are read (CAST_RELATIVE's comment)."""
         found = []
+        mine_f8 = fits_f8(mine.arrays)
         for pair in pairs:
-            if not pair.related or pair.relative > CAST_RELATIVE:
+            at_hand = self._arrays.get(pair.other)
+            bound = F8_CAST_RELATIVE if mine_f8 or (at_hand is not None and fits_f8(at_hand)) else CAST_RELATIVE
+            if not pair.related or pair.relative > bound:
                 continue
             view = self._with_arrays(state, pair.other)  # memory first, then the cache or a re-read
             if view is None:

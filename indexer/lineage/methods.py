@@ -503,9 +503,18 @@ def _relation(family: Family, parent: int, child: int) -> str:
 
 
 def is_dtype_copy(family: Family, parent: int, child: int) -> bool:
-    if family.dtypes[child] not in ("F16", "BF16") or family.dtypes[parent] == family.dtypes[child]:
+    if family.dtypes[child] not in CAST_DTYPES or family.dtypes[parent] == family.dtypes[child]:
         return False
-    return all(cast_equal(layer[parent], layer[child], family.dtypes[child]) for layer in family.layers.values())
+    return casts_all([(layer[parent], layer[child]) for layer in family.layers.values()], family.dtypes[child])
+
+
+def casts_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]], dtype: str) -> bool:
+    """Every (source, copy) tensor pair is a cast to `dtype` (`cast_equal`); for F8, where a tensor may stay
+    wider, at least one is narrowed for real (else two equal files would read as a cast: a duplicate)."""
+    if not all(cast_equal(a, b, dtype) for a, b in pairs):
+        return False
+    return dtype not in F8_DTYPES or any(
+        not np.array_equal(a, b) and np.array_equal(cast_to(a, dtype), b) for a, b in pairs)
 
 
 def body_relatedness(family: Family) -> tuple[np.ndarray, np.ndarray]:
@@ -716,7 +725,7 @@ def recover_family(family: Family, options: Options) -> Lineage:
 
 
 def _cast_sources(family: Family) -> list[int]:
-    """For each model stored in 16 bits, the model it is a cast of, else -1 (`is_dtype_copy`).
+    """For each model stored in 16 or 8 bits, the model it is a cast of, else -1 (`is_dtype_copy`).
 
     A cast is set aside as a leaf like an exact duplicate, before any tree is drawn: rounding cannot
     create information, so the wider model is the source whatever the upload times say. Without times
@@ -728,7 +737,7 @@ def _cast_sources(family: Family) -> list[int]:
         return [-1] * family.n
     out = [-1] * family.n
     for j in range(family.n):
-        if family.dtypes[j] not in ("F16", "BF16"):
+        if family.dtypes[j] not in CAST_DTYPES:
             continue
         out[j] = next((i for i in range(family.n)
                        if i != j and is_dtype_copy(family, i, j) and _extras_cast_equal(family, i, j)
@@ -737,7 +746,7 @@ def _cast_sources(family: Family) -> list[int]:
 
 
 def cast_dtype(source: Mapping[str, np.ndarray], copy: Mapping[str, np.ndarray]) -> str:
-    """"F16" or "BF16" when `copy` holds exactly `source`'s tensors cast to that dtype, bit for bit, and
+    """"F16", "BF16", "F8_E4M3" or "F8_E5M2" when `copy` holds exactly `source`'s tensors cast to that dtype, bit for bit, and
     `source` does not already fit it (an upcast is no source); else "". The incremental index's test of
     `_cast_sources` (it keeps no stored dtypes: the values tell). Tensors are compared on their common
     first rows: a crawl plans rows by item size, so an F32 source and its BF16 copy read different counts."""
@@ -746,11 +755,18 @@ def cast_dtype(source: Mapping[str, np.ndarray], copy: Mapping[str, np.ndarray])
     pairs = [_common_rows(np.asarray(source[n]), np.asarray(copy[n])) for n in sorted(source)]
     if any(a is None for a, _ in pairs):
         return ""
-    for dtype in ("BF16", "F16"):
-        if all(cast_equal(a, b, dtype) for a, b in pairs) and not all(
+    for dtype in CAST_DTYPES:
+        if casts_all(pairs, dtype) and not all(
                 np.array_equal(cast_to(a, dtype), a) for a, _ in pairs):
             return dtype
     return ""
+
+
+def fits_f8(arrays: Mapping[str, np.ndarray]) -> bool:
+    """Some compared matrix holds only values an F8 type holds exactly (and not all zeros): the arrays may be an
+    F8 cast, some tensors kept wider (`cast_dtype` then says whose)."""
+    return any(a.ndim == 2 and np.any(a) and any(np.array_equal(cast_to(a, d), a) for d in F8_DTYPES)
+               for a in map(np.asarray, arrays.values()))
 
 
 def _common_rows(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -773,13 +789,17 @@ F16_CLIP_LOW, F16_CLIP_HIGH = 2.0 ** -24, 65504.0
 
 def cast_equal(source: np.ndarray, copy: np.ndarray, dtype: str) -> bool:
     """`copy` is `source` cast to `dtype` bit for bit; for F16 also as the ONNX float16 converter casts (clipped
-    at both ends first: a handful of values a model, which would otherwise make its F16 copy a fine-tune)."""
+    at both ends first: a handful of values a model, which would otherwise make its F16 copy a fine-tune).
+    An F8 cast may keep a tensor wider (ComfyUI's fp8 files keep norms, biases and some layers in 16 bits):
+    that tensor is then the source's own or its 16-bit cast (`casts_all` asks for one truly narrowed)."""
     source, copy = np.asarray(source), np.asarray(copy)
     if source.shape != copy.shape:
         return False
     off = cast_to(source, dtype) != copy
     if not off.any():
         return True
+    if dtype in F8_DTYPES:
+        return bool(np.array_equal(source, copy) or any(cast_equal(source, copy, d) for d in ("BF16", "F16")))
     if dtype != "F16":
         return False
     s, c = source[off].astype(np.float64), copy[off].astype(np.float64)
@@ -788,9 +808,15 @@ def cast_equal(source: np.ndarray, copy: np.ndarray, dtype: str) -> bool:
     return bool(clipped.all())
 
 
+# The narrow float types a file may be a plain cast of its source in: PyTorch's `.to(dtype)`, round to nearest
+# even (F8 with no scale: ComfyUI's and Kijai's `*_fp8_e4m3fn` / `*_fp8_e5m2` checkpoints)
+_NARROW = {"BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+CAST_DTYPES = tuple(_NARROW)
+F8_DTYPES = ("F8_E4M3", "F8_E5M2")
+
+
 def cast_to(values: np.ndarray, dtype: str) -> np.ndarray:
-    narrow = {"F16": torch.float16, "BF16": torch.bfloat16}[dtype]
-    return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32)).to(narrow).to(torch.float32).numpy()
+    return torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32)).to(_NARROW[dtype]).to(torch.float32).numpy()
 
 
 def _extras_cast_equal(family: Family, source: int, copy: int) -> bool:

@@ -410,6 +410,43 @@ def write_mlx(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
     return folder
 
 
+COMFY_FP8 = ("e4m3fn", "e5m2", "scaled")
+
+
+def comfy_fp8(state: Mapping[str, np.ndarray], fmt: str, *, kept: Sequence[str] = ()) -> dict[str, Any]:
+    """A state dict as ComfyUI's fp8 checkpoints hold it (torch tensors): "e4m3fn" / "e5m2" each matrix cast
+    with PyTorch's `.to(torch.float8_*)`, no scale (Kijai's and Comfy-Org's `*_fp8_e4m3fn` files); "scaled"
+    each matrix divided by its absmax / 448, cast to E4M3, the scale beside it as `<p>.scale_weight` and an
+    empty `scaled_fp8` marker (Comfy's `*_fp8_scaled`). 1-D tensors and the matrices named in `kept` in BF16."""
+    import torch
+
+    if fmt not in COMFY_FP8:
+        raise ValueError(f"ComfyUI fp8 format {fmt!r} is not one of {COMFY_FP8}")
+    narrow = torch.float8_e5m2 if fmt == "e5m2" else torch.float8_e4m3fn
+    out: dict[str, Any] = {"scaled_fp8": torch.empty(0, dtype=narrow)} if fmt == "scaled" else {}
+    for name, a in sorted(state.items()):
+        t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+        if t.ndim != 2 or name in kept:
+            out[name] = t.to(torch.bfloat16)
+        elif fmt == "scaled":
+            scale = t.abs().max() / 448.0
+            out[name], out[name.removesuffix(".weight") + ".scale_weight"] = (t / scale).to(narrow), scale.reshape(())
+        else:
+            out[name] = t.to(narrow)
+    return out
+
+
+def write_comfy_fp8(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *,
+                    fmt: str = "e4m3fn") -> Path:
+    """A folder holding `comfy_fp8(state, fmt)` as model.safetensors, config.json beside it."""
+    from safetensors.torch import save_file as save_torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch(comfy_fp8(state, fmt), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(dict(config), indent=1))
+    return folder
+
+
 QUANTO_WEIGHTS = ("qint8", "qfloat8", "qfloat8_e5m2", "qint4", "qint2")
 
 
@@ -547,12 +584,16 @@ def ct_microscaled(weight: Any, fmt: str) -> tuple[dict[str, Any], Any, Any]:
     """One Linear weight (float32 torch) through compressed-tensors' own NVFP4 / MXFP4 / MXFP8 compressor (its
     CPU path): (the compressed state dict, the QuantizationScheme, the compressor class). Scales from its
     calculate_qparams over groups of 16 (nvfp4, under generate_gparam's global scale) or 32 (mx, E8M0)."""
+    import torch
     from compressed_tensors.compressors.mxfp4.base import MXFP4PackedCompressor
     from compressed_tensors.compressors.mxfp8.base import MXFP8QuantizationCompressor
     from compressed_tensors.compressors.nvfp4.base import NVFP4PackedCompressor
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStrategy
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationScheme,
+        QuantizationStrategy,
+    )
     from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
-    import torch
 
     bits, group, compressor = {"nvfp4": (4, 16, NVFP4PackedCompressor), "mxfp4": (4, 32, MXFP4PackedCompressor),
                                "mxfp8": (8, 32, MXFP8QuantizationCompressor)}[fmt]

@@ -1,0 +1,93 @@
+"""F8 files without a scale (ComfyUI's and Kijai's `*_fp8_e4m3fn` / `*_fp8_e5m2` checkpoints: PyTorch's
+`.to(torch.float8_e4m3fn)` of each weight, norms and some layers kept in 16 bits) and ComfyUI's scaled fp8
+(`scale_weight` beside each weight, an empty `scaled_fp8` marker). Each is its source's `quantized` copy, in
+batch, in the incremental index in both orders, and in the crawl; an equal F32 file stays a `duplicate`.
+
+Before: any F8 tensor sent the file to the packed-quantization reader, which found no scale and failed it
+("quantization markers but no scheme detected").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+from test_crawl_relations import Hub, _options, llama_state, tuned
+
+from indexer.crawl import crawl
+from indexer.hub_emulator import HubEmulator
+from indexer.incremental.folder import ingest_folder
+from indexer.lineage.methods import Options, cast_dtype
+from indexer.lineage.recover import recover
+from indexer.readers import looks_packed
+from indexer.zoo.quantize import comfy_fp8
+from store.tables import read_records
+
+KEPT = ("model.layers.1.mlp.down_proj.weight",)  # a layer the partial cast keeps in BF16, as ComfyUI keeps some
+
+
+TRUTH = {"a/base": ("", ""), "b/child": ("a/base", "finetune"), "s/stranger": ("", ""),
+         "c/child-fp8-e4m3fn": ("b/child", "quantized"), "c/base-fp8-e5m2": ("a/base", "quantized"),
+         "c/child-fp8-partial": ("b/child", "quantized"), "c/child-fp8-scaled": ("b/child", "quantized"),
+         "d/child-copy": ("b/child", "duplicate")}
+
+
+@pytest.fixture(scope="module")
+def fp8_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    hub = Hub(tmp_path_factory.mktemp("fp8") / "hub")
+    hub.root.mkdir()
+    base = llama_state(1)
+    child = tuned(base, 2)
+    hub.repo("a/base", 1, weights=base)
+    hub.repo("b/child", 2, weights=child)
+    hub.repo("s/stranger", 2, weights=llama_state(5))
+    files = {"c/child-fp8-e4m3fn": comfy_fp8(child, "e4m3fn"), "c/base-fp8-e5m2": comfy_fp8(base, "e5m2"),
+             "c/child-fp8-partial": comfy_fp8(child, "e4m3fn", kept=KEPT), "c/child-fp8-scaled": comfy_fp8(child, "scaled"),
+             "d/child-copy": {n: torch.from_numpy(a) for n, a in child.items()}}
+    for month, (repo, tensors) in enumerate(files.items(), start=3):
+        save_file(tensors, str(hub.repo(repo, month) / "model.safetensors"))
+    return hub.root
+
+
+def _rows(recovered: object) -> dict[str, tuple[str, str]]:
+    return {r.repo_id: (r.parent, r.relation) for r in recovered.rows}  # type: ignore[attr-defined]
+
+
+def test_a_plain_cast_is_read_as_floats_and_a_scaled_one_as_fp8(fp8_hub: Path) -> None:
+    from indexer.crawl import read_folder
+
+    for repo, packed in (("c/child-fp8-e4m3fn", False), ("c/child-fp8-scaled", True)):
+        read, _ = read_folder(fp8_hub / repo, budget=1 << 24)
+        assert read.weights_format == ("fp8" if packed else "safetensors"), repo
+        assert "scaled_fp8" not in read.tensors and not any(n.endswith("scale_weight") for n in read.tensors)
+    child = {n: np.asarray(a) for n, a in llama_state(1).items()}
+    narrowed = {n: t.float().numpy() for n, t in comfy_fp8(child, "e4m3fn").items() if t.ndim == 2}
+    child = {n: a for n, a in child.items() if a.ndim == 2}
+    assert cast_dtype(child, narrowed) == "F8_E4M3"
+    assert cast_dtype(child, child) == ""  # equal files are no cast (a duplicate)
+    assert not looks_packed({n: type("T", (), {"dtype": "F8_E4M3", "shape": (4, 4)})() for n in ("x.weight",)})
+
+
+@pytest.mark.parametrize("use_time", [True, False])
+def test_fp8_copies_are_quantized_leaves_in_batch(fp8_hub: Path, use_time: bool) -> None:
+    forest = recover(fp8_hub, Options(device="cpu", use_time=use_time))
+    assert not forest.failures()
+    assert _rows(forest) == TRUTH
+
+
+@pytest.mark.parametrize("order", ["upload", "newest"])
+def test_fp8_copies_are_quantized_leaves_in_the_incremental_index(fp8_hub: Path, tmp_path: Path, order: str) -> None:
+    report = ingest_folder(tmp_path / "home", fp8_hub, device="cpu", order=order)  # type: ignore[arg-type]
+    assert not report.failed
+    assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == TRUTH
+
+
+def test_fp8_copies_over_http(fp8_hub: Path, tmp_path: Path) -> None:
+    with HubEmulator(fp8_hub) as emu:
+        report = crawl(tmp_path / "crawl", _options(emu)).as_dict()
+    assert report["indexed"] == len(TRUTH) and not report["failed"], report
+    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "crawl", "edges")}  # type: ignore[union-attr]
+    assert edges == TRUTH
