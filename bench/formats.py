@@ -12,7 +12,8 @@ scales and with scales of activation spread e^N(0, 1) folded in (`indexer.zoo.qu
 compressed-tensors NVFP4, MXFP4 and MXFP8 by its own compressors; GGUF
 Q3_K, whose 64- and 128-wide rows are no whole 256-value super-block, so llama-quantize's fallback writes
 them as IQ4_NL; a GGUF Q8_0 gguf-split set of 4 tensors a shard (one model in many files); optimum-quanto
-int8, float8 and int4 by quanto itself; ComfyUI's fp8 files (plain E4M3 / E5M2 casts, scaled E4M3). Without
+int8, float8 and int4 by quanto itself; ComfyUI's fp8 files (plain E4M3 / E5M2 casts, scaled E4M3); torchao
+int8 / float8 (TorchAoConfig's safetensors) by torchao itself. Without
 mlx installed the MLX rows are left out (said on stderr).
 
 Two of the zoo's own repos (`CONVERTED`) are turned into what most of the Hub before 2022 looks like: a
@@ -46,6 +47,7 @@ from indexer.zoo.quantize import (
     write_microscaled,
     write_mlx,
     write_quanto,
+    write_torchao,
 )
 
 ORG = "rel"
@@ -87,6 +89,9 @@ FORMATS: dict[str, Writer] = {
     "fp8-e4m3fn": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="e4m3fn"),
     "fp8-e5m2": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="e5m2"),
     "fp8-scaled": lambda f, s, c, i: write_comfy_fp8(f, s, c, fmt="scaled"),
+    # transformers' TorchAoConfig checkpoints by torchao itself (indexer.zoo.quantize.write_torchao)
+    "torchao-int8": lambda f, s, c, i: write_torchao(f, s, c, kind="int8"),
+    "torchao-float8": lambda f, s, c, i: write_torchao(f, s, c, kind="float8"),
 }
 RELATION = {"onnx": "duplicate", "onnx-external": "duplicate"}  # the truth relation, else "quantized"
 CONVERTED = ("a-ft1", "b-ft2")

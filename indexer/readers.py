@@ -193,7 +193,7 @@ GGUF_FIRST_READ = 100_000  # indexer.sources.PREFIX_BYTES
 # gguf-split shard names (llama.cpp's llama_split_path, gguf-py's SHARD_NAME_FORMAT: `%s-%05d-of-%05d.gguf`)
 _GGUF_SHARD = re.compile(r"^(?P<stem>.+)-(?P<i>\d{5})-of-(?P<n>\d{5})\.gguf$", re.IGNORECASE)
 QUANT_MARKERS = (".qweight", ".SCB", ".absmax", ".weight_packed", ".weight_scale", ".weight_scale_inv",
-                 ".weight._scale", ".scale_weight")
+                 ".weight._scale", ".scale_weight", "._weight_qdata")
 
 
 @dataclass(frozen=True)
@@ -503,7 +503,7 @@ def linear_shapes(config: Mapping[str, Any] | None) -> dict[str, tuple[int, int]
 
 WEIGHTS_FORMATS = {"gptq": "gptq", "awq": "awq", "bnb-int8": "bnb-int8", "bnb-4bit": "bnb-4bit", "fp8": "fp8",
                    "ct-pack": "compressed-tensors", "ct-int": "compressed-tensors", "ct-fp4": "compressed-tensors",
-                   "mlx": "mlx", "quanto": "quanto"}
+                   "mlx": "mlx", "quanto": "quanto", "torchao": "torchao"}
 
 
 def read_packed(source_of: Mapping[str, ByteSource], where: Mapping[str, tuple[str, TensorInfo]],

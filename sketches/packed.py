@@ -1,5 +1,5 @@
 """Dequantizers for quantized safetensors checkpoints: GPTQ, AWQ, bitsandbytes, FP8, compressed-tensors, MLX,
-optimum-quanto.
+optimum-quanto, torchao.
 
 Pure: arrays in (the checkpoint's tensors, as `native` decodes their bytes), float32 out, shaped like
 the Hugging Face Linear weight they replace: (out, in). Which scheme a checkpoint uses is read from its
@@ -58,6 +58,12 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 of <p>.bias, else groups (one a row) unless the group is one quanto cuts a longer row into
                 (32, 64, 96 or 128 columns): such a module is refused. <p>.input_scale / <p>.output_scale are
                 activation scales, not read.
+    torchao     transformers' TorchAoConfig saved as safetensors (torchao's flatten_tensor_state_dict; the tensor
+                subclass of each weight named in the file's metadata): Int8Tensor <p>._weight_qdata I8 (out, in),
+                <p>._weight_scale and <p>._weight_zero_point per block (block_size [1, in]: one a row);
+                Float8Tensor _weight_qdata F8_E4M3 / F8_E5M2 and _weight_scale.  W = (qdata - zero_point) * scale.
+                Packed subclasses (Int4Tensor and its preshuffled / tile-packed kin) are refused by their codes'
+                dtype.
 
 Row reads. A plan reads the first rows of W. Where a scheme stores W row-major by output (bnb, fp8,
 compressed-tensors, mlx, quanto's 8-bit) `part_rows` says which rows of each stored tensor hold W's rows
@@ -97,7 +103,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "ct-fp4", "mlx", "quanto"]
+Method = Literal["gptq", "awq", "bnb-int8", "bnb-4bit", "fp8", "ct-pack", "ct-int", "ct-fp4", "mlx", "quanto",
+                 "torchao"]
 MlxMode = Literal["affine", "mxfp4", "mxfp8", "nvfp4", "e4m3", "e5m2"]
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # logical column held by nibble j of a word
@@ -150,6 +157,9 @@ PACKED_RELATIVE_ERROR: dict[str, float] = {
     "quanto-e5m2": 5.26e-2,
     "quanto-4bit": 1.00e-1,
     "quanto-2bit": 5.01e-1,
+    # torchao's own Int8WeightOnlyConfig / Float8WeightOnlyConfig (tests/test_torchao.py re-measures): per row
+    "torchao-8bit": 7.88e-3,
+    "torchao-e4m3": 2.64e-2,
 }
 
 
@@ -280,8 +290,10 @@ def _from_config(qc: Mapping[str, Any]) -> QuantScheme | None:
         return _auto_round(qc)
     if method == "quanto":
         return _quanto_from_config(qc)
+    if method == "torchao":
+        return None  # its config names a torchao config class; the stored codes say what can be read
     raise _error("quantization_config", f"quant_method {method!r} is not supported "
-                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, auto-round, quanto)")
+                 "(gptq, awq, bitsandbytes, fp8, fbgemm_fp8, compressed-tensors, auto-round, quanto, torchao)")
 
 
 # quanto's weight types, as diffusers' QuantoConfig (weights_dtype) and transformers' (weights) name them
@@ -372,6 +384,13 @@ def _from_tensors(tensors: Mapping[str, _Tensor]) -> QuantScheme | None:
     anchors = quanto_anchors(tensors)
     if anchors:  # the checkpoint's type is its first module's; a module of another carries its own
         return _quanto_type(tensors, anchors[0][: -len(_QUANTO_SCALE)], 8)
+    torchao = [n for n in names if n.endswith(_TORCHAO_CODES)]
+    if torchao:
+        packed = sorted({tensors[n].dtype for n in torchao} - {"I8", *_QUANTO_FLOAT8})
+        if packed:
+            raise _error(torchao[0], f"torchao codes stored as {', '.join(packed)} (Int4Tensor and other packed "
+                                     "layouts) are not supported (supported: Int8Tensor, Float8Tensor)")
+        return QuantScheme("torchao", 8, mode=_QUANTO_FLOAT8.get(tensors[torchao[0]].dtype, "affine"))
     qweights = [n for n in names if n.endswith(".qweight")]
     if qweights:
         return _gptq_or_awq(tensors, qweights[0])
@@ -610,6 +629,7 @@ def reads_whole(module: PackedModule, scheme: QuantScheme) -> bool:
 
 # --- modules ----------------------------------------------------------------------------------------
 
+_TORCHAO_CODES = "._weight_qdata"
 # anchor suffix -> (role of the anchor, {role: suffix}) ; suffixes are appended to the module prefix
 _GPTQ_PARTS = {"qweight": ".qweight", "qzeros": ".qzeros", "scales": ".scales", "g_idx": ".g_idx"}
 _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
@@ -633,6 +653,9 @@ _PARTS: dict[Method, tuple[str, dict[str, str], tuple[str, ...]]] = {
                ("weight", "weight_scale")),
     "ct-fp4": (".weight_packed", {"weight_packed": ".weight_packed", "weight_scale": ".weight_scale",
                                   "weight_global_scale": ".weight_global_scale"}, ("weight_packed", "weight_scale")),
+    # torchao's roles named as compressed-tensors' int-quantized ones, which it decodes the same way
+    "torchao": (_TORCHAO_CODES, {"weight": _TORCHAO_CODES, "weight_scale": "._weight_scale",
+                                 "weight_zero_point": "._weight_zero_point"}, ("weight", "weight_scale")),
 }
 
 
@@ -647,6 +670,8 @@ def _anchors(tensors: Mapping[str, _Tensor], scheme: QuantScheme) -> list[str]:
         return [n for n in found if tensors[n].dtype in ("F8_E4M3", "F8_E5M2")]
     if scheme.method == "ct-int":
         return [n for n in found if tensors[n].dtype == "I8"]
+    if scheme.method == "torchao":  # _from_tensors refused any other codes
+        return [n for n in found if tensors[n].dtype in ("I8", *_QUANTO_FLOAT8)]
     if scheme.method in ("ct-fp4", "ct-pack"):  # FP4 codes are bytes, pack-quantized words int32
         return [n for n in found if (tensors[n].dtype == "U8") == (scheme.method == "ct-fp4")]
     return found
@@ -672,8 +697,20 @@ def _module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str,
         missing.append(".weight_global_scale")
     if missing:
         raise _error(anchor, f"{scheme.method} module {prefix!r} lacks {', '.join(missing)}")
-    own = _gptq_module_bits(tensors, scheme, parts, anchor) if scheme.method == "gptq" else None
+    own = _gptq_module_bits(tensors, scheme, parts, anchor) if scheme.method == "gptq" else (
+        _torchao_own(tensors, scheme, parts) if scheme.method == "torchao" else None)
     return PackedModule(prefix + ".weight", dict(sorted(parts.items())), _shape(tensors, own or scheme, parts), own)
+
+
+def _torchao_own(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[str, str]) -> QuantScheme | None:
+    """A torchao module's codes type and scale blocks (block_size from the shapes: [out / scale rows, in /
+    scale columns]; None when one scale a row, or a few along each), when not the checkpoint's."""
+    codes, scale = tuple(tensors[parts["weight"]].shape), tuple(tensors[parts["weight_scale"]].shape)
+    if len(codes) != 2 or len(scale) != 2 or not all(scale):
+        raise _error(parts["weight"], f"torchao codes {list(codes)} and scale {list(scale)} are not 2-D")
+    block = None if scale[0] == codes[0] else (_ceil(codes[0], scale[0]), _ceil(codes[1], scale[1]))
+    own = replace(scheme, mode=_QUANTO_FLOAT8.get(tensors[parts["weight"]].dtype, "affine"), block=block)
+    return None if own == scheme else own
 
 
 def _gptq_module_bits(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[str, str],
@@ -698,7 +735,7 @@ def _shape(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Mapping[s
     if scheme.method == "awq":
         rows, cols = shape("qweight")
         return (cols * 32 // scheme.bits, rows)
-    if scheme.method in ("bnb-int8", "fp8", "ct-int"):
+    if scheme.method in ("bnb-int8", "fp8", "ct-int", "torchao"):
         dims = shape("weight")
         return (dims[0], dims[1]) if len(dims) == 2 else None
     if scheme.method == "ct-fp4":
@@ -1010,8 +1047,8 @@ def dequantize(module: PackedModule, arrays: Mapping[str, np.ndarray], scheme: Q
             return _bnb_4bit(module, arrays, rows)
         if scheme.method == "fp8":
             return _fp8(module, arrays, scheme, first)
-        if scheme.method == "ct-int":
-            return _ct_int(module, arrays, scheme, first)
+        if scheme.method in ("ct-int", "torchao"):
+            return _ct_int(module, arrays, module.scheme or scheme, first)
         if scheme.method == "mlx":
             return _mlx(module, arrays, scheme)
         if scheme.method == "ct-fp4":
@@ -1049,11 +1086,12 @@ def part_rows(module: PackedModule, scheme: QuantScheme, rows: tuple[int, int], 
     for role in ("weight", "SCB", "weight_packed", "scales", "biases", "data"):  # mlx: scales, biases per row too
         if role in module.parts:
             spans[role] = (r0, r1)
+    block = (module.scheme or scheme).block
     for role in ("scale", "scale_inv", "weight_scale", "scale_weight"):  # quanto's `scale`: one a row, or one
         if role in module.parts:
-            spans[role] = _scale_rows(shapes[role], out, scheme.block, (r0, r1))
-    if "weight_zero_point" in module.parts and scheme.method == "ct-int":
-        spans["weight_zero_point"] = _scale_rows(shapes["weight_zero_point"], out, scheme.block, (r0, r1))
+            spans[role] = _scale_rows(shapes[role], out, block, (r0, r1))
+    if "weight_zero_point" in module.parts and scheme.method in ("ct-int", "torchao"):
+        spans["weight_zero_point"] = _scale_rows(shapes["weight_zero_point"], out, block, (r0, r1))
     return spans
 
 

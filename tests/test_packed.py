@@ -541,10 +541,10 @@ def test_relative_error_table() -> None:
         "ct-int-8bit": (pack_ct_int(w), QuantScheme("ct-int", 8)),
     }
     # the mlx rows are measured with mlx's own quantizer (tests/test_mlx.py), quanto's with quanto's
-    # (tests/test_quanto.py), the microscaled compressed-tensors
+    # (tests/test_quanto.py), torchao's with torchao's (tests/test_torchao.py), the microscaled compressed-tensors
     # rows with its compressors (test_microscaled_relative_errors_are_the_compressors)
     assert sorted(cases) == sorted(k for k in PACKED_RELATIVE_ERROR
-                                   if not k.startswith(("mlx-", "ct-fp4-", "quanto-")) and k != "fp8-mxfp8")
+                                   if not k.startswith(("mlx-", "ct-fp4-", "quanto-", "torchao-")) and k != "fp8-mxfp8")
     for name, (parts, scheme) in cases.items():
         assert measure(parts, scheme) == pytest.approx(predicted_relative_error(scheme), rel=0.05), name
     with pytest.raises(QuantizedWeightsError, match="no predicted error"):

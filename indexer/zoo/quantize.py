@@ -410,6 +410,53 @@ def write_mlx(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str
     return folder
 
 
+TORCHAO_KINDS = ("int8", "float8")
+
+
+def write_torchao(folder: Path, state: Mapping[str, np.ndarray], config: Mapping[str, object], *,
+                  kind: str = "int8") -> Path:
+    """A torchao checkpoint as transformers' TorchAoConfig saves one: each projection an nn.Linear through
+    torchao's own `quantize_` (Int8WeightOnlyConfig or Float8WeightOnlyConfig, per row), the state dict
+    flattened by torchao's flatten_tensor_state_dict (`_weight_qdata`, `_weight_scale`, `_weight_zero_point`,
+    each weight's subclass in the file's metadata), the rest in BF16, config.json with its quantization_config."""
+    import torch
+    from safetensors.torch import save_file as save_torch
+    from torchao.prototype.safetensors.safetensors_support import (
+        flatten_tensor_state_dict,
+    )
+    from torchao.quantization import (
+        Float8WeightOnlyConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
+
+    if kind not in TORCHAO_KINDS:
+        raise ValueError(f"torchao kind {kind!r} is not one of {TORCHAO_KINDS}")
+    config_class = Int8WeightOnlyConfig if kind == "int8" else Float8WeightOnlyConfig
+    quantized = set(_projections(state))
+    tensors: dict[str, Any] = {}
+    metadata: dict[str, str] = {}
+    for name, a in sorted(state.items()):
+        weight = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32)).to(torch.bfloat16)
+        if name not in quantized:
+            tensors[name] = weight
+            continue
+        holder = torch.nn.Sequential(torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=torch.bfloat16))
+        with torch.no_grad():
+            holder[0].weight.copy_(weight)
+        quantize_(holder, config_class())
+        flat, meta = flatten_tensor_state_dict({name: holder[0].weight})
+        tensors |= flat
+        metadata |= {k: v for k, v in meta.items() if k != "tensor_names"}
+    metadata["tensor_names"] = json.dumps(sorted(state))
+    folder.mkdir(parents=True, exist_ok=True)
+    save_torch({k: v.contiguous() for k, v in tensors.items()}, str(folder / "model.safetensors"),
+               metadata={"format": "pt", **metadata})
+    quant = {"quant_method": "torchao", "quant_type": {"default": {"_type": config_class.__name__}}}
+    (folder / "config.json").write_text(json.dumps({**config, "quantization_config": quant}, indent=1))
+    return folder
+
+
 COMFY_FP8 = ("e4m3fn", "e5m2", "scaled")
 
 
