@@ -464,8 +464,11 @@ def _read_converted(stored: Mapping[str, StoredTensor],
 def looks_packed(tensors: Mapping[str, TensorInfo]) -> bool:
     """Tensors of a packed quantized checkpoint (the scheme itself: `sketches.packed.detect_scheme`). F8 weights
     without a scale beside them are no such checkpoint: a plain cast (ComfyUI's `*_fp8_e4m3fn` files), read as
-    floats like an F16 copy (`indexer.lineage.methods.cast_dtype` tells it a cast of its source)."""
+    floats like an F16 copy (`indexer.lineage.methods.cast_dtype` tells it a cast of its source). F8 weights
+    with any scale-named tensor beside them (Mistral's `qscale_weight`, ...) are one, refused unless known."""
+    scaled = {n.rpartition(".")[0] for n in tensors if "scale" in n.rpartition(".")[2]}
     return (any(n.endswith(QUANT_MARKERS) for n in tensors)
+            or any(t.dtype in ("F8_E4M3", "F8_E5M2") and n.rpartition(".")[0] in scaled for n, t in tensors.items())
             or bool(mlx_anchors(tensors)) or unsupported_format(tensors) is not None)
 
 

@@ -68,7 +68,10 @@ def test_a_plain_cast_is_read_as_floats_and_a_scaled_one_as_fp8(fp8_hub: Path) -
     child = {n: a for n, a in child.items() if a.ndim == 2}
     assert cast_dtype(child, narrowed) == "F8_E4M3"
     assert cast_dtype(child, child) == ""  # equal files are no cast (a duplicate)
-    assert not looks_packed({n: type("T", (), {"dtype": "F8_E4M3", "shape": (4, 4)})() for n in ("x.weight",)})
+    f8 = type("T", (), {"dtype": "F8_E4M3", "shape": (4, 4)})()
+    assert not looks_packed({"x.weight": f8})
+    # a scale of a name we do not know beside F8 weights (Mistral's consolidated FP8): refused, never read as a cast
+    assert looks_packed({"x.weight": f8, "x.qscale_weight": type("T", (), {"dtype": "F32", "shape": ()})()})
 
 
 @pytest.mark.parametrize("use_time", [True, False])
