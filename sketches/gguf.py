@@ -47,6 +47,7 @@ import numpy as np
 
 from errors import GGUFError, SafetensorsError
 from sketches.flux import COMFY, flux_inner, flux_parts, is_bfl_flux
+from sketches.ldm import LDM_UNET, unet_names
 from sketches.safetensors import ByteSource
 from sketches.sd3 import PREFIX as SD3_PREFIX
 from sketches.sd3 import is_sd3, sd3_parts
@@ -558,6 +559,8 @@ class HFName:
     # rows (first, count) of the tensor seen as (-1, ne0) (a bias: its elements): one expert of a stacked MoE
     # tensor (blk.N.ffn_gate_exps: (experts, I, H)), or FLUX's q, k or v of a fused q/k/v (sketches.flux)
     part: tuple[int, int] | None = None
+    # the tensor's own numpy shape when its converter flattened it (ComfyUI-GGUF's comfy.gguf.orig_shape.*)
+    shape: tuple[int, ...] | None = None
 
 
 # HF names each naming family uses; among gguf's aliases for a tensor (all architectures' spellings) the
@@ -623,6 +626,8 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         return _flux_names(header)
     if is_sd3(header.names()) or header.architecture == "sd3":
         return _sd3_names(header)
+    if header.architecture in COMFY_ARCHITECTURES:
+        return _comfy_names(header)
     arch = header.architecture
     n_blocks = _int_meta(header, f"{arch}.block_count") or 1 + max(
         (int(m.group(1)) for t in header.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1
@@ -666,6 +671,59 @@ def _sd3_names(header: GGUFHeader) -> dict[str, HFName]:
     blocks = [int(m.group(1)) for t in header.tensors if (m := re.match(r"joint_blocks\.(\d+)\.", t.name.removeprefix(prefix)))]
     last = max(blocks, default=0)
     return _split_names(header, prefix, "SD3", lambda name, rows: sd3_parts(name, rows, last))
+
+
+# ComfyUI-GGUF's image architectures (city96's loader.py IMG_ARCH_LIST, FLUX and SD3 read above with their
+# diffusers maps): its converter keeps the source checkpoint's own tensor names (under an optional
+# `model.diffusion_model.`) and flattens a tensor whose last dimension is no multiple of 256 -- conv kernels,
+# a 5-D patch embedding, which GGUF cannot hold -- to rows of 256, its shape kept in the metadata key
+# `comfy.gguf.orig_shape.<name>`. SD 1.x / SDXL UNets are LDM names, read under diffusers' (`sketches.ldm`), as
+# their single-file safetensors are.
+COMFY_ARCHITECTURES = frozenset({"sd1", "sdxl", "aura", "hidream", "cosmos", "ltxv", "ltx2", "hyvid", "wan",
+                                 "lumina2", "qwen_image"})
+ORIG_SHAPE_KEY = "comfy.gguf.orig_shape."
+
+
+def _comfy_names(header: GGUFHeader) -> dict[str, HFName]:
+    unet = unet_names(LDM_UNET + t.name.removeprefix(LDM_UNET) for t in header.tensors) if header.architecture in (
+        "sd1", "sdxl") else {}
+    names = {}
+    for info in header.tensors:
+        hf = unet.get(LDM_UNET + info.name.removeprefix(LDM_UNET), info.name)
+        names[info.name] = HFName(info.name, hf, False, None, shape=_orig_shape(header, info))
+    return names
+
+
+def _orig_shape(header: GGUFHeader, info: GGUFTensorInfo) -> tuple[int, ...] | None:
+    """The numpy shape ComfyUI-GGUF's converter recorded for a tensor it flattened, checked against its values."""
+    value = header.metadata.get(ORIG_SHAPE_KEY + info.name)
+    if value is None:
+        return None
+    if not isinstance(value, tuple) or not value or not all(type(d) is int and d > 0 for d in value):
+        raise GGUFError(header.name, f"{ORIG_SHAPE_KEY}{info.name} must be an array of positive dimensions, got "
+                                     f"{value!r:.60}")
+    if math.prod(value) != info.numel:
+        raise GGUFError(header.name, f"{ORIG_SHAPE_KEY}{info.name}: shape {list(value)} holds {math.prod(value)} "
+                                     f"values, the tensor {info.numel}")
+    return value
+
+
+def _read_reshaped(source: ByteSource, info: GGUFTensorInfo, shape: tuple[int, ...],
+                   rows: tuple[int, int] | None) -> np.ndarray:
+    """Rows of a flattened tensor in its recorded shape: the stored rows that hold their values, cut."""
+    r0, r1 = (0, shape[0]) if rows is None else rows
+    if not 0 <= r0 <= r1 <= shape[0]:
+        raise GGUFError(source.name, f"tensor {info.name!r}: rows [{r0}, {r1}) outside its {shape[0]} rows")
+    inner = math.prod(shape[1:])
+    if len(info.shape) < 2:
+        flat = read_tensor(source, info).reshape(-1)[r0 * inner : r1 * inner]
+    else:
+        width = math.prod(info.shape[1:])
+        first = r0 * inner // width
+        stored = read_tensor(source, info, rows=(first, -(-r1 * inner // width))).reshape(-1)
+        start = r0 * inner - first * width
+        flat = stored[start : start + (r1 - r0) * inner]
+    return np.ascontiguousarray(flat.reshape(r1 - r0, *shape[1:]))
 
 
 def _split_names(header: GGUFHeader, prefix: str, kind: str,
@@ -741,6 +799,8 @@ def read_hf_tensor(source: ByteSource, header: GGUFHeader, name: HFName, *,
     or a 1-D one is read whole, then sliced.
     """
     info = header.get(name.gguf_name)
+    if name.shape is not None:
+        return _read_reshaped(source, info, name.shape, rows)
     if name.part is not None:
         info = part_info(info, *name.part)
     n_rows = info.shape[0]
@@ -776,6 +836,8 @@ def part_info(info: GGUFTensorInfo, first: int, rows: int) -> GGUFTensorInfo:
 
 def hf_shape(header: GGUFHeader, name: HFName) -> tuple[int, ...]:
     """The shape of the Hugging Face tensor `name` reads (a part's rows; a transposed tensor's shape)."""
+    if name.shape is not None:
+        return name.shape
     info = header.get(name.gguf_name)
     shape = part_info(info, *name.part).shape if name.part is not None else info.shape
     return tuple(reversed(shape)) if name.transposed else tuple(shape)

@@ -106,6 +106,9 @@ _PREFIXES = (
     "vit.", "deit.", "beit.", "swin.", "convnext.", "resnet.", "backbone.", "gpt_neox.", "encoder_model.",
     # a vision-language model's language tower (LLaVA: `language_model.model.layers.N`), the LLM it was made from
     "language_model.",
+    # ComfyUI's single files and GGUFs of a diffusion model (`model.diffusion_model.blocks.0...`: `model.` goes
+    # first), beside the same model's own files (`blocks.0...`)
+    "diffusion_model.",
 )
 # Wrappers PyTorch puts around one submodule, inside a name: FSDP's and activation checkpointing's
 # (`model.layers.0._fsdp_wrapped_module._checkpoint_wrapped_module.self_attn...`, saved by a training script that

@@ -136,3 +136,23 @@ def test_single_file_checkpoints_join_their_pipeline_family(ldm_hub: Hub, emu: H
     assert report["indexed"] == len(LDM_EXPECTED) and not report["failed"], report
     edges = {e.repo_id: e.parent for e in read_records(home, "edges")}  # type: ignore[union-attr]
     assert edges == LDM_EXPECTED, edges
+
+
+def test_a_comfy_gguf_of_an_sd_unet_joins_its_pipeline_family(sd_hub: Hub, tmp_path: Path) -> None:
+    """city96's SD 1.x / SDXL GGUFs hold the UNet under its LDM names (conv kernels flattened to rows of 256,
+    their shapes in comfy.gguf.orig_shape.*): read under diffusers' names, a Q8_0 of the pipeline's UNet is its
+    quantized copy. Before: skipped, "GGUF architecture 'sd1' has no Hugging Face name map"."""
+    from indexer.zoo.quantize import write_comfy_gguf
+    from sketches.ldm import LDM_UNET, ldm_names
+
+    unet = _unet(1)  # sd/base's UNet
+    ldm = ldm_names(unet.state_dict())
+    state = {ldm[n]: t.numpy() for n, t in unet.state_dict().items()}
+    (sd_hub.root / "city96/sd-gguf").mkdir(parents=True)
+    write_comfy_gguf(sd_hub.root / "city96/sd-gguf/unet-Q8_0.gguf", state, "Q8_0", arch="sd1", prefix=LDM_UNET)
+    sd_hub.repo("city96/sd-gguf", 9)
+    forest = recover(sd_hub.root, Options(device="cpu"))
+    assert not forest.failures()
+    rows = {r.repo_id: r for r in forest.rows}
+    assert (rows["city96/sd-gguf"].parent, rows["city96/sd-gguf"].relation) == ("sd/base", "quantized")
+    assert rows["city96/sd-gguf"].family == rows["sd/base"].family

@@ -236,6 +236,28 @@ def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, 
     return _written(writer, path)
 
 
+COMFY_REARRANGE_THRESHOLD = 512  # ComfyUI-GGUF's convert.py: tensors this big whose rows are no 256-multiple
+
+
+def write_comfy_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, arch: str,
+                     prefix: str = "") -> Path:
+    """A diffusion model's GGUF as city96's ComfyUI-GGUF converter writes one for `arch` (its `shape_fix`
+    architectures: Wan, HunyuanVideo, LTX-Video, SDXL, ...): the checkpoint's own names (under `prefix`), a
+    tensor of 512+ values whose last dimension is no multiple of 256 flattened to rows of 256 with its shape
+    in `comfy.gguf.orig_shape.<name>` (conv kernels; a 5-D patch embedding GGUF could not hold), matrices in
+    `qtype` where their rows are whole blocks (else F16), 1-D tensors in F32."""
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType[FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")]))
+    for name in sorted(state):
+        w = np.asarray(state[name], dtype=np.float32)
+        if (w.ndim > 1 and w.size >= COMFY_REARRANGE_THRESHOLD and w.size % 256 == 0 and w.shape[-1] % 256) or w.ndim > 4:
+            writer.add_array(f"comfy.gguf.orig_shape.{prefix}{name}", [int(d) for d in w.shape])
+            w = w.reshape(-1, 256)
+        data, raw = _stored(w, qtype)
+        writer.add_tensor(prefix + name, data, raw_dtype=raw)
+    return _written(writer, path)
+
+
 # --- GPTQ ------------------------------------------------------------------------------------------------
 
 
