@@ -32,3 +32,23 @@ def dated_legacy(zoo: Path, out: Path, fraction: float) -> Path:
     (out / "hub.json").write_text(json.dumps(doc))
     return out
 
+
+
+def same_in_incremental_and_crawl(hub_root: Path, work: Path, truth: dict[str, tuple[str, str]]) -> None:
+    """The incremental index in both arrival orders and a crawl over HTTP of `hub_root` each give every repo
+    the (parent, relation) `truth` says, with nothing failed."""
+    from indexer.crawl import CrawlOptions, crawl
+    from indexer.hub_emulator import HubEmulator
+    from indexer.incremental.folder import ingest_folder
+    from indexer.retry import RetryPolicy
+    from store.tables import read_records
+
+    for order in ("upload", "newest"):
+        report = ingest_folder(work / order, hub_root, device="cpu", order=order)  # type: ignore[arg-type]
+        assert not report.failed and {r: (e.parent, e.relation) for r, e in report.edges.items()} == truth, order
+    with HubEmulator(hub_root) as server:
+        options = CrawlOptions(endpoint=server.url, progress=False, policy=RetryPolicy(sleep=lambda s: None), device="cpu")
+        crawled = crawl(work / "crawl", options).as_dict()
+    assert crawled["indexed"] == len(truth) and not crawled["failed"], crawled
+    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(work / "crawl", "edges")}  # type: ignore[union-attr]
+    assert edges == truth

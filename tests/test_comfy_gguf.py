@@ -13,18 +13,15 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from test_crawl_relations import Hub, _options, tuned
+from model_support import same_in_incremental_and_crawl
+from test_crawl_relations import Hub, tuned
 
 from errors import GGUFError
-from indexer.crawl import crawl
-from indexer.hub_emulator import HubEmulator
-from indexer.incremental.folder import ingest_folder
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
 from indexer.zoo.quantize import write_comfy_gguf
 from sketches.gguf import hf_names, hf_shape, read_header, read_hf_tensor
 from sketches.safetensors import FileSource
-from store.tables import read_records
 
 
 def wan_state(seed: int, width: int = 256, blocks: int = 3) -> dict[str, np.ndarray]:
@@ -100,11 +97,4 @@ def test_comfy_ggufs_are_quantized_copies_in_batch(wan_hub: Path, use_time: bool
 
 
 def test_comfy_ggufs_in_the_incremental_index_and_the_crawl(wan_hub: Path, tmp_path: Path) -> None:
-    for order in ("upload", "newest"):
-        report = ingest_folder(tmp_path / order, wan_hub, device="cpu", order=order)  # type: ignore[arg-type]
-        assert not report.failed and {r: (e.parent, e.relation) for r, e in report.edges.items()} == TRUTH, order
-    with HubEmulator(wan_hub) as server:
-        crawled = crawl(tmp_path / "crawl", _options(server)).as_dict()
-    assert crawled["indexed"] == len(TRUTH) and not crawled["failed"], crawled
-    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "crawl", "edges")}  # type: ignore[union-attr]
-    assert edges == TRUTH
+    same_in_incremental_and_crawl(wan_hub, tmp_path, TRUTH)

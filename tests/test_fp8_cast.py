@@ -14,17 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from model_support import same_in_incremental_and_crawl
 from safetensors.torch import save_file
-from test_crawl_relations import Hub, _options, llama_state, tuned
+from test_crawl_relations import Hub, llama_state, tuned
 
-from indexer.crawl import crawl
-from indexer.hub_emulator import HubEmulator
-from indexer.incremental.folder import ingest_folder
 from indexer.lineage.methods import Options, cast_dtype
 from indexer.lineage.recover import recover
 from indexer.readers import looks_packed
 from indexer.zoo.quantize import comfy_fp8
-from store.tables import read_records
 
 KEPT = ("model.layers.1.mlp.down_proj.weight",)  # a layer the partial cast keeps in BF16, as ComfyUI keeps some
 
@@ -81,16 +78,5 @@ def test_fp8_copies_are_quantized_leaves_in_batch(fp8_hub: Path, use_time: bool)
     assert _rows(forest) == TRUTH
 
 
-@pytest.mark.parametrize("order", ["upload", "newest"])
-def test_fp8_copies_are_quantized_leaves_in_the_incremental_index(fp8_hub: Path, tmp_path: Path, order: str) -> None:
-    report = ingest_folder(tmp_path / "home", fp8_hub, device="cpu", order=order)  # type: ignore[arg-type]
-    assert not report.failed
-    assert {r: (e.parent, e.relation) for r, e in report.edges.items()} == TRUTH
-
-
-def test_fp8_copies_over_http(fp8_hub: Path, tmp_path: Path) -> None:
-    with HubEmulator(fp8_hub) as emu:
-        report = crawl(tmp_path / "crawl", _options(emu)).as_dict()
-    assert report["indexed"] == len(TRUTH) and not report["failed"], report
-    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "crawl", "edges")}  # type: ignore[union-attr]
-    assert edges == TRUTH
+def test_fp8_copies_in_the_incremental_index_and_the_crawl(fp8_hub: Path, tmp_path: Path) -> None:
+    same_in_incremental_and_crawl(fp8_hub, tmp_path, TRUTH)

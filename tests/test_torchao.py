@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 import torch
+from model_support import same_in_incremental_and_crawl
 from safetensors.torch import save_file
 from test_crawl_relations import (  # noqa: F401
     LLAMA_CONFIG,
@@ -28,9 +29,6 @@ from test_crawl_relations import (  # noqa: F401
 from test_packed import _infos, gaussian, load, rel
 
 from errors import QuantizedWeightsError
-from indexer.crawl import crawl
-from indexer.hub_emulator import HubEmulator
-from indexer.incremental.folder import ingest_folder
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
 from indexer.readers import looks_packed
@@ -44,7 +42,12 @@ from store.tables import read_records
 
 torchao = pytest.importorskip("torchao")
 from torchao.prototype.safetensors.safetensors_support import flatten_tensor_state_dict  # noqa: E402
-from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, PerGroup, quantize_  # noqa: E402
+from torchao.quantization import (  # noqa: E402
+    Float8WeightOnlyConfig,
+    Int8WeightOnlyConfig,
+    PerGroup,
+    quantize_,
+)
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 CONFIGS = {"int8": (Int8WeightOnlyConfig, {}, "torchao-8bit"),
@@ -131,14 +134,7 @@ def test_torchao_copies_are_quantized_children_in_batch_incremental_and_crawl(ao
     forest = recover(ao_hub, Options(device="cpu"))
     assert not forest.failures()
     assert {r.repo_id: (r.parent, r.relation) for r in forest.rows} == TRUTH
-    for order in ("upload", "newest"):
-        report = ingest_folder(tmp_path / order, ao_hub, device="cpu", order=order)  # type: ignore[arg-type]
-        assert not report.failed and {r: (e.parent, e.relation) for r, e in report.edges.items()} == TRUTH, order
-    with HubEmulator(ao_hub) as server:
-        crawled = crawl(tmp_path / "crawl", _options(server)).as_dict()
-    assert crawled["indexed"] == len(TRUTH) and not crawled["failed"], crawled
+    same_in_incremental_and_crawl(ao_hub, tmp_path, TRUTH)
     models = {m.repo_id: m for m in read_records(tmp_path / "crawl", "models")}  # type: ignore[union-attr]
     assert models["ao/child-int8"].weights_format == "torchao"  # type: ignore[union-attr]
     assert json.loads(models["ao/base-float8"].details)["scheme"] == "torchao-e4m3"  # type: ignore[union-attr]
-    edges = {e.repo_id: (e.parent, e.relation) for e in read_records(tmp_path / "crawl", "edges")}  # type: ignore[union-attr]
-    assert edges == TRUTH
