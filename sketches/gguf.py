@@ -572,8 +572,15 @@ _GPT2_STYLE = (r"transformer\.h\.\d+\.(attn\.|mlp\.|ln_1$|ln_2$)", r"transformer
 _NEOX_STYLE = (r"gpt_neox\.layers\.\d+\.", r"gpt_neox\.(embed_in|final_layer_norm)$", r"embed_out$")
 _BLOOM_STYLE = (r"transformer\.h\.\d+\.(self_attention\.|mlp\.dense_|input_layernorm$|post_attention_layernorm$"
                 r"|ln_attn$|ln_mlp$)", r"transformer\.(word_embeddings|word_embeddings_layernorm|ln_f)$", r"lm_head$")
+# Encoders llama.cpp converts for embeddings (BertModel: BERT, RoBERTa, XLM-R, CamemBERT; NomicBertModel:
+# nomic-embed-text), as their HF checkpoints name them
+_BERT_STYLE = (r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.(dense|LayerNorm))|intermediate\.dense"
+               r"|output\.(dense|LayerNorm))$", r"embeddings\.(word_embeddings|token_type_embeddings|position_embeddings"
+               r"|LayerNorm)$")
+_NOMIC_STYLE = (r"encoder\.layers\.\d+\.(attn\.(Wqkv|out_proj)|mlp\.fc1[12]|mlp\.fc2|norm[12])$",
+                r"embeddings\.(word_embeddings|token_type_embeddings)$", r"emb_ln$")
 _STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE,
-                                       "falcon": _BLOOM_STYLE}
+                                       "falcon": _BLOOM_STYLE, "bert": _BERT_STYLE, "nomic-bert": _NOMIC_STYLE}
 # A fused query_key_value holds, per kv group, its q heads' rows, then its k and v rows (GPT-NeoX and
 # BLOOM: one q head a group; Falcon: head_count / head_count_kv); the converters (GPTNeoXModel, BloomModel,
 # FalconModel.modify_tensors) regroup the rows as all q, then all k, then all v.

@@ -236,6 +236,27 @@ def write_flux_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, 
     return _written(writer, path)
 
 
+def write_hf_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *, arch: str) -> Path:
+    """A GGUF of an HF checkpoint whose converter only renames (convert_hf_to_gguf.py's BertModel, NomicBertModel:
+    `map_tensor_name` through gguf's TensorNameMap, a leading `bert.` dropped, tensors without a GGUF name --
+    the pooler, an MLM head -- left out), matrices in `qtype` where their rows are whole blocks."""
+    kinds = [k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == arch]
+    if not kinds:
+        raise ValueError(f"{arch!r} is no llama.cpp architecture")
+    blocks = 1 + max((int(n) for name in state for n in name.split(".") if n.isdigit()), default=0)
+    names = gguf.TensorNameMap(kinds[0], blocks)
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_uint32(f"{arch}.block_count", blocks)
+    writer.add_uint32("general.file_type", int(gguf.LlamaFileType[FILE_TYPES.get(qtype, f"MOSTLY_{qtype}")]))
+    for name in sorted(state):
+        target = names.get_name(name.removeprefix("bert."), try_suffixes=(".weight", ".bias"))
+        if target is None:
+            continue
+        data, raw = _stored(np.asarray(state[name], dtype=np.float32), qtype)
+        writer.add_tensor(target, data, raw_dtype=raw)
+    return _written(writer, path)
+
+
 COMFY_REARRANGE_THRESHOLD = 512  # ComfyUI-GGUF's convert.py: tensors this big whose rows are no 256-multiple
 
 
