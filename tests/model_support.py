@@ -34,15 +34,21 @@ def dated_legacy(zoo: Path, out: Path, fraction: float) -> Path:
 
 
 
-def same_in_incremental_and_crawl(hub_root: Path, work: Path, truth: dict[str, tuple[str, str]]) -> None:
-    """The incremental index in both arrival orders and a crawl over HTTP of `hub_root` each give every repo
-    the (parent, relation) `truth` says, with nothing failed."""
+def same_in_incremental_and_crawl(hub_root: Path, work: Path, truth: dict[str, tuple[str, str]], *,
+                                  batch: bool = False) -> None:
+    """The incremental index in both arrival orders and a crawl over HTTP of `hub_root` (and with `batch`, first
+    `index recover`) each give every repo the (parent, relation) `truth` says, with nothing failed."""
     from indexer.crawl import CrawlOptions, crawl
     from indexer.hub_emulator import HubEmulator
     from indexer.incremental.folder import ingest_folder
+    from indexer.lineage.methods import Options
+    from indexer.lineage.recover import recover
     from indexer.retry import RetryPolicy
     from store.tables import read_records
 
+    if batch:
+        forest = recover(hub_root, Options(device="cpu"))
+        assert not forest.failures() and {r.repo_id: (r.parent, r.relation) for r in forest.rows} == truth
     for order in ("upload", "newest"):
         report = ingest_folder(work / order, hub_root, device="cpu", order=order)  # type: ignore[arg-type]
         assert not report.failed and {r: (e.parent, e.relation) for r, e in report.edges.items()} == truth, order

@@ -29,8 +29,6 @@ from test_crawl_relations import (  # noqa: F401
 from test_packed import _infos, gaussian, load, rel
 
 from errors import QuantizedWeightsError
-from indexer.lineage.methods import Options
-from indexer.lineage.recover import recover
 from indexer.readers import looks_packed
 from sketches.packed import (
     PACKED_RELATIVE_ERROR,
@@ -131,10 +129,7 @@ def ao_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_torchao_copies_are_quantized_children_in_batch_incremental_and_crawl(ao_hub: Path, tmp_path: Path) -> None:
-    forest = recover(ao_hub, Options(device="cpu"))
-    assert not forest.failures()
-    assert {r.repo_id: (r.parent, r.relation) for r in forest.rows} == TRUTH
-    same_in_incremental_and_crawl(ao_hub, tmp_path, TRUTH)
+    same_in_incremental_and_crawl(ao_hub, tmp_path, TRUTH, batch=True)
     models = {m.repo_id: m for m in read_records(tmp_path / "crawl", "models")}  # type: ignore[union-attr]
     assert models["ao/child-int8"].weights_format == "torchao"  # type: ignore[union-attr]
     assert json.loads(models["ao/base-float8"].details)["scheme"] == "torchao-e4m3"  # type: ignore[union-attr]
