@@ -80,3 +80,13 @@ def test_fp8_copies_are_quantized_leaves_in_batch(fp8_hub: Path, use_time: bool)
 
 def test_fp8_copies_in_the_incremental_index_and_the_crawl(fp8_hub: Path, tmp_path: Path) -> None:
     same_in_incremental_and_crawl(fp8_hub, tmp_path, TRUTH)
+
+
+def test_compare_says_which_side_is_a_cast(fp8_hub: Path) -> None:
+    from indexer.lineage.compare import compare, load_local, render
+
+    result = compare(load_local(fp8_hub / "b/child"), load_local(fp8_hub / "c/child-fp8-partial"))
+    assert (result.cast_of, result.cast_dtype, result.direction) == ("B", "F8_E4M3", "A -> B")  # type: ignore[union-attr]
+    assert "cast: B is A cast to F8_E4M3, bit for bit" in render(result)
+    copy = compare(load_local(fp8_hub / "b/child"), load_local(fp8_hub / "d/child-copy"))
+    assert copy.cast_of == "" and copy.direction == "duplicate"  # type: ignore[union-attr]

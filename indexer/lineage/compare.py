@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from errors import BadInputError, RepoNotFoundError
-from indexer.lineage.methods import cast_to, spectral_tail_distance
+from indexer.lineage.methods import cast_dtype, cast_to, spectral_tail_distance
 from indexer.readers import AdapterRead, QuantInfo, lora_arrays
 from indexer.relations.merges import stored_dtypes
 from indexer.relations.rules import (
@@ -111,6 +111,10 @@ class Comparison:
     # that name, bit for bit (rounded to the MoE's dtype): mergekit-moe's copies (sketches.experts)
     expert_copies: tuple[int, ...] = ()
     experts_of: str = ""  # "A" or "B": the MoE side of `expert_copies`
+    # "B" (or "A") and the dtype when that side holds the other's tensors cast to it, bit for bit (a BF16, F16
+    # or plain F8 copy: `indexer.lineage.methods.cast_dtype`, the test batch and the index label by)
+    cast_of: str = ""
+    cast_dtype: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -194,7 +198,13 @@ def compare(a: Side, b: Side) -> Comparison | AdapterComparison:
     tail, rel = _distances(a, b, body)
     identical = _identical(a, b)
     copy = _copy(a, b, body, rel)
-    if copy is not None and copy[2] and test.related and not identical:
+    cast_of, dtype = _cast(a, b) if not identical else ("", "")
+    if cast_of:
+        source = "A" if cast_of == "B" else "B"
+        direction = "A -> B" if cast_of == "B" else "B -> A"
+        why = (f"{cast_of} is {source} cast to {dtype}, bit for bit: rounding makes no information, so the wider "
+               f"one is the source whatever the upload times say")
+    elif copy is not None and copy[2] and test.related and not identical:
         side = copy[0]
         direction = "A -> B" if side == "B" else "B -> A"
         other = "A" if side == "B" else "B"
@@ -210,7 +220,18 @@ def compare(a: Side, b: Side) -> Comparison | AdapterComparison:
     experts_of, copies = _expert_copies(a, b)
     return Comparison(a.name, b.name, True, overlap, tuple(body), test.related, test.score, test.p_value,
                       direction, why, tail, rel, identical, _heads(a, b), side, scheme, distance, limit,
-                      only_a, only_b, copies, experts_of)
+                      only_a, only_b, copies, experts_of, cast_of, dtype)
+
+
+def _cast(a: Side, b: Side) -> tuple[str, str]:
+    """("B", dtype) when B is A cast to dtype bit for bit (every tensor both read), ("A", dtype) the other way."""
+    common = sorted(n for n in a.arrays if n in b.arrays)
+    x, y = {n: a.arrays[n] for n in common}, {n: b.arrays[n] for n in common}
+    for label, source, copy in (("B", x, y), ("A", y, x)):
+        dtype = cast_dtype(source, copy)
+        if dtype:
+            return label, dtype
+    return "", ""
 
 
 def _body_matrices(side: Side) -> set[str]:
@@ -318,6 +339,8 @@ def render(c: Comparison | AdapterComparison) -> str:
         lines.append(f"quantized: {c.quantized} is quantized ({c.scheme}); distance {c.copy_distance:.3g} against the "
                      f"{c.copy_limit:.3g} its scheme allows ({'within' if c.copy_distance <= c.copy_limit else 'beyond'}"
                      " it: " + ("a quantized copy" if c.copy_distance <= c.copy_limit else "a fine-tune of a quantized copy, or of a relative") + ")")
+    if c.cast_of:
+        lines.append(f"cast: {c.cast_of} is {'A' if c.cast_of == 'B' else 'B'} cast to {c.cast_dtype}, bit for bit")
     if c.only_a or c.only_b:
         lines.append(f"not compared: {c.only_a} matrices only in A, {c.only_b} only in B")
     if c.experts_of:
