@@ -579,8 +579,12 @@ _BERT_STYLE = (r"encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|outpu
                r"|LayerNorm)$")
 _NOMIC_STYLE = (r"encoder\.layers\.\d+\.(attn\.(Wqkv|out_proj)|mlp\.fc1[12]|mlp\.fc2|norm[12])$",
                 r"embeddings\.(word_embeddings|token_type_embeddings)$", r"emb_ln$")
+# T5 (llama.cpp's T5Model / T5EncoderModel: the text encoders FLUX and SD3 pipelines load as GGUF)
+_T5_STYLE = (r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.", r"(encoder|decoder)\.final_layer_norm$", r"shared$",
+             r"lm_head$")
 _STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE,
-                                       "falcon": _BLOOM_STYLE, "bert": _BERT_STYLE, "nomic-bert": _NOMIC_STYLE}
+                                       "falcon": _BLOOM_STYLE, "bert": _BERT_STYLE, "nomic-bert": _NOMIC_STYLE,
+                                       "t5": _T5_STYLE, "t5encoder": _T5_STYLE}
 # A fused query_key_value holds, per kv group, its q heads' rows, then its k and v rows (GPT-NeoX and
 # BLOOM: one q head a group; Falcon: head_count / head_count_kv); the converters (GPTNeoXModel, BloomModel,
 # FalconModel.modify_tensors) regroup the rows as all q, then all k, then all v.
@@ -640,6 +644,9 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         (int(m.group(1)) for t in header.tensors if (m := re.match(r"blk\.(\d+)\.", t.name))), default=-1
     )
     reverse = _reverse_map(arch, n_blocks)
+    if arch in ("t5", "t5encoder") and any(".ffn_gate" in t.name for t in header.tensors):
+        # T5 v1.1's gated feed-forward: ffn_gate is wi_0, ffn_up wi_1 (gguf's first alias, `wi`, is T5 v1.0's)
+        reverse = {g: re.sub(r"\.wi$", ".wi_1", h) for g, h in reverse.items()}
     permute = arch in PERMUTED_ARCHITECTURES if permuted is None else permuted
     n_head = _int_meta(header, f"{arch}.attention.head_count")
     n_kv = _int_meta(header, f"{arch}.attention.head_count_kv") or n_head

@@ -1,6 +1,7 @@
-"""Embedding models' GGUFs (llama.cpp's BertModel / NomicBertModel conversions: bge, e5, MiniLM, nomic-embed-text
-...), read under their HF checkpoints' names. Before: skipped, "GGUF architecture 'bert' has no Hugging Face name
-map" -- the gguf package's aliases for BERT tensors were filtered by the decoder naming."""
+"""Encoders' GGUFs (llama.cpp's BertModel / NomicBertModel conversions: bge, e5, MiniLM, nomic-embed-text ...;
+T5EncoderModel: the T5 v1.1 text encoders of FLUX / SD3 workflows), read under their HF checkpoints' names.
+Before: skipped, "GGUF architecture 'bert' has no Hugging Face name map" -- the gguf package's aliases for their
+tensors were filtered by the decoders' naming."""
 
 from __future__ import annotations
 
@@ -45,7 +46,17 @@ def _nomic(seed: int) -> dict[str, torch.Tensor]:
     return state
 
 
-MAKERS = {"bert": _bert, "nomic-bert": _nomic}
+def _t5_encoder(seed: int) -> dict[str, torch.Tensor]:
+    """T5 v1.1's encoder (gated-GELU feed-forward: wi_0, wi_1), as FLUX / SD3 load it; its embed_tokens is
+    `shared`, saved once."""
+    torch.manual_seed(seed)
+    config = transformers.T5Config(vocab_size=64, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                   feed_forward_proj="gated-gelu")
+    state = transformers.T5EncoderModel(config).state_dict()
+    return {n: t for n, t in state.items() if n != "encoder.embed_tokens.weight"}
+
+
+MAKERS = {"bert": _bert, "nomic-bert": _nomic, "t5encoder": _t5_encoder}
 
 
 @pytest.mark.parametrize("arch", sorted(MAKERS))
