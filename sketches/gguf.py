@@ -584,12 +584,14 @@ _T5_STYLE = (r"(encoder|decoder)\.block\.\d+\.layer\.\d+\.", r"(encoder|decoder)
              r"lm_head$")
 _STYLES: dict[str, tuple[str, ...]] = {"gpt2": _GPT2_STYLE, "gptneox": _NEOX_STYLE, "bloom": _BLOOM_STYLE,
                                        "falcon": _BLOOM_STYLE, "bert": _BERT_STYLE, "nomic-bert": _NOMIC_STYLE,
-                                       "t5": _T5_STYLE, "t5encoder": _T5_STYLE}
+                                       "t5": _T5_STYLE, "t5encoder": _T5_STYLE,
+                                       "starcoder": _GPT2_STYLE}  # GPTBigCode: GPT-2's names, nn.Linear layers
 # A fused query_key_value holds, per kv group, its q heads' rows, then its k and v rows (GPT-NeoX and
 # BLOOM: one q head a group; Falcon: head_count / head_count_kv); the converters (GPTNeoXModel, BloomModel,
 # FalconModel.modify_tensors) regroup the rows as all q, then all k, then all v.
 FUSED_QKV_ARCHITECTURES = frozenset({"gptneox", "bloom", "falcon"})
-# GPT-2's Conv1D layers store (in, out); convert_hf_to_gguf.py transposes them to (out, in).
+# GPT-2's Conv1D layers store (in, out); convert_hf_to_gguf.py transposes them to (out, in). GPTBigCode
+# (StarCoder) has the same names on nn.Linear layers: not transposed.
 _TRANSPOSED = re.compile(r"transformer\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$")
 # Architectures whose converter (LlamaModel.permute) reorders q/k rows: convert_hf_to_gguf.py's LlamaModel
 # (llama, and Mistral / Mixtral converted from HF files) and its subclasses that keep `undo_permute`
@@ -666,7 +668,7 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         if permute and n_head and re.search(r"\.attn_[qk]$", stem):
             heads = n_head if stem.endswith("attn_q") else n_kv
         fused = (n_head, n_kv) if arch in FUSED_QKV_ARCHITECTURES and n_head and stem.endswith(".attn_qkv") else None
-        names[info.name] = HFName(info.name, hf, bool(_TRANSPOSED.match(hf)), heads, fused)
+        names[info.name] = HFName(info.name, hf, arch == "gpt2" and bool(_TRANSPOSED.match(hf)), heads, fused)
     return names
 
 

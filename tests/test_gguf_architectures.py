@@ -1,5 +1,6 @@
-"""Encoders' GGUFs (llama.cpp's BertModel / NomicBertModel conversions: bge, e5, MiniLM, nomic-embed-text ...;
-T5EncoderModel: the T5 v1.1 text encoders of FLUX / SD3 workflows), read under their HF checkpoints' names.
+"""GGUFs of architectures outside the llama family, read under their HF checkpoints' names: encoders (llama.cpp's
+BertModel / NomicBertModel conversions: bge, e5, MiniLM, nomic-embed-text ...; T5EncoderModel: the T5 v1.1 text
+encoders of FLUX / SD3 workflows) and StarCoder (GPTBigCode: GPT-2's names on nn.Linear layers, not transposed).
 Before: skipped, "GGUF architecture 'bert' has no Hugging Face name map" -- the gguf package's aliases for their
 tensors were filtered by the decoders' naming."""
 
@@ -56,7 +57,15 @@ def _t5_encoder(seed: int) -> dict[str, torch.Tensor]:
     return {n: t for n, t in state.items() if n != "encoder.embed_tokens.weight"}
 
 
-MAKERS = {"bert": _bert, "nomic-bert": _nomic, "t5encoder": _t5_encoder}
+def _starcoder(seed: int) -> dict[str, torch.Tensor]:
+    """GPTBigCode (StarCoder): GPT-2's names on nn.Linear layers (out, in), multi-query c_attn."""
+    torch.manual_seed(seed)
+    config = transformers.GPTBigCodeConfig(vocab_size=64, n_embd=64, n_layer=2, n_head=4, n_positions=32)
+    state = transformers.GPTBigCodeForCausalLM(config).state_dict()
+    return {n: t for n, t in state.items() if n != "lm_head.weight" and not n.endswith((".attn.bias", ".masked_bias"))}
+
+
+MAKERS = {"bert": _bert, "nomic-bert": _nomic, "t5encoder": _t5_encoder, "starcoder": _starcoder}
 
 
 @pytest.mark.parametrize("arch", sorted(MAKERS))
