@@ -56,8 +56,9 @@ Layouts, per module `<p>` (a Linear whose `<p>.weight` is gone), W[o, i] the deq
                 row when in <= 128): W.reshape(groups, group) = code * scale - shift (a float shift), or
                 (code - shift) * scale (an integer zero point). (out, in) is stored nowhere: out is the length
                 of <p>.bias, else groups (one a row) unless the group is one quanto cuts a longer row into
-                (32, 64, 96 or 128 columns): such a module is refused. <p>.input_scale / <p>.output_scale are
-                activation scales, not read.
+                (32, 64, 96 or 128 columns); then the architecture config.json names says (`packed_modules`'
+                `shapes`), else the module is refused. <p>.input_scale / <p>.output_scale are activation
+                scales, not read.
     torchao     transformers' TorchAoConfig saved as safetensors (torchao's flatten_tensor_state_dict; the tensor
                 subclass of each weight named in the file's metadata): Int8Tensor <p>._weight_qdata I8 (out, in),
                 <p>._weight_scale and <p>._weight_zero_point per block (block_size [1, in]: one a row);
@@ -706,9 +707,10 @@ def _torchao_own(tensors: Mapping[str, _Tensor], scheme: QuantScheme, parts: Map
     """A torchao module's codes type and scale blocks (block_size from the shapes: [out / scale rows, in /
     scale columns]; None when one scale a row, or a few along each), when not the checkpoint's."""
     codes, scale = tuple(tensors[parts["weight"]].shape), tuple(tensors[parts["weight_scale"]].shape)
-    if len(codes) != 2 or len(scale) != 2 or not all(scale):
+    per_tensor = math.prod(scale) == 1
+    if len(codes) != 2 or (not per_tensor and (len(scale) != 2 or not all(scale))):
         raise _error(parts["weight"], f"torchao codes {list(codes)} and scale {list(scale)} are not 2-D")
-    block = None if scale[0] == codes[0] else (_ceil(codes[0], scale[0]), _ceil(codes[1], scale[1]))
+    block = None if per_tensor or scale[0] == codes[0] else (_ceil(codes[0], scale[0]), _ceil(codes[1], scale[1]))
     own = replace(scheme, mode=_QUANTO_FLOAT8.get(tensors[parts["weight"]].dtype, "affine"), block=block)
     return None if own == scheme else own
 
