@@ -490,6 +490,7 @@ def linear_shapes(config: Mapping[str, Any] | None) -> dict[str, tuple[int, int]
     if not isinstance(cls, type) or not issubclass(cls, transformers.PreTrainedModel):
         return {}
     fields = {k: v for k, v in (config or {}).items() if k not in ("quantization_config", "auto_map")}
+    fields["use_pretrained_backbone"] = False  # a DETR-style config would fetch a timm backbone's weights
     counts = [v for k, v in fields.items() if ("layers" in k or "experts" in k) and type(v) is int]
     if any(v > MAX_CONFIG_REPEATS for v in counts):  # a config built module by module: bound what it may ask
         logger.info("config.json asks for %d repeated modules, over %d: not built", max(counts), MAX_CONFIG_REPEATS)
