@@ -28,7 +28,8 @@ def wan_state(seed: int, width: int = 256, blocks: int = 3) -> dict[str, np.ndar
     """A Wan-style DiT in its own layout (`blocks.N.self_attn.q`, a Conv3d patch embedding), heavy-tailed."""
     rng = np.random.default_rng(seed)
     state = {"patch_embedding.weight": rng.standard_t(4, (width, 16, 1, 2, 2)), "patch_embedding.bias": np.zeros(width),
-             "head.head.weight": rng.standard_t(4, (64, width)), "text_embedding.0.weight": rng.standard_t(4, (width, 96))}
+             "head.head.weight": rng.standard_t(4, (64, width)), "text_embedding.0.weight": rng.standard_t(4, (width, 96)),
+             "head.modulation.weight": rng.standard_t(4, (2, 3, 1, 2, 2))}  # 5-D and small: stored as one row
     for b in range(blocks):
         for m in ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cross_attn.q", "cross_attn.k", "ffn.0"):
             state[f"blocks.{b}.{m}.weight"] = rng.standard_t(4, (width, width))
@@ -71,6 +72,9 @@ def test_flattened_tensors_read_back_in_their_shape_and_rows(wan_hub: Path) -> N
         whole = read_hf_tensor(source, header, patch)
         np.testing.assert_allclose(whole, child["patch_embedding.weight"], atol=2e-3)
         np.testing.assert_array_equal(read_hf_tensor(source, header, patch, rows=(37, 101)), whole[37:101])
+        small = names["head.modulation.weight"]
+        assert small.shape == (2, 3, 1, 2, 2) and len(header.get(small.gguf_name).shape) == 1
+        np.testing.assert_allclose(read_hf_tensor(source, header, small), child["head.modulation.weight"], atol=2e-3)
         text = names["text_embedding.0.weight"]  # 96 wide: flattened too
         assert text.shape == (256, 96)
         np.testing.assert_array_equal(read_hf_tensor(source, header, text, rows=(5, 9)),

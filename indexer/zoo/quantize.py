@@ -273,7 +273,7 @@ def write_comfy_gguf(path: Path, state: Mapping[str, np.ndarray], qtype: str, *,
         w = np.asarray(state[name], dtype=np.float32)
         if (w.ndim > 1 and w.size >= COMFY_REARRANGE_THRESHOLD and w.size % 256 == 0 and w.shape[-1] % 256) or w.ndim > 4:
             writer.add_array(f"comfy.gguf.orig_shape.{prefix}{name}", [int(d) for d in w.shape])
-            w = w.reshape(-1, 256)
+            w = w.reshape(-1, 256) if w.size % 256 == 0 else w.reshape(-1)  # a small 5-D tensor: one row
         data, raw = _stored(w, qtype)
         writer.add_tensor(prefix + name, data, raw_dtype=raw)
     return _written(writer, path)
