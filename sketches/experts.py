@@ -5,7 +5,8 @@ The Hub stores a MoE's experts two ways, and mergekit-moe writes whichever its t
   `layers.L.block_sparse_moe.experts.E.{w1,w3,w2}.weight` (gate, up, down), Qwen2-MoE / DeepSeek / OLMoE's
   `layers.L.mlp.experts.E.{gate,up,down}_proj.weight`;
 - fused 3-D tensors (transformers 5): `layers.L.mlp.experts.gate_up_proj` of (E, 2I, H), each expert's
-  gate rows then its up rows, and `layers.L.mlp.experts.down_proj` of (E, H, I).
+  gate rows then its up rows, and `layers.L.mlp.experts.down_proj` of (E, H, I); Granite's MoEs store the same
+  pair as `layers.L.block_sparse_moe.input_linear.weight` / `output_linear.weight`.
 Both read here as `layers.L.mlp.experts.E.{gate,up,down}_proj.weight` (`normalise_name` maps Mixtral's
 names, `expert_views` splits the fused tensors), so a re-save in the other layout is a duplicate, and
 MoEs compare expert by expert.
@@ -40,8 +41,11 @@ _W = {"1": "gate_proj", "2": "down_proj", "3": "up_proj"}
 _EXPERT = re.compile(r"\.mlp\.(?:experts\.\d+|shared_experts?)\.((?:gate|up|down)_proj\.weight)$")
 _ROUTER = re.compile(r"\.mlp\.(?:gate|shared_expert_gate)\.weight$")
 _INDEX = re.compile(r"\.mlp\.experts\.(\d+)\.")
-_FUSED_GATE_UP = ".experts.gate_up_proj"
-_FUSED_DOWN = ".experts.down_proj"
+# fused (E, 2I, H) gate_up / (E, H, I) down pairs: (gate_up suffix, down suffix, what the views' names put after
+# the stem): transformers 5's experts, and Granite MoE's (granitemoe, granitemoehybrid: Granite 3 MoEs and
+# Granite 4.0-H) block_sparse_moe.input_linear / output_linear, each expert's gate rows then its up rows
+_FUSED = ((".experts.gate_up_proj", ".experts.down_proj", ".experts."),
+          (".block_sparse_moe.input_linear.weight", ".block_sparse_moe.output_linear.weight", ".mlp.experts."))
 
 K = TypeVar("K")
 
@@ -73,21 +77,22 @@ def expert_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K
     one 2-D view per expert and matrix (module docstring); anything else as it is."""
     out = dict(where)
     for name, (file, gate_up) in where.items():
-        if not name.endswith(_FUSED_GATE_UP):
+        layout = next((f for f in _FUSED if name.endswith(f[0])), None)
+        if layout is None:
             continue
-        stem = name[: -len(_FUSED_GATE_UP)]
-        down = where.get(stem + _FUSED_DOWN)
+        stem = name[: -len(layout[0])]
+        down = where.get(stem + layout[1])
         if down is None or not _fused_pair(gate_up, down[1]):
             continue
         experts, two_i, hidden = gate_up.shape
         inner = two_i // 2
         for e in range(experts):
             for part, first in (("gate_proj", 2 * inner * e), ("up_proj", 2 * inner * e + inner)):
-                view = f"{stem}.experts.{e}.{part}.weight"
+                view = f"{stem}{layout[2]}{e}.{part}.weight"
                 out[view] = (file, row_view(gate_up, view, first, inner, (hidden,)))
-            view = f"{stem}.experts.{e}.down_proj.weight"
+            view = f"{stem}{layout[2]}{e}.down_proj.weight"
             out[view] = (down[0], row_view(down[1], view, hidden * e, hidden, (inner,)))
-        del out[name], out[stem + _FUSED_DOWN]
+        del out[name], out[stem + layout[1]]
     return dict(sorted(out.items()))
 
 

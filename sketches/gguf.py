@@ -34,6 +34,7 @@ and source of the shard that holds it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -41,6 +42,7 @@ import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import cache
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -623,9 +625,53 @@ def _reverse_map(arch: str, n_blocks: int) -> dict[str, str]:
     return reverse
 
 
+# The names llama.cpp's converter was measured to write (bench/gguf_converter.py: small models of each
+# transformers type converted by convert_hf_to_gguf's own classes, every GGUF tensor matched to the source
+# tensor it came from). gguf's TensorNameMap lists every spelling of a tensor across architectures; only the
+# converter says which one an architecture's checkpoints use (Qwen3's `q_norm`, not Persimmon's
+# `q_layernorm`; Phi-3's fused `qkv_proj`; Mamba's `backbone.layers.N.mixer.*`), and which tensors it rewrites.
+MEASURED_NAMES = Path(__file__).with_name("gguf_names.json")
+MEASURED_NAMES_VERSION = 1
+# how a tensor's values relate to the source tensor of that name; only these are read (the others: "reshaped",
+# "changed", "unmatched", "ambiguous"); "regrouped": a fused q/k/v by part (FUSED_QKV_ARCHITECTURES' rows)
+_READ_AS = frozenset({"exact", "permuted", "transposed", "regrouped"})
+
+
+@cache
+def _measured(arch: str) -> dict[str, tuple[str, str]]:
+    """{GGUF name template ("blk.{bid}." for a block): (HF name template, how its values relate)} for `arch`."""
+    table = json.loads(MEASURED_NAMES.read_text(encoding="utf-8"))
+    if table.get("version") != MEASURED_NAMES_VERSION:
+        raise GGUFError(str(MEASURED_NAMES), f"version {table.get('version')!r}, this reader knows {MEASURED_NAMES_VERSION}")
+    return {g: (e["hf"], e["values"]) for g, e in table["architectures"].get(arch, {}).items()}
+
+
+def _measured_name(arch: str, name: str) -> tuple[str | None, str] | None:
+    """(HF name, how its values relate) of a GGUF tensor, as the converter was seen to write it (HF name None:
+    made from several tensors, or changed past recognition); None when the table has no such tensor (then
+    gguf's name map and the architecture's naming style decide)."""
+    block = re.match(r"blk\.(\d+)\.", name)
+    entry = _measured(arch).get("blk.{bid}." + name[block.end():] if block else name)
+    if entry is None:
+        return None
+    hf, values = entry
+    return (hf.replace("{bid}", block.group(1)) if block and hf else hf), values
+
+
 def _int_meta(header: GGUFHeader, key: str) -> int | None:
     value = header.metadata.get(key)
     return value if type(value) is int and value > 0 else None
+
+
+def _heads_meta(header: GGUFHeader, key: str) -> Callable[[int], int | None]:
+    """A head count by block (None: not recorded): one number for every block, or (hybrids: Nemotron-H,
+    Granite 4.0-H, whose SSM blocks have none) an array of one per block."""
+    value = header.metadata.get(key)
+    if type(value) is int and value > 0:
+        return lambda block: value
+    if isinstance(value, tuple) and value and all(type(v) is int and v >= 0 for v in value):
+        return lambda block: (value[block] or None) if block < len(value) else None
+    return lambda block: None
 
 
 def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, HFName]:
@@ -650,25 +696,38 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
         # T5 v1.1's gated feed-forward: ffn_gate is wi_0, ffn_up wi_1 (gguf's first alias, `wi`, is T5 v1.0's)
         reverse = {g: re.sub(r"\.wi$", ".wi_1", h) for g, h in reverse.items()}
     permute = arch in PERMUTED_ARCHITECTURES if permuted is None else permuted
-    n_head = _int_meta(header, f"{arch}.attention.head_count")
-    n_kv = _int_meta(header, f"{arch}.attention.head_count_kv") or n_head
+    n_head = _heads_meta(header, f"{arch}.attention.head_count")
+    n_kv = _heads_meta(header, f"{arch}.attention.head_count_kv")
     names: dict[str, HFName] = {}
     for info in header.tensors:
         stem, suffix = _split_suffix(info.name)
         if (stacked := _EXPERTS.match(stem)) and len(info.shape) == 3 and suffix == ".weight":
             rows = info.shape[1]
+            # the spelling this architecture's experts were measured under (Jamba's feed_forward.experts.E,
+            # Nemotron-H's mixer.experts.E), else the one sketches.experts gives every MoE layout
+            template = _measured(arch).get("blk.{bid}." + info.name[len(f"blk.{stacked.group(1)}."):], (None, ""))[0]
+            template = template or f"model.layers.{{bid}}.mlp.experts.{{xid}}.{stacked.group(2)}_proj.weight"
             for e in range(info.shape[0]):
-                hf = f"model.layers.{stacked.group(1)}.mlp.experts.{e}.{stacked.group(2)}_proj.weight"
+                hf = template.replace("{bid}", stacked.group(1)).replace("{xid}", str(e))
                 names[f"{info.name}#{e}"] = HFName(info.name, hf, False, None, part=(e * rows, rows))
             continue
-        if stem not in reverse:
+        measured = _measured_name(arch, info.name)
+        if measured is not None and measured[1] not in _READ_AS:
+            continue  # values the converter rewrote (Gemma's norms + 1, Mamba's -exp(A_log), a squeezed conv, MLA's kv_b split)
+        if measured is None and stem not in reverse:
             continue
-        hf = reverse[stem] + suffix
+        hf = measured[0] if measured else reverse[stem] + suffix
+        transposed = measured[1] == "transposed" if measured else arch == "gpt2" and bool(_TRANSPOSED.match(hf))
         heads = None
-        if permute and n_head and re.search(r"\.attn_[qk]$", stem):
-            heads = n_head if stem.endswith("attn_q") else n_kv
-        fused = (n_head, n_kv) if arch in FUSED_QKV_ARCHITECTURES and n_head and stem.endswith(".attn_qkv") else None
-        names[info.name] = HFName(info.name, hf, arch == "gpt2" and bool(_TRANSPOSED.match(hf)), heads, fused)
+        block = int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", stem)) else 0
+        q_heads = n_head(block)
+        kv_heads = n_kv(block) or q_heads
+        measured_permuted = permuted is None and measured is not None and measured[1] == "permuted"
+        if (permute or measured_permuted) and q_heads and re.search(r"\.attn_[qk]$", stem):
+            heads = q_heads if stem.endswith("attn_q") else kv_heads
+        regrouped = measured[1] == "regrouped" if measured else arch in FUSED_QKV_ARCHITECTURES
+        fused = (q_heads, kv_heads) if regrouped and q_heads and stem.endswith(".attn_qkv") else None
+        names[info.name] = HFName(info.name, hf, transposed, heads, fused)
     return names
 
 
