@@ -119,6 +119,11 @@ def make_model(model_type: str, out: Path, layers: dict | None = None, *, bf16: 
             p.normal_(0, 0.02)
     (model.to(torch.bfloat16) if bf16 else model).save_pretrained(out)
     config = json.loads((out / "config.json").read_text()) | CONFIG_EXTRA.get(model_type, {})
+    # transformers 5 nests rope_theta / partial_rotary_factor in rope_parameters; the checkpoints on the Hub
+    # (transformers 4) and the converters reading them have them at the top level
+    for key, value in (config.get("rope_parameters") or {}).items():
+        if key in ("rope_theta", "partial_rotary_factor"):
+            config.setdefault(key, value)
     (out / "config.json").write_text(json.dumps(config, indent=1))
     vocab = {f"t{i}": i for i in range(getattr(cfg, "vocab_size", SMALL["vocab_size"]))}
     (out / "tokenizer.json").write_text(json.dumps({"model": {"vocab": vocab}, "added_tokens": []}))

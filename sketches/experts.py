@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import TYPE_CHECKING, TypeVar
 
 from sketches.views import row_view
@@ -72,9 +73,59 @@ def is_router(name: str) -> bool:
     return _ROUTER.search(name) is not None
 
 
+# mlx-lm's MoE layout (its models' `sanitize` stacks every expert's matrix: mlx-community's Qwen3-MoE, Mixtral,
+# OLMoE, Jamba, Nemotron-H copies): `<stem>.switch_mlp.<proj>.<part>` of (E, out, ...) -- the weight, or when
+# quantized its packed words, `scales` and `biases` alike -- expert E's being rows [E out, (E + 1) out).
+# Nemotron-H's up / down are fc1 / fc2; Mixtral's stem is its block_sparse_moe, elsewhere the experts' module.
+_SWITCH = re.compile(r"^(?:(.*?)(\.block_sparse_moe)?\.)?switch_mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.(weight|scales|biases|bias)$")
+_SWITCH_PROJ = {"fc1": "up_proj", "fc2": "down_proj"}
+
+
+def _expert_slice(info: TensorInfo, name: str, e: int) -> TensorInfo:
+    """Expert `e`'s part of a stacked (E, ...) tensor: a view of its bytes, one dimension less."""
+    rest = info.shape[1:]
+    if len(rest) == 1:
+        return replace(row_view(info, name, e, 1, rest), shape=rest)
+    return row_view(info, name, e * rest[0], rest[0], rest[1:])
+
+
+_SWITCH_VIEW = re.compile(r"^(.*)\.experts\.\d+\.(gate_proj|up_proj|down_proj)$")
+
+
+def switch_sources(module: str) -> tuple[str, ...]:
+    """The stored `switch_mlp` modules an expert's view (`<stem>.experts.E.<proj>`, no suffix) may come from:
+    mlx-lm's config.json names its per-module quantization by them."""
+    m = _SWITCH_VIEW.match(module)
+    if m is None:
+        return ()
+    stem, proj = m.groups()
+    projs = [proj] + [k for k, v in _SWITCH_PROJ.items() if v == proj]
+    stems = [stem] + ([stem.removesuffix(".mlp") + ".block_sparse_moe"] if stem.endswith(".mlp") else [])
+    return tuple(f"{s}.switch_mlp.{p}" for s in stems for p in projs)
+
+
+def switch_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
+    """`where` with each of mlx-lm's stacked `switch_mlp` tensors as one view per expert, under the names every
+    other MoE layout reads as (`<stem>.experts.E.<proj>.<part>`); anything else as it is."""
+    out = dict(where)
+    for name, (file, info) in where.items():
+        m = _SWITCH.match(name)
+        if m is None or len(info.shape) < 2:
+            continue
+        stem = (m.group(1) or "") + (".mlp" if m.group(2) else "")
+        proj = _SWITCH_PROJ.get(m.group(3), m.group(3))
+        for e in range(info.shape[0]):
+            view = f"{stem}.experts.{e}.{proj}.{m.group(4)}".removeprefix(".")
+            out[view] = (file, _expert_slice(info, view, e))
+        del out[name]
+    return dict(sorted(out.items()))
+
+
 def expert_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
     """`where` (stored name -> (file, info)) with each fused (E, 2I, H) gate_up / (E, H, I) down pair replaced by
-    one 2-D view per expert and matrix (module docstring); anything else as it is."""
+    one 2-D view per expert and matrix (module docstring), and mlx-lm's stacked experts split (`switch_views`);
+    anything else as it is."""
+    where = switch_views(where)
     out = dict(where)
     for name, (file, gate_up) in where.items():
         layout = next((f for f in _FUSED if name.endswith(f[0])), None)

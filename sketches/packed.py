@@ -86,6 +86,7 @@ import numpy as np
 
 from errors import QuantizedWeightsError
 from sketches.dtypes import DTYPE_SIZES, decode
+from sketches.experts import switch_sources
 
 __all__ = [
     "PACKED_RELATIVE_ERROR",
@@ -501,13 +502,14 @@ def _mlx_module(tensors: Mapping[str, _Tensor], scheme: QuantScheme, anchor: str
                                                           ("biases", ".biases")) if prefix + suffix in tensors}
     if scheme.mode == "affine" and "biases" not in parts:
         raise _error(anchor, f"mlx affine module {prefix!r} lacks .biases")
-    own = next(((b, g) for path, b, g in scheme.overrides if path == prefix), None)
+    stored = (prefix, *switch_sources(prefix))  # an expert of mlx-lm's stacked switch_mlp: that module's entry
+    own = next(((b, g) for path, b, g in scheme.overrides if path in stored), None)
     module_scheme = replace(scheme, bits=own[0], group_size=own[1], overrides=()) if own else None
     bits, group = (module_scheme or scheme).bits, (module_scheme or scheme).group_size or 64
     w, sc = tuple(tensors[parts["weight"]].shape), tuple(tensors[parts["scales"]].shape)
     if len(w) != 2 or len(sc) != 2 or sc[0] != w[0]:
         raise _error(anchor, f"mlx module {prefix!r}: weight {list(w)} and scales {list(sc)} are not (out, words) "
-                             "and (out, groups) (stacked experts are not supported)")
+                             "and (out, groups)")
     n_in = sc[1] * group
     if w[1] * 32 != n_in * bits:
         raise _error(anchor, f"mlx module {prefix!r}: {w[1]} words a row do not hold {n_in} codes of {bits} bits "

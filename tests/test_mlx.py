@@ -15,7 +15,15 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_crawl_relations import LLAMA_CONFIG, Hub, _options, emu, hub, llama_state, tuned  # noqa: F401
+from test_crawl_relations import (  # noqa: F401
+    LLAMA_CONFIG,
+    Hub,
+    _options,
+    emu,
+    hub,
+    llama_state,
+    tuned,
+)
 from test_packed import _infos, gaussian, load, rel
 
 from errors import QuantizedWeightsError
@@ -24,6 +32,7 @@ from indexer.hub_emulator import HubEmulator
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
 from indexer.readers import looks_packed
+from sketches.experts import switch_views
 from sketches.packed import (
     PACKED_RELATIVE_ERROR,
     PackedModule,
@@ -121,8 +130,14 @@ def test_mlx_weights_are_recognised_and_bad_configs_refused(tmp_path: Path) -> N
     stacked = _save(tmp_path / "moe", {"switch_mlp.up_proj.weight": mx.zeros((2, 8, 32), dtype=mx.uint32),
                                        "switch_mlp.up_proj.scales": mx.zeros((2, 8, 4)),
                                        "switch_mlp.up_proj.biases": mx.zeros((2, 8, 4))}, None)
-    with pytest.raises(QuantizedWeightsError, match="stacked experts are not supported"):
+    # mlx-lm's stacked experts: a 3-D module is no module; split per expert (as every header reader does:
+    # sketches.experts.switch_views) they are two, under the names every MoE layout reads as
+    with pytest.raises(QuantizedWeightsError, match=r"are not \(out, words\) and \(out, groups\)"):
         packed_modules(_infos(stacked), QuantScheme("mlx", 4, 64))
+    split = switch_views({n: ("f", i) for n, i in _infos(stacked).items()})
+    modules = packed_modules({n: i for n, (_, i) in split.items()}, QuantScheme("mlx", 4, 64))
+    assert sorted(modules) == ["experts.0.up_proj.weight", "experts.1.up_proj.weight"]
+    assert {m.shape for m in modules.values()} == {(8, 256)}
 
 
 def test_truncated_codes_raise_our_error() -> None:
