@@ -61,7 +61,7 @@ MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qw
                "gemma3_text", "phi", "phi3", "starcoder2", "gpt_bigcode", "gpt2", "bloom", "stablelm", "olmo",
                "olmo2", "olmoe", "cohere", "granite", "granitemoe", "granitemoehybrid", "smollm3", "mamba",
                "mamba2", "jamba", "lfm2", "falcon_h1", "deepseek_v2", "glm4", "exaone4", "seed_oss", "ernie4_5",
-               "nemotron_h", "bert", "modernbert", "t5")
+               "nemotron_h", "bert", "modernbert", "t5", "qwen3_next")
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, num_experts=4,
              n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64,
@@ -72,6 +72,9 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              global_attn_every_n_layers=2)
 OVERRIDES = {"mamba2": dict(head_dim=32, num_heads=4, n_groups=1), "falcon_h1": dict(mamba_d_ssm=128, mamba_n_groups=1),
              "deepseek_v2": dict(num_key_value_heads=4)}
+# keys the converter reads under their transformers 4 names (what the Hub's config.json files hold)
+# (GPT-NeoX and Falcon are not converted at all from a transformers 5 config: the converter reads rotary_pct /
+# n_head, which transformers 5's config classes no longer keep; tests/test_gguf_architectures covers them)
 CONFIG_EXTRA = {"gpt2": {"n_ctx": 128}, "t5": {"decoder_start_token_id": 0}, "falcon_h1": {"head_dim": 16}}
 BASE_CLASSES = {"bert": "BertModel", "modernbert": "ModernBertModel", "t5": "T5ForConditionalGeneration"}
 LAYER_PATTERNS = ("layer_types", "hybrid_override_pattern", "attn_layer_period", "layers_block_type", "full_attn_idxs")

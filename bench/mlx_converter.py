@@ -1,9 +1,8 @@
 """mlx-lm's own conversion against our reader: MLX copies of each architecture read under their sources' names.
 
-    .venv/bin/python bench/mlx_converter.py --mlx-lm DIR [--bits 4] [--group 64] [MODEL_TYPE ...]
+    .venv/bin/python bench/mlx_converter.py [--mlx-lm DIR] [--bits 4] [--group 64] [MODEL_TYPE ...]
 
-DIR holds the mlx_lm package (not a dependency of the project; e.g.
-`pip install --no-deps --target DIR mlx-lm==0.32.2`); mlx itself is the `quant` extra's.
+mlx-lm (0.32.2) and mlx are the `quant` extra's; `--mlx-lm DIR` runs another mlx_lm package found in DIR.
 For each transformers model type (bench/gguf_converter.py's list and small configs):
 1. a small random model of that type, saved by transformers (BF16 safetensors, as the Hub's checkpoints are);
 2. converted as `mlx_lm.convert --quantize` converts it (in a process of its own: `mlx_lm.utils.load_model`,
@@ -48,8 +47,8 @@ print(type(model).__module__)
 """
 
 
-def convert(mlx_lm: Path, src: Path, dst: Path, bits: int, group: int) -> str:
-    env = os.environ | {"PYTHONPATH": str(mlx_lm)}
+def convert(mlx_lm: Path | None, src: Path, dst: Path, bits: int, group: int) -> str:
+    env = os.environ | ({"PYTHONPATH": str(mlx_lm)} if mlx_lm else {})
     done = subprocess.run([sys.executable, "-c", _DRIVER, str(src), str(dst), str(bits), str(group)], env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode:
@@ -92,7 +91,7 @@ def score(folder: Path, source: dict[str, np.ndarray]) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mlx-lm", type=Path, required=True, help="a folder holding the mlx_lm package")
+    parser.add_argument("--mlx-lm", type=Path, help="a folder holding another mlx_lm package than the venv's")
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group", type=int, default=64)
     parser.add_argument("model_types", nargs="*", default=list(MODEL_TYPES))
