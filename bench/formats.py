@@ -124,7 +124,8 @@ def build(zoo: Path, out: Path, only: tuple[str, ...] = ()) -> list[str]:
                 config = json.loads((folder / "config.json").read_text())
                 name = f"{ORG}/{source}-{fmt}"
                 write(out / name, state, config, 100 * i + j)
-                hub["repos"][name] = {"createdAt": f"2024-01-03T{i:02d}:{j:02d}:00.000Z"}
+                day, hour = divmod(i, 24)  # one hour a format, a minute a source: more formats than hours in a day
+                hub["repos"][name] = {"createdAt": f"2024-01-{3 + day:02d}T{hour:02d}:{j:02d}:00.000Z"}
                 w.writerow([name, f"{ORG}/{source}", RELATION.get(fmt, "quantized")])
                 made.append(name)
     for source in CONVERTED:  # after the copies above, which read its model.safetensors

@@ -61,7 +61,8 @@ MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qw
                "gemma3_text", "phi", "phi3", "starcoder2", "gpt_bigcode", "gpt2", "bloom", "stablelm", "olmo",
                "olmo2", "olmoe", "cohere", "granite", "granitemoe", "granitemoehybrid", "smollm3", "mamba",
                "mamba2", "jamba", "lfm2", "falcon_h1", "deepseek_v2", "glm4", "exaone4", "seed_oss", "ernie4_5",
-               "nemotron_h", "bert", "modernbert", "t5", "qwen3_next")
+               "nemotron_h", "bert", "modernbert", "t5", "qwen3_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
+               "gemma3")
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, num_experts=4,
              n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64,
@@ -72,10 +73,15 @@ SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_k
              global_attn_every_n_layers=2)
 OVERRIDES = {"mamba2": dict(head_dim=32, num_heads=4, n_groups=1), "falcon_h1": dict(mamba_d_ssm=128, mamba_n_groups=1),
              "deepseek_v2": dict(num_key_value_heads=4)}
+# (qwen3_vl_moe is left out: transformers 5.24 saves its experts as (E, 2I, H) / (E, H, I), the Hub's checkpoints
+# and this converter have them as (E, H, 2I) / (E, I, H): the converter's file is then itself wrong)
 # keys the converter reads under their transformers 4 names (what the Hub's config.json files hold)
 # (GPT-NeoX and Falcon are not converted at all from a transformers 5 config: the converter reads rotary_pct /
 # n_head, which transformers 5's config classes no longer keep; tests/test_gguf_architectures covers them)
 CONFIG_EXTRA = {"gpt2": {"n_ctx": 128}, "t5": {"decoder_start_token_id": 0}, "falcon_h1": {"head_dim": 16}}
+VISION = dict(depth=1, num_hidden_layers=1, embed_dim=64, hidden_size=64, out_hidden_size=64, num_heads=4,
+              num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8, num_position_embeddings=16,
+              deepstack_visual_indexes=[0])
 BASE_CLASSES = {"bert": "BertModel", "modernbert": "ModernBertModel", "t5": "T5ForConditionalGeneration"}
 LAYER_PATTERNS = ("layer_types", "hybrid_override_pattern", "attn_layer_period", "layers_block_type", "full_attn_idxs")
 # the tests' pairs (tests/test_gguf_converter.py): a few layers each, so the files stay small; LFM2's layer kinds
@@ -91,10 +97,13 @@ def small_config(model_type: str, layers: dict | None = None):
     import transformers
 
     cfg = transformers.AutoConfig.for_model(model_type, **(layers or {}))
-    for key, value in {**SMALL, **OVERRIDES.get(model_type, {})}.items():
-        if hasattr(cfg, key):
-            with contextlib.suppress(Exception):
-                setattr(cfg, key, value)
+    # a vision-language model: its text and vision towers shrunk alike (only the text tower is converted)
+    for part in (cfg, getattr(cfg, "text_config", None), getattr(cfg, "vision_config", None)):
+        for key, value in {**SMALL, **OVERRIDES.get(model_type, {}), **(VISION if part is not cfg and part is
+                           getattr(cfg, "vision_config", None) else {})}.items():
+            if part is not None and hasattr(part, key):
+                with contextlib.suppress(Exception):
+                    setattr(part, key, value)
     depth = getattr(cfg, "num_hidden_layers", None)
     if not layers and isinstance(depth, int) and depth > 8 and not any(hasattr(cfg, a) for a in LAYER_PATTERNS):
         cfg.num_hidden_layers = 2
@@ -111,11 +120,15 @@ def make_model(model_type: str, out: Path, layers: dict | None = None, *, bf16: 
     converter cuts Gemma's embedding to the tokenizer's size)."""
     import torch
     import transformers
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     torch.manual_seed(0)
     cfg = small_config(model_type, layers)
-    cls = getattr(transformers, BASE_CLASSES.get(model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+    cls = getattr(transformers, BASE_CLASSES.get(model_type) or MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
+                  or MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[model_type])
     model = cls(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -307,6 +320,11 @@ def write_fixture(llama_cpp: Path, model_type: str, work: Path, keep: Path) -> N
     convert(llama_cpp, work, keep / "gguf" / "model-Q8_0.gguf", outtype="Q8_0")
 
 
+def _compared(entry: dict[str, str | None]) -> tuple[str | None, str | None]:
+    hf = entry["hf"]
+    return (None if hf is None else normalise_name(hf.replace("{bid}", "0").replace("{xid}", "0"))), entry["values"]
+
+
 def run(llama_cpp: Path, model_types: list[str], work: Path, fixtures: Path | None) -> tuple[dict, list[str]]:
     import gguf
 
@@ -331,7 +349,7 @@ def run(llama_cpp: Path, model_types: list[str], work: Path, fixtures: Path | No
         arch = str(bytes(gguf.GGUFReader(str(folder / "model.gguf")).fields["general.architecture"].parts[-1]), "utf-8")
         for gname, entry in table_entries(match(folder / "model.gguf", source, heads)).items():
             have = table.setdefault(arch, {}).setdefault(gname, entry)
-            if have != entry:
+            if _compared(have) != _compared(entry):  # a VLM's `model.language_model.` prefix is no disagreement
                 conflicts[arch].add(gname)
         s = score_reader(folder / "model.gguf", source)
         lines.append(f"| {mt} | {klass} ({arch}) | {len(gguf.GGUFReader(str(folder / 'model.gguf')).tensors)} | "
