@@ -716,18 +716,21 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
             continue  # values the converter rewrote (Gemma's norms + 1, Mamba's -exp(A_log), a squeezed conv, MLA's kv_b split)
         if measured is None and stem not in reverse:
             continue
-        hf = measured[0] if measured else reverse[stem] + suffix
-        transposed = measured[1] == "transposed" if measured else arch == "gpt2" and bool(_TRANSPOSED.match(hf))
-        heads = None
+        # how the values relate: as measured, else as the architecture's converter is known to write them
+        hf, relation = measured or (reverse[stem] + suffix, None)
+        if relation is None:
+            relation = ("transposed" if arch == "gpt2" and _TRANSPOSED.match(hf) else "permuted" if permute
+                        else "regrouped" if arch in FUSED_QKV_ARCHITECTURES else "exact")
+        elif permuted is not None and relation in ("permuted", "exact"):
+            relation = "permuted" if permuted else "exact"  # the caller knows (a Mistral-format conversion)
         block = int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", stem)) else 0
         q_heads = n_head(block)
         kv_heads = n_kv(block) or q_heads
-        measured_permuted = permuted is None and measured is not None and measured[1] == "permuted"
-        if (permute or measured_permuted) and q_heads and re.search(r"\.attn_[qk]$", stem):
+        heads = None
+        if relation == "permuted" and q_heads and re.search(r"\.attn_[qk]$", stem):
             heads = q_heads if stem.endswith("attn_q") else kv_heads
-        regrouped = measured[1] == "regrouped" if measured else arch in FUSED_QKV_ARCHITECTURES
-        fused = (q_heads, kv_heads) if regrouped and q_heads and stem.endswith(".attn_qkv") else None
-        names[info.name] = HFName(info.name, hf, transposed, heads, fused)
+        fused = (q_heads, kv_heads) if relation == "regrouped" and q_heads and stem.endswith(".attn_qkv") else None
+        names[info.name] = HFName(info.name, hf, relation == "transposed", heads, fused)
     return names
 
 
