@@ -13,6 +13,7 @@ the converter's names were measured (sketches/gguf_names.json):
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,15 @@ from model_support import perturb_matrices, same_in_incremental_and_crawl
 from safetensors.torch import load_file, save_file
 from test_crawl_relations import Hub
 
-from sketches.gguf import QUANT_RELATIVE_ERROR, hf_names, read_header, read_hf_tensor
+from errors import GGUFError
+from sketches.gguf import (
+    MEASURED_NAMES,
+    MEASURED_NAMES_VERSION,
+    QUANT_RELATIVE_ERROR,
+    hf_names,
+    read_header,
+    read_hf_tensor,
+)
 from sketches.layers import normalise_name
 from sketches.safetensors import FileSource, open_local_repo
 
@@ -110,3 +119,32 @@ def test_converter_ggufs_are_quantized_copies_of_their_sources_everywhere(tmp_pa
     source, not under the later fine-tune, and label it `quantized`."""
     root, truth = _hub(tmp_path / "hub")
     same_in_incremental_and_crawl(root, tmp_path, truth, batch=True)
+
+
+def test_the_measured_table_is_well_formed() -> None:
+    import gguf
+
+    table = json.loads(MEASURED_NAMES.read_text(encoding="utf-8"))
+    assert table["version"] == MEASURED_NAMES_VERSION and table["llama_cpp"] and table["transformers"]
+    relations = {"exact", "permuted", "transposed", "regrouped", "reshaped", "changed", "unmatched", "ambiguous"}
+    for arch, names in table["architectures"].items():
+        assert arch in gguf.MODEL_ARCH_NAMES.values(), arch
+        for name, entry in names.items():
+            assert entry["values"] in relations, (arch, name)
+            assert (entry["hf"] is None) == (entry["values"] in ("unmatched", "ambiguous")), (arch, name)
+            if entry["hf"] is not None and name.startswith("blk."):
+                assert "{bid}" in entry["hf"], (arch, name)
+
+
+def test_a_table_of_another_version_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sketches.gguf as reader
+
+    bad = tmp_path / "gguf_names.json"
+    bad.write_text(json.dumps({"version": 99, "architectures": {}}))
+    monkeypatch.setattr(reader, "MEASURED_NAMES", bad)
+    reader._measured.cache_clear()
+    try:
+        with pytest.raises(GGUFError, match="version 99"):
+            reader._measured("llama")
+    finally:
+        reader._measured.cache_clear()
