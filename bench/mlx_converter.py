@@ -61,7 +61,7 @@ def read_mlx(folder: Path) -> tuple[dict[str, np.ndarray], float]:
     relative error its scheme predicts."""
     config = json.loads((folder / "config.json").read_text())
     with open_local_repo(folder) as repo:
-        read, _ = read_packed(repo._sources, repo._where, config, budget=1 << 40)
+        read, _ = read_packed(repo.sources(), repo.locations(), config, budget=1 << 40)
     return dict(read.arrays), read.quant.predicted_error
 
 

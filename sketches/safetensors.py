@@ -450,6 +450,14 @@ class RepoWeights:
     def tensors(self) -> dict[str, TensorInfo]:
         return {name: info for name, (_, info) in self._where.items()}
 
+    def locations(self) -> dict[str, tuple[str, TensorInfo]]:
+        """Tensor name -> (file, info), views included: what `indexer.readers.read_packed` takes."""
+        return dict(self._where)
+
+    def sources(self) -> dict[str, ByteSource]:
+        """File -> its open byte source (closed with the repo)."""
+        return dict(self._sources)
+
     def file_of(self, name: str) -> str:
         return self._entry(name)[0]
 

@@ -77,7 +77,7 @@ def _mlx_copy(source: Path, out: Path, bits: int = 4) -> Path:
 def _read(folder: Path) -> tuple[dict[str, np.ndarray], float]:
     config = json.loads((folder / "config.json").read_text())
     with open_local_repo(folder) as repo:
-        read, _ = read_packed(repo._sources, repo._where, config, budget=1 << 40)
+        read, _ = read_packed(repo.sources(), repo.locations(), config, budget=1 << 40)
     return dict(read.arrays), read.quant.predicted_error
 
 
