@@ -62,7 +62,8 @@ MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qw
                "olmo2", "olmoe", "cohere", "granite", "granitemoe", "granitemoehybrid", "smollm3", "mamba",
                "mamba2", "jamba", "lfm2", "falcon_h1", "deepseek_v2", "glm4", "exaone4", "seed_oss", "ernie4_5",
                "nemotron_h", "bert", "modernbert", "t5", "qwen3_next", "qwen2_vl", "qwen2_5_vl", "qwen3_vl",
-               "gemma3")
+               "gemma3", "gpt_oss", "glm4_moe", "ernie4_5_moe", "minicpm3", "apertus", "arcee", "afmoe", "exaone_moe",
+               "hunyuan_v1_dense", "dots1", "llama4_text", "olmo3", "jais2")
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
              vocab_size=256, max_position_embeddings=128, moe_intermediate_size=32, num_experts=4,
              n_routed_experts=4, num_local_experts=4, num_experts_per_tok=2, shared_expert_intermediate_size=64,

@@ -705,8 +705,10 @@ def hf_names(header: GGUFHeader, *, permuted: bool | None = None) -> dict[str, H
             rows = info.shape[1]
             # the spelling this architecture's experts were measured under (Jamba's feed_forward.experts.E,
             # Nemotron-H's mixer.experts.E), else the one sketches.experts gives every MoE layout
-            template = _measured(arch).get("blk.{bid}." + info.name[len(f"blk.{stacked.group(1)}."):], (None, ""))[0]
-            template = template or f"model.layers.{{bid}}.mlp.experts.{{xid}}.{stacked.group(2)}_proj.weight"
+            entry = _measured(arch).get("blk.{bid}." + info.name[len(f"blk.{stacked.group(1)}."):])
+            if entry is not None and entry[0] is None:
+                continue  # measured as no source matrix's (gpt-oss / Llama 4 store (E, H, 2I), not split here)
+            template = entry[0] if entry else f"model.layers.{{bid}}.mlp.experts.{{xid}}.{stacked.group(2)}_proj.weight"
             for e in range(info.shape[0]):
                 hf = template.replace("{bid}", stacked.group(1)).replace("{xid}", str(e))
                 names[f"{info.name}#{e}"] = HFName(info.name, hf, False, None, part=(e * rows, rows))
