@@ -74,10 +74,12 @@ def is_router(name: str) -> bool:
 
 
 # mlx-lm's MoE layout (its models' `sanitize` stacks every expert's matrix: mlx-community's Qwen3-MoE, Mixtral,
-# OLMoE, Jamba, Nemotron-H copies): `<stem>.switch_mlp.<proj>.<part>` of (E, out, ...) -- the weight, or when
+# OLMoE, Jamba, Nemotron-H copies): `<stem>.switch_mlp.<proj>.<part>` (`<stem>.experts.<proj>.<part>` in its
+# AFMoE, dots1 and gpt-oss models) of (E, out, ...) -- the weight, or when
 # quantized its packed words, `scales` and `biases` alike -- expert E's being rows [E out, (E + 1) out).
 # Nemotron-H's up / down are fc1 / fc2; Mixtral's stem is its block_sparse_moe, elsewhere the experts' module.
-_SWITCH = re.compile(r"^(?:(.*?)(\.block_sparse_moe)?\.)?switch_mlp\.(gate_proj|up_proj|down_proj|fc1|fc2)\.(weight|scales|biases|bias)$")
+_SWITCH = re.compile(r"^(?:(.*?)(\.block_sparse_moe)?\.)?(switch_mlp|experts)\.(gate_proj|up_proj|down_proj|fc1|fc2)"
+                     r"\.(weight|scales|biases|bias)$")
 _SWITCH_PROJ = {"fc1": "up_proj", "fc2": "down_proj"}
 
 
@@ -101,7 +103,14 @@ def switch_sources(module: str) -> tuple[str, ...]:
     stem, proj = m.groups()
     projs = [proj] + [k for k, v in _SWITCH_PROJ.items() if v == proj]
     stems = [stem] + ([stem.removesuffix(".mlp") + ".block_sparse_moe"] if stem.endswith(".mlp") else [])
-    return tuple(f"{s}.switch_mlp.{p}" for s in stems for p in projs)
+    return tuple(f"{s}.{kind}.{p}" for s in stems for kind in ("switch_mlp", "experts") for p in projs)
+
+
+def _stacked(where: Mapping[str, tuple[K, TensorInfo]], name: str, part: str) -> bool:
+    """An `experts.<proj>.<part>` tensor is mlx-lm's stack (its AFMoE, dots1, gpt-oss models name their
+    SwitchGLU `experts`) when its weight is 3-D: (E, out, in or words)."""
+    weight = where.get(name[: -len(part)] + "weight")
+    return weight is not None and len(weight[1].shape) == 3
 
 
 def switch_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:
@@ -110,12 +119,12 @@ def switch_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K
     out = dict(where)
     for name, (file, info) in where.items():
         m = _SWITCH.match(name)
-        if m is None or len(info.shape) < 2:
+        if m is None or len(info.shape) < 2 or (m.group(3) == "experts" and not _stacked(where, name, m.group(5))):
             continue
         stem = (m.group(1) or "") + (".mlp" if m.group(2) else "")
-        proj = _SWITCH_PROJ.get(m.group(3), m.group(3))
+        proj = _SWITCH_PROJ.get(m.group(4), m.group(4))
         for e in range(info.shape[0]):
-            view = f"{stem}.experts.{e}.{proj}.{m.group(4)}".removeprefix(".")
+            view = f"{stem}.experts.{e}.{proj}.{m.group(5)}".removeprefix(".")
             out[view] = (file, _expert_slice(info, view, e))
         del out[name]
     return dict(sorted(out.items()))
