@@ -127,7 +127,7 @@ def switch_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K
             view = f"{stem}.experts.{e}.{proj}.{m.group(5)}".removeprefix(".")
             out[view] = (file, _expert_slice(info, view, e))
         del out[name]
-    return dict(sorted(out.items()))
+    return out  # expert_views sorts
 
 
 def expert_views(where: Mapping[str, tuple[K, TensorInfo]]) -> dict[str, tuple[K, TensorInfo]]:

@@ -638,12 +638,17 @@ _READ_AS = frozenset({"exact", "permuted", "transposed", "regrouped"})
 
 
 @cache
-def _measured(arch: str) -> dict[str, tuple[str, str]]:
-    """{GGUF name template ("blk.{bid}." for a block): (HF name template, how its values relate)} for `arch`."""
+def _measured_table() -> dict[str, dict[str, tuple[str | None, str]]]:
+    """The whole table, read once: {architecture: {GGUF name template: (HF name template, relation)}}."""
     table = json.loads(MEASURED_NAMES.read_text(encoding="utf-8"))
     if table.get("version") != MEASURED_NAMES_VERSION:
         raise GGUFError(str(MEASURED_NAMES), f"version {table.get('version')!r}, this reader knows {MEASURED_NAMES_VERSION}")
-    return {g: (e["hf"], e["values"]) for g, e in table["architectures"].get(arch, {}).items()}
+    return {arch: {g: (e["hf"], e["values"]) for g, e in names.items()} for arch, names in table["architectures"].items()}
+
+
+def _measured(arch: str) -> dict[str, tuple[str | None, str]]:
+    """{GGUF name template ("blk.{bid}." for a block): (HF name template, how its values relate)} for `arch`."""
+    return _measured_table().get(arch, {})
 
 
 def _measured_name(arch: str, name: str) -> tuple[str | None, str] | None:

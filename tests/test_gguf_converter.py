@@ -142,9 +142,9 @@ def test_a_table_of_another_version_is_refused(tmp_path: Path, monkeypatch: pyte
     bad = tmp_path / "gguf_names.json"
     bad.write_text(json.dumps({"version": 99, "architectures": {}}))
     monkeypatch.setattr(reader, "MEASURED_NAMES", bad)
-    reader._measured.cache_clear()
+    reader._measured_table.cache_clear()
     try:
         with pytest.raises(GGUFError, match="version 99"):
             reader._measured("llama")
     finally:
-        reader._measured.cache_clear()
+        reader._measured_table.cache_clear()
