@@ -6,7 +6,8 @@ Default zoos: zoo/vthr-ft, zoo/vthr-lora-f, zoo/vthr-lora-v when their zoo.json 
 zoo/small-ft. Per zoo and order (upload = hub.json createdAt; then seeded random permutations):
 edge accuracy vs truth.csv, agreement with batch mother (share of models with the same parent),
 recall@k (share of true parent-child pairs that were compared exactly, i.e. one was among the other's
-k nominees when it arrived), exact computations per arrival (max, mean), arrival paths, seconds; then
+k nominees when it arrived; "compared in all" adds the second hop and the late-children rounds, where
+a source's copies beyond the first are compared since nomination counts them once), exact computations per arrival (max, mean), arrival paths, seconds; then
 the share of models whose whole edges row (parent, relation, merge parent set) equals batch's, and the
 relation label accuracy vs truth.csv when it has a `relation` column (a relations zoo: adapters, GGUF
 and packed quantized copies, merges -- every repo read by the crawl's reader, as `index add` does).
@@ -82,7 +83,7 @@ def run_zoo(zoo: Path, orders: list[str | int], k: int, device: str, expand: int
         for m in differ if batch_too else ():
             logger.warning("%s, order %s: %s: batch %s, incremental %s", zoo.name, order, m, batch_rows.get(m), mine.get(m))
         same_row = f"{1 - len(differ) / len(truth):.3f}" if batch_too else "n/a"
-        label = f"order {order}" + (f", expand {expand} (compared incl. hop {_compared(rep, true_pairs):.3f})" if expand else "")
+        label = f"order {order}" + (f", expand {expand} (compared in all {_compared(rep, true_pairs):.3f})" if expand else "")
         rows.append(f"| {zoo.name} | incremental, {label} | {accuracy(rep.parents, truth):.3f} | {agree} | "
                     f"{compared / max(1, len(true_pairs)):.3f} | {max(exact)} | {sum(exact) / len(exact):.1f} | "
                     f"{paths['new']}/{paths['attach']}/{paths['recompute']} | {rep.seconds:.1f} | {same_row} | "
@@ -99,8 +100,8 @@ def _labels(got: dict[str, str], relations: dict[str, str]) -> str:
 
 
 def _compared(rep: object, pairs: list[tuple[str, str]]) -> float:
-    """Share of true pairs compared exactly, nominees and second-hop comparisons both."""
-    seen = {a.repo_id: set(a.nominees) | set(a.second_hop) for a in rep.arrivals}  # type: ignore[attr-defined]
+    """Share of true pairs compared exactly: nominees, second-hop and late-children comparisons."""
+    seen = {a.repo_id: set(a.nominees) | set(a.second_hop) | set(a.late) for a in rep.arrivals}  # type: ignore[attr-defined]
     return sum(p in seen[c] or c in seen[p] for p, c in pairs) / max(1, len(pairs))
 
 

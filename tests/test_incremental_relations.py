@@ -130,3 +130,38 @@ def test_heads_are_not_cut_to_the_jobs_fewest_rows() -> None:
     cut_new, (cut_root, _) = _aligned(new, [root, short])
     assert cut_new.arrays["classifier.weight"].shape == (10, 8)
     assert heads_distance(cut_new.arrays, cut_root.arrays) == alone
+
+
+def test_a_sources_copies_count_once_among_a_late_bases_nominees(tmp_path: Path) -> None:
+    """A newest-first crawl: eight Q8 copies of a fine-tune, its child, a sibling, the fine-tune, then the base.
+    The base's k = 4 nominees hold one copy standing for the eight and the fine-tune they hang under, not four copies
+    (`_copies_once`); every copy ends under the fine-tune and the fine-tune under the base. Regression: with
+    26 formats per model (bench/formats.py), a base's 16 nominees were all copies and its fine-tune hung
+    under a merge of itself."""
+    from indexer.incremental.index import Arrival, _copies_once
+    from indexer.readers import QuantInfo
+
+    models = tree(7)
+    rng = np.random.default_rng(11)
+    kid = models["org/kid"]
+    copies = {f"org/kid-Q8-{i}": {n: (a + 0.006 * a.std() * rng.standard_normal(a.shape)).astype(np.float32)
+                                   for n, a in kid.items()} for i in range(8)}
+    arrivals = [Arrival(rid, f"local:c{i}", FAMILY, arrays, T0 + timedelta(days=2, hours=-i), QuantInfo("gguf-Q8_0", 0.0054))
+                for i, (rid, arrays) in enumerate(copies.items())]
+    arrivals += [Arrival(rid, f"local:m{i}", FAMILY, models[rid], T0 + timedelta(days=1, hours=-i))
+                 for i, rid in enumerate(("org/grand", "org/kid-2", "org/kid"))]
+    arrivals.append(Arrival("org/root", "local:r", FAMILY, models["org/root"], T0))
+    with LineageIndex.open(tmp_path, device="cpu", k=4, expand=2) as index:
+        results = [index.add_many([a])[0] for a in arrivals]
+        state = index.family(FAMILY)
+        assert all(state.forest.parent(c) == "org/kid" for c in copies)
+        near = [*sorted(copies), "org/kid", "org/root"]
+        assert _copies_once(state, near, 4) == ["org/kid-Q8-0", "org/kid", "org/root", "org/kid-Q8-1"]
+        assert _copies_once(state, ["org/kid", "org/root"], 4) == ["org/kid", "org/root"]  # no copy: unchanged
+    root = results[-1]
+    assert "org/kid" in root.nominees and len(set(root.nominees) & set(copies)) == 1
+    edges = _edges(tmp_path)
+    assert edges["org/kid"].parent == edges["org/kid-2"].parent == "org/root"  # type: ignore[attr-defined]
+    assert edges["org/grand"].parent == "org/kid"  # type: ignore[attr-defined]
+    assert {edges[c].parent for c in copies} == {"org/kid"}  # type: ignore[attr-defined]
+    assert {edges[c].relation for c in copies} == {"quantized"}  # type: ignore[attr-defined]

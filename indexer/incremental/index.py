@@ -131,6 +131,9 @@ DEFAULT_EXPAND = 8
 # at the default k, a base arriving after a few hundred of its own models; its cost grows with the children
 # found, and its arrays come from memory or the cache (a re-read by range past that).
 LATE_ROUNDS = 16
+# How far down the sketch ranking nomination reads to fill k nominees once the copies under one model count
+# as one (`_copies_once`): past NOMINEE_DEPTH x k copies of one source, its relatives are left to the hop.
+NOMINEE_DEPTH = 4
 # A cast to BF16 moves each value by at most half an ulp, 2^-8 of it (F16: 2^-11), so the pair's relative
 # distance is below 2^-8 too; pairs farther apart than twice that are not read for the cast test.
 CAST_RELATIVE = 2.0**-7
@@ -194,6 +197,36 @@ class _Pending:
 def _children(forest: IncrementalForest, node: str) -> list[str]:
     """The children `node` has in the forest now (none for "")."""
     return [c for c in forest._out.get(node, {}) if forest.parent(c) == node] if node else []
+
+
+def _leaves(state: _Family) -> set[str]:
+    """The family's known copies: quantized copies and casts, leaves under whatever they hang."""
+    return set(state.quant) | {copy for _, copy in state.casts}
+
+
+def _copies_once(state: _Family, near: Sequence[str], k: int) -> list[str]:
+    """The k nominees from `near` (nearest first), the known copies hanging under one model counted once.
+
+    Copies under one parent are interchangeable as nominees: nearly one point by sketch, and leaves, so
+    never the arrival's parent. One stands for them all, followed by the model they hang under (their
+    source, or the nearest full-precision relative while it has not come); if the arrival takes the one
+    as a child, `_late_children` compares its siblings. Why: a newest-first crawl brings a popular base
+    after its quantized copies; with the 26 formats of bench/formats.py, a base's and a fine-tune's
+    16 nearest were all their own copies, the fine-tune was never compared with its base and hung under
+    a merge of itself (bench/RESULTS.md session 20: 0.971 against batch 1.000)."""
+    leaves, out, groups = _leaves(state), [], set()
+    for r in near:
+        under = state.forest.parent(r) if r in leaves and r in state.forest else ""
+        if r in out or (under and under in groups):
+            continue
+        out.append(r)
+        if under:
+            groups.add(under)
+            if under not in out:
+                out.append(under)
+        if len(out) >= k:
+            break
+    return (out + [r for r in near if r not in out])[:k]  # fewer groups than k: the other copies fill up
 
 
 def _prepare(index: int, arrival: Arrival, dim: int, seed: int, content: Hashable = None) -> _Pending:
@@ -394,9 +427,9 @@ class LineageIndex:
             if state.vectors is None:
                 state.vectors = VectorIndex(family, len(mine[0].sketch.vector))
             vectors = np.stack([p.sketch.vector for p in mine])
-            found = state.vectors.nearest_in_order([p.mine.repo_id for p in mine], vectors, self.k)
+            found = state.vectors.nearest_in_order([p.mine.repo_id for p in mine], vectors, NOMINEE_DEPTH * self.k)
             for p, near in zip(mine, found, strict=True):
-                p.nominees = [r for r, _ in near]
+                p.nominees = _copies_once(state, [r for r, _ in near], self.k)
                 p.first = p.nominees[: max(1, self.k - self.expand)] if self.expand else p.nominees
 
     def _place(self, p: _Pending, pairs: list[PairMeasure]) -> ArrivalResult:
@@ -473,7 +506,7 @@ class LineageIndex:
             # holds them all on a newest-first crawl; by id, the first fine-tune's copies filled the round, none
             # took, and the rounds stopped before the arrival's own copies (relations + formats, 8 of 17 missed);
             # in random order a fine-tune's 20 copies filled its base's round and left the fine-tune out
-            leaves = set(state.quant) | {copy for _, copy in state.casts}
+            leaves = _leaves(state)
             by_sketch = sorted(siblings, key=lambda r: (place.get(r, len(place)), r))
             batch = sorted(dict.fromkeys(by_sketch + near), key=lambda r: r in leaves)[: self.k]  # stable
             if not batch:
