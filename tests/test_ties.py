@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from indexer.lineage.orient import centre_rooted_tree
-from indexer.lineage.ties import duplicate_originals, extras_distance, order_preference, snake_score
+from indexer.lineage.ties import at_resolution, duplicate_originals, extras_distance, order_preference, snake_score
 
 
 def test_the_earliest_copy_is_the_original() -> None:
@@ -105,3 +105,13 @@ def test_the_t_votes_weigh_rows_by_how_much_they_moved() -> None:
     rows[3] = rows[1] - 0.001
     rows[3][:100] += 0.1
     assert centre_rooted_tree(d, regime_votes=lambda: norm_t_votes(rows)) == [-1, 0, 0, 1]
+
+
+def test_distances_a_rounding_apart_are_equal_and_a_real_gap_is_kept() -> None:
+    """Two candidates 2e-9 apart at distance 0.225 (a fine-tune's export beside the base and the base's BN-folded
+    export, tests/test_onnx.py) tie; 1e-5 apart they do not; 0, inf and NaN pass through."""
+    d = np.array([0.2253615164914608, 0.2253615164914608 * (1 + 2e-9), 0.2253615164914608 * (1 + 1e-5)])
+    snapped = at_resolution(d)
+    assert snapped[0] == snapped[1] and snapped[2] > snapped[1]
+    assert np.all(np.abs(snapped / d - 1) <= 2.0**-20)
+    assert at_resolution(0.0) == 0.0 and np.isinf(at_resolution(np.inf)) and np.isnan(at_resolution(np.nan))

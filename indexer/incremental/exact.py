@@ -89,7 +89,7 @@ import torch
 
 from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
-from indexer.lineage.ties import extras_distance
+from indexer.lineage.ties import at_resolution, extras_distance
 from sketches.distances import (
     Device,
     _one_thread_on_cpu,
@@ -205,7 +205,8 @@ class PairMeasure:
 
     @property
     def base_weight(self) -> float:
-        return (0.0 if self.low_rank else TIER_GAP) + math.log(max(self.tier_distance, FLOOR))
+        # at 20 significant bits, as batch's tree cost: candidates nearer by a rounding tie (indexer.lineage.ties)
+        return (0.0 if self.low_rank else TIER_GAP) + math.log(max(float(at_resolution(self.tier_distance)), FLOOR))
 
 
 def _ku(view: ModelView, names: Sequence[str]) -> float:

@@ -37,6 +37,7 @@ from indexer.lineage.mdst import minimum_arborescence
 from indexer.lineage.orient import centre_rooted_tree, norm_t_votes, norm_votes
 from indexer.lineage.ties import (
     SNAKE_TAU,
+    at_resolution,
     body_group_penalty,
     body_groups,
     duplicate_originals,
@@ -177,8 +178,9 @@ def solve_tree(dist: np.ndarray, penalty: np.ndarray, *, lam: float, tie: np.nda
 
 def tree_cost(dist: np.ndarray, penalty: np.ndarray, *, lam: float, tie: np.ndarray | None = None) -> np.ndarray:
     """M = D + lam * mean(D) * T, plus `tie` scaled to a millionth of the smallest positive entry of D: it
-    only orders candidates whose D and T are equal (indexer.lineage.ties)."""
-    cost = dist + lam * offdiag_mean(dist) * penalty
+    only orders candidates whose D (at 20 significant bits, `ties.at_resolution`) and T are equal
+    (indexer.lineage.ties)."""
+    cost = at_resolution(dist) + lam * offdiag_mean(dist) * penalty
     if tie is not None:
         positive = dist[dist > 0]
         unit = 1e-6 * float(positive.min()) if positive.size else 1e-12

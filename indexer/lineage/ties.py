@@ -17,7 +17,7 @@
   the widest head). `body_group_penalty` then makes the other members more costly
   as parents of outside models unless their heads are closer to that model's than the root's are (a
   full fine-tune of a frozen child keeps that child's head), and makes the group root the parent of its members.
-- Equally close candidates: prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
+- Equally close candidates (distances equal at 20 significant bits, `at_resolution`): prefer the earliest (a "fan": many fine-tunes of one base, the Hub's
   commonest shape: 79 % of models sit in groups of sibling leaves) unless the tree is a "snake" (a chain
   of checkpoints: the distance grows with the time gap), where the latest earlier one is the parent.
   `snake_score` is Kendall's tau between the time gap and the distance over the tree's pairs: a chain
@@ -35,6 +35,20 @@ import numpy as np
 from scipy.stats import kendalltau
 
 SNAKE_TAU = 0.5
+# Distances are computed from float32 weights, each stored to a relative rounding of 2^-24; a BatchNorm folded
+# into a conv (an ONNX export) or the unit filters the pair rule divides by add a few roundings more. So two
+# candidate parents whose distances to a child differ by a few parts in 10^7 are equally close, and which
+# reads nearer is the rounding's choice (tests/test_onnx.py: a fine-tune's export hung under the base's
+# export, 2e-9 nearer, or under the base, depending on the numpy build). Both lineage paths compare
+# distances at 20 significant bits (`at_resolution`, 9.5e-7 relative), so such candidates tie exactly and
+# the tie-breaks decide (the heads, then upload order).
+RESOLUTION_BITS = 20
+
+
+def at_resolution(distance: np.ndarray | float) -> np.ndarray:
+    """`distance` rounded to RESOLUTION_BITS significant bits (0, inf and NaN as they are)."""
+    mantissa, exponent = np.frexp(np.asarray(distance, dtype=np.float64))
+    return np.ldexp(np.round(mantissa * 2.0**RESOLUTION_BITS) / 2.0**RESOLUTION_BITS, exponent)
 
 
 def model_digest(layers: Mapping[str, np.ndarray], extras: Mapping[str, np.ndarray]) -> str:
