@@ -89,7 +89,7 @@ import torch
 
 from errors import BadInputError, UnsupportedModelError
 from indexer.lineage.methods import LOW_RANK_GAP, tail_norms, tail_start
-from indexer.lineage.ties import at_resolution, extras_distance
+from indexer.lineage.ties import HUB_EPOCH, at_resolution, extras_distance
 from sketches.distances import (
     Device,
     _one_thread_on_cpu,
@@ -154,7 +154,6 @@ HEAD_TIE_SCALE = 1000.0
 HEAD_TIE = 1e-4
 HEAD_PRIOR = 1e-8
 COPY_TIE = 1e-8  # two byte-identical copies of one upload time: on the edge into the original (index._copy_tie)
-HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt
 REGIME_LAYERS = 4  # layers whose SVD decides low-rank vs full-rank; the rest only for low-rank pairs
 
 

@@ -43,6 +43,7 @@ SNAKE_TAU = 0.5
 # distances at 20 significant bits (`at_resolution`, 9.5e-7 relative), so such candidates tie exactly and
 # the tie-breaks decide (the heads, then upload order).
 RESOLUTION_BITS = 20
+HUB_EPOCH = 1646263744.0  # 2022-03-02T23:29:04Z: every older repo's createdAt on the Hub
 
 
 def at_resolution(distance: np.ndarray | float) -> np.ndarray:
