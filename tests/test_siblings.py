@@ -15,7 +15,11 @@ from safetensors.numpy import save_file
 from indexer.incremental.folder import ingest_folder
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
-from indexer.lineage.siblings import displacement_cosine, sibling_moves
+from indexer.lineage.siblings import (
+    displacement_cosine,
+    sibling_moves,
+    siblings_ordered,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 SHAPES = {f"enc.{b}.attention.output.dense.weight": (64, 64) for b in range(3)} | {"enc.0.mlp.weight": (128, 64)}
@@ -114,3 +118,15 @@ def test_the_rule_keeps_real_steps_and_needs_two_other_siblings() -> None:
     assert sibling_moves(parents, distance=lambda a, b: near.get((a, b)), cosine=cosine, copies={"s2"}, **always) == {}
     untimed = {"ordered": lambda *_: False, "related": lambda *_: True}
     assert sibling_moves(parents, distance=lambda a, b: near.get((a, b)), cosine=cosine, copies=set(), **untimed) == {}
+
+
+def test_upload_order_may_start_at_the_hubs_legacy_date() -> None:
+    """A legacy-dated base (every pre-2022-03-02 repo reads that day) is older than any repo dated after it, so
+    its later fine-tunes are ordered; two legacy-dated models, or an unknown time, are not."""
+    from indexer.lineage.ties import HUB_EPOCH
+
+    day = 86400.0
+    assert siblings_ordered(HUB_EPOCH, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
+    assert not siblings_ordered(HUB_EPOCH, HUB_EPOCH, HUB_EPOCH + 2 * day)
+    assert not siblings_ordered(None, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
+    assert not siblings_ordered(HUB_EPOCH + 3 * day, HUB_EPOCH + day, HUB_EPOCH + 2 * day)

@@ -67,8 +67,12 @@ from indexer.incremental.satellites import (
 from indexer.lineage.confidence import calibrated
 from indexer.lineage.methods import cast_dtype, fits_f8
 from indexer.lineage.orient import norm_t_votes, regime_parent
-from indexer.lineage.siblings import displacement_cosine, sibling_moves
-from indexer.lineage.ties import HUB_EPOCH, copy_order
+from indexer.lineage.siblings import (
+    displacement_cosine,
+    sibling_moves,
+    siblings_ordered,
+)
+from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
     CHAIN_RATIO,
@@ -1403,8 +1407,7 @@ def _step_siblings(state: _Family, members: Sequence[str], cosine: Callable[[str
     copies = _leaves(state) | {m for m, p in shown.items() if p and (p, m) in state.identical}
 
     def ordered(g: str, f: str, c: str) -> bool:
-        times = [state.views[r].created for r in (g, f, c)]
-        return all(t is not None and t > HUB_EPOCH for t in times) and times[0] < times[1] < times[2]  # type: ignore[operator]
+        return siblings_ordered(*(state.views[r].created for r in (g, f, c)))
 
     moves = sibling_moves(shown, distance=lambda a, b: state.distance.get((a, b)), cosine=cosine, ordered=ordered,
                           related=lambda a, b: (a, b) in state.distance, copies=copies)

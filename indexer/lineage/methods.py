@@ -35,9 +35,12 @@ from indexer.lineage.cluster import related_groups, ward_labels
 from indexer.lineage.confidence import calibrated, edge_margins
 from indexer.lineage.mdst import minimum_arborescence
 from indexer.lineage.orient import centre_rooted_tree, norm_t_votes, norm_votes
-from indexer.lineage.siblings import displacement_cosine, sibling_moves
+from indexer.lineage.siblings import (
+    displacement_cosine,
+    sibling_moves,
+    siblings_ordered,
+)
 from indexer.lineage.ties import (
-    HUB_EPOCH,
     SNAKE_TAU,
     at_resolution,
     body_group_penalty,
@@ -468,8 +471,7 @@ def _sibling_steps(family: Family, idx: np.ndarray, d: np.ndarray, local: list[i
         return memo[(g, x, y)]
 
     def ordered(g: int, f: int, c: int) -> bool:
-        times = [created[g], created[f], created[c]]
-        return all(t is not None and t > HUB_EPOCH for t in times) and times[0] < times[1] < times[2]  # type: ignore[operator]
+        return siblings_ordered(created[g], created[f], created[c])
 
     moves = sibling_moves({j: (p if p >= 0 else None) for j, p in enumerate(local)},
                           distance=lambda a, b: float(d[a, b]), cosine=cosine, ordered=ordered,

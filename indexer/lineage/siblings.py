@@ -16,9 +16,10 @@ F -> C moves to G = parent(F) when
   update outweigh the parent (a cosine of at least 1 / (2 sqrt 2) = 0.35 is needed otherwise, the top of
   what siblings were measured to share), so a chain of real steps (a snake, an instruct model and its
   fine-tunes) is never read;
-- G, F and C carry distinct upload times in that order, none the Hub's legacy date: without times the tree's
-  orientation between a near-copy and its source is itself undecided (wild-conv without times: the near-copy
-  read as the root, and the rule would move the fine-tunes towards it), so the rule keeps to ordered edges;
+- upload times say G < F < C, F and C dated after the Hub's legacy date (G may carry it: an older repo;
+  `siblings_ordered`): without times the tree's orientation between a near-copy and its source is itself
+  undecided (wild-conv without times: the near-copy read as the root, and the rule moved five fine-tunes
+  towards it), so the rule keeps to ordered edges;
 - C and G were compared and are related, neither F nor C is a copy (quantized, cast, duplicate), and G has at
   least MIN_SIBLINGS other children (not copies) to compare with;
 - and some other child S of G is at least as aligned with C as F is: cos_G(S, C) >= cos_G(F, C), the cosine
@@ -35,6 +36,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from indexer.lineage.ties import HUB_EPOCH
 from sketches.layers import is_head
 
 MIN_SIBLINGS = 2  # F and C beside two others: the fewest in which F can fail to be C's most aligned
@@ -47,7 +49,8 @@ def sibling_moves(parents: Mapping[N, N | None], *, distance: Callable[[N, N], f
                   related: Callable[[N, N], bool], copies: set[N]) -> dict[N, N]:
     """{C: G} for every edge F -> C of `parents` (a root's parent: None) the rule moves (module docstring).
     `distance(a, b)`: the tree's distance of a pair (None: not measured); `cosine(g, x, y)`: of x - g and
-    y - g; `ordered(g, f, c)`: upload times g < f < c, none legacy; `related(a, b)`: compared and related."""
+    y - g; `ordered(g, f, c)`: upload order says g < f < c (`siblings_ordered`); `related(a, b)`: compared and
+    related."""
     children: dict[N, list[N]] = {}
     for c, p in parents.items():
         if p is not None:
@@ -69,6 +72,14 @@ def sibling_moves(parents: Mapping[N, N | None], *, distance: Callable[[N, N], f
         if any(cosine(g, s, c) >= mine for s in others):
             moves[c] = g
     return moves
+
+
+def siblings_ordered(g: float | None, f: float | None, c: float | None) -> bool:
+    """Upload order says G < F < C: F and C dated after the Hub's legacy date, F before C, and G before F (G
+    may carry the legacy date: every repo dated so is older than any repo dated after it)."""
+    if g is None or f is None or c is None:
+        return False
+    return HUB_EPOCH < f < c and g < f
 
 
 def displacement_cosine(g: Mapping[str, np.ndarray], x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray]) -> float:
