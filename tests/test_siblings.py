@@ -1,6 +1,6 @@
 """The siblings test (indexer.lineage.siblings): a fine-tune a near-copy sibling took goes back to its parent,
-in batch mother and in the incremental index alike; a real child of the near-copy, a chain of real steps and
-an undated family keep what the distance says."""
+in batch mother and in the incremental index alike; a real child of the near-copy and a chain of real steps keep
+what the distance says; undated, the base stays the root beside its near-copy hub."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _family(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """A base g; siblings s1, s2 (each along the direction u every fine-tune of g shares, along v, and its
     own); a near-copy f uploaded after them (a short step along u); c after f: u, v and its own, so its update
     is nearer f's step than g by a hair (f takes it by distance) but more aligned with s1 and s2 than with f;
-    k: a real child of f (f plus an update of its own)."""
+    k: a real child of f (f plus an update of its own). Each has a classifier head, the base's the widest."""
     rng = np.random.default_rng(seed)
 
     def draw(scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -50,6 +50,9 @@ def _family(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     models["org/s2"] = plus(g, (3.0, u), (5.0, v), (8.0, unit(draw())))
     models["org/c"] = plus(g, (3.0, u), (5.0, v), (8.0, unit(draw())))
     models["org/k"] = plus(f, (8.0, unit(draw())))
+    # heads: the base's pre-training head is the widest; every fine-tune draws a narrower one for its task
+    for r, classes in (("org/g", 20), ("org/f", 4), ("org/s1", 5), ("org/s2", 6), ("org/c", 3), ("org/k", 7)):
+        models[r]["classifier.weight"] = rng.standard_normal((classes, 64)) * 0.02
     return {r: {n: a.astype(np.float32) for n, a in m.items()} for r, m in models.items()}
 
 
@@ -86,19 +89,27 @@ def test_a_fine_tune_taken_by_a_near_copy_sibling_goes_back_to_its_parent(tmp_pa
     assert got == TRUTH  # c under g (the test), k under f (its update is f's own: kept)
 
 
-def test_without_upload_times_the_tree_is_left_as_the_distance_draws_it(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Undated, which of g and its near-copy f is the source is itself undecided: the test does not run (the
-    forest is the one drawn with the rule switched off), while dated it moves c."""
-    import indexer.lineage.siblings as siblings
+@pytest.mark.parametrize("path", ["batch", "incremental"])
+def test_undated_the_base_stays_the_root_beside_its_near_copy_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  path: str) -> None:
+    """Undated, the near-copy f takes every fine-tune by distance and is the spanning tree's centre; the root is
+    chosen between the centre and its nearest neighbour (orient._with_nearest), so the base g stays the root and
+    f its child. With a lone centre (before), f was the root and g its child, on both paths."""
+    import indexer.lineage.orient as orient
 
-    for dated in (False, True):
-        root = _write(tmp_path / f"hub-{dated}", _family(), dated=dated)
-        with_rule = {r.repo_id: r.parent for r in recover(root, Options(device="cpu", use_time=dated)).rows}
+    root = _write(tmp_path / "hub", _family(), dated=False)
+
+    def run(home: str) -> dict[str, str]:
+        if path == "batch":
+            return {r.repo_id: r.parent for r in recover(root, Options(device="cpu", use_time=False)).rows}
+        return {r: e.parent for r, e in ingest_folder(tmp_path / home, root, device="cpu").edges.items()}
+
+    got = run("now")
+    assert got["org/g"] == "" and got["org/f"] == "org/g" and got["org/k"] == "org/f"
+    if path == "batch":  # the incremental's own centre is path-based (index._shown_parents): patched apart
         with monkeypatch.context() as m:
-            m.setattr(siblings, "MIN_SIBLINGS", 10**6)
-            without = {r.repo_id: r.parent for r in recover(root, Options(device="cpu", use_time=dated)).rows}
-        assert (with_rule == without) is (not dated)
+            m.setattr(orient, "_with_nearest", lambda tree, centres: centres)
+            assert run("before")["org/f"] == ""
 
 
 def test_the_rule_keeps_real_steps_and_needs_two_other_siblings() -> None:
@@ -122,11 +133,13 @@ def test_the_rule_keeps_real_steps_and_needs_two_other_siblings() -> None:
 
 def test_upload_order_may_start_at_the_hubs_legacy_date() -> None:
     """A legacy-dated base (every pre-2022-03-02 repo reads that day) is older than any repo dated after it, so
-    its later fine-tunes are ordered; two legacy-dated models, or an unknown time, are not."""
+    its later fine-tunes are ordered; three models of one time (undated) are oriented from the weights; a legacy
+    pair beside a dated model, or one unknown time, are not."""
     from indexer.lineage.ties import HUB_EPOCH
 
     day = 86400.0
     assert siblings_ordered(HUB_EPOCH, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
     assert not siblings_ordered(HUB_EPOCH, HUB_EPOCH, HUB_EPOCH + 2 * day)
+    assert siblings_ordered(HUB_EPOCH, HUB_EPOCH, HUB_EPOCH) and siblings_ordered(None, None, None)  # one time
     assert not siblings_ordered(None, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
     assert not siblings_ordered(HUB_EPOCH + 3 * day, HUB_EPOCH + day, HUB_EPOCH + 2 * day)

@@ -1463,6 +1463,10 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         closest = min(hops[m] for m in allowed)
         centres = sorted(m for m in allowed if hops[m] == closest)
     centres = [c for c in centres if c not in leaves]
+    if len(centres) == 1:  # and its nearest neighbour, as batch (indexer.lineage.orient._with_nearest)
+        others = [x for x in near[centres[0]] if x not in leaves]
+        if others:
+            centres = sorted([centres[0], min(others, key=lambda x: (state.distance.get((centres[0], x), math.inf), x))])
     # the regime orients a central edge: two adjacent centres (not two leaves' nearest stand-ins)
     tied = (len(centres) == 2 and centres[1] in near[centres[0]]
             and state.views[centres[0]].heads == state.views[centres[1]].heads)

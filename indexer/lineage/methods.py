@@ -443,6 +443,7 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         tie, tie_why = _ties(fam, idx, d, options)
         if centred:
             cost, local = _centre_rooted(family, idx, d, tie, options)
+            local = _sibling_steps(family, idx, d, local, score)
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)

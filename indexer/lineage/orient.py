@@ -6,7 +6,7 @@ edges; 0.52-0.61 accuracy without times). A structural cue does better: fine-tun
 their base in their own directions, so the base of a family sits in the middle of it. We take the
 undirected minimum spanning tree of the distance (which places the edges; only their direction is
 unknown) and root it at its centre: the node whose farthest node is fewest hops away (networkx
-`center`); between two centres (always so in a tree of two), the caller's prior decides (mother's:
+`center`), or its nearest neighbour (`_with_nearest`); between the two (or two centres), the caller's prior decides (mother's:
 the fewest head tensors, then the widest head, as for a group of identical bodies in
 indexer.lineage.ties), then the tree's norm regime (`_central_edge`: the other edges point the same way from
 either centre, so they tell whether children's rows shrink or grow, and that orients the central edge),
@@ -44,12 +44,24 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
             graph.add_edge(a, b, weight=float(sym[a, b]))
     tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
     finite = np.where(np.isfinite(sym), sym, 0.0)
-    centres = nx.center(tree)
+    centres = _with_nearest(tree, nx.center(tree))
     regime = _central_edge(tree, centres, regime_votes()) if regime_votes is not None and len(centres) == 2 else {}
     root = min(centres, key=lambda c: (*(prior[c] if prior else ()), regime.get(c, 0), float(finite[c].sum()), c))
     if shrink is not None:
         root = norm_root(tree, root, shrink)
     return _oriented(tree, root, n)
+
+
+def _with_nearest(tree: nx.Graph, centres: list[int]) -> list[int]:
+    """A lone centre and its nearest neighbour in the tree: the two the root is chosen between. A near-copy of
+    the base (a short low-lr fine-tune, drift 0.001) takes the base's later fine-tunes by distance and becomes
+    the hub, so the centre (wild-conv without times: the near-copy read as the root, the base its child); the
+    prior on heads (the pre-trained base's head is the wider) and the norm regime decide between the two."""
+    if len(centres) != 1:
+        return centres
+    c = centres[0]
+    near = min(tree.neighbors(c), key=lambda n: (tree[c][n]["weight"], n), default=None)
+    return centres if near is None else [c, near]
 
 
 def _central_edge(tree: nx.Graph, centres: Sequence[int], votes: np.ndarray) -> dict[int, int]:

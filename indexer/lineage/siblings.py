@@ -16,10 +16,11 @@ F -> C moves to G = parent(F) when
   update outweigh the parent (a cosine of at least 1 / (2 sqrt 2) = 0.35 is needed otherwise, the top of
   what siblings were measured to share), so a chain of real steps (a snake, an instruct model and its
   fine-tunes) is never read;
-- upload times say G < F < C, F and C dated after the Hub's legacy date (G may carry it: an older repo;
-  `siblings_ordered`): without times the tree's orientation between a near-copy and its source is itself
-  undecided (wild-conv without times: the near-copy read as the root, and the rule moved five fine-tunes
-  towards it), so the rule keeps to ordered edges;
+- upload times say G < F < C, F and C dated after the Hub's legacy date (G may carry it: an older repo), or
+  the three share one time (undated, or the legacy date), the tree oriented from the weights (`siblings_ordered`).
+  Undated, the orientation between a near-copy and its base must be right first: the root is chosen between
+  the spanning tree's centre and its nearest neighbour (indexer.lineage.orient._with_nearest; before it, the
+  near-copy read as wild-conv's root, and the test moved five fine-tunes towards it);
 - C and G were compared and are related, neither F nor C is a copy (quantized, cast, duplicate), and G has at
   least MIN_SIBLINGS other children (not copies) to compare with;
 - and some other child S of G is at least as aligned with C as F is: cos_G(S, C) >= cos_G(F, C), the cosine
@@ -75,8 +76,12 @@ def sibling_moves(parents: Mapping[N, N | None], *, distance: Callable[[N, N], f
 
 
 def siblings_ordered(g: float | None, f: float | None, c: float | None) -> bool:
-    """Upload order says G < F < C: F and C dated after the Hub's legacy date, F before C, and G before F (G
-    may carry the legacy date: every repo dated so is older than any repo dated after it)."""
+    """Whether the tree's G -> F -> C is drawn in an order the test may trust: upload order says G < F < C (F
+    and C dated after the Hub's legacy date, F before C, G before F: G may carry the legacy date, older than
+    any repo dated after it), or the three share one time (the legacy date, or none), where the tree among
+    them is oriented from the weights (indexer.lineage.orient) and the test runs on it as drawn."""
+    if g == f == c:
+        return True
     if g is None or f is None or c is None:
         return False
     return HUB_EPOCH < f < c and g < f
