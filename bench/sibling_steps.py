@@ -31,6 +31,10 @@ def parents(zoo: Path, use_time: bool, on: bool) -> dict[str, str]:
         siblings.MIN_SIBLINGS = kept
 
 
+def _verdict(true: str | None, off: str | None, on: str) -> str:
+    return "right" if on == true else "wrong" if off == true else "neither"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("zoos", nargs="+", type=Path)
@@ -49,10 +53,8 @@ def main() -> None:
             wrong = sum(off.get(c) == truth.get(c) for c in moved)
             print(f"| {zoo.name} | {'with' if use_time else 'without'} | {a}/{len(edges)} | {b}/{len(edges)} | {right} | {wrong} |")
             pooled[use_time] = [pooled[use_time][0] + a, pooled[use_time][1] + b, pooled[use_time][2] + len(edges)]
-            verdict = {True: "right", False: "wrong"}
             notes += [f"{zoo.name} {'with' if use_time else 'without'} times: {c}: {off.get(c) or '(root)'} -> "
-                      f"{on[c] or '(root)'} [{verdict[on[c] == truth.get(c)] if on[c] == truth.get(c) or off.get(c) == truth.get(c) else 'neither'}]"
-                      for c in moved]
+                      f"{on[c] or '(root)'} [{_verdict(truth.get(c), off.get(c), on[c])}]" for c in moved]
     for use_time, (a, b, n) in pooled.items():
         print(f"| pooled | {'with' if use_time else 'without'} | {a}/{n} ({a / max(n, 1):.3f}) | {b}/{n} ({b / max(n, 1):.3f}) | | |")
     print()

@@ -464,12 +464,9 @@ def _sibling_steps(family: Family, idx: np.ndarray, d: np.ndarray, local: list[i
     (indexer.lineage.siblings: the rule the incremental index's shown parents apply too)."""
     created = [family.created[int(i)] for i in idx]
     body = [n for n in family.selection.distance if not is_head(n)]
-    memo: dict[tuple[int, int, int], float] = {}
 
-    def cosine(g: int, x: int, y: int) -> float:
-        if (g, x, y) not in memo:
-            memo[(g, x, y)] = displacement_cosine(*({n: family.layers[n][int(idx[j])] for n in body} for j in (g, x, y)))
-        return memo[(g, x, y)]
+    def cosine(g: int, x: int, y: int) -> float:  # one pass asks each triple once: nothing to keep
+        return displacement_cosine(*({n: family.layers[n][int(idx[j])] for n in body} for j in (g, x, y)))
 
     def ordered(g: int, f: int, c: int) -> bool:
         return siblings_ordered(created[g], created[f], created[c])
