@@ -67,11 +67,6 @@ from indexer.incremental.satellites import (
 from indexer.lineage.confidence import calibrated
 from indexer.lineage.methods import cast_dtype, fits_f8
 from indexer.lineage.orient import norm_t_votes, regime_parent
-from indexer.lineage.siblings import (
-    displacement_cosine,
-    sibling_moves,
-    siblings_ordered,
-)
 from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
@@ -278,10 +273,6 @@ class _Family:
     shown_root: dict[int, str] = field(default_factory=dict)
     dated: Counter[float | None] = field(default_factory=Counter)  # upload time -> models with it
     moved: set[str] = field(default_factory=set)  # the models whose shown parent is not the forest's
-    # the models the siblings test shows under their grandparent (indexer.lineage.siblings) -> the parent
-    # they had before it; and the test's cosines, by the three models' (id, revision)
-    stepped: dict[str, str] = field(default_factory=dict)
-    sibling_cosines: dict[tuple[str, ...], float] = field(default_factory=dict)
 
 
 class LineageIndex:
@@ -379,7 +370,7 @@ class LineageIndex:
                 state.relative[(r.repo_id, other)] = state.relative[(other, r.repo_id)] = float(rel)  # type: ignore[union-attr]
         state.dated.update(v.created for v in views.values())
         for cid in sorted({state.forest.cluster_id(m) for m in views}):
-            _reshow(state, cid, state.forest.members(cid), self._cosine(state))
+            _reshow(state, cid, state.forest.members(cid))
         _all_depths(state)
         logger.info("family %s: %d models, %d candidate edges loaded", family, len(views), len(edges))
         return state
@@ -469,12 +460,12 @@ class LineageIndex:
         # before the merge fits: a refit writes the edge rows of the models it reaches, the newcomer among
         # them when an equal upload time (the Hub's pre-2022 repos) orders it before an earlier arrival
         touched = sorted({*update.touched, *recast})
-        self._remember(repo_id, p.mine.arrays)  # before the shown parents: the siblings test reads them
-        if self.keep_arrays:
-            self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
-        if _reshow(state, state.forest.cluster_id(repo_id), sorted({repo_id, *touched}), self._cosine(state)):
+        if _reshow(state, state.forest.cluster_id(repo_id), sorted({repo_id, *touched})):
             touched = state.forest.members(state.forest.cluster_id(repo_id))  # re-rooted: every depth moves
         _update_depths(state, touched)
+        self._remember(repo_id, p.mine.arrays)
+        if self.keep_arrays:
+            self._persist_arrays(repo_id, arrival.revision, p.mine.arrays)
         state.vectors.upsert([(repo_id, arrival.revision, p.sketch.vector)])  # type: ignore[union-attr]
         self._merges(state, p.mine, [q for q in pairs if q.related])
         self._queue(family, state, repo_id, arrival.revision, p.sketch, p.view, rows, touched,  # 6.
@@ -682,7 +673,6 @@ class LineageIndex:
             state.identical.discard((parent, child))
             state.relative.pop((parent, child), None)
         state.quant.pop(repo_id, None)
-        state.stepped.pop(repo_id, None)
         sourced = {copy for source, copy in state.casts if source == repo_id}
         state.casts = {c for c in state.casts if repo_id not in c}
         parts = state.forest.remove(repo_id)
@@ -695,7 +685,7 @@ class LineageIndex:
         if state.vectors is not None:
             state.vectors.remove([repo_id])
         for cid in parts:
-            _reshow(state, cid, state.forest.members(cid), self._cosine(state))
+            _reshow(state, cid, state.forest.members(cid))
         _all_depths(state)
         for cid in parts:
             self._pending["edges"] += self._edge_rows(state, state.forest.members(cid))
@@ -1073,19 +1063,6 @@ class LineageIndex:
         return sorted(y for y in near if y in state.views and y not in state.quant
                       and fit_order(state.views[y].created, y) > after)
 
-    def _cosine(self, state: _Family) -> Callable[[str, str, str], float]:
-        """The siblings test's cosine of (x - g, y - g) (`indexer.lineage.siblings.displacement_cosine`), kept
-        per the three models' revisions; the arrays from memory or the cache (NaN while one cannot be had)."""
-        def cosine(g: str, x: str, y: str) -> float:
-            key = tuple(part for r in (g, x, y) for part in (r, state.revisions.get(r, "")))
-            if key not in state.sibling_cosines:
-                views = [self._with_arrays(state, r) for r in (g, x, y)]
-                if any(v is None for v in views):
-                    return math.nan
-                state.sibling_cosines[key] = displacement_cosine(*(v.arrays for v in views))  # type: ignore[union-attr]
-            return state.sibling_cosines[key]
-        return cosine
-
     def _pair_stats(self, state: _Family, a: str, b: str, view: ModelView | None = None) -> PairStats | None:
         """The pool statistic of the pair, measured on first use (`view`: b's, when at hand; after a restart
         the arrays come from memory or the cache); None while either's arrays cannot be had."""
@@ -1375,45 +1352,22 @@ def _copy_tie(state: _Family, pair: PairMeasure, new: ModelView, other: ModelVie
     return (COPY_TIE, 0.0) if new_first else (0.0, COPY_TIE)
 
 
-def _reshow(state: _Family, cid: int, touched: Sequence[str], cosine: Callable[[str, str, str], float]) -> bool:
-    """Set the shown parents of cluster `cid` (`_shown_parents`, then the siblings test: `_step_siblings`);
-    True when one moved that is not among `touched` (the forest's own changes): a re-rooting, or an edge the
-    siblings test moves or gives back, which moves depths below it."""
+def _reshow(state: _Family, cid: int, touched: Sequence[str]) -> bool:
+    """Set the shown parents of cluster `cid` (`_shown_parents`); True when one moved that is not among
+    `touched` (the forest's own changes): a re-rooting, which moves every depth below it."""
     forest = state.forest
-    members = forest.members(cid)
-    shown_before = {m: state.shown.get(m) for m in members}
-    for m in members:  # the tree before the siblings test: its input
-        if m in state.stepped:
-            state.shown[m] = state.stepped.pop(m)
     root = forest.root(cid)
     if state.dated[state.views[root].created] < 2 and not any(forest.cluster_id(m) == cid for m in state.moved):
         # the usual case (all times distinct, nothing shown re-rooted here): the forest's parents, O(touched)
         state.shown.update({m: forest.parent(m) for m in touched})
         state.shown_root[cid] = root
-    else:
-        shown = _shown_parents(state, cid)
-        state.shown.update(shown)
-        state.moved = {m for m in state.moved if m not in shown} | {m for m, p in shown.items() if p != forest.parent(m)}
-        state.shown_root[cid] = next(m for m, p in shown.items() if not p)
-    _step_siblings(state, members, cosine)
-    done = set(touched)
-    return any(state.shown.get(m) != shown_before[m] for m in members if m not in done)
-
-
-def _step_siblings(state: _Family, members: Sequence[str], cosine: Callable[[str, str, str], float]) -> None:
-    """Show under its grandparent each model of `members` that the siblings test moves (indexer.lineage.
-    siblings: the rule batch mother applies to its trees), remembering the parent it had."""
-    shown = {m: state.shown[m] or None for m in members}
-    copies = _leaves(state) | {m for m, p in shown.items() if p and (p, m) in state.identical}
-
-    def ordered(g: str, f: str, c: str) -> bool:
-        return siblings_ordered(*(state.views[r].created for r in (g, f, c)))
-
-    moves = sibling_moves(shown, distance=lambda a, b: state.distance.get((a, b)), cosine=cosine, ordered=ordered,
-                          related=lambda a, b: (a, b) in state.distance, copies=copies)
-    for c, g in moves.items():
-        state.stepped[c] = state.shown[c]
-        state.shown[c] = g
+        return False
+    shown = _shown_parents(state, cid)
+    moved = any(state.shown.get(m) != p for m, p in shown.items() if m not in touched)
+    state.shown.update(shown)
+    state.moved = {m for m in state.moved if m not in shown} | {m for m, p in shown.items() if p != forest.parent(m)}
+    state.shown_root[cid] = next(m for m, p in shown.items() if not p)
+    return moved
 
 
 def _shown_parents(state: _Family, cid: int) -> dict[str, str]:

@@ -35,11 +35,6 @@ from indexer.lineage.cluster import related_groups, ward_labels
 from indexer.lineage.confidence import calibrated, edge_margins
 from indexer.lineage.mdst import minimum_arborescence
 from indexer.lineage.orient import centre_rooted_tree, norm_t_votes, norm_votes
-from indexer.lineage.siblings import (
-    displacement_cosine,
-    sibling_moves,
-    siblings_ordered,
-)
 from indexer.lineage.ties import (
     SNAKE_TAU,
     at_resolution,
@@ -443,11 +438,10 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
         tie, tie_why = _ties(fam, idx, d, options)
         if centred:
             cost, local = _centre_rooted(family, idx, d, tie, options)
-            local = _sibling_steps(family, idx, d, local, score)
             why = "no upload time: rooted at the centre of the spanning tree"
         else:
             cost = tree_cost(d, penalty, lam=options.lam, tie=tie)
-            local = _sibling_steps(family, idx, d, minimum_arborescence(cost), score)
+            local = minimum_arborescence(cost)
         parts.append((idx, local, d))
         margin[idx] = edge_margins(cost, local, score[np.ix_(idx, idx)])
         confidence[idx] = [calibrated(m, timed=not untimed) if math.isfinite(m) else math.nan for m in margin[idx]]
@@ -457,24 +451,6 @@ def mother(family: Family, options: Options, *, score: np.ndarray | None = None)
     edge_score = tuple(float(score[p, j]) if p >= 0 else math.nan for j, p in enumerate(parent))
     return Lineage(parent, tuple(int(c) for c in labels), dist, tuple(float(s) for s in scores), tuple(notes),
                    relation, tuple(float(x) for x in confidence), edge_score, tuple(float(x) for x in margin))
-
-
-def _sibling_steps(family: Family, idx: np.ndarray, d: np.ndarray, local: list[int], score: np.ndarray) -> list[int]:
-    """The tree `local` of the models `idx` with the edges a near-copy sibling took moved to their grandparent
-    (indexer.lineage.siblings: the rule the incremental index's shown parents apply too)."""
-    created = [family.created[int(i)] for i in idx]
-    body = [n for n in family.selection.distance if not is_head(n)]
-
-    def cosine(g: int, x: int, y: int) -> float:  # one pass asks each triple once: nothing to keep
-        return displacement_cosine(*({n: family.layers[n][int(idx[j])] for n in body} for j in (g, x, y)))
-
-    def ordered(g: int, f: int, c: int) -> bool:
-        return siblings_ordered(created[g], created[f], created[c])
-
-    moves = sibling_moves({j: (p if p >= 0 else None) for j, p in enumerate(local)},
-                          distance=lambda a, b: float(d[a, b]), cosine=cosine, ordered=ordered,
-                          related=lambda a, b: bool(score[int(idx[a]), int(idx[b])] > Z_RELATED), copies=set())
-    return [moves.get(j, p) for j, p in enumerate(local)]
 
 
 def _centre_rooted(family: Family, idx: np.ndarray, d: np.ndarray, tie: np.ndarray,

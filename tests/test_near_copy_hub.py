@@ -1,6 +1,12 @@
-"""The siblings test (indexer.lineage.siblings): a fine-tune a near-copy sibling took goes back to its parent,
-in batch mother and in the incremental index alike; a real child of the near-copy and a chain of real steps keep
-what the distance says; undated, the base stays the root beside its near-copy hub."""
+"""A near-copy among a base's fine-tunes (a short low-lr fine-tune, drift ~0.001): undated, the base stays the
+root beside it (indexer.lineage.orient._with_nearest); and the real children of a short step stay under it even
+when their own update shares the direction of the base's other fine-tunes (the VTHR zoo's second level), in batch
+mother and in the incremental index alike.
+
+Session 21 moved an edge F -> C to F's parent when another child of that parent was at least as aligned with C
+as F (the "siblings test"): right on 4 wild-zoo edges, but wrong on 15 of vthr-ft's 100 (bench/RESULTS.md
+session 22): a short step's direction is not exchangeable with its siblings' long ones, so the test's null
+did not hold, and it was removed. `test_a_real_child_of_a_short_step_stays_under_it` is that case."""
 
 from __future__ import annotations
 
@@ -15,11 +21,6 @@ from safetensors.numpy import save_file
 from indexer.incremental.folder import ingest_folder
 from indexer.lineage.methods import Options
 from indexer.lineage.recover import recover
-from indexer.lineage.siblings import (
-    displacement_cosine,
-    sibling_moves,
-    siblings_ordered,
-)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 SHAPES = {f"enc.{b}.attention.output.dense.weight": (64, 64) for b in range(3)} | {"enc.0.mlp.weight": (128, 64)}
@@ -28,7 +29,7 @@ SHAPES = {f"enc.{b}.attention.output.dense.weight": (64, 64) for b in range(3)} 
 def _family(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """A base g; siblings s1, s2 (each along the direction u every fine-tune of g shares, along v, and its
     own); a near-copy f uploaded after them (a short step along u); c after f: u, v and its own, so its update
-    is nearer f's step than g by a hair (f takes it by distance) but more aligned with s1 and s2 than with f;
+    is nearer f's step than g by a hair (f takes it by distance: the miss left, bench/RESULTS.md sessions 21-22);
     k: a real child of f (f plus an update of its own). Each has a classifier head, the base's the widest."""
     rng = np.random.default_rng(seed)
 
@@ -70,25 +71,6 @@ def _write(root: Path, models: dict[str, dict[str, np.ndarray]], *, dated: bool 
     return root
 
 
-def test_the_near_copy_takes_the_fine_tune_by_distance() -> None:
-    """The premise: c is nearer f than g, and f is no more aligned with c than s1 and s2 are."""
-    m = _family()
-    dist = {r: np.sqrt(sum(float(np.sum((m["org/c"][n] - m[r][n]) ** 2)) for n in SHAPES)) for r in ("org/g", "org/f")}
-    assert dist["org/f"] < dist["org/g"]
-    mine = displacement_cosine(m["org/g"], m["org/f"], m["org/c"])
-    assert max(displacement_cosine(m["org/g"], m[s], m["org/c"]) for s in ("org/s1", "org/s2")) > mine > 0
-
-
-@pytest.mark.parametrize("path", ["batch", "incremental"])
-def test_a_fine_tune_taken_by_a_near_copy_sibling_goes_back_to_its_parent(tmp_path: Path, path: str) -> None:
-    root = _write(tmp_path / "hub", _family())
-    if path == "batch":
-        got = {r.repo_id: r.parent for r in recover(root, Options(device="cpu")).rows}
-    else:
-        got = {r: e.parent for r, e in ingest_folder(tmp_path / "home", root, device="cpu").edges.items()}
-    assert got == TRUTH  # c under g (the test), k under f (its update is f's own: kept)
-
-
 @pytest.mark.parametrize("path", ["batch", "incremental"])
 def test_undated_the_base_stays_the_root_beside_its_near_copy_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   path: str) -> None:
@@ -112,34 +94,49 @@ def test_undated_the_base_stays_the_root_beside_its_near_copy_hub(tmp_path: Path
             assert run("before")["org/f"] == ""
 
 
-def test_the_rule_keeps_real_steps_and_needs_two_other_siblings() -> None:
-    """A chain whose steps are real (F's step longer than C's own) is never read; with one other sibling the
-    rule does not decide; a copy is no sibling."""
-    parents = {"g": None, "f": "g", "c": "f", "s1": "g", "s2": "g"}
-    always = {"ordered": lambda *_: True, "related": lambda *_: True}
-    cos = {("g", "f", "c"): 0.1, ("g", "s1", "c"): 0.3, ("g", "s2", "c"): 0.0}
+def _short_step_family(seed: int = 1) -> dict[str, dict[str, np.ndarray]]:
+    """VTHR's shape: a base g; three long fine-tunes s1-s3 along a direction u every task-trained update shares;
+    a short fine-tune f (a step of its own, 0.6 against their 8.5); c, a long fine-tune of f along u too."""
+    rng = np.random.default_rng(seed)
 
-    def cosine(g: str, x: str, y: str) -> float:
-        return cos.get((g, x, y), 0.0)
+    def unit() -> dict[str, np.ndarray]:
+        d = {n: rng.standard_normal(s) for n, s in SHAPES.items()}
+        norm = np.sqrt(sum(float(np.vdot(a, a)) for a in d.values()))
+        return {n: a / norm for n, a in d.items()}
 
-    near = {("g", "f"): 1.0, ("f", "c"): 5.0}
-    assert sibling_moves(parents, distance=lambda a, b: near.get((a, b)), cosine=cosine, copies=set(), **always) == {"c": "g"}
-    chain = {("g", "f"): 6.0, ("f", "c"): 5.0}
-    assert sibling_moves(parents, distance=lambda a, b: chain.get((a, b)), cosine=cosine, copies=set(), **always) == {}
-    assert sibling_moves(parents, distance=lambda a, b: near.get((a, b)), cosine=cosine, copies={"s2"}, **always) == {}
-    untimed = {"ordered": lambda *_: False, "related": lambda *_: True}
-    assert sibling_moves(parents, distance=lambda a, b: near.get((a, b)), cosine=cosine, copies=set(), **untimed) == {}
+    def plus(base: dict[str, np.ndarray], *terms: tuple[float, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        return {n: base[n] + sum(w * t[n] for w, t in terms) for n in base}
+
+    g = {n: rng.standard_t(3, size=s) * 0.5 for n, s in SHAPES.items()}
+    u = unit()
+    models = {"org/g": g, **{f"org/s{i}": plus(g, (3.0, u), (8.0, unit())) for i in (1, 2, 3)}}
+    models["org/f"] = plus(g, (0.6, unit()))
+    models["org/c"] = plus(models["org/f"], (3.0, u), (8.0, unit()))
+    for r, classes in zip(models, (20, 4, 5, 6, 7, 3), strict=True):
+        models[r]["classifier.weight"] = rng.standard_normal((classes, 64)) * 0.02
+    return {r: {n: a.astype(np.float32) for n, a in m.items()} for r, m in models.items()}
 
 
-def test_upload_order_may_start_at_the_hubs_legacy_date() -> None:
-    """A legacy-dated base (every pre-2022-03-02 repo reads that day) is older than any repo dated after it, so
-    its later fine-tunes are ordered; three models of one time (undated) are oriented from the weights; a legacy
-    pair beside a dated model, or one unknown time, are not."""
-    from indexer.lineage.ties import HUB_EPOCH
+@pytest.mark.parametrize("path", ["batch", "incremental"])
+def test_a_real_child_of_a_short_step_stays_under_it(tmp_path: Path, path: str) -> None:
+    """c is f's child and nearest f; its update is more aligned (from g) with the long siblings' than with f's
+    short step, as on vthr-ft, where session 21's siblings test moved 15 such edges to the grandparent."""
+    models = _short_step_family()
 
-    day = 86400.0
-    assert siblings_ordered(HUB_EPOCH, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
-    assert not siblings_ordered(HUB_EPOCH, HUB_EPOCH, HUB_EPOCH + 2 * day)
-    assert siblings_ordered(HUB_EPOCH, HUB_EPOCH, HUB_EPOCH) and siblings_ordered(None, None, None)  # one time
-    assert not siblings_ordered(None, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
-    assert not siblings_ordered(HUB_EPOCH + 3 * day, HUB_EPOCH + day, HUB_EPOCH + 2 * day)
+    def cos(x: str, y: str) -> float:
+        dx = np.concatenate([(models[x][n] - models["org/g"][n]).ravel() for n in SHAPES]).astype(np.float64)
+        dy = np.concatenate([(models[y][n] - models["org/g"][n]).ravel() for n in SHAPES]).astype(np.float64)
+        return float(dx @ dy / np.linalg.norm(dx) / np.linalg.norm(dy))
+
+    assert max(cos(s, "org/c") for s in ("org/s1", "org/s2", "org/s3")) > cos("org/f", "org/c")  # the premise
+    root = tmp_path / "hub"
+    for repo, arrays in models.items():
+        (root / repo).mkdir(parents=True)
+        save_file(arrays, str(root / repo / "model.safetensors"))
+    (root / "hub.json").write_text(json.dumps({"version": 1, "repos": {
+        r: {"createdAt": (T0 + timedelta(days=i)).strftime("%Y-%m-%dT%H:%M:%S.000Z")} for i, r in enumerate(models)}}))
+    if path == "batch":
+        got = {r.repo_id: r.parent for r in recover(root, Options(device="cpu")).rows}
+    else:
+        got = {r: e.parent for r, e in ingest_folder(tmp_path / "home", root, device="cpu").edges.items()}
+    assert got == {"org/g": "", "org/s1": "org/g", "org/s2": "org/g", "org/s3": "org/g", "org/f": "org/g", "org/c": "org/f"}
