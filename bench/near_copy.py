@@ -38,10 +38,15 @@ def flat(arrays: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
     return np.concatenate([arrays[n].ravel() for n in names])
 
 
+def _tag(meta: dict) -> str:
+    return meta.get("tag") or f"level {meta.get('level')}"
+
+
 def triples(zoo: Path) -> list[tuple]:
     parent = {r["child"]: r["parent"] for r in csv.DictReader(open(zoo / "truth.csv"))}
     meta = json.load(open(zoo / "zoo.json"))["models"]
-    trained = {r for r, m in meta.items() if m.get("copy") is None and (m.get("drift") or 0) > 0}
+    # the vthr preset records no drift (every model trained) nor tag (its level stands for it)
+    trained = {r for r, m in meta.items() if m.get("copy") is None and (m.get("drift") is None or m["drift"] > 0)}
     kids: dict[str, list[str]] = {}
     for child, p in parent.items():
         if p and child in trained:
@@ -74,7 +79,7 @@ def triples(zoo: Path) -> list[tuple]:
                     c_perp = float(vp @ up / (up @ up))
                     z = float(vp @ up / (np.linalg.norm(up) * np.linalg.norm(vp)) * np.sqrt(len(up)))
                 scale = np.linalg.norm(base)
-                rows.append((zoo.name, kind, x, q, meta[x]["tag"], meta[q]["tag"], np.linalg.norm(u) / scale,
+                rows.append((zoo.name, kind, x, q, _tag(meta[x]), _tag(meta[q]), np.linalg.norm(u) / scale,
                              np.linalg.norm(v) / scale, c, c_perp, z, len(others)))
     return rows
 
