@@ -1,5 +1,5 @@
 """A near-copy among a base's fine-tunes (a short low-lr fine-tune, drift ~0.001): undated, the base stays the
-root beside it (indexer.lineage.orient._with_nearest); and the real children of a short step stay under it even
+root beside it (indexer.lineage.orient.with_nearest); and the real children of a short step stay under it even
 when their own update shares the direction of the base's other fine-tunes (the VTHR zoo's second level), in batch
 mother and in the incremental index alike.
 
@@ -26,31 +26,35 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 SHAPES = {f"enc.{b}.attention.output.dense.weight": (64, 64) for b in range(3)} | {"enc.0.mlp.weight": (128, 64)}
 
 
+def _base(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {n: rng.standard_t(3, size=s) * 0.5 for n, s in SHAPES.items()}
+
+
+def _unit(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """A random direction over SHAPES, of norm one."""
+    d = {n: rng.standard_normal(s) for n, s in SHAPES.items()}
+    norm = np.sqrt(sum(float(np.vdot(a, a)) for a in d.values()))
+    return {n: a / norm for n, a in d.items()}
+
+
+def _plus(base: dict[str, np.ndarray], *terms: tuple[float, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    return {n: base[n] + sum(w * t[n] for w, t in terms) for n in base}
+
+
 def _family(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
     """A base g; siblings s1, s2 (each along the direction u every fine-tune of g shares, along v, and its
     own); a near-copy f uploaded after them (a short step along u); c after f: u, v and its own, so its update
     is nearer f's step than g by a hair (f takes it by distance: the miss left, bench/RESULTS.md sessions 21-22);
     k: a real child of f (f plus an update of its own). Each has a classifier head, the base's the widest."""
     rng = np.random.default_rng(seed)
-
-    def draw(scale: float = 1.0) -> dict[str, np.ndarray]:
-        return {n: (scale * rng.standard_normal(s)).astype(np.float64) for n, s in SHAPES.items()}
-
-    def unit(d: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        norm = np.sqrt(sum(float(np.vdot(a, a)) for a in d.values()))
-        return {n: a / norm for n, a in d.items()}
-
-    def plus(base: dict[str, np.ndarray], *terms: tuple[float, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {n: base[n] + sum(w * t[n] for w, t in terms) for n in base}
-
-    g = {n: rng.standard_t(3, size=s) * 0.5 for n, s in SHAPES.items()}
-    u, v = unit(draw()), unit(draw())
-    f = plus(g, (0.6, u), (0.1, unit(draw())))
+    g = _base(rng)
+    u, v = _unit(rng), _unit(rng)
+    f = _plus(g, (0.6, u), (0.1, _unit(rng)))
     models = {"org/g": g, "org/f": f}
-    models["org/s1"] = plus(g, (3.0, u), (5.0, v), (8.0, unit(draw())))
-    models["org/s2"] = plus(g, (3.0, u), (5.0, v), (8.0, unit(draw())))
-    models["org/c"] = plus(g, (3.0, u), (5.0, v), (8.0, unit(draw())))
-    models["org/k"] = plus(f, (8.0, unit(draw())))
+    models["org/s1"] = _plus(g, (3.0, u), (5.0, v), (8.0, _unit(rng)))
+    models["org/s2"] = _plus(g, (3.0, u), (5.0, v), (8.0, _unit(rng)))
+    models["org/c"] = _plus(g, (3.0, u), (5.0, v), (8.0, _unit(rng)))
+    models["org/k"] = _plus(f, (8.0, _unit(rng)))
     # heads: the base's pre-training head is the widest; every fine-tune draws a narrower one for its task
     for r, classes in (("org/g", 20), ("org/f", 4), ("org/s1", 5), ("org/s2", 6), ("org/c", 3), ("org/k", 7)):
         models[r]["classifier.weight"] = rng.standard_normal((classes, 64)) * 0.02
@@ -58,7 +62,6 @@ def _family(seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
 
 
 ORDER = ("org/g", "org/s1", "org/s2", "org/f", "org/c", "org/k")
-TRUTH = {"org/g": "", "org/f": "org/g", "org/s1": "org/g", "org/s2": "org/g", "org/c": "org/g", "org/k": "org/f"}
 
 
 def _write(root: Path, models: dict[str, dict[str, np.ndarray]], *, dated: bool = True) -> Path:
@@ -75,7 +78,7 @@ def _write(root: Path, models: dict[str, dict[str, np.ndarray]], *, dated: bool 
 def test_undated_the_base_stays_the_root_beside_its_near_copy_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   path: str) -> None:
     """Undated, the near-copy f takes every fine-tune by distance and is the spanning tree's centre; the root is
-    chosen between the centre and its nearest neighbour (orient._with_nearest), so the base g stays the root and
+    chosen between the centre and its nearest neighbour (orient.with_nearest), so the base g stays the root and
     f its child. With a lone centre (before), f was the root and g its child, on both paths."""
     import indexer.lineage.orient as orient
 
@@ -90,7 +93,7 @@ def test_undated_the_base_stays_the_root_beside_its_near_copy_hub(tmp_path: Path
     assert got["org/g"] == "" and got["org/f"] == "org/g" and got["org/k"] == "org/f"
     if path == "batch":  # the incremental's own centre is path-based (index._shown_parents): patched apart
         with monkeypatch.context() as m:
-            m.setattr(orient, "_with_nearest", lambda tree, centres: centres)
+            m.setattr(orient, "with_nearest", lambda centres, *_: list(centres))
             assert run("before")["org/f"] == ""
 
 
@@ -98,20 +101,11 @@ def _short_step_family(seed: int = 1) -> dict[str, dict[str, np.ndarray]]:
     """VTHR's shape: a base g; three long fine-tunes s1-s3 along a direction u every task-trained update shares;
     a short fine-tune f (a step of its own, 0.6 against their 8.5); c, a long fine-tune of f along u too."""
     rng = np.random.default_rng(seed)
-
-    def unit() -> dict[str, np.ndarray]:
-        d = {n: rng.standard_normal(s) for n, s in SHAPES.items()}
-        norm = np.sqrt(sum(float(np.vdot(a, a)) for a in d.values()))
-        return {n: a / norm for n, a in d.items()}
-
-    def plus(base: dict[str, np.ndarray], *terms: tuple[float, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return {n: base[n] + sum(w * t[n] for w, t in terms) for n in base}
-
-    g = {n: rng.standard_t(3, size=s) * 0.5 for n, s in SHAPES.items()}
-    u = unit()
-    models = {"org/g": g, **{f"org/s{i}": plus(g, (3.0, u), (8.0, unit())) for i in (1, 2, 3)}}
-    models["org/f"] = plus(g, (0.6, unit()))
-    models["org/c"] = plus(models["org/f"], (3.0, u), (8.0, unit()))
+    g = _base(rng)
+    u = _unit(rng)
+    models = {"org/g": g, **{f"org/s{i}": _plus(g, (3.0, u), (8.0, _unit(rng))) for i in (1, 2, 3)}}
+    models["org/f"] = _plus(g, (0.6, _unit(rng)))
+    models["org/c"] = _plus(models["org/f"], (3.0, u), (8.0, _unit(rng)))
     for r, classes in zip(models, (20, 4, 5, 6, 7, 3), strict=True):
         models[r]["classifier.weight"] = rng.standard_normal((classes, 64)) * 0.02
     return {r: {n: a.astype(np.float32) for n, a in m.items()} for r, m in models.items()}

@@ -66,7 +66,7 @@ from indexer.incremental.satellites import (
 )
 from indexer.lineage.confidence import calibrated
 from indexer.lineage.methods import cast_dtype, fits_f8
-from indexer.lineage.orient import norm_t_votes, regime_parent
+from indexer.lineage.orient import norm_t_votes, regime_parent, with_nearest
 from indexer.lineage.ties import copy_order
 from indexer.readers import QuantInfo, config_from_details, lora_arrays
 from indexer.relations.adapters import (
@@ -1417,10 +1417,8 @@ def _shown_parents(state: _Family, cid: int) -> dict[str, str]:
         closest = min(hops[m] for m in allowed)
         centres = sorted(m for m in allowed if hops[m] == closest)
     centres = [c for c in centres if c not in leaves]
-    if len(centres) == 1:  # and its nearest neighbour, as batch (indexer.lineage.orient._with_nearest)
-        others = [x for x in near[centres[0]] if x not in leaves]
-        if others:
-            centres = sorted([centres[0], min(others, key=lambda x: (state.distance.get((centres[0], x), math.inf), x))])
+    centres = sorted(with_nearest(centres, lambda c: [x for x in near[c] if x not in leaves],
+                                  lambda a, b: state.distance.get((a, b), math.inf)))
     # the regime orients a central edge: two adjacent centres (not two leaves' nearest stand-ins)
     tied = (len(centres) == 2 and centres[1] in near[centres[0]]
             and state.views[centres[0]].heads == state.views[centres[1]].heads)

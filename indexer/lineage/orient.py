@@ -6,7 +6,7 @@ edges; 0.52-0.61 accuracy without times). A structural cue does better: fine-tun
 their base in their own directions, so the base of a family sits in the middle of it. We take the
 undirected minimum spanning tree of the distance (which places the edges; only their direction is
 unknown) and root it at its centre: the node whose farthest node is fewest hops away (networkx
-`center`), or its nearest neighbour (`_with_nearest`); between the two (or two centres), the caller's prior decides (mother's:
+`center`), or its nearest neighbour (`with_nearest`); between the two (or two centres), the caller's prior decides (mother's:
 the fewest head tensors, then the widest head, as for a group of identical bodies in
 indexer.lineage.ties), then the tree's norm regime (`_central_edge`: the other edges point the same way from
 either centre, so they tell whether children's rows shrink or grow, and that orients the central edge),
@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 import networkx as nx
 import numpy as np
+
+N = TypeVar("N", bound=Hashable)
 
 
 def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = (),
@@ -44,7 +47,7 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
             graph.add_edge(a, b, weight=float(sym[a, b]))
     tree = nx.minimum_spanning_tree(graph, algorithm="kruskal")
     finite = np.where(np.isfinite(sym), sym, 0.0)
-    centres = _with_nearest(tree, nx.center(tree))
+    centres = with_nearest(nx.center(tree), tree.neighbors, lambda a, b: tree[a][b]["weight"])
     regime = _central_edge(tree, centres, regime_votes()) if regime_votes is not None and len(centres) == 2 else {}
     root = min(centres, key=lambda c: (*(prior[c] if prior else ()), regime.get(c, 0), float(finite[c].sum()), c))
     if shrink is not None:
@@ -52,16 +55,19 @@ def centre_rooted_tree(cost: np.ndarray, prior: Sequence[tuple[float, ...]] = ()
     return _oriented(tree, root, n)
 
 
-def _with_nearest(tree: nx.Graph, centres: list[int]) -> list[int]:
-    """A lone centre and its nearest neighbour in the tree: the two the root is chosen between. A near-copy of
-    the base (a short low-lr fine-tune, drift 0.001) takes the base's later fine-tunes by distance and becomes
-    the hub, so the centre (wild-conv without times: the near-copy read as the root, the base its child); the
-    prior on heads (the pre-trained base's head is the wider) and the norm regime decide between the two."""
+def with_nearest(centres: Sequence[N], neighbours: Callable[[N], Iterable[N]],
+                 weight: Callable[[N, N], float]) -> list[N]:
+    """A lone centre and its nearest neighbour in the tree (`neighbours`, by `weight`, then id): the two the root
+    is chosen between; two centres as they are. A near-copy of the base (a short low-lr fine-tune, drift 0.001)
+    takes the base's later fine-tunes by distance and becomes the hub, so the centre (wild-conv without times:
+    the near-copy read as the root, the base its child); the prior on heads (the pre-trained base's head is the
+    wider) and the norm regime decide between the two. Batch's trees and the incremental index's shown
+    parents (index._shown_parents) alike."""
     if len(centres) != 1:
-        return centres
+        return list(centres)
     c = centres[0]
-    near = min(tree.neighbors(c), key=lambda n: (tree[c][n]["weight"], n), default=None)
-    return centres if near is None else [c, near]
+    near = min(neighbours(c), key=lambda n: (weight(c, n), n), default=None)
+    return [c] if near is None else [c, near]
 
 
 def _central_edge(tree: nx.Graph, centres: Sequence[int], votes: np.ndarray) -> dict[int, int]:
